@@ -1,0 +1,47 @@
+//! Everything the vcnpath eBPF programs and the agent must agree on: map and program
+//! names, pin locations, the `#[repr(C)]` layout of every map key and value, and the
+//! reason codes counted in the `stats` map.
+//!
+//! IPv4 addresses are stored as `[u8; 4]` in network order so `bpftool map dump`
+//! prints them readably; ports are stored in host order for the same reason.
+#![no_std]
+
+pub mod maps;
+pub mod reason;
+
+pub use maps::*;
+pub use reason::Reason;
+
+/// Name of the TC egress classifier, as it appears in `bpftool prog` and `bpftool net`.
+pub const PROG_EGRESS: &str = "vcnpath_egress";
+/// Name of the TC ingress classifier.
+pub const PROG_INGRESS: &str = "vcnpath_ingress";
+
+/// Default bpffs directory holding every pinned map and program.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/vcnpath";
+
+/// Every map name, in the order the agent pins them.
+pub const MAP_NAMES: [&str; 7] = [
+    MAP_VNICS,
+    MAP_ENDPOINTS,
+    MAP_VCN_CIDRS,
+    MAP_NONMASQ_CIDRS,
+    MAP_CONFIG,
+    MAP_NAT,
+    MAP_STATS,
+];
+
+/// Per managed interface (key: ifindex): its addresses and next hop.
+pub const MAP_VNICS: &str = "vnics";
+/// Every address owned by a VNIC (its primary IP and each pod IP) → owning interface.
+pub const MAP_ENDPOINTS: &str = "endpoints";
+/// LPM trie of every CIDR block of the VCN.
+pub const MAP_VCN_CIDRS: &str = "vcn_cidrs";
+/// LPM trie of destinations that are never masqueraded (on-premises, peered VCNs, …).
+pub const MAP_NONMASQ_CIDRS: &str = "nonmasq_cidrs";
+/// Single-entry array with the masquerade address, its interface and the NAT port range.
+pub const MAP_CONFIG: &str = "config";
+/// LRU hash of NAT entries, both directions of every translated flow.
+pub const MAP_NAT: &str = "nat";
+/// Per-CPU array of counters, indexed by [`Reason`].
+pub const MAP_STATS: &str = "stats";

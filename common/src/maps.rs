@@ -1,0 +1,172 @@
+//! Layouts of the keys and values of every map. All are `#[repr(C)]` with explicit
+//! padding so the kernel, the eBPF programs, the agent and bpftool agree byte for byte.
+
+/// Default capacity of the `endpoints` map (addresses on the node).
+pub const ENDPOINTS_MAX: u32 = 8192;
+/// Default capacity of the `vnics` map (managed interfaces).
+pub const VNICS_MAX: u32 = 64;
+/// Default capacity of each CIDR trie.
+pub const CIDRS_MAX: u32 = 256;
+/// Default capacity of the `nat` map (two entries per translated flow).
+pub const NAT_MAX: u32 = 262_144;
+
+/// Value of `vnics`, keyed by the interface index (`u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Vnic {
+    /// Interface index of the VNIC's link in the node's network namespace.
+    pub ifindex: u32,
+    /// The VNIC's primary private IP.
+    pub primary_ip: [u8; 4],
+    /// Network address of the VNIC's subnet.
+    pub subnet_ip: [u8; 4],
+    /// The subnet's virtual router (next hop for everything leaving the subnet).
+    pub router_ip: [u8; 4],
+    /// The interface's MAC address (source MAC of redirected frames).
+    pub mac: [u8; 6],
+    /// The virtual router's MAC, valid when `flags` has [`VNIC_F_ROUTER_MAC`].
+    pub router_mac: [u8; 6],
+    /// Prefix length of the subnet.
+    pub subnet_prefix_len: u8,
+    /// `VNIC_F_*` bits.
+    pub flags: u8,
+    /// Explicit padding; always zero.
+    pub pad: [u8; 2],
+}
+
+/// `Vnic::router_mac` is resolved; redirects rewrite L2 directly instead of asking the
+/// kernel's neighbour table.
+pub const VNIC_F_ROUTER_MAC: u8 = 1;
+
+/// Key of `endpoints`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    /// The address.
+    pub addr: [u8; 4],
+}
+
+/// Value of `endpoints`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Interface index of the VNIC that owns the address in OCI.
+    pub ifindex: u32,
+    /// [`ENDPOINT_KIND_PRIMARY`] or [`ENDPOINT_KIND_POD`].
+    pub kind: u8,
+    /// Explicit padding; always zero.
+    pub pad: [u8; 3],
+}
+
+/// The address is a VNIC's primary IP: the host's own traffic, never touched.
+pub const ENDPOINT_KIND_PRIMARY: u8 = 1;
+/// The address is a pod's (a secondary private IP of the VNIC).
+pub const ENDPOINT_KIND_POD: u8 = 2;
+
+/// Value of the CIDR tries (`vcn_cidrs`, `nonmasq_cidrs`); nonzero means "present".
+/// Their keys are the loaders' LPM key type (prefix length in bits, then `[u8; 4]`).
+pub type CidrValue = u32;
+
+/// Value of `config` (a one-element array, index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Source address of masqueraded traffic (the primary VNIC's primary IP).
+    pub masq_ip: [u8; 4],
+    /// Interface that owns `masq_ip`; masqueraded traffic leaves through it.
+    pub masq_ifindex: u32,
+    /// First port (and ICMP identifier) the NAT may choose when the original is taken.
+    pub port_min: u16,
+    /// Last port of that range (inclusive).
+    pub port_max: u16,
+    /// `CONFIG_F_*` bits.
+    pub flags: u32,
+}
+
+/// The datapath is configured; without it every packet passes untouched.
+pub const CONFIG_F_ENABLED: u32 = 1;
+
+/// Key of `nat`. Ports are in host order; for ICMP echo the identifier is the source
+/// port of the echo request (`sport` of the egress key, `dport` of the ingress key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NatKey {
+    /// Source address of the packet this entry matches.
+    pub src: [u8; 4],
+    /// Destination address of the packet this entry matches.
+    pub dst: [u8; 4],
+    /// Source port (host order).
+    pub sport: u16,
+    /// Destination port (host order).
+    pub dport: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// [`NAT_DIR_EGRESS`] (pod → world) or [`NAT_DIR_INGRESS`] (world → masquerade address).
+    pub dir: u8,
+    /// Explicit padding; always zero.
+    pub pad: [u8; 2],
+}
+
+/// The key is a packet leaving a pod.
+pub const NAT_DIR_EGRESS: u8 = 0;
+/// The key is a reply arriving for the masquerade address.
+pub const NAT_DIR_INGRESS: u8 = 1;
+
+/// Value of `nat`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatEntry {
+    /// `bpf_ktime_get_ns()` when a packet last matched (CLOCK_MONOTONIC), refreshed at
+    /// most every [`NAT_TOUCH_INTERVAL_NS`].
+    pub last_seen_ns: u64,
+    /// Egress entry: the masquerade address. Ingress entry: the pod address.
+    pub addr: [u8; 4],
+    /// Egress entry: the translated port. Ingress entry: the pod's port (host order).
+    pub port: u16,
+    /// `NAT_F_*` bits.
+    pub flags: u8,
+    /// TCP flags seen in this direction (`TCP_SEEN_*`), for expiry.
+    pub tcp_seen: u8,
+    /// Creation time (`bpf_ktime_get_ns()`), for `vcnpath` introspection.
+    pub created_ns: u64,
+}
+
+/// Egress entry that records a flow opened from outside the VCN towards a pod address:
+/// its packets leave untranslated through the owning VNIC (rule 4).
+pub const NAT_F_INBOUND: u8 = 1;
+
+/// A SYN was seen in this direction.
+pub const TCP_SEEN_SYN: u8 = 1;
+/// A packet without SYN (the handshake completed) was seen in this direction.
+pub const TCP_SEEN_ACK: u8 = 2;
+/// A FIN was seen in this direction.
+pub const TCP_SEEN_FIN: u8 = 4;
+/// A RST was seen in this direction.
+pub const TCP_SEEN_RST: u8 = 8;
+
+/// `last_seen_ns` is rewritten only when it is older than this, to keep per-packet
+/// writes (and cache-line bouncing between CPUs) off the fast path.
+pub const NAT_TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// Bounded number of ports tried for a new flow before it is dropped as exhausted.
+pub const NAT_PORT_TRIES: u32 = 64;
+
+// Compile-time layout checks: any change here is a change to the pinned-map ABI.
+const _: () = assert!(core::mem::size_of::<Vnic>() == 32);
+const _: () = assert!(core::mem::size_of::<EndpointKey>() == 4);
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 8);
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<NatKey>() == 16);
+const _: () = assert!(core::mem::size_of::<NatEntry>() == 24);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is `#[repr(C)]`, `Copy`, has no padding bytes left implicit and
+    // is valid for any bit pattern.
+    unsafe impl aya::Pod for super::Vnic {}
+    unsafe impl aya::Pod for super::EndpointKey {}
+    unsafe impl aya::Pod for super::Endpoint {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::NatKey {}
+    unsafe impl aya::Pod for super::NatEntry {}
+}

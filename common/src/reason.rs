@@ -1,0 +1,121 @@
+//! Reason codes: every decision the programs take is counted in the `stats` map at the
+//! index of its reason, so an operator can see why packets were passed, translated,
+//! redirected or dropped.
+
+/// One counter per decision. The discriminant is the index in the `stats` map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not IPv4 (ARP, IPv6, …): passed.
+    PassNotIpv4 = 0,
+    /// Source is not a pod address (the host's own traffic, forwarded traffic): passed.
+    PassNotEndpoint = 1,
+    /// Pod → VCN or non-masquerade destination, already on the owning VNIC: passed.
+    PassVcn = 2,
+    /// Pod → VCN destination routed out of the wrong VNIC: redirected to the owner.
+    RedirectOwner = 3,
+    /// Pod → outside: a new NAT mapping was created and the packet translated.
+    SnatNew = 4,
+    /// Pod → outside: translated with an existing mapping.
+    SnatEstablished = 5,
+    /// Reply to the masquerade address: translated back to the pod.
+    ReverseNat = 6,
+    /// ICMP error quoting a translated flow: translated back to the pod.
+    IcmpErrorReverse = 7,
+    /// ICMP error from a pod quoting a translated flow: translated to the masquerade address.
+    IcmpErrorSnat = 8,
+    /// Packet of a flow opened from outside towards a pod address: left untranslated (rule 4).
+    PassInbound = 9,
+    /// No free NAT port (or ICMP identifier) for a new flow: dropped.
+    DropNoPort = 10,
+    /// Pod packet needing translation whose headers are truncated or invalid: dropped.
+    DropMalformed = 11,
+    /// Truncated or invalid packet that is not ours to translate: passed unmodified.
+    PassMalformed = 12,
+    /// Non-first fragment of a pod packet that would need translation: dropped.
+    DropFragment = 13,
+    /// Non-first fragment arriving for the masquerade address: passed unmodified.
+    PassFragment = 14,
+    /// Pod → outside with a protocol that cannot be masqueraded (not TCP, UDP, ICMP echo): dropped.
+    DropProtocol = 15,
+    /// The `config` map is not set: passed untouched.
+    PassUnconfigured = 16,
+    /// Addressed to the masquerade address without a NAT entry (the host's own traffic): passed.
+    PassHost = 17,
+    /// A redirect or packet rewrite helper failed: dropped.
+    DropRewrite = 18,
+    /// A NAT entry could not be stored: dropped.
+    DropNatFull = 19,
+    /// The owning VNIC of a pod address is not in `vnics`: passed on the kernel's route.
+    PassNoVnic = 20,
+}
+
+/// Number of reason codes (size of the `stats` map).
+pub const REASON_COUNT: u32 = 21;
+
+impl Reason {
+    /// Every reason, in index order.
+    pub const ALL: [Reason; REASON_COUNT as usize] = [
+        Reason::PassNotIpv4,
+        Reason::PassNotEndpoint,
+        Reason::PassVcn,
+        Reason::RedirectOwner,
+        Reason::SnatNew,
+        Reason::SnatEstablished,
+        Reason::ReverseNat,
+        Reason::IcmpErrorReverse,
+        Reason::IcmpErrorSnat,
+        Reason::PassInbound,
+        Reason::DropNoPort,
+        Reason::DropMalformed,
+        Reason::PassMalformed,
+        Reason::DropFragment,
+        Reason::PassFragment,
+        Reason::DropProtocol,
+        Reason::PassUnconfigured,
+        Reason::PassHost,
+        Reason::DropRewrite,
+        Reason::DropNatFull,
+        Reason::PassNoVnic,
+    ];
+
+    /// The name operators see in `vcnpath` output and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Reason::PassNotIpv4 => "passed-not-ipv4",
+            Reason::PassNotEndpoint => "passed-not-endpoint",
+            Reason::PassVcn => "passed-vcn",
+            Reason::RedirectOwner => "redirected-to-owner",
+            Reason::SnatNew => "translated-new-flow",
+            Reason::SnatEstablished => "translated",
+            Reason::ReverseNat => "reverse-translated",
+            Reason::IcmpErrorReverse => "icmp-error-reverse-translated",
+            Reason::IcmpErrorSnat => "icmp-error-translated",
+            Reason::PassInbound => "passed-inbound-flow",
+            Reason::DropNoPort => "dropped-no-port",
+            Reason::DropMalformed => "dropped-malformed",
+            Reason::PassMalformed => "passed-malformed",
+            Reason::DropFragment => "dropped-fragment",
+            Reason::PassFragment => "passed-fragment",
+            Reason::DropProtocol => "dropped-protocol",
+            Reason::PassUnconfigured => "passed-unconfigured",
+            Reason::PassHost => "passed-host",
+            Reason::DropRewrite => "dropped-rewrite-failed",
+            Reason::DropNatFull => "dropped-nat-full",
+            Reason::PassNoVnic => "passed-no-vnic",
+        }
+    }
+
+    /// Whether packets counted under this reason were dropped.
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Reason::DropNoPort
+                | Reason::DropMalformed
+                | Reason::DropFragment
+                | Reason::DropProtocol
+                | Reason::DropRewrite
+                | Reason::DropNatFull
+        )
+    }
+}

@@ -1,0 +1,1 @@
+//! Test support: the namespace lab and (later) the OCI simulator.
