@@ -10,7 +10,7 @@ pub mod maps;
 pub mod reason;
 
 pub use maps::*;
-pub use reason::Reason;
+pub use reason::{REASON_COUNT, Reason};
 
 /// Name of the TC egress classifier, as it appears in `bpftool prog` and `bpftool net`.
 pub const PROG_EGRESS: &str = "vcnpath_egress";

@@ -1,15 +1,46 @@
+//! vcnpath's TC programs. This file holds only the maps and the two entry points; each
+//! concern lives in its own module and the entry points return the verdict of the work
+//! they delegate, after counting its reason in `stats`.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+mod csum;
+mod decision;
+mod egress;
+mod icmp;
+mod ingress;
+mod maps;
+mod nat;
+mod parse;
+mod redirect;
+
+use aya_ebpf::{macros::classifier, programs::TcContext};
 
 #[classifier]
-pub fn vcnpath_egress(_ctx: TcContext) -> i32 {
-    TC_ACT_OK
+pub fn vcnpath_egress(ctx: TcContext) -> i32 {
+    let decision = match egress::run(&ctx) {
+        Ok(decision) | Err(decision) => decision,
+    };
+    maps::count(decision.reason);
+    decision.action
+}
+
+#[classifier]
+pub fn vcnpath_ingress(ctx: TcContext) -> i32 {
+    let decision = match ingress::run(&ctx) {
+        Ok(decision) | Err(decision) => decision,
+    };
+    maps::count(decision.reason);
+    decision.action
 }
 
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // verifier: no panic can be reached in a loaded program; this only satisfies no_std.
     loop {}
 }
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,1 +1,19 @@
-//! Datapath placeholder
+//! The datapath: loads (or adopts) vcnpath's TC programs and their pinned maps, attaches
+//! them to VNIC interfaces, and keeps the maps equal to a desired state. One task owns
+//! every map write ([`task`]); everyone else sends it intents.
+
+mod counters;
+mod error;
+pub mod gc;
+mod loader;
+mod maps;
+mod object;
+mod state;
+pub mod task;
+
+pub use counters::Counters;
+pub use error::DatapathError;
+pub use gc::{GcReport, NatTimeouts};
+pub use loader::{Datapath, LoadOptions, detach_interface, remove_pins};
+pub use maps::DatapathMaps;
+pub use state::{DatapathState, SyncReport};

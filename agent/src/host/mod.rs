@@ -1,1 +1,5 @@
-//! Host placeholder
+//! The node's network configuration as the agent sees it: interfaces and sysctls, always
+//! in the network namespace the agent runs in.
+
+pub mod link;
+pub mod sysctl;

@@ -1,0 +1,407 @@
+//! `vcnpath datapath`: runs the datapath from a static configuration file, until stopped.
+//! It is the datapath half of the agent, usable on its own (and by the lab tests) before
+//! the OCI-driven control plane fills the same maps.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{info, warn};
+use vcnpath_common::{
+    CONFIG_F_ENABLED, Config, DEFAULT_PIN_DIR, ENDPOINT_KIND_POD, ENDPOINT_KIND_PRIMARY, Endpoint,
+    VNIC_F_ROUTER_MAC, Vnic,
+};
+
+use crate::{
+    datapath::{self, Datapath, DatapathState, LoadOptions, NatTimeouts},
+    host,
+};
+
+/// The static datapath configuration (TOML).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticConfig {
+    /// bpffs directory for the pins.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    /// Every CIDR block of the VCN.
+    pub vcn_cidrs: Vec<Ipv4Net>,
+    /// Destinations never masqueraded (on-premises via DRG, peered VCNs, …).
+    #[serde(default)]
+    pub nonmasq_cidrs: Vec<Ipv4Net>,
+    /// Interface whose primary IP is the masquerade address (the primary VNIC).
+    pub masquerade_interface: String,
+    /// NAT port range used when a flow's own port is taken.
+    #[serde(default = "default_port_min")]
+    pub nat_port_min: u16,
+    #[serde(default = "default_port_max")]
+    pub nat_port_max: u16,
+    /// Capacity of the NAT table (entries; two per flow).
+    #[serde(default)]
+    pub nat_max_entries: Option<u32>,
+    /// Seconds between NAT garbage collections (and rp_filter checks).
+    #[serde(default = "default_gc_interval")]
+    pub gc_interval_secs: u64,
+    #[serde(default)]
+    pub nat_timeouts: NatTimeouts,
+    /// The managed VNICs.
+    #[serde(rename = "vnic")]
+    pub vnics: Vec<VnicConfig>,
+}
+
+/// One managed VNIC.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VnicConfig {
+    pub interface: String,
+    pub primary_ip: Ipv4Addr,
+    pub subnet: Ipv4Net,
+    pub router_ip: Ipv4Addr,
+    /// The virtual router's MAC, if known (skips the neighbour lookup on redirects).
+    #[serde(default)]
+    pub router_mac: Option<String>,
+    /// Pod addresses (secondary private IPs) owned by this VNIC.
+    #[serde(default)]
+    pub pods: Vec<Ipv4Addr>,
+}
+
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_PIN_DIR)
+}
+const fn default_port_min() -> u16 {
+    1024
+}
+const fn default_port_max() -> u16 {
+    65535
+}
+const fn default_gc_interval() -> u64 {
+    10
+}
+
+/// A configuration that cannot be used, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("masquerade_interface {0:?} is not one of the [[vnic]] interfaces")]
+    MasqueradeInterface(String),
+    #[error("nat_port_min ({min}) must be between 1 and nat_port_max ({max})")]
+    PortRange { min: u16, max: u16 },
+    #[error("vnic {interface}: pod address {pod} is outside its subnet {subnet}")]
+    PodOutsideSubnet {
+        interface: String,
+        pod: Ipv4Addr,
+        subnet: Ipv4Net,
+    },
+    #[error("address {addr} is listed on both {first} and {second}")]
+    DuplicateAddress {
+        addr: Ipv4Addr,
+        first: String,
+        second: String,
+    },
+    #[error("vnic {interface}: router_mac {value:?} is not a MAC address (aa:bb:cc:dd:ee:ff)")]
+    RouterMac { interface: String, value: String },
+    #[error("vnic {interface}: {source} (does the interface exist in this network namespace?)")]
+    Interface {
+        interface: String,
+        source: std::io::Error,
+    },
+}
+
+impl StaticConfig {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.nat_port_min == 0 || self.nat_port_min > self.nat_port_max {
+            return Err(ConfigError::PortRange {
+                min: self.nat_port_min,
+                max: self.nat_port_max,
+            });
+        }
+        if !self
+            .vnics
+            .iter()
+            .any(|v| v.interface == self.masquerade_interface)
+        {
+            return Err(ConfigError::MasqueradeInterface(
+                self.masquerade_interface.clone(),
+            ));
+        }
+        let mut owners: BTreeMap<Ipv4Addr, &str> = BTreeMap::new();
+        for vnic in &self.vnics {
+            parse_mac(vnic)?;
+            for addr in std::iter::once(&vnic.primary_ip).chain(&vnic.pods) {
+                if !vnic.subnet.contains(addr) {
+                    return Err(ConfigError::PodOutsideSubnet {
+                        interface: vnic.interface.clone(),
+                        pod: *addr,
+                        subnet: vnic.subnet,
+                    });
+                }
+                if let Some(first) = owners.insert(*addr, &vnic.interface) {
+                    return Err(ConfigError::DuplicateAddress {
+                        addr: *addr,
+                        first: first.to_owned(),
+                        second: vnic.interface.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The desired map contents, resolving interfaces in the current network namespace.
+    pub fn desired_state(&self) -> Result<DatapathState, ConfigError> {
+        let mut state = DatapathState {
+            vcn_cidrs: self.vcn_cidrs.iter().map(Ipv4Net::trunc).collect(),
+            nonmasq_cidrs: self
+                .nonmasq_cidrs
+                .iter()
+                .map(Ipv4Net::trunc)
+                .collect::<BTreeSet<_>>(),
+            ..DatapathState::default()
+        };
+        for vnic in &self.vnics {
+            let interface_error = |source| ConfigError::Interface {
+                interface: vnic.interface.clone(),
+                source,
+            };
+            let ifindex = host::link::index(&vnic.interface).map_err(interface_error)?;
+            let mac = host::link::mac(&vnic.interface).map_err(interface_error)?;
+            let router_mac = parse_mac(vnic)?;
+            state.vnics.insert(
+                ifindex,
+                Vnic {
+                    ifindex,
+                    primary_ip: vnic.primary_ip.octets(),
+                    subnet_ip: vnic.subnet.network().octets(),
+                    router_ip: vnic.router_ip.octets(),
+                    mac,
+                    router_mac: router_mac.unwrap_or_default(),
+                    subnet_prefix_len: vnic.subnet.prefix_len(),
+                    flags: if router_mac.is_some() {
+                        VNIC_F_ROUTER_MAC
+                    } else {
+                        0
+                    },
+                    pad: [0; 2],
+                },
+            );
+            let endpoint = |kind| Endpoint {
+                ifindex,
+                kind,
+                pad: [0; 3],
+            };
+            state
+                .endpoints
+                .insert(vnic.primary_ip, endpoint(ENDPOINT_KIND_PRIMARY));
+            for pod in &vnic.pods {
+                state.endpoints.insert(*pod, endpoint(ENDPOINT_KIND_POD));
+            }
+            if vnic.interface == self.masquerade_interface {
+                state.config = Some(Config {
+                    masq_ip: vnic.primary_ip.octets(),
+                    masq_ifindex: ifindex,
+                    port_min: self.nat_port_min,
+                    port_max: self.nat_port_max,
+                    flags: CONFIG_F_ENABLED,
+                });
+            }
+        }
+        Ok(state)
+    }
+}
+
+fn parse_mac(vnic: &VnicConfig) -> Result<Option<[u8; 6]>, ConfigError> {
+    let Some(text) = &vnic.router_mac else {
+        return Ok(None);
+    };
+    let error = || ConfigError::RouterMac {
+        interface: vnic.interface.clone(),
+        value: text.clone(),
+    };
+    let parts: Vec<&str> = text.split(':').collect();
+    if parts.len() != 6 {
+        return Err(error());
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        *byte = u8::from_str_radix(part, 16).map_err(|_| error())?;
+    }
+    Ok(Some(mac))
+}
+
+/// Runs the datapath until SIGTERM/SIGINT; SIGHUP re-reads the file and syncs the
+/// difference. On exit the programs stay attached and the maps pinned, so traffic keeps
+/// flowing and the next start adopts them.
+pub async fn run(config_path: &Path) -> anyhow::Result<()> {
+    let mut config = StaticConfig::load(config_path)?;
+    let mut datapath = Datapath::load(&LoadOptions {
+        pin_dir: config.pin_dir.clone(),
+        nat_max_entries: config.nat_max_entries,
+    })?;
+    for vnic in &config.vnics {
+        datapath.attach(&vnic.interface)?;
+    }
+    let adopted = datapath.adopted;
+    let (handle, task) = datapath::task::spawn(datapath, config.nat_timeouts);
+    let report = handle.sync(config.desired_state()?).await?;
+    ensure_rp_filter(&config);
+    info!(
+        adopted,
+        ?report,
+        interfaces = config.vnics.len(),
+        "datapath ready"
+    );
+
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(config.gc_interval_secs.max(1)));
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                match reload(config_path, &handle).await {
+                    Ok(new) => config = new,
+                    Err(error) => warn!(%error, "reload failed; keeping the previous configuration"),
+                }
+            }
+            _ = tick.tick() => {
+                let gc = handle.collect_nat().await?;
+                if gc.removed > 0 {
+                    info!(scanned = gc.scanned, removed = gc.removed, "NAT entries expired");
+                }
+                ensure_rp_filter(&config);
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    info!("stopping; programs stay attached and maps pinned for the next start");
+    drop(handle);
+    task.await?;
+    Ok(())
+}
+
+async fn reload(
+    path: &Path,
+    handle: &datapath::task::DatapathHandle,
+) -> anyhow::Result<StaticConfig> {
+    let config = StaticConfig::load(path)?;
+    for vnic in &config.vnics {
+        handle.attach(&vnic.interface).await?;
+    }
+    let report = handle.sync(config.desired_state()?).await?;
+    info!(?report, "configuration reloaded");
+    Ok(config)
+}
+
+fn ensure_rp_filter(config: &StaticConfig) {
+    for vnic in &config.vnics {
+        match host::sysctl::ensure_rp_filter_loose(&vnic.interface) {
+            Ok(true) => warn!(interface = %vnic.interface, "rp_filter was not loose; re-applied"),
+            Ok(false) => {}
+            Err(error) => warn!(interface = %vnic.interface, %error, "cannot set rp_filter"),
+        }
+    }
+}
+
+/// Detaches the programs from every configured interface and removes the pins.
+pub fn detach(config_path: &Path) -> Result<(), anyhow::Error> {
+    let config = StaticConfig::load(config_path)?;
+    for vnic in &config.vnics {
+        datapath::detach_interface(&vnic.interface)?;
+    }
+    datapath::remove_pins(&config.pin_dir)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<StaticConfig, ConfigError> {
+        let config: StaticConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: "t".into(),
+            source: Box::new(source),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    const GOOD: &str = r#"
+        vcn_cidrs = ["10.0.0.0/16"]
+        masquerade_interface = "eth0"
+        [[vnic]]
+        interface = "eth0"
+        primary_ip = "10.0.0.10"
+        subnet = "10.0.0.0/24"
+        router_ip = "10.0.0.1"
+        router_mac = "02:00:0a:00:00:01"
+        pods = ["10.0.0.20"]
+    "#;
+
+    #[test]
+    fn a_valid_file_parses_with_defaults() {
+        let config = parse(GOOD).expect("valid config");
+        assert_eq!((config.nat_port_min, config.nat_port_max), (1024, 65535));
+        assert_eq!(config.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+    }
+
+    #[test]
+    fn bad_files_are_rejected_with_the_reason() {
+        let cases = [
+            (
+                GOOD.replace(
+                    "masquerade_interface = \"eth0\"",
+                    "masquerade_interface = \"eth9\"",
+                ),
+                "eth9",
+            ),
+            (GOOD.replace("10.0.0.20", "10.0.5.20"), "outside its subnet"),
+            (GOOD.replace("02:00:0a:00:00:01", "nope"), "not a MAC"),
+            (GOOD.replace("vcn_cidrs", "vcn_cidr"), "unknown field"),
+            (
+                format!("nat_port_min = 9\nnat_port_max = 8\n{GOOD}"),
+                "nat_port_min",
+            ),
+            (
+                GOOD.replace("\"10.0.0.20\"", "\"10.0.0.20\", \"10.0.0.10\""),
+                "listed on both",
+            ),
+        ];
+        for (text, expected) in cases {
+            let error = parse(&text).expect_err("must be rejected").to_string();
+            assert!(
+                error.contains(expected),
+                "expected an error mentioning {expected:?}, got {error:?}"
+            );
+        }
+    }
+}

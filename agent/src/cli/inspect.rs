@@ -1,0 +1,40 @@
+//! Read-only views of a running datapath from its pins: counters and the NAT table.
+
+use std::{net::Ipv4Addr, path::Path};
+
+use vcnpath_common::{NAT_DIR_EGRESS, NAT_F_INBOUND};
+
+use crate::datapath::{Counters, DatapathMaps, gc::monotonic_now_ns};
+
+/// Prints every counter by reason name.
+pub fn counters(pin_dir: &Path) -> anyhow::Result<()> {
+    let maps = DatapathMaps::from_pins(pin_dir)?;
+    print!("{}", Counters::read(&maps)?);
+    Ok(())
+}
+
+/// Prints the NAT table, one flow direction per line.
+pub fn nat(pin_dir: &Path) -> anyhow::Result<()> {
+    let maps = DatapathMaps::from_pins(pin_dir)?;
+    let now = monotonic_now_ns();
+    for item in maps.nat.iter() {
+        let (key, entry) = item?;
+        let kind = match (key.dir == NAT_DIR_EGRESS, entry.flags & NAT_F_INBOUND != 0) {
+            (true, true) => "inbound",
+            (true, false) => "egress",
+            (false, _) => "reply",
+        };
+        println!(
+            "{kind:<8} proto {:<3} {}:{} -> {}:{}  => {}:{}  idle {}s",
+            key.proto,
+            Ipv4Addr::from(key.src),
+            key.sport,
+            Ipv4Addr::from(key.dst),
+            key.dport,
+            Ipv4Addr::from(entry.addr),
+            entry.port,
+            now.saturating_sub(entry.last_seen_ns) / 1_000_000_000,
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! The `vcnpath` subcommands. `main.rs` only parses arguments and calls into here.
+
+pub mod datapath;
+pub mod inspect;
+pub mod logging;

@@ -1,0 +1,66 @@
+//! Errors of the datapath module; each names what failed and what to check.
+
+use std::{io, path::PathBuf};
+
+/// Everything that can go wrong loading, attaching or syncing the datapath.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "cannot use the bpffs pin directory {path}: {source} (is bpffs mounted on /sys/fs/bpf? `mount -t bpf bpf /sys/fs/bpf`)"
+    )]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error(
+        "loading the eBPF object failed: {0} (vcnpath needs root or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
+    )]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("the eBPF object has no program named {program}; the build is inconsistent")]
+    MissingProgram { program: &'static str },
+    #[error("the eBPF object has no map named {map}; the build is inconsistent")]
+    MissingMap { map: &'static str },
+    #[error("program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("pinning or opening {path}: {source}")]
+    Pin { path: PathBuf, source: io::Error },
+    #[error("attaching {program} to interface {interface} failed: {source}")]
+    Attach {
+        program: &'static str,
+        interface: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("interface {interface}: {source} (does it exist in this network namespace?)")]
+    Interface {
+        interface: String,
+        source: io::Error,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("the datapath task has stopped")]
+    TaskGone,
+}
+
+impl DatapathError {
+    pub(crate) fn map(map: &'static str) -> impl FnOnce(aya::maps::MapError) -> Self {
+        move |source| Self::Map {
+            map,
+            source: Box::new(source),
+        }
+    }
+
+    pub(crate) fn program(
+        program: &'static str,
+    ) -> impl FnOnce(aya::programs::ProgramError) -> Self {
+        move |source| Self::Program {
+            program,
+            source: Box::new(source),
+        }
+    }
+}

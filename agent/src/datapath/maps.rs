@@ -1,0 +1,60 @@
+//! Typed handles on the seven maps, opened from a fresh load or from their pins.
+
+use std::path::Path;
+
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use vcnpath_common::{
+    CidrValue, Config, Endpoint, EndpointKey, MAP_CONFIG, MAP_ENDPOINTS, MAP_NAT,
+    MAP_NONMASQ_CIDRS, MAP_STATS, MAP_VCN_CIDRS, MAP_VNICS, NatEntry, NatKey, Vnic,
+};
+
+use super::DatapathError;
+
+/// The datapath's maps. Only the datapath task writes them.
+pub struct DatapathMaps {
+    pub vnics: HashMap<MapData, u32, Vnic>,
+    pub endpoints: HashMap<MapData, EndpointKey, Endpoint>,
+    pub vcn_cidrs: LpmTrie<MapData, [u8; 4], CidrValue>,
+    pub nonmasq_cidrs: LpmTrie<MapData, [u8; 4], CidrValue>,
+    pub config: Array<MapData, Config>,
+    pub nat: HashMap<MapData, NatKey, NatEntry>,
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
+impl DatapathMaps {
+    /// Takes the maps out of a freshly loaded object.
+    pub(crate) fn take(ebpf: &mut aya::Ebpf) -> Result<Self, DatapathError> {
+        Self::build(|name| {
+            ebpf.take_map(name)
+                .ok_or(DatapathError::MissingMap { map: name })
+        })
+    }
+
+    /// Opens the maps pinned in `pin_dir` (read-only users such as `vcnpath counters`).
+    pub fn from_pins(pin_dir: &Path) -> Result<Self, DatapathError> {
+        Self::build(|name| {
+            let path = pin_dir.join(name);
+            let data = MapData::from_pin(&path).map_err(DatapathError::map(name))?;
+            Map::from_map_data(data).map_err(DatapathError::map(name))
+        })
+    }
+
+    fn build(
+        mut open: impl FnMut(&'static str) -> Result<Map, DatapathError>,
+    ) -> Result<Self, DatapathError> {
+        macro_rules! typed {
+            ($name:expr) => {
+                open($name)?.try_into().map_err(DatapathError::map($name))?
+            };
+        }
+        Ok(Self {
+            vnics: typed!(MAP_VNICS),
+            endpoints: typed!(MAP_ENDPOINTS),
+            vcn_cidrs: typed!(MAP_VCN_CIDRS),
+            nonmasq_cidrs: typed!(MAP_NONMASQ_CIDRS),
+            config: typed!(MAP_CONFIG),
+            nat: typed!(MAP_NAT),
+            stats: typed!(MAP_STATS),
+        })
+    }
+}

@@ -1,0 +1,227 @@
+//! The desired content of the maps and the diff-based sync that applies it: read what is
+//! there, compute the difference, write only that. The same path runs at start-up (after
+//! adopting pinned maps), on every change and in the periodic reconcile.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use aya::maps::{
+    MapData,
+    lpm_trie::{Key, LpmTrie},
+};
+use ipnet::Ipv4Net;
+use vcnpath_common::{
+    CidrValue, Config, Endpoint, EndpointKey, MAP_CONFIG, MAP_ENDPOINTS, MAP_NAT,
+    MAP_NONMASQ_CIDRS, MAP_VCN_CIDRS, MAP_VNICS, NAT_DIR_EGRESS, Vnic,
+};
+
+use super::{DatapathError, DatapathMaps};
+
+/// What the maps should hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DatapathState {
+    /// Managed interfaces by ifindex.
+    pub vnics: BTreeMap<u32, Vnic>,
+    /// Every address owned by a VNIC.
+    pub endpoints: BTreeMap<Ipv4Addr, Endpoint>,
+    /// Every CIDR block of the VCN.
+    pub vcn_cidrs: BTreeSet<Ipv4Net>,
+    /// Destinations never masqueraded.
+    pub nonmasq_cidrs: BTreeSet<Ipv4Net>,
+    /// Masquerade settings; `None` leaves the datapath disabled (everything passes).
+    pub config: Option<Config>,
+}
+
+/// What one sync changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub written: usize,
+    pub removed: usize,
+    /// NAT entries purged because their pod address went away.
+    pub nat_purged: usize,
+}
+
+impl SyncReport {
+    /// Whether the maps already matched.
+    pub fn unchanged(&self) -> bool {
+        self.written == 0 && self.removed == 0 && self.nat_purged == 0
+    }
+}
+
+/// Keys to write (new or different) and keys to remove, to turn `actual` into `desired`.
+pub fn diff<K: Ord + Clone, V: PartialEq + Clone>(
+    desired: &BTreeMap<K, V>,
+    actual: &BTreeMap<K, V>,
+) -> (Vec<(K, V)>, Vec<K>) {
+    let write = desired
+        .iter()
+        .filter(|(k, v)| actual.get(k) != Some(v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let remove = actual
+        .keys()
+        .filter(|k| !desired.contains_key(k))
+        .cloned()
+        .collect();
+    (write, remove)
+}
+
+impl DatapathMaps {
+    /// Makes the maps equal to `desired`, touching only what differs. Removed pod
+    /// addresses also lose their NAT entries.
+    pub fn sync(&mut self, desired: &DatapathState) -> Result<SyncReport, DatapathError> {
+        let mut report = SyncReport::default();
+
+        // Endpoints, VNICs and CIDRs first, config (which enables the datapath) last, so
+        // a freshly created datapath never runs enabled against half-filled maps.
+        let actual: BTreeMap<u32, Vnic> = collect(self.vnics.iter(), MAP_VNICS)?;
+        let (write, remove) = diff(&desired.vnics, &actual);
+        for (k, v) in &write {
+            self.vnics
+                .insert(k, v, 0)
+                .map_err(DatapathError::map(MAP_VNICS))?;
+        }
+        for k in &remove {
+            self.vnics
+                .remove(k)
+                .map_err(DatapathError::map(MAP_VNICS))?;
+        }
+        report.written += write.len();
+        report.removed += remove.len();
+
+        let actual: BTreeMap<Ipv4Addr, Endpoint> = collect(self.endpoints.iter(), MAP_ENDPOINTS)?
+            .into_iter()
+            .map(|(k, v): (EndpointKey, Endpoint)| (Ipv4Addr::from(k.addr), v))
+            .collect();
+        let (write, remove) = diff(&desired.endpoints, &actual);
+        for (addr, v) in &write {
+            let key = EndpointKey {
+                addr: addr.octets(),
+            };
+            self.endpoints
+                .insert(key, v, 0)
+                .map_err(DatapathError::map(MAP_ENDPOINTS))?;
+        }
+        for addr in &remove {
+            let key = EndpointKey {
+                addr: addr.octets(),
+            };
+            self.endpoints
+                .remove(&key)
+                .map_err(DatapathError::map(MAP_ENDPOINTS))?;
+        }
+        report.written += write.len();
+        report.removed += remove.len();
+        if !remove.is_empty() {
+            report.nat_purged += self.purge_nat(&remove.iter().map(|a| a.octets()).collect())?;
+        }
+
+        for (trie, desired, name) in [
+            (&mut self.vcn_cidrs, &desired.vcn_cidrs, MAP_VCN_CIDRS),
+            (
+                &mut self.nonmasq_cidrs,
+                &desired.nonmasq_cidrs,
+                MAP_NONMASQ_CIDRS,
+            ),
+        ] {
+            let (w, r) = sync_trie(trie, desired, name)?;
+            report.written += w;
+            report.removed += r;
+        }
+
+        let current = self
+            .config
+            .get(&0, 0)
+            .map_err(DatapathError::map(MAP_CONFIG))?;
+        let wanted = desired.config.unwrap_or_default();
+        if current != wanted {
+            self.config
+                .set(0, wanted, 0)
+                .map_err(DatapathError::map(MAP_CONFIG))?;
+            report.written += 1;
+        }
+        Ok(report)
+    }
+
+    /// Deletes every NAT entry of the given pod addresses (both directions).
+    fn purge_nat(&mut self, pods: &BTreeSet<[u8; 4]>) -> Result<usize, DatapathError> {
+        let mut doomed = Vec::new();
+        for item in self.nat.iter() {
+            let (key, entry) = item.map_err(DatapathError::map(MAP_NAT))?;
+            let pod = if key.dir == NAT_DIR_EGRESS {
+                key.src
+            } else {
+                entry.addr
+            };
+            if pods.contains(&pod) {
+                doomed.push(key);
+            }
+        }
+        for key in &doomed {
+            // Already gone (LRU eviction) is fine.
+            let _ = self.nat.remove(key);
+        }
+        Ok(doomed.len())
+    }
+}
+
+fn collect<K: Ord, V>(
+    iter: impl Iterator<Item = Result<(K, V), aya::maps::MapError>>,
+    map: &'static str,
+) -> Result<BTreeMap<K, V>, DatapathError> {
+    iter.map(|r| r.map_err(DatapathError::map(map))).collect()
+}
+
+fn sync_trie(
+    trie: &mut LpmTrie<MapData, [u8; 4], CidrValue>,
+    desired: &BTreeSet<Ipv4Net>,
+    name: &'static str,
+) -> Result<(usize, usize), DatapathError> {
+    let actual: BTreeSet<Ipv4Net> = trie
+        .keys()
+        .map(|k| {
+            let k = k.map_err(DatapathError::map(name))?;
+            Ok(Ipv4Net::new(Ipv4Addr::from(k.data()), k.prefix_len() as u8)
+                .expect("the kernel only stores prefix lengths the trie accepted (<= 32)"))
+        })
+        .collect::<Result<_, DatapathError>>()?;
+    let key = |net: &Ipv4Net| Key::new(u32::from(net.prefix_len()), net.network().octets());
+    let mut written = 0;
+    for net in desired.difference(&actual) {
+        trie.insert(&key(net), 1, 0)
+            .map_err(DatapathError::map(name))?;
+        written += 1;
+    }
+    let mut removed = 0;
+    for net in actual.difference(desired) {
+        trie.remove(&key(net)).map_err(DatapathError::map(name))?;
+        removed += 1;
+    }
+    Ok((written, removed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_writes_only_changes_and_removes_extras() {
+        let desired = BTreeMap::from([(1, "a"), (2, "b"), (3, "c")]);
+        let actual = BTreeMap::from([(1, "a"), (2, "x"), (4, "d")]);
+        let (write, remove) = diff(&desired, &actual);
+        assert_eq!(
+            write,
+            vec![(2, "b"), (3, "c")],
+            "changed and new keys are written"
+        );
+        assert_eq!(remove, vec![4], "keys not desired are removed");
+    }
+
+    #[test]
+    fn diff_of_equal_maps_is_empty() {
+        let m = BTreeMap::from([(1, 1), (2, 2)]);
+        assert_eq!(diff(&m, &m), (vec![], vec![]));
+    }
+}

@@ -1,0 +1,104 @@
+//! Field rewrites that keep every checksum valid. The kernel helpers are used for the
+//! outer headers because they know the skb's checksum state: with CHECKSUM_PARTIAL
+//! (offload, GSO) only the pseudo-header part of the L4 checksum is adjusted, with
+//! CHECKSUM_COMPLETE `skb->csum` follows. Quoted headers inside ICMP errors are plain
+//! data and are adjusted with the plain (L3) replace.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
+use vcnpath_common::Reason;
+
+use crate::{
+    decision::{Decision, Step},
+    parse::{IP_CSUM_OFF, IPPROTO_ICMP, IPPROTO_UDP, csum_field},
+};
+
+const REWRITE_FAILED: Decision = Decision::drop(Reason::DropRewrite);
+
+#[inline(always)]
+fn raw4(addr: [u8; 4]) -> u64 {
+    u64::from(u32::from_ne_bytes(addr))
+}
+
+#[inline(always)]
+fn raw2(port: [u8; 2]) -> u64 {
+    u64::from(u16::from_ne_bytes(port))
+}
+
+/// L4 checksum flags for `proto`: UDP's zero checksum means "none" and must stay zero.
+#[inline(always)]
+fn l4_flags(proto: u8) -> u64 {
+    if proto == IPPROTO_UDP {
+        u64::from(BPF_F_MARK_MANGLED_0)
+    } else {
+        0
+    }
+}
+
+/// Rewrites the outer IPv4 address at `addr_off` and fixes the IP checksum and, for
+/// TCP/UDP, the pseudo-header part of the L4 checksum at `l4_off`.
+#[inline(always)]
+pub fn set_addr(
+    ctx: &TcContext,
+    addr_off: usize,
+    old: [u8; 4],
+    new: [u8; 4],
+    proto: u8,
+    l4_off: usize,
+) -> Step<()> {
+    ctx.store(addr_off, &new, 0).map_err(|_| REWRITE_FAILED)?;
+    ctx.l3_csum_replace(IP_CSUM_OFF, raw4(old), raw4(new), 4)
+        .map_err(|_| REWRITE_FAILED)?;
+    if proto != IPPROTO_ICMP {
+        let flags = u64::from(BPF_F_PSEUDO_HDR) | l4_flags(proto) | 4;
+        ctx.l4_csum_replace(l4_off + csum_field(proto), raw4(old), raw4(new), flags)
+            .map_err(|_| REWRITE_FAILED)?;
+    }
+    Ok(())
+}
+
+/// Rewrites a TCP/UDP port or ICMP echo identifier of the outer L4 header.
+#[inline(always)]
+pub fn set_port(
+    ctx: &TcContext,
+    port_off: usize,
+    old: [u8; 2],
+    new: [u8; 2],
+    proto: u8,
+    l4_off: usize,
+) -> Step<()> {
+    if old == new {
+        return Ok(());
+    }
+    ctx.store(port_off, &new, 0).map_err(|_| REWRITE_FAILED)?;
+    ctx.l4_csum_replace(
+        l4_off + csum_field(proto),
+        raw2(old),
+        raw2(new),
+        l4_flags(proto) | 2,
+    )
+    .map_err(|_| REWRITE_FAILED)
+}
+
+/// Plain one's-complement update of the 16-bit checksum at `csum_off` for a 4-byte field
+/// change (no skb checksum-state handling: for checksums inside a payload).
+#[inline(always)]
+pub fn fix4(ctx: &TcContext, csum_off: usize, old: [u8; 4], new: [u8; 4]) -> Step<()> {
+    ctx.l3_csum_replace(csum_off, raw4(old), raw4(new), 4)
+        .map_err(|_| REWRITE_FAILED)
+}
+
+/// Same as [`fix4`] for a 2-byte field.
+#[inline(always)]
+pub fn fix2(ctx: &TcContext, csum_off: usize, old: [u8; 2], new: [u8; 2]) -> Step<()> {
+    ctx.l3_csum_replace(csum_off, raw2(old), raw2(new), 2)
+        .map_err(|_| REWRITE_FAILED)
+}
+
+/// Stores raw bytes in the packet.
+#[inline(always)]
+pub fn store<T>(ctx: &TcContext, off: usize, value: &T) -> Step<()> {
+    ctx.store(off, value, 0).map_err(|_| REWRITE_FAILED)
+}

@@ -1,0 +1,115 @@
+//! Egress on a VNIC: for packets from pod addresses, keep VCN traffic on the owning VNIC
+//! (rule 1) and masquerade everything leaving the VCN (rule 2). The host's own packets
+//! pass untouched (rule 5).
+
+use aya_ebpf::programs::TcContext;
+use vcnpath_common::{Config, ENDPOINT_KIND_POD, NAT_F_INBOUND, Reason};
+
+use crate::{
+    csum,
+    decision::{Decision, Step},
+    icmp, maps, nat,
+    parse::{self, IP_SRC_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, L4Head},
+    redirect,
+};
+
+#[inline(always)]
+pub fn run(ctx: &TcContext) -> Step<Decision> {
+    let Some(config) = maps::config() else {
+        return Ok(Decision::pass(Reason::PassUnconfigured));
+    };
+    let ip = parse::ipv4(ctx)?;
+    let Some(owner) = maps::endpoint(ip.src) else {
+        return Ok(Decision::pass(Reason::PassNotEndpoint));
+    };
+    if owner.kind != ENDPOINT_KIND_POD {
+        return Ok(Decision::pass(Reason::PassNotEndpoint));
+    }
+    if maps::is_nonmasq(ip.dst) {
+        return redirect::via_owner(ctx, owner.ifindex, ip.dst, Reason::PassVcn);
+    }
+    if ip.later_fragment {
+        // Without the L4 header the flow cannot be found; passing would leak the pod
+        // address outside the VCN.
+        return Ok(Decision::drop(Reason::DropFragment));
+    }
+    let Some(l4) = parse::load::<L4Head>(ctx, ip.l4_off) else {
+        return Ok(Decision::drop(Reason::DropMalformed));
+    };
+    let seen = match ip.proto {
+        IPPROTO_TCP => {
+            let Some(flags) = parse::tcp_flags(ctx, ip.l4_off) else {
+                return Ok(Decision::drop(Reason::DropMalformed));
+            };
+            nat::tcp_seen(flags)
+        }
+        IPPROTO_UDP => 0,
+        IPPROTO_ICMP if parse::is_icmp_echo(l4.icmp_type()) => 0,
+        IPPROTO_ICMP if parse::is_icmp_error(l4.icmp_type()) => {
+            return icmp::egress_error(ctx, &config, &ip, owner.ifindex);
+        }
+        _ => return Ok(Decision::drop(Reason::DropProtocol)),
+    };
+
+    let sport = u16::from_be_bytes(l4.port_or_id(ip.proto));
+    let dport = if ip.proto == IPPROTO_ICMP {
+        0
+    } else {
+        u16::from_be_bytes(l4.dport())
+    };
+    let key = nat::egress_key(ip.proto, ip.src, ip.dst, sport, dport);
+
+    let (port, reason) = match nat::lookup(&key) {
+        Some(entry) => {
+            nat::touch(entry, seen);
+            // SAFETY: pointer from a lookup in this run.
+            let (flags, port) = unsafe { ((*entry).flags, (*entry).port) };
+            if flags & NAT_F_INBOUND != 0 {
+                // A reply of a flow opened from outside towards the pod (rule 4).
+                return redirect::via_owner(ctx, owner.ifindex, ip.dst, Reason::PassInbound);
+            }
+            (port, Reason::SnatEstablished)
+        }
+        None => (nat::create(&config, &key, seen)?, Reason::SnatNew),
+    };
+
+    translate(ctx, &config, &ip, sport, port)?;
+    leave_via_masquerade(ctx, &config, ip.dst, reason)
+}
+
+/// Source-NATs the packet to the masquerade address and `new_port`.
+#[inline(always)]
+fn translate(
+    ctx: &TcContext,
+    config: &Config,
+    ip: &Ipv4,
+    old_port: u16,
+    new_port: u16,
+) -> Step<()> {
+    csum::set_port(
+        ctx,
+        ip.l4_off + parse::port_field(ip.proto, true),
+        old_port.to_be_bytes(),
+        new_port.to_be_bytes(),
+        ip.proto,
+        ip.l4_off,
+    )?;
+    csum::set_addr(ctx, IP_SRC_OFF, ip.src, config.masq_ip, ip.proto, ip.l4_off)
+}
+
+/// Masqueraded packets must leave through the interface owning the masquerade address.
+#[inline(always)]
+pub fn leave_via_masquerade(
+    ctx: &TcContext,
+    config: &Config,
+    dst: [u8; 4],
+    reason: Reason,
+) -> Step<Decision> {
+    if parse::ifindex(ctx) == config.masq_ifindex {
+        return Ok(Decision::pass(reason));
+    }
+    let Some(vnic) = maps::vnic(config.masq_ifindex) else {
+        return Ok(Decision::pass(Reason::PassNoVnic));
+    };
+    redirect::to_vnic(ctx, &vnic, dst, reason)
+}

@@ -1,0 +1,137 @@
+//! Ingress on a VNIC: replies to the masquerade address go back to the pod (rule 3), and
+//! flows opened from outside the VCN towards a pod address are recorded so the pod's
+//! answers leave untranslated through its VNIC (rule 4).
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, programs::TcContext};
+use vcnpath_common::{Config, ENDPOINT_KIND_POD, NAT_F_INBOUND, NatEntry, Reason};
+
+use crate::{
+    csum,
+    decision::{Decision, Step},
+    icmp,
+    maps::{self, NAT},
+    nat,
+    parse::{
+        self, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_DST_OFF, IPPROTO_ICMP, IPPROTO_TCP,
+        IPPROTO_UDP, Ipv4, L4Head,
+    },
+};
+
+#[inline(always)]
+pub fn run(ctx: &TcContext) -> Step<Decision> {
+    let Some(config) = maps::config() else {
+        return Ok(Decision::pass(Reason::PassUnconfigured));
+    };
+    let ip = parse::ipv4(ctx)?;
+    if ip.dst == config.masq_ip {
+        return reverse(ctx, &config, &ip);
+    }
+    inbound(ctx, &ip)
+}
+
+/// Translates a reply for a masqueraded flow back to the pod.
+#[inline(always)]
+fn reverse(ctx: &TcContext, config: &Config, ip: &Ipv4) -> Step<Decision> {
+    if ip.later_fragment {
+        return Ok(Decision::pass(Reason::PassFragment));
+    }
+    let Some(l4) = parse::load::<L4Head>(ctx, ip.l4_off) else {
+        return Ok(Decision::pass(Reason::PassMalformed));
+    };
+    let (sport, dport, seen) = match ip.proto {
+        IPPROTO_TCP => {
+            let Some(flags) = parse::tcp_flags(ctx, ip.l4_off) else {
+                return Ok(Decision::pass(Reason::PassMalformed));
+            };
+            (
+                port(l4.port_or_id(ip.proto)),
+                port(l4.dport()),
+                nat::tcp_seen(flags),
+            )
+        }
+        IPPROTO_UDP => (port(l4.port_or_id(ip.proto)), port(l4.dport()), 0),
+        IPPROTO_ICMP if l4.icmp_type() == ICMP_ECHO_REPLY => (0, port(l4.port_or_id(ip.proto)), 0),
+        IPPROTO_ICMP if parse::is_icmp_error(l4.icmp_type()) => {
+            return icmp::ingress_error(ctx, config, ip);
+        }
+        _ => return Ok(Decision::pass(Reason::PassHost)),
+    };
+    let key = nat::ingress_key(ip.proto, ip.src, ip.dst, sport, dport);
+    let Some(entry) = nat::lookup(&key) else {
+        return Ok(Decision::pass(Reason::PassHost));
+    };
+    nat::touch(entry, seen);
+    // SAFETY: pointer from a lookup in this run.
+    let (pod_addr, pod_port) = unsafe { ((*entry).addr, (*entry).port) };
+    csum::set_port(
+        ctx,
+        ip.l4_off + parse::port_field(ip.proto, false),
+        dport.to_be_bytes(),
+        pod_port.to_be_bytes(),
+        ip.proto,
+        ip.l4_off,
+    )?;
+    csum::set_addr(ctx, IP_DST_OFF, ip.dst, pod_addr, ip.proto, ip.l4_off)?;
+    Ok(Decision::pass(Reason::ReverseNat))
+}
+
+/// Records a flow that a host outside the VCN opened towards a pod address.
+#[inline(always)]
+fn inbound(ctx: &TcContext, ip: &Ipv4) -> Step<Decision> {
+    let Some(owner) = maps::endpoint(ip.dst) else {
+        return Ok(Decision::pass(Reason::PassNotEndpoint));
+    };
+    if owner.kind != ENDPOINT_KIND_POD {
+        return Ok(Decision::pass(Reason::PassNotEndpoint));
+    }
+    if maps::is_nonmasq(ip.src) {
+        return Ok(Decision::pass(Reason::PassVcn));
+    }
+    if ip.later_fragment {
+        return Ok(Decision::pass(Reason::PassFragment));
+    }
+    let Some(l4) = parse::load::<L4Head>(ctx, ip.l4_off) else {
+        return Ok(Decision::pass(Reason::PassMalformed));
+    };
+    // The key is the one the pod's answers will carry on egress.
+    let (pod_port, remote_port, seen) = match ip.proto {
+        IPPROTO_TCP => {
+            let Some(flags) = parse::tcp_flags(ctx, ip.l4_off) else {
+                return Ok(Decision::pass(Reason::PassMalformed));
+            };
+            (
+                port(l4.dport()),
+                port(l4.port_or_id(ip.proto)),
+                nat::tcp_seen(flags),
+            )
+        }
+        IPPROTO_UDP => (port(l4.dport()), port(l4.port_or_id(ip.proto)), 0),
+        IPPROTO_ICMP if l4.icmp_type() == ICMP_ECHO_REQUEST => {
+            (port(l4.port_or_id(ip.proto)), 0, 0)
+        }
+        _ => return Ok(Decision::pass(Reason::PassInbound)),
+    };
+    let key = nat::egress_key(ip.proto, ip.dst, ip.src, pod_port, remote_port);
+    if let Some(entry) = nat::lookup(&key) {
+        nat::touch(entry, seen);
+    } else {
+        // SAFETY: plain helper call.
+        let now = unsafe { bpf_ktime_get_ns() };
+        let entry = NatEntry {
+            last_seen_ns: now,
+            addr: ip.dst,
+            port: pod_port,
+            flags: NAT_F_INBOUND,
+            tcp_seen: seen,
+            created_ns: now,
+        };
+        // A failure here only means another CPU recorded it first.
+        let _ = NAT.insert(&key, &entry, u64::from(BPF_NOEXIST));
+    }
+    Ok(Decision::pass(Reason::PassInbound))
+}
+
+#[inline(always)]
+fn port(raw: [u8; 2]) -> u16 {
+    u16::from_be_bytes(raw)
+}

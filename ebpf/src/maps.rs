@@ -1,0 +1,68 @@
+//! The maps (names and layouts from `vcnpath-common`) and small typed accessors.
+
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    macros::btf_map,
+};
+use vcnpath_common::{
+    CIDRS_MAX, CONFIG_F_ENABLED, CidrValue, Config, ENDPOINTS_MAX, Endpoint, EndpointKey, NAT_MAX,
+    NatEntry, NatKey, REASON_COUNT, Reason, VNICS_MAX, Vnic,
+};
+
+#[btf_map(name = "vnics")]
+static VNICS: HashMap<u32, Vnic, { VNICS_MAX as usize }> = HashMap::new();
+
+#[btf_map(name = "endpoints")]
+static ENDPOINTS: HashMap<EndpointKey, Endpoint, { ENDPOINTS_MAX as usize }> = HashMap::new();
+
+#[btf_map(name = "vcn_cidrs")]
+static VCN_CIDRS: LpmTrie<[u8; 4], CidrValue, { CIDRS_MAX as usize }> = LpmTrie::new();
+
+#[btf_map(name = "nonmasq_cidrs")]
+static NONMASQ_CIDRS: LpmTrie<[u8; 4], CidrValue, { CIDRS_MAX as usize }> = LpmTrie::new();
+
+#[btf_map(name = "config")]
+static CONFIG: Array<Config, 1> = Array::new();
+
+#[btf_map(name = "nat")]
+pub static NAT: LruHashMap<NatKey, NatEntry, { NAT_MAX as usize }> = LruHashMap::new();
+
+#[btf_map(name = "stats")]
+static STATS: PerCpuArray<u64, { REASON_COUNT as usize }> = PerCpuArray::new();
+
+/// Adds one to the counter of `reason` (per CPU, so no atomics).
+#[inline(always)]
+pub fn count(reason: Reason) {
+    if let Some(counter) = STATS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, only this program on this CPU writes it right now.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// The datapath configuration, when the agent has enabled it.
+#[inline(always)]
+pub fn config() -> Option<Config> {
+    let config = *CONFIG.get(0)?;
+    (config.flags & CONFIG_F_ENABLED != 0).then_some(config)
+}
+
+/// The owner of an address on this node, if it is one of ours.
+#[inline(always)]
+pub fn endpoint(addr: [u8; 4]) -> Option<Endpoint> {
+    // SAFETY: plain-old-data value copied out immediately.
+    unsafe { ENDPOINTS.get(EndpointKey { addr }).copied() }
+}
+
+/// The managed interface with this index.
+#[inline(always)]
+pub fn vnic(ifindex: u32) -> Option<Vnic> {
+    // SAFETY: plain-old-data value copied out immediately.
+    unsafe { VNICS.get(ifindex).copied() }
+}
+
+/// Whether traffic to `addr` stays untranslated: inside the VCN or excluded by the user.
+#[inline(always)]
+pub fn is_nonmasq(addr: [u8; 4]) -> bool {
+    let key = Key::new(32, addr);
+    VCN_CIDRS.get(&key).is_some() || NONMASQ_CIDRS.get(&key).is_some()
+}

@@ -1,0 +1,165 @@
+//! NAT entries: lookup, refresh and creation with collision-free port choice.
+//!
+//! A translated flow has two entries in `nat`: the egress entry keyed by the pod's
+//! packet (pod → remote) holding the masquerade address and port, and the ingress entry
+//! keyed by the reply (remote → masquerade address) holding the pod's address and port.
+//! The ingress entry is claimed first with `BPF_NOEXIST`, so two flows can never share
+//! one translated 5-tuple, even when two CPUs race.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+};
+use vcnpath_common::{
+    Config, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_PORT_TRIES, NAT_TOUCH_INTERVAL_NS, NatEntry,
+    NatKey, Reason, TCP_SEEN_ACK, TCP_SEEN_FIN, TCP_SEEN_RST, TCP_SEEN_SYN,
+};
+
+use crate::{
+    decision::{Decision, Step},
+    maps::NAT,
+    parse::IPPROTO_ICMP,
+};
+
+/// Key of a packet leaving a pod. For ICMP echo, `sport` is the identifier and `dport` 0.
+#[inline(always)]
+pub fn egress_key(proto: u8, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> NatKey {
+    NatKey {
+        src,
+        dst,
+        sport,
+        dport,
+        proto,
+        dir: NAT_DIR_EGRESS,
+        pad: [0; 2],
+    }
+}
+
+/// Key of a reply to the masquerade address. For ICMP echo, `dport` is the identifier.
+#[inline(always)]
+pub fn ingress_key(proto: u8, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> NatKey {
+    NatKey {
+        src,
+        dst,
+        sport,
+        dport,
+        proto,
+        dir: NAT_DIR_INGRESS,
+        pad: [0; 2],
+    }
+}
+
+/// A live pointer into the map; valid for this program run.
+#[inline(always)]
+pub fn lookup(key: &NatKey) -> Option<*mut NatEntry> {
+    NAT.get_ptr_mut(key)
+}
+
+/// The `TCP_SEEN_*` bits for a TCP flags byte (0 for other protocols).
+#[inline(always)]
+pub fn tcp_seen(tcp_flags: u8) -> u8 {
+    let mut seen = 0;
+    if tcp_flags & 0x02 != 0 {
+        seen |= TCP_SEEN_SYN;
+    } else {
+        seen |= TCP_SEEN_ACK;
+    }
+    if tcp_flags & 0x01 != 0 {
+        seen |= TCP_SEEN_FIN;
+    }
+    if tcp_flags & 0x04 != 0 {
+        seen |= TCP_SEEN_RST;
+    }
+    seen
+}
+
+/// Records activity on an entry, writing only when something changed or the timestamp
+/// is older than `NAT_TOUCH_INTERVAL_NS`.
+#[inline(always)]
+pub fn touch(entry: *mut NatEntry, seen: u8) {
+    // SAFETY: `entry` comes from a map lookup in this program run.
+    unsafe {
+        let now = bpf_ktime_get_ns();
+        let merged = (*entry).tcp_seen | seen;
+        if merged != (*entry).tcp_seen {
+            (*entry).tcp_seen = merged;
+            (*entry).last_seen_ns = now;
+        } else if now.wrapping_sub((*entry).last_seen_ns) > NAT_TOUCH_INTERVAL_NS {
+            (*entry).last_seen_ns = now;
+        }
+    }
+}
+
+/// Creates the mapping for a new flow `fwd` and returns the translated port (host
+/// order). The original port is kept when the translated 5-tuple is free; otherwise
+/// ports of the configured range are tried from a random start.
+#[inline(always)]
+pub fn create(config: &Config, fwd: &NatKey, seen: u8) -> Step<u16> {
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let reply = NatEntry {
+        last_seen_ns: now,
+        addr: fwd.src,
+        port: fwd.sport,
+        flags: 0,
+        tcp_seen: 0,
+        created_ns: now,
+    };
+    // The reply swaps the addresses and ports; ICMP echo replies carry the id as dport.
+    let reply_sport = if fwd.proto == IPPROTO_ICMP {
+        0
+    } else {
+        fwd.dport
+    };
+    let claim = |port: u16| {
+        let key = ingress_key(fwd.proto, fwd.dst, config.masq_ip, reply_sport, port);
+        NAT.insert(&key, &reply, u64::from(BPF_NOEXIST)).is_ok()
+    };
+
+    let port = if claim(fwd.sport) {
+        fwd.sport
+    } else {
+        choose_port(config, claim)?
+    };
+
+    let entry = NatEntry {
+        last_seen_ns: now,
+        addr: config.masq_ip,
+        port,
+        flags: 0,
+        tcp_seen: seen,
+        created_ns: now,
+    };
+    if NAT.insert(fwd, &entry, u64::from(BPF_NOEXIST)).is_err() {
+        // Another CPU created this flow first (or the map refused): give back our claim
+        // and use theirs, so the flow keeps one identity.
+        let key = ingress_key(fwd.proto, fwd.dst, config.masq_ip, reply_sport, port);
+        let _ = NAT.remove(&key);
+        let Some(existing) = lookup(fwd) else {
+            return Err(Decision::drop(Reason::DropNatFull));
+        };
+        // SAFETY: pointer from a lookup in this run.
+        return Ok(unsafe { (*existing).port });
+    }
+    Ok(port)
+}
+
+#[inline(always)]
+fn choose_port(config: &Config, claim: impl Fn(u16) -> bool) -> Step<u16> {
+    if config.port_max < config.port_min {
+        return Err(Decision::drop(Reason::DropNoPort));
+    }
+    let span = u32::from(config.port_max - config.port_min) + 1;
+    // SAFETY: plain helper call.
+    let start = unsafe { bpf_get_prandom_u32() } % span;
+    let mut i = 0;
+    // verifier: a bounded loop; span may be small, so candidates wrap around.
+    while i < NAT_PORT_TRIES {
+        let port = config.port_min + ((start + i) % span) as u16;
+        if claim(port) {
+            return Ok(port);
+        }
+        i += 1;
+    }
+    Err(Decision::drop(Reason::DropNoPort))
+}

@@ -1,0 +1,193 @@
+//! Bounds-checked packet access and the IPv4 header fields the programs use.
+
+use aya_ebpf::programs::TcContext;
+use vcnpath_common::Reason;
+
+use crate::decision::{Decision, Step};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+/// Offset of the IPv4 header checksum.
+pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+/// Offset of the IPv4 source address.
+pub const IP_SRC_OFF: usize = ETH_HLEN + 12;
+/// Offset of the IPv4 destination address.
+pub const IP_DST_OFF: usize = ETH_HLEN + 16;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// The IPv4 header without options.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub proto: u8,
+    pub csum: [u8; 2],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+/// The part of an IPv4 packet every decision needs.
+#[derive(Clone, Copy)]
+pub struct Ipv4 {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub proto: u8,
+    /// Offset of the L4 header (from the IHL, so options are honoured).
+    pub l4_off: usize,
+    /// A fragment other than the first: carries no L4 header.
+    pub later_fragment: bool,
+}
+
+/// Copies a `T` out of the packet at `off`, pulling non-linear data into the linear
+/// area first when the skb is long enough but its headers are paged.
+#[inline(always)]
+pub fn load<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    if let Some(value) = read::<T>(ctx, off) {
+        return Some(value);
+    }
+    let want = off + core::mem::size_of::<T>();
+    if (ctx.len() as usize) < want || ctx.pull_data(want as u32).is_err() {
+        return None;
+    }
+    // verifier: pull_data invalidated every packet pointer; read() re-derives them.
+    read::<T>(ctx, off)
+}
+
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    // SAFETY: bounds checked against data_end just above.
+    Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+}
+
+/// Parses Ethernet + IPv4. Non-IPv4 frames and truncated or invalid IPv4 headers end
+/// the program with a pass: they are not ours to judge and are never rewritten.
+#[inline(always)]
+pub fn ipv4(ctx: &TcContext) -> Step<Ipv4> {
+    let Some(ethertype) = load::<[u8; 2]>(ctx, 12) else {
+        return Err(Decision::pass(Reason::PassMalformed));
+    };
+    if u16::from_be_bytes(ethertype) != ETH_P_IP {
+        return Err(Decision::pass(Reason::PassNotIpv4));
+    }
+    let Some(ip) = load::<Ipv4Hdr>(ctx, ETH_HLEN) else {
+        return Err(Decision::pass(Reason::PassMalformed));
+    };
+    let ihl = (ip.version_ihl & 0x0f) as usize;
+    if ip.version_ihl >> 4 != 4 || ihl < 5 {
+        return Err(Decision::pass(Reason::PassMalformed));
+    }
+    let frag_off = u16::from_be_bytes(ip.frag_off) & 0x1fff;
+    Ok(Ipv4 {
+        src: ip.src,
+        dst: ip.dst,
+        proto: ip.proto,
+        l4_off: ETH_HLEN + ihl * 4,
+        later_fragment: frag_off != 0,
+    })
+}
+
+/// The TCP flags byte of the header at `l4_off`, or `None` when the 20-byte TCP header
+/// (up to and including its checksum) is not all there: nothing is rewritten then.
+#[inline(always)]
+pub fn tcp_flags(ctx: &TcContext, l4_off: usize) -> Option<u8> {
+    // verifier: reading 8 bytes also avoids a 1-byte read, which compiles to
+    // `pkt + 0 < pkt_end`, a comparison the verifier derives no range from.
+    load::<[u8; 8]>(ctx, l4_off + 12).map(|tail| tail[1])
+}
+
+/// The first 8 bytes of an L4 header: ports for TCP/UDP, type/code/csum/id for ICMP.
+#[derive(Clone, Copy)]
+pub struct L4Head {
+    pub bytes: [u8; 8],
+}
+
+impl L4Head {
+    /// TCP/UDP source port, or the ICMP echo identifier (network byte order, raw).
+    #[inline(always)]
+    pub fn port_or_id(&self, proto: u8) -> [u8; 2] {
+        if proto == IPPROTO_ICMP {
+            [self.bytes[4], self.bytes[5]]
+        } else {
+            [self.bytes[0], self.bytes[1]]
+        }
+    }
+
+    /// TCP/UDP destination port (raw network order).
+    #[inline(always)]
+    pub fn dport(&self) -> [u8; 2] {
+        [self.bytes[2], self.bytes[3]]
+    }
+
+    /// ICMP type.
+    #[inline(always)]
+    pub fn icmp_type(&self) -> u8 {
+        self.bytes[0]
+    }
+}
+
+/// Offset, relative to the L4 header, of the field NAT rewrites as "the port".
+#[inline(always)]
+pub const fn port_field(proto: u8, source: bool) -> usize {
+    match (proto, source) {
+        (IPPROTO_ICMP, _) => 4,
+        (_, true) => 0,
+        (_, false) => 2,
+    }
+}
+
+/// Offset, relative to the L4 header, of the L4 checksum.
+#[inline(always)]
+pub const fn csum_field(proto: u8) -> usize {
+    match proto {
+        IPPROTO_TCP => 16,
+        IPPROTO_UDP => 6,
+        _ => 2,
+    }
+}
+
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+
+/// Whether this ICMP type quotes the packet that caused it.
+#[inline(always)]
+pub const fn is_icmp_error(icmp_type: u8) -> bool {
+    matches!(icmp_type, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED)
+}
+
+/// Whether this ICMP type is an echo, whose identifier NAT treats as a port.
+#[inline(always)]
+pub const fn is_icmp_echo(icmp_type: u8) -> bool {
+    matches!(icmp_type, ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY)
+}
+
+/// Ingress interface index of the skb (for egress programs: the device it leaves).
+#[inline(always)]
+pub fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// `true` when `addr` is inside `net/prefix_len`.
+#[inline(always)]
+pub fn in_subnet(addr: [u8; 4], net: [u8; 4], prefix_len: u8) -> bool {
+    if prefix_len == 0 {
+        return true;
+    }
+    let mask = u32::MAX << (32 - u32::from(prefix_len.min(32)));
+    u32::from_be_bytes(addr) & mask == u32::from_be_bytes(net) & mask
+}

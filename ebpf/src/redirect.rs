@@ -1,0 +1,73 @@
+//! Sending a packet out of the VNIC that owns its source (OCI's source/destination check
+//! drops it anywhere else).
+
+use aya_ebpf::{
+    bindings::{TC_ACT_REDIRECT, bpf_redir_neigh},
+    helpers::{bpf_redirect, bpf_redirect_neigh},
+    programs::TcContext,
+};
+use vcnpath_common::{Reason, VNIC_F_ROUTER_MAC, Vnic};
+
+use crate::{
+    csum,
+    decision::{Decision, Step},
+    maps,
+    parse::{self, in_subnet},
+};
+
+const AF_INET: u32 = 2;
+
+/// Leaves through `owner` if the kernel routed the packet elsewhere; otherwise passes it
+/// counted as `reason`.
+#[inline(always)]
+pub fn via_owner(ctx: &TcContext, owner: u32, dst: [u8; 4], reason: Reason) -> Step<Decision> {
+    if parse::ifindex(ctx) == owner {
+        return Ok(Decision::pass(reason));
+    }
+    let Some(vnic) = maps::vnic(owner) else {
+        return Ok(Decision::pass(Reason::PassNoVnic));
+    };
+    to_vnic(ctx, &vnic, dst, Reason::RedirectOwner)
+}
+
+/// Redirects to `vnic` with correct L2 addresses: next hop is the destination itself
+/// when it is in the VNIC's subnet, else the subnet's virtual router.
+#[inline(always)]
+pub fn to_vnic(ctx: &TcContext, vnic: &Vnic, dst: [u8; 4], reason: Reason) -> Step<Decision> {
+    let on_link = in_subnet(dst, vnic.subnet_ip, vnic.subnet_prefix_len);
+    if !on_link && vnic.flags & VNIC_F_ROUTER_MAC != 0 {
+        // Fast path: the router's MAC is known, so rewrite L2 here and skip the
+        // neighbour table.
+        csum::store(ctx, 0, &vnic.router_mac)?;
+        csum::store(ctx, 6, &vnic.mac)?;
+        // SAFETY: plain helper call.
+        let ret = unsafe { bpf_redirect(vnic.ifindex, 0) };
+        return Ok(verdict(ret, reason));
+    }
+    let next_hop = if on_link { dst } else { vnic.router_ip };
+    let mut params = bpf_redir_neigh {
+        nh_family: AF_INET,
+        __bindgen_anon_1: aya_ebpf::bindings::bpf_redir_neigh__bindgen_ty_1 {
+            ipv4_nh: u32::from_ne_bytes(next_hop),
+        },
+    };
+    // SAFETY: params lives on the stack for the duration of the call.
+    let ret = unsafe {
+        bpf_redirect_neigh(
+            vnic.ifindex,
+            &raw mut params,
+            core::mem::size_of::<bpf_redir_neigh>() as i32,
+            0,
+        )
+    };
+    Ok(verdict(ret, reason))
+}
+
+#[inline(always)]
+fn verdict(ret: i64, reason: Reason) -> Decision {
+    if ret == i64::from(TC_ACT_REDIRECT) {
+        Decision::redirect(reason)
+    } else {
+        Decision::drop(Reason::DropRewrite)
+    }
+}

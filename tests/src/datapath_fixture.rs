@@ -1,0 +1,145 @@
+//! A datapath loaded into the kernel with a known map state, for packet-level tests and
+//! per-packet benchmarks through `BPF_PROG_TEST_RUN`. Nothing is attached anywhere.
+//!
+//! The "current interface" of a test run is the loopback device (ifindex 1), which plays
+//! VNIC 0 (eth0, the masquerade interface); VNIC 1 has an index no device uses, which is
+//! fine because test runs never carry out redirects.
+
+use std::net::Ipv4Addr;
+
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+use vcnpath::datapath::{Counters, Datapath, DatapathState, LoadOptions};
+use vcnpath_common::{
+    CONFIG_F_ENABLED, Config, ENDPOINT_KIND_POD, ENDPOINT_KIND_PRIMARY, Endpoint, Reason,
+    VNIC_F_ROUTER_MAC, Vnic,
+};
+
+use crate::privileged::PinDir;
+
+pub const ETH0: u32 = 1;
+pub const ETH1: u32 = 4000;
+pub const MASQ: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+pub const ETH1_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
+pub const POD0: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 20);
+pub const POD1: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 20);
+pub const POD1B: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 21);
+pub const PEER: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 50);
+pub const ON_LINK_ETH1: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 99);
+pub const NONMASQ_DST: Ipv4Addr = Ipv4Addr::new(192, 168, 7, 7);
+pub const REMOTE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+pub const ROUTER0: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+pub const ETH0_MAC: [u8; 6] = [0x02, 0, 0x0a, 0, 0, 0x0a];
+pub const ETH1_MAC: [u8; 6] = [0x02, 0, 0x0a, 0, 1, 0x0a];
+pub const ROUTER0_MAC: [u8; 6] = [0x02, 0, 0x0a, 0, 0, 0x01];
+pub const ROUTER1_MAC: [u8; 6] = [0x02, 0, 0x0a, 0, 1, 0x01];
+
+/// TC verdicts.
+pub const TC_ACT_OK: u32 = 0;
+pub const TC_ACT_SHOT: u32 = 2;
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+/// A loaded datapath with the fixture's state; unloads and unpins on drop.
+pub struct Fixture {
+    pub datapath: Datapath,
+    _pins: PinDir,
+}
+
+/// The map state every packet test starts from.
+pub fn state(port_min: u16, port_max: u16) -> DatapathState {
+    let vnic = |ifindex, ip: Ipv4Addr, mac, router_mac| Vnic {
+        ifindex,
+        primary_ip: ip.octets(),
+        subnet_ip: [ip.octets()[0], ip.octets()[1], ip.octets()[2], 0],
+        router_ip: [ip.octets()[0], ip.octets()[1], ip.octets()[2], 1],
+        mac,
+        router_mac,
+        subnet_prefix_len: 24,
+        flags: VNIC_F_ROUTER_MAC,
+        pad: [0; 2],
+    };
+    let ep = |ifindex, kind| Endpoint {
+        ifindex,
+        kind,
+        pad: [0; 3],
+    };
+    DatapathState {
+        vnics: [
+            (ETH0, vnic(ETH0, MASQ, ETH0_MAC, ROUTER0_MAC)),
+            (ETH1, vnic(ETH1, ETH1_IP, ETH1_MAC, ROUTER1_MAC)),
+        ]
+        .into(),
+        endpoints: [
+            (MASQ, ep(ETH0, ENDPOINT_KIND_PRIMARY)),
+            (ETH1_IP, ep(ETH1, ENDPOINT_KIND_PRIMARY)),
+            (POD0, ep(ETH0, ENDPOINT_KIND_POD)),
+            (POD1, ep(ETH1, ENDPOINT_KIND_POD)),
+            (POD1B, ep(ETH1, ENDPOINT_KIND_POD)),
+        ]
+        .into(),
+        vcn_cidrs: ["10.0.0.0/16".parse().unwrap()].into(),
+        nonmasq_cidrs: ["192.168.0.0/16".parse().unwrap()].into(),
+        config: Some(Config {
+            masq_ip: MASQ.octets(),
+            masq_ifindex: ETH0,
+            port_min,
+            port_max,
+            flags: CONFIG_F_ENABLED,
+        }),
+    }
+}
+
+impl Fixture {
+    /// Loads the programs with a fresh pin directory and the fixture state.
+    pub fn new(tag: &str, port_min: u16, port_max: u16) -> Self {
+        let pins = PinDir::new(tag);
+        let mut datapath = Datapath::load(&LoadOptions {
+            pin_dir: pins.path.clone(),
+            nat_max_entries: Some(1 << 20),
+        })
+        .unwrap_or_else(|e| panic!("loading the datapath failed: {e}"));
+        datapath
+            .maps
+            .sync(&state(port_min, port_max))
+            .expect("map sync");
+        Self {
+            datapath,
+            _pins: pins,
+        }
+    }
+
+    pub fn egress(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        run(self.datapath.egress(), frame)
+    }
+
+    pub fn ingress(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        run(self.datapath.ingress(), frame)
+    }
+
+    pub fn counters(&self) -> Counters {
+        Counters::read(&self.datapath.maps).expect("read counters")
+    }
+
+    pub fn count(&self, reason: Reason) -> u64 {
+        self.counters().get(reason)
+    }
+}
+
+/// Runs `program` once over `frame`; returns the verdict and the frame it produced.
+pub fn run(program: &SchedClassifier, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 512];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+/// Runs `program` `repeat` times over `frame` and returns the kernel-timed mean ns.
+pub fn time_ns(program: &SchedClassifier, frame: &[u8], repeat: u32) -> (u32, f64) {
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.repeat = repeat;
+    let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    (result.return_value, result.duration.as_nanos() as f64)
+}

@@ -1,0 +1,496 @@
+//! Packet-level tests of the TC programs through BPF_PROG_TEST_RUN: crafted packets in,
+//! verdicts and rewritten packets out, checksums verified independently.
+
+use std::net::Ipv4Addr;
+
+use vcnpath_common::Reason;
+use vcnpath_tests::{
+    datapath_fixture::*,
+    packet::{self, ETH_HLEN, L4, Spec, assert_checksums, build, view},
+    privileged::have_root,
+};
+
+macro_rules! root_or_skip {
+    ($name:literal) => {
+        if !have_root($name) {
+            return;
+        }
+    };
+}
+
+fn ip(frame: &[u8]) -> &[u8] {
+    &frame[ETH_HLEN..]
+}
+
+#[test]
+fn rule1_vcn_traffic_from_a_secondary_vnic_pod_is_redirected_to_its_vnic() {
+    root_or_skip!("rule1_redirect");
+    let fx = Fixture::new("r1", 1024, 65535);
+    // POD1 is owned by eth1, but the kernel routed it out of eth0 (the test device).
+    let input = build(&Spec::tcp(POD1, 40000, PEER, 80));
+    let (verdict, out) = fx.egress(&input);
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "expected a redirect to the owning VNIC"
+    );
+    let v = view(&out);
+    assert_eq!(
+        (v.src, v.dst),
+        (POD1, PEER),
+        "VCN traffic must keep its addresses"
+    );
+    assert_eq!(v.src_mac, ETH1_MAC, "source MAC must be eth1's");
+    assert_eq!(
+        v.dst_mac, ROUTER1_MAC,
+        "next hop must be eth1's virtual router"
+    );
+    assert_eq!(ip(&out), ip(&input), "the IP packet must be unchanged");
+    assert_eq!(fx.count(Reason::RedirectOwner), 1);
+
+    // Non-masquerade destinations follow the same rule.
+    let (verdict, _) = fx.egress(&build(&Spec::udp(POD1, 5000, NONMASQ_DST, 53)));
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "a non-masquerade destination is not translated but redirected"
+    );
+
+    // On-link destination in the owner's subnet: the kernel resolves the neighbour.
+    let (verdict, out) = fx.egress(&build(&Spec::tcp(POD1, 40000, ON_LINK_ETH1, 80)));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(
+        view(&out).dst_mac,
+        packet::DST_MAC,
+        "on-link next hop is left to bpf_redirect_neigh"
+    );
+}
+
+#[test]
+fn rule1_vcn_traffic_already_on_its_vnic_passes_untouched() {
+    root_or_skip!("rule1_pass");
+    let fx = Fixture::new("r1p", 1024, 65535);
+    let input = build(&Spec::tcp(POD0, 40000, PEER, 80));
+    let (verdict, out) = fx.egress(&input);
+    assert_eq!(
+        (verdict, out),
+        (TC_ACT_OK, input),
+        "POD0 is owned by eth0: nothing to do"
+    );
+    assert_eq!(fx.count(Reason::PassVcn), 1);
+}
+
+#[test]
+fn rule2_and_3_tcp_is_masqueraded_keeping_its_port_and_replies_come_back() {
+    root_or_skip!("rule2_tcp");
+    let fx = Fixture::new("r2", 1024, 65535);
+    let (verdict, out) = fx.egress(&build(&Spec::tcp(POD1, 40000, REMOTE, 443)));
+    assert_eq!(
+        verdict, TC_ACT_OK,
+        "already on the masquerade interface: pass"
+    );
+    let v = view(&out);
+    assert_eq!(
+        (v.src, v.sport, v.dst, v.dport),
+        (MASQ, 40000, REMOTE, 443),
+        "source NAT keeping the free port"
+    );
+    assert_checksums(ip(&out));
+    assert_eq!(fx.count(Reason::SnatNew), 1);
+
+    let (_, out2) = fx.egress(&build(&Spec::tcp(POD1, 40000, REMOTE, 443)));
+    assert_eq!(view(&out2).src, MASQ);
+    assert_eq!(
+        fx.count(Reason::SnatEstablished),
+        1,
+        "second packet uses the established entry"
+    );
+
+    let (verdict, back) = fx.ingress(&build(&Spec::tcp(REMOTE, 443, MASQ, 40000)));
+    assert_eq!(verdict, TC_ACT_OK);
+    let v = view(&back);
+    assert_eq!(
+        (v.src, v.sport, v.dst, v.dport),
+        (REMOTE, 443, POD1, 40000),
+        "reply translated back to the pod"
+    );
+    assert_checksums(ip(&back));
+    assert_eq!(fx.count(Reason::ReverseNat), 1);
+}
+
+#[test]
+fn rule2_udp_with_and_without_checksum() {
+    root_or_skip!("rule2_udp");
+    let fx = Fixture::new("r2u", 1024, 65535);
+    let (_, out) = fx.egress(&build(&Spec::udp(POD0, 5353, REMOTE, 53)));
+    assert_eq!(view(&out).src, MASQ);
+    assert_checksums(ip(&out));
+
+    let mut spec = Spec::udp(POD0, 5354, REMOTE, 53);
+    spec.l4 = L4::Udp {
+        sport: 5354,
+        dport: 53,
+        payload: b"x".to_vec(),
+        zero_csum: true,
+    };
+    let (_, out) = fx.egress(&build(&spec));
+    let l4 = &ip(&out)[20..];
+    assert_eq!(view(&out).src, MASQ);
+    assert_eq!(
+        &l4[6..8],
+        &[0, 0],
+        "a zero UDP checksum means none and must stay zero"
+    );
+    let (_, back) = fx.ingress(&build(&Spec::udp(REMOTE, 53, MASQ, 5353)));
+    assert_eq!(view(&back).dst, POD0);
+    assert_checksums(ip(&back));
+}
+
+#[test]
+fn rule2_masqueraded_traffic_routed_out_of_another_vnic_is_redirected_to_the_masquerade_vnic() {
+    root_or_skip!("rule2_redirect");
+    let fx = Fixture::new("r2r", 1024, 65535);
+    let mut state = state(1024, 65535);
+    // Make the test device (ifindex 1) play eth1 and move the masquerade VNIC away.
+    let mut config = state.config.unwrap();
+    config.masq_ifindex = ETH1;
+    state.config = Some(config);
+    let mut fx = fx;
+    fx.datapath.maps.sync(&state).unwrap();
+    let (verdict, out) = fx.egress(&build(&Spec::tcp(POD0, 40001, REMOTE, 443)));
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "must leave through the masquerade interface"
+    );
+    assert_eq!(view(&out).src, MASQ);
+    assert_eq!(view(&out).dst_mac, ROUTER1_MAC);
+    assert_checksums(ip(&out));
+}
+
+#[test]
+fn collisions_get_another_port_and_both_flows_stay_intact() {
+    root_or_skip!("collision");
+    let fx = Fixture::new("col", 1024, 65535);
+    let (_, a) = fx.egress(&build(&Spec::tcp(POD0, 40000, REMOTE, 443)));
+    let (_, b) = fx.egress(&build(&Spec::tcp(POD1, 40000, REMOTE, 443)));
+    let (pa, pb) = (view(&a).sport, view(&b).sport);
+    assert_eq!(pa, 40000, "the first flow keeps its port");
+    assert_ne!(
+        pb, 40000,
+        "the second flow must not reuse the first one's translated tuple"
+    );
+    assert!(
+        (1024..=65535).contains(&pb),
+        "the replacement port {pb} is in the range"
+    );
+    assert_checksums(ip(&b));
+
+    // Replies reach the right pod each, repeatedly.
+    for _ in 0..2 {
+        let (_, ra) = fx.ingress(&build(&Spec::tcp(REMOTE, 443, MASQ, pa)));
+        let (_, rb) = fx.ingress(&build(&Spec::tcp(REMOTE, 443, MASQ, pb)));
+        assert_eq!((view(&ra).dst, view(&ra).dport), (POD0, 40000));
+        assert_eq!((view(&rb).dst, view(&rb).dport), (POD1, 40000));
+        assert_checksums(ip(&rb));
+    }
+    // And the second flow's later packets keep their mapping.
+    let (_, b2) = fx.egress(&build(&Spec::tcp(POD1, 40000, REMOTE, 443)));
+    assert_eq!(view(&b2).sport, pb);
+}
+
+#[test]
+fn exhaustion_drops_with_a_counter_and_never_corrupts() {
+    root_or_skip!("exhaustion");
+    // Two ports in the range: the first flow keeps 40000, two more fit, the fourth cannot.
+    let fx = Fixture::new("exh", 2000, 2001);
+    let pods = [POD0, POD1, POD1B];
+    let mut ports = vec![];
+    for pod in pods {
+        let (verdict, out) = fx.egress(&build(&Spec::tcp(pod, 40000, REMOTE, 443)));
+        assert_eq!(verdict, TC_ACT_OK);
+        ports.push(view(&out).sport);
+    }
+    ports.sort_unstable();
+    assert_eq!(
+        ports,
+        vec![2000, 2001, 40000],
+        "three flows, three distinct translated ports"
+    );
+    let input = build(&Spec::tcp(Ipv4Addr::new(10, 0, 0, 20), 40001, REMOTE, 443));
+    // POD0 again with another source port: 40001 is free, so it is kept.
+    let (verdict, _) = fx.egress(&input);
+    assert_eq!(verdict, TC_ACT_OK);
+    // A fifth flow reusing 40000 from a new pod address has nowhere to go.
+    let mut state = state(2000, 2001);
+    state.endpoints.insert(
+        Ipv4Addr::new(10, 0, 0, 30),
+        vcnpath_common::Endpoint {
+            ifindex: ETH0,
+            kind: vcnpath_common::ENDPOINT_KIND_POD,
+            pad: [0; 3],
+        },
+    );
+    let mut fx = fx;
+    fx.datapath.maps.sync(&state).unwrap();
+    let input = build(&Spec::tcp(Ipv4Addr::new(10, 0, 0, 30), 40000, REMOTE, 443));
+    let (verdict, out) = fx.egress(&input);
+    assert_eq!(verdict, TC_ACT_SHOT, "no port left: drop");
+    assert_eq!(out, input, "a dropped packet is never rewritten");
+    assert_eq!(fx.count(Reason::DropNoPort), 1);
+}
+
+#[test]
+fn icmp_echo_identifier_is_translated_both_ways() {
+    root_or_skip!("icmp_echo");
+    let fx = Fixture::new("echo", 1024, 65535);
+    let (_, a) = fx.egress(&build(&Spec::echo(POD0, REMOTE, 8, 77)));
+    let (_, b) = fx.egress(&build(&Spec::echo(POD1, REMOTE, 8, 77)));
+    assert_eq!((view(&a).src, view(&a).sport), (MASQ, 77));
+    let id_b = view(&b).sport;
+    assert_ne!(id_b, 77, "a colliding echo id gets another identifier");
+    assert_checksums(ip(&a));
+    assert_checksums(ip(&b));
+    let (_, ra) = fx.ingress(&build(&Spec::echo(REMOTE, MASQ, 0, 77)));
+    let (_, rb) = fx.ingress(&build(&Spec::echo(REMOTE, MASQ, 0, id_b)));
+    assert_eq!((view(&ra).dst, view(&ra).sport), (POD0, 77));
+    assert_eq!(
+        (view(&rb).dst, view(&rb).sport),
+        (POD1, 77),
+        "the reply gets the pod's own id back"
+    );
+    assert_checksums(ip(&rb));
+}
+
+#[test]
+fn icmp_frag_needed_quoting_a_translated_flow_is_translated_back() {
+    root_or_skip!("icmp_frag_needed");
+    let fx = Fixture::new("pmtu", 1024, 65535);
+    // Two flows from the same port so the second is remapped: inner port must change too.
+    fx.egress(&build(&Spec::tcp(POD0, 40000, REMOTE, 443)));
+    let (_, sent) = fx.egress(&build(&Spec::tcp(POD1, 40000, REMOTE, 443)));
+    let nat_port = view(&sent).sport;
+    for quote_len in [28, 40, ip(&sent).len()] {
+        let err = packet::icmp_error(ROUTER0, MASQ, 3, 4, 1400, ip(&sent), quote_len);
+        let (verdict, out) = fx.ingress(&err);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(
+            view(&out).dst,
+            POD1,
+            "outer destination is the pod (quote {quote_len} bytes)"
+        );
+        let icmp = &ip(&out)[20..];
+        let inner = &icmp[8..];
+        assert_eq!(&inner[12..16], &POD1.octets(), "quoted source is the pod");
+        assert_eq!(
+            u16::from_be_bytes([inner[20], inner[21]]),
+            40000,
+            "quoted source port is the pod's, not {nat_port}"
+        );
+        assert_eq!(
+            u16::from_be_bytes([icmp[6], icmp[7]]),
+            1400,
+            "the MTU is untouched"
+        );
+        assert_checksums(ip(&out));
+        if quote_len == ip(&sent).len() {
+            // The whole quoted segment is there: its TCP checksum must be valid for the pod's tuple.
+            assert_checksums(inner);
+        }
+    }
+    assert_eq!(fx.count(Reason::IcmpErrorReverse), 3);
+
+    // An error about a flow we never translated is the host's business.
+    let stranger = packet::ipv4_bytes(&Spec::tcp(MASQ, 22, REMOTE, 50000));
+    let err = packet::icmp_error(ROUTER0, MASQ, 3, 4, 1400, &stranger, 28);
+    let (verdict, out) = fx.ingress(&err);
+    assert_eq!((verdict, out), (TC_ACT_OK, err));
+}
+
+#[test]
+fn icmp_time_exceeded_for_udp_and_echo_flows() {
+    root_or_skip!("icmp_time_exceeded");
+    let fx = Fixture::new("ttl", 1024, 65535);
+    let (_, udp) = fx.egress(&build(&Spec::udp(POD1, 33434, REMOTE, 33435)));
+    let err = packet::icmp_error(ROUTER0, MASQ, 11, 0, 0, ip(&udp), ip(&udp).len());
+    let (_, out) = fx.ingress(&err);
+    assert_eq!(view(&out).dst, POD1);
+    assert_checksums(ip(&out));
+    assert_checksums(&ip(&out)[28..]);
+
+    let (_, echo) = fx.egress(&build(&Spec::echo(POD1, REMOTE, 8, 9)));
+    let err = packet::icmp_error(ROUTER0, MASQ, 11, 0, 0, ip(&echo), ip(&echo).len());
+    let (_, out) = fx.ingress(&err);
+    assert_eq!(view(&out).dst, POD1);
+    assert_checksums(ip(&out));
+    assert_checksums(&ip(&out)[28..]);
+}
+
+#[test]
+fn rule4_flows_from_outside_to_a_pod_are_answered_from_the_pod_address() {
+    root_or_skip!("rule4");
+    let fx = Fixture::new("r4", 1024, 65535);
+    let (verdict, out) = fx.ingress(&build(&Spec::tcp(REMOTE, 50000, POD1, 8080)));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(view(&out).dst, POD1, "inbound packets are never translated");
+    let (verdict, reply) = fx.egress(&build(&Spec::tcp(POD1, 8080, REMOTE, 50000)));
+    assert_eq!(
+        verdict, TC_ACT_REDIRECT,
+        "the answer leaves through the pod's own VNIC"
+    );
+    let v = view(&reply);
+    assert_eq!(
+        (v.src, v.sport),
+        (POD1, 8080),
+        "the answer is not masqueraded"
+    );
+    assert_eq!(v.src_mac, ETH1_MAC);
+    assert_eq!(fx.count(Reason::SnatNew), 0);
+}
+
+#[test]
+fn rule5_non_endpoint_and_host_traffic_pass_untouched() {
+    root_or_skip!("rule5");
+    let fx = Fixture::new("r5", 1024, 65535);
+    for src in [Ipv4Addr::new(172, 16, 0, 5), MASQ, ETH1_IP] {
+        let input = build(&Spec::tcp(src, 40000, REMOTE, 443));
+        let (verdict, out) = fx.egress(&input);
+        assert_eq!(
+            (verdict, &out),
+            (TC_ACT_OK, &input),
+            "traffic from {src} must pass untouched"
+        );
+    }
+    // A host reply to the masquerade address without a NAT entry is the host's.
+    let input = build(&Spec::tcp(REMOTE, 443, MASQ, 22));
+    assert_eq!(fx.ingress(&input), (TC_ACT_OK, input));
+    assert_eq!(fx.count(Reason::PassNotEndpoint), 3);
+    assert_eq!(fx.count(Reason::PassHost), 1);
+}
+
+#[test]
+fn ip_options_are_honoured() {
+    root_or_skip!("ip_options");
+    let fx = Fixture::new("opt", 1024, 65535);
+    let mut spec = Spec::tcp(POD0, 41000, REMOTE, 443);
+    spec.options = vec![1, 1, 1, 1, 0x44, 8, 5, 0]; // NOPs + a timestamp option: IHL 7
+    let input = build(&spec);
+    let (verdict, out) = fx.egress(&input);
+    assert_eq!(verdict, TC_ACT_OK);
+    let v = view(&out);
+    assert_eq!(v.ihl, 28);
+    assert_eq!(
+        (v.src, v.sport, v.dport),
+        (MASQ, 41000, 443),
+        "ports read after the options"
+    );
+    assert_eq!(&ip(&out)[20..28], &spec.options[..], "options preserved");
+    assert_checksums(ip(&out));
+    let mut back = Spec::tcp(REMOTE, 443, MASQ, 41000);
+    back.options = spec.options.clone();
+    let (_, out) = fx.ingress(&build(&back));
+    assert_eq!((view(&out).dst, view(&out).dport), (POD0, 41000));
+    assert_checksums(ip(&out));
+}
+
+#[test]
+fn non_first_fragments_are_never_mistranslated() {
+    root_or_skip!("fragments");
+    let fx = Fixture::new("frag", 1024, 65535);
+    let mut spec = Spec::udp(POD0, 5000, REMOTE, 53);
+    spec.frag_off = 185; // offset 1480 bytes, no L4 header in this fragment
+    let input = build(&spec);
+    let (verdict, out) = fx.egress(&input);
+    assert_eq!(
+        verdict, TC_ACT_SHOT,
+        "leaving the VCN untranslated would leak the pod address"
+    );
+    assert_eq!(out, input);
+    assert_eq!(fx.count(Reason::DropFragment), 1);
+
+    let mut spec = Spec::udp(REMOTE, 53, MASQ, 5000);
+    spec.frag_off = 185;
+    let input = build(&spec);
+    assert_eq!(
+        fx.ingress(&input),
+        (TC_ACT_OK, input.clone()),
+        "passed, unmodified"
+    );
+    // Inside the VCN fragments need no L4: they are handled by address alone.
+    let mut spec = Spec::udp(POD1, 5000, PEER, 53);
+    spec.frag_off = 185;
+    let (verdict, out) = fx.egress(&build(&spec));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(view(&out).src, POD1);
+}
+
+#[test]
+fn truncated_headers_at_every_offset_are_never_rewritten() {
+    root_or_skip!("truncated");
+    let fx = Fixture::new("trunc", 1024, 65535);
+    // BPF_PROG_TEST_RUN itself refuses IPv4 frames shorter than 34 bytes (it pulls a
+    // 20-byte IP header), so cuts inside the header are made in a packet whose header is
+    // 60 bytes long (IHL 15): every offset from 34 to the end of the TCP header.
+    let mut spec = Spec::tcp(POD0, 42000, REMOTE, 443);
+    spec.options = vec![1; 40];
+    let full = build(&spec);
+    for len in ETH_HLEN + 20..ETH_HLEN + 60 + 20 {
+        let input = full[..len].to_vec();
+        let (verdict, out) = fx.egress(&input);
+        assert!(
+            verdict == TC_ACT_OK || verdict == TC_ACT_SHOT,
+            "cut at {len}: verdict {verdict}"
+        );
+        assert_eq!(
+            out, input,
+            "cut at {len}: a truncated packet must never be rewritten"
+        );
+    }
+    // Replies to the masquerade address cut short are passed, unmodified.
+    let mut reply = Spec::tcp(REMOTE, 443, MASQ, 42000);
+    reply.options = vec![1; 40];
+    let full_reply = build(&reply);
+    for len in ETH_HLEN + 20..ETH_HLEN + 60 + 20 {
+        let input = full_reply[..len].to_vec();
+        let (verdict, out) = fx.ingress(&input);
+        assert_eq!((verdict, &out), (TC_ACT_OK, &input), "ingress cut at {len}");
+    }
+    let c = fx.counters();
+    assert_eq!(
+        c.get(Reason::DropMalformed),
+        60,
+        "every cut pod packet is dropped as malformed: {c}"
+    );
+    assert_eq!(
+        c.get(Reason::PassMalformed),
+        60,
+        "every cut reply is passed as malformed: {c}"
+    );
+    assert_eq!(
+        c.get(Reason::SnatNew),
+        0,
+        "no mapping is created from a truncated packet"
+    );
+
+    // Truncated ICMP errors: the quoted header cut short.
+    let (_, sent) = fx.egress(&build(&Spec::tcp(POD0, 42000, REMOTE, 443)));
+    let err = packet::icmp_error(ROUTER0, MASQ, 3, 4, 1400, ip(&sent), 28);
+    for len in ETH_HLEN + 20..err.len() {
+        let input = err[..len].to_vec();
+        let (verdict, out) = fx.ingress(&input);
+        assert_eq!(
+            (verdict, &out),
+            (TC_ACT_OK, &input),
+            "ICMP error cut at {len} passes unmodified"
+        );
+    }
+}
+
+#[test]
+fn unconfigured_datapath_passes_everything() {
+    root_or_skip!("unconfigured");
+    let mut fx = Fixture::new("off", 1024, 65535);
+    let mut state = state(1024, 65535);
+    state.config = None;
+    fx.datapath.maps.sync(&state).unwrap();
+    let input = build(&Spec::tcp(POD1, 40000, REMOTE, 443));
+    assert_eq!(fx.egress(&input), (TC_ACT_OK, input));
+    assert_eq!(fx.count(Reason::PassUnconfigured), 1);
+}
