@@ -59,30 +59,36 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
     };
     let key = nat::egress_key(ip.proto, ip.src, ip.dst, sport, dport);
 
-    let (port, reason) = match nat::lookup(&key) {
+    // The entry's own address is used (not the current config) so a flow keeps the
+    // identity its ingress entry was keyed by.
+    let (addr, port, reason) = match nat::lookup(&key) {
         Some(entry) => {
             nat::touch(entry, seen);
             // SAFETY: pointer from a lookup in this run.
-            let (flags, port) = unsafe { ((*entry).flags, (*entry).port) };
+            let (flags, addr, port) = unsafe { ((*entry).flags, (*entry).addr, (*entry).port) };
             if flags & NAT_F_INBOUND != 0 {
                 // A reply of a flow opened from outside towards the pod (rule 4).
                 return redirect::via_owner(ctx, owner.ifindex, ip.dst, Reason::PassInbound);
             }
-            (port, Reason::SnatEstablished)
+            (addr, port, Reason::SnatEstablished)
         }
-        None => (nat::create(&config, &key, seen)?, Reason::SnatNew),
+        None => (
+            config.masq_ip,
+            nat::create(&config, &key, seen)?,
+            Reason::SnatNew,
+        ),
     };
 
-    translate(ctx, &config, &ip, sport, port)?;
+    translate(ctx, &ip, addr, sport, port)?;
     leave_via_masquerade(ctx, &config, ip.dst, reason)
 }
 
-/// Source-NATs the packet to the masquerade address and `new_port`.
+/// Source-NATs the packet to `new_addr` and `new_port`.
 #[inline(always)]
 fn translate(
     ctx: &TcContext,
-    config: &Config,
     ip: &Ipv4,
+    new_addr: [u8; 4],
     old_port: u16,
     new_port: u16,
 ) -> Step<()> {
@@ -94,7 +100,7 @@ fn translate(
         ip.proto,
         ip.l4_off,
     )?;
-    csum::set_addr(ctx, IP_SRC_OFF, ip.src, config.masq_ip, ip.proto, ip.l4_off)
+    csum::set_addr(ctx, IP_SRC_OFF, ip.src, new_addr, ip.proto, ip.l4_off)
 }
 
 /// Masqueraded packets must leave through the interface owning the masquerade address.

@@ -116,10 +116,20 @@ pub fn create(config: &Config, fwd: &NatKey, seen: u8) -> Step<u16> {
         NAT.insert(&key, &reply, u64::from(BPF_NOEXIST)).is_ok()
     };
 
-    let port = if claim(fwd.sport) {
-        fwd.sport
+    // An ingress entry for the original port that already points back at this very
+    // flow is a leftover of it (its egress half was evicted): take it over.
+    let adopt = |port: u16| {
+        let key = ingress_key(fwd.proto, fwd.dst, config.masq_ip, reply_sport, port);
+        // SAFETY: pointer from a lookup in this run.
+        lookup(&key).is_some_and(|e| unsafe { (*e).addr == fwd.src && (*e).port == fwd.sport })
+    };
+
+    let (port, claimed) = if claim(fwd.sport) {
+        (fwd.sport, true)
+    } else if adopt(fwd.sport) {
+        (fwd.sport, false)
     } else {
-        choose_port(config, claim)?
+        (choose_port(config, claim)?, true)
     };
 
     let entry = NatEntry {
@@ -133,8 +143,10 @@ pub fn create(config: &Config, fwd: &NatKey, seen: u8) -> Step<u16> {
     if NAT.insert(fwd, &entry, u64::from(BPF_NOEXIST)).is_err() {
         // Another CPU created this flow first (or the map refused): give back our claim
         // and use theirs, so the flow keeps one identity.
-        let key = ingress_key(fwd.proto, fwd.dst, config.masq_ip, reply_sport, port);
-        let _ = NAT.remove(&key);
+        if claimed {
+            let key = ingress_key(fwd.proto, fwd.dst, config.masq_ip, reply_sport, port);
+            let _ = NAT.remove(&key);
+        }
         let Some(existing) = lookup(fwd) else {
             return Err(Decision::drop(Reason::DropNatFull));
         };

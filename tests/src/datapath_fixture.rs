@@ -91,10 +91,15 @@ pub fn state(port_min: u16, port_max: u16) -> DatapathState {
 impl Fixture {
     /// Loads the programs with a fresh pin directory and the fixture state.
     pub fn new(tag: &str, port_min: u16, port_max: u16) -> Self {
+        Self::with_nat_capacity(tag, port_min, port_max, 1 << 20)
+    }
+
+    /// Same, with a NAT table of `nat_max` entries.
+    pub fn with_nat_capacity(tag: &str, port_min: u16, port_max: u16, nat_max: u32) -> Self {
         let pins = PinDir::new(tag);
         let mut datapath = Datapath::load(&LoadOptions {
             pin_dir: pins.path.clone(),
-            nat_max_entries: Some(1 << 20),
+            nat_max_entries: Some(nat_max),
         })
         .unwrap_or_else(|e| panic!("loading the datapath failed: {e}"));
         datapath

@@ -1,1 +1,44 @@
-fn main() {}
+//! `cargo xtask`: the project's own setup, build, test and benchmark entry points.
+
+mod build_ebpf;
+mod cmd;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "vcnpath developer tasks")]
+struct Args {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install everything the build and the tests need (idempotent; root).
+    Setup,
+    /// Build the eBPF object into target/bpf and lint it.
+    BuildEbpf {
+        /// Also run clippy on the eBPF crate.
+        #[arg(long)]
+        clippy: bool,
+    },
+    /// Run every test tier: lints, unit, BPF_PROG_TEST_RUN packet tests, namespace tests.
+    Test,
+    /// Print benchmark figures (e.g. `cargo xtask bench datapath`).
+    Bench {
+        /// What to measure.
+        #[arg(default_value = "datapath")]
+        what: String,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Args::parse().task {
+        Task::Setup => setup::run(),
+        Task::BuildEbpf { clippy } => build_ebpf::run(clippy),
+        Task::Test => test::run(),
+        Task::Bench { what } => test::bench(&what),
+    }
+}

@@ -1,0 +1,194 @@
+//! `vcnpath-bench datapath`: kernel-timed cost per packet of each datapath path, measured
+//! with BPF_PROG_TEST_RUN (`repeat` runs in the kernel, which reports the mean).
+//!
+//! The kernel feeds every repeat the buffer the previous repeat left behind, so each case
+//! is built to take the same path on every repeat, and the per-reason counters are read
+//! afterwards to prove it.
+
+use std::net::Ipv4Addr;
+
+use aya::programs::SchedClassifier;
+use vcnpath_common::{NAT_DIR_EGRESS, NAT_DIR_INGRESS, NatEntry, NatKey, Reason};
+use vcnpath_tests::{
+    datapath_fixture::{Fixture, MASQ, PEER, POD0, POD1, REMOTE, state, time_ns},
+    packet::{Spec, build},
+};
+
+const REPEAT: u32 = 1_000_000;
+
+struct Row {
+    name: &'static str,
+    ns: f64,
+    reason: Reason,
+    share: f64,
+}
+
+fn measure(
+    fx: &Fixture,
+    program: &SchedClassifier,
+    frame: &[u8],
+    reason: Reason,
+    name: &'static str,
+) -> Row {
+    let before = fx.counters();
+    let (_, ns) = time_ns(program, frame, REPEAT);
+    let delta = before.delta(&fx.counters());
+    let share = delta.get(reason) as f64 / f64::from(REPEAT);
+    Row {
+        name,
+        ns,
+        reason,
+        share,
+    }
+}
+
+fn key(dir: u8, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> NatKey {
+    NatKey {
+        src: src.octets(),
+        dst: dst.octets(),
+        sport,
+        dport,
+        proto: 6,
+        dir,
+        pad: [0; 2],
+    }
+}
+
+fn entry(addr: Ipv4Addr, port: u16) -> NatEntry {
+    NatEntry {
+        last_seen_ns: 0,
+        addr: addr.octets(),
+        port,
+        ..Default::default()
+    }
+}
+
+fn datapath() -> Vec<Row> {
+    let mut rows = Vec::new();
+    let mut fx = Fixture::new("bench", 1024, 65535);
+    rows.push(measure(
+        &fx,
+        fx.datapath.egress(),
+        &build(&Spec::tcp(Ipv4Addr::new(172, 16, 0, 5), 40000, REMOTE, 443)),
+        Reason::PassNotEndpoint,
+        "non-endpoint pass-through",
+    ));
+    rows.push(measure(
+        &fx,
+        fx.datapath.egress(),
+        &build(&Spec::tcp(POD0, 40000, PEER, 443)),
+        Reason::PassVcn,
+        "VCN-internal pass",
+    ));
+    rows.push(measure(
+        &fx,
+        fx.datapath.egress(),
+        &build(&Spec::tcp(POD1, 40000, PEER, 443)),
+        Reason::RedirectOwner,
+        "egress redirect to owning VNIC",
+    ));
+
+    // Established SNAT: two mappings that translate into each other (POD0:1000 <->
+    // POD1:2000), so every repeat is an established translation with real rewrites.
+    let nat = &mut fx.datapath.maps.nat;
+    nat.insert(
+        key(NAT_DIR_EGRESS, POD0, 1000, REMOTE, 443),
+        entry(POD1, 2000),
+        0,
+    )
+    .unwrap();
+    nat.insert(
+        key(NAT_DIR_EGRESS, POD1, 2000, REMOTE, 443),
+        entry(POD0, 1000),
+        0,
+    )
+    .unwrap();
+    rows.push(measure(
+        &fx,
+        fx.datapath.egress(),
+        &build(&Spec::tcp(POD0, 1000, REMOTE, 443)),
+        Reason::SnatEstablished,
+        "established-flow SNAT",
+    ));
+
+    // Reverse translation: replies to MASQ:3000 and MASQ:4000 map onto each other.
+    let nat = &mut fx.datapath.maps.nat;
+    nat.insert(
+        key(NAT_DIR_INGRESS, REMOTE, 443, MASQ, 3000),
+        entry(MASQ, 4000),
+        0,
+    )
+    .unwrap();
+    nat.insert(
+        key(NAT_DIR_INGRESS, REMOTE, 443, MASQ, 4000),
+        entry(MASQ, 3000),
+        0,
+    )
+    .unwrap();
+    rows.push(measure(
+        &fx,
+        fx.datapath.ingress(),
+        &build(&Spec::tcp(REMOTE, 443, MASQ, 3000)),
+        Reason::ReverseNat,
+        "reverse translation",
+    ));
+    drop(fx);
+
+    // New-flow SNAT: the masquerade address is itself a pod address, so each translated
+    // packet is the next repeat's new flow. Its original port is always taken (by the
+    // previous repeat), so this is the slower "collision, pick another port" creation,
+    // with a small NAT table that LRU-evicts: a conservative figure.
+    let mut fx = Fixture::with_nat_capacity("bench-new", 1024, 65535, 4096);
+    let mut st = state(1024, 65535);
+    st.config.as_mut().unwrap().masq_ip = POD0.octets();
+    fx.datapath.maps.sync(&st).unwrap();
+    rows.push(measure(
+        &fx,
+        fx.datapath.egress(),
+        &build(&Spec::tcp(POD1, 40000, REMOTE, 443)),
+        Reason::SnatNew,
+        "new-flow SNAT (port collision, LRU full)",
+    ));
+    rows
+}
+
+fn main() {
+    let what = std::env::args().nth(1).unwrap_or_else(|| "datapath".into());
+    if what != "datapath" {
+        eprintln!("unknown benchmark {what:?}; available: datapath");
+        std::process::exit(2);
+    }
+    if !vcnpath_tests::privileged::have_root("vcnpath-bench") {
+        std::process::exit(1);
+    }
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    println!(
+        "datapath per-packet cost (BPF_PROG_TEST_RUN, {REPEAT} repeats each, kernel-timed mean)"
+    );
+    println!(
+        "machine: {cpu}, {} CPUs, kernel {}",
+        std::thread::available_parallelism().map_or(0, usize::from),
+        kernel.trim()
+    );
+    println!(
+        "{:<42} {:>10} {:>24}",
+        "path", "ns/packet", "repeats on that path"
+    );
+    for row in datapath() {
+        println!(
+            "{:<42} {:>10.1} {:>17.1}% {}",
+            row.name,
+            row.ns,
+            row.share * 100.0,
+            row.reason.name()
+        );
+    }
+}

@@ -1,0 +1,93 @@
+//! `cargo xtask test` (every tier) and `cargo xtask bench`.
+
+use std::process::Command;
+
+use crate::{build_ebpf, cmd, setup};
+
+pub fn run() -> anyhow::Result<()> {
+    let root = cmd::is_root();
+    if root {
+        setup::run()?;
+    } else {
+        eprintln!(
+            "xtask test: not root, so setup is skipped and privileged tests will print why they skip"
+        );
+    }
+
+    // Lints: formatting, clippy on the host crates, clippy on the eBPF crate.
+    cmd::run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
+    cmd::run(Command::new("cargo").args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    cmd::run(build_ebpf::cargo("clippy").args(["--", "-D", "warnings"]))?;
+
+    // Tier 1 and 2: unit tests and BPF_PROG_TEST_RUN packet tests (parallel-safe).
+    let lab_tests = lab_test_targets()?;
+    let mut unit = Command::new("cargo");
+    unit.args(["test", "--workspace", "--lib", "--bins"]);
+    for target in other_test_targets()? {
+        unit.args(["--test", &target]);
+    }
+    cmd::run(&mut unit)?;
+
+    // Tier 3: namespace tests with real traffic, one at a time (they share CPU and timing).
+    if !lab_tests.is_empty() {
+        let mut lab = Command::new("cargo");
+        lab.args(["test", "-p", "vcnpath-tests"]);
+        for target in &lab_tests {
+            lab.args(["--test", target]);
+        }
+        lab.args(["--", "--test-threads=1"]);
+        cmd::run(&mut lab)?;
+    }
+    Ok(())
+}
+
+fn test_targets() -> anyhow::Result<Vec<String>> {
+    let mut names: Vec<String> = std::fs::read_dir(cmd::root().join("tests/tests"))?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".rs"))
+                .map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+fn lab_test_targets() -> anyhow::Result<Vec<String>> {
+    Ok(test_targets()?
+        .into_iter()
+        .filter(|n| n.starts_with("lab_"))
+        .collect())
+}
+
+fn other_test_targets() -> anyhow::Result<Vec<String>> {
+    Ok(test_targets()?
+        .into_iter()
+        .filter(|n| !n.starts_with("lab_"))
+        .collect())
+}
+
+pub fn bench(what: &str) -> anyhow::Result<()> {
+    if cmd::is_root() {
+        setup::run()?;
+    }
+    cmd::run(Command::new("cargo").args([
+        "run",
+        "--release",
+        "-p",
+        "vcnpath-tests",
+        "--bin",
+        "vcnpath-bench",
+        "--",
+        what,
+    ]))
+}
