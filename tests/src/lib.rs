@@ -1,1 +1,3 @@
 //! Test support: the namespace lab and (later) the OCI simulator.
+
+pub mod lab;

@@ -1,0 +1,494 @@
+//! Test traffic with `std::net` on threads (no external tools except ping), with a timeout
+//! on every wait.
+//!
+//! [`TcpServer`] speaks a one-byte protocol chosen by the client's first byte:
+//! - `B` (bulk): the server counts bytes until the client shuts down its sending side, then
+//!   replies `"<bytes> <peer address>\n"` and closes, so the client learns both whether
+//!   everything arrived and which source address the server saw.
+//! - `E` (echo): the server echoes everything until the client closes.
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::netns::{Netns, cmd_in, run_in};
+use super::process::output;
+
+/// How often server threads look at their stop flag.
+const POLL: Duration = Duration::from_millis(50);
+
+const MODE_BULK: u8 = b'B';
+const MODE_ECHO: u8 = b'E';
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking handler thread must not hide what the others recorded.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Time left until `deadline`, or a timeout error naming `what`.
+fn remaining(deadline: Instant, what: &str) -> io::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::Error::new(
+            ErrorKind::TimedOut,
+            format!("{what}: timed out"),
+        ));
+    }
+    Ok(left)
+}
+
+fn is_timeout(error: &io::Error) -> bool {
+    matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+}
+
+/// One connection a [`TcpServer`] accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnRecord {
+    /// The source address and port the server saw.
+    pub peer: SocketAddr,
+    /// Payload bytes received so far (the mode byte not included).
+    pub bytes: u64,
+    /// The client closed its side.
+    pub closed: bool,
+}
+
+#[derive(Default)]
+struct ServerState {
+    stop: AtomicBool,
+    connections: Mutex<Vec<ConnRecord>>,
+    handlers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A TCP server listening inside a namespace; stops (and joins its threads) on drop.
+pub struct TcpServer {
+    addr: SocketAddr,
+    state: Arc<ServerState>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl TcpServer {
+    /// Listens on `addr` (port 0 picks one; see [`TcpServer::addr`]) inside `ns`.
+    pub fn start(ns: &Netns, addr: SocketAddr) -> Result<Self> {
+        let listener = run_in(ns, || -> io::Result<TcpListener> {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(128)?;
+            // Non-blocking so the acceptor can notice the stop flag.
+            socket.set_nonblocking(true)?;
+            Ok(socket.into())
+        })?
+        .with_context(|| format!("TCP listen on {addr} in netns {}", ns.name()))?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(ServerState::default());
+        let acceptor = {
+            let state = Arc::clone(&state);
+            thread::spawn(move || accept_loop(&listener, &state))
+        };
+        Ok(Self {
+            addr,
+            state,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Every connection accepted so far, in order.
+    pub fn connections(&self) -> Vec<ConnRecord> {
+        lock(&self.state.connections).clone()
+    }
+
+    /// Waits until at least `n` connections were accepted.
+    pub fn wait_connections(&self, n: usize, timeout: Duration) -> Result<Vec<ConnRecord>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let connections = self.connections();
+            if connections.len() >= n {
+                return Ok(connections);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "server {}: expected {n} connections within {timeout:?}, saw {connections:?}",
+                    self.addr
+                );
+            }
+            thread::sleep(POLL);
+        }
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.state.stop.store(true, Ordering::Relaxed);
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        for handler in lock(&self.state.handlers).drain(..) {
+            let _ = handler.join();
+        }
+    }
+}
+
+fn accept_loop(listener: &TcpListener, state: &Arc<ServerState>) {
+    while !state.stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let index = {
+                    let mut connections = lock(&state.connections);
+                    connections.push(ConnRecord {
+                        peer,
+                        bytes: 0,
+                        closed: false,
+                    });
+                    connections.len() - 1
+                };
+                let handler_state = Arc::clone(state);
+                let handler = thread::spawn(move || {
+                    if let Err(error) = serve(stream, peer, index, &handler_state) {
+                        eprintln!("lab TCP server: connection from {peer}: {error}");
+                    }
+                });
+                lock(&state.handlers).push(handler);
+            }
+            Err(error) if is_timeout(&error) => thread::sleep(POLL / 5),
+            Err(error) => {
+                eprintln!("lab TCP server: accept: {error}");
+                thread::sleep(POLL);
+            }
+        }
+    }
+}
+
+fn serve(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    index: usize,
+    state: &ServerState,
+) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(POLL))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut mode = None;
+    let mut buf = vec![0; 256 * 1024];
+    while !state.stop.load(Ordering::Relaxed) {
+        let n = match stream.read(&mut buf) {
+            Ok(n) => n,
+            Err(error) if is_timeout(&error) => continue,
+            Err(error) => return Err(error),
+        };
+        if n == 0 {
+            lock(&state.connections)[index].closed = true;
+            if mode == Some(MODE_BULK) {
+                let bytes = lock(&state.connections)[index].bytes;
+                stream.write_all(format!("{bytes} {peer}\n").as_bytes())?;
+            }
+            return Ok(());
+        }
+        let mut data = &buf[..n];
+        if mode.is_none() {
+            mode = Some(data[0]);
+            data = &data[1..];
+        }
+        lock(&state.connections)[index].bytes += data.len() as u64;
+        if mode == Some(MODE_ECHO) {
+            stream.write_all(data)?;
+        }
+    }
+    Ok(())
+}
+
+/// A TCP socket created and connected inside `ns`, bound first to `from` if given
+/// (with `SO_REUSEADDR`, so several sockets may share a source port towards different
+/// destinations).
+pub fn tcp_connect(
+    ns: &Netns,
+    from: Option<SocketAddr>,
+    to: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    run_in(ns, || -> io::Result<TcpStream> {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+        if let Some(from) = from {
+            socket.set_reuse_address(true)?;
+            socket.bind(&from.into())?;
+        }
+        socket.connect_timeout(&to.into(), timeout)?;
+        Ok(socket.into())
+    })?
+    .with_context(|| {
+        let from = from.map_or_else(|| "any".to_owned(), |a| a.to_string());
+        format!("TCP connect from {from} to {to} in netns {}", ns.name())
+    })
+}
+
+/// What a completed bulk transfer reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BulkReport {
+    /// The client socket's own address.
+    pub local: SocketAddr,
+    /// The source address the server saw (after any translation).
+    pub peer_seen: SocketAddr,
+    /// Bytes the server received, equal to those sent.
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+/// Sends `bytes` bytes from `ns` to a [`TcpServer`] at `to` and checks that all of them
+/// arrived, all within `timeout`.
+pub fn tcp_bulk(
+    ns: &Netns,
+    from: Option<SocketAddr>,
+    to: SocketAddr,
+    bytes: u64,
+    timeout: Duration,
+) -> Result<BulkReport> {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let mut stream = tcp_connect(ns, from, to, timeout)?;
+    let local = stream.local_addr()?;
+    let what = format!(
+        "TCP bulk of {bytes} bytes {local} -> {to} in netns {}",
+        ns.name()
+    );
+    let report = (|| -> io::Result<String> {
+        let chunk = vec![0x5a_u8; 64 * 1024];
+        stream.set_write_timeout(Some(remaining(deadline, "sending")?))?;
+        stream.write_all(&[MODE_BULK])?;
+        let mut left = bytes;
+        while left > 0 {
+            let n = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
+            stream.set_write_timeout(Some(remaining(deadline, "sending")?))?;
+            stream.write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
+        stream.shutdown(Shutdown::Write)?;
+        stream.set_read_timeout(Some(remaining(deadline, "waiting for the report")?))?;
+        let mut report = String::new();
+        stream.read_to_string(&mut report)?;
+        Ok(report)
+    })()
+    .with_context(|| what.clone())?;
+    let (received, peer) = report
+        .trim()
+        .split_once(' ')
+        .with_context(|| format!("{what}: malformed report {report:?}"))?;
+    let received: u64 = received
+        .parse()
+        .with_context(|| format!("{what}: malformed report {report:?}"))?;
+    if received != bytes {
+        bail!("{what}: server received {received} bytes");
+    }
+    Ok(BulkReport {
+        local,
+        peer_seen: peer
+            .parse()
+            .with_context(|| format!("{what}: malformed report {report:?}"))?,
+        bytes,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// A TCP connection to a [`TcpServer`] in echo mode that stays open, e.g. across an
+/// agent restart.
+pub struct TcpConn {
+    stream: TcpStream,
+    to: SocketAddr,
+}
+
+impl TcpConn {
+    pub fn connect(
+        ns: &Netns,
+        from: Option<SocketAddr>,
+        to: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let mut stream = tcp_connect(ns, from, to, timeout)?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream
+            .write_all(&[MODE_ECHO])
+            .with_context(|| format!("starting echo to {to}"))?;
+        Ok(Self { stream, to })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.stream.local_addr()?)
+    }
+
+    /// Sends `message` and waits for the identical echo.
+    pub fn roundtrip(&mut self, message: &[u8], timeout: Duration) -> Result<()> {
+        let (local, to) = (self.stream.local_addr()?, self.to);
+        let what = || format!("echo of {} bytes {local} -> {to}", message.len());
+        self.stream.set_write_timeout(Some(timeout))?;
+        self.stream.set_read_timeout(Some(timeout))?;
+        self.stream.write_all(message).with_context(what)?;
+        let mut echo = vec![0; message.len()];
+        self.stream.read_exact(&mut echo).with_context(what)?;
+        if echo != message {
+            bail!("{}: the echo differs from what was sent", what());
+        }
+        Ok(())
+    }
+}
+
+/// A UDP server inside a namespace that answers each datagram with
+/// `"<peer address>\n"` followed by the datagram, and records the peers.
+pub struct UdpEchoServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpEchoServer {
+    pub fn start(ns: &Netns, addr: SocketAddr) -> Result<Self> {
+        let socket = run_in(ns, || UdpSocket::bind(addr))?
+            .with_context(|| format!("UDP bind {addr} in netns {}", ns.name()))?;
+        socket.set_read_timeout(Some(POLL))?;
+        let addr = socket.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let thread = {
+            let (stop, peers) = (Arc::clone(&stop), Arc::clone(&peers));
+            thread::spawn(move || {
+                let mut buf = vec![0; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    match socket.recv_from(&mut buf) {
+                        Ok((n, peer)) => {
+                            lock(&peers).push(peer);
+                            let mut reply = format!("{peer}\n").into_bytes();
+                            reply.extend_from_slice(&buf[..n]);
+                            if let Err(error) = socket.send_to(&reply, peer) {
+                                eprintln!("lab UDP server: reply to {peer}: {error}");
+                            }
+                        }
+                        Err(error) if is_timeout(&error) => {}
+                        Err(error) => eprintln!("lab UDP server: {error}"),
+                    }
+                }
+            })
+        };
+        Ok(Self {
+            addr,
+            stop,
+            peers,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The source of every datagram received, in order.
+    pub fn peers(&self) -> Vec<SocketAddr> {
+        lock(&self.peers).clone()
+    }
+}
+
+impl Drop for UdpEchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A [`UdpEchoServer`]'s answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UdpReply {
+    /// The source address the server saw.
+    pub peer_seen: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// Sends `payload` from `ns` (bound to `from` if given) to a [`UdpEchoServer`] and waits
+/// for its answer, resending every 500 ms until `timeout`.
+pub fn udp_request(
+    ns: &Netns,
+    from: Option<SocketAddr>,
+    to: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> Result<UdpReply> {
+    let what = format!("UDP request to {to} from netns {}", ns.name());
+    let socket = run_in(ns, || -> io::Result<UdpSocket> {
+        let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_reuse_address(true)?;
+        let from = from.unwrap_or_else(|| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+        socket.bind(&from.into())?;
+        let socket: UdpSocket = socket.into();
+        // Connected, so only the server's answers are accepted.
+        socket.connect(to)?;
+        Ok(socket)
+    })?
+    .with_context(|| what.clone())?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0; 65536];
+    loop {
+        let left = remaining(deadline, "no answer").with_context(|| what.clone())?;
+        socket.send(payload).with_context(|| what.clone())?;
+        socket.set_read_timeout(Some(left.min(Duration::from_millis(500))))?;
+        match socket.recv(&mut buf) {
+            Ok(n) => {
+                let reply = &buf[..n];
+                let newline = reply
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .with_context(|| format!("{what}: malformed answer"))?;
+                let peer = std::str::from_utf8(&reply[..newline])
+                    .ok()
+                    .and_then(|peer| peer.parse().ok())
+                    .with_context(|| format!("{what}: malformed answer"))?;
+                return Ok(UdpReply {
+                    peer_seen: peer,
+                    payload: reply[newline + 1..].to_vec(),
+                });
+            }
+            Err(error) if is_timeout(&error) => {}
+            Err(error) => return Err(error).with_context(|| what.clone()),
+        }
+    }
+}
+
+/// Pings `dst` from `ns` `count` times (0.2 s apart); true if every echo was answered
+/// within `timeout`. Failing to run ping at all is an error.
+pub fn ping(ns: &Netns, dst: Ipv4Addr, count: u32, timeout: Duration) -> Result<bool> {
+    ping_with(ns, dst, count, timeout, &[])
+}
+
+/// [`ping`] with extra arguments, e.g. `["-s", "8000", "-M", "do"]`.
+pub fn ping_with(
+    ns: &Netns,
+    dst: Ipv4Addr,
+    count: u32,
+    timeout: Duration,
+    extra: &[&str],
+) -> Result<bool> {
+    let deadline = timeout.as_secs().max(1).to_string();
+    let out = output(
+        cmd_in(ns, "ping")
+            .args([
+                "-n",
+                "-q",
+                "-i",
+                "0.2",
+                "-c",
+                &count.to_string(),
+                "-w",
+                &deadline,
+            ])
+            .args(extra)
+            .arg(dst.to_string()),
+    )?;
+    Ok(out.status.success())
+}
