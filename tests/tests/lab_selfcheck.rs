@@ -10,7 +10,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use vcnpath_tests::lab::process::run;
-use vcnpath_tests::lab::stats::{nstat, set_offloads};
+use vcnpath_tests::lab::stats::{nstat, set_all_offloads};
+use vcnpath_tests::lab::topology::INET_ROUTER_IP;
 use vcnpath_tests::lab::traffic::{
     TcpConn, TcpServer, UdpEchoServer, ping, ping_with, tcp_bulk, udp_request,
 };
@@ -239,14 +240,12 @@ fn node_reaches_the_internet_and_pmtu_discovery_works_over_a_1400_link() {
     // A full-size packet from the inet host (MTU 9000) is dropped by the router's 1400-byte
     // receiving end: veth drops frames larger than the receiver's MTU. Bulk tests therefore
     // only send large segments towards the internet, never from it.
-    assert!(ping_with(lab.inet(), INET_IP_ROUTER, 1, SHORT, &["-s", "2000"]).is_ok_and(|ok| !ok));
+    assert!(ping_with(lab.inet(), INET_ROUTER_IP, 1, SHORT, &["-s", "2000"]).is_ok_and(|ok| !ok));
     assert!(
-        ping(lab.inet(), INET_IP_ROUTER, 1, SHORT).unwrap(),
+        ping(lab.inet(), INET_ROUTER_IP, 1, SHORT).unwrap(),
         "small packets pass"
     );
 }
-
-const INET_IP_ROUTER: Ipv4Addr = vcnpath_tests::lab::topology::INET_ROUTER_IP;
 
 #[test]
 fn two_pods_can_use_the_same_source_port() {
@@ -262,10 +261,8 @@ fn two_pods_can_use_the_same_source_port() {
         .unwrap();
     let tcp = TcpServer::start(lab.peer(), addr(PEER_IP, 5001)).unwrap();
 
-    let mut conn_a =
-        TcpConn::connect(a.ns(), Some(addr(a.ip(), 40000)), tcp.addr(), TIMEOUT).unwrap();
-    let mut conn_b =
-        TcpConn::connect(b.ns(), Some(addr(b.ip(), 40000)), tcp.addr(), TIMEOUT).unwrap();
+    let mut conn_a = TcpConn::connect(a.ns(), Some(a.addr(40000)), tcp.addr(), TIMEOUT).unwrap();
+    let mut conn_b = TcpConn::connect(b.ns(), Some(b.addr(40000)), tcp.addr(), TIMEOUT).unwrap();
     conn_a.roundtrip(b"from a", TIMEOUT).unwrap();
     conn_b.roundtrip(b"from b", TIMEOUT).unwrap();
     let peers: HashSet<_> = tcp
@@ -274,7 +271,7 @@ fn two_pods_can_use_the_same_source_port() {
         .iter()
         .map(|c| c.peer)
         .collect();
-    let expected = HashSet::from([addr(a.ip(), 40000), addr(b.ip(), 40000)]);
+    let expected = HashSet::from([a.addr(40000), b.addr(40000)]);
     assert_eq!(
         peers, expected,
         "the peer should see both pods on port 40000"
@@ -339,17 +336,19 @@ fn code_and_programs_run_inside_the_namespace() {
         "2"
     );
 
-    set_offloads(lab.node(), "eth0", false).unwrap();
-    let features = run(cmd_in(lab.node(), "ethtool").args(["-k", "eth0"])).unwrap();
-    for feature in [
-        "rx-checksumming: off",
-        "tx-checksumming: off",
-        "generic-segmentation-offload: off",
-    ] {
-        assert!(
-            features.contains(feature),
-            "expected {feature} in {features}"
-        );
+    set_all_offloads(lab.node(), false).unwrap();
+    for ifname in ["eth0", "eth1"] {
+        let features = run(cmd_in(lab.node(), "ethtool").args(["-k", ifname])).unwrap();
+        for feature in [
+            "rx-checksumming: off",
+            "tx-checksumming: off",
+            "generic-segmentation-offload: off",
+        ] {
+            assert!(
+                features.contains(feature),
+                "expected {feature} for {ifname} in {features}"
+            );
+        }
     }
     let counters = nstat(lab.node()).unwrap();
     assert!(

@@ -133,6 +133,16 @@ impl Lab {
         topology::vnic(index)
     }
 
+    /// The VCN peer host's address.
+    pub fn peer_ip(&self) -> Ipv4Addr {
+        PEER_IP
+    }
+
+    /// The internet host's address.
+    pub fn inet_ip(&self) -> Ipv4Addr {
+        INET_IP
+    }
+
     /// The masquerade address: the primary VNIC's primary IP.
     pub fn node_ip(&self) -> Ipv4Addr {
         VNICS[0].ip

@@ -2,7 +2,7 @@
 //! default route via a link-local gateway answered by a static neighbour entry), a host
 //! veth in the node with a /32 route, and the address assigned to a VNIC on the router.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
@@ -135,6 +135,11 @@ impl Pod {
 
     pub fn ip(&self) -> Ipv4Addr {
         self.ip
+    }
+
+    /// The pod's address with `port`, e.g. to bind a client to a fixed source port.
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.ip, port))
     }
 
     /// The pod's namespace (its interface is `eth0`).

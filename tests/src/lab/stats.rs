@@ -80,6 +80,21 @@ pub fn set_offloads(ns: &Netns, ifname: &str, on: bool) -> Result<()> {
     Ok(())
 }
 
+/// [`set_offloads`] on every veth in `ns` (all lab links are veths), for tests that
+/// want software checksums end to end.
+pub fn set_all_offloads(ns: &Netns, on: bool) -> Result<()> {
+    let links = ns.ip(&["-o", "link", "show", "type", "veth"])?;
+    // Lines look like `5: eth0@if2: <BROADCAST,...`.
+    for name in links
+        .lines()
+        .filter_map(|line| line.split(": ").nth(1))
+        .map(|name| name.split('@').next().unwrap_or(name))
+    {
+        set_offloads(ns, name, on)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
