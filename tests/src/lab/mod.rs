@@ -11,6 +11,18 @@
 //!
 //! Nothing here touches the root namespace: every link is created inside a lab namespace,
 //! every sysctl is written from a thread inside one, and every guard cleans up on drop.
+//!
+//! Things a test writer should know:
+//! - With [`LabOptions::inet_mtu`] below 9000 only the router's end shrinks. The inet host
+//!   keeps 9000, so it advertises a large MSS and the node really sends segments the router
+//!   must refuse with fragmentation-needed. The other way round there is no PMTU signal: a
+//!   veth drops (silently, counted as `rx_dropped` on `rinet`) any frame larger than the
+//!   receiving end's MTU, so bulk data must flow towards the internet, not from it.
+//! - Programs started with [`spawn_in`] or [`cmd_in`] share the root mount namespace:
+//!   /sys/fs/bpf is the real one (what the agent needs), but /sys/class/net shows the
+//!   root namespace's links. Code under test must find links through netlink.
+//! - The router knows every VNIC address through a permanent neighbour entry (OCI's
+//!   router never ARPs for them), so the node never needs proxy ARP for pod addresses.
 
 mod build;
 pub mod netns;

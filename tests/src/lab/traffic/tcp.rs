@@ -1,5 +1,4 @@
-//! Test traffic with `std::net` on threads (no external tools except ping), with a timeout
-//! on every wait.
+//! TCP: a server recording each peer, bulk transfers and long-lived echo connections.
 //!
 //! [`TcpServer`] speaks a one-byte protocol chosen by the client's first byte:
 //! - `B` (bulk): the server counts bytes until the client shuts down its sending side, then
@@ -7,45 +6,21 @@
 //!   everything arrived and which source address the server saw.
 //! - `E` (echo): the server echoes everything until the client closes.
 
-use std::io::{self, ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::netns::{Netns, cmd_in, run_in};
-use super::process::output;
-
-/// How often server threads look at their stop flag.
-const POLL: Duration = Duration::from_millis(50);
+use super::{POLL, is_timeout, lock, remaining};
+use crate::lab::netns::{Netns, run_in};
 
 const MODE_BULK: u8 = b'B';
 const MODE_ECHO: u8 = b'E';
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panicking handler thread must not hide what the others recorded.
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Time left until `deadline`, or a timeout error naming `what`.
-fn remaining(deadline: Instant, what: &str) -> io::Result<Duration> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(io::Error::new(
-            ErrorKind::TimedOut,
-            format!("{what}: timed out"),
-        ));
-    }
-    Ok(left)
-}
-
-fn is_timeout(error: &io::Error) -> bool {
-    matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
-}
 
 /// One connection a [`TcpServer`] accepted.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -337,158 +312,4 @@ impl TcpConn {
         }
         Ok(())
     }
-}
-
-/// A UDP server inside a namespace that answers each datagram with
-/// `"<peer address>\n"` followed by the datagram, and records the peers.
-pub struct UdpEchoServer {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    peers: Arc<Mutex<Vec<SocketAddr>>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl UdpEchoServer {
-    pub fn start(ns: &Netns, addr: SocketAddr) -> Result<Self> {
-        let socket = run_in(ns, || UdpSocket::bind(addr))?
-            .with_context(|| format!("UDP bind {addr} in netns {}", ns.name()))?;
-        socket.set_read_timeout(Some(POLL))?;
-        let addr = socket.local_addr()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let peers = Arc::new(Mutex::new(Vec::new()));
-        let thread = {
-            let (stop, peers) = (Arc::clone(&stop), Arc::clone(&peers));
-            thread::spawn(move || {
-                let mut buf = vec![0; 65536];
-                while !stop.load(Ordering::Relaxed) {
-                    match socket.recv_from(&mut buf) {
-                        Ok((n, peer)) => {
-                            lock(&peers).push(peer);
-                            let mut reply = format!("{peer}\n").into_bytes();
-                            reply.extend_from_slice(&buf[..n]);
-                            if let Err(error) = socket.send_to(&reply, peer) {
-                                eprintln!("lab UDP server: reply to {peer}: {error}");
-                            }
-                        }
-                        Err(error) if is_timeout(&error) => {}
-                        Err(error) => eprintln!("lab UDP server: {error}"),
-                    }
-                }
-            })
-        };
-        Ok(Self {
-            addr,
-            stop,
-            peers,
-            thread: Some(thread),
-        })
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    /// The source of every datagram received, in order.
-    pub fn peers(&self) -> Vec<SocketAddr> {
-        lock(&self.peers).clone()
-    }
-}
-
-impl Drop for UdpEchoServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// A [`UdpEchoServer`]'s answer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct UdpReply {
-    /// The source address the server saw.
-    pub peer_seen: SocketAddr,
-    pub payload: Vec<u8>,
-}
-
-/// Sends `payload` from `ns` (bound to `from` if given) to a [`UdpEchoServer`] and waits
-/// for its answer, resending every 500 ms until `timeout`.
-pub fn udp_request(
-    ns: &Netns,
-    from: Option<SocketAddr>,
-    to: SocketAddr,
-    payload: &[u8],
-    timeout: Duration,
-) -> Result<UdpReply> {
-    let what = format!("UDP request to {to} from netns {}", ns.name());
-    let socket = run_in(ns, || -> io::Result<UdpSocket> {
-        let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-        socket.set_reuse_address(true)?;
-        let from = from.unwrap_or_else(|| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
-        socket.bind(&from.into())?;
-        let socket: UdpSocket = socket.into();
-        // Connected, so only the server's answers are accepted.
-        socket.connect(to)?;
-        Ok(socket)
-    })?
-    .with_context(|| what.clone())?;
-    let deadline = Instant::now() + timeout;
-    let mut buf = vec![0; 65536];
-    loop {
-        let left = remaining(deadline, "no answer").with_context(|| what.clone())?;
-        socket.send(payload).with_context(|| what.clone())?;
-        socket.set_read_timeout(Some(left.min(Duration::from_millis(500))))?;
-        match socket.recv(&mut buf) {
-            Ok(n) => {
-                let reply = &buf[..n];
-                let newline = reply
-                    .iter()
-                    .position(|&b| b == b'\n')
-                    .with_context(|| format!("{what}: malformed answer"))?;
-                let peer = std::str::from_utf8(&reply[..newline])
-                    .ok()
-                    .and_then(|peer| peer.parse().ok())
-                    .with_context(|| format!("{what}: malformed answer"))?;
-                return Ok(UdpReply {
-                    peer_seen: peer,
-                    payload: reply[newline + 1..].to_vec(),
-                });
-            }
-            Err(error) if is_timeout(&error) => {}
-            Err(error) => return Err(error).with_context(|| what.clone()),
-        }
-    }
-}
-
-/// Pings `dst` from `ns` `count` times (0.2 s apart); true if every echo was answered
-/// within `timeout`. Failing to run ping at all is an error.
-pub fn ping(ns: &Netns, dst: Ipv4Addr, count: u32, timeout: Duration) -> Result<bool> {
-    ping_with(ns, dst, count, timeout, &[])
-}
-
-/// [`ping`] with extra arguments, e.g. `["-s", "8000", "-M", "do"]`.
-pub fn ping_with(
-    ns: &Netns,
-    dst: Ipv4Addr,
-    count: u32,
-    timeout: Duration,
-    extra: &[&str],
-) -> Result<bool> {
-    let deadline = timeout.as_secs().max(1).to_string();
-    let out = output(
-        cmd_in(ns, "ping")
-            .args([
-                "-n",
-                "-q",
-                "-i",
-                "0.2",
-                "-c",
-                &count.to_string(),
-                "-w",
-                &deadline,
-            ])
-            .args(extra)
-            .arg(dst.to_string()),
-    )?;
-    Ok(out.status.success())
 }
