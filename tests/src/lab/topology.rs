@@ -1,0 +1,102 @@
+//! The lab's fixed addressing plan. The datapath tests' configuration uses the same
+//! values, so they are constants rather than options.
+
+use std::fmt;
+use std::net::Ipv4Addr;
+
+/// The VCN's only CIDR block.
+pub const VCN_CIDR: &str = "10.0.0.0/16";
+
+/// MTU of every lab link except, optionally, the router's side of the internet link.
+pub const LINK_MTU: u32 = 9000;
+
+/// The link-local gateway pods route through, answered by a static neighbour entry.
+pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+/// A host in the peer subnet (10.0.2.0/24), inside the VCN but not on the node.
+pub const PEER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 50);
+/// The virtual router's address in the peer subnet.
+pub const PEER_ROUTER_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 1);
+/// Prefix length of the peer subnet.
+pub const PEER_PREFIX: u8 = 24;
+
+/// The "internet" host, outside the VCN and reachable only through the router.
+pub const INET_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+/// The router's address on the internet link.
+pub const INET_ROUTER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// Prefix length of the internet link.
+pub const INET_PREFIX: u8 = 24;
+
+/// A MAC address (shown as `02:00:0a:00:00:0a`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Mac(pub [u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, byte) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(":")?;
+            }
+            write!(f, "{byte:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One VNIC of the node: its interface in the node namespace, the router's end of the
+/// same link, and the subnet it lives in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Vnic {
+    /// Position in the node's VNIC list (0 is the primary VNIC).
+    pub index: usize,
+    /// Interface name in the node namespace.
+    pub ifname: &'static str,
+    /// The router's end of the link, where the source/destination check applies.
+    pub router_ifname: &'static str,
+    pub mac: Mac,
+    /// The VNIC's primary private IP.
+    pub ip: Ipv4Addr,
+    /// The subnet's network address and prefix length.
+    pub subnet: Ipv4Addr,
+    pub prefix: u8,
+    /// The subnet's virtual router (the first host address, as in OCI).
+    pub router_ip: Ipv4Addr,
+}
+
+impl Vnic {
+    /// `10.0.0.0/24` style.
+    pub fn subnet_cidr(&self) -> String {
+        format!("{}/{}", self.subnet, self.prefix)
+    }
+}
+
+/// The node's VNICs: 0 in subnet A, 1 in subnet B.
+pub const VNICS: [Vnic; 2] = [
+    Vnic {
+        index: 0,
+        ifname: "eth0",
+        router_ifname: "r0",
+        mac: Mac([0x02, 0x00, 0x0a, 0x00, 0x00, 0x0a]),
+        ip: Ipv4Addr::new(10, 0, 0, 10),
+        subnet: Ipv4Addr::new(10, 0, 0, 0),
+        prefix: 24,
+        router_ip: Ipv4Addr::new(10, 0, 0, 1),
+    },
+    Vnic {
+        index: 1,
+        ifname: "eth1",
+        router_ifname: "r1",
+        mac: Mac([0x02, 0x00, 0x0a, 0x00, 0x01, 0x0a]),
+        ip: Ipv4Addr::new(10, 0, 1, 10),
+        subnet: Ipv4Addr::new(10, 0, 1, 0),
+        prefix: 24,
+        router_ip: Ipv4Addr::new(10, 0, 1, 1),
+    },
+];
+
+/// The VNIC at `index`, or an error naming the valid range.
+pub fn vnic(index: usize) -> anyhow::Result<&'static Vnic> {
+    VNICS
+        .get(index)
+        .ok_or_else(|| anyhow::anyhow!("no VNIC {index}: the lab has {}", VNICS.len()))
+}
