@@ -74,7 +74,7 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
         }
         None => (
             config.masq_ip,
-            nat::create(&config, &key, seen)?,
+            nat::create(ctx, &config, &key, seen)?,
             Reason::SnatNew,
         ),
     };

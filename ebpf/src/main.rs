@@ -7,6 +7,7 @@
 mod csum;
 mod decision;
 mod egress;
+mod hostsock;
 mod icmp;
 mod ingress;
 mod maps;

@@ -15,8 +15,11 @@ use vcnpath_common::{
     NatKey, Reason, TCP_SEEN_ACK, TCP_SEEN_FIN, TCP_SEEN_RST, TCP_SEEN_SYN,
 };
 
+use aya_ebpf::programs::TcContext;
+
 use crate::{
     decision::{Decision, Step},
+    hostsock,
     maps::NAT,
     parse::IPPROTO_ICMP,
 };
@@ -91,10 +94,11 @@ pub fn touch(entry: *mut NatEntry, seen: u8) {
 }
 
 /// Creates the mapping for a new flow `fwd` and returns the translated port (host
-/// order). The original port is kept when the translated 5-tuple is free; otherwise
+/// order). The original port is kept when the translated 5-tuple is free (of NAT entries
+/// and of host sockets); otherwise
 /// ports of the configured range are tried from a random start.
 #[inline(always)]
-pub fn create(config: &Config, fwd: &NatKey, seen: u8) -> Step<u16> {
+pub fn create(ctx: &TcContext, config: &Config, fwd: &NatKey, seen: u8) -> Step<u16> {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     let reply = NatEntry {
@@ -112,6 +116,9 @@ pub fn create(config: &Config, fwd: &NatKey, seen: u8) -> Step<u16> {
         fwd.dport
     };
     let claim = |port: u16| {
+        if hostsock::in_use(ctx, fwd.proto, fwd.dst, reply_sport, config.masq_ip, port) {
+            return false;
+        }
         let key = ingress_key(fwd.proto, fwd.dst, config.masq_ip, reply_sport, port);
         NAT.insert(&key, &reply, u64::from(BPF_NOEXIST)).is_ok()
     };

@@ -37,6 +37,8 @@ pub fn run() -> anyhow::Result<()> {
 
     // Tier 3: namespace tests with real traffic, one at a time (they share CPU and timing).
     if !lab_tests.is_empty() {
+        // The lab tests run the real binaries.
+        cmd::run(Command::new("cargo").args(["build", "-p", "vcnpath-agent", "--bins"]))?;
         let mut lab = Command::new("cargo");
         lab.args(["test", "-p", "vcnpath-tests"]);
         for target in &lab_tests {

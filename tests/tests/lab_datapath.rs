@@ -1,0 +1,361 @@
+//! End to end in the namespace lab with real traffic and the real `vcnpath` binary: the
+//! VCN router drops anything a VNIC sends from an address it does not own, exactly like
+//! OCI's source/destination check, so every assertion below is what a pod on a real node
+//! would see.
+
+use std::{net::Ipv4Addr, net::SocketAddr, time::Duration};
+
+use vcnpath::datapath::{Counters, DatapathMaps};
+use vcnpath_common::Reason;
+use vcnpath_tests::{
+    agent::{Agent, lab_config},
+    lab::{
+        Lab, LabOptions, Pod, stats,
+        traffic::{TcpConn, TcpServer, UdpEchoServer, ping, tcp_bulk, udp_request},
+    },
+    privileged::{PinDir, have_root},
+};
+
+const MASQ: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+const POD_A: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 20); // owned by VNIC 0 (eth0)
+const POD_B: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 20); // owned by VNIC 1 (eth1)
+const POD_C: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 21); // owned by VNIC 1 (eth1)
+const T: Duration = Duration::from_secs(20);
+const MB: u64 = 1 << 20;
+
+/// A lab with pods A (eth0), B and C (eth1) and the agent running. Field order is drop
+/// order: the agent stops first, then pods and the lab go, then the pins.
+struct Setup {
+    agent: Agent,
+    pods: Vec<Pod>,
+    lab: Lab,
+    pins: PinDir,
+}
+
+fn setup(tag: &str, options: LabOptions) -> Setup {
+    let pins = PinDir::new(tag);
+    let lab = Lab::new(options).expect("lab");
+    let pods = vec![
+        lab.add_pod("a", POD_A, 0).expect("pod a"),
+        lab.add_pod("b", POD_B, 1).expect("pod b"),
+        lab.add_pod("c", POD_C, 1).expect("pod c"),
+    ];
+    let config = lab_config(&pins.path, &[(POD_A, 0), (POD_B, 1), (POD_C, 1)]);
+    let agent = Agent::start(&lab, tag, &config).expect("vcnpath datapath");
+    Setup {
+        agent,
+        pods,
+        lab,
+        pins,
+    }
+}
+
+impl Setup {
+    fn pod(&self, ip: Ipv4Addr) -> &Pod {
+        self.pods.iter().find(|p| p.ip() == ip).expect("pod")
+    }
+
+    fn counters(&self) -> Counters {
+        Counters::read(&DatapathMaps::from_pins(&self.pins.path).expect("pinned maps"))
+            .expect("counters")
+    }
+
+    fn assert_no_router_drops(&self) {
+        for vnic in 0..2 {
+            let drops = self.lab.router_drops(vnic).expect("router counters");
+            assert_eq!(
+                drops, 0,
+                "the VCN router's source/destination check dropped {drops} packets on VNIC {vnic}"
+            );
+        }
+    }
+}
+
+#[test]
+fn lab_secondary_vnic_pod_reaches_vcn_peer_with_its_own_address_through_its_vnic() {
+    if !have_root("lab_vcn_peer") {
+        return;
+    }
+    let s = setup("vcn", LabOptions::default());
+    let server = TcpServer::start(s.lab.peer(), SocketAddr::from((s.lab.peer_ip(), 8080))).unwrap();
+    for pod in [POD_A, POD_B] {
+        let report = tcp_bulk(s.pod(pod).ns(), None, server.addr(), MB, T).unwrap_or_else(|e| {
+            panic!(
+                "pod {pod} → VCN peer failed: {e:#}\nagent log:\n{}",
+                s.agent.log()
+            )
+        });
+        assert_eq!(
+            report.peer_seen.ip(),
+            std::net::IpAddr::V4(pod),
+            "the VCN peer must see the pod's own address"
+        );
+    }
+    let echo =
+        UdpEchoServer::start(s.lab.peer(), SocketAddr::from((s.lab.peer_ip(), 5353))).unwrap();
+    let reply =
+        udp_request(s.pod(POD_B).ns(), None, echo.addr(), b"vcn", T).expect("UDP to the peer");
+    assert_eq!(reply.payload, b"vcn");
+    assert!(
+        ping(s.pod(POD_B).ns(), s.lab.peer_ip(), 3, T).unwrap(),
+        "ping from pod B to the peer"
+    );
+    s.assert_no_router_drops();
+    assert!(
+        s.counters().get(Reason::RedirectOwner) > 0,
+        "pod B's packets were routed out of eth0 and redirected"
+    );
+}
+
+#[test]
+fn lab_pods_on_both_vnics_reach_the_internet_as_the_masquerade_address() {
+    if !have_root("lab_internet") {
+        return;
+    }
+    let s = setup("inet", LabOptions::default());
+    let server = TcpServer::start(s.lab.inet(), SocketAddr::from((s.lab.inet_ip(), 8080))).unwrap();
+    let echo =
+        UdpEchoServer::start(s.lab.inet(), SocketAddr::from((s.lab.inet_ip(), 5353))).unwrap();
+    for pod in [POD_A, POD_B] {
+        let ns = s.pod(pod).ns();
+        let report = tcp_bulk(ns, None, server.addr(), 10 * MB, T).unwrap_or_else(|e| {
+            panic!(
+                "pod {pod}: 10 MB to the internet failed: {e:#}\nagent log:\n{}",
+                s.agent.log()
+            )
+        });
+        assert_eq!(report.bytes, 10 * MB);
+        assert_eq!(
+            report.peer_seen.ip(),
+            std::net::IpAddr::V4(MASQ),
+            "the internet must see the masquerade address"
+        );
+        let reply = udp_request(ns, None, echo.addr(), b"hello", T).expect("UDP reply comes back");
+        assert_eq!(
+            reply.payload, b"hello",
+            "the UDP reply comes back to pod {pod}"
+        );
+        assert_eq!(
+            reply.peer_seen.ip(),
+            std::net::IpAddr::V4(MASQ),
+            "the UDP server saw the masquerade address"
+        );
+        assert!(
+            ping(ns, s.lab.inet_ip(), 3, T).unwrap(),
+            "ping replies come back to pod {pod}"
+        );
+    }
+    assert!(
+        echo.peers()
+            .iter()
+            .all(|p| p.ip() == std::net::IpAddr::V4(MASQ)),
+        "UDP seen from {:?}",
+        echo.peers()
+    );
+    s.assert_no_router_drops();
+    let c = s.counters();
+    assert!(
+        c.get(Reason::SnatNew) > 0 && c.get(Reason::ReverseNat) > 0,
+        "{c}"
+    );
+}
+
+#[test]
+fn lab_two_pods_with_the_same_source_port_to_the_same_destination_both_work() {
+    if !have_root("lab_same_port") {
+        return;
+    }
+    let s = setup("port", LabOptions::default());
+    let server = TcpServer::start(s.lab.inet(), SocketAddr::from((s.lab.inet_ip(), 8080))).unwrap();
+    let mut b = TcpConn::connect(
+        s.pod(POD_B).ns(),
+        Some(SocketAddr::from((POD_B, 40000))),
+        server.addr(),
+        T,
+    )
+    .unwrap();
+    let mut c = TcpConn::connect(
+        s.pod(POD_C).ns(),
+        Some(SocketAddr::from((POD_C, 40000))),
+        server.addr(),
+        T,
+    )
+    .unwrap_or_else(|e| panic!("second pod with the same source port failed: {e:#}"));
+    for round in 0..3 {
+        b.roundtrip(format!("b{round}").as_bytes(), T)
+            .expect("pod B's connection");
+        c.roundtrip(format!("c{round}").as_bytes(), T)
+            .expect("pod C's connection");
+    }
+    let peers: Vec<SocketAddr> = server
+        .wait_connections(2, T)
+        .unwrap()
+        .iter()
+        .map(|r| r.peer)
+        .collect();
+    assert!(
+        peers.iter().all(|p| p.ip() == std::net::IpAddr::V4(MASQ)),
+        "both seen from the masquerade address: {peers:?}"
+    );
+    assert_ne!(
+        peers[0].port(),
+        peers[1].port(),
+        "two flows must never share one translated tuple: {peers:?}"
+    );
+    assert!(
+        peers.iter().any(|p| p.port() == 40000),
+        "the first keeps its port: {peers:?}"
+    );
+}
+
+#[test]
+fn lab_pmtu_discovery_works_through_the_translation() {
+    if !have_root("lab_pmtu") {
+        return;
+    }
+    let s = setup(
+        "pmtu",
+        LabOptions {
+            inet_mtu: Some(1400),
+        },
+    );
+    let server = TcpServer::start(s.lab.inet(), SocketAddr::from((s.lab.inet_ip(), 8080))).unwrap();
+    let report = tcp_bulk(s.pod(POD_B).ns(), None, server.addr(), 10 * MB, T).unwrap_or_else(|e| {
+        panic!(
+            "large transfer over a 1400-byte hop failed: {e:#}\n{}",
+            s.counters()
+        )
+    });
+    assert_eq!(report.bytes, 10 * MB);
+    let c = s.counters();
+    assert!(
+        c.get(Reason::IcmpErrorReverse) > 0,
+        "fragmentation-needed must have been translated to the pod:\n{c}"
+    );
+}
+
+#[test]
+fn lab_connections_from_the_internet_to_a_pod_are_answered_from_the_pod_address() {
+    if !have_root("lab_inbound") {
+        return;
+    }
+    let s = setup("inb", LabOptions::default());
+    let server = TcpServer::start(s.pod(POD_B).ns(), SocketAddr::from((POD_B, 8080))).unwrap();
+    let mut conn = TcpConn::connect(s.lab.inet(), None, server.addr(), T).unwrap_or_else(|e| {
+        panic!(
+            "internet → pod B failed: {e:#}\nagent log:\n{}",
+            s.agent.log()
+        )
+    });
+    conn.roundtrip(b"inbound", T)
+        .expect("the pod's answers reach the internet host");
+    let seen = server.wait_connections(1, T).unwrap();
+    assert_eq!(
+        seen[0].peer.ip(),
+        std::net::IpAddr::V4(s.lab.inet_ip()),
+        "the pod sees the real client"
+    );
+    s.assert_no_router_drops();
+    let c = s.counters();
+    assert!(c.get(Reason::PassInbound) > 0, "{c}");
+    assert_eq!(c.get(Reason::SnatNew), 0, "nothing was masqueraded:\n{c}");
+}
+
+#[test]
+fn lab_host_traffic_is_untouched_next_to_a_pod_flow_to_the_same_remote() {
+    if !have_root("lab_host") {
+        return;
+    }
+    let s = setup("host", LabOptions::default());
+    let server = TcpServer::start(s.lab.inet(), SocketAddr::from((s.lab.inet_ip(), 8080))).unwrap();
+    let host = SocketAddr::from((MASQ, 45000));
+    let mut h =
+        TcpConn::connect(s.lab.node(), Some(host), server.addr(), T).expect("host connection");
+    let mut p = TcpConn::connect(
+        s.pod(POD_A).ns(),
+        Some(SocketAddr::from((POD_A, 45000))),
+        server.addr(),
+        T,
+    )
+    .expect("pod connection");
+    h.roundtrip(b"host", T).unwrap();
+    p.roundtrip(b"pod", T).unwrap();
+    h.roundtrip(b"host again", T)
+        .expect("the host connection still works");
+    let peers: Vec<SocketAddr> = server
+        .wait_connections(2, T)
+        .unwrap()
+        .iter()
+        .map(|r| r.peer)
+        .collect();
+    assert!(
+        peers.contains(&host),
+        "the host's connection arrives exactly as the host sent it: {peers:?}"
+    );
+    assert!(peers.iter().all(|p| p.ip() == std::net::IpAddr::V4(MASQ)));
+    assert!(s.counters().get(Reason::PassNotEndpoint) > 0);
+}
+
+#[test]
+fn lab_established_connection_survives_agent_kill_and_restart() {
+    if !have_root("lab_restart") {
+        return;
+    }
+    let mut s = setup("kill", LabOptions::default());
+    let server = TcpServer::start(s.lab.inet(), SocketAddr::from((s.lab.inet_ip(), 8080))).unwrap();
+    let mut conn = TcpConn::connect(s.pod(POD_B).ns(), None, server.addr(), T).unwrap();
+    conn.roundtrip(b"before", T).unwrap();
+    s.agent.kill9().unwrap();
+    conn.roundtrip(b"agent dead", T)
+        .expect("the datapath keeps working while the agent is down");
+    s.agent.restart(&s.lab).expect("restart");
+    assert!(
+        s.agent.log().contains("adopted=true"),
+        "the new agent must adopt the pinned programs, not reload them:\n{}",
+        s.agent.log()
+    );
+    conn.roundtrip(b"after", T)
+        .expect("the established connection survives the restart");
+    let seen = server.wait_connections(1, T).unwrap();
+    assert_eq!(
+        seen.len(),
+        1,
+        "still one connection, never re-established: {seen:?}"
+    );
+}
+
+#[test]
+fn lab_no_checksum_errors_with_offloads_off() {
+    if !have_root("lab_offloads") {
+        return;
+    }
+    let s = setup("csum", LabOptions::default());
+    for ns in [s.lab.node(), s.lab.router(), s.lab.peer(), s.lab.inet()]
+        .into_iter()
+        .chain(s.pods.iter().map(Pod::ns))
+    {
+        stats::set_all_offloads(ns, false).expect("ethtool -K … off");
+    }
+    let server = TcpServer::start(s.lab.inet(), SocketAddr::from((s.lab.inet_ip(), 8080))).unwrap();
+    let peer = TcpServer::start(s.lab.peer(), SocketAddr::from((s.lab.peer_ip(), 8080))).unwrap();
+    let echo =
+        UdpEchoServer::start(s.lab.inet(), SocketAddr::from((s.lab.inet_ip(), 5353))).unwrap();
+    for pod in [POD_A, POD_B] {
+        let ns = s.pod(pod).ns();
+        tcp_bulk(ns, None, server.addr(), 4 * MB, T).expect("TCP to the internet");
+        tcp_bulk(ns, None, peer.addr(), MB, T).expect("TCP to the peer");
+        udp_request(ns, None, echo.addr(), b"csum", T).expect("UDP to the internet");
+        assert!(ping(ns, s.lab.inet_ip(), 2, T).unwrap());
+    }
+    for ns in [s.lab.inet(), s.lab.peer()]
+        .into_iter()
+        .chain(s.pods.iter().map(Pod::ns))
+    {
+        let errors = stats::checksum_errors(ns).unwrap();
+        assert!(
+            errors.is_empty(),
+            "checksum errors in {}: {errors:?}",
+            ns.name()
+        );
+    }
+}
