@@ -1,7 +1,7 @@
 //! Field rewrites that keep every checksum valid. The kernel helpers are used for the
-//! outer headers because they know the skb's checksum state: with CHECKSUM_PARTIAL
+//! outer headers because they know the skb's checksum state: with `CHECKSUM_PARTIAL`
 //! (offload, GSO) only the pseudo-header part of the L4 checksum is adjusted, with
-//! CHECKSUM_COMPLETE `skb->csum` follows. Quoted headers inside ICMP errors are plain
+//! `CHECKSUM_COMPLETE` `skb->csum` follows. Quoted headers inside ICMP errors are plain
 //! data and are adjusted with the plain (L3) replace.
 
 use aya_ebpf::{

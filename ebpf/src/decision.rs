@@ -1,6 +1,7 @@
 //! What a program decided for a packet: the TC action and the reason it is counted under.
 
 use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+
 use vcnpath_common::Reason;
 
 /// The verdict returned to TC and the counter it is accounted to.
@@ -15,7 +16,7 @@ impl Decision {
     #[inline(always)]
     pub const fn pass(reason: Reason) -> Self {
         Self {
-            action: TC_ACT_OK as i32,
+            action: TC_ACT_OK,
             reason,
         }
     }
@@ -24,7 +25,7 @@ impl Decision {
     #[inline(always)]
     pub const fn drop(reason: Reason) -> Self {
         Self {
-            action: TC_ACT_SHOT as i32,
+            action: TC_ACT_SHOT,
             reason,
         }
     }
@@ -33,7 +34,7 @@ impl Decision {
     #[inline(always)]
     pub const fn redirect(reason: Reason) -> Self {
         Self {
-            action: TC_ACT_REDIRECT as i32,
+            action: TC_ACT_REDIRECT,
             reason,
         }
     }

@@ -35,7 +35,8 @@ pub fn in_use(
         },
     };
     let size = core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32;
-    let netns = BPF_F_CURRENT_NETNS as u64;
+    // The kernel takes BPF_F_CURRENT_NETNS (-1) as an all-ones u64.
+    let netns = u64::from_ne_bytes(i64::from(BPF_F_CURRENT_NETNS).to_ne_bytes());
     let skb = ctx.skb.skb.cast();
     // SAFETY: the tuple lives on the stack for the call; a found socket is released below.
     let sk = unsafe {

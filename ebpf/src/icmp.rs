@@ -177,17 +177,17 @@ fn rewrite(
 
     // Quoted L4 checksum, when the quote is long enough to contain it (TCP's may not be).
     let inner_csum = q.l4_off + parse::csum_field(q.proto);
-    if let Some(old_csum) = parse::load::<[u8; 2]>(ctx, inner_csum) {
-        if !(q.proto == IPPROTO_UDP && old_csum == [0, 0]) {
-            if q.proto != IPPROTO_ICMP {
-                csum::fix4(ctx, inner_csum, old_addr, new_addr)?;
-            }
-            csum::fix2(ctx, inner_csum, old_port, new_port)?;
-            let Some(new_csum) = parse::load::<[u8; 2]>(ctx, inner_csum) else {
-                return Err(Decision::drop(Reason::DropRewrite));
-            };
-            csum::fix2(ctx, icmp_csum, old_csum, new_csum)?;
+    if let Some(old_csum) = parse::load::<[u8; 2]>(ctx, inner_csum)
+        && !(q.proto == IPPROTO_UDP && old_csum == [0, 0])
+    {
+        if q.proto != IPPROTO_ICMP {
+            csum::fix4(ctx, inner_csum, old_addr, new_addr)?;
         }
+        csum::fix2(ctx, inner_csum, old_port, new_port)?;
+        let Some(new_csum) = parse::load::<[u8; 2]>(ctx, inner_csum) else {
+            return Err(Decision::drop(Reason::DropRewrite));
+        };
+        csum::fix2(ctx, icmp_csum, old_csum, new_csum)?;
     }
 
     // Quoted port (or echo identifier).

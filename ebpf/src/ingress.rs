@@ -26,7 +26,7 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
     if ip.dst == config.masq_ip {
         return reverse(ctx, &config, &ip);
     }
-    inbound(ctx, &ip)
+    Ok(inbound(ctx, &ip))
 }
 
 /// Translates a reply for a masqueraded flow back to the pod.
@@ -77,27 +77,27 @@ fn reverse(ctx: &TcContext, config: &Config, ip: &Ipv4) -> Step<Decision> {
 
 /// Records a flow that a host outside the VCN opened towards a pod address.
 #[inline(always)]
-fn inbound(ctx: &TcContext, ip: &Ipv4) -> Step<Decision> {
+fn inbound(ctx: &TcContext, ip: &Ipv4) -> Decision {
     let Some(owner) = maps::endpoint(ip.dst) else {
-        return Ok(Decision::pass(Reason::PassNotEndpoint));
+        return Decision::pass(Reason::PassNotEndpoint);
     };
     if owner.kind != ENDPOINT_KIND_POD {
-        return Ok(Decision::pass(Reason::PassNotEndpoint));
+        return Decision::pass(Reason::PassNotEndpoint);
     }
     if maps::is_nonmasq(ip.src) {
-        return Ok(Decision::pass(Reason::PassVcn));
+        return Decision::pass(Reason::PassVcn);
     }
     if ip.later_fragment {
-        return Ok(Decision::pass(Reason::PassFragment));
+        return Decision::pass(Reason::PassFragment);
     }
     let Some(l4) = parse::load::<L4Head>(ctx, ip.l4_off) else {
-        return Ok(Decision::pass(Reason::PassMalformed));
+        return Decision::pass(Reason::PassMalformed);
     };
     // The key is the one the pod's answers will carry on egress.
     let (pod_port, remote_port, seen) = match ip.proto {
         IPPROTO_TCP => {
             let Some(flags) = parse::tcp_flags(ctx, ip.l4_off) else {
-                return Ok(Decision::pass(Reason::PassMalformed));
+                return Decision::pass(Reason::PassMalformed);
             };
             (
                 port(l4.dport()),
@@ -109,7 +109,7 @@ fn inbound(ctx: &TcContext, ip: &Ipv4) -> Step<Decision> {
         IPPROTO_ICMP if l4.icmp_type() == ICMP_ECHO_REQUEST => {
             (port(l4.port_or_id(ip.proto)), 0, 0)
         }
-        _ => return Ok(Decision::pass(Reason::PassInbound)),
+        _ => return Decision::pass(Reason::PassInbound),
     };
     let key = nat::egress_key(ip.proto, ip.dst, ip.src, pod_port, remote_port);
     if let Some(entry) = nat::lookup(&key) {
@@ -126,9 +126,9 @@ fn inbound(ctx: &TcContext, ip: &Ipv4) -> Step<Decision> {
             created_ns: now,
         };
         // A failure here only means another CPU recorded it first.
-        let _ = NAT.insert(&key, &entry, u64::from(BPF_NOEXIST));
+        let _ = NAT.insert(key, entry, u64::from(BPF_NOEXIST));
     }
-    Ok(Decision::pass(Reason::PassInbound))
+    Decision::pass(Reason::PassInbound)
 }
 
 #[inline(always)]

@@ -3,6 +3,10 @@
 //! they delegate, after counting its reason in `stats`.
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::inline_always,
+    reason = "every helper is inlined on purpose: BPF-to-BPF calls limit stack and pointer passing, and the verifier tracks packet bounds best within one function"
+)]
 
 mod csum;
 mod decision;
@@ -18,6 +22,10 @@ mod redirect;
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
 #[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the signature #[classifier] requires"
+)]
 pub fn vcnpath_egress(ctx: TcContext) -> i32 {
     let decision = match egress::run(&ctx) {
         Ok(decision) | Err(decision) => decision,
@@ -27,6 +35,10 @@ pub fn vcnpath_egress(ctx: TcContext) -> i32 {
 }
 
 #[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the signature #[classifier] requires"
+)]
 pub fn vcnpath_ingress(ctx: TcContext) -> i32 {
     let decision = match ingress::run(&ctx) {
         Ok(decision) | Err(decision) => decision,

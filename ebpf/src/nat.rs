@@ -120,7 +120,7 @@ pub fn create(ctx: &TcContext, config: &Config, fwd: &NatKey, seen: u8) -> Step<
             return false;
         }
         let key = ingress_key(fwd.proto, fwd.dst, config.masq_ip, reply_sport, port);
-        NAT.insert(&key, &reply, u64::from(BPF_NOEXIST)).is_ok()
+        NAT.insert(key, reply, u64::from(BPF_NOEXIST)).is_ok()
     };
 
     // An ingress entry for the original port that already points back at this very
@@ -147,12 +147,12 @@ pub fn create(ctx: &TcContext, config: &Config, fwd: &NatKey, seen: u8) -> Step<
         tcp_seen: seen,
         created_ns: now,
     };
-    if NAT.insert(fwd, &entry, u64::from(BPF_NOEXIST)).is_err() {
+    if NAT.insert(fwd, entry, u64::from(BPF_NOEXIST)).is_err() {
         // Another CPU created this flow first (or the map refused): give back our claim
         // and use theirs, so the flow keeps one identity.
         if claimed {
             let key = ingress_key(fwd.proto, fwd.dst, config.masq_ip, reply_sport, port);
-            let _ = NAT.remove(&key);
+            let _ = NAT.remove(key);
         }
         let Some(existing) = lookup(fwd) else {
             return Err(Decision::drop(Reason::DropNatFull));

@@ -117,7 +117,7 @@ pub struct L4Head {
 impl L4Head {
     /// TCP/UDP source port, or the ICMP echo identifier (network byte order, raw).
     #[inline(always)]
-    pub fn port_or_id(&self, proto: u8) -> [u8; 2] {
+    pub fn port_or_id(self, proto: u8) -> [u8; 2] {
         if proto == IPPROTO_ICMP {
             [self.bytes[4], self.bytes[5]]
         } else {
@@ -127,13 +127,13 @@ impl L4Head {
 
     /// TCP/UDP destination port (raw network order).
     #[inline(always)]
-    pub fn dport(&self) -> [u8; 2] {
+    pub fn dport(self) -> [u8; 2] {
         [self.bytes[2], self.bytes[3]]
     }
 
     /// ICMP type.
     #[inline(always)]
-    pub fn icmp_type(&self) -> u8 {
+    pub fn icmp_type(self) -> u8 {
         self.bytes[0]
     }
 }

@@ -16,6 +16,8 @@ use crate::{
 };
 
 const AF_INET: u32 = 2;
+#[expect(clippy::cast_possible_wrap, reason = "a 20-byte struct")]
+const SIZE_OF_REDIR_NEIGH: i32 = core::mem::size_of::<bpf_redir_neigh>() as i32;
 
 /// Leaves through `owner` if the kernel routed the packet elsewhere; otherwise passes it
 /// counted as `reason`.
@@ -52,14 +54,7 @@ pub fn to_vnic(ctx: &TcContext, vnic: &Vnic, dst: [u8; 4], reason: Reason) -> St
         },
     };
     // SAFETY: params lives on the stack for the duration of the call.
-    let ret = unsafe {
-        bpf_redirect_neigh(
-            vnic.ifindex,
-            &raw mut params,
-            core::mem::size_of::<bpf_redir_neigh>() as i32,
-            0,
-        )
-    };
+    let ret = unsafe { bpf_redirect_neigh(vnic.ifindex, &raw mut params, SIZE_OF_REDIR_NEIGH, 0) };
     Ok(verdict(ret, reason))
 }
 

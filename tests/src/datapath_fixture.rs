@@ -146,5 +146,5 @@ pub fn time_ns(program: &SchedClassifier, frame: &[u8], repeat: u32) -> (u32, f6
     opts.data_in = Some(frame);
     opts.repeat = repeat;
     let result = program.test_run(opts).expect("BPF_PROG_TEST_RUN");
-    (result.return_value, result.duration.as_nanos() as f64)
+    (result.return_value, result.duration.as_secs_f64() * 1e9)
 }

@@ -1,4 +1,4 @@
-//! Packet-level tests of the TC programs through BPF_PROG_TEST_RUN: crafted packets in,
+//! Packet-level tests of the TC programs through `BPF_PROG_TEST_RUN`: crafted packets in,
 //! verdicts and rewritten packets out, checksums verified independently.
 
 use std::net::Ipv4Addr;

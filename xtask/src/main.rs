@@ -24,7 +24,7 @@ enum Task {
         #[arg(long)]
         clippy: bool,
     },
-    /// Run every test tier: lints, unit, BPF_PROG_TEST_RUN packet tests, namespace tests.
+    /// Run every test tier: lints, unit, `BPF_PROG_TEST_RUN` packet tests, namespace tests.
     Test,
     /// Print benchmark figures (e.g. `cargo xtask bench datapath`).
     Bench {

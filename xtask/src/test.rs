@@ -19,6 +19,8 @@ pub fn run() -> anyhow::Result<()> {
     cmd::run(Command::new("cargo").args([
         "clippy",
         "--workspace",
+        "--exclude",
+        "vcnpath-ebpf",
         "--all-targets",
         "--",
         "-D",
@@ -29,7 +31,14 @@ pub fn run() -> anyhow::Result<()> {
     // Tier 1 and 2: unit tests and BPF_PROG_TEST_RUN packet tests (parallel-safe).
     let lab_tests = lab_test_targets()?;
     let mut unit = Command::new("cargo");
-    unit.args(["test", "--workspace", "--lib", "--bins"]);
+    unit.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "vcnpath-ebpf",
+        "--lib",
+        "--bins",
+    ]);
     for target in other_test_targets()? {
         unit.args(["--test", &target]);
     }

@@ -45,7 +45,7 @@ pub struct StaticConfig {
     /// Capacity of the NAT table (entries; two per flow).
     #[serde(default)]
     pub nat_max_entries: Option<u32>,
-    /// Seconds between NAT garbage collections (and rp_filter checks).
+    /// Seconds between NAT garbage collections (and `rp_filter` checks).
     #[serde(default = "default_gc_interval")]
     pub gc_interval_secs: u64,
     #[serde(default)]

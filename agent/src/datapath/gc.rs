@@ -38,10 +38,10 @@ pub struct NatTimeouts {
 impl Default for NatTimeouts {
     fn default() -> Self {
         Self {
-            tcp_established: Duration::from_secs(6 * 3600),
-            tcp_opening: Duration::from_secs(60),
+            tcp_established: Duration::from_hours(6),
+            tcp_opening: Duration::from_mins(1),
             tcp_closing: Duration::from_secs(10),
-            udp: Duration::from_secs(60),
+            udp: Duration::from_mins(1),
             icmp: Duration::from_secs(30),
         }
     }
@@ -106,8 +106,8 @@ impl NatTimeouts {
 }
 
 /// Decides which keys to delete. Pure, so it is unit-tested without a kernel.
-pub fn expired(
-    entries: &HashMap<NatKey, NatEntry>,
+pub fn expired<S: std::hash::BuildHasher>(
+    entries: &HashMap<NatKey, NatEntry, S>,
     now_ns: u64,
     timeouts: &NatTimeouts,
 ) -> Vec<NatKey> {
@@ -150,7 +150,7 @@ pub fn expired(
     doomed
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns()`.
 pub fn monotonic_now_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -158,7 +158,8 @@ pub fn monotonic_now_ns() -> u64 {
     };
     // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+    // CLOCK_MONOTONIC is never negative.
+    ts.tv_sec.unsigned_abs() * 1_000_000_000 + ts.tv_nsec.unsigned_abs()
 }
 
 impl DatapathMaps {

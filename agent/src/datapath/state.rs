@@ -115,7 +115,8 @@ impl DatapathMaps {
         report.written += write.len();
         report.removed += remove.len();
         if !remove.is_empty() {
-            report.nat_purged += self.purge_nat(&remove.iter().map(|a| a.octets()).collect())?;
+            report.nat_purged +=
+                self.purge_nat(&remove.iter().map(std::net::Ipv4Addr::octets).collect())?;
         }
 
         for (trie, desired, name) in [
@@ -148,7 +149,7 @@ impl DatapathMaps {
     /// Deletes every NAT entry of the given pod addresses (both directions).
     fn purge_nat(&mut self, pods: &BTreeSet<[u8; 4]>) -> Result<usize, DatapathError> {
         let mut doomed = Vec::new();
-        for item in self.nat.iter() {
+        for item in &self.nat {
             let (key, entry) = item.map_err(DatapathError::map(MAP_NAT))?;
             let pod = if key.dir == NAT_DIR_EGRESS {
                 key.src

@@ -32,7 +32,7 @@ pub fn mac(name: &str) -> io::Result<[u8; 6]> {
     // SAFETY: ifreq is plain old data.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *dst = src as libc::c_char;
+        *dst = libc::c_char::from_ne_bytes([src]);
     }
     // SAFETY: SIOCGIFHWADDR fills ifr_hwaddr of a valid ifreq.
     let rc = unsafe {
@@ -49,7 +49,7 @@ pub fn mac(name: &str) -> io::Result<[u8; 6]> {
     let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
     let mut mac = [0u8; 6];
     for (dst, src) in mac.iter_mut().zip(data.iter()) {
-        *dst = *src as u8;
+        *dst = src.to_ne_bytes()[0];
     }
     Ok(mac)
 }

@@ -1,5 +1,5 @@
 //! `vcnpath-bench datapath`: kernel-timed cost per packet of each datapath path, measured
-//! with BPF_PROG_TEST_RUN (`repeat` runs in the kernel, which reports the mean).
+//! with `BPF_PROG_TEST_RUN` (`repeat` runs in the kernel, which reports the mean).
 //!
 //! The kernel feeds every repeat the buffer the previous repeat left behind, so each case
 //! is built to take the same path on every repeat, and the per-reason counters are read
@@ -33,7 +33,8 @@ fn measure(
     let before = fx.counters();
     let (_, ns) = time_ns(program, frame, REPEAT);
     let delta = before.delta(&fx.counters());
-    let share = delta.get(reason) as f64 / f64::from(REPEAT);
+    // Counts are at most REPEAT (1e6): exact in an f64.
+    let share = f64::from(u32::try_from(delta.get(reason)).unwrap_or(u32::MAX)) / f64::from(REPEAT);
     Row {
         name,
         ns,
