@@ -48,7 +48,7 @@ pub fn set_addr(
     proto: u8,
     l4_off: usize,
 ) -> Step<()> {
-    ctx.store(addr_off, &new, 0).map_err(|_| REWRITE_FAILED)?;
+    store(ctx, addr_off, &new)?;
     ctx.l3_csum_replace(IP_CSUM_OFF, raw4(old), raw4(new), 4)
         .map_err(|_| REWRITE_FAILED)?;
     if proto != IPPROTO_ICMP {
@@ -72,7 +72,7 @@ pub fn set_port(
     if old == new {
         return Ok(());
     }
-    ctx.store(port_off, &new, 0).map_err(|_| REWRITE_FAILED)?;
+    store(ctx, port_off, &new)?;
     ctx.l4_csum_replace(
         l4_off + csum_field(proto),
         raw2(old),
@@ -97,8 +97,16 @@ pub fn fix2(ctx: &TcContext, csum_off: usize, old: [u8; 2], new: [u8; 2]) -> Ste
         .map_err(|_| REWRITE_FAILED)
 }
 
-/// Stores raw bytes in the packet.
+/// Writes `value` into the packet with direct packet access (no helper call: the
+/// verifier's TC prologue already made the head writable). Pointers are re-derived on
+/// every call because the checksum helpers invalidate them.
 #[inline(always)]
-pub fn store<T>(ctx: &TcContext, off: usize, value: &T) -> Step<()> {
-    ctx.store(off, value, 0).map_err(|_| REWRITE_FAILED)
+pub fn store<T: Copy>(ctx: &TcContext, off: usize, value: &T) -> Step<()> {
+    let start = ctx.data();
+    if start + off + core::mem::size_of::<T>() > ctx.data_end() {
+        return Err(REWRITE_FAILED);
+    }
+    // SAFETY: bounds checked against data_end just above.
+    unsafe { core::ptr::write_unaligned((start + off) as *mut T, *value) };
+    Ok(())
 }

@@ -8,7 +8,7 @@
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
 };
 use vcnpath_common::{
     Config, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_PORT_TRIES, NAT_TOUCH_INTERVAL_NS, NatEntry,
@@ -82,7 +82,8 @@ pub fn tcp_seen(tcp_flags: u8) -> u8 {
 pub fn touch(entry: *mut NatEntry, seen: u8) {
     // SAFETY: `entry` comes from a map lookup in this program run.
     unsafe {
-        let now = bpf_ktime_get_ns();
+        // The coarse clock (jiffies) is plenty for second-granularity expiry and cheaper.
+        let now = bpf_ktime_get_coarse_ns();
         let merged = (*entry).tcp_seen | seen;
         if merged != (*entry).tcp_seen {
             (*entry).tcp_seen = merged;

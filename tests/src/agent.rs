@@ -15,11 +15,12 @@ use crate::lab::{ChildGuard, Lab, VNICS, spawn_in};
 /// Path of the `vcnpath` binary built next to the test executable (`cargo xtask test`
 /// builds it before the lab tests).
 pub fn binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/..");
+    let exe = std::env::current_exe().expect("executable path");
+    // Test executables live in target/<profile>/deps, binaries in target/<profile>.
+    let mut dir = exe.parent().expect("executable directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target/<profile>");
+    }
     let bin = dir.join("vcnpath");
     assert!(
         bin.exists(),

@@ -26,6 +26,8 @@ enum Task {
     },
     /// Run every test tier: lints, unit, `BPF_PROG_TEST_RUN` packet tests, namespace tests.
     Test,
+    /// The main job: vcnpath in the namespace lab with pods on two VNICs, and a report.
+    Demo,
     /// Print benchmark figures (e.g. `cargo xtask bench datapath`).
     Bench {
         /// What to measure.
@@ -40,5 +42,6 @@ fn main() -> anyhow::Result<()> {
         Task::BuildEbpf { clippy } => build_ebpf::run(clippy),
         Task::Test => test::run(),
         Task::Bench { what } => test::bench(&what),
+        Task::Demo => test::demo(),
     }
 }

@@ -102,3 +102,16 @@ pub fn bench(what: &str) -> anyhow::Result<()> {
         what,
     ]))
 }
+
+pub fn demo() -> anyhow::Result<()> {
+    setup::run()?;
+    cmd::run(Command::new("cargo").args(["build", "-p", "vcnpath-agent", "--bins"]))?;
+    cmd::run(Command::new("cargo").args([
+        "run",
+        "-q",
+        "-p",
+        "vcnpath-tests",
+        "--bin",
+        "vcnpath-demo",
+    ]))
+}
