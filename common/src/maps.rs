@@ -11,7 +11,7 @@ pub const CIDRS_MAX: u32 = 256;
 pub const NAT_MAX: u32 = 262_144;
 
 /// Value of `vnics`, keyed by the interface index (`u32`).
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Vnic {
     /// Interface index of the VNIC's link in the node's network namespace.
@@ -39,7 +39,7 @@ pub struct Vnic {
 pub const VNIC_F_ROUTER_MAC: u8 = 1;
 
 /// Key of `endpoints`.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EndpointKey {
     /// The address.
@@ -47,7 +47,7 @@ pub struct EndpointKey {
 }
 
 /// Value of `endpoints`.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Endpoint {
     /// Interface index of the VNIC that owns the address in OCI.
@@ -68,7 +68,7 @@ pub const ENDPOINT_KIND_POD: u8 = 2;
 pub type CidrValue = u32;
 
 /// Value of `config` (a one-element array, index 0).
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     /// Source address of masqueraded traffic (the primary VNIC's primary IP).
@@ -88,7 +88,7 @@ pub const CONFIG_F_ENABLED: u32 = 1;
 
 /// Key of `nat`. Ports are in host order; for ICMP echo the identifier is the source
 /// port of the echo request (`sport` of the egress key, `dport` of the ingress key).
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct NatKey {
     /// Source address of the packet this entry matches.
@@ -150,6 +150,10 @@ pub const NAT_TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
 
 /// Bounded number of ports tried for a new flow before it is dropped as exhausted.
 pub const NAT_PORT_TRIES: u32 = 64;
+
+// `align(4)` changes no layout (every size is a multiple of 4) but tells the compiler the
+// `[u8; 4]` address fields are word-aligned, so the eBPF side loads, stores and compares
+// them as single 32-bit words instead of byte by byte.
 
 // Compile-time layout checks: any change here is a change to the pinned-map ABI.
 const _: () = assert!(core::mem::size_of::<Vnic>() == 32);

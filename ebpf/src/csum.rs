@@ -49,14 +49,30 @@ pub fn set_addr(
     l4_off: usize,
 ) -> Step<()> {
     store(ctx, addr_off, &new)?;
-    ctx.l3_csum_replace(IP_CSUM_OFF, raw4(old), raw4(new), 4)
-        .map_err(|_| REWRITE_FAILED)?;
+    ip_csum_update(ctx, old, new)?;
     if proto != IPPROTO_ICMP {
         let flags = u64::from(BPF_F_PSEUDO_HDR) | l4_flags(proto) | 4;
         ctx.l4_csum_replace(l4_off + csum_field(proto), raw4(old), raw4(new), flags)
             .map_err(|_| REWRITE_FAILED)?;
     }
     Ok(())
+}
+
+/// RFC 1624 incremental update of the IPv4 header checksum for a 4-byte field change,
+/// computed here and written directly: the IP header checksum is never offloaded, so no
+/// helper (and its call) is needed.
+#[inline(always)]
+fn ip_csum_update(ctx: &TcContext, old: [u8; 4], new: [u8; 4]) -> Step<()> {
+    let Some(current) = crate::parse::load::<[u8; 2]>(ctx, IP_CSUM_OFF) else {
+        return Err(REWRITE_FAILED);
+    };
+    let word = |b: [u8; 4], i: usize| u32::from(u16::from_be_bytes([b[i], b[i + 1]]));
+    let mut sum = u32::from(!u16::from_be_bytes(current));
+    sum += (0xffff - word(old, 0)) + (0xffff - word(old, 2)) + word(new, 0) + word(new, 2);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    let updated = !(sum as u16);
+    store(ctx, IP_CSUM_OFF, &updated.to_be_bytes())
 }
 
 /// Rewrites a TCP/UDP port or ICMP echo identifier of the outer L4 header.

@@ -3,7 +3,7 @@
 //! pass untouched (rule 5).
 
 use aya_ebpf::programs::TcContext;
-use vcnpath_common::{Config, ENDPOINT_KIND_POD, NAT_F_INBOUND, Reason};
+use vcnpath_common::{Config, ENDPOINT_KIND_POD, NAT_F_INBOUND, NatKey, Reason};
 
 use crate::{
     csum,
@@ -25,62 +25,92 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
     if owner.kind != ENDPOINT_KIND_POD {
         return Ok(Decision::pass(Reason::PassNotEndpoint));
     }
-    if maps::is_nonmasq(ip.dst) {
-        return redirect::via_owner(ctx, owner.ifindex, ip.dst, Reason::PassVcn);
-    }
-    if ip.later_fragment {
-        // Without the L4 header the flow cannot be found; passing would leak the pod
-        // address outside the VCN.
-        return Ok(Decision::drop(Reason::DropFragment));
-    }
-    let Some(l4) = parse::load::<L4Head>(ctx, ip.l4_off) else {
-        return Ok(Decision::drop(Reason::DropMalformed));
-    };
-    let seen = match ip.proto {
-        IPPROTO_TCP => {
-            let Some(flags) = parse::tcp_flags(ctx, ip.l4_off) else {
-                return Ok(Decision::drop(Reason::DropMalformed));
-            };
-            nat::tcp_seen(flags)
-        }
-        IPPROTO_UDP => 0,
-        IPPROTO_ICMP if parse::is_icmp_echo(l4.icmp_type()) => 0,
-        IPPROTO_ICMP if parse::is_icmp_error(l4.icmp_type()) => {
-            return icmp::egress_error(ctx, &config, &ip, owner.ifindex);
-        }
-        _ => return Ok(Decision::drop(Reason::DropProtocol)),
-    };
-
-    let sport = u16::from_be_bytes(l4.port_or_id(ip.proto));
-    let dport = if ip.proto == IPPROTO_ICMP {
-        0
+    let l4 = if ip.later_fragment {
+        L4::Fragment
     } else {
-        u16::from_be_bytes(l4.dport())
+        classify(ctx, &ip)
     };
-    let key = nat::egress_key(ip.proto, ip.src, ip.dst, sport, dport);
 
-    // The entry's own address is used (not the current config) so a flow keeps the
-    // identity its ingress entry was keyed by.
-    let (addr, port, reason) = match nat::lookup(&key) {
-        Some(entry) => {
-            nat::touch(entry, seen);
+    // Fast path: a packet of a flow already in the NAT table skips the CIDR lookups.
+    // Egress entries only exist for destinations classified as outside the VCN (the
+    // agent purges them when the CIDRs change) or for flows opened from outside.
+    if let L4::Flow { key, sport, seen } = &l4 {
+        if let Some(entry) = nat::lookup(key) {
+            nat::touch(entry, *seen);
             // SAFETY: pointer from a lookup in this run.
             let (flags, addr, port) = unsafe { ((*entry).flags, (*entry).addr, (*entry).port) };
             if flags & NAT_F_INBOUND != 0 {
                 // A reply of a flow opened from outside towards the pod (rule 4).
                 return redirect::via_owner(ctx, owner.ifindex, ip.dst, Reason::PassInbound);
             }
-            (addr, port, Reason::SnatEstablished)
+            // The entry's own address is used (not the current config) so a flow keeps
+            // the identity its ingress entry was keyed by.
+            translate(ctx, &ip, addr, *sport, port)?;
+            return leave_via_masquerade(ctx, &config, ip.dst, Reason::SnatEstablished);
         }
-        None => (
-            config.masq_ip,
-            nat::create(ctx, &config, &key, seen)?,
-            Reason::SnatNew,
-        ),
-    };
+    }
 
+    if maps::is_nonmasq(ip.dst) {
+        return redirect::via_owner(ctx, owner.ifindex, ip.dst, Reason::PassVcn);
+    }
+    let (key, sport, seen) = match l4 {
+        L4::Flow { key, sport, seen } => (key, sport, seen),
+        // Without the L4 header the flow cannot be found; passing would leak the pod
+        // address outside the VCN.
+        L4::Fragment => return Ok(Decision::drop(Reason::DropFragment)),
+        L4::Malformed => return Ok(Decision::drop(Reason::DropMalformed)),
+        L4::Unsupported => return Ok(Decision::drop(Reason::DropProtocol)),
+        L4::IcmpError => return icmp::egress_error(ctx, &config, &ip, owner.ifindex),
+    };
+    let (addr, port, reason) = (
+        config.masq_ip,
+        nat::create(ctx, &config, &key, seen)?,
+        Reason::SnatNew,
+    );
     translate(ctx, &ip, addr, sport, port)?;
     leave_via_masquerade(ctx, &config, ip.dst, reason)
+}
+
+/// What the L4 header says about a pod packet.
+enum L4 {
+    /// A TCP, UDP or ICMP echo flow: its NAT key, source port (or id) and TCP flags seen.
+    Flow { key: NatKey, sport: u16, seen: u8 },
+    /// An ICMP error, translated according to the packet it quotes.
+    IcmpError,
+    /// A fragment other than the first (no L4 header).
+    Fragment,
+    /// The L4 header is truncated.
+    Malformed,
+    /// A protocol that cannot be masqueraded.
+    Unsupported,
+}
+
+#[inline(always)]
+fn classify(ctx: &TcContext, ip: &Ipv4) -> L4 {
+    let Some(l4) = parse::load::<L4Head>(ctx, ip.l4_off) else {
+        return L4::Malformed;
+    };
+    let seen = match ip.proto {
+        IPPROTO_TCP => match parse::tcp_flags(ctx, ip.l4_off) {
+            Some(flags) => nat::tcp_seen(flags),
+            None => return L4::Malformed,
+        },
+        IPPROTO_UDP => 0,
+        IPPROTO_ICMP if parse::is_icmp_echo(l4.icmp_type()) => 0,
+        IPPROTO_ICMP if parse::is_icmp_error(l4.icmp_type()) => return L4::IcmpError,
+        _ => return L4::Unsupported,
+    };
+    let sport = u16::from_be_bytes(l4.port_or_id(ip.proto));
+    let dport = if ip.proto == IPPROTO_ICMP {
+        0
+    } else {
+        u16::from_be_bytes(l4.dport())
+    };
+    L4::Flow {
+        key: nat::egress_key(ip.proto, ip.src, ip.dst, sport, dport),
+        sport,
+        seen,
+    }
 }
 
 /// Source-NATs the packet to `new_addr` and `new_port`.

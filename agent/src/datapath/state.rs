@@ -14,10 +14,11 @@ use aya::maps::{
 use ipnet::Ipv4Net;
 use vcnpath_common::{
     CidrValue, Config, Endpoint, EndpointKey, MAP_CONFIG, MAP_ENDPOINTS, MAP_NAT,
-    MAP_NONMASQ_CIDRS, MAP_VCN_CIDRS, MAP_VNICS, NAT_DIR_EGRESS, Vnic,
+    MAP_NONMASQ_CIDRS, MAP_VCN_CIDRS, MAP_VNICS, NAT_DIR_EGRESS, NAT_F_INBOUND, NatEntry, NatKey,
+    Vnic,
 };
 
-use super::{DatapathError, DatapathMaps};
+use super::{DatapathError, DatapathMaps, gc::reply_key};
 
 /// What the maps should hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -115,10 +116,17 @@ impl DatapathMaps {
         report.written += write.len();
         report.removed += remove.len();
         if !remove.is_empty() {
-            report.nat_purged +=
-                self.purge_nat(&remove.iter().map(std::net::Ipv4Addr::octets).collect())?;
+            let gone: BTreeSet<[u8; 4]> = remove.iter().map(Ipv4Addr::octets).collect();
+            report.nat_purged += self.purge_nat(|key, entry| {
+                gone.contains(&if key.dir == NAT_DIR_EGRESS {
+                    key.src
+                } else {
+                    entry.addr
+                })
+            })?;
         }
 
+        let mut cidrs_changed = false;
         for (trie, desired, name) in [
             (&mut self.vcn_cidrs, &desired.vcn_cidrs, MAP_VCN_CIDRS),
             (
@@ -130,6 +138,25 @@ impl DatapathMaps {
             let (w, r) = sync_trie(trie, desired, name)?;
             report.written += w;
             report.removed += r;
+            cidrs_changed |= w + r > 0;
+        }
+        if cidrs_changed {
+            // The programs look translated flows up before classifying the destination,
+            // so flows towards destinations now inside the VCN (or excluded) must go, or
+            // they would keep being masqueraded.
+            let nonmasq: Vec<Ipv4Net> = desired
+                .vcn_cidrs
+                .iter()
+                .chain(&desired.nonmasq_cidrs)
+                .copied()
+                .collect();
+            report.nat_purged += self.purge_nat(|key, entry| {
+                key.dir == NAT_DIR_EGRESS
+                    && entry.flags & NAT_F_INBOUND == 0
+                    && nonmasq
+                        .iter()
+                        .any(|net| net.contains(&Ipv4Addr::from(key.dst)))
+            })?;
         }
 
         let current = self
@@ -146,25 +173,32 @@ impl DatapathMaps {
         Ok(report)
     }
 
-    /// Deletes every NAT entry of the given pod addresses (both directions).
-    fn purge_nat(&mut self, pods: &BTreeSet<[u8; 4]>) -> Result<usize, DatapathError> {
-        let mut doomed = Vec::new();
+    /// Deletes the NAT entries matching `doomed`, and the reply entry of every egress
+    /// entry deleted, so no half of a flow is left behind.
+    fn purge_nat(
+        &mut self,
+        doomed: impl Fn(&NatKey, &NatEntry) -> bool,
+    ) -> Result<usize, DatapathError> {
+        let mut keys = Vec::new();
         for item in &self.nat {
             let (key, entry) = item.map_err(DatapathError::map(MAP_NAT))?;
-            let pod = if key.dir == NAT_DIR_EGRESS {
-                key.src
-            } else {
-                entry.addr
-            };
-            if pods.contains(&pod) {
-                doomed.push(key);
+            if doomed(&key, &entry) {
+                keys.push(key);
+                if key.dir == NAT_DIR_EGRESS && entry.flags & NAT_F_INBOUND == 0 {
+                    keys.push(reply_key(&key, &entry));
+                }
             }
         }
-        for key in &doomed {
-            // Already gone (LRU eviction) is fine.
-            let _ = self.nat.remove(key);
+        keys.sort_unstable_by_key(|k| (k.dir, k.src, k.dst, k.sport, k.dport, k.proto));
+        keys.dedup();
+        let mut removed = 0;
+        for key in &keys {
+            // Already gone (LRU eviction, or listed twice) is fine.
+            if self.nat.remove(key).is_ok() {
+                removed += 1;
+            }
         }
-        Ok(doomed.len())
+        Ok(removed)
     }
 }
 
