@@ -2,3 +2,4 @@
 //! shells over these modules so tests reach every piece of logic.
 pub mod datapath;
 pub mod host;
+pub mod oci;
