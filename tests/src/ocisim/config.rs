@@ -68,9 +68,9 @@ pub struct ApiKeyConfig {
 pub struct Faults {
     /// Added to every request before it is handled.
     pub latency_ms: u64,
-    /// Fraction (0–1) of requests answered 429 TooManyRequests.
+    /// Fraction (0–1) of requests answered 429 `TooManyRequests`.
     pub rate_429: f64,
-    /// Fraction (0–1) of requests answered 500 InternalServerError.
+    /// Fraction (0–1) of requests answered 500 `InternalServerError`.
     pub rate_5xx: f64,
     /// Fraction (0–1) of requests that never get an answer.
     pub rate_hang: f64,

@@ -64,7 +64,7 @@ fn cert(
     let builder = CertificateBuilder::new(
         profile,
         SerialNumber::from(serial),
-        Validity::from_now(Duration::from_secs(30 * 24 * 3600))?,
+        Validity::from_now(Duration::from_hours(30 * 24))?,
         Name::from_str(subject)?,
         SubjectPublicKeyInfoOwned::from_key(key.clone())?,
         &signer,

@@ -64,13 +64,15 @@ pub struct VnicEvent {
     pub virtual_router_ip: String,
 }
 
+type RetryTokens = HashMap<(&'static str, String), (Bytes, Value)>;
+
 pub(super) struct Shared {
     pub cloud: Mutex<Cloud>,
     pub faults: Mutex<Faults>,
     pub pki: Pki,
     pub api_keys: Mutex<HashMap<String, RsaPublicKey>>,
     /// (operation, token) → (request body, answer): `opc-retry-token` idempotency.
-    pub retry_tokens: Mutex<HashMap<(&'static str, String), (Bytes, Value)>>,
+    pub retry_tokens: Mutex<RetryTokens>,
     pub events_tx: broadcast::Sender<VnicEvent>,
     pub events: Mutex<Vec<VnicEvent>>,
     pub federations: Mutex<u64>,
@@ -295,27 +297,29 @@ async fn add_request_id(mut response: Response) -> Response {
 }
 
 /// IMDS v2 wants `Authorization: Bearer Oracle` and refuses proxied requests.
-fn imds_guard(headers: &HeaderMap) -> Result<(), Response> {
+fn imds_guard(headers: &HeaderMap) -> Result<(), Box<Response>> {
     if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer Oracle") {
-        return Err((
+        let denied = (
             StatusCode::UNAUTHORIZED,
             "IMDS v2 requires Authorization: Bearer Oracle",
-        )
-            .into_response());
+        );
+        return Err(Box::new(denied.into_response()));
     }
     if headers.contains_key("forwarded")
         || headers
             .keys()
             .any(|k| k.as_str().starts_with("x-forwarded-"))
     {
-        return Err((StatusCode::FORBIDDEN, "forwarded requests are refused").into_response());
+        return Err(Box::new(
+            (StatusCode::FORBIDDEN, "forwarded requests are refused").into_response(),
+        ));
     }
     Ok(())
 }
 
 async fn imds_instance(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     if let Err(r) = imds_guard(&headers) {
-        return r;
+        return *r;
     }
     let cloud = lock(&s.cloud);
     let c = &cloud.cfg;
@@ -333,14 +337,14 @@ async fn imds_instance(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Resp
 
 async fn imds_region(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     if let Err(r) = imds_guard(&headers) {
-        return r;
+        return *r;
     }
     lock(&s.cloud).cfg.region_short.clone().into_response()
 }
 
 async fn imds_vnics(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     if let Err(r) = imds_guard(&headers) {
-        return r;
+        return *r;
     }
     let cloud = lock(&s.cloud);
     let mut attached: Vec<_> = cloud
@@ -371,7 +375,7 @@ async fn imds_identity(
     axum::extract::Path(file): axum::extract::Path<String>,
 ) -> Response {
     if let Err(r) = imds_guard(&headers) {
-        return r;
+        return *r;
     }
     match file.as_str() {
         "cert.pem" => s.pki.leaf_pem.clone().into_response(),

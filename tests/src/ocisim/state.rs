@@ -198,7 +198,7 @@ impl Cloud {
             .filter(|a| a.state != AttachmentState::Detached)
     }
 
-    /// AttachVnic: a new VNIC with a primary IP, ATTACHING until the caller settles it.
+    /// `AttachVnic`: a new VNIC with a primary IP, ATTACHING until the caller settles it.
     /// Returns the attachment and VNIC ids.
     pub fn create_vnic(
         &mut self,
@@ -230,7 +230,9 @@ impl Cloud {
                 ));
             }
             Some(i) => i,
-            None => (0..).find(|i| !used.contains(i)).expect("unbounded range"),
+            None => (0..=u32::MAX)
+                .find(|i| !used.contains(i))
+                .expect("fewer than 2^32 VNICs"),
         };
         let subnet = self
             .subnets
@@ -296,7 +298,7 @@ impl Cloud {
         Ok((attachment_id, vnic_id))
     }
 
-    /// DetachVnic: the primary VNIC cannot be detached.
+    /// `DetachVnic`: the primary VNIC cannot be detached.
     pub fn start_detach(&mut self, id: &str) -> Result<bool, ApiError> {
         let attachment = self
             .attachments
@@ -499,7 +501,7 @@ fn rfc3339(http_date: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let (days, rem) = (secs / 86400, secs % 86400);
-    let (y, m, d) = civil_from_days(days as i64);
+    let (y, m, d) = civil_from_days(days.cast_signed());
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.000Z",
         rem / 3600,
@@ -509,6 +511,10 @@ fn rfc3339(http_date: &str) -> String {
 }
 
 /// Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
+#[expect(
+    clippy::cast_sign_loss,
+    reason = "month and day are positive by construction"
+)]
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);

@@ -12,7 +12,7 @@ use rsa::signature::Verifier as _;
 use sha2::{Digest as _, Sha256};
 
 /// OCI rejects requests whose `date` is further than this from its clock.
-pub const MAX_SKEW: Duration = Duration::from_secs(300);
+pub const MAX_SKEW: Duration = Duration::from_mins(5);
 
 /// The parsed `Authorization: Signature …` header.
 #[derive(Debug)]
