@@ -3,3 +3,4 @@
 pub mod cli;
 pub mod datapath;
 pub mod host;
+pub mod oci;

@@ -1,7 +1,9 @@
 //! Test support for vcnpath: packet crafting and checking, privilege guards, the
-//! network-namespace lab, and (later) the OCI simulator.
+//! network-namespace lab, and the OCI simulator with its test kit.
 pub mod agent;
 pub mod datapath_fixture;
 pub mod lab;
+pub mod ocikit;
+pub mod ocisim;
 pub mod packet;
 pub mod privileged;

@@ -1,0 +1,15 @@
+//! Talking to Oracle Cloud: instance metadata, request signing, authentication and the Core
+//! Services API calls the agent needs.
+pub mod auth;
+pub mod client;
+pub mod error;
+pub mod imds;
+pub mod models;
+pub mod retry;
+pub mod signer;
+
+pub use auth::{AuthProvider, ConfigFileAuth, InstancePrincipalAuth};
+pub use client::{CoreClient, Endpoints, new_retry_token};
+pub use error::{AuthError, ImdsError, OciError};
+pub use imds::ImdsClient;
+pub use retry::{RateLimit, RetryPolicy};

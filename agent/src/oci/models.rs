@@ -1,0 +1,147 @@
+//! Core Services API (20160918) resources, as far as the agent reads them. Unknown fields are
+//! ignored and optional ones defaulted, so additions on OCI's side do not break decoding.
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub type Tags = BTreeMap<String, String>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AttachmentState {
+    Attaching,
+    Attached,
+    Detaching,
+    Detached,
+    #[serde(other)]
+    Unknown,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VnicAttachment {
+    pub id: String,
+    #[serde(default)]
+    pub availability_domain: String,
+    pub compartment_id: String,
+    pub display_name: Option<String>,
+    pub instance_id: String,
+    pub lifecycle_state: AttachmentState,
+    pub nic_index: Option<u32>,
+    pub subnet_id: Option<String>,
+    /// Only once ATTACHED.
+    pub vlan_tag: Option<u32>,
+    /// Only once ATTACHED.
+    pub vnic_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Vnic {
+    pub id: String,
+    pub compartment_id: String,
+    pub display_name: Option<String>,
+    #[serde(default)]
+    pub is_primary: bool,
+    pub lifecycle_state: String,
+    pub mac_address: Option<String>,
+    pub private_ip: Option<String>,
+    pub public_ip: Option<String>,
+    pub subnet_id: String,
+    #[serde(default)]
+    pub skip_source_dest_check: bool,
+    #[serde(default)]
+    pub freeform_tags: Tags,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PrivateIp {
+    pub id: String,
+    pub compartment_id: Option<String>,
+    pub display_name: Option<String>,
+    pub ip_address: String,
+    #[serde(default)]
+    pub is_primary: bool,
+    pub subnet_id: String,
+    pub vnic_id: Option<String>,
+    #[serde(default)]
+    pub freeform_tags: Tags,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Subnet {
+    pub id: String,
+    pub cidr_block: String,
+    pub compartment_id: String,
+    pub display_name: Option<String>,
+    pub vcn_id: String,
+    pub virtual_router_ip: String,
+    pub virtual_router_mac: String,
+    #[serde(default)]
+    pub prohibit_public_ip_on_vnic: bool,
+    pub lifecycle_state: String,
+    #[serde(default)]
+    pub freeform_tags: Tags,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Vcn {
+    pub id: String,
+    /// Every CIDR of the VCN: traffic to any of them stays inside and is not masqueraded.
+    pub cidr_blocks: Vec<String>,
+    pub compartment_id: String,
+    pub display_name: Option<String>,
+    pub lifecycle_state: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttachVnicDetails {
+    pub instance_id: String,
+    pub create_vnic_details: CreateVnicDetails,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nic_index: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateVnicDetails {
+    pub subnet_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub assign_public_ip: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skip_source_dest_check: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nsg_ids: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Tags::is_empty")]
+    pub freeform_tags: Tags,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreatePrivateIpDetails {
+    pub vnic_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    #[serde(skip_serializing_if = "Tags::is_empty")]
+    pub freeform_tags: Tags,
+}
+
+/// `ListPrivateIps` takes either a VNIC, or a subnet (optionally with one address).
+#[derive(Debug, Clone)]
+pub enum PrivateIpFilter {
+    Vnic(String),
+    Subnet {
+        subnet_id: String,
+        ip_address: Option<String>,
+    },
+}

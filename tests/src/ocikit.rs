@@ -1,0 +1,140 @@
+//! Helpers shared by the tests that drive the agent's OCI client and the official OCI tools
+//! against the simulator.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rsa::RsaPrivateKey;
+use rsa::pkcs8::{EncodePrivateKey as _, EncodePublicKey as _, LineEnding};
+use sha2::{Digest as _, Sha256};
+use vcnpath::oci::{
+    ConfigFileAuth, CoreClient, Endpoints, ImdsClient, InstancePrincipalAuth, RateLimit,
+    RetryPolicy,
+};
+
+use crate::ocisim::Simulator;
+
+/// An API key written as an OCI config file profile.
+pub struct ApiKey {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub key_file: PathBuf,
+    pub key_id: String,
+    pub user: String,
+    pub fingerprint: String,
+    pub key: RsaPrivateKey,
+}
+
+/// Writes `~/.oci/config`-style files for a fresh key. The key is *not* registered.
+pub fn api_key(sim: &Simulator, user: &str) -> ApiKey {
+    let key = RsaPrivateKey::new(&mut rand::thread_rng(), 2048).expect("RSA key generation");
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let key_file = dir.path().join("key.pem");
+    std::fs::write(
+        &key_file,
+        key.to_pkcs8_pem(LineEnding::LF).expect("PEM").as_bytes(),
+    )
+    .expect("write key");
+    let der = key.to_public_key().to_public_key_der().expect("SPKI");
+    // OCI's fingerprint: MD5 of the DER public key; any stable string works for the simulator.
+    let digest = Sha256::digest(der.as_bytes());
+    let fingerprint = digest[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let cfg = sim.config();
+    let key_id = format!("{}/{user}/{fingerprint}", cfg.tenancy_id);
+    let config = dir.path().join("config");
+    std::fs::write(
+        &config,
+        format!(
+            "[DEFAULT]\nuser={user}\nfingerprint={fingerprint}\ntenancy={}\nregion={}\nkey_file={}\n",
+            cfg.tenancy_id,
+            cfg.region,
+            key_file.display()
+        ),
+    )
+    .expect("write config");
+    ApiKey {
+        dir,
+        config,
+        key_file,
+        key_id,
+        user: user.into(),
+        fingerprint,
+        key,
+    }
+}
+
+/// Registers the key with the simulator.
+pub fn register(sim: &Simulator, key: &ApiKey) {
+    sim.register_api_key(&key.key_id, key.key.to_public_key());
+}
+
+pub fn fast_retries() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 12,
+        base_delay: std::time::Duration::from_millis(10),
+        max_delay: std::time::Duration::from_millis(200),
+        total_budget: std::time::Duration::from_secs(20),
+        attempt_timeout: std::time::Duration::from_secs(5),
+    }
+}
+
+pub fn unlimited() -> RateLimit {
+    RateLimit {
+        per_second: 1000.0,
+        burst: 1000,
+    }
+}
+
+/// A client signing with an API key from a config file.
+pub fn config_file_client(sim: &Simulator, config: &Path, retry: RetryPolicy) -> CoreClient {
+    let auth = ConfigFileAuth::from_file(config, "DEFAULT").expect("config profile loads");
+    let endpoints = Endpoints::single(&sim.base_url()).expect("endpoints");
+    CoreClient::new(
+        reqwest::Client::new(),
+        &endpoints,
+        Arc::new(auth),
+        retry,
+        unlimited(),
+    )
+}
+
+/// A client authenticated as the instance (IMDS certificate → federation → session token).
+pub fn instance_principal_client(
+    sim: &Simulator,
+    retry: RetryPolicy,
+) -> (CoreClient, Arc<InstancePrincipalAuth>) {
+    let http = reqwest::Client::new();
+    let imds = ImdsClient::new(&sim.imds_url(), http.clone()).expect("IMDS URL");
+    let endpoints = Endpoints::single(&sim.base_url()).expect("endpoints");
+    let auth = Arc::new(InstancePrincipalAuth::new(
+        imds,
+        &endpoints.auth,
+        http.clone(),
+    ));
+    (
+        CoreClient::new(http, &endpoints, auth.clone(), retry, unlimited()),
+        auth,
+    )
+}
+
+/// The Python interpreter of the tools venv: `$VCNPATH_PYTHON`, else `<workspace>/target/oci-venv/bin/python`.
+pub fn python() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("VCNPATH_PYTHON") {
+        return Ok(PathBuf::from(p));
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate sits in the workspace");
+    let python = root.join("target/oci-venv/bin/python");
+    if python.exists() {
+        Ok(python)
+    } else {
+        Err(format!(
+            "{} not found (run the setup step, or set VCNPATH_PYTHON)",
+            python.display()
+        ))
+    }
+}

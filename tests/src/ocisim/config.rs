@@ -1,0 +1,115 @@
+//! What the simulator serves at start: one instance, one VCN with subnets, limits and faults.
+//! Every field has a default, so a state file (TOML or JSON) names only what it changes.
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimConfig {
+    pub tenancy_id: String,
+    pub compartment_id: String,
+    pub instance_id: String,
+    /// Canonical region name, e.g. `us-ashburn-1`.
+    pub region: String,
+    /// IMDS `region` (OCI answers a short code such as `iad` in older regions).
+    pub region_short: String,
+    pub realm_domain: String,
+    pub availability_domain: String,
+    pub shape: String,
+    pub ocpus: f64,
+    /// The shape's VNIC limit (IMDS `shapeConfig.maxVnicAttachments`), primary VNIC included.
+    pub max_vnic_attachments: u32,
+    /// Secondary private IPs one VNIC may hold (the primary IP does not count).
+    pub ips_per_vnic: u32,
+    /// Time an attachment stays ATTACHING (and DETACHING) before it settles.
+    pub attach_delay_ms: u64,
+    /// Largest page a list call returns (a smaller `limit` wins).
+    pub page_size: usize,
+    /// Lifetime of the session tokens issued by `/v1/x509`.
+    pub token_lifetime_s: u64,
+    pub vcn: VcnConfig,
+    /// The first subnet holds the primary VNIC.
+    pub subnets: Vec<SubnetConfig>,
+    /// API keys accepted for signed requests (the instance's session keys need none).
+    pub api_keys: Vec<ApiKeyConfig>,
+    pub faults: Faults,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VcnConfig {
+    pub id: String,
+    pub display_name: String,
+    pub cidr_blocks: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubnetConfig {
+    pub id: String,
+    pub display_name: String,
+    pub cidr_block: String,
+}
+
+/// An API key: `key_id` is `<tenancy>/<user>/<fingerprint>`, the key a PEM public key
+/// (SPKI or PKCS#1) given inline or as a file path.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyConfig {
+    pub key_id: String,
+    #[serde(default)]
+    pub public_key_pem: Option<String>,
+    #[serde(default)]
+    pub public_key_file: Option<String>,
+}
+
+/// Faults injected into Core API requests (IMDS, federation and admin are never faulted).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Added to every request before it is handled.
+    pub latency_ms: u64,
+    /// Fraction (0–1) of requests answered 429 `TooManyRequests`.
+    pub rate_429: f64,
+    /// Fraction (0–1) of requests answered 500 `InternalServerError`.
+    pub rate_5xx: f64,
+    /// Fraction (0–1) of requests that never get an answer.
+    pub rate_hang: f64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        let subnet = |n: &str, name: &str, cidr: &str| SubnetConfig {
+            id: format!("ocid1.subnet.oc1.iad.sim{n}"),
+            display_name: name.into(),
+            cidr_block: cidr.into(),
+        };
+        Self {
+            tenancy_id: "ocid1.tenancy.oc1..simtenancy".into(),
+            compartment_id: "ocid1.compartment.oc1..simcompartment".into(),
+            instance_id: "ocid1.instance.oc1.iad.siminstance".into(),
+            region: "us-ashburn-1".into(),
+            region_short: "iad".into(),
+            realm_domain: "oraclecloud.com".into(),
+            availability_domain: "Uocm:US-ASHBURN-AD-1".into(),
+            shape: "VM.Standard.E4.Flex".into(),
+            ocpus: 2.0,
+            max_vnic_attachments: 2,
+            ips_per_vnic: 31,
+            attach_delay_ms: 300,
+            page_size: 10,
+            token_lifetime_s: 3600,
+            vcn: VcnConfig {
+                id: "ocid1.vcn.oc1.iad.simvcn".into(),
+                display_name: "vcnpath-sim".into(),
+                cidr_blocks: vec!["10.0.0.0/16".into(), "10.1.0.0/16".into()],
+            },
+            subnets: vec![
+                subnet("nodes", "nodes", "10.0.0.0/24"),
+                subnet("pods", "pods", "10.0.16.0/20"),
+                subnet("tiny", "tiny", "10.1.0.0/29"),
+            ],
+            api_keys: Vec::new(),
+            faults: Faults::default(),
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The simulator's identity world: a root CA, an intermediate, the instance's leaf certificate
+//! (subject carrying `opc-tenant:`), and the key that signs session tokens (JWT, RS256).
+use std::str::FromStr as _;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use rsa::pkcs1v15::{Signature, SigningKey, VerifyingKey};
+use rsa::pkcs8::{DecodePublicKey as _, EncodePrivateKey as _, LineEnding};
+use rsa::signature::{SignatureEncoding as _, Signer as _, Verifier as _};
+use rsa::{RsaPrivateKey, RsaPublicKey};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use x509_cert::Certificate;
+use x509_cert::builder::{Builder as _, CertificateBuilder, Profile};
+use x509_cert::der::{Encode as _, EncodePem as _};
+use x509_cert::name::Name;
+use x509_cert::serial_number::SerialNumber;
+use x509_cert::spki::SubjectPublicKeyInfoOwned;
+use x509_cert::time::Validity;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("key generation: {0}")]
+    Key(#[from] rsa::Error),
+    #[error("certificate building: {0}")]
+    Build(#[from] x509_cert::builder::Error),
+    #[error("encoding: {0}")]
+    Der(#[from] x509_cert::der::Error),
+    #[error("public key encoding: {0}")]
+    Spki(#[from] x509_cert::spki::Error),
+    #[error("private key encoding: {0}")]
+    Pkcs8(#[from] rsa::pkcs8::Error),
+}
+
+pub struct Pki {
+    root: Certificate,
+    pub intermediate_pem: String,
+    pub leaf_pem: String,
+    pub leaf_key_pem: String,
+    token_key: SigningKey<Sha256>,
+}
+
+/// Claims of a session token. `spki` carries the session public key, so a token alone says
+/// which key must have signed a request (as OCI's tokens do with their `jwk` claim).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub tenant: String,
+    pub iat: u64,
+    pub exp: u64,
+    pub jti: String,
+    pub spki: String,
+}
+
+fn cert(
+    profile: Profile,
+    serial: u32,
+    subject: &str,
+    key: &RsaPublicKey,
+    signer: &RsaPrivateKey,
+) -> Result<Certificate, PkiError> {
+    let signer = SigningKey::<Sha256>::new(signer.clone());
+    let builder = CertificateBuilder::new(
+        profile,
+        SerialNumber::from(serial),
+        Validity::from_now(Duration::from_hours(30 * 24))?,
+        Name::from_str(subject)?,
+        SubjectPublicKeyInfoOwned::from_key(key.clone())?,
+        &signer,
+    )?;
+    Ok(builder.build::<Signature>()?)
+}
+
+impl Pki {
+    pub fn generate(tenancy: &str, instance: &str, compartment: &str) -> Result<Self, PkiError> {
+        let mut rng = rand::thread_rng();
+        let root_key = RsaPrivateKey::new(&mut rng, 2048)?;
+        let inter_key = RsaPrivateKey::new(&mut rng, 2048)?;
+        let leaf_key = RsaPrivateKey::new(&mut rng, 2048)?;
+        let root_name = "CN=vcnpath simulator root CA,O=vcnpath";
+        let inter_name = "CN=vcnpath simulator intermediate CA,O=vcnpath";
+        let root = cert(
+            Profile::Root,
+            1,
+            root_name,
+            &root_key.to_public_key(),
+            &root_key,
+        )?;
+        let intermediate = cert(
+            Profile::SubCA {
+                issuer: Name::from_str(root_name)?,
+                path_len_constraint: Some(0),
+            },
+            2,
+            inter_name,
+            &inter_key.to_public_key(),
+            &root_key,
+        )?;
+        // The shape of a real instance certificate's subject: the tenancy is the `opc-tenant:` OU.
+        let leaf_subject = format!(
+            "CN={instance},OU=opc-certtype:instance,OU=opc-compartment:{compartment},OU=opc-instance:{instance},OU=opc-tenant:{tenancy}"
+        );
+        let leaf = cert(
+            Profile::Leaf {
+                issuer: Name::from_str(inter_name)?,
+                enable_key_agreement: false,
+                enable_key_encipherment: true,
+            },
+            3,
+            &leaf_subject,
+            &leaf_key.to_public_key(),
+            &inter_key,
+        )?;
+        Ok(Self {
+            root,
+            intermediate_pem: intermediate.to_pem(LineEnding::LF)?,
+            leaf_pem: leaf.to_pem(LineEnding::LF)?,
+            leaf_key_pem: leaf_key.to_pkcs8_pem(LineEnding::LF)?.to_string(),
+            token_key: SigningKey::new(RsaPrivateKey::new(&mut rng, 2048)?),
+        })
+    }
+
+    /// Checks that `intermediate` was issued by the root and `leaf` by `intermediate`.
+    pub fn verify_chain(&self, leaf: &Certificate, intermediate: &Certificate) -> bool {
+        issued_by(intermediate, &self.root) && issued_by(leaf, intermediate)
+    }
+
+    pub fn issue_token(&self, claims: &Claims) -> String {
+        let header = B64URL.encode(br#"{"alg":"RS256","typ":"JWT","kid":"vcnpath-sim"}"#);
+        let payload = B64URL.encode(serde_json::to_vec(claims).expect("claims serialise"));
+        let signed = format!("{header}.{payload}");
+        let signature = B64URL.encode(self.token_key.sign(signed.as_bytes()).to_bytes());
+        format!("{signed}.{signature}")
+    }
+
+    /// The claims of a token this simulator issued and that has not expired.
+    pub fn verify_token(&self, token: &str) -> Option<Claims> {
+        let (signed, signature) = token.rsplit_once('.')?;
+        let signature = Signature::try_from(B64URL.decode(signature).ok()?.as_slice()).ok()?;
+        VerifyingKey::<Sha256>::new(self.token_key.as_ref().to_public_key())
+            .verify(signed.as_bytes(), &signature)
+            .ok()?;
+        let payload = signed.split('.').nth(1)?;
+        let claims: Claims = serde_json::from_slice(&B64URL.decode(payload).ok()?).ok()?;
+        (claims.exp > now_secs()).then_some(claims)
+    }
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The RSA public key of a certificate.
+pub fn public_key(cert: &Certificate) -> Option<RsaPublicKey> {
+    let der = cert.tbs_certificate.subject_public_key_info.to_der().ok()?;
+    RsaPublicKey::from_public_key_der(&der).ok()
+}
+
+fn issued_by(cert: &Certificate, issuer: &Certificate) -> bool {
+    if cert.tbs_certificate.issuer != issuer.tbs_certificate.subject {
+        return false;
+    }
+    let (Some(key), Ok(tbs)) = (public_key(issuer), cert.tbs_certificate.to_der()) else {
+        return false;
+    };
+    let Some(raw) = cert.signature.as_bytes() else {
+        return false;
+    };
+    let Ok(signature) = Signature::try_from(raw) else {
+        return false;
+    };
+    VerifyingKey::<Sha256>::new(key)
+        .verify(&tbs, &signature)
+        .is_ok()
+}

@@ -1,0 +1,440 @@
+//! The listening side: routes, shared state, faults, events and the in-process handle.
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use rsa::RsaPublicKey;
+use rsa::pkcs1::DecodeRsaPublicKey as _;
+use rsa::pkcs8::DecodePublicKey as _;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+use super::config::{Faults, SimConfig};
+use super::pki::{Pki, PkiError};
+use super::state::{ApiError, Cloud};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("invalid simulator configuration: {0}")]
+    Config(String),
+    #[error("cannot read API key {path}: {source}")]
+    KeyFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot parse API key of {key_id}")]
+    KeyParse { key_id: String },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot generate the certificate chain: {0}")]
+    Pki(#[from] PkiError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Attached,
+    Detached,
+}
+
+/// A VNIC appeared on or left the instance: what the lab needs to create or remove `ethN`.
+#[derive(Debug, Clone, Serialize)]
+pub struct VnicEvent {
+    pub seq: u64,
+    pub kind: EventKind,
+    pub attachment_id: String,
+    pub vnic_id: String,
+    pub nic_index: u32,
+    pub vlan_tag: u32,
+    pub mac: String,
+    pub private_ip: String,
+    pub subnet_cidr: String,
+    pub virtual_router_ip: String,
+}
+
+type RetryTokens = HashMap<(&'static str, String), (Bytes, Value)>;
+
+pub(super) struct Shared {
+    pub cloud: Mutex<Cloud>,
+    pub faults: Mutex<Faults>,
+    pub pki: Pki,
+    pub api_keys: Mutex<HashMap<String, RsaPublicKey>>,
+    /// (operation, token) → (request body, answer): `opc-retry-token` idempotency.
+    pub retry_tokens: Mutex<RetryTokens>,
+    pub events_tx: broadcast::Sender<VnicEvent>,
+    pub events: Mutex<Vec<VnicEvent>>,
+    pub federations: Mutex<u64>,
+}
+
+/// Locks ignoring poison: a panicking handler must not take the whole simulator down.
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Shared {
+    pub fn emit(&self, kind: EventKind, cloud: &Cloud, attachment_id: &str) {
+        let Some(a) = cloud.attachments.get(attachment_id) else {
+            return;
+        };
+        let Some(vnic) = cloud.vnics.get(&a.vnic_id) else {
+            return;
+        };
+        let Ok(subnet) = cloud.subnet(&a.subnet_id) else {
+            return;
+        };
+        let ip = cloud
+            .private_ips
+            .values()
+            .find(|p| p.vnic_id == a.vnic_id && p.is_primary);
+        let mut events = lock(&self.events);
+        let event = VnicEvent {
+            seq: events.len() as u64 + 1,
+            kind,
+            attachment_id: a.id.clone(),
+            vnic_id: a.vnic_id.clone(),
+            nic_index: a.nic_index,
+            vlan_tag: a.vlan_tag,
+            mac: vnic.mac.clone(),
+            private_ip: ip.map(|p| p.ip.to_string()).unwrap_or_default(),
+            subnet_cidr: subnet.cidr.to_string(),
+            virtual_router_ip: subnet.router_ip().to_string(),
+        };
+        events.push(event.clone());
+        // No subscriber is fine: the admin endpoint keeps the history.
+        let _ = self.events_tx.send(event);
+    }
+}
+
+/// A running simulator. Dropping it stops the server.
+pub struct Simulator {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub(super) fn error_response(e: &ApiError) -> Response {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        axum::Json(json!({"code": e.code, "message": e.message})),
+    )
+        .into_response()
+}
+
+impl Simulator {
+    /// Starts serving on `listen` (e.g. `127.0.0.1:0` for any free port).
+    pub async fn start(config: SimConfig, listen: &str) -> Result<Self, SimError> {
+        let mut api_keys = HashMap::new();
+        for key in &config.api_keys {
+            let pem = match (&key.public_key_pem, &key.public_key_file) {
+                (Some(pem), _) => pem.clone(),
+                (None, Some(path)) => {
+                    std::fs::read_to_string(path).map_err(|source| SimError::KeyFile {
+                        path: path.clone(),
+                        source,
+                    })?
+                }
+                (None, None) => {
+                    return Err(SimError::Config(format!(
+                        "API key {} has no public key",
+                        key.key_id
+                    )));
+                }
+            };
+            api_keys.insert(key.key_id.clone(), parse_public_key(&pem, &key.key_id)?);
+        }
+        let pki = {
+            let (t, i, c) = (
+                config.tenancy_id.clone(),
+                config.instance_id.clone(),
+                config.compartment_id.clone(),
+            );
+            tokio::task::spawn_blocking(move || Pki::generate(&t, &i, &c))
+                .await
+                .expect("key generation does not panic")?
+        };
+        let faults = config.faults.clone();
+        let cloud = Cloud::new(config).map_err(SimError::Config)?;
+        let shared = Arc::new(Shared {
+            cloud: Mutex::new(cloud),
+            faults: Mutex::new(faults),
+            pki,
+            api_keys: Mutex::new(api_keys),
+            retry_tokens: Mutex::new(HashMap::new()),
+            events_tx: broadcast::channel(256).0,
+            events: Mutex::new(Vec::new()),
+            federations: Mutex::new(0),
+        });
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|source| SimError::Bind {
+                addr: listen.to_owned(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| SimError::Bind {
+            addr: listen.to_owned(),
+            source,
+        })?;
+        let app = router(shared.clone());
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "simulator server stopped");
+            }
+        });
+        tracing::info!(%addr, "OCI simulator listening");
+        Ok(Self { addr, shared, task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    /// `http://127.0.0.1:port` — the federation endpoint's base (`/v1/x509`).
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    /// IMDS v2 base, `…/opc/v2/`.
+    pub fn imds_url(&self) -> String {
+        format!("http://{}/opc/v2/", self.addr)
+    }
+    /// Core API base, `…/20160918/`.
+    pub fn core_url(&self) -> String {
+        format!("http://{}/20160918/", self.addr)
+    }
+    pub fn config(&self) -> SimConfig {
+        lock(&self.shared.cloud).cfg.clone()
+    }
+    pub fn set_faults(&self, faults: Faults) {
+        *lock(&self.shared.faults) = faults;
+    }
+    pub fn register_api_key(&self, key_id: &str, key: RsaPublicKey) {
+        lock(&self.shared.api_keys).insert(key_id.to_owned(), key);
+    }
+    pub fn subscribe(&self) -> broadcast::Receiver<VnicEvent> {
+        self.shared.events_tx.subscribe()
+    }
+    /// How many session tokens `/v1/x509` has issued.
+    pub fn federations(&self) -> u64 {
+        *lock(&self.shared.federations)
+    }
+    /// The state as the admin endpoint shows it.
+    pub fn snapshot(&self) -> Value {
+        snapshot(&self.shared)
+    }
+    /// The instance's leaf certificate (PEM), as IMDS serves it.
+    pub fn leaf_certificate_pem(&self) -> String {
+        self.shared.pki.leaf_pem.clone()
+    }
+}
+
+fn parse_public_key(pem: &str, key_id: &str) -> Result<RsaPublicKey, SimError> {
+    RsaPublicKey::from_public_key_pem(pem)
+        .or_else(|_| RsaPublicKey::from_pkcs1_pem(pem))
+        .map_err(|_| SimError::KeyParse {
+            key_id: key_id.to_owned(),
+        })
+}
+
+fn snapshot(shared: &Shared) -> Value {
+    let cloud = lock(&shared.cloud);
+    json!({
+        "attachments": cloud.attachments.values().map(|a| cloud.attachment_json(a)).collect::<Vec<_>>(),
+        "vnics": cloud.vnics.values().map(|v| cloud.vnic_json(v)).collect::<Vec<_>>(),
+        "privateIps": cloud.private_ips.values().map(|p| cloud.private_ip_json(p)).collect::<Vec<_>>(),
+        "subnets": cloud.subnets.iter().map(|s| cloud.subnet_json(s)).collect::<Vec<_>>(),
+        "vcn": cloud.vcn_json(),
+        "faults": *lock(&shared.faults),
+    })
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/opc/v2/instance", get(imds_instance))
+        .route("/opc/v2/instance/", get(imds_instance))
+        .route("/opc/v2/instance/region", get(imds_region))
+        .route("/opc/v2/vnics", get(imds_vnics))
+        .route("/opc/v2/vnics/", get(imds_vnics))
+        .route("/opc/v2/identity/{file}", get(imds_identity))
+        .route("/v1/x509", post(super::federation::x509))
+        .route("/20160918/{*path}", any(super::core::handle))
+        .route("/admin/faults", get(get_faults).put(put_faults))
+        .route("/admin/state", get(admin_state))
+        .route("/admin/events", get(admin_events))
+        .route("/admin/api-keys", post(admin_api_key))
+        .layer(axum::middleware::map_response(add_request_id))
+        .with_state(shared)
+}
+
+/// Every OCI answer carries an `opc-request-id`, errors included.
+async fn add_request_id(mut response: Response) -> Response {
+    let id: String = {
+        use rand::Rng as _;
+        let n: u128 = rand::thread_rng().r#gen();
+        format!("sim/{n:032X}")
+    };
+    response.headers_mut().insert(
+        "opc-request-id",
+        HeaderValue::from_str(&id).expect("hex is a valid header"),
+    );
+    response
+}
+
+/// IMDS v2 wants `Authorization: Bearer Oracle` and refuses proxied requests.
+fn imds_guard(headers: &HeaderMap) -> Result<(), Box<Response>> {
+    if headers.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer Oracle") {
+        let denied = (
+            StatusCode::UNAUTHORIZED,
+            "IMDS v2 requires Authorization: Bearer Oracle",
+        );
+        return Err(Box::new(denied.into_response()));
+    }
+    if headers.contains_key("forwarded")
+        || headers
+            .keys()
+            .any(|k| k.as_str().starts_with("x-forwarded-"))
+    {
+        return Err(Box::new(
+            (StatusCode::FORBIDDEN, "forwarded requests are refused").into_response(),
+        ));
+    }
+    Ok(())
+}
+
+async fn imds_instance(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(r) = imds_guard(&headers) {
+        return *r;
+    }
+    let cloud = lock(&s.cloud);
+    let c = &cloud.cfg;
+    axum::Json(json!({
+        "id": c.instance_id, "displayName": "vcnpath-sim-node", "compartmentId": c.compartment_id,
+        "availabilityDomain": c.availability_domain, "faultDomain": "FAULT-DOMAIN-1", "region": c.region_short,
+        "canonicalRegionName": c.region,
+        "regionInfo": {"realmKey": "oc1", "realmDomainComponent": c.realm_domain, "regionKey": c.region_short.to_uppercase(), "regionIdentifier": c.region},
+        "shape": c.shape,
+        "shapeConfig": {"ocpus": c.ocpus, "memoryInGBs": c.ocpus * 16.0, "networkingBandwidthInGbps": c.ocpus, "maxVnicAttachments": c.max_vnic_attachments},
+        "state": "Running", "timeCreated": 1_700_000_000_000_u64, "metadata": {}, "freeformTags": {}, "definedTags": {},
+    }))
+    .into_response()
+}
+
+async fn imds_region(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(r) = imds_guard(&headers) {
+        return *r;
+    }
+    lock(&s.cloud).cfg.region_short.clone().into_response()
+}
+
+async fn imds_vnics(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(r) = imds_guard(&headers) {
+        return *r;
+    }
+    let cloud = lock(&s.cloud);
+    let mut attached: Vec<_> = cloud
+        .attachments
+        .values()
+        .filter(|a| a.state == super::state::AttachmentState::Attached)
+        .collect();
+    attached.sort_by_key(|a| a.nic_index);
+    let vnics: Vec<Value> = attached
+        .iter()
+        .filter_map(|a| {
+            let vnic = cloud.vnics.get(&a.vnic_id)?;
+            let subnet = cloud.subnet(&a.subnet_id).ok()?;
+            let ip = cloud.private_ips.values().find(|p| p.vnic_id == a.vnic_id && p.is_primary)?;
+            Some(json!({
+                "vnicId": vnic.id, "privateIp": ip.ip.to_string(), "vlanTag": a.vlan_tag, "macAddr": vnic.mac,
+                "virtualRouterIp": subnet.router_ip().to_string(), "subnetCidrBlock": subnet.cidr.to_string(),
+                "nicIndex": a.nic_index,
+            }))
+        })
+        .collect();
+    axum::Json(vnics).into_response()
+}
+
+async fn imds_identity(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    axum::extract::Path(file): axum::extract::Path<String>,
+) -> Response {
+    if let Err(r) = imds_guard(&headers) {
+        return *r;
+    }
+    match file.as_str() {
+        "cert.pem" => s.pki.leaf_pem.clone().into_response(),
+        "key.pem" => s.pki.leaf_key_pem.clone().into_response(),
+        "intermediate.pem" => s.pki.intermediate_pem.clone().into_response(),
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn get_faults(State(s): State<Arc<Shared>>) -> Response {
+    axum::Json(lock(&s.faults).clone()).into_response()
+}
+
+async fn put_faults(
+    State(s): State<Arc<Shared>>,
+    axum::Json(faults): axum::Json<Faults>,
+) -> Response {
+    tracing::info!(?faults, "faults changed");
+    *lock(&s.faults) = faults.clone();
+    axum::Json(faults).into_response()
+}
+
+async fn admin_state(State(s): State<Arc<Shared>>) -> Response {
+    axum::Json(snapshot(&s)).into_response()
+}
+
+/// Polling: `GET /admin/events?since=N` returns the events with `seq > N`.
+async fn admin_events(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let since: u64 = q.get("since").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let events: Vec<VnicEvent> = lock(&s.events)
+        .iter()
+        .filter(|e| e.seq > since)
+        .cloned()
+        .collect();
+    axum::Json(events).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct NewApiKey {
+    key_id: String,
+    public_key_pem: String,
+}
+
+async fn admin_api_key(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
+    let Ok(new) = serde_json::from_slice::<NewApiKey>(&body) else {
+        return error_response(&ApiError::new(
+            400,
+            "InvalidParameter",
+            "expected {key_id, public_key_pem}",
+        ));
+    };
+    match parse_public_key(&new.public_key_pem, &new.key_id) {
+        Ok(key) => {
+            lock(&s.api_keys).insert(new.key_id, key);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => error_response(&ApiError::new(400, "InvalidParameter", e.to_string())),
+    }
+}

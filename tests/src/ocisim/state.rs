@@ -1,0 +1,528 @@
+//! The simulated cloud: the instance's VNIC attachments, VNICs, private IPs and the subnets
+//! they draw addresses from, with OCI's limits and rules.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::config::SimConfig;
+
+/// An OCI error answer: HTTP status, `code` and `message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn not_found(what: &str, id: &str) -> Self {
+        Self::new(
+            404,
+            "NotAuthorizedOrNotFound",
+            format!("{what} {id} not found or not authorized"),
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AttachmentState {
+    Attaching,
+    Attached,
+    Detaching,
+    Detached,
+}
+
+#[derive(Debug, Clone)]
+pub struct Subnet {
+    pub id: String,
+    pub display_name: String,
+    pub cidr: Ipv4Net,
+    pub router_mac: String,
+    pub used: BTreeSet<Ipv4Addr>,
+}
+
+impl Subnet {
+    pub fn router_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.cidr.network()) + 1)
+    }
+
+    /// The lowest free address; OCI reserves the first two (network, router) and the last.
+    fn allocate(&mut self) -> Option<Ipv4Addr> {
+        let first = u32::from(self.cidr.network()) + 2;
+        let last = u32::from(self.cidr.broadcast()).checked_sub(1)?;
+        let ip = (first..=last)
+            .map(Ipv4Addr::from)
+            .find(|ip| !self.used.contains(ip))?;
+        self.used.insert(ip);
+        Some(ip)
+    }
+
+    fn claim(&mut self, ip: Ipv4Addr) -> Result<(), ApiError> {
+        let reserved =
+            ip == self.cidr.network() || ip == self.router_ip() || ip == self.cidr.broadcast();
+        if !self.cidr.contains(&ip) || reserved {
+            return Err(ApiError::new(
+                400,
+                "InvalidParameter",
+                format!("{ip} is not a usable address of {}", self.cidr),
+            ));
+        }
+        if !self.used.insert(ip) {
+            return Err(ApiError::new(
+                409,
+                "Conflict",
+                format!("{ip} is already assigned in subnet {}", self.id),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub id: String,
+    pub display_name: Option<String>,
+    pub subnet_id: String,
+    pub nic_index: u32,
+    pub state: AttachmentState,
+    pub vnic_id: String,
+    pub vlan_tag: u32,
+    pub time_created: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Vnic {
+    pub id: String,
+    pub display_name: Option<String>,
+    pub subnet_id: String,
+    pub mac: String,
+    pub is_primary: bool,
+    pub skip_source_dest_check: bool,
+    pub freeform_tags: Value,
+    pub time_created: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct PrivateIp {
+    pub id: String,
+    pub vnic_id: String,
+    pub subnet_id: String,
+    pub ip: Ipv4Addr,
+    pub is_primary: bool,
+    pub display_name: Option<String>,
+    pub freeform_tags: Value,
+    pub time_created: String,
+}
+
+/// Everything the simulator holds. Ids are allocated from one counter, so ordering by id is
+/// ordering by creation (what list calls return).
+#[derive(Debug)]
+pub struct Cloud {
+    pub cfg: SimConfig,
+    pub subnets: Vec<Subnet>,
+    pub attachments: BTreeMap<String, Attachment>,
+    pub vnics: BTreeMap<String, Vnic>,
+    pub private_ips: BTreeMap<String, PrivateIp>,
+    next: u64,
+}
+
+pub fn timestamp() -> String {
+    httpdate::fmt_http_date(std::time::SystemTime::now())
+}
+
+impl Cloud {
+    pub fn new(cfg: SimConfig) -> Result<Self, String> {
+        let mut subnets = Vec::new();
+        for (i, s) in cfg.subnets.iter().enumerate() {
+            let cidr: Ipv4Net = s
+                .cidr_block
+                .parse()
+                .map_err(|e| format!("subnet {}: {e}", s.id))?;
+            subnets.push(Subnet {
+                id: s.id.clone(),
+                display_name: s.display_name.clone(),
+                cidr: cidr.trunc(),
+                router_mac: format!("00:00:17:00:{:02X}:01", i + 1),
+                used: BTreeSet::new(),
+            });
+        }
+        if subnets.is_empty() {
+            return Err("at least one subnet is needed for the primary VNIC".into());
+        }
+        let mut cloud = Self {
+            cfg,
+            subnets,
+            attachments: BTreeMap::new(),
+            vnics: BTreeMap::new(),
+            private_ips: BTreeMap::new(),
+            next: 0,
+        };
+        let primary_subnet = cloud.subnets[0].id.clone();
+        let (attachment, _) = cloud
+            .create_vnic(&primary_subnet, Some(0), None, true, json!({}))
+            .map_err(|e| e.message)?;
+        cloud
+            .attachments
+            .get_mut(&attachment)
+            .expect("just created")
+            .state = AttachmentState::Attached;
+        Ok(cloud)
+    }
+
+    fn id(&mut self, kind: &str) -> String {
+        self.next += 1;
+        format!("ocid1.{kind}.oc1.iad.sim{:06}", self.next)
+    }
+
+    pub fn subnet(&self, id: &str) -> Result<&Subnet, ApiError> {
+        self.subnets
+            .iter()
+            .find(|s| s.id == id)
+            .ok_or_else(|| ApiError::not_found("subnet", id))
+    }
+
+    fn live_attachments(&self) -> impl Iterator<Item = &Attachment> {
+        self.attachments
+            .values()
+            .filter(|a| a.state != AttachmentState::Detached)
+    }
+
+    /// `AttachVnic`: a new VNIC with a primary IP, ATTACHING until the caller settles it.
+    /// Returns the attachment and VNIC ids.
+    pub fn create_vnic(
+        &mut self,
+        subnet_id: &str,
+        nic_index: Option<u32>,
+        display_name: Option<String>,
+        is_primary: bool,
+        freeform_tags: Value,
+    ) -> Result<(String, String), ApiError> {
+        self.subnet(subnet_id)?;
+        let live = self.live_attachments().count() as u32;
+        if live >= self.cfg.max_vnic_attachments {
+            return Err(ApiError::new(
+                400,
+                "LimitExceeded",
+                format!(
+                    "shape {} allows {} VNIC attachments",
+                    self.cfg.shape, self.cfg.max_vnic_attachments
+                ),
+            ));
+        }
+        let used: BTreeSet<u32> = self.live_attachments().map(|a| a.nic_index).collect();
+        let nic_index = match nic_index {
+            Some(i) if used.contains(&i) => {
+                return Err(ApiError::new(
+                    409,
+                    "Conflict",
+                    format!("nicIndex {i} is in use"),
+                ));
+            }
+            Some(i) => i,
+            None => (0..=u32::MAX)
+                .find(|i| !used.contains(i))
+                .expect("fewer than 2^32 VNICs"),
+        };
+        let subnet = self
+            .subnets
+            .iter_mut()
+            .find(|s| s.id == subnet_id)
+            .expect("checked above");
+        let ip = subnet.allocate().ok_or_else(|| {
+            ApiError::new(
+                400,
+                "LimitExceeded",
+                format!("subnet {subnet_id} has no free private IP addresses"),
+            )
+        })?;
+        let attachment_id = self.id("vnicattachment");
+        let vnic_id = self.id("vnic");
+        let ip_id = self.id("privateip");
+        let mac = format!(
+            "02:00:17:{:02X}:{:02X}:{:02X}",
+            (self.next >> 16) & 0xff,
+            (self.next >> 8) & 0xff,
+            self.next & 0xff
+        );
+        let now = timestamp();
+        self.vnics.insert(
+            vnic_id.clone(),
+            Vnic {
+                id: vnic_id.clone(),
+                display_name: display_name.clone(),
+                subnet_id: subnet_id.into(),
+                mac,
+                is_primary,
+                skip_source_dest_check: false,
+                freeform_tags: freeform_tags.clone(),
+                time_created: now.clone(),
+            },
+        );
+        self.private_ips.insert(
+            ip_id.clone(),
+            PrivateIp {
+                id: ip_id,
+                vnic_id: vnic_id.clone(),
+                subnet_id: subnet_id.into(),
+                ip,
+                is_primary: true,
+                display_name: None,
+                freeform_tags,
+                time_created: now.clone(),
+            },
+        );
+        self.attachments.insert(
+            attachment_id.clone(),
+            Attachment {
+                id: attachment_id.clone(),
+                display_name,
+                subnet_id: subnet_id.into(),
+                nic_index,
+                state: AttachmentState::Attaching,
+                vnic_id: vnic_id.clone(),
+                vlan_tag: 100 + nic_index,
+                time_created: now,
+            },
+        );
+        Ok((attachment_id, vnic_id))
+    }
+
+    /// `DetachVnic`: the primary VNIC cannot be detached.
+    pub fn start_detach(&mut self, id: &str) -> Result<bool, ApiError> {
+        let attachment = self
+            .attachments
+            .get(id)
+            .ok_or_else(|| ApiError::not_found("VNIC attachment", id))?;
+        if self
+            .vnics
+            .get(&attachment.vnic_id)
+            .is_some_and(|v| v.is_primary)
+        {
+            return Err(ApiError::new(
+                409,
+                "Conflict",
+                "The primary VNIC of an instance cannot be detached",
+            ));
+        }
+        let attachment = self.attachments.get_mut(id).expect("found above");
+        match attachment.state {
+            AttachmentState::Attaching | AttachmentState::Attached => {
+                attachment.state = AttachmentState::Detaching;
+                Ok(true)
+            }
+            // Detaching twice is not an error: the second call asks for what is already happening.
+            AttachmentState::Detaching | AttachmentState::Detached => Ok(false),
+        }
+    }
+
+    /// The end of a detach: the VNIC and its addresses are gone.
+    pub fn finish_detach(&mut self, id: &str) {
+        let Some(attachment) = self.attachments.get_mut(id) else {
+            return;
+        };
+        attachment.state = AttachmentState::Detached;
+        let vnic_id = attachment.vnic_id.clone();
+        self.vnics.remove(&vnic_id);
+        let ips: Vec<PrivateIp> = self
+            .private_ips
+            .values()
+            .filter(|p| p.vnic_id == vnic_id)
+            .cloned()
+            .collect();
+        for ip in ips {
+            self.release_ip(&ip);
+        }
+    }
+
+    fn release_ip(&mut self, ip: &PrivateIp) {
+        self.private_ips.remove(&ip.id);
+        if let Some(subnet) = self.subnets.iter_mut().find(|s| s.id == ip.subnet_id) {
+            subnet.used.remove(&ip.ip);
+        }
+    }
+
+    pub fn create_private_ip(&mut self, body: &Value) -> Result<String, ApiError> {
+        let vnic_id = body["vnicId"]
+            .as_str()
+            .ok_or_else(|| ApiError::new(400, "InvalidParameter", "vnicId is required"))?;
+        let vnic = self
+            .vnics
+            .get(vnic_id)
+            .ok_or_else(|| ApiError::not_found("VNIC", vnic_id))?
+            .clone();
+        let secondary = self
+            .private_ips
+            .values()
+            .filter(|p| p.vnic_id == vnic_id && !p.is_primary)
+            .count() as u32;
+        if secondary >= self.cfg.ips_per_vnic {
+            return Err(ApiError::new(
+                400,
+                "LimitExceeded",
+                format!(
+                    "VNIC {vnic_id} already has the maximum of {} secondary private IPs",
+                    self.cfg.ips_per_vnic
+                ),
+            ));
+        }
+        let subnet = self
+            .subnets
+            .iter_mut()
+            .find(|s| s.id == vnic.subnet_id)
+            .expect("a VNIC's subnet exists");
+        let ip = match body["ipAddress"].as_str() {
+            Some(text) => {
+                let ip: Ipv4Addr = text.parse().map_err(|_| {
+                    ApiError::new(400, "InvalidParameter", format!("invalid ipAddress {text}"))
+                })?;
+                subnet.claim(ip)?;
+                ip
+            }
+            None => subnet.allocate().ok_or_else(|| {
+                ApiError::new(
+                    400,
+                    "LimitExceeded",
+                    format!("subnet {} has no free private IP addresses", vnic.subnet_id),
+                )
+            })?,
+        };
+        let id = self.id("privateip");
+        self.private_ips.insert(
+            id.clone(),
+            PrivateIp {
+                id: id.clone(),
+                vnic_id: vnic_id.into(),
+                subnet_id: vnic.subnet_id.clone(),
+                ip,
+                is_primary: false,
+                display_name: body["displayName"].as_str().map(str::to_owned),
+                freeform_tags: body
+                    .get("freeformTags")
+                    .cloned()
+                    .unwrap_or_else(|| json!({})),
+                time_created: timestamp(),
+            },
+        );
+        Ok(id)
+    }
+
+    pub fn delete_private_ip(&mut self, id: &str) -> Result<(), ApiError> {
+        let ip = self
+            .private_ips
+            .get(id)
+            .ok_or_else(|| ApiError::not_found("private IP", id))?
+            .clone();
+        if ip.is_primary {
+            return Err(ApiError::new(
+                400,
+                "InvalidParameter",
+                "The primary private IP of a VNIC cannot be deleted",
+            ));
+        }
+        self.release_ip(&ip);
+        Ok(())
+    }
+
+    pub fn attachment_json(&self, a: &Attachment) -> Value {
+        let attached = matches!(
+            a.state,
+            AttachmentState::Attached | AttachmentState::Detaching
+        );
+        let mut v = json!({
+            "id": a.id, "availabilityDomain": self.cfg.availability_domain, "compartmentId": self.cfg.compartment_id,
+            "displayName": a.display_name, "instanceId": self.cfg.instance_id, "lifecycleState": a.state,
+            "nicIndex": a.nic_index, "subnetId": a.subnet_id, "timeCreated": rfc3339(&a.time_created),
+        });
+        // OCI reports the VNIC and VLAN tag only once the attachment is made.
+        if attached {
+            v["vnicId"] = json!(a.vnic_id);
+            v["vlanTag"] = json!(a.vlan_tag);
+        }
+        v
+    }
+
+    pub fn vnic_json(&self, v: &Vnic) -> Value {
+        let primary = self
+            .private_ips
+            .values()
+            .find(|p| p.vnic_id == v.id && p.is_primary);
+        json!({
+            "id": v.id, "availabilityDomain": self.cfg.availability_domain, "compartmentId": self.cfg.compartment_id,
+            "displayName": v.display_name, "isPrimary": v.is_primary, "lifecycleState": "AVAILABLE",
+            "macAddress": v.mac, "privateIp": primary.map(|p| p.ip.to_string()), "publicIp": null,
+            "subnetId": v.subnet_id, "skipSourceDestCheck": v.skip_source_dest_check, "freeformTags": v.freeform_tags,
+            "definedTags": {}, "nsgIds": [], "timeCreated": rfc3339(&v.time_created),
+        })
+    }
+
+    pub fn private_ip_json(&self, p: &PrivateIp) -> Value {
+        json!({
+            "id": p.id, "availabilityDomain": self.cfg.availability_domain, "compartmentId": self.cfg.compartment_id,
+            "displayName": p.display_name, "hostnameLabel": null, "ipAddress": p.ip.to_string(), "isPrimary": p.is_primary,
+            "subnetId": p.subnet_id, "vnicId": p.vnic_id, "freeformTags": p.freeform_tags, "definedTags": {},
+            "timeCreated": rfc3339(&p.time_created),
+        })
+    }
+
+    pub fn subnet_json(&self, s: &Subnet) -> Value {
+        json!({
+            "id": s.id, "cidrBlock": s.cidr.to_string(), "compartmentId": self.cfg.compartment_id,
+            "displayName": s.display_name, "vcnId": self.cfg.vcn.id, "virtualRouterIp": s.router_ip().to_string(),
+            "virtualRouterMac": s.router_mac, "prohibitPublicIpOnVnic": true, "lifecycleState": "AVAILABLE",
+            "availabilityDomain": null, "freeformTags": {}, "definedTags": {}, "timeCreated": "2024-01-01T00:00:00.000Z",
+        })
+    }
+
+    pub fn vcn_json(&self) -> Value {
+        let v = &self.cfg.vcn;
+        json!({
+            "id": v.id, "cidrBlock": v.cidr_blocks.first(), "cidrBlocks": v.cidr_blocks,
+            "compartmentId": self.cfg.compartment_id, "displayName": v.display_name, "lifecycleState": "AVAILABLE",
+            "freeformTags": {}, "definedTags": {}, "timeCreated": "2024-01-01T00:00:00.000Z",
+        })
+    }
+}
+
+/// OCI's `timeCreated` is RFC 3339; the SDKs parse it, so keep it well-formed.
+fn rfc3339(http_date: &str) -> String {
+    let t = httpdate::parse_http_date(http_date).unwrap_or(std::time::UNIX_EPOCH);
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86400, secs % 86400);
+    let (y, m, d) = civil_from_days(days.cast_signed());
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.000Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (H. Hinnant's algorithm).
+#[expect(
+    clippy::cast_sign_loss,
+    reason = "month and day are positive by construction"
+)]
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}

@@ -1,0 +1,413 @@
+//! The agent's OCI client against the simulator, in both authentication modes.
+use std::time::{Duration, Instant};
+
+use vcnpath::oci::models::{
+    AttachVnicDetails, AttachmentState, CreatePrivateIpDetails, CreateVnicDetails, PrivateIpFilter,
+};
+use vcnpath::oci::{CoreClient, ImdsClient, OciError, RetryPolicy, new_retry_token};
+use vcnpath_tests::ocikit::{
+    api_key, config_file_client, fast_retries, instance_principal_client, register,
+};
+use vcnpath_tests::ocisim::{EventKind, Faults, SimConfig, Simulator};
+
+async fn sim(config: SimConfig) -> Simulator {
+    Simulator::start(config, "127.0.0.1:0")
+        .await
+        .expect("simulator starts")
+}
+
+fn small_limits() -> SimConfig {
+    SimConfig {
+        ips_per_vnic: 7,
+        page_size: 3,
+        attach_delay_ms: 200,
+        ..SimConfig::default()
+    }
+}
+
+/// Attach → ATTACHED → fill with IPs until `LimitExceeded` → list (paginated) → delete → detach.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one end-to-end story, read top to bottom"
+)]
+async fn vnic_cycle(sim: &Simulator, client: &CoreClient) {
+    let cfg = sim.config();
+    let pods = &cfg.subnets[1];
+    let mut events = sim.subscribe();
+    let details = AttachVnicDetails {
+        instance_id: cfg.instance_id.clone(),
+        create_vnic_details: CreateVnicDetails {
+            subnet_id: pods.id.clone(),
+            ..Default::default()
+        },
+        display_name: Some("pods-1".into()),
+        nic_index: None,
+    };
+    let token = new_retry_token();
+    let attachment = client
+        .attach_vnic(&details, &token)
+        .await
+        .expect("AttachVnic");
+    assert_eq!(
+        attachment.lifecycle_state,
+        AttachmentState::Attaching,
+        "a new attachment starts ATTACHING"
+    );
+    let again = client
+        .attach_vnic(&details, &token)
+        .await
+        .expect("AttachVnic retried with the same token");
+    assert_eq!(
+        again.id, attachment.id,
+        "the same opc-retry-token must return the same attachment"
+    );
+
+    let attached = client
+        .wait_attached(&attachment.id, Duration::from_secs(10))
+        .await
+        .expect("becomes ATTACHED");
+    let vnic_id = attached
+        .vnic_id
+        .clone()
+        .expect("an ATTACHED attachment names its VNIC");
+    assert_eq!(
+        attached.nic_index,
+        Some(1),
+        "the second VNIC gets nicIndex 1"
+    );
+    let vnic = client.get_vnic(&vnic_id).await.expect("GetVnic");
+    assert!(!vnic.is_primary, "a secondary VNIC must not be primary");
+    let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("attach event")
+        .expect("event");
+    assert_eq!(
+        (event.kind, event.mac.as_str()),
+        (
+            EventKind::Attached,
+            vnic.mac_address.as_deref().unwrap_or("")
+        )
+    );
+    assert_eq!(event.subnet_cidr, pods.cidr_block, "event subnet");
+    assert_eq!(
+        event.virtual_router_ip, "10.0.16.1",
+        "the router is the subnet's .1"
+    );
+
+    let imds = ImdsClient::new(&sim.imds_url(), reqwest::Client::new()).expect("IMDS");
+    let imds_vnics = imds.vnics().await.expect("IMDS vnics");
+    assert!(
+        imds_vnics.iter().any(|v| v.vnic_id == vnic_id
+            && v.nic_index == 1
+            && Some(&v.private_ip) == vnic.private_ip.as_ref()),
+        "IMDS /vnics/ must show the new VNIC, got {imds_vnics:?}"
+    );
+
+    let mut created = Vec::new();
+    let limit_error = loop {
+        let details = CreatePrivateIpDetails {
+            vnic_id: vnic_id.clone(),
+            ..Default::default()
+        };
+        match client.create_private_ip(&details, &new_retry_token()).await {
+            Ok(ip) => created.push(ip),
+            Err(e) => break e,
+        }
+        assert!(
+            created.len() <= 100,
+            "the IPs-per-VNIC limit was never reached"
+        );
+    };
+    assert!(
+        limit_error.is_limit_exceeded(),
+        "expected 400 LimitExceeded, got {limit_error}"
+    );
+    assert_eq!(limit_error.status(), Some(400));
+    assert_eq!(
+        created.len() as u32,
+        cfg.ips_per_vnic,
+        "secondary IPs created before the limit"
+    );
+
+    let listed = client
+        .list_private_ips(&PrivateIpFilter::Vnic(vnic_id.clone()))
+        .await
+        .expect("ListPrivateIps");
+    assert_eq!(
+        listed.len(),
+        created.len() + 1,
+        "all pages, primary included (page size {})",
+        cfg.page_size
+    );
+    assert_eq!(
+        listed.iter().filter(|p| p.is_primary).count(),
+        1,
+        "exactly one primary IP"
+    );
+    let by_addr = PrivateIpFilter::Subnet {
+        subnet_id: pods.id.clone(),
+        ip_address: Some(created[0].ip_address.clone()),
+    };
+    let found = client
+        .list_private_ips(&by_addr)
+        .await
+        .expect("ListPrivateIps by address");
+    assert_eq!(found.len(), 1, "lookup by subnet and address");
+    assert_eq!(found[0].id, created[0].id);
+
+    let primary = listed.iter().find(|p| p.is_primary).expect("primary");
+    let err = client
+        .delete_private_ip(&primary.id)
+        .await
+        .expect_err("the primary IP cannot be deleted");
+    assert_eq!(err.status(), Some(400), "deleting the primary IP: {err}");
+    for ip in &created {
+        client
+            .delete_private_ip(&ip.id)
+            .await
+            .expect("DeletePrivateIp");
+    }
+    let err = client
+        .get_private_ip(&created[0].id)
+        .await
+        .expect_err("deleted IP is gone");
+    assert!(
+        err.is_not_found(),
+        "expected 404 for a deleted IP, got {err}"
+    );
+    let remaining = client
+        .list_private_ips(&PrivateIpFilter::Vnic(vnic_id.clone()))
+        .await
+        .expect("list");
+    assert_eq!(remaining.len(), 1, "only the primary IP is left");
+
+    let attachments = client
+        .list_vnic_attachments(&cfg.compartment_id, Some(&cfg.instance_id))
+        .await
+        .expect("list");
+    let primary_attachment = attachments
+        .iter()
+        .find(|a| a.nic_index == Some(0))
+        .expect("primary attachment");
+    let err = client
+        .detach_vnic(&primary_attachment.id)
+        .await
+        .expect_err("primary VNIC cannot be detached");
+    assert_eq!(err.status(), Some(409), "detaching the primary VNIC: {err}");
+
+    client
+        .detach_vnic(&attachment.id)
+        .await
+        .expect("DetachVnic");
+    let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("detach event")
+        .expect("event");
+    assert_eq!(
+        (event.kind, event.vnic_id.as_str()),
+        (EventKind::Detached, vnic_id.as_str())
+    );
+    let detached = client
+        .get_vnic_attachment(&attachment.id)
+        .await
+        .expect("GetVnicAttachment");
+    assert_eq!(detached.lifecycle_state, AttachmentState::Detached);
+    assert!(
+        client
+            .get_vnic(&vnic_id)
+            .await
+            .expect_err("VNIC deleted")
+            .is_not_found()
+    );
+
+    let subnets = client
+        .list_subnets(&cfg.compartment_id, Some(&cfg.vcn.id))
+        .await
+        .expect("ListSubnets");
+    assert_eq!(subnets.len(), cfg.subnets.len(), "all subnets across pages");
+    let subnet = client.get_subnet(&pods.id).await.expect("GetSubnet");
+    assert_eq!(
+        (
+            subnet.cidr_block.as_str(),
+            subnet.virtual_router_ip.as_str()
+        ),
+        ("10.0.16.0/20", "10.0.16.1")
+    );
+    let vcn = client.get_vcn(&cfg.vcn.id).await.expect("GetVcn");
+    assert_eq!(vcn.cidr_blocks, cfg.vcn.cidr_blocks, "every VCN CIDR");
+}
+
+#[tokio::test]
+async fn vnic_cycle_with_api_key() {
+    let sim = sim(small_limits()).await;
+    let key = api_key(&sim, "ocid1.user.oc1..node");
+    register(&sim, &key);
+    let client = config_file_client(&sim, &key.config, fast_retries());
+    vnic_cycle(&sim, &client).await;
+}
+
+#[tokio::test]
+async fn vnic_cycle_with_instance_principal() {
+    let sim = sim(small_limits()).await;
+    let (client, auth) = instance_principal_client(&sim, fast_retries());
+    vnic_cycle(&sim, &client).await;
+    assert_eq!(
+        auth.refreshes(),
+        1,
+        "one token serves the whole cycle (1 h lifetime)"
+    );
+    assert_eq!(
+        auth.tenancy().await.expect("tenancy"),
+        sim.config().tenancy_id,
+        "tenancy from the certificate"
+    );
+}
+
+#[tokio::test]
+async fn wrong_key_is_not_authenticated() {
+    let sim = sim(SimConfig::default()).await;
+    let key = api_key(&sim, "ocid1.user.oc1..stranger");
+    let client = config_file_client(&sim, &key.config, fast_retries());
+    let err = client
+        .get_vcn(&sim.config().vcn.id)
+        .await
+        .expect_err("an unregistered key must be refused");
+    assert_eq!(
+        (err.status(), err.code()),
+        (Some(401), Some("NotAuthenticated")),
+        "got {err}"
+    );
+    assert!(
+        err.request_id().is_some_and(|id| id.starts_with("sim/")),
+        "error must carry opc-request-id: {err:?}"
+    );
+}
+
+#[tokio::test]
+async fn session_token_is_refreshed_before_expiry_without_a_failed_call() {
+    let sim = sim(SimConfig {
+        token_lifetime_s: 4,
+        ..SimConfig::default()
+    })
+    .await;
+    let (client, auth) = instance_principal_client(
+        &sim,
+        RetryPolicy {
+            max_attempts: 1,
+            ..fast_retries()
+        },
+    );
+    let vcn = sim.config().vcn.id;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(7) {
+        // max_attempts 1: any 401 (an expired token used) would fail the call.
+        client
+            .get_vcn(&vcn)
+            .await
+            .expect("every call succeeds across token refreshes");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        auth.refreshes() >= 3,
+        "a 4 s token is refreshed at half life: expected >= 3 tokens in 7 s, got {}",
+        auth.refreshes()
+    );
+    assert_eq!(
+        sim.federations(),
+        auth.refreshes(),
+        "every refresh is one federation call"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_callers_share_one_refresh() {
+    let sim = sim(SimConfig::default()).await;
+    let (client, auth) = instance_principal_client(&sim, fast_retries());
+    let client = std::sync::Arc::new(client);
+    let vcn = sim.config().vcn.id;
+    let calls = (0..8).map(|_| {
+        let (client, vcn) = (client.clone(), vcn.clone());
+        tokio::spawn(async move { client.get_vcn(&vcn).await })
+    });
+    for call in calls {
+        call.await.expect("task").expect("GetVcn");
+    }
+    assert_eq!(
+        auth.refreshes(),
+        1,
+        "8 concurrent first calls must share one federation"
+    );
+}
+
+#[tokio::test]
+async fn retries_ride_out_injected_429_and_5xx() {
+    let sim = sim(SimConfig::default()).await;
+    let key = api_key(&sim, "ocid1.user.oc1..node");
+    register(&sim, &key);
+    let client = config_file_client(&sim, &key.config, fast_retries());
+    sim.set_faults(Faults {
+        rate_429: 0.2,
+        rate_5xx: 0.2,
+        ..Faults::default()
+    });
+    let vcn = sim.config().vcn.id;
+    for i in 0..20 {
+        client
+            .get_vcn(&vcn)
+            .await
+            .unwrap_or_else(|e| panic!("call {i} should succeed through retries, got {e}"));
+    }
+}
+
+#[tokio::test]
+async fn a_permanently_failing_call_ends_in_a_typed_error_within_the_budget() {
+    let sim = sim(SimConfig::default()).await;
+    let key = api_key(&sim, "ocid1.user.oc1..node");
+    register(&sim, &key);
+    let budget = Duration::from_secs(2);
+    let policy = RetryPolicy {
+        total_budget: budget,
+        attempt_timeout: Duration::from_millis(400),
+        max_attempts: 100,
+        ..fast_retries()
+    };
+    let client = config_file_client(&sim, &key.config, policy);
+    let vcn = sim.config().vcn.id;
+
+    sim.set_faults(Faults {
+        rate_5xx: 1.0,
+        ..Faults::default()
+    });
+    let started = Instant::now();
+    let err = client.get_vcn(&vcn).await.expect_err("every attempt fails");
+    assert!(
+        started.elapsed() < budget + Duration::from_millis(500),
+        "took {:?} with a {budget:?} budget",
+        started.elapsed()
+    );
+    assert!(
+        matches!(err, OciError::RetriesExhausted { attempts, .. } if attempts > 1),
+        "expected retries, got {err:?}"
+    );
+    assert_eq!(
+        (err.status(), err.code()),
+        (Some(500), Some("InternalServerError")),
+        "got {err}"
+    );
+
+    sim.set_faults(Faults {
+        rate_hang: 1.0,
+        ..Faults::default()
+    });
+    let started = Instant::now();
+    let err = client.get_vcn(&vcn).await.expect_err("every attempt hangs");
+    assert!(
+        started.elapsed() < budget + Duration::from_millis(500),
+        "hung calls took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(err.root(), OciError::Timeout { .. }),
+        "expected a timeout, got {err:?}"
+    );
+}
