@@ -3,4 +3,5 @@
 pub mod cli;
 pub mod datapath;
 pub mod host;
+pub mod ipam;
 pub mod oci;
