@@ -2,4 +2,5 @@
 //! in the network namespace the agent runs in.
 
 pub mod link;
+pub mod netlink;
 pub mod sysctl;

@@ -1,0 +1,213 @@
+//! The node's links, addresses and neighbours over rtnetlink (no shelling out to `ip`).
+//! A [`Netlink`] handle works in the network namespace of the thread that opened it.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt as _;
+use rtnetlink::{
+    Handle, LinkUnspec,
+    packet_route::{
+        link::{LinkAttribute, LinkFlags, LinkMessage},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+    },
+};
+
+/// What failed, on which interface.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("cannot open a netlink socket: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error("netlink {operation} on {interface}: {source}")]
+    Netlink {
+        operation: &'static str,
+        interface: String,
+        #[source]
+        source: Box<rtnetlink::Error>,
+    },
+    #[error(
+        "no interface has MAC {mac}; the VNIC may still be attaching (OCI reported it, the kernel has not shown it yet)"
+    )]
+    NoSuchMac { mac: String },
+}
+
+/// A link as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+    pub up: bool,
+}
+
+/// An rtnetlink connection.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+/// Formats a MAC the way OCI and `ip` do.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` (any case).
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split([':', '-']);
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+fn link_of(message: &LinkMessage) -> Option<Link> {
+    let mut link = Link {
+        index: message.header.index,
+        name: String::new(),
+        mac: [0; 6],
+        mtu: 0,
+        up: message.header.flags.contains(LinkFlags::Up),
+    };
+    for attribute in &message.attributes {
+        match attribute {
+            LinkAttribute::IfName(name) => link.name.clone_from(name),
+            LinkAttribute::Address(bytes) if bytes.len() == 6 => link.mac.copy_from_slice(bytes),
+            LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
+            _ => {}
+        }
+    }
+    (!link.name.is_empty()).then_some(link)
+}
+
+impl Netlink {
+    /// Opens a connection in the current thread's network namespace (must be called
+    /// inside a tokio runtime).
+    pub fn connect() -> Result<Self, HostError> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(HostError::Connect)?;
+        tokio::spawn(connection);
+        Ok(Self { handle })
+    }
+
+    fn error(
+        operation: &'static str,
+        interface: &str,
+    ) -> impl FnOnce(rtnetlink::Error) -> HostError {
+        let interface = interface.to_owned();
+        move |source| HostError::Netlink {
+            operation,
+            interface,
+            source: Box::new(source),
+        }
+    }
+
+    /// Every link.
+    pub async fn links(&self) -> Result<Vec<Link>, HostError> {
+        let messages: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(Self::error("link dump", "*"))?;
+        Ok(messages.iter().filter_map(link_of).collect())
+    }
+
+    /// The link whose MAC is `mac` (how OCI identifies a VNIC's interface).
+    pub async fn link_by_mac(&self, mac: [u8; 6]) -> Result<Link, HostError> {
+        self.links()
+            .await?
+            .into_iter()
+            .find(|l| l.mac == mac)
+            .ok_or_else(|| HostError::NoSuchMac {
+                mac: format_mac(&mac),
+            })
+    }
+
+    /// Brings `link` up with `mtu` and makes sure it holds `addr/prefix_len`. Secondary
+    /// VNICs are not configured by the OS image: whoever attaches one must do this.
+    pub async fn configure_vnic(
+        &self,
+        link: &Link,
+        mtu: u32,
+        addr: Ipv4Addr,
+        prefix_len: u8,
+    ) -> Result<(), HostError> {
+        let message = LinkUnspec::new_with_index(link.index).mtu(mtu).up().build();
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(Self::error("link set up/mtu", &link.name))?;
+        self.handle
+            .address()
+            .add(link.index, IpAddr::V4(addr), prefix_len)
+            .replace()
+            .execute()
+            .await
+            .map_err(Self::error("address add", &link.name))
+    }
+
+    /// The MAC of `ip` in `link`'s neighbour table, when resolved.
+    pub async fn neighbour(&self, link: &Link, ip: Ipv4Addr) -> Result<Option<[u8; 6]>, HostError> {
+        let mut entries = self.handle.neighbours().get().execute();
+        while let Some(entry) = entries
+            .try_next()
+            .await
+            .map_err(Self::error("neighbour dump", &link.name))?
+        {
+            let usable = matches!(
+                entry.header.state,
+                NeighbourState::Reachable
+                    | NeighbourState::Stale
+                    | NeighbourState::Permanent
+                    | NeighbourState::Delay
+                    | NeighbourState::Probe
+            );
+            if entry.header.ifindex != link.index || !usable {
+                continue;
+            }
+            let mut dst = None;
+            let mut lladdr = None;
+            for attribute in &entry.attributes {
+                match attribute {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => dst = Some(*a),
+                    NeighbourAttribute::LinkLayerAddress(bytes) if bytes.len() == 6 => {
+                        let mut mac = [0; 6];
+                        mac.copy_from_slice(bytes);
+                        lladdr = Some(mac);
+                    }
+                    _ => {}
+                }
+            }
+            if dst == Some(ip) {
+                return Ok(lladdr);
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_parse_and_format_round_trip() {
+        let mac = parse_mac("02:00:17:0A:bc:01").expect("valid");
+        assert_eq!(format_mac(&mac), "02:00:17:0a:bc:01");
+        for bad in [
+            "",
+            "02:00:17:0a:bc",
+            "02:00:17:0a:bc:01:02",
+            "zz:00:17:0a:bc:01",
+        ] {
+            assert!(parse_mac(bad).is_none(), "{bad:?} must be rejected");
+        }
+    }
+}
