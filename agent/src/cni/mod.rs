@@ -102,3 +102,6 @@ fn version_json(stdin: &[u8]) -> String {
     })
     .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests;
