@@ -1,0 +1,38 @@
+//! The agent's local API: what the CNI plugin (and `vcnpath status`) asks the agent, over a
+//! root-only Unix socket.
+//!
+//! Why HTTP/1 + JSON (axum on the server, a bare hyper connection in the plugin) rather
+//! than a hand-rolled framed protocol: axum is already in the workspace, serves a
+//! `tokio::net::UnixListener` directly, and gives request size limits, JSON rejection
+//! and routing for free; an operator can also poke the socket with
+//! `curl --unix-socket /run/vcnpath/vcnpath.sock http://agent/v1/version`. A framed
+//! protocol would save one dependency edge and cost a parser, a versioning scheme and
+//! a debugging story of its own.
+//!
+//! Routes (all bodies JSON; the `v1` prefix is the compatibility contract between a
+//! plugin binary and an agent that may have been upgraded separately):
+//! - `GET  /v1/version`  → [`VersionResponse`]
+//! - `POST /v1/allocate` [`PodRef`] → [`AllocateResponse`]
+//! - `POST /v1/release`  [`PodRef`] → [`ReleaseResponse`]
+//! - `POST /v1/lookup`   [`PodRef`] → [`LookupResponse`]
+//!
+//! Every failure is an [`ErrorBody`] carrying the typed [`AllocError`].
+//!
+//! [`PodRef`]: crate::ipam::PodRef
+//! [`AllocError`]: crate::ipam::AllocError
+
+pub mod client;
+pub mod server;
+pub mod types;
+
+pub use client::{Client, ClientError};
+pub use server::{ServeError, bind, router, serve};
+pub use types::{
+    API_VERSION, AllocateResponse, ErrorBody, LookupResponse, ReleaseResponse, VersionResponse,
+};
+
+/// Where the agent listens unless configured otherwise; the conflist names it too.
+pub const DEFAULT_SOCKET: &str = "/run/vcnpath/vcnpath.sock";
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,45 @@
+//! The host-side veth name: derived from the attachment alone, so DEL can find (and
+//! remove) it from the container id even when the pod's netns is already gone, and a
+//! retried ADD finds what a killed plugin left behind.
+
+use std::fmt::Write as _;
+
+use sha2::{Digest as _, Sha256};
+
+/// Prefix of every host-side pod veth, so `ip link | grep vcn` lists them.
+pub const HOST_VETH_PREFIX: &str = "vcn";
+
+/// `vcn` + 12 hex digits of SHA-256(container id, interface): 15 characters, the kernel's
+/// limit (IFNAMSIZ - 1). The interface is part of the key because CNI identifies an
+/// attachment by both, and 48 bits keep collisions negligible at a node's pod counts.
+pub fn host_veth(container_id: &str, ifname: &str) -> String {
+    let mut hash = Sha256::new();
+    hash.update(container_id.as_bytes());
+    hash.update([0]);
+    hash.update(ifname.as_bytes());
+    let digest = hash.finalize();
+    let mut name = String::from(HOST_VETH_PREFIX);
+    for byte in &digest[..6] {
+        let _ = write!(name, "{byte:02x}");
+    }
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_short_stable_and_distinct() {
+        let a = host_veth("0123456789abcdef", "eth0");
+        assert_eq!(a.len(), 15, "{a} must fit IFNAMSIZ");
+        assert!(a.starts_with(HOST_VETH_PREFIX));
+        assert_eq!(
+            a,
+            host_veth("0123456789abcdef", "eth0"),
+            "not deterministic"
+        );
+        assert_ne!(a, host_veth("0123456789abcdef", "eth1"));
+        assert_ne!(a, host_veth("0123456789abcdee", "eth0"));
+    }
+}
