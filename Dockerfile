@@ -1,0 +1,28 @@
+# vcnpath node image: the agent (`vcnpath`, with the eBPF object embedded) and the CNI
+# plugin (`vcnpath-cni`), on a slim Debian base.
+#
+#   docker build -t ghcr.io/vcnpath/vcnpath:0.1.0 .
+FROM debian:bookworm AS build
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+        ca-certificates curl gcc libc6-dev pkg-config gnupg \
+    && curl -fsSL https://apt.llvm.org/llvm-snapshot.gpg.key | gpg --dearmor -o /usr/share/keyrings/llvm.gpg \
+    && echo "deb [signed-by=/usr/share/keyrings/llvm.gpg] http://apt.llvm.org/bookworm/ llvm-toolchain-bookworm-22 main" \
+        > /etc/apt/sources.list.d/llvm.list \
+    && apt-get update -qq \
+    && apt-get install -y -qq --no-install-recommends llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
+ENV PATH=/root/.cargo/bin:$PATH
+RUN curl -fsSL https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain 1.95.0 \
+    && rustup toolchain install nightly --profile minimal -c rust-src \
+    && LLVM_PREFIX=/usr/lib/llvm-22 PATH=/usr/lib/llvm-22/bin:$PATH \
+       cargo +nightly install bpf-linker --version 0.13.0 --no-default-features --features llvm-22
+WORKDIR /src
+COPY . .
+RUN cargo build --release -p vcnpath-agent --bins
+
+FROM debian:bookworm-slim
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/vcnpath /src/target/release/vcnpath-cni /usr/local/bin/
+COPY deploy/10-vcnpath.conflist /etc/vcnpath/10-vcnpath.conflist
+ENTRYPOINT ["/usr/local/bin/vcnpath"]
+CMD ["run", "--config", "/etc/vcnpath/config.toml"]

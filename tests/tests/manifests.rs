@@ -1,0 +1,53 @@
+//! The Kubernetes manifests in `deploy/` validate against the Kubernetes schemas, offline
+//! and strictly (unknown fields are errors), with PyPI's `kubernetes-validate`.
+
+use std::{path::Path, process::Command};
+
+use vcnpath_tests::ocikit::python;
+
+#[test]
+fn deploy_manifests_validate_against_the_kubernetes_schemas() {
+    let validator = match python() {
+        Ok(python) => python.with_file_name("kubernetes-validate"),
+        Err(reason) => {
+            println!("skipping: {reason}");
+            return;
+        }
+    };
+    if !validator.exists() {
+        println!(
+            "skipping: {} is missing (run the setup step)",
+            validator.display()
+        );
+        return;
+    }
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let mut manifests: Vec<_> = std::fs::read_dir(&deploy)
+        .expect("deploy/ exists")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    manifests.sort();
+    assert!(
+        manifests.len() >= 2,
+        "expected the DaemonSet and ConfigMap manifests in {}",
+        deploy.display()
+    );
+    let out = Command::new(&validator)
+        .args(["--strict", "--kubernetes-version", "1.33.0"])
+        .args(&manifests)
+        .output()
+        .expect("kubernetes-validate runs");
+    assert!(
+        out.status.success(),
+        "manifests are invalid:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The conflist the init container installs is valid JSON for the plugin.
+    let conflist: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(deploy.join("10-vcnpath.conflist")).unwrap())
+            .expect("conflist is JSON");
+    assert_eq!(conflist["plugins"][0]["type"], "vcnpath-cni");
+}
