@@ -8,6 +8,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
+use crate::oci::models::AttachmentState;
 use crate::oci::new_retry_token;
 
 use super::pool::{Plan, Slot, SlotState};
@@ -35,6 +36,8 @@ async fn step(inner: &Arc<Inner>) -> bool {
         let now = Instant::now();
         state.pool.tick(now);
         let plan = state.pool.plan(&inner.cfg.pool, now);
+        // The demand is in this plan; pods still waiting ask again and renew it.
+        state.pool.waiting.clear();
         // Addresses and VNICs being deleted leave the pool first, so nobody is handed one.
         for (vnic, ip, _) in &plan.release {
             if let Some(v) = state.pool.vnic_mut(vnic) {
@@ -44,7 +47,6 @@ async fn step(inner: &Arc<Inner>) -> bool {
         }
         for (vnic, _) in &plan.detach {
             state.pool.remove_vnic(vnic);
-            state.pool.other_attachments += 1; // still counts against the limit while detaching
         }
         plan
     };
@@ -70,7 +72,7 @@ async fn execute(inner: &Arc<Inner>, plan: Plan) -> bool {
         release,
         detach,
     } = plan;
-    let detaching = detach.len();
+    let attach = allowed_attaches(inner, attach).await;
     for vnic in create {
         let (inner, limit) = (inner.clone(), limit.clone());
         tasks.spawn(async move {
@@ -103,11 +105,43 @@ async fn execute(inner: &Arc<Inner>, plan: Plan) -> bool {
     while let Some(done) = tasks.join_next().await {
         progressed |= done.unwrap_or(false);
     }
-    if detaching > 0 {
-        let mut state = inner.state.lock().await;
-        state.pool.other_attachments = state.pool.other_attachments.saturating_sub(detaching);
-    }
     progressed
+}
+
+/// Recounts the instance's attachments before attaching: VNICs still detaching, or attached by
+/// someone else since the last reconcile, hold slots of the shape's limit. Without this a
+/// shape-limit LimitExceeded would be taken for an exhausted subnet.
+async fn allowed_attaches(inner: &Inner, mut attach: Vec<String>) -> Vec<String> {
+    if attach.is_empty() {
+        return attach;
+    }
+    let attachments = match inner.cloud.list_vnic_attachments().await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot count the node's VNIC attachments; not attaching now");
+            return Vec::new();
+        }
+    };
+    let state = inner.state.lock().await;
+    let pool = &state.pool;
+    // Not stored in the pool: a detaching VNIC is gone a moment later, and the pool's count
+    // (kept by the reconcile) must not stay inflated by it.
+    let others = attachments
+        .iter()
+        .filter(|a| a.lifecycle_state != AttachmentState::Detached)
+        .filter(|a| {
+            a.vnic_id
+                .as_deref()
+                .is_none_or(|id| pool.vnic(id).is_none())
+        })
+        .count();
+    let room = inner
+        .cfg
+        .pool
+        .max_vnics
+        .saturating_sub(pool.vnics().len() + others);
+    attach.truncate(room);
+    attach
 }
 
 async fn create_ip(inner: &Inner, vnic: &str) -> bool {
@@ -150,8 +184,8 @@ async fn attach_vnic(inner: &Inner, subnet: &str) -> bool {
     let attachment = match inner.cloud.attach_vnic(subnet, &inner.tags, &token).await {
         Ok(a) => a,
         Err(e) if e.is_limit_exceeded() => {
-            // Either the subnet is out of addresses or the shape's limit is reached (another
-            // agent or a person attached a VNIC): skip the subnet for a while and re-count.
+            // The attachments were just counted, so this is the subnet running out of
+            // addresses: skip it for a while, the next plan spills to the next subnet.
             tracing::warn!(subnet, error = %e, "cannot attach a VNIC in this subnet; trying the next");
             let until = Instant::now() + inner.cfg.pool.subnet_retry;
             inner

@@ -1,7 +1,7 @@
 //! The in-memory pool: the node's VNICs and their secondary IPs, and the pure policy that
 //! decides what to create, attach, release and detach. No I/O here: the service executes the
 //! [`Plan`] and feeds the results back.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
@@ -159,6 +159,9 @@ pub struct Pool {
     pub other_attachments: usize,
     /// Subnet → until when it is skipped.
     exhausted: BTreeMap<String, Instant>,
+    /// Pods refused for want of a free address since the last plan: with a warm target of 0
+    /// this is what makes the pool grow on demand. A set, so a pod retrying counts once.
+    pub waiting: BTreeSet<(String, String)>,
 }
 
 impl Pool {
@@ -282,8 +285,11 @@ impl Pool {
         if c.free > 0 {
             return false;
         }
-        if c.assigned + c.cooldown >= cfg.capacity() {
+        if c.assigned >= cfg.capacity() {
             return true;
+        }
+        if c.cooldown > 0 {
+            return false; // an address comes back when its cooldown ends
         }
         let room_on_vnics = self
             .vnics
@@ -310,7 +316,7 @@ impl Pool {
     /// Decides the next step towards the targets. Growth and shrinking never mix in one plan.
     pub fn plan(&self, cfg: &PoolConfig, now: Instant) -> Plan {
         let c = self.counts();
-        let target = (c.assigned + cfg.warm_ips)
+        let target = (c.assigned + cfg.warm_ips.max(self.waiting.len()))
             .max(cfg.min_ips)
             .min(cfg.capacity());
         // Addresses in cooldown cannot serve a pod now, so they do not count towards the target.
@@ -375,6 +381,14 @@ impl Pool {
         }
         for v in self.vnics.iter().rev() {
             if v.info.is_primary || !v.is_empty_of_pods() || empty <= cfg.warm_vnics {
+                continue;
+            }
+            // Like excess addresses, a VNIC goes only after it has been idle for the delay.
+            let idle = v.ips.values().all(|s| match s.state {
+                SlotState::Free { since } => since + cfg.release_delay <= now,
+                _ => false,
+            });
+            if !idle {
                 continue;
             }
             let released = plan.release.iter().filter(|r| r.0 == v.info.id).count();

@@ -223,6 +223,10 @@ fn empty_vnic_above_warm_target_is_detached() {
             },
         );
     }
+    assert!(
+        pool.plan(&cfg(), now).detach.is_empty(),
+        "a VNIC is detached only after the release delay"
+    );
     let later = now + Duration::from_secs(61);
     let plan = pool.plan(&cfg(), later);
     assert_eq!(
@@ -260,4 +264,40 @@ fn warm_vnic_target_attaches_a_spare() {
     };
     let plan = pool_with(now, 4, 1).plan(&cfg, now);
     assert_eq!(plan.attach.len(), 1, "{plan:?}");
+}
+
+#[test]
+fn refused_allocations_grow_a_pool_without_warm_target() {
+    let now = Instant::now();
+    let cfg = PoolConfig {
+        warm_ips: 0,
+        ..cfg()
+    };
+    let mut pool = pool_with(now, 0, 2);
+    assert!(pool.plan(&cfg, now).is_empty(), "no demand, no warm target");
+    pool.waiting.insert(("c8".into(), "eth0".into()));
+    pool.waiting.insert(("c9".into(), "eth0".into()));
+    assert_eq!(pool.plan(&cfg, now).create.len(), 2);
+}
+
+#[test]
+fn cooldown_is_not_exhaustion() {
+    let now = Instant::now();
+    let cfg = PoolConfig {
+        max_vnics: 2,
+        ..cfg()
+    };
+    let mut pool = pool_with(now, 0, 8);
+    assert!(pool.is_exhausted(&cfg, now));
+    pool.set_state(
+        "vnic-1",
+        Ipv4Addr::new(10, 0, 17, 1),
+        SlotState::Cooldown {
+            until: now + Duration::from_secs(10),
+        },
+    );
+    assert!(
+        !pool.is_exhausted(&cfg, now),
+        "the address comes back after its cooldown"
+    );
 }

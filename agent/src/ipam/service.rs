@@ -135,6 +135,12 @@ impl Ipam {
         reconcile::run(&self.inner).await
     }
 
+    /// Waits for the cloud work in flight (a growth step, a reconcile) to finish and holds off
+    /// the next while the guard lives: for shutdown, and for checks that need a still pool.
+    pub async fn quiesce(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.inner.ops.lock().await
+    }
+
     /// Host setup found the VNIC with this MAC as `interface`; its addresses become usable.
     pub async fn set_interface(&self, mac: &str, interface: &str) -> bool {
         let known = self
@@ -188,6 +194,9 @@ impl Ipam {
         inner.wake.notify_one();
         let Some((entry, previous)) = picked else {
             let exhausted = state.pool.is_exhausted(&inner.cfg.pool, Instant::now());
+            if !exhausted {
+                state.pool.waiting.insert(key);
+            }
             let error = if exhausted {
                 AllocError::Exhausted {
                     capacity: inner.cfg.pool.capacity(),
