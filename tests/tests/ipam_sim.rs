@@ -48,7 +48,7 @@ fn config(sim: &Simulator, dir: &Path, pool: PoolConfig) -> IpamConfig {
     cfg.require_interface = false;
     cfg.tick = Duration::from_millis(100);
     cfg.retry_after = Duration::from_millis(100);
-    cfg.reconcile_interval = Duration::from_secs(3600);
+    cfg.reconcile_interval = Duration::from_hours(1);
     cfg
 }
 
@@ -60,7 +60,7 @@ fn pool(sim: &Simulator, warm_ips: usize) -> PoolConfig {
         max_vnics: cfg.max_vnic_attachments as usize,
         subnets: vec![PODS_SUBNET.into()],
         cooldown: Duration::from_millis(500),
-        release_delay: Duration::from_secs(3600),
+        release_delay: Duration::from_hours(1),
         ..PoolConfig::default()
     }
 }
@@ -393,10 +393,10 @@ async fn fifty_concurrent_allocations_and_releases() {
     let mut holders: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
     for t in tasks {
         let (n, a) = t.await.expect("task");
-        if n % 2 == 0 {
-            if let Some(other) = holders.insert(a.ip, n) {
-                panic!("{} is held by pods {other} and {n}", a.ip);
-            }
+        if n % 2 == 0
+            && let Some(other) = holders.insert(a.ip, n)
+        {
+            panic!("{} is held by pods {other} and {n}", a.ip);
         }
     }
     let live = ipam.allocations().await;
@@ -467,7 +467,7 @@ async fn reconcile_restores_a_pods_address_and_touches_nothing_foreign() {
         ..Default::default()
     };
     let untagged = oci
-        .create_private_ip(&foreign(Default::default()), &new_retry_token())
+        .create_private_ip(&foreign(BTreeMap::default()), &new_retry_token())
         .await
         .unwrap();
     let other_node = oci

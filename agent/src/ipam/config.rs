@@ -41,7 +41,7 @@ impl IpamConfig {
             require_interface: true,
             parallel_calls: 4,
             tick: Duration::from_secs(1),
-            reconcile_interval: Duration::from_secs(300),
+            reconcile_interval: Duration::from_mins(5),
             retry_after: Duration::from_secs(1),
         }
     }

@@ -10,7 +10,7 @@ pub enum IpamError {
         action: &'static str,
         vnic: Option<String>,
         #[source]
-        source: OciError,
+        source: Box<OciError>,
     },
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
@@ -30,7 +30,7 @@ impl IpamError {
         move |source| IpamError::Cloud {
             action,
             vnic,
-            source,
+            source: Box::new(source),
         }
     }
 }

@@ -110,7 +110,7 @@ async fn execute(inner: &Arc<Inner>, plan: Plan) -> bool {
 
 /// Recounts the instance's attachments before attaching: VNICs still detaching, or attached by
 /// someone else since the last reconcile, hold slots of the shape's limit. Without this a
-/// shape-limit LimitExceeded would be taken for an exhausted subnet.
+/// shape-limit `LimitExceeded` would be taken for an exhausted subnet.
 async fn allowed_attaches(inner: &Inner, mut attach: Vec<String>) -> Vec<String> {
     if attach.is_empty() {
         return attach;

@@ -12,7 +12,7 @@ use super::types::PodRef;
 
 /// Targets and limits of the pool. The defaults suit a 110-pod node: 110 pods need four
 /// secondary VNICs of 31 IPs (124 addresses); eight warm IPs absorb a burst of pod starts without
-/// waiting for OCI (a CreatePrivateIp takes ~1 s, an AttachVnic 10–30 s).
+/// waiting for OCI (a `CreatePrivateIp` takes ~1 s, an `AttachVnic` 10–30 s).
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
     /// Free addresses kept ready for new pods (default 8).
@@ -21,7 +21,7 @@ pub struct PoolConfig {
     pub min_ips: usize,
     /// Attached VNICs without any pod kept ready, because attaching is slow (default 0).
     pub warm_vnics: usize,
-    /// Secondary IPs one VNIC may hold (default 31; a 400 LimitExceeded also marks a VNIC full).
+    /// Secondary IPs one VNIC may hold (default 31; a 400 `LimitExceeded` also marks a VNIC full).
     pub ips_per_vnic: usize,
     /// The shape's VNIC limit, primary included (IMDS `shapeConfig.maxVnicAttachments`).
     pub max_vnics: usize,
@@ -48,9 +48,9 @@ impl Default for PoolConfig {
             max_vnics: 2,
             use_primary_vnic: false,
             subnets: Vec::new(),
-            release_delay: Duration::from_secs(300),
+            release_delay: Duration::from_mins(5),
             cooldown: Duration::from_secs(30),
-            subnet_retry: Duration::from_secs(600),
+            subnet_retry: Duration::from_mins(10),
         }
     }
 }
@@ -246,10 +246,10 @@ impl Pool {
     /// Ends expired cooldowns and subnet exclusions.
     pub fn tick(&mut self, now: Instant) {
         for slot in self.vnics.iter_mut().flat_map(|v| v.ips.values_mut()) {
-            if let SlotState::Cooldown { until } = slot.state {
-                if until <= now {
-                    slot.state = SlotState::Free { since: now };
-                }
+            if let SlotState::Cooldown { until } = slot.state
+                && until <= now
+            {
+                slot.state = SlotState::Free { since: now };
             }
         }
         self.exhausted.retain(|_, until| *until > now);
@@ -370,12 +370,12 @@ impl Pool {
                 if held <= target {
                     break;
                 }
-                if let SlotState::Free { since } = slot.state {
-                    if since + cfg.release_delay <= now {
-                        plan.release
-                            .push((v.info.id.clone(), *ip, slot.ocid.clone()));
-                        held -= 1;
-                    }
+                if let SlotState::Free { since } = slot.state
+                    && since + cfg.release_delay <= now
+                {
+                    plan.release
+                        .push((v.info.id.clone(), *ip, slot.ocid.clone()));
+                    held -= 1;
                 }
             }
         }

@@ -10,9 +10,9 @@ fn cfg() -> PoolConfig {
         max_vnics: 3,
         use_primary_vnic: false,
         subnets: vec!["subnet-a".into(), "subnet-b".into()],
-        release_delay: Duration::from_secs(60),
+        release_delay: Duration::from_mins(1),
         cooldown: Duration::from_secs(10),
-        subnet_retry: Duration::from_secs(600),
+        subnet_retry: Duration::from_mins(10),
     }
 }
 
@@ -133,9 +133,9 @@ fn limit_exceeded_marks_a_vnic_full() {
 fn exhausted_subnet_spills_to_the_next_then_comes_back() {
     let now = Instant::now();
     let mut pool = pool_with(now, 0, 8);
-    pool.mark_subnet_exhausted("subnet-a", now + Duration::from_secs(600));
+    pool.mark_subnet_exhausted("subnet-a", now + Duration::from_mins(10));
     assert_eq!(pool.plan(&cfg(), now).attach, vec!["subnet-b".to_string()]);
-    pool.mark_subnet_exhausted("subnet-b", now + Duration::from_secs(600));
+    pool.mark_subnet_exhausted("subnet-b", now + Duration::from_mins(10));
     assert!(pool.plan(&cfg(), now).attach.is_empty());
     assert!(
         pool.is_exhausted(&cfg(), now),
@@ -251,7 +251,7 @@ fn empty_vnic_above_warm_target_is_detached() {
 fn vnic_with_a_pod_is_never_detached() {
     let now = Instant::now();
     let pool = pool_with(now, 20, 1);
-    let plan = pool.plan(&cfg(), now + Duration::from_secs(3600));
+    let plan = pool.plan(&cfg(), now + Duration::from_hours(1));
     assert!(plan.detach.is_empty(), "{plan:?}");
 }
 

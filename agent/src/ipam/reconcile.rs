@@ -74,7 +74,7 @@ async fn observe(inner: &Inner) -> Result<Observed, IpamError> {
     };
     for attachment in attachments {
         match (attachment.lifecycle_state, &attachment.vnic_id) {
-            (AttachmentState::Detached, _) => continue,
+            (AttachmentState::Detached, _) => {}
             (AttachmentState::Attached, Some(vnic_id)) => {
                 let vnic = cloud
                     .get_vnic(vnic_id)
@@ -89,15 +89,14 @@ async fn observe(inner: &Inner) -> Result<Observed, IpamError> {
                     observed.other_attachments += 1;
                     continue;
                 }
-                let subnet = match subnets.get(&vnic.subnet_id) {
-                    Some(s) => s,
-                    None => {
-                        let s = cloud
-                            .get_subnet(&vnic.subnet_id)
-                            .await
-                            .map_err(IpamError::cloud("read the subnet of VNIC", Some(vnic_id)))?;
-                        subnets.entry(vnic.subnet_id.clone()).or_insert(s)
-                    }
+                let subnet = if let Some(s) = subnets.get(&vnic.subnet_id) {
+                    s
+                } else {
+                    let s = cloud
+                        .get_subnet(&vnic.subnet_id)
+                        .await
+                        .map_err(IpamError::cloud("read the subnet of VNIC", Some(vnic_id)))?;
+                    subnets.entry(vnic.subnet_id.clone()).or_insert(s)
                 };
                 let info = info_from(&attachment, &vnic, subnet)?;
                 let ips = cloud

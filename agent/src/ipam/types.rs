@@ -14,14 +14,14 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// interface name; the rest is for people reading `vcnpath status`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PodRef {
-    /// CNI_CONTAINERID.
+    /// `CNI_CONTAINERID`.
     pub container_id: String,
-    /// CNI_IFNAME (usually `eth0`).
+    /// `CNI_IFNAME` (usually `eth0`).
     pub ifname: String,
-    /// Kubernetes namespace (from CNI_ARGS `K8S_POD_NAMESPACE`), if known.
+    /// Kubernetes namespace (from `CNI_ARGS` `K8S_POD_NAMESPACE`), if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    /// Kubernetes pod name (from CNI_ARGS `K8S_POD_NAME`), if known.
+    /// Kubernetes pod name (from `CNI_ARGS` `K8S_POD_NAME`), if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
 }
