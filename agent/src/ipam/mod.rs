@@ -1,6 +1,25 @@
 //! IP address management: a warm pool of secondary private IPs over the node's VNICs,
 //! checkpointed allocations, and the contract the local API serves from.
+//!
+//! - `types`: the contract ([`Allocator`], [`PodRef`], [`Allocation`], [`AllocError`]).
+//! - `cloud`: the OCI operations IPAM uses, as a trait ([`Cloud`], [`OciCloud`]).
+//! - `pool`: VNICs, addresses and the pure policy deciding what to create or release.
+//! - `checkpoint`: the durable record of which pod holds which address.
+//! - `service`: [`Ipam`], answering from the pool; `grow` and `reconcile` are its background work.
 
+pub mod checkpoint;
+pub mod cloud;
+pub mod config;
+pub mod error;
+mod grow;
+pub mod pool;
+mod reconcile;
+pub mod service;
 pub mod types;
 
+pub use cloud::{Cloud, OciCloud};
+pub use config::{IpamConfig, NODE_TAG};
+pub use error::IpamError;
+pub use pool::{PoolConfig, max_pods};
+pub use service::{Ipam, IpamStatus, VnicStatus};
 pub use types::{AllocError, Allocation, Allocator, BoxFuture, PodRef};

@@ -1,0 +1,249 @@
+//! Durable allocations: a JSON file replaced atomically (write temp, fsync, rename, fsync dir),
+//! so after a crash it holds either the old or the new set, never a torn one. Written before an
+//! address is handed out; a restart restores every pod's address from it.
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::types::{Allocation, PodRef};
+
+/// CNI identifies an attachment by container id and interface name.
+pub type Key = (String, String);
+
+pub fn key(pod: &PodRef) -> Key {
+    (pod.container_id.clone(), pod.ifname.clone())
+}
+
+/// One pod's address, with the OCID of the private IP so a restart can match it against OCI.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub pod: PodRef,
+    pub allocation: Allocation,
+    pub ip_id: String,
+}
+
+const VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct FileFormat {
+    version: u32,
+    allocations: Vec<Entry>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("cannot read the IPAM checkpoint {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "the IPAM checkpoint {path} is corrupt ({source}); it lists the pods' addresses, so it is not discarded: fix or move it away (the reconcile then re-adopts the node's addresses as free)"
+    )]
+    Corrupt {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("the IPAM checkpoint {path} has version {found}; this agent reads version {VERSION}")]
+    Version { path: PathBuf, found: u32 },
+    #[error("the IPAM checkpoint {path} lists {container_id}/{ifname} twice")]
+    Duplicate {
+        path: PathBuf,
+        container_id: String,
+        ifname: String,
+    },
+    #[error("cannot write the IPAM checkpoint {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    path: PathBuf,
+}
+
+impl Checkpoint {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn temp_path(&self) -> PathBuf {
+        let mut name = self.path.file_name().unwrap_or_default().to_os_string();
+        name.push(".tmp");
+        self.path.with_file_name(name)
+    }
+
+    /// The saved allocations; none if the file does not exist yet. A temp file left by a crash
+    /// mid-write is ignored: the rename never happened, so the old file is the truth.
+    pub fn load(&self) -> Result<BTreeMap<Key, Entry>, CheckpointError> {
+        let text = match fs::read(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(source) => {
+                return Err(CheckpointError::Read {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+        };
+        let file: FileFormat =
+            serde_json::from_slice(&text).map_err(|source| CheckpointError::Corrupt {
+                path: self.path.clone(),
+                source,
+            })?;
+        if file.version != VERSION {
+            return Err(CheckpointError::Version {
+                path: self.path.clone(),
+                found: file.version,
+            });
+        }
+        let mut entries = BTreeMap::new();
+        for entry in file.allocations {
+            let k = key(&entry.pod);
+            if entries.insert(k.clone(), entry).is_some() {
+                return Err(CheckpointError::Duplicate {
+                    path: self.path.clone(),
+                    container_id: k.0,
+                    ifname: k.1,
+                });
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Replaces the file with `entries`. Blocking: call it from `spawn_blocking`.
+    pub fn save<'a>(
+        &self,
+        entries: impl Iterator<Item = &'a Entry>,
+    ) -> Result<(), CheckpointError> {
+        let file = FileFormat {
+            version: VERSION,
+            allocations: entries.cloned().collect(),
+        };
+        let text = serde_json::to_vec_pretty(&file).expect("allocations serialise");
+        let write_error = |source| CheckpointError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        let temp = self.temp_path();
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&temp)
+            .map_err(write_error)?;
+        out.write_all(&text).map_err(write_error)?;
+        out.sync_all().map_err(write_error)?;
+        drop(out);
+        fs::rename(&temp, &self.path).map_err(write_error)?;
+        // The rename is durable only once the directory entry is.
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(write_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    fn entry(n: u8) -> Entry {
+        Entry {
+            pod: PodRef {
+                container_id: format!("container-{n}"),
+                ifname: "eth0".into(),
+                namespace: Some("default".into()),
+                name: Some(format!("pod-{n}")),
+            },
+            allocation: Allocation {
+                ip: Ipv4Addr::new(10, 0, 16, n),
+                vnic_id: "vnic-1".into(),
+                interface: "eth1".into(),
+                subnet: "10.0.16.0/20".parse().unwrap(),
+                router_ip: Ipv4Addr::new(10, 0, 16, 1),
+                mtu: 9000,
+            },
+            ip_id: format!("ip-{n}"),
+        }
+    }
+
+    #[test]
+    fn missing_file_is_an_empty_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoint::new(dir.path().join("ipam.json"));
+        assert!(cp.load().unwrap().is_empty());
+    }
+
+    #[test]
+    fn saved_allocations_load_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoint::new(dir.path().join("ipam.json"));
+        let entries = [entry(10), entry(11)];
+        cp.save(entries.iter()).unwrap();
+        let loaded = cp.load().unwrap();
+        assert_eq!(
+            loaded.values().cloned().collect::<Vec<_>>(),
+            entries.to_vec()
+        );
+        assert!(!cp.temp_path().exists(), "the temp file is renamed away");
+    }
+
+    #[test]
+    fn temp_file_left_by_a_crash_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoint::new(dir.path().join("ipam.json"));
+        cp.save([entry(10)].iter()).unwrap();
+        // A crash between write and rename leaves a half-written temp file.
+        fs::write(cp.temp_path(), b"{\"version\":1,\"allocati").unwrap();
+        let loaded = cp.load().unwrap();
+        assert_eq!(loaded.len(), 1, "the last complete checkpoint wins");
+        cp.save([entry(10), entry(12)].iter()).unwrap();
+        assert_eq!(cp.load().unwrap().len(), 2, "the next save replaces it");
+    }
+
+    #[test]
+    fn corrupt_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ipam.json");
+        fs::write(&path, b"not json").unwrap();
+        let err = Checkpoint::new(&path).load().unwrap_err();
+        assert!(matches!(err, CheckpointError::Corrupt { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "the error must name the file: {err}"
+        );
+        assert_eq!(fs::read(&path).unwrap(), b"not json", "left untouched");
+    }
+
+    #[test]
+    fn failed_write_is_reported_and_keeps_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ipam.json");
+        let cp = Checkpoint::new(&path);
+        cp.save([entry(10)].iter()).unwrap();
+        // A directory where the temp file should go makes the write fail, even for root.
+        fs::create_dir(cp.temp_path()).unwrap();
+        let err = cp.save([entry(10), entry(11)].iter()).unwrap_err();
+        assert!(matches!(err, CheckpointError::Write { .. }), "{err:?}");
+        assert_eq!(cp.load().unwrap().len(), 1, "the old checkpoint survives");
+    }
+}

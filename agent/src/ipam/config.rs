@@ -1,0 +1,48 @@
+//! IPAM configuration: the pool's targets plus what the service needs around them.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::pool::PoolConfig;
+
+/// Freeform tag key put on every VNIC and private IP IPAM creates; the value is the node's
+/// instance OCID. The sweep only ever deletes what carries this tag with this node's OCID.
+pub const NODE_TAG: &str = "vcnpath-node";
+
+#[derive(Debug, Clone)]
+pub struct IpamConfig {
+    pub pool: PoolConfig,
+    /// The node's instance OCID, the value of [`NODE_TAG`].
+    pub instance_id: String,
+    /// Where allocations are checkpointed (default `/var/lib/vcnpath/ipam.json`).
+    pub checkpoint_path: PathBuf,
+    /// MTU handed to pods (default 9000, OCI's VCN MTU).
+    pub mtu: u32,
+    /// Hand out addresses only from VNICs whose interface host setup has reported through
+    /// [`super::Ipam::set_interface`] (default true; tests without a host set it false).
+    pub require_interface: bool,
+    /// OCI calls the background grower makes at once (default 4); the OCI client's rate
+    /// limiter spaces them further.
+    pub parallel_calls: usize,
+    /// How often the pool is re-planned when nothing wakes it (default 1 s).
+    pub tick: Duration,
+    /// How often the pool is compared with OCI (default 5 min).
+    pub reconcile_interval: Duration,
+    /// The wait suggested to the CNI when the pool is empty (default 1 s).
+    pub retry_after: Duration,
+}
+
+impl IpamConfig {
+    pub fn new(instance_id: impl Into<String>, pool: PoolConfig) -> Self {
+        Self {
+            pool,
+            instance_id: instance_id.into(),
+            checkpoint_path: PathBuf::from("/var/lib/vcnpath/ipam.json"),
+            mtu: 9000,
+            require_interface: true,
+            parallel_calls: 4,
+            tick: Duration::from_secs(1),
+            reconcile_interval: Duration::from_mins(5),
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}

@@ -1,0 +1,410 @@
+//! The in-memory pool: the node's VNICs and their secondary IPs, and the pure policy that
+//! decides what to create, attach, release and detach. No I/O here: the service executes the
+//! [`Plan`] and feeds the results back.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use tokio::time::Instant;
+
+use super::types::PodRef;
+
+/// Targets and limits of the pool. The defaults suit a 110-pod node: 110 pods need four
+/// secondary VNICs of 31 IPs (124 addresses); eight warm IPs absorb a burst of pod starts without
+/// waiting for OCI (a `CreatePrivateIp` takes ~1 s, an `AttachVnic` 10–30 s).
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Free addresses kept ready for new pods (default 8).
+    pub warm_ips: usize,
+    /// Addresses (free + assigned) held even when few pods run (default 0).
+    pub min_ips: usize,
+    /// Attached VNICs without any pod kept ready, because attaching is slow (default 0).
+    pub warm_vnics: usize,
+    /// Secondary IPs one VNIC may hold (default 31; a 400 `LimitExceeded` also marks a VNIC full).
+    pub ips_per_vnic: usize,
+    /// The shape's VNIC limit, primary included (IMDS `shapeConfig.maxVnicAttachments`).
+    pub max_vnics: usize,
+    /// Whether pods get addresses on the primary VNIC too (default false: it stays the node's).
+    pub use_primary_vnic: bool,
+    /// Subnets for new VNICs, in order of preference; the next is used when one is exhausted.
+    pub subnets: Vec<String>,
+    /// How long an address beyond the targets stays free before it is deleted (default 5 min).
+    pub release_delay: Duration,
+    /// How long a freed address rests before reuse, so stale flows and ARP entries of the old
+    /// pod cannot reach the new one (default 30 s).
+    pub cooldown: Duration,
+    /// How long an exhausted subnet is skipped before it is tried again (default 10 min).
+    pub subnet_retry: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            warm_ips: 8,
+            min_ips: 0,
+            warm_vnics: 0,
+            ips_per_vnic: 31,
+            max_vnics: 2,
+            use_primary_vnic: false,
+            subnets: Vec::new(),
+            release_delay: Duration::from_mins(5),
+            cooldown: Duration::from_secs(30),
+            subnet_retry: Duration::from_mins(10),
+        }
+    }
+}
+
+impl PoolConfig {
+    /// Addresses this node can hand out at most.
+    pub fn capacity(&self) -> usize {
+        max_pods(self.max_vnics, self.ips_per_vnic, self.use_primary_vnic)
+    }
+}
+
+/// `vcnpath max-pods`: (VNIC limit − the primary unless it serves pods) × IPs per VNIC.
+pub fn max_pods(max_vnics: usize, ips_per_vnic: usize, use_primary_vnic: bool) -> usize {
+    let vnics = if use_primary_vnic {
+        max_vnics
+    } else {
+        max_vnics.saturating_sub(1)
+    };
+    vnics * ips_per_vnic
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotState {
+    Free { since: Instant },
+    Assigned(PodRef),
+    Cooldown { until: Instant },
+}
+
+/// One secondary IP and its OCID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    pub ocid: String,
+    pub state: SlotState,
+}
+
+/// What the pool knows of a VNIC.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VnicInfo {
+    pub id: String,
+    pub attachment_id: String,
+    pub nic_index: u32,
+    pub mac: String,
+    /// The interface in the node namespace, once host setup has found it by MAC.
+    pub interface: Option<String>,
+    pub subnet_id: String,
+    pub subnet: Ipv4Net,
+    pub router_ip: Ipv4Addr,
+    pub primary_ip: Ipv4Addr,
+    pub is_primary: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolVnic {
+    pub info: VnicInfo,
+    /// OCI refused another IP (LimitExceeded): stop asking until the VNIC shrinks.
+    pub full: bool,
+    pub ips: BTreeMap<Ipv4Addr, Slot>,
+}
+
+impl PoolVnic {
+    pub fn count(&self, f: impl Fn(&SlotState) -> bool) -> usize {
+        self.ips.values().filter(|s| f(&s.state)).count()
+    }
+    /// No pod holds or recently held an address here.
+    fn is_empty_of_pods(&self) -> bool {
+        self.count(|s| !matches!(s, SlotState::Free { .. })) == 0
+    }
+}
+
+/// What the service should do next.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// One entry per IP to create, naming the VNIC.
+    pub create: Vec<String>,
+    /// One entry per VNIC to attach, naming the subnet.
+    pub attach: Vec<String>,
+    /// (VNIC, address, OCID) of free addresses to delete.
+    pub release: Vec<(String, Ipv4Addr, String)>,
+    /// (VNIC, attachment) of empty VNICs to detach.
+    pub detach: Vec<(String, String)>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.create.is_empty()
+            && self.attach.is_empty()
+            && self.release.is_empty()
+            && self.detach.is_empty()
+    }
+}
+
+/// Counts over the VNICs that serve pods.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub free: usize,
+    pub assigned: usize,
+    pub cooldown: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct Pool {
+    /// VNICs serving pods, ordered by NIC index.
+    vnics: Vec<PoolVnic>,
+    /// Attachments of the instance the pool does not use (the primary VNIC unless it serves
+    /// pods, VNICs not tagged for this node, attachments in flux); they count against the limit.
+    pub other_attachments: usize,
+    /// Subnet → until when it is skipped.
+    exhausted: BTreeMap<String, Instant>,
+    /// Pods refused for want of a free address since the last plan: with a warm target of 0
+    /// this is what makes the pool grow on demand. A set, so a pod retrying counts once.
+    pub waiting: BTreeSet<(String, String)>,
+}
+
+impl Pool {
+    pub fn vnics(&self) -> &[PoolVnic] {
+        &self.vnics
+    }
+
+    pub fn vnic(&self, id: &str) -> Option<&PoolVnic> {
+        self.vnics.iter().find(|v| v.info.id == id)
+    }
+
+    pub fn vnic_mut(&mut self, id: &str) -> Option<&mut PoolVnic> {
+        self.vnics.iter_mut().find(|v| v.info.id == id)
+    }
+
+    /// Adds a VNIC (or refreshes what is known of it, keeping its addresses).
+    pub fn upsert_vnic(&mut self, info: VnicInfo) {
+        if let Some(v) = self.vnic_mut(&info.id) {
+            let interface = v.info.interface.take();
+            v.info = info;
+            v.info.interface = v.info.interface.take().or(interface);
+            return;
+        }
+        self.vnics.push(PoolVnic {
+            info,
+            full: false,
+            ips: BTreeMap::new(),
+        });
+        self.vnics.sort_by_key(|v| v.info.nic_index);
+    }
+
+    /// Forgets a VNIC, returning it (with whatever its addresses held).
+    pub fn remove_vnic(&mut self, id: &str) -> Option<PoolVnic> {
+        let i = self.vnics.iter().position(|v| v.info.id == id)?;
+        Some(self.vnics.remove(i))
+    }
+
+    pub fn set_interface(&mut self, mac: &str, interface: &str) -> bool {
+        let Some(v) = self
+            .vnics
+            .iter_mut()
+            .find(|v| v.info.mac.eq_ignore_ascii_case(mac))
+        else {
+            return false;
+        };
+        v.info.interface = Some(interface.to_owned());
+        true
+    }
+
+    pub fn add_slot(&mut self, vnic_id: &str, ip: Ipv4Addr, slot: Slot) -> bool {
+        match self.vnic_mut(vnic_id) {
+            Some(v) => {
+                v.ips.insert(ip, slot);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn mark_full(&mut self, vnic_id: &str) {
+        if let Some(v) = self.vnic_mut(vnic_id) {
+            v.full = true;
+        }
+    }
+
+    pub fn mark_subnet_exhausted(&mut self, subnet_id: &str, until: Instant) {
+        self.exhausted.insert(subnet_id.to_owned(), until);
+    }
+
+    pub fn counts(&self) -> Counts {
+        let mut c = Counts::default();
+        for slot in self.vnics.iter().flat_map(|v| v.ips.values()) {
+            match slot.state {
+                SlotState::Free { .. } => c.free += 1,
+                SlotState::Assigned(_) => c.assigned += 1,
+                SlotState::Cooldown { .. } => c.cooldown += 1,
+            }
+        }
+        c
+    }
+
+    /// Ends expired cooldowns and subnet exclusions.
+    pub fn tick(&mut self, now: Instant) {
+        for slot in self.vnics.iter_mut().flat_map(|v| v.ips.values_mut()) {
+            if let SlotState::Cooldown { until } = slot.state
+                && until <= now
+            {
+                slot.state = SlotState::Free { since: now };
+            }
+        }
+        self.exhausted.retain(|_, until| *until > now);
+    }
+
+    /// A free address, packing pods onto the lowest VNICs so the highest empty out and can be
+    /// detached. With `need_interface`, VNICs whose interface is not yet set up are skipped.
+    pub fn pick_free(&self, need_interface: bool) -> Option<(&PoolVnic, Ipv4Addr)> {
+        self.vnics
+            .iter()
+            .filter(|v| !need_interface || v.info.interface.is_some())
+            .find_map(|v| {
+                v.ips
+                    .iter()
+                    .find(|(_, s)| matches!(s.state, SlotState::Free { .. }))
+                    .map(|(ip, _)| (v, *ip))
+            })
+    }
+
+    pub fn set_state(&mut self, vnic_id: &str, ip: Ipv4Addr, state: SlotState) -> bool {
+        match self.vnic_mut(vnic_id).and_then(|v| v.ips.get_mut(&ip)) {
+            Some(slot) => {
+                slot.state = state;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The pool cannot serve another pod, now or after growing.
+    pub fn is_exhausted(&self, cfg: &PoolConfig, now: Instant) -> bool {
+        let c = self.counts();
+        if c.free > 0 {
+            return false;
+        }
+        if c.assigned >= cfg.capacity() {
+            return true;
+        }
+        if c.cooldown > 0 {
+            return false; // an address comes back when its cooldown ends
+        }
+        let room_on_vnics = self
+            .vnics
+            .iter()
+            .any(|v| !v.full && v.ips.len() < cfg.ips_per_vnic);
+        !room_on_vnics && self.can_attach(cfg, now) == 0
+    }
+
+    fn usable_subnet<'c>(&self, cfg: &'c PoolConfig, now: Instant) -> Option<&'c String> {
+        cfg.subnets
+            .iter()
+            .find(|s| self.exhausted.get(*s).is_none_or(|until| *until <= now))
+    }
+
+    /// How many VNICs may still be attached.
+    fn can_attach(&self, cfg: &PoolConfig, now: Instant) -> usize {
+        if self.usable_subnet(cfg, now).is_none() {
+            return 0;
+        }
+        cfg.max_vnics
+            .saturating_sub(self.vnics.len() + self.other_attachments)
+    }
+
+    /// Decides the next step towards the targets. Growth and shrinking never mix in one plan.
+    pub fn plan(&self, cfg: &PoolConfig, now: Instant) -> Plan {
+        let c = self.counts();
+        let target = (c.assigned + cfg.warm_ips.max(self.waiting.len()))
+            .max(cfg.min_ips)
+            .min(cfg.capacity());
+        // Addresses in cooldown cannot serve a pod now, so they do not count towards the target.
+        let mut need = target.saturating_sub(c.assigned + c.free);
+        let mut plan = Plan::default();
+        for v in &self.vnics {
+            if need == 0 {
+                break;
+            }
+            if v.full {
+                continue;
+            }
+            let take = cfg.ips_per_vnic.saturating_sub(v.ips.len()).min(need);
+            plan.create
+                .extend(std::iter::repeat_n(v.info.id.clone(), take));
+            need -= take;
+        }
+        let empty = self
+            .vnics
+            .iter()
+            .filter(|v| !v.info.is_primary && v.is_empty_of_pods())
+            .count();
+        let attach = need
+            .div_ceil(cfg.ips_per_vnic.max(1))
+            .max(cfg.warm_vnics.saturating_sub(empty))
+            .min(self.can_attach(cfg, now));
+        if let Some(subnet) = self.usable_subnet(cfg, now) {
+            // All go to the preferred subnet; a LimitExceeded spills the next plan to the next one.
+            plan.attach = vec![subnet.clone(); attach];
+        }
+        if !plan.create.is_empty() || !plan.attach.is_empty() {
+            return plan;
+        }
+        self.plan_shrink(cfg, now, target, c, empty, &mut plan);
+        plan
+    }
+
+    fn plan_shrink(
+        &self,
+        cfg: &PoolConfig,
+        now: Instant,
+        target: usize,
+        c: Counts,
+        mut empty: usize,
+        plan: &mut Plan,
+    ) {
+        let mut held = c.assigned + c.free + c.cooldown;
+        // Highest VNICs first: emptying them lets them be detached.
+        for v in self.vnics.iter().rev() {
+            for (ip, slot) in &v.ips {
+                if held <= target {
+                    break;
+                }
+                if let SlotState::Free { since } = slot.state
+                    && since + cfg.release_delay <= now
+                {
+                    plan.release
+                        .push((v.info.id.clone(), *ip, slot.ocid.clone()));
+                    held -= 1;
+                }
+            }
+        }
+        for v in self.vnics.iter().rev() {
+            if v.info.is_primary || !v.is_empty_of_pods() || empty <= cfg.warm_vnics {
+                continue;
+            }
+            // Like excess addresses, a VNIC goes only after it has been idle for the delay.
+            let idle = v.ips.values().all(|s| match s.state {
+                SlotState::Free { since } => since + cfg.release_delay <= now,
+                _ => false,
+            });
+            if !idle {
+                continue;
+            }
+            let released = plan.release.iter().filter(|r| r.0 == v.info.id).count();
+            let remaining = v.ips.len() - released;
+            // Detaching drops the VNIC's free addresses; only if the targets hold without them.
+            if held - remaining >= target {
+                plan.detach
+                    .push((v.info.id.clone(), v.info.attachment_id.clone()));
+                plan.release.retain(|r| r.0 != v.info.id);
+                held -= remaining;
+                empty -= 1;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "pool_tests.rs"]
+mod tests;

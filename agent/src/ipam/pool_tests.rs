@@ -1,0 +1,303 @@
+//! The pool policy, decided without any cloud: given a pool and targets, what happens next.
+use super::*;
+
+fn cfg() -> PoolConfig {
+    PoolConfig {
+        warm_ips: 4,
+        min_ips: 0,
+        warm_vnics: 0,
+        ips_per_vnic: 8,
+        max_vnics: 3,
+        use_primary_vnic: false,
+        subnets: vec!["subnet-a".into(), "subnet-b".into()],
+        release_delay: Duration::from_mins(1),
+        cooldown: Duration::from_secs(10),
+        subnet_retry: Duration::from_mins(10),
+    }
+}
+
+fn info(n: u32) -> VnicInfo {
+    VnicInfo {
+        id: format!("vnic-{n}"),
+        attachment_id: format!("att-{n}"),
+        nic_index: n,
+        mac: format!("02:00:00:00:00:0{n}"),
+        interface: None,
+        subnet_id: "subnet-a".into(),
+        subnet: "10.0.16.0/20".parse().unwrap(),
+        router_ip: Ipv4Addr::new(10, 0, 16, 1),
+        primary_ip: Ipv4Addr::new(10, 0, 16, 2 + n as u8),
+        is_primary: false,
+    }
+}
+
+fn pod(n: usize) -> PodRef {
+    PodRef {
+        container_id: format!("c{n}"),
+        ifname: "eth0".into(),
+        namespace: None,
+        name: None,
+    }
+}
+
+/// A pool with the primary VNIC outside it and one secondary VNIC holding `free` free and
+/// `assigned` assigned addresses.
+fn pool_with(now: Instant, free: usize, assigned: usize) -> Pool {
+    let mut pool = Pool {
+        other_attachments: 1,
+        ..Pool::default()
+    };
+    pool.upsert_vnic(info(1));
+    for i in 0..free + assigned {
+        let state = if i < assigned {
+            SlotState::Assigned(pod(i))
+        } else {
+            SlotState::Free { since: now }
+        };
+        let ip = Ipv4Addr::new(10, 0, 17, i as u8 + 1);
+        pool.add_slot(
+            "vnic-1",
+            ip,
+            Slot {
+                ocid: format!("ip-{i}"),
+                state,
+            },
+        );
+    }
+    pool
+}
+
+#[test]
+fn max_pods_leaves_out_the_primary_vnic_unless_it_serves_pods() {
+    assert_eq!(max_pods(5, 31, false), 124, "a 5-VNIC shape fits 110 pods");
+    assert_eq!(max_pods(5, 31, true), 155);
+    assert_eq!(max_pods(1, 31, false), 0, "only a primary VNIC: no pods");
+    assert_eq!(PoolConfig::default().capacity(), 31);
+}
+
+#[test]
+fn an_empty_pool_attaches_a_vnic_in_the_first_subnet() {
+    let now = Instant::now();
+    let pool = Pool {
+        other_attachments: 1,
+        ..Pool::default()
+    };
+    let plan = pool.plan(&cfg(), now);
+    assert_eq!(plan.attach, vec!["subnet-a".to_string()], "{plan:?}");
+    assert!(plan.create.is_empty(), "no VNIC to create IPs on: {plan:?}");
+}
+
+#[test]
+fn warm_target_creates_the_missing_free_addresses() {
+    let now = Instant::now();
+    let plan = pool_with(now, 1, 2).plan(&cfg(), now);
+    assert_eq!(
+        plan.create.len(),
+        3,
+        "4 warm wanted, 1 free: create 3 ({plan:?})"
+    );
+    assert!(plan.attach.is_empty() && plan.release.is_empty());
+}
+
+#[test]
+fn minimum_target_holds_addresses_with_no_pods() {
+    let now = Instant::now();
+    let cfg = PoolConfig {
+        min_ips: 6,
+        ..cfg()
+    };
+    let plan = pool_with(now, 4, 0).plan(&cfg, now);
+    assert_eq!(plan.create.len(), 2, "{plan:?}");
+}
+
+#[test]
+fn a_full_vnic_spills_to_a_new_vnic() {
+    let now = Instant::now();
+    // 6 assigned + 1 free on an 8-IP VNIC: one more fits, the other 2 warm need a new VNIC.
+    let plan = pool_with(now, 1, 6).plan(&cfg(), now);
+    assert_eq!(plan.create, vec!["vnic-1".to_string()], "{plan:?}");
+    assert_eq!(plan.attach.len(), 1, "{plan:?}");
+}
+
+#[test]
+fn limit_exceeded_marks_a_vnic_full() {
+    let now = Instant::now();
+    let mut pool = pool_with(now, 0, 3);
+    pool.mark_full("vnic-1");
+    let plan = pool.plan(&cfg(), now);
+    assert!(plan.create.is_empty(), "a full VNIC gets no IPs: {plan:?}");
+    assert_eq!(plan.attach.len(), 1);
+}
+
+#[test]
+fn exhausted_subnet_spills_to_the_next_then_comes_back() {
+    let now = Instant::now();
+    let mut pool = pool_with(now, 0, 8);
+    pool.mark_subnet_exhausted("subnet-a", now + Duration::from_mins(10));
+    assert_eq!(pool.plan(&cfg(), now).attach, vec!["subnet-b".to_string()]);
+    pool.mark_subnet_exhausted("subnet-b", now + Duration::from_mins(10));
+    assert!(pool.plan(&cfg(), now).attach.is_empty());
+    assert!(
+        pool.is_exhausted(&cfg(), now),
+        "full VNIC and no subnet left"
+    );
+    let later = now + Duration::from_secs(601);
+    pool.tick(later);
+    assert_eq!(
+        pool.plan(&cfg(), later).attach,
+        vec!["subnet-a".to_string()]
+    );
+}
+
+#[test]
+fn vnic_limit_of_the_shape_is_respected() {
+    let now = Instant::now();
+    let mut pool = pool_with(now, 0, 8);
+    pool.other_attachments = 2; // primary + a VNIC someone else attached
+    assert!(pool.plan(&cfg(), now).is_empty());
+    assert!(pool.is_exhausted(&cfg(), now));
+}
+
+#[test]
+fn capacity_caps_the_warm_target() {
+    let now = Instant::now();
+    let cfg = PoolConfig {
+        max_vnics: 2,
+        ..cfg()
+    };
+    let plan = pool_with(now, 0, 7).plan(&cfg, now);
+    assert_eq!(plan.create.len(), 1, "capacity 8, 7 used: {plan:?}");
+    assert!(plan.attach.is_empty());
+}
+
+#[test]
+fn excess_free_addresses_are_released_only_after_the_delay() {
+    let now = Instant::now();
+    let pool = pool_with(now, 7, 1);
+    assert!(pool.plan(&cfg(), now).is_empty(), "too early to release");
+    let later = now + Duration::from_secs(61);
+    let plan = pool.plan(&cfg(), later);
+    assert_eq!(plan.release.len(), 3, "7 free, 4 warm wanted: {plan:?}");
+}
+
+#[test]
+fn freed_address_rests_in_cooldown_before_reuse() {
+    let now = Instant::now();
+    let mut pool = pool_with(now, 0, 1);
+    let ip = Ipv4Addr::new(10, 0, 17, 1);
+    pool.set_state(
+        "vnic-1",
+        ip,
+        SlotState::Cooldown {
+            until: now + Duration::from_secs(10),
+        },
+    );
+    assert!(pool.pick_free(false).is_none(), "cooldown is not free");
+    pool.tick(now + Duration::from_secs(5));
+    assert!(pool.pick_free(false).is_none());
+    pool.tick(now + Duration::from_secs(10));
+    assert_eq!(pool.pick_free(false).map(|(_, ip)| ip), Some(ip));
+}
+
+#[test]
+fn allocation_waits_for_the_interface_when_asked() {
+    let now = Instant::now();
+    let mut pool = pool_with(now, 1, 0);
+    assert!(pool.pick_free(true).is_none());
+    assert!(pool.set_interface("02:00:00:00:00:01", "eth1"));
+    assert!(pool.pick_free(true).is_some());
+}
+
+#[test]
+fn empty_vnic_above_warm_target_is_detached() {
+    let now = Instant::now();
+    let mut pool = pool_with(now, 4, 2);
+    pool.upsert_vnic(info(2));
+    for i in 0..3u8 {
+        pool.add_slot(
+            "vnic-2",
+            Ipv4Addr::new(10, 0, 18, i + 1),
+            Slot {
+                ocid: format!("ip2-{i}"),
+                state: SlotState::Free { since: now },
+            },
+        );
+    }
+    assert!(
+        pool.plan(&cfg(), now).detach.is_empty(),
+        "a VNIC is detached only after the release delay"
+    );
+    let later = now + Duration::from_secs(61);
+    let plan = pool.plan(&cfg(), later);
+    assert_eq!(
+        plan.detach,
+        vec![("vnic-2".to_string(), "att-2".to_string())],
+        "{plan:?}"
+    );
+    assert!(
+        plan.release.is_empty(),
+        "detaching deletes its IPs: {plan:?}"
+    );
+
+    let keep_one = PoolConfig {
+        warm_vnics: 1,
+        ..cfg()
+    };
+    let plan = pool.plan(&keep_one, later);
+    assert!(plan.detach.is_empty(), "one warm VNIC is kept: {plan:?}");
+}
+
+#[test]
+fn vnic_with_a_pod_is_never_detached() {
+    let now = Instant::now();
+    let pool = pool_with(now, 20, 1);
+    let plan = pool.plan(&cfg(), now + Duration::from_hours(1));
+    assert!(plan.detach.is_empty(), "{plan:?}");
+}
+
+#[test]
+fn warm_vnic_target_attaches_a_spare() {
+    let now = Instant::now();
+    let cfg = PoolConfig {
+        warm_vnics: 1,
+        ..cfg()
+    };
+    let plan = pool_with(now, 4, 1).plan(&cfg, now);
+    assert_eq!(plan.attach.len(), 1, "{plan:?}");
+}
+
+#[test]
+fn refused_allocations_grow_a_pool_without_warm_target() {
+    let now = Instant::now();
+    let cfg = PoolConfig {
+        warm_ips: 0,
+        ..cfg()
+    };
+    let mut pool = pool_with(now, 0, 2);
+    assert!(pool.plan(&cfg, now).is_empty(), "no demand, no warm target");
+    pool.waiting.insert(("c8".into(), "eth0".into()));
+    pool.waiting.insert(("c9".into(), "eth0".into()));
+    assert_eq!(pool.plan(&cfg, now).create.len(), 2);
+}
+
+#[test]
+fn cooldown_is_not_exhaustion() {
+    let now = Instant::now();
+    let cfg = PoolConfig {
+        max_vnics: 2,
+        ..cfg()
+    };
+    let mut pool = pool_with(now, 0, 8);
+    assert!(pool.is_exhausted(&cfg, now));
+    pool.set_state(
+        "vnic-1",
+        Ipv4Addr::new(10, 0, 17, 1),
+        SlotState::Cooldown {
+            until: now + Duration::from_secs(10),
+        },
+    );
+    assert!(
+        !pool.is_exhausted(&cfg, now),
+        "the address comes back after its cooldown"
+    );
+}

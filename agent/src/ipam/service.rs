@@ -1,0 +1,318 @@
+//! `Ipam`: answers allocations from the pool at once, checkpoints them before handing them out,
+//! and leaves every cloud call to background tasks (the grower and the reconcile).
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use ipnet::Ipv4Net;
+use serde::Serialize;
+use tokio::sync::{Mutex, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::Instrument as _;
+
+use crate::oci::models::Tags;
+
+use super::checkpoint::{self, Checkpoint, Entry, Key};
+use super::cloud::Cloud;
+use super::config::{IpamConfig, NODE_TAG};
+use super::error::IpamError;
+use super::pool::{Pool, SlotState};
+use super::types::{AllocError, Allocation, Allocator, BoxFuture, PodRef};
+use super::{grow, reconcile};
+
+pub(super) struct State {
+    pub pool: Pool,
+    pub allocations: BTreeMap<Key, Entry>,
+}
+
+pub(super) struct Inner {
+    pub cloud: Arc<dyn Cloud>,
+    pub cfg: IpamConfig,
+    pub checkpoint: Checkpoint,
+    pub state: Mutex<State>,
+    /// Held by whoever talks to the cloud about the pool (grower, reconcile), so a plan is never
+    /// made while another one is half applied.
+    pub ops: Mutex<()>,
+    pub wake: Notify,
+    pub tags: Tags,
+}
+
+impl Inner {
+    /// Writes the checkpoint off the async workers; the caller holds the state lock, so writes
+    /// are ordered and each one contains every allocation made before it.
+    pub async fn save(&self, state: &State) -> Result<(), AllocError> {
+        let entries: Vec<Entry> = state.allocations.values().cloned().collect();
+        let checkpoint = self.checkpoint.clone();
+        let result = tokio::task::spawn_blocking(move || checkpoint.save(entries.iter())).await;
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "checkpoint write failed");
+                Err(AllocError::Checkpoint {
+                    reason: e.to_string(),
+                })
+            }
+            Err(join) => Err(AllocError::Checkpoint {
+                reason: format!("the checkpoint writer failed: {join}"),
+            }),
+        }
+    }
+}
+
+/// Per-VNIC numbers for `vcnpath status` and the metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VnicStatus {
+    pub vnic_id: String,
+    pub nic_index: u32,
+    pub mac: String,
+    pub interface: Option<String>,
+    pub subnet: Ipv4Net,
+    pub primary_ip: Ipv4Addr,
+    pub free: usize,
+    pub assigned: usize,
+    pub cooldown: usize,
+    pub full: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IpamStatus {
+    pub capacity: usize,
+    pub allocations: usize,
+    pub vnics: Vec<VnicStatus>,
+}
+
+/// The node's address manager. Dropping it stops its background tasks.
+pub struct Ipam {
+    inner: Arc<Inner>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Ipam {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Ipam {
+    /// Loads the checkpoint, reconciles it with OCI (which builds the pool), and starts the
+    /// grower and the periodic reconcile. A corrupt checkpoint stops the start: it is the only
+    /// record of which pod holds which address.
+    pub async fn start(cloud: Arc<dyn Cloud>, cfg: IpamConfig) -> Result<Self, IpamError> {
+        if cfg.pool.ips_per_vnic == 0 || cfg.parallel_calls == 0 {
+            return Err(IpamError::Config {
+                reason: "ips_per_vnic and parallel_calls must be at least 1".into(),
+            });
+        }
+        let checkpoint = Checkpoint::new(&cfg.checkpoint_path);
+        let allocations = checkpoint.load()?;
+        let tags = Tags::from([(NODE_TAG.to_owned(), cfg.instance_id.clone())]);
+        let inner = Arc::new(Inner {
+            cloud,
+            checkpoint,
+            state: Mutex::new(State {
+                pool: Pool::default(),
+                allocations,
+            }),
+            ops: Mutex::new(()),
+            wake: Notify::new(),
+            tags,
+            cfg,
+        });
+        reconcile::run(&inner).await?;
+        let grower = tokio::spawn(grow::run(inner.clone()));
+        let periodic = tokio::spawn(reconcile::periodic(inner.clone()));
+        Ok(Self {
+            inner,
+            tasks: vec![grower, periodic],
+        })
+    }
+
+    /// Compares the checkpoint and the pool with OCI and repairs the difference.
+    pub async fn reconcile(&self) -> Result<(), IpamError> {
+        reconcile::run(&self.inner).await
+    }
+
+    /// Waits for the cloud work in flight (a growth step, a reconcile) to finish and holds off
+    /// the next while the guard lives: for shutdown, and for checks that need a still pool.
+    pub async fn quiesce(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.inner.ops.lock().await
+    }
+
+    /// Host setup found the VNIC with this MAC as `interface`; its addresses become usable.
+    pub async fn set_interface(&self, mac: &str, interface: &str) -> bool {
+        let known = self
+            .inner
+            .state
+            .lock()
+            .await
+            .pool
+            .set_interface(mac, interface);
+        self.inner.wake.notify_one();
+        known
+    }
+
+    pub async fn allocate(&self, pod: &PodRef) -> Result<Allocation, AllocError> {
+        if pod.container_id.is_empty() || pod.ifname.is_empty() {
+            return Err(AllocError::Invalid {
+                reason: "container id and interface name are required".into(),
+            });
+        }
+        let span = tracing::info_span!("allocate", container_id = %pod.container_id, ifname = %pod.ifname, namespace = pod.namespace.as_deref(), pod = pod.name.as_deref());
+        self.allocate_inner(pod).instrument(span).await
+    }
+
+    async fn allocate_inner(&self, pod: &PodRef) -> Result<Allocation, AllocError> {
+        let inner = &self.inner;
+        let key = checkpoint::key(pod);
+        let mut state = inner.state.lock().await;
+        if let Some(entry) = state.allocations.get(&key) {
+            return Ok(entry.allocation.clone());
+        }
+        let picked = state
+            .pool
+            .pick_free(inner.cfg.require_interface)
+            .map(|(vnic, ip)| {
+                let info = &vnic.info;
+                let entry = Entry {
+                    pod: pod.clone(),
+                    allocation: Allocation {
+                        ip,
+                        vnic_id: info.id.clone(),
+                        interface: info.interface.clone().unwrap_or_default(),
+                        subnet: info.subnet,
+                        router_ip: info.router_ip,
+                        mtu: inner.cfg.mtu,
+                    },
+                    ip_id: vnic.ips[&ip].ocid.clone(),
+                };
+                (entry, vnic.ips[&ip].state.clone())
+            });
+        // Whatever happens, the pool may now be below its targets.
+        inner.wake.notify_one();
+        let Some((entry, previous)) = picked else {
+            let exhausted = state.pool.is_exhausted(&inner.cfg.pool, Instant::now());
+            if !exhausted {
+                state.pool.waiting.insert(key);
+            }
+            let error = if exhausted {
+                AllocError::Exhausted {
+                    capacity: inner.cfg.pool.capacity(),
+                }
+            } else {
+                AllocError::PoolEmpty {
+                    retry_after_ms: inner.cfg.retry_after.as_millis() as u64,
+                }
+            };
+            tracing::info!(%error, "no address for the pod");
+            return Err(error);
+        };
+        let (vnic_id, ip) = (entry.allocation.vnic_id.clone(), entry.allocation.ip);
+        state
+            .pool
+            .set_state(&vnic_id, ip, SlotState::Assigned(pod.clone()));
+        state.allocations.insert(key.clone(), entry.clone());
+        if let Err(error) = inner.save(&state).await {
+            state.allocations.remove(&key);
+            state.pool.set_state(&vnic_id, ip, previous);
+            return Err(error);
+        }
+        tracing::info!(%ip, vnic = %vnic_id, "address allocated");
+        Ok(entry.allocation)
+    }
+
+    pub async fn release(&self, pod: &PodRef) -> Result<Option<Allocation>, AllocError> {
+        let span =
+            tracing::info_span!("release", container_id = %pod.container_id, ifname = %pod.ifname);
+        async {
+            let inner = &self.inner;
+            let key = checkpoint::key(pod);
+            let mut state = inner.state.lock().await;
+            let Some(entry) = state.allocations.remove(&key) else {
+                return Ok(None);
+            };
+            let (vnic_id, ip) = (&entry.allocation.vnic_id, entry.allocation.ip);
+            let until = Instant::now() + inner.cfg.pool.cooldown;
+            let previous = state
+                .pool
+                .vnic(vnic_id)
+                .and_then(|v| v.ips.get(&ip))
+                .map(|s| s.state.clone());
+            state
+                .pool
+                .set_state(vnic_id, ip, SlotState::Cooldown { until });
+            if let Err(error) = inner.save(&state).await {
+                if let Some(previous) = previous {
+                    state.pool.set_state(vnic_id, ip, previous);
+                }
+                state.allocations.insert(key, entry);
+                return Err(error);
+            }
+            tracing::info!(%ip, vnic = %vnic_id, "address released to cooldown");
+            Ok(Some(entry.allocation))
+        }
+        .instrument(span)
+        .await
+    }
+
+    pub async fn lookup(&self, pod: &PodRef) -> Option<Allocation> {
+        let state = self.inner.state.lock().await;
+        state
+            .allocations
+            .get(&checkpoint::key(pod))
+            .map(|e| e.allocation.clone())
+    }
+
+    /// Every allocation, as checkpointed.
+    pub async fn allocations(&self) -> Vec<(PodRef, Allocation)> {
+        let state = self.inner.state.lock().await;
+        state
+            .allocations
+            .values()
+            .map(|e| (e.pod.clone(), e.allocation.clone()))
+            .collect()
+    }
+
+    pub async fn status(&self) -> IpamStatus {
+        let state = self.inner.state.lock().await;
+        let vnics = state
+            .pool
+            .vnics()
+            .iter()
+            .map(|v| VnicStatus {
+                vnic_id: v.info.id.clone(),
+                nic_index: v.info.nic_index,
+                mac: v.info.mac.clone(),
+                interface: v.info.interface.clone(),
+                subnet: v.info.subnet,
+                primary_ip: v.info.primary_ip,
+                free: v.count(|s| matches!(s, SlotState::Free { .. })),
+                assigned: v.count(|s| matches!(s, SlotState::Assigned(_))),
+                cooldown: v.count(|s| matches!(s, SlotState::Cooldown { .. })),
+                full: v.full,
+            })
+            .collect();
+        IpamStatus {
+            capacity: self.inner.cfg.pool.capacity(),
+            allocations: state.allocations.len(),
+            vnics,
+        }
+    }
+}
+
+impl Allocator for Ipam {
+    fn allocate<'a>(&'a self, pod: &'a PodRef) -> BoxFuture<'a, Result<Allocation, AllocError>> {
+        Box::pin(Ipam::allocate(self, pod))
+    }
+    fn release<'a>(
+        &'a self,
+        pod: &'a PodRef,
+    ) -> BoxFuture<'a, Result<Option<Allocation>, AllocError>> {
+        Box::pin(Ipam::release(self, pod))
+    }
+    fn lookup<'a>(&'a self, pod: &'a PodRef) -> BoxFuture<'a, Option<Allocation>> {
+        Box::pin(Ipam::lookup(self, pod))
+    }
+}

@@ -1,0 +1,517 @@
+//! IPAM against the in-process OCI simulator: the pool fills, grows across VNICs, survives a
+//! restart and a fault storm, and never hands one address to two pods.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vcnpath::ipam::checkpoint::Checkpoint;
+use vcnpath::ipam::{
+    AllocError, Allocation, Cloud, Ipam, IpamConfig, NODE_TAG, OciCloud, PodRef, PoolConfig,
+};
+use vcnpath::oci::CoreClient;
+use vcnpath_tests::ocikit::{fast_retries, instance_principal_client};
+use vcnpath_tests::ocisim::{Faults, SimConfig, Simulator};
+
+const PODS_SUBNET: &str = "ocid1.subnet.oc1.iad.simpods";
+
+async fn sim(ips_per_vnic: u32, max_vnics: u32) -> Simulator {
+    let config = SimConfig {
+        ips_per_vnic,
+        max_vnic_attachments: max_vnics,
+        attach_delay_ms: 100,
+        ..SimConfig::default()
+    };
+    Simulator::start(config, "127.0.0.1:0")
+        .await
+        .expect("simulator starts")
+}
+
+fn client(sim: &Simulator) -> Arc<CoreClient> {
+    Arc::new(instance_principal_client(sim, fast_retries()).0)
+}
+
+fn cloud(sim: &Simulator) -> Arc<dyn Cloud> {
+    let cfg = sim.config();
+    Arc::new(OciCloud::new(
+        client(sim),
+        cfg.compartment_id,
+        cfg.instance_id,
+        Duration::from_secs(10),
+    ))
+}
+
+fn config(sim: &Simulator, dir: &Path, pool: PoolConfig) -> IpamConfig {
+    let mut cfg = IpamConfig::new(sim.config().instance_id, pool);
+    cfg.checkpoint_path = dir.join("ipam.json");
+    cfg.require_interface = false;
+    cfg.tick = Duration::from_millis(100);
+    cfg.retry_after = Duration::from_millis(100);
+    cfg.reconcile_interval = Duration::from_hours(1);
+    cfg
+}
+
+fn pool(sim: &Simulator, warm_ips: usize) -> PoolConfig {
+    let cfg = sim.config();
+    PoolConfig {
+        warm_ips,
+        ips_per_vnic: cfg.ips_per_vnic as usize,
+        max_vnics: cfg.max_vnic_attachments as usize,
+        subnets: vec![PODS_SUBNET.into()],
+        cooldown: Duration::from_millis(500),
+        release_delay: Duration::from_hours(1),
+        ..PoolConfig::default()
+    }
+}
+
+async fn start(sim: &Simulator, cfg: IpamConfig) -> Ipam {
+    // RUST_LOG=vcnpath=debug shows the grower's and reconcile's decisions.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    Ipam::start(cloud(sim), cfg).await.expect("IPAM starts")
+}
+
+fn pod(n: usize) -> PodRef {
+    PodRef {
+        container_id: format!("container-{n:03}"),
+        ifname: "eth0".into(),
+        namespace: Some("default".into()),
+        name: Some(format!("pod-{n}")),
+    }
+}
+
+/// Allocates as the CNI does: retry while the pool is empty.
+async fn allocate(ipam: &Ipam, pod: &PodRef, within: Duration) -> Allocation {
+    let deadline = Instant::now() + within;
+    loop {
+        match ipam.allocate(pod).await {
+            Ok(a) => return a,
+            Err(e @ AllocError::PoolEmpty { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(e.retry_after().expect("PoolEmpty says when")).await;
+            }
+            Err(e) => panic!("allocation for {} failed: {e}", pod.container_id),
+        }
+    }
+}
+
+async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The simulator's secondary IPs tagged for this node: address → VNIC.
+fn node_ips(sim: &Simulator) -> BTreeMap<Ipv4Addr, String> {
+    let instance = sim.config().instance_id;
+    let snapshot = sim.snapshot();
+    let mut ips = BTreeMap::new();
+    for p in snapshot["privateIps"].as_array().expect("privateIps") {
+        if p["isPrimary"].as_bool() == Some(true)
+            || p["freeformTags"][NODE_TAG].as_str() != Some(instance.as_str())
+        {
+            continue;
+        }
+        let ip: Ipv4Addr = p["ipAddress"].as_str().unwrap().parse().unwrap();
+        let vnic = p["vnicId"].as_str().unwrap().to_owned();
+        assert!(ips.insert(ip, vnic).is_none(), "{ip} exists twice in OCI");
+    }
+    ips
+}
+
+fn attached_vnics(sim: &Simulator) -> usize {
+    sim.snapshot()["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["lifecycleState"] == "ATTACHED")
+        .count()
+}
+
+/// The checkpoint, the pool and OCI agree: every checkpointed address exists in OCI on its
+/// VNIC, tagged for this node, held by one pod; every address of this node in OCI is known to
+/// the pool (nothing leaked).
+async fn assert_consistent(sim: &Simulator, ipam: &Ipam, checkpoint: &Path) {
+    let _still = ipam.quiesce().await;
+    let saved = Checkpoint::new(checkpoint)
+        .load()
+        .expect("checkpoint loads");
+    let in_oci = node_ips(sim);
+    let mut seen = BTreeSet::new();
+    for entry in saved.values() {
+        let a = &entry.allocation;
+        assert!(seen.insert(a.ip), "{} is checkpointed for two pods", a.ip);
+        assert_eq!(
+            in_oci.get(&a.ip),
+            Some(&a.vnic_id),
+            "checkpointed {} of {} must exist in OCI on VNIC {}",
+            a.ip,
+            entry.pod.container_id,
+            a.vnic_id
+        );
+    }
+    let mut live: Vec<_> = ipam.allocations().await;
+    live.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        live.len(),
+        saved.len(),
+        "memory and checkpoint hold the same pods"
+    );
+    let status = ipam.status().await;
+    for v in &status.vnics {
+        let held = v.free + v.assigned + v.cooldown;
+        let in_cloud = in_oci.values().filter(|id| **id == v.vnic_id).count();
+        assert_eq!(
+            held, in_cloud,
+            "VNIC {}: the pool holds {held} addresses, OCI has {in_cloud} tagged for this node",
+            v.vnic_id
+        );
+    }
+    let pooled: usize = status
+        .vnics
+        .iter()
+        .map(|v| v.free + v.assigned + v.cooldown)
+        .sum();
+    assert_eq!(
+        pooled,
+        in_oci.len(),
+        "an address of this node in OCI is unknown to the pool (leak)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_pool_fills_and_allocations_never_wait_for_the_cloud() {
+    let sim = sim(8, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ipam = start(&sim, config(&sim, dir.path(), pool(&sim, 5))).await;
+    wait_for("5 warm addresses", Duration::from_secs(15), async || {
+        ipam.status()
+            .await
+            .vnics
+            .iter()
+            .map(|v| v.free)
+            .sum::<usize>()
+            >= 5
+    })
+    .await;
+    assert_eq!(
+        node_ips(&sim).len(),
+        5,
+        "exactly the warm target is created"
+    );
+
+    // The cloud now takes 2 s per call: an allocation from the warm pool must not notice.
+    sim.set_faults(Faults {
+        latency_ms: 2000,
+        ..Faults::default()
+    });
+    let mut ips = BTreeSet::new();
+    for n in 0..3 {
+        let started = Instant::now();
+        let a = ipam.allocate(&pod(n)).await.expect("warm allocation");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "allocation {n} took {:?} with a warm pool",
+            started.elapsed()
+        );
+        assert!(ips.insert(a.ip), "{} handed out twice", a.ip);
+        assert_eq!(a.subnet.to_string(), "10.0.16.0/20");
+        assert_eq!(a.router_ip, Ipv4Addr::new(10, 0, 16, 1));
+        assert_eq!(
+            ipam.allocate(&pod(n)).await.expect("repeat").ip,
+            a.ip,
+            "allocate is idempotent for the same pod"
+        );
+    }
+    sim.set_faults(Faults::default());
+    assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filling_past_one_vnic_attaches_a_second() {
+    let sim = sim(4, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    // IPAM believes 31 IPs fit a VNIC; the simulator's LimitExceeded at 4 must mark it full.
+    let pool = PoolConfig {
+        ips_per_vnic: 31,
+        ..pool(&sim, 2)
+    };
+    let ipam = start(&sim, config(&sim, dir.path(), pool)).await;
+    let mut by_vnic: BTreeMap<String, usize> = BTreeMap::new();
+    for n in 0..7 {
+        let a = allocate(&ipam, &pod(n), Duration::from_secs(20)).await;
+        *by_vnic.entry(a.vnic_id).or_default() += 1;
+    }
+    assert_eq!(
+        by_vnic.len(),
+        2,
+        "7 pods on 4-address VNICs need two VNICs: {by_vnic:?}"
+    );
+    assert_eq!(attached_vnics(&sim), 3, "primary + two pod VNICs");
+    let status = ipam.status().await;
+    assert!(
+        status.vnics.iter().any(|v| v.full),
+        "a LimitExceeded marks the first VNIC full: {status:?}"
+    );
+    assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_pool_says_try_later_then_serves_after_growth() {
+    let sim = sim(8, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ipam = start(&sim, config(&sim, dir.path(), pool(&sim, 0))).await;
+    match ipam.allocate(&pod(0)).await {
+        Err(AllocError::PoolEmpty { retry_after_ms }) => assert_eq!(retry_after_ms, 100),
+        other => panic!("an empty pool must answer PoolEmpty, got {other:?}"),
+    }
+    let a = allocate(&ipam, &pod(0), Duration::from_secs(15)).await;
+    assert_eq!(ipam.lookup(&pod(0)).await, Some(a));
+    assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn released_address_is_reused_only_after_the_cooldown() {
+    // Capacity 2: one pod VNIC of 2 addresses.
+    let sim = sim(2, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ipam = start(&sim, config(&sim, dir.path(), pool(&sim, 2))).await;
+    let a = allocate(&ipam, &pod(0), Duration::from_secs(15)).await;
+    let _b = allocate(&ipam, &pod(1), Duration::from_secs(15)).await;
+    assert_eq!(
+        ipam.allocate(&pod(2)).await,
+        Err(AllocError::Exhausted { capacity: 2 }),
+        "a full node says so"
+    );
+    assert_eq!(ipam.release(&pod(0)).await, Ok(Some(a.clone())));
+    assert_eq!(
+        ipam.release(&pod(0)).await,
+        Ok(None),
+        "release is idempotent"
+    );
+    assert_eq!(ipam.lookup(&pod(0)).await, None);
+    let released = Instant::now();
+    match ipam.allocate(&pod(2)).await {
+        Err(AllocError::PoolEmpty { .. }) => {}
+        other => panic!("the freed address is cooling down; expected PoolEmpty, got {other:?}"),
+    }
+    let c = allocate(&ipam, &pod(2), Duration::from_secs(5)).await;
+    assert!(
+        released.elapsed() >= Duration::from_millis(500),
+        "reused after {:?}, before the 500 ms cooldown",
+        released.elapsed()
+    );
+    assert_eq!(c.ip, a.ip, "the only free address is the released one");
+    assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_from_checkpoint_keeps_every_pods_address_once() {
+    let sim = sim(8, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&sim, dir.path(), pool(&sim, 3));
+    let ipam = start(&sim, cfg.clone()).await;
+    let mut before = BTreeMap::new();
+    for n in 0..10 {
+        before.insert(n, allocate(&ipam, &pod(n), Duration::from_secs(20)).await);
+    }
+    drop(ipam);
+
+    let ipam = start(&sim, cfg).await;
+    for (n, a) in &before {
+        assert_eq!(
+            ipam.lookup(&pod(*n)).await.as_ref(),
+            Some(a),
+            "pod {n} keeps its address across a restart"
+        );
+        assert_eq!(ipam.allocate(&pod(*n)).await.as_ref(), Ok(a));
+    }
+    let old: BTreeSet<Ipv4Addr> = before.values().map(|a| a.ip).collect();
+    for n in 10..14 {
+        let a = allocate(&ipam, &pod(n), Duration::from_secs(20)).await;
+        assert!(
+            !old.contains(&a.ip),
+            "{} of a restored pod was handed to pod {n}",
+            a.ip
+        );
+    }
+    assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_storm_during_scale_up_leaks_and_duplicates_nothing() {
+    let sim = sim(8, 4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ipam = Arc::new(start(&sim, config(&sim, dir.path(), pool(&sim, 4))).await);
+    sim.set_faults(Faults {
+        latency_ms: 20,
+        rate_429: 0.2,
+        rate_5xx: 0.2,
+        rate_hang: 0.0,
+    });
+    let mut tasks = Vec::new();
+    for n in 0..20 {
+        let ipam = ipam.clone();
+        tasks.push(tokio::spawn(async move {
+            allocate(&ipam, &pod(n), Duration::from_secs(40)).await
+        }));
+    }
+    let mut ips = BTreeSet::new();
+    for t in tasks {
+        let a = t.await.expect("allocation task");
+        assert!(ips.insert(a.ip), "{} handed out twice", a.ip);
+    }
+    for n in 0..5 {
+        ipam.release(&pod(n)).await.expect("release");
+    }
+    sim.set_faults(Faults::default());
+    // No reconcile here: it would adopt a leak; what the grower left must already be exact.
+    assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+    assert_eq!(ipam.allocations().await.len(), 15);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_allocations_and_releases() {
+    let sim = sim(31, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ipam = Arc::new(start(&sim, config(&sim, dir.path(), pool(&sim, 10))).await);
+    let mut tasks = Vec::new();
+    for n in 0..50 {
+        let ipam = ipam.clone();
+        tasks.push(tokio::spawn(async move {
+            let a = allocate(&ipam, &pod(n), Duration::from_secs(30)).await;
+            if n % 2 == 1 {
+                assert_eq!(ipam.release(&pod(n)).await, Ok(Some(a.clone())));
+            }
+            (n, a)
+        }));
+    }
+    let mut holders: BTreeMap<Ipv4Addr, usize> = BTreeMap::new();
+    for t in tasks {
+        let (n, a) = t.await.expect("task");
+        if n % 2 == 0
+            && let Some(other) = holders.insert(a.ip, n)
+        {
+            panic!("{} is held by pods {other} and {n}", a.ip);
+        }
+    }
+    let live = ipam.allocations().await;
+    assert_eq!(
+        live.len(),
+        25,
+        "the 25 pods that kept their address are recorded"
+    );
+    for (p, a) in &live {
+        let n: usize = p.container_id["container-".len()..].parse().unwrap();
+        assert_eq!(
+            holders.get(&a.ip),
+            Some(&n),
+            "{} recorded for the wrong pod",
+            a.ip
+        );
+    }
+    assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_checkpoint_write_rolls_the_allocation_back() {
+    let sim = sim(8, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ipam = start(&sim, config(&sim, dir.path(), pool(&sim, 3))).await;
+    let first = allocate(&ipam, &pod(0), Duration::from_secs(15)).await;
+    // A directory where the temp file goes makes the next write fail.
+    let blocker = dir.path().join("ipam.json.tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    match ipam.allocate(&pod(1)).await {
+        Err(AllocError::Checkpoint { reason }) => {
+            assert!(
+                reason.contains("ipam.json"),
+                "the error names the file: {reason}"
+            );
+        }
+        other => panic!("a failed checkpoint must fail the allocation, got {other:?}"),
+    }
+    assert_eq!(ipam.lookup(&pod(1)).await, None, "nothing was handed out");
+    assert_eq!(
+        ipam.status()
+            .await
+            .vnics
+            .iter()
+            .map(|v| v.assigned)
+            .sum::<usize>(),
+        1
+    );
+    std::fs::remove_dir(&blocker).unwrap();
+    let second = allocate(&ipam, &pod(1), Duration::from_secs(5)).await;
+    assert_ne!(second.ip, first.ip);
+    assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_restores_a_pods_address_and_touches_nothing_foreign() {
+    use vcnpath::oci::models::CreatePrivateIpDetails;
+    use vcnpath::oci::new_retry_token;
+    let sim = sim(8, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ipam = start(&sim, config(&sim, dir.path(), pool(&sim, 1))).await;
+    let a = allocate(&ipam, &pod(0), Duration::from_secs(15)).await;
+    let oci = client(&sim);
+    // Someone adds addresses that are not this node's: untagged, and tagged for another node.
+    let foreign = |tags: vcnpath::oci::models::Tags| CreatePrivateIpDetails {
+        vnic_id: a.vnic_id.clone(),
+        freeform_tags: tags,
+        ..Default::default()
+    };
+    let untagged = oci
+        .create_private_ip(&foreign(BTreeMap::default()), &new_retry_token())
+        .await
+        .unwrap();
+    let other_node = oci
+        .create_private_ip(
+            &foreign(
+                [(
+                    NODE_TAG.to_owned(),
+                    "ocid1.instance.oc1.iad.other".to_owned(),
+                )]
+                .into(),
+            ),
+            &new_retry_token(),
+        )
+        .await
+        .unwrap();
+
+    // And deletes the pod's address behind the agent's back.
+    let ids = oci
+        .list_private_ips(&vcnpath::oci::models::PrivateIpFilter::Vnic(
+            a.vnic_id.clone(),
+        ))
+        .await
+        .unwrap();
+    let pod_ip = ids
+        .iter()
+        .find(|p| p.ip_address == a.ip.to_string())
+        .unwrap();
+    oci.delete_private_ip(&pod_ip.id).await.unwrap();
+    ipam.reconcile().await.expect("reconcile");
+    let in_oci = node_ips(&sim);
+    assert_eq!(
+        in_oci.get(&a.ip),
+        Some(&a.vnic_id),
+        "the checkpointed pod's address is restored, not given up"
+    );
+    for foreign in [&untagged, &other_node] {
+        oci.get_private_ip(&foreign.id).await.unwrap_or_else(|e| {
+            panic!(
+                "{} is not this node's and must survive: {e}",
+                foreign.ip_address
+            )
+        });
+        assert!(!in_oci.contains_key(&foreign.ip_address.parse().unwrap()));
+    }
+    assert_eq!(ipam.lookup(&pod(0)).await, Some(a));
+    assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}
