@@ -34,20 +34,20 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
     // Fast path: a packet of a flow already in the NAT table skips the CIDR lookups.
     // Egress entries only exist for destinations classified as outside the VCN (the
     // agent purges them when the CIDRs change) or for flows opened from outside.
-    if let L4::Flow { key, sport, seen } = &l4 {
-        if let Some(entry) = nat::lookup(key) {
-            nat::touch(entry, *seen);
-            // SAFETY: pointer from a lookup in this run.
-            let (flags, addr, port) = unsafe { ((*entry).flags, (*entry).addr, (*entry).port) };
-            if flags & NAT_F_INBOUND != 0 {
-                // A reply of a flow opened from outside towards the pod (rule 4).
-                return redirect::via_owner(ctx, owner.ifindex, ip.dst, Reason::PassInbound);
-            }
-            // The entry's own address is used (not the current config) so a flow keeps
-            // the identity its ingress entry was keyed by.
-            translate(ctx, &ip, addr, *sport, port)?;
-            return leave_via_masquerade(ctx, &config, ip.dst, Reason::SnatEstablished);
+    if let L4::Flow { key, sport, seen } = &l4
+        && let Some(entry) = nat::lookup(key)
+    {
+        nat::touch(entry, *seen);
+        // SAFETY: pointer from a lookup in this run.
+        let (flags, addr, port) = unsafe { ((*entry).flags, (*entry).addr, (*entry).port) };
+        if flags & NAT_F_INBOUND != 0 {
+            // A reply of a flow opened from outside towards the pod (rule 4).
+            return redirect::via_owner(ctx, owner.ifindex, ip.dst, Reason::PassInbound);
         }
+        // The entry's own address is used (not the current config) so a flow keeps
+        // the identity its ingress entry was keyed by.
+        translate(ctx, &ip, addr, *sport, port)?;
+        return leave_via_masquerade(ctx, &config, ip.dst, Reason::SnatEstablished);
     }
 
     if maps::is_nonmasq(ip.dst) {

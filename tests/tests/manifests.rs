@@ -1,5 +1,5 @@
 //! The Kubernetes manifests in `deploy/` validate against the Kubernetes schemas, offline
-//! and strictly (unknown fields are errors), with PyPI's `kubernetes-validate`.
+//! and strictly (unknown fields are errors), with `kubernetes-validate` (from `PyPI`).
 
 use std::{path::Path, process::Command};
 
