@@ -3,6 +3,7 @@
 pub mod api;
 pub mod cli;
 pub mod cni;
+pub mod daemon;
 pub mod datapath;
 pub mod host;
 pub mod ipam;

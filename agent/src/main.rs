@@ -22,6 +22,36 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the node agent: IPAM over the node's VNICs, the datapath, the CNI plugin's API.
+    Run(Box<RunArgs>),
+    /// Show the running agent's VNICs, pool, pods and datapath counters.
+    Status {
+        #[arg(
+            long,
+            default_value = "/run/vcnpath/vcnpath.sock",
+            env = "VCNPATH_SOCKET"
+        )]
+        socket: PathBuf,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the pod capacity of this instance's shape, for kubelet's --max-pods.
+    MaxPods {
+        #[arg(
+            long,
+            default_value = "http://169.254.169.254/opc/v2/",
+            env = "VCNPATH_IMDS_URL"
+        )]
+        imds_url: String,
+        #[arg(long, default_value_t = 31)]
+        ips_per_vnic: usize,
+        #[arg(long)]
+        use_primary_vnic: bool,
+        /// Kubernetes' per-node default ceiling.
+        #[arg(long, default_value_t = 110)]
+        cap: usize,
+    },
     /// Run the datapath from a static configuration file until stopped.
     Datapath {
         /// The TOML configuration.
@@ -45,10 +75,96 @@ enum Command {
     Version,
 }
 
+/// `vcnpath run` options; each overrides the configuration file.
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The TOML configuration (every key optional).
+    #[arg(long, short, env = "VCNPATH_CONFIG")]
+    config: Option<PathBuf>,
+    /// IMDS v2 base URL.
+    #[arg(long, env = "VCNPATH_IMDS_URL")]
+    imds_url: Option<String>,
+    /// One base URL for the OCI Core API and federation (e.g. the simulator).
+    #[arg(long, env = "VCNPATH_OCI_ENDPOINT")]
+    oci_endpoint: Option<String>,
+    #[arg(long, value_enum, env = "VCNPATH_AUTH")]
+    auth: Option<vcnpath::daemon::AuthMode>,
+    /// OCI config file for --auth config-file.
+    #[arg(long, env = "VCNPATH_OCI_CONFIG")]
+    oci_config: Option<PathBuf>,
+    #[arg(long, env = "VCNPATH_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    #[arg(long, env = "VCNPATH_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(long, env = "VCNPATH_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    #[arg(long, env = "VCNPATH_PIN_DIR")]
+    pin_dir: Option<PathBuf>,
+}
+
+impl RunArgs {
+    fn into_config(self) -> anyhow::Result<vcnpath::daemon::AgentConfig> {
+        let mut config = vcnpath::daemon::AgentConfig::load(self.config.as_deref())?;
+        if let Some(v) = self.imds_url {
+            config.oci.imds_url = v;
+        }
+        if let Some(v) = self.oci_endpoint {
+            config.oci.endpoint = Some(v);
+        }
+        if let Some(v) = self.auth {
+            config.oci.auth = v;
+        }
+        if let Some(v) = self.oci_config {
+            config.oci.config_file = Some(v);
+        }
+        if let Some(v) = self.state_dir {
+            config.node.state_dir = v;
+        }
+        if let Some(v) = self.socket {
+            config.node.socket = v;
+        }
+        if let Some(v) = self.listen {
+            config.node.listen = v;
+        }
+        if let Some(v) = self.pin_dir {
+            config.datapath.pin_dir = v;
+        }
+        Ok(config)
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     cli::logging::init(args.log_json);
     match args.command {
+        Command::Run(run) => {
+            let config = run.into_config()?;
+            runtime()?.block_on(cli::run::run(config))
+        }
+        Command::Status { socket, json } => runtime()?.block_on(cli::status::status(&socket, json)),
+        Command::MaxPods {
+            imds_url,
+            ips_per_vnic,
+            use_primary_vnic,
+            cap,
+        } => {
+            let n = runtime()?.block_on(cli::status::max_pods_for(
+                &imds_url,
+                ips_per_vnic,
+                use_primary_vnic,
+                cap,
+            ))?;
+            println!("{n}");
+            Ok(())
+        }
         Command::Datapath {
             config,
             detach: true,

@@ -113,6 +113,12 @@ impl Client {
         Ok(answer.allocation)
     }
 
+    /// The node's state (`vcnpath status`), as served by the running agent.
+    pub async fn status(&self) -> Result<serde_json::Value, ClientError> {
+        self.call(Method::GET, "/v1/status", "status", None::<&()>)
+            .await
+    }
+
     async fn call<B: Serialize, T: DeserializeOwned>(
         &self,
         method: Method,

@@ -3,3 +3,5 @@
 pub mod datapath;
 pub mod inspect;
 pub mod logging;
+pub mod run;
+pub mod status;

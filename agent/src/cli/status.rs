@@ -1,0 +1,87 @@
+//! `vcnpath status` and `vcnpath max-pods`.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::Context as _;
+use serde_json::Value;
+
+use crate::{api::Client, ipam::max_pods, oci::ImdsClient};
+
+/// Prints the node's VNICs, pool, pods and datapath counters from the running agent.
+pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
+    let status = Client::new(socket, Duration::from_secs(5)).status().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    println!("ready: {}", status["ready"]);
+    println!("\nVNICs:");
+    println!(
+        "  {:<4} {:<8} {:<17} {:<15} {:<18} {:>5} {:>8} {:>8}",
+        "nic", "iface", "mac", "primary ip", "subnet", "free", "assigned", "cooldown"
+    );
+    for v in status["vnics"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<4} {:<8} {:<17} {:<15} {:<18} {:>5} {:>8} {:>8}{}",
+            s(&v["nic_index"]),
+            s(&v["interface"]),
+            s(&v["mac"]),
+            s(&v["primary_ip"]),
+            s(&v["subnet"]),
+            s(&v["free"]),
+            s(&v["assigned"]),
+            s(&v["cooldown"]),
+            if v["full"] == true { "  full" } else { "" }
+        );
+    }
+    println!(
+        "\npool: {} of {} addresses in use",
+        status["pool"]["allocations"], status["pool"]["capacity"]
+    );
+    println!("\npods:");
+    for p in status["pods"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<15} {:<6} {}/{}  ({})",
+            s(&p["ip"]),
+            s(&p["interface"]),
+            s(&p["namespace"]),
+            s(&p["name"]),
+            s(&p["container_id"])
+        );
+    }
+    println!(
+        "\ndatapath: {} NAT entries",
+        status["datapath"]["nat_entries"]
+    );
+    for (reason, n) in status["datapath"]["counters"]
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        if n.as_u64().unwrap_or(0) > 0 {
+            println!("  {reason:<32} {n}");
+        }
+    }
+    Ok(())
+}
+
+/// The pod capacity of this shape, for kubelet's `--max-pods`.
+pub async fn max_pods_for(
+    imds_url: &str,
+    ips_per_vnic: usize,
+    use_primary_vnic: bool,
+    cap: usize,
+) -> anyhow::Result<usize> {
+    let imds = ImdsClient::new(imds_url, reqwest::Client::new())?;
+    let instance = imds
+        .instance()
+        .await
+        .context("reading the shape from IMDS")?;
+    let capacity = max_pods(
+        instance.shape_config.max_vnic_attachments as usize,
+        ips_per_vnic,
+        use_primary_vnic,
+    );
+    Ok(capacity.min(cap))
+}

@@ -1,0 +1,273 @@
+//! The agent's configuration file (`vcnpath run --config FILE`, TOML). Every key is
+//! optional; flags and environment variables override the file.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+use vcnpath_common::DEFAULT_PIN_DIR;
+
+use crate::{datapath::NatTimeouts, ipam::PoolConfig};
+
+/// How the agent authenticates to OCI.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// The instance's certificate from IMDS, federated to a session token (default on OCI).
+    #[default]
+    InstancePrincipal,
+    /// An API key from an OCI config file profile.
+    ConfigFile,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[derive(Default)]
+pub struct AgentConfig {
+    pub oci: OciSection,
+    pub ipam: IpamSection,
+    pub datapath: DatapathSection,
+    pub node: NodeSection,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OciSection {
+    pub auth: AuthMode,
+    /// OCI config file for `auth = "config_file"` (default `~/.oci/config`).
+    pub config_file: Option<PathBuf>,
+    pub profile: String,
+    /// IMDS v2 base URL.
+    pub imds_url: String,
+    /// One base URL for the Core API and federation (the simulator); by default both are
+    /// derived from the region and realm in IMDS.
+    pub endpoint: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IpamSection {
+    /// Subnet OCIDs for new VNICs, in order; empty means the primary VNIC's subnet.
+    pub subnets: Vec<String>,
+    pub ips_per_vnic: usize,
+    pub warm_ips: usize,
+    pub min_ips: usize,
+    pub warm_vnics: usize,
+    /// Give pods addresses on the primary VNIC too.
+    pub use_primary_vnic: bool,
+    pub release_delay_secs: u64,
+    pub cooldown_secs: u64,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatapathSection {
+    pub pin_dir: PathBuf,
+    /// Destinations never masqueraded besides the VCN's own CIDR blocks.
+    pub nonmasq_cidrs: Vec<Ipv4Net>,
+    /// MTU of secondary VNICs and pod interfaces.
+    pub mtu: u32,
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    pub nat_max_entries: Option<u32>,
+    pub gc_interval_secs: u64,
+    pub nat_timeouts: NatTimeouts,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    /// Checkpoint directory.
+    pub state_dir: PathBuf,
+    /// The local API socket the CNI plugin uses.
+    pub socket: PathBuf,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub listen: SocketAddr,
+}
+
+impl Default for OciSection {
+    fn default() -> Self {
+        Self {
+            auth: AuthMode::InstancePrincipal,
+            config_file: None,
+            profile: "DEFAULT".into(),
+            imds_url: "http://169.254.169.254/opc/v2/".into(),
+            endpoint: None,
+        }
+    }
+}
+
+impl Default for IpamSection {
+    fn default() -> Self {
+        let pool = PoolConfig::default();
+        Self {
+            subnets: Vec::new(),
+            ips_per_vnic: pool.ips_per_vnic,
+            warm_ips: pool.warm_ips,
+            min_ips: pool.min_ips,
+            warm_vnics: pool.warm_vnics,
+            use_primary_vnic: pool.use_primary_vnic,
+            release_delay_secs: pool.release_delay.as_secs(),
+            cooldown_secs: pool.cooldown.as_secs(),
+        }
+    }
+}
+
+impl Default for DatapathSection {
+    fn default() -> Self {
+        Self {
+            pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+            nonmasq_cidrs: Vec::new(),
+            mtu: 9000,
+            nat_port_min: 1024,
+            nat_port_max: 65535,
+            nat_max_entries: None,
+            gc_interval_secs: 10,
+            nat_timeouts: NatTimeouts::default(),
+        }
+    }
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        Self {
+            state_dir: PathBuf::from("/var/lib/vcnpath"),
+            socket: PathBuf::from("/run/vcnpath/vcnpath.sock"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 9965)),
+        }
+    }
+}
+
+/// A configuration file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl AgentConfig {
+    /// Reads a file, or the defaults when `path` is `None`.
+    pub fn load(path: Option<&std::path::Path>) -> Result<Self, ConfigError> {
+        let config: Self = match path {
+            None => Self::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.to_owned(),
+                    source: Box::new(source),
+                })?
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.into(),
+            })
+        };
+        if self.ipam.ips_per_vnic == 0 {
+            return invalid("ipam.ips_per_vnic", "must be at least 1");
+        }
+        if !(576..=9000).contains(&self.datapath.mtu) {
+            return invalid("datapath.mtu", "must be between 576 and 9000");
+        }
+        if self.datapath.nat_port_min == 0
+            || self.datapath.nat_port_min > self.datapath.nat_port_max
+        {
+            return invalid(
+                "datapath.nat_port_min",
+                "must be between 1 and nat_port_max",
+            );
+        }
+        if self.oci.auth == AuthMode::ConfigFile
+            && self.oci.config_file.is_none()
+            && std::env::var_os("HOME").is_none()
+        {
+            return invalid(
+                "oci.config_file",
+                "needed for auth = \"config_file\" when HOME is unset",
+            );
+        }
+        Ok(())
+    }
+
+    /// The pool settings, given the shape's VNIC limit and the default subnet.
+    pub fn pool(&self, max_vnics: usize, primary_subnet: &str) -> PoolConfig {
+        let subnets = if self.ipam.subnets.is_empty() {
+            vec![primary_subnet.to_owned()]
+        } else {
+            self.ipam.subnets.clone()
+        };
+        PoolConfig {
+            warm_ips: self.ipam.warm_ips,
+            min_ips: self.ipam.min_ips,
+            warm_vnics: self.ipam.warm_vnics,
+            ips_per_vnic: self.ipam.ips_per_vnic,
+            max_vnics,
+            use_primary_vnic: self.ipam.use_primary_vnic,
+            subnets,
+            release_delay: Duration::from_secs(self.ipam.release_delay_secs),
+            cooldown: Duration::from_secs(self.ipam.cooldown_secs),
+            ..PoolConfig::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_configmap_parses() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/configmap.yaml"
+        ))
+        .unwrap();
+        let body: String = text
+            .split_once("config.toml: |\n")
+            .expect("config.toml key")
+            .1
+            .lines()
+            .map(|l| l.strip_prefix("    ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config: AgentConfig =
+            toml::from_str(&body).expect("the ConfigMap's config.toml is valid");
+        config.validate().expect("and passes validation");
+        assert_eq!(config.node.listen.port(), 9965);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(
+            toml::from_str::<AgentConfig>("[ipam]\nwarm_ip = 3").is_err(),
+            "a typo is an error"
+        );
+        let config: AgentConfig = toml::from_str("[datapath]\nmtu = 100").unwrap();
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("datapath.mtu")
+        );
+    }
+}

@@ -1,0 +1,159 @@
+//! Introspection: `/metrics` (Prometheus text), `/healthz`, `/readyz` over TCP, and
+//! `/v1/status` on the local API socket for `vcnpath status`.
+
+use std::{
+    fmt::Write as _,
+    sync::Arc,
+    sync::atomic::{AtomicBool, Ordering},
+};
+
+use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use serde_json::{Value, json};
+
+use super::node::Node;
+use crate::datapath::Counters;
+
+/// What the HTTP handlers read.
+pub struct Introspection {
+    pub node: Arc<Node>,
+    /// Set once the datapath is attached and the pool can serve.
+    pub ready: AtomicBool,
+}
+
+/// `/metrics`, `/healthz`, `/readyz`.
+pub fn router(state: Arc<Introspection>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// `/v1/status`, merged into the local API.
+pub fn status_router(state: Arc<Introspection>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<Arc<Introspection>>) -> impl IntoResponse {
+    if state.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the datapath or the address pool is not up yet\n",
+        )
+    }
+}
+
+async fn status(State(state): State<Arc<Introspection>>) -> Json<Value> {
+    Json(status_json(&state).await)
+}
+
+/// The node's state as `vcnpath status` shows it.
+pub async fn status_json(state: &Introspection) -> Value {
+    let node = &state.node;
+    let pool = node.ipam.status().await;
+    let vnics = node.vnics().await;
+    let pods: Vec<Value> = node
+        .ipam
+        .allocations()
+        .await
+        .into_iter()
+        .map(|(pod, a)| json!({"container_id": pod.container_id, "ifname": pod.ifname, "namespace": pod.namespace, "name": pod.name, "ip": a.ip, "vnic": a.vnic_id, "interface": a.interface}))
+        .collect();
+    let counters = node.datapath.counters().await.unwrap_or_default();
+    let nat_entries = node.datapath.nat_entries().await.unwrap_or(0);
+    json!({
+        "ready": state.ready.load(Ordering::Acquire),
+        "vnics": pool.vnics.iter().map(|v| {
+            let managed = vnics.get(&v.vnic_id);
+            json!({
+                "vnic_id": v.vnic_id, "nic_index": v.nic_index, "mac": v.mac,
+                "interface": v.interface, "ifindex": managed.map(|m| m.link.index),
+                "primary_ip": v.primary_ip, "subnet": v.subnet,
+                "router_mac_resolved": managed.is_some_and(|m| m.router_mac.is_some()),
+                "free": v.free, "assigned": v.assigned, "cooldown": v.cooldown, "full": v.full,
+            })
+        }).collect::<Vec<_>>(),
+        "pool": {"capacity": pool.capacity, "allocations": pool.allocations},
+        "pods": pods,
+        "datapath": {
+            "nat_entries": nat_entries,
+            "counters": counters.0.iter().map(|(r, n)| (r.name().to_owned(), json!(n))).collect::<serde_json::Map<_, _>>(),
+        },
+    })
+}
+
+async fn metrics(State(state): State<Arc<Introspection>>) -> impl IntoResponse {
+    let node = &state.node;
+    let pool = node.ipam.status().await;
+    let counters = node.datapath.counters().await.unwrap_or_default();
+    let nat = node.datapath.nat_entries().await.unwrap_or(0);
+    let mut out = String::new();
+    render(&mut out, &pool, &counters, nat, node);
+    ([("content-type", "text/plain; version=0.0.4")], out)
+}
+
+fn render(
+    out: &mut String,
+    pool: &crate::ipam::IpamStatus,
+    counters: &Counters,
+    nat: usize,
+    node: &Node,
+) {
+    let _ = writeln!(
+        out,
+        "# HELP vcnpath_pool_addresses Secondary private IPs per VNIC by state.\n# TYPE vcnpath_pool_addresses gauge"
+    );
+    for v in &pool.vnics {
+        let interface = v.interface.as_deref().unwrap_or("");
+        for (state, n) in [
+            ("free", v.free),
+            ("assigned", v.assigned),
+            ("cooldown", v.cooldown),
+        ] {
+            let _ = writeln!(
+                out,
+                "vcnpath_pool_addresses{{vnic=\"{}\",interface=\"{interface}\",state=\"{state}\"}} {n}",
+                v.vnic_id
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP vcnpath_pool_capacity Addresses this node can hold.\n# TYPE vcnpath_pool_capacity gauge\nvcnpath_pool_capacity {}",
+        pool.capacity
+    );
+    let _ = writeln!(
+        out,
+        "# HELP vcnpath_allocations_total CNI allocations and releases.\n# TYPE vcnpath_allocations_total counter"
+    );
+    for (result, n) in [
+        ("ok", &node.counters.ok),
+        ("failed", &node.counters.failed),
+        ("released", &node.counters.released),
+    ] {
+        let _ = writeln!(
+            out,
+            "vcnpath_allocations_total{{result=\"{result}\"}} {}",
+            n.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP vcnpath_datapath_packets_total Packets by datapath decision.\n# TYPE vcnpath_datapath_packets_total counter"
+    );
+    for (reason, n) in &counters.0 {
+        let _ = writeln!(
+            out,
+            "vcnpath_datapath_packets_total{{reason=\"{}\"}} {n}",
+            reason.name()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP vcnpath_nat_entries Entries in the NAT table (two per translated flow).\n# TYPE vcnpath_nat_entries gauge\nvcnpath_nat_entries {nat}"
+    );
+}

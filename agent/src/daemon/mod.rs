@@ -1,0 +1,9 @@
+//! The running agent's parts: configuration, the node (VNIC interfaces, datapath state,
+//! the allocator the CNI plugin reaches), and introspection over HTTP.
+
+pub mod config;
+pub mod http;
+pub mod node;
+
+pub use config::{AgentConfig, AuthMode, ConfigError};
+pub use node::{Node, NodeSettings};

@@ -1,0 +1,377 @@
+//! The node: which VNIC interfaces are set up, what the datapath must hold, and the
+//! [`Allocator`] the local API serves — IPAM plus the datapath, so an address is in the
+//! `endpoints` map before the CNI ADD returns and leaves it (with its NAT entries) on DEL.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use ipnet::Ipv4Net;
+use tokio::sync::Mutex;
+use tracing::{Instrument as _, info, info_span, warn};
+use vcnpath_common::{
+    CONFIG_F_ENABLED, Config, ENDPOINT_KIND_POD, ENDPOINT_KIND_PRIMARY, Endpoint,
+    VNIC_F_ROUTER_MAC, Vnic,
+};
+
+use crate::{
+    datapath::{DatapathError, DatapathState, SyncReport, task::DatapathHandle},
+    host::{
+        netlink::{Link, Netlink, parse_mac},
+        sysctl,
+    },
+    ipam::{AllocError, Allocation, Allocator, BoxFuture, Ipam, PodRef},
+};
+
+/// A VNIC whose interface is up and managed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManagedVnic {
+    pub vnic_id: String,
+    pub link: Link,
+    pub primary_ip: Ipv4Addr,
+    pub subnet: Ipv4Net,
+    pub router_ip: Ipv4Addr,
+    pub router_mac: Option<[u8; 6]>,
+}
+
+/// Settings the datapath state is built from that do not change while running.
+#[derive(Clone, Debug)]
+pub struct NodeSettings {
+    pub masq_vnic_id: String,
+    pub nonmasq_cidrs: BTreeSet<Ipv4Net>,
+    pub port_min: u16,
+    pub port_max: u16,
+    pub mtu: u32,
+}
+
+/// Allocation outcomes, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct AllocationCounters {
+    pub ok: AtomicU64,
+    pub failed: AtomicU64,
+    pub released: AtomicU64,
+}
+
+pub struct Node {
+    pub ipam: Arc<Ipam>,
+    pub datapath: DatapathHandle,
+    netlink: Netlink,
+    settings: NodeSettings,
+    vnics: Mutex<BTreeMap<String, ManagedVnic>>,
+    vcn_cidrs: Mutex<BTreeSet<Ipv4Net>>,
+    /// Serialises "compute desired state, sync" so concurrent CNI calls cannot apply
+    /// stale snapshots over newer ones.
+    sync_lock: Mutex<()>,
+    pub counters: AllocationCounters,
+}
+
+/// The virtual router of an OCI subnet is its first host address.
+pub fn router_of(subnet: Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.network()) + 1)
+}
+
+impl Node {
+    pub fn new(
+        ipam: Arc<Ipam>,
+        datapath: DatapathHandle,
+        netlink: Netlink,
+        settings: NodeSettings,
+        vcn_cidrs: BTreeSet<Ipv4Net>,
+    ) -> Self {
+        Self {
+            ipam,
+            datapath,
+            netlink,
+            settings,
+            vnics: Mutex::new(BTreeMap::new()),
+            vcn_cidrs: Mutex::new(vcn_cidrs),
+            sync_lock: Mutex::new(()),
+            counters: AllocationCounters::default(),
+        }
+    }
+
+    /// The managed VNICs, by OCID.
+    pub async fn vnics(&self) -> BTreeMap<String, ManagedVnic> {
+        self.vnics.lock().await.clone()
+    }
+
+    /// Replaces the VCN's CIDR blocks (refreshed periodically from `GetVcn`).
+    pub async fn set_vcn_cidrs(&self, cidrs: BTreeSet<Ipv4Net>) -> bool {
+        let mut current = self.vcn_cidrs.lock().await;
+        let changed = *current != cidrs;
+        *current = cidrs;
+        changed
+    }
+
+    /// What the maps must hold now.
+    pub async fn desired(&self) -> DatapathState {
+        let vnics = self.vnics.lock().await.clone();
+        let mut state = DatapathState {
+            vcn_cidrs: self.vcn_cidrs.lock().await.clone(),
+            nonmasq_cidrs: self.settings.nonmasq_cidrs.clone(),
+            ..DatapathState::default()
+        };
+        let mut by_interface = BTreeMap::new();
+        for vnic in vnics.values() {
+            let ifindex = vnic.link.index;
+            by_interface.insert(vnic.link.name.clone(), ifindex);
+            state.vnics.insert(
+                ifindex,
+                Vnic {
+                    ifindex,
+                    primary_ip: vnic.primary_ip.octets(),
+                    subnet_ip: vnic.subnet.network().octets(),
+                    router_ip: vnic.router_ip.octets(),
+                    mac: vnic.link.mac,
+                    router_mac: vnic.router_mac.unwrap_or_default(),
+                    subnet_prefix_len: vnic.subnet.prefix_len(),
+                    flags: if vnic.router_mac.is_some() {
+                        VNIC_F_ROUTER_MAC
+                    } else {
+                        0
+                    },
+                    pad: [0; 2],
+                },
+            );
+            state.endpoints.insert(
+                vnic.primary_ip,
+                Endpoint {
+                    ifindex,
+                    kind: ENDPOINT_KIND_PRIMARY,
+                    pad: [0; 3],
+                },
+            );
+            if vnic.vnic_id == self.settings.masq_vnic_id {
+                state.config = Some(Config {
+                    masq_ip: vnic.primary_ip.octets(),
+                    masq_ifindex: ifindex,
+                    port_min: self.settings.port_min,
+                    port_max: self.settings.port_max,
+                    flags: CONFIG_F_ENABLED,
+                });
+            }
+        }
+        for (pod, allocation) in self.ipam.allocations().await {
+            match by_interface.get(&allocation.interface) {
+                Some(&ifindex) => {
+                    state.endpoints.insert(
+                        allocation.ip,
+                        Endpoint {
+                            ifindex,
+                            kind: ENDPOINT_KIND_POD,
+                            pad: [0; 3],
+                        },
+                    );
+                }
+                None => {
+                    warn!(pod = %pod.container_id, ip = %allocation.ip, interface = %allocation.interface,
+                    "the pod's VNIC interface is not set up yet; its traffic is not steered");
+                }
+            }
+        }
+        state
+    }
+
+    /// Makes the maps equal to [`Self::desired`] (diff-based).
+    pub async fn sync(&self) -> Result<SyncReport, DatapathError> {
+        let _guard = self.sync_lock.lock().await;
+        let desired = self.desired().await;
+        self.datapath.sync(desired).await
+    }
+
+    /// Registers the primary VNIC (configured by the OS image).
+    pub async fn add_primary(
+        &self,
+        vnic_id: &str,
+        mac: [u8; 6],
+        ip: Ipv4Addr,
+        subnet: Ipv4Net,
+        router_ip: Ipv4Addr,
+    ) -> Result<(), String> {
+        let link = self
+            .netlink
+            .link_by_mac(mac)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.manage(vnic_id, link, ip, subnet, router_ip, false)
+            .await
+    }
+
+    /// Brings up every VNIC IPAM knows whose interface has appeared, attaches the
+    /// datapath to it and tells IPAM. Idempotent; run periodically.
+    pub async fn setup_vnics(&self) {
+        let status = self.ipam.status().await;
+        let known: BTreeSet<String> = self.vnics.lock().await.keys().cloned().collect();
+        for vnic in status.vnics {
+            if known.contains(&vnic.vnic_id) {
+                continue;
+            }
+            let Some(mac) = parse_mac(&vnic.mac) else {
+                warn!(vnic = %vnic.vnic_id, mac = %vnic.mac, "OCI reported a MAC that does not parse");
+                continue;
+            };
+            let Ok(link) = self.netlink.link_by_mac(mac).await else {
+                continue; // not visible yet: OCI says ATTACHED before the kernel shows the NIC
+            };
+            let router = router_of(vnic.subnet);
+            let secondary = vnic.nic_index != 0;
+            if let Err(error) = self
+                .manage(
+                    &vnic.vnic_id,
+                    link,
+                    vnic.primary_ip,
+                    vnic.subnet,
+                    router,
+                    secondary,
+                )
+                .await
+            {
+                warn!(vnic = %vnic.vnic_id, %error, "setting up the VNIC's interface failed; retrying");
+            }
+        }
+        self.refresh_router_macs().await;
+    }
+
+    async fn manage(
+        &self,
+        vnic_id: &str,
+        link: Link,
+        ip: Ipv4Addr,
+        subnet: Ipv4Net,
+        router_ip: Ipv4Addr,
+        configure: bool,
+    ) -> Result<(), String> {
+        let span = info_span!("vnic_setup", vnic = vnic_id, interface = %link.name);
+        async {
+            if configure {
+                // Secondary VNICs are not configured by the OS image.
+                self.netlink
+                    .configure_vnic(&link, self.settings.mtu, ip, subnet.prefix_len())
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            sysctl::ensure_rp_filter_loose(&link.name).map_err(|e| format!("rp_filter: {e}"))?;
+            self.datapath
+                .attach(&link.name)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.ipam
+                .set_interface(&crate::host::netlink::format_mac(&link.mac), &link.name)
+                .await;
+            info!(ip = %ip, subnet = %subnet, "VNIC managed");
+            self.vnics.lock().await.insert(
+                vnic_id.to_owned(),
+                ManagedVnic {
+                    vnic_id: vnic_id.to_owned(),
+                    link,
+                    primary_ip: ip,
+                    subnet,
+                    router_ip,
+                    router_mac: None,
+                },
+            );
+            self.sync().await.map(|_| ()).map_err(|e| e.to_string())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Fills in routers' MACs once the kernel has resolved them (faster redirects).
+    async fn refresh_router_macs(&self) {
+        let vnics = self.vnics.lock().await.clone();
+        let mut changed = false;
+        for vnic in vnics.values().filter(|v| v.router_mac.is_none()) {
+            if let Ok(Some(mac)) = self.netlink.neighbour(&vnic.link, vnic.router_ip).await
+                && let Some(v) = self.vnics.lock().await.get_mut(&vnic.vnic_id)
+            {
+                v.router_mac = Some(mac);
+                changed = true;
+            }
+        }
+        if changed && let Err(error) = self.sync().await {
+            warn!(%error, "datapath sync after router MAC resolution failed");
+        }
+    }
+
+    /// Keeps reverse-path filtering loose on managed interfaces.
+    pub async fn ensure_sysctls(&self) {
+        for vnic in self.vnics.lock().await.values() {
+            match sysctl::ensure_rp_filter_loose(&vnic.link.name) {
+                Ok(true) => {
+                    warn!(interface = %vnic.link.name, "rp_filter was reset; made loose again");
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    warn!(interface = %vnic.link.name, %error, "cannot read or set rp_filter");
+                }
+            }
+        }
+    }
+}
+
+impl Allocator for Node {
+    fn allocate<'a>(&'a self, pod: &'a PodRef) -> BoxFuture<'a, Result<Allocation, AllocError>> {
+        Box::pin(async move {
+            let allocation = match self.ipam.allocate(pod).await {
+                Ok(a) => a,
+                Err(error) => {
+                    self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                    return Err(error);
+                }
+            };
+            if let Err(error) = self.sync().await {
+                // Never hand out an address the datapath does not steer.
+                let _ = self.ipam.release(pod).await;
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                return Err(AllocError::Datapath {
+                    reason: error.to_string(),
+                });
+            }
+            self.counters.ok.fetch_add(1, Ordering::Relaxed);
+            Ok(allocation)
+        })
+    }
+
+    fn release<'a>(
+        &'a self,
+        pod: &'a PodRef,
+    ) -> BoxFuture<'a, Result<Option<Allocation>, AllocError>> {
+        Box::pin(async move {
+            let released = self.ipam.release(pod).await?;
+            if released.is_some() {
+                self.counters.released.fetch_add(1, Ordering::Relaxed);
+                if let Err(error) = self.sync().await {
+                    // The address is free in IPAM; the periodic sync removes the endpoint.
+                    warn!(%error, pod = %pod.container_id, "datapath sync after release failed; will retry");
+                }
+            }
+            Ok(released)
+        })
+    }
+
+    fn lookup<'a>(&'a self, pod: &'a PodRef) -> BoxFuture<'a, Option<Allocation>> {
+        Box::pin(self.ipam.lookup(pod))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_virtual_router_is_the_first_host_address() {
+        assert_eq!(
+            router_of("10.0.1.0/24".parse().unwrap()),
+            Ipv4Addr::new(10, 0, 1, 1)
+        );
+        assert_eq!(
+            router_of("10.0.0.0/16".parse().unwrap()),
+            Ipv4Addr::new(10, 0, 0, 1)
+        );
+    }
+}
