@@ -190,6 +190,8 @@ fn wait_until(timeout: Duration, mut ok: impl FnMut() -> bool) -> bool {
         if ok() {
             return true;
         }
+        // A probe that fails at once (no route yet) must not spin.
+        std::thread::sleep(Duration::from_millis(50));
     }
     false
 }

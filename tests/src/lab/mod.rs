@@ -23,6 +23,10 @@
 //!   root namespace's links. Code under test must find links through netlink.
 //! - The router knows every VNIC address through a permanent neighbour entry (OCI's
 //!   router never ARPs for them), so the node never needs proxy ARP for pod addresses.
+//! - [`SimLab`] is the same lab driven by the OCI simulator: the node starts with `eth0`
+//!   only, `ethN` appears (down, unaddressed) when the simulator attaches a VNIC, the
+//!   router's sets follow the simulator's private IPs, and the simulator listens on the
+//!   node's loopback, where an agent spawned in the node finds it.
 
 mod build;
 pub mod netns;
