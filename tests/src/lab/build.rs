@@ -9,7 +9,7 @@ use super::LabOptions;
 use super::netns::{NETNS_DIR, Netns};
 use super::router;
 use super::topology::{
-    INET_IP, INET_PREFIX, INET_ROUTER_IP, LINK_MTU, PEER_IP, PEER_PREFIX, PEER_ROUTER_IP, VNICS,
+    INET_IP, INET_PREFIX, INET_ROUTER_IP, LINK_MTU, PEER_IP, PEER_PREFIX, PEER_ROUTER_IP, Vnic,
 };
 
 pub(super) struct Parts {
@@ -28,7 +28,9 @@ pub(super) fn namespace(name: &str) -> Result<Netns> {
     Ok(ns)
 }
 
-pub(super) fn build(id: &str, options: &LabOptions) -> Result<Parts> {
+/// Builds the lab with `vnics` wired to the node from the start (the first one is the
+/// primary VNIC); any other VNIC is the simulator's to attach.
+pub(super) fn build(id: &str, options: &LabOptions, vnics: &[Vnic]) -> Result<Parts> {
     // Each guard exists before anything is configured in it, so an error part-way drops
     // (and deletes) whatever was already built.
     let parts = Parts {
@@ -38,7 +40,7 @@ pub(super) fn build(id: &str, options: &LabOptions) -> Result<Parts> {
         inet: namespace(&format!("{id}-inet"))?,
     };
     configure_router_sysctls(&parts.router)?;
-    wire_node(&parts)?;
+    wire_node(&parts, vnics)?;
     wire_host(
         &parts.router,
         "rpeer",
@@ -57,7 +59,7 @@ pub(super) fn build(id: &str, options: &LabOptions) -> Result<Parts> {
         INET_IP,
         INET_PREFIX,
     )?;
-    router::install(&parts.router)?;
+    router::install(&parts.router, vnics)?;
     Ok(parts)
 }
 
@@ -75,10 +77,13 @@ fn configure_router_sysctls(router: &Netns) -> Result<()> {
 }
 
 /// The node's VNICs and their router ends, and the node's routes and sysctls.
-fn wire_node(parts: &Parts) -> Result<()> {
+fn wire_node(parts: &Parts, vnics: &[Vnic]) -> Result<()> {
     let (node, router) = (&parts.node, &parts.router);
     let mtu = LINK_MTU.to_string();
-    for vnic in &VNICS {
+    let primary = vnics
+        .first()
+        .context("the lab needs at least the primary VNIC")?;
+    for vnic in vnics {
         // Created from inside the node namespace with the peer placed straight into the
         // router's, so neither end ever exists in the root namespace.
         node.ip(&[
@@ -112,7 +117,6 @@ fn wire_node(parts: &Parts) -> Result<()> {
         ])?;
         router.ip(&["link", "set", vnic.router_ifname, "up"])?;
     }
-    let primary = &VNICS[0];
     node.ip(&[
         "route",
         "add",
@@ -126,7 +130,7 @@ fn wire_node(parts: &Parts) -> Result<()> {
     // Loose mode, as the agent keeps it: replies to pods on a VNIC the default route
     // does not point at must not be dropped.
     node.sysctl("net/ipv4/conf/all/rp_filter", "2")?;
-    for vnic in &VNICS {
+    for vnic in vnics {
         node.sysctl(&format!("net/ipv4/conf/{}/rp_filter", vnic.ifname), "2")?;
     }
     Ok(())

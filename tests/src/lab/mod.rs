@@ -23,12 +23,18 @@
 //!   root namespace's links. Code under test must find links through netlink.
 //! - The router knows every VNIC address through a permanent neighbour entry (OCI's
 //!   router never ARPs for them), so the node never needs proxy ARP for pod addresses.
+//! - [`SimLab`] is the same lab driven by the OCI simulator: the node starts with `eth0`
+//!   only, `ethN` appears (down, unaddressed) when the simulator attaches a VNIC, the
+//!   router's sets follow the simulator's private IPs, and the simulator listens on the
+//!   node's loopback, where an agent spawned in the node finds it.
 
 mod build;
 pub mod netns;
 pub mod pod;
 pub mod process;
 pub mod router;
+mod simlab;
+mod simsync;
 pub mod stats;
 pub mod topology;
 pub mod traffic;
@@ -37,12 +43,13 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 pub use netns::{Netns, cmd_in, run_in, spawn_in};
 pub use pod::Pod;
 pub use process::ChildGuard;
 pub use router::RouterDrops;
+pub use simlab::{AgentEndpoints, SimLab, lab_sim_config};
 pub use topology::{INET_IP, PEER_IP, VNICS, Vnic};
 
 /// Choices a test can make about the lab.
@@ -69,6 +76,8 @@ struct LabInner {
     peer: Netns,
     inet: Netns,
     options: LabOptions,
+    /// The VNICs wired at build time (the first is the primary).
+    vnics: &'static [Vnic],
     next_pod: AtomicU32,
 }
 
@@ -80,6 +89,17 @@ impl Lab {
     /// can run side by side, and namespaces left by a lab process that died without
     /// cleaning up (SIGKILL) are swept first.
     pub fn new(options: LabOptions) -> Result<Self> {
+        Self::build(options, &VNICS)
+    }
+
+    /// A lab whose node has only `eth0`, the primary VNIC, as an instance just launched.
+    /// Further VNICs come from the cloud: [`SimLab`] creates `ethN` when the simulator
+    /// attaches one.
+    pub fn primary_only(options: LabOptions) -> Result<Self> {
+        Self::build(options, &VNICS[..1])
+    }
+
+    fn build(options: LabOptions, vnics: &'static [Vnic]) -> Result<Self> {
         static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
         build::sweep_stale(NAME_PREFIX);
         let id = format!(
@@ -87,7 +107,7 @@ impl Lab {
             std::process::id(),
             NEXT_LAB.fetch_add(1, Ordering::Relaxed)
         );
-        let parts = build::build(&id, &options)?;
+        let parts = build::build(&id, &options, vnics)?;
         Ok(Self {
             inner: Arc::new(LabInner {
                 id,
@@ -96,6 +116,7 @@ impl Lab {
                 peer: parts.peer,
                 inet: parts.inet,
                 options,
+                vnics,
                 next_pod: AtomicU32::new(0),
             }),
         })
@@ -119,8 +140,8 @@ impl Lab {
             .collect()
     }
 
-    /// The node: `eth0`, `eth1` (the VNICs), pod host veths, `ip_forward` on,
-    /// `rp_filter` loose.
+    /// The node: `eth0`, `eth1` (the VNICs; only `eth0` in a [`Lab::primary_only`] lab),
+    /// pod host veths, `ip_forward` on, `rp_filter` loose.
     pub fn node(&self) -> &Netns {
         &self.inner.node
     }
@@ -140,9 +161,14 @@ impl Lab {
         &self.inner.inet
     }
 
-    /// The node's VNIC at `index` (0 = primary).
+    /// The node's VNIC at `index` (0 = primary), among those wired at build time.
     pub fn vnic(&self, index: usize) -> Result<&'static Vnic> {
-        topology::vnic(index)
+        self.inner.vnics.get(index).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no VNIC {index}: this lab was built with {}",
+                self.inner.vnics.len()
+            )
+        })
     }
 
     /// The VCN peer host's address.
@@ -162,10 +188,22 @@ impl Lab {
 
     /// Creates a pod namespace wired to the node, with `ip` assigned to VNIC `vnic`
     /// (added to that VNIC's addresses on the router). Dropping the pod removes it all.
+    ///
+    /// For tests of the datapath alone. In a [`SimLab`] the simulator owns the router's
+    /// addresses, so there pods get theirs through the agent and `vcnpath-cni`.
     pub fn add_pod(&self, name: &str, ip: Ipv4Addr, vnic: usize) -> Result<Pod> {
-        let vnic = topology::vnic(vnic)?;
+        let vnic = self.vnic(vnic)?;
         let n = self.inner.next_pod.fetch_add(1, Ordering::Relaxed);
         Pod::create(Arc::clone(&self.inner), n, name, ip, vnic)
+    }
+
+    /// An empty pod network namespace (loopback up, IPv6 off), named like the lab's
+    /// others so a crashed run's leftovers are swept. For the CNI plugin to wire; dropping
+    /// the guard deletes it and, with it, the pod end of any veth inside.
+    pub fn add_pod_netns(&self, name: &str) -> Result<Netns> {
+        pod::check_name(name)?;
+        let n = self.inner.next_pod.fetch_add(1, Ordering::Relaxed);
+        build::namespace(&format!("{}-pod{n}-{name}", self.inner.id))
     }
 
     /// Packets dropped by the source/destination check of VNIC `vnic` (both directions).
@@ -175,6 +213,7 @@ impl Lab {
 
     /// The source and destination check drop counters of VNIC `vnic`, separately.
     pub fn router_drop_counts(&self, vnic: usize) -> Result<RouterDrops> {
-        router::drops(self.router(), topology::vnic(vnic)?)
+        router::drops(self.router(), vnic)
+            .with_context(|| format!("VNIC {vnic} has no counters: is it attached?"))
     }
 }

@@ -46,6 +46,14 @@ pub fn host_mac(pod_name: &str) -> Mac {
     Mac([0x02, 0xfe, a, b, c, d])
 }
 
+/// Pod names end up in namespace and interface names, so they are kept to a safe alphabet.
+pub(super) fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        bail!("pod name {name:?}: use letters, digits and '-'");
+    }
+    Ok(())
+}
+
 impl Pod {
     pub(super) fn create(
         lab: Arc<LabInner>,
@@ -54,9 +62,7 @@ impl Pod {
         ip: Ipv4Addr,
         vnic: &'static Vnic,
     ) -> Result<Self> {
-        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-            bail!("pod name {name:?}: use letters, digits and '-'");
-        }
+        check_name(name)?;
         let ns = namespace(&format!("{}-pod{n}-{name}", lab.id))?;
         let mut pod = Self {
             name: name.to_owned(),
@@ -124,7 +130,7 @@ impl Pod {
             "permanent",
         ])?;
 
-        router::add_address(&self.lab.router, self.vnic, self.ip)?;
+        router::add_address(&self.lab.router, &self.vnic.into(), self.ip)?;
         self.on_router = true;
         Ok(())
     }
@@ -165,7 +171,7 @@ impl Pod {
 impl Drop for Pod {
     fn drop(&mut self) {
         if self.on_router
-            && let Err(error) = router::remove_address(&self.lab.router, self.vnic, self.ip)
+            && let Err(error) = router::remove_address(&self.lab.router, &self.vnic.into(), self.ip)
         {
             eprintln!("lab cleanup: pod {}: {error:#}", self.name);
         }

@@ -10,9 +10,13 @@
 //! generates. Both run before/after routing, so the router's own `rp_filter` (which is off)
 //! never hides a drop from the counters.
 //!
+//! Each VNIC is a "port": its set, its counters and its two chains, hooked in through the
+//! `source_ports` / `destination_ports` verdict maps keyed by interface, so VNICs the
+//! simulator attaches later are added and removed as a unit ([`add_port`], [`remove_port`]).
+//!
 //! OCI's router also knows which VNIC owns each address without ARP; the lab mirrors that
-//! with a permanent neighbour entry for every address in a set, so the node never has to
-//! answer ARP for pod addresses.
+//! with a permanent neighbour entry and a /32 route for every address in a set, so the node
+//! never has to answer ARP for pod addresses.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -21,7 +25,7 @@ use anyhow::{Context, Result};
 
 use super::netns::{Netns, cmd_in};
 use super::process::run_stdin;
-use super::topology::{VNICS, Vnic};
+use super::topology::{Mac, Vnic};
 
 /// The nftables table holding the check, inside the router namespace.
 pub const TABLE: &str = "vcnlab";
@@ -41,102 +45,206 @@ impl RouterDrops {
     }
 }
 
-fn set_name(vnic: &Vnic) -> String {
-    format!("vnic{}_addrs", vnic.index)
+/// The router's end of one VNIC's link: where the check applies, and the MAC it reaches
+/// the VNIC's addresses at. Static VNICs convert from [`Vnic`]; VNICs the simulator
+/// attaches are built from its events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Port {
+    /// The VNIC's index (`nicIndex`); names the set and counters.
+    pub index: usize,
+    /// The router's interface for this VNIC (`rN`).
+    pub ifname: String,
+    /// The VNIC's MAC, for the router's permanent neighbour entries.
+    pub mac: Mac,
 }
 
-fn counter_name(vnic: &Vnic, check: &str) -> String {
-    format!("vnic{}_{check}_drops", vnic.index)
-}
-
-/// The ruleset, with each VNIC's primary IP already in its set.
-fn ruleset() -> String {
-    let mut sets = String::new();
-    let mut source_rules = String::new();
-    let mut destination_rules = String::new();
-    for vnic in &VNICS {
-        let set = set_name(vnic);
-        let (src, dst) = (counter_name(vnic, "src"), counter_name(vnic, "dst"));
-        let (ifname, ip) = (vnic.router_ifname, vnic.ip);
-        // Writing to a String cannot fail.
-        let _ = write!(
-            sets,
-            "  set {set} {{ type ipv4_addr; elements = {{ {ip} }}; }}\n  counter {src} {{}}\n  counter {dst} {{}}\n"
-        );
-        let _ = writeln!(
-            source_rules,
-            "    iifname \"{ifname}\" ip saddr != @{set} counter name \"{src}\" drop"
-        );
-        let _ = writeln!(
-            destination_rules,
-            "    oifname \"{ifname}\" ip daddr != @{set} counter name \"{dst}\" drop"
-        );
+impl From<&Vnic> for Port {
+    fn from(vnic: &Vnic) -> Self {
+        Self {
+            index: vnic.index,
+            ifname: vnic.router_ifname.to_owned(),
+            mac: vnic.mac,
+        }
     }
+}
+
+fn set_name(index: usize) -> String {
+    format!("vnic{index}_addrs")
+}
+
+fn counter_name(index: usize, check: &str) -> String {
+    format!("vnic{index}_{check}_drops")
+}
+
+fn chain_name(index: usize, check: &str) -> String {
+    format!("vnic{index}_{check}")
+}
+
+/// The table and its two hooks. Each hook dispatches on the interface through a verdict map
+/// to the VNIC's own chain, so a VNIC is added or removed as a unit (its map elements,
+/// chains, set and counters) without looking up rule handles.
+fn base_ruleset() -> String {
     format!(
-        "table ip {TABLE} {{\n{sets}\
-         \x20 chain source_check {{\n    type filter hook prerouting priority filter; policy accept;\n{source_rules}  }}\n\
-         \x20 chain destination_check {{\n    type filter hook postrouting priority filter; policy accept;\n{destination_rules}  }}\n}}\n"
+        "table ip {TABLE} {{\n\
+         \x20 map source_ports {{ type ifname : verdict; }}\n\
+         \x20 map destination_ports {{ type ifname : verdict; }}\n\
+         \x20 chain source_check {{\n    type filter hook prerouting priority filter; policy accept;\n    iifname vmap @source_ports\n  }}\n\
+         \x20 chain destination_check {{\n    type filter hook postrouting priority filter; policy accept;\n    oifname vmap @destination_ports\n  }}\n}}\n"
     )
 }
 
-/// Installs the check in the router namespace, and the neighbour entries for each VNIC's
-/// primary IP.
-pub fn install(router: &Netns) -> Result<()> {
-    run_stdin(cmd_in(router, "nft").args(["-f", "-"]), &ruleset())
+/// `nft -f` commands adding `port` with `addrs` in its set.
+fn add_port_commands(port: &Port, addrs: &[Ipv4Addr]) -> String {
+    let i = port.index;
+    let (set, ifname) = (set_name(i), &port.ifname);
+    let mut text = format!("add set ip {TABLE} {set} {{ type ipv4_addr; }}\n");
+    if !addrs.is_empty() {
+        let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            text,
+            "add element ip {TABLE} {set} {{ {} }}",
+            list.join(", ")
+        );
+    }
+    for (check, field, map) in [
+        ("src", "saddr", "source_ports"),
+        ("dst", "daddr", "destination_ports"),
+    ] {
+        let (counter, chain) = (counter_name(i, check), chain_name(i, check));
+        // Writing to a String cannot fail.
+        let _ = write!(
+            text,
+            "add counter ip {TABLE} {counter}\n\
+             add chain ip {TABLE} {chain}\n\
+             add rule ip {TABLE} {chain} ip {field} != @{set} counter name \"{counter}\" drop\n\
+             add element ip {TABLE} {map} {{ \"{ifname}\" : jump {chain} }}\n"
+        );
+    }
+    text
+}
+
+/// `nft -f` commands removing everything [`add_port_commands`] added.
+fn remove_port_commands(port: &Port) -> String {
+    let i = port.index;
+    let mut text = String::new();
+    for (check, map) in [("src", "source_ports"), ("dst", "destination_ports")] {
+        let chain = chain_name(i, check);
+        // A chain must be empty and unreferenced before it can be deleted.
+        let _ = write!(
+            text,
+            "delete element ip {TABLE} {map} {{ \"{}\" }}\n\
+             flush chain ip {TABLE} {chain}\n\
+             delete chain ip {TABLE} {chain}\n\
+             delete counter ip {TABLE} {}\n",
+            port.ifname,
+            counter_name(i, check)
+        );
+    }
+    let _ = writeln!(text, "delete set ip {TABLE} {}", set_name(i));
+    text
+}
+
+/// Installs the check in the router namespace with `vnics` as ports, each with its primary
+/// IP (and a neighbour entry for it).
+pub fn install(router: &Netns, vnics: &[Vnic]) -> Result<()> {
+    let mut text = base_ruleset();
+    for vnic in vnics {
+        text.push_str(&add_port_commands(&Port::from(vnic), &[vnic.ip]));
+    }
+    run_stdin(cmd_in(router, "nft").args(["-f", "-"]), &text)
         .context("installing the source/destination check in the router")?;
-    for vnic in &VNICS {
-        set_neighbour(router, vnic, vnic.ip)?;
+    for vnic in vnics {
+        set_neighbour(router, &Port::from(vnic), vnic.ip)?;
     }
     Ok(())
 }
 
-fn set_neighbour(router: &Netns, vnic: &Vnic, ip: Ipv4Addr) -> Result<()> {
+/// Adds a VNIC to the check (as attaching it does in OCI), its set holding `addrs`. The
+/// link `port.ifname` must exist already.
+pub fn add_port(router: &Netns, port: &Port, addrs: &[Ipv4Addr]) -> Result<()> {
+    run_stdin(
+        cmd_in(router, "nft").args(["-f", "-"]),
+        &add_port_commands(port, addrs),
+    )
+    .with_context(|| {
+        format!(
+            "adding VNIC {} ({}) to the router's check",
+            port.index, port.ifname
+        )
+    })?;
+    for ip in addrs {
+        set_neighbour(router, port, *ip)?;
+    }
+    Ok(())
+}
+
+/// Removes a VNIC from the check, with its set and counters. Its neighbour entries go
+/// with its link.
+pub fn remove_port(router: &Netns, port: &Port) -> Result<()> {
+    run_stdin(
+        cmd_in(router, "nft").args(["-f", "-"]),
+        &remove_port_commands(port),
+    )
+    .with_context(|| {
+        format!(
+            "removing VNIC {} ({}) from the router's check",
+            port.index, port.ifname
+        )
+    })?;
+    Ok(())
+}
+
+/// Points the router at `ip` through its port: a permanent neighbour entry, and a /32
+/// route so an address reaches its own VNIC even when two VNICs share a subnet.
+fn set_neighbour(router: &Netns, port: &Port, ip: Ipv4Addr) -> Result<()> {
+    router.ip(&["route", "replace", &format!("{ip}/32"), "dev", &port.ifname])?;
     router.ip(&[
         "neigh",
         "replace",
         &ip.to_string(),
         "lladdr",
-        &vnic.mac.to_string(),
+        &port.mac.to_string(),
         "dev",
-        vnic.router_ifname,
+        &port.ifname,
         "nud",
         "permanent",
     ])?;
     Ok(())
 }
 
-/// Makes `ip` one of `vnic`'s addresses (as assigning a secondary private IP does in OCI).
-pub fn add_address(router: &Netns, vnic: &Vnic, ip: Ipv4Addr) -> Result<()> {
+/// Makes `ip` one of the port's addresses (as assigning a secondary private IP does in OCI).
+pub fn add_address(router: &Netns, port: &Port, ip: Ipv4Addr) -> Result<()> {
     router.nft(&[
         "add",
         "element",
         "ip",
         TABLE,
-        &set_name(vnic),
+        &set_name(port.index),
         &format!("{{ {ip} }}"),
     ])?;
-    set_neighbour(router, vnic, ip)
+    set_neighbour(router, port, ip)
 }
 
-/// Removes `ip` from `vnic`'s addresses.
-pub fn remove_address(router: &Netns, vnic: &Vnic, ip: Ipv4Addr) -> Result<()> {
+/// Removes `ip` from the port's addresses.
+pub fn remove_address(router: &Netns, port: &Port, ip: Ipv4Addr) -> Result<()> {
     router.nft(&[
         "delete",
         "element",
         "ip",
         TABLE,
-        &set_name(vnic),
+        &set_name(port.index),
         &format!("{{ {ip} }}"),
     ])?;
-    router.ip(&["neigh", "del", &ip.to_string(), "dev", vnic.router_ifname])?;
+    router.ip(&["neigh", "del", &ip.to_string(), "dev", &port.ifname])?;
+    router.ip(&["route", "del", &format!("{ip}/32"), "dev", &port.ifname])?;
     Ok(())
 }
 
-/// Reads `vnic`'s drop counters.
-pub fn drops(router: &Netns, vnic: &Vnic) -> Result<RouterDrops> {
+/// Reads the drop counters of VNIC `index`.
+pub fn drops(router: &Netns, index: usize) -> Result<RouterDrops> {
     Ok(RouterDrops {
-        source: counter_packets(router, &counter_name(vnic, "src"))?,
-        destination: counter_packets(router, &counter_name(vnic, "dst"))?,
+        source: counter_packets(router, &counter_name(index, "src"))?,
+        destination: counter_packets(router, &counter_name(index, "dst"))?,
     })
 }
 
@@ -159,21 +267,34 @@ fn counter_packets(router: &Netns, name: &str) -> Result<u64> {
 mod tests {
     use super::*;
 
+    fn port1() -> Port {
+        Port {
+            index: 1,
+            ifname: "r1".into(),
+            mac: Mac([2, 0, 0, 0, 1, 10]),
+        }
+    }
+
     #[test]
-    fn ruleset_checks_each_vnic_both_ways() {
-        let rules = ruleset();
-        assert!(rules.contains("elements = { 10.0.0.10 }"), "{rules}");
-        assert!(
-            rules.contains(
-                "iifname \"r1\" ip saddr != @vnic1_addrs counter name \"vnic1_src_drops\" drop"
-            ),
-            "{rules}"
-        );
-        assert!(
-            rules.contains(
-                "oifname \"r0\" ip daddr != @vnic0_addrs counter name \"vnic0_dst_drops\" drop"
-            ),
-            "{rules}"
-        );
+    fn a_port_checks_both_ways_through_its_own_chains() {
+        let text = add_port_commands(&port1(), &[Ipv4Addr::new(10, 0, 1, 10)]);
+        for expected in [
+            "add element ip vcnlab vnic1_addrs { 10.0.1.10 }",
+            "add rule ip vcnlab vnic1_src ip saddr != @vnic1_addrs counter name \"vnic1_src_drops\" drop",
+            "add rule ip vcnlab vnic1_dst ip daddr != @vnic1_addrs counter name \"vnic1_dst_drops\" drop",
+            "add element ip vcnlab source_ports { \"r1\" : jump vnic1_src }",
+            "add element ip vcnlab destination_ports { \"r1\" : jump vnic1_dst }",
+        ] {
+            assert!(text.contains(expected), "expected {expected:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn removing_a_port_unhooks_it_before_deleting_its_objects() {
+        let text = remove_port_commands(&port1());
+        let unhook = text.find("delete element ip vcnlab source_ports").unwrap();
+        let chain = text.find("delete chain ip vcnlab vnic1_src").unwrap();
+        let set = text.find("delete set ip vcnlab vnic1_addrs").unwrap();
+        assert!(unhook < chain && chain < set, "wrong order:\n{text}");
     }
 }

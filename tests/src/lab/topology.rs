@@ -4,7 +4,7 @@
 use std::fmt;
 use std::net::Ipv4Addr;
 
-/// The VCN's only CIDR block.
+/// The VCN's first CIDR block (the simulator's lab configuration adds `10.1.0.0/16`).
 pub const VCN_CIDR: &str = "10.0.0.0/16";
 
 /// MTU of every lab link except, optionally, the router's side of the internet link.
@@ -40,6 +40,27 @@ impl fmt::Display for Mac {
             write!(f, "{byte:02x}")?;
         }
         Ok(())
+    }
+}
+
+impl std::str::FromStr for Mac {
+    type Err = anyhow::Error;
+
+    /// Six `:`-separated hex bytes, either case (the simulator reports upper case).
+    fn from_str(text: &str) -> anyhow::Result<Self> {
+        let mut mac = [0_u8; 6];
+        let mut parts = text.split(':');
+        for byte in &mut mac {
+            let part = parts
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("MAC {text:?}: fewer than 6 bytes"))?;
+            *byte = u8::from_str_radix(part, 16)
+                .map_err(|e| anyhow::anyhow!("MAC {text:?}: byte {part:?}: {e}"))?;
+        }
+        if parts.next().is_some() {
+            anyhow::bail!("MAC {text:?}: more than 6 bytes");
+        }
+        Ok(Self(mac))
     }
 }
 
@@ -99,4 +120,24 @@ pub fn vnic(index: usize) -> anyhow::Result<&'static Vnic> {
     VNICS
         .get(index)
         .ok_or_else(|| anyhow::anyhow!("no VNIC {index}: the lab has {}", VNICS.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_parses_what_it_prints_and_the_simulators_upper_case() {
+        let mac: Mac = "02:00:17:0A:ff:01".parse().unwrap();
+        assert_eq!(mac, Mac([2, 0, 0x17, 0x0a, 0xff, 1]));
+        assert_eq!(mac.to_string().parse::<Mac>().unwrap(), mac);
+        for bad in [
+            "",
+            "02:00:17:0a:ff",
+            "02:00:17:0a:ff:01:02",
+            "02:00:17:0a:ff:zz",
+        ] {
+            assert!(bad.parse::<Mac>().is_err(), "{bad:?} should not parse");
+        }
+    }
 }

@@ -29,6 +29,13 @@ pub struct SimConfig {
     pub vcn: VcnConfig,
     /// The first subnet holds the primary VNIC.
     pub subnets: Vec<SubnetConfig>,
+    /// The primary VNIC's MAC (`02:00:0a:00:00:0a`), for a lab whose node already has its
+    /// `eth0`; `None` derives one as for any other VNIC.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub primary_mac: Option<String>,
+    /// The primary VNIC's private IP, in the first subnet; `None` takes the lowest free one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub primary_ip: Option<String>,
     /// API keys accepted for signed requests (the instance's session keys need none).
     pub api_keys: Vec<ApiKeyConfig>,
     pub faults: Faults,
@@ -108,6 +115,8 @@ impl Default for SimConfig {
                 subnet("pods", "pods", "10.0.16.0/20"),
                 subnet("tiny", "tiny", "10.1.0.0/29"),
             ],
+            primary_mac: None,
+            primary_ip: None,
             api_keys: Vec::new(),
             faults: Faults::default(),
         }

@@ -169,15 +169,41 @@ impl Cloud {
             next: 0,
         };
         let primary_subnet = cloud.subnets[0].id.clone();
-        let (attachment, _) = cloud
+        let (attachment, vnic_id) = cloud
             .create_vnic(&primary_subnet, Some(0), None, true, json!({}))
             .map_err(|e| e.message)?;
+        cloud.configure_primary(&vnic_id)?;
         cloud
             .attachments
             .get_mut(&attachment)
             .expect("just created")
             .state = AttachmentState::Attached;
         Ok(cloud)
+    }
+
+    /// Applies the configured primary MAC and IP to the primary VNIC just created, so the
+    /// simulator can describe a node that already exists (the namespace lab's `eth0`).
+    fn configure_primary(&mut self, vnic_id: &str) -> Result<(), String> {
+        if let Some(mac) = self.cfg.primary_mac.clone() {
+            self.vnics.get_mut(vnic_id).expect("just created").mac = mac;
+        }
+        let Some(text) = self.cfg.primary_ip.clone() else {
+            return Ok(());
+        };
+        let ip: Ipv4Addr = text
+            .parse()
+            .map_err(|e| format!("primary_ip {text}: {e}"))?;
+        let primary = self
+            .private_ips
+            .values_mut()
+            .find(|p| p.vnic_id == vnic_id && p.is_primary)
+            .expect("a new VNIC has a primary IP");
+        let allocated = std::mem::replace(&mut primary.ip, ip);
+        let subnet = &mut self.subnets[0];
+        subnet.used.remove(&allocated);
+        subnet
+            .claim(ip)
+            .map_err(|e| format!("primary_ip {text}: {}", e.message))
     }
 
     fn id(&mut self, kind: &str) -> String {

@@ -1,0 +1,377 @@
+//! The simulator-driven lab checked against OCI's behaviour: VNICs appear in the node when
+//! the simulator attaches them, the router's source/destination check follows the
+//! simulator's private IPs, and the simulator is reachable from the node namespace. Needs
+//! root; each test builds its own lab.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vcnpath::oci::models::{AttachVnicDetails, CreatePrivateIpDetails, CreateVnicDetails};
+use vcnpath::oci::{CoreClient, new_retry_token};
+use vcnpath_tests::lab::process::{output, run};
+use vcnpath_tests::lab::{LabOptions, PEER_IP, SimLab, cmd_in, lab_sim_config};
+use vcnpath_tests::ocikit::{fast_retries, instance_principal_client};
+use vcnpath_tests::ocisim::{EventKind, SimConfig};
+
+/// The simulator's attach/detach delay in these tests, and the margin on top of it within
+/// which the lab must have followed.
+const ATTACH_DELAY: Duration = Duration::from_millis(300);
+const MARGIN: Duration = Duration::from_secs(2);
+
+fn skip_unless_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: needs root (network namespaces, veth, nftables)");
+        return true;
+    }
+    false
+}
+
+fn config() -> SimConfig {
+    SimConfig {
+        attach_delay_ms: u64::try_from(ATTACH_DELAY.as_millis()).expect("small"),
+        ..lab_sim_config()
+    }
+}
+
+fn new_lab() -> SimLab {
+    SimLab::new(LabOptions::default(), config()).expect("building the simulator lab")
+}
+
+/// An instance-principal client: IMDS certificate, federation, session token, all served
+/// on the node's loopback.
+fn client(lab: &SimLab) -> Arc<CoreClient> {
+    Arc::new(instance_principal_client(lab.sim(), fast_retries()).0)
+}
+
+/// Attaches a VNIC in subnet `subnet` through the OCI API; returns (attachment, VNIC) ids
+/// once ATTACHED.
+fn attach(lab: &SimLab, client: &Arc<CoreClient>, subnet: usize) -> (String, String) {
+    let cfg = lab.sim().config();
+    let details = AttachVnicDetails {
+        instance_id: cfg.instance_id.clone(),
+        create_vnic_details: CreateVnicDetails {
+            subnet_id: cfg.subnets[subnet].id.clone(),
+            ..Default::default()
+        },
+        display_name: Some("lab-test".into()),
+        nic_index: None,
+    };
+    let client = Arc::clone(client);
+    lab.block_on(async move {
+        let attachment = client
+            .attach_vnic(&details, &new_retry_token())
+            .await
+            .expect("AttachVnic");
+        let attached = client
+            .wait_attached(&attachment.id, Duration::from_secs(10))
+            .await
+            .expect("the attachment becomes ATTACHED");
+        (
+            attachment.id,
+            attached.vnic_id.expect("ATTACHED names its VNIC"),
+        )
+    })
+}
+
+fn listed_namespaces() -> HashSet<String> {
+    run(Command::new("ip").args(["netns", "list"]))
+        .expect("ip netns list")
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn lab_namespaces_left(prefix: &str) -> Vec<String> {
+    listed_namespaces()
+        .into_iter()
+        .filter(|name| name.starts_with(&format!("{prefix}-")))
+        .collect()
+}
+
+#[test]
+fn attaching_a_vnic_creates_eth1_with_the_reported_mac_and_detaching_removes_it() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = new_lab();
+    let client = client(&lab);
+    let mut events = lab.sim().subscribe();
+    let started = Instant::now();
+    let (attachment, vnic_id) = attach(&lab, &client, 1);
+    // Counted from the AttachVnic call: the attach delay plus the margin, in all.
+    let budget = (ATTACH_DELAY + MARGIN).saturating_sub(started.elapsed());
+    let mac = lab
+        .wait_for_interface(1, budget)
+        .expect("eth1 appears in the node namespace within the attach delay and a margin");
+    let event = events.try_recv().expect("an ATTACHED event was sent");
+    assert_eq!(event.kind, EventKind::Attached, "first event: {event:?}");
+    assert_eq!(event.vnic_id, vnic_id, "the event names the attached VNIC");
+    assert_eq!(
+        mac.to_string(),
+        event.mac.to_lowercase(),
+        "eth1 must carry the MAC the simulator reported"
+    );
+
+    let node = lab.lab().node();
+    let link = node.ip(&["-o", "link", "show", "dev", "eth1"]).unwrap();
+    assert!(
+        link.contains("state DOWN"),
+        "a new VNIC is handed over down (the agent brings it up), saw: {link}"
+    );
+    let addrs = node
+        .ip(&["-o", "-4", "addr", "show", "dev", "eth1"])
+        .unwrap();
+    assert!(
+        addrs.trim().is_empty(),
+        "a new VNIC has no address until the agent sets one, saw: {addrs}"
+    );
+    let gateway = lab
+        .lab()
+        .router()
+        .ip(&["-o", "-4", "addr", "show", "dev", "r1"])
+        .unwrap();
+    assert!(
+        gateway.contains(&format!("{}/24", event.virtual_router_ip)),
+        "the router's end should be subnet B's virtual router {}, saw: {gateway}",
+        event.virtual_router_ip
+    );
+    assert_eq!(lab.router_drops(1).unwrap(), 0, "a fresh VNIC has no drops");
+
+    let detach_client = Arc::clone(&client);
+    lab.block_on(async move { detach_client.detach_vnic(&attachment).await })
+        .expect("DetachVnic");
+    lab.wait_for_interface_gone(1, ATTACH_DELAY + MARGIN)
+        .expect("eth1 leaves the node namespace after the detach");
+    assert!(
+        lab.lab()
+            .router()
+            .ip(&["link", "show", "dev", "r1"])
+            .is_err(),
+        "the router's end of eth1 should be gone too"
+    );
+    assert!(
+        lab.router_drops(1).is_err(),
+        "a detached VNIC should have no counters left in the router"
+    );
+    assert!(
+        lab.sync_errors().is_empty(),
+        "sync errors: {:?}",
+        lab.sync_errors()
+    );
+}
+
+/// Pings the peer from the node with source `src` (routed out of eth1); true if answered.
+fn ping_from(lab: &SimLab, src: Ipv4Addr) -> bool {
+    output(cmd_in(lab.lab().node(), "ping").args([
+        "-n",
+        "-q",
+        "-c",
+        "1",
+        "-W",
+        "1",
+        "-I",
+        &src.to_string(),
+        &PEER_IP.to_string(),
+    ]))
+    .expect("running ping")
+    .status
+    .success()
+}
+
+fn wait_until(timeout: Duration, mut ok: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if ok() {
+            return true;
+        }
+        // A probe that fails at once (no route yet) must not spin.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn router_passes_a_source_only_while_the_simulator_assigns_it_to_the_vnic() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = new_lab();
+    let client = client(&lab);
+    let (_attachment, vnic_id) = attach(&lab, &client, 1);
+    lab.wait_for_interface(1, MARGIN).expect("eth1 appears");
+
+    // What the agent would do; no agent runs here. The extra address is on eth1 so the
+    // node answers for it, and the route sends traffic to the peer out of eth1.
+    let node = lab.lab().node();
+    let primary = lab.sim().snapshot()["vnics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["id"] == vnic_id.as_str())
+        .and_then(|v| v["privateIp"].as_str())
+        .expect("the VNIC's primary IP")
+        .to_owned();
+    let extra = Ipv4Addr::new(10, 0, 1, 77);
+    node.ip(&["addr", "add", &format!("{primary}/24"), "dev", "eth1"])
+        .unwrap();
+    node.ip(&["addr", "add", &format!("{extra}/32"), "dev", "eth1"])
+        .unwrap();
+    node.ip(&["link", "set", "eth1", "up"]).unwrap();
+    node.ip(&[
+        "route",
+        "add",
+        &format!("{PEER_IP}/32"),
+        "via",
+        "10.0.1.1",
+        "dev",
+        "eth1",
+    ])
+    .unwrap();
+
+    // Retried: a link just set up may drop its first packets until the kernel activates
+    // its queue (link events are processed up to a second later).
+    assert!(
+        wait_until(MARGIN, || ping_from(&lab, primary.parse().unwrap())),
+        "the VNIC's primary IP {primary} should reach the peer"
+    );
+    assert!(
+        !ping_from(&lab, extra),
+        "{extra} is not assigned in the simulator: the router should drop it"
+    );
+    let dropped = lab.router_drop_counts(1).unwrap();
+    assert!(
+        dropped.source >= 1,
+        "expected a source-check drop on VNIC 1, saw {dropped:?}"
+    );
+
+    let create_client = Arc::clone(&client);
+    let details = CreatePrivateIpDetails {
+        vnic_id: vnic_id.clone(),
+        ip_address: Some(extra.to_string()),
+        ..Default::default()
+    };
+    let ip = lab
+        .block_on(async move {
+            create_client
+                .create_private_ip(&details, &new_retry_token())
+                .await
+        })
+        .expect("CreatePrivateIp");
+    assert!(
+        wait_until(MARGIN, || ping_from(&lab, extra)),
+        "{extra} is assigned to the VNIC now: the router should pass it"
+    );
+    let before = lab.router_drop_counts(1).unwrap();
+    assert!(
+        ping_from(&lab, extra),
+        "{extra} should keep reaching the peer"
+    );
+    assert_eq!(
+        lab.router_drop_counts(1).unwrap(),
+        before,
+        "nothing should be dropped while {extra} is assigned"
+    );
+
+    let delete_client = Arc::clone(&client);
+    lab.block_on(async move { delete_client.delete_private_ip(&ip.id).await })
+        .expect("DeletePrivateIp");
+    assert!(
+        wait_until(MARGIN, || !ping_from(&lab, extra)),
+        "{extra} was unassigned: the router should drop it again"
+    );
+    assert!(
+        lab.sync_errors().is_empty(),
+        "sync errors: {:?}",
+        lab.sync_errors()
+    );
+}
+
+#[test]
+fn the_simulator_answers_inside_the_node_namespace_and_not_outside() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = new_lab();
+    let endpoints = lab.agent_endpoints();
+    let url = format!("{}instance/", endpoints.imds_url);
+    let curl = |cmd: &mut Command| {
+        output(cmd.args(["-sS", "-m", "5", "-H", "Authorization: Bearer Oracle", &url]))
+            .expect("running curl")
+    };
+    let inside = curl(&mut cmd_in(lab.lab().node(), "curl"));
+    let body = String::from_utf8_lossy(&inside.stdout);
+    let instance_id = lab.sim().config().instance_id;
+    assert!(
+        inside.status.success() && body.contains(&instance_id),
+        "curl {url} in the node namespace should get instance {instance_id}, saw {}: {body} {}",
+        inside.status,
+        String::from_utf8_lossy(&inside.stderr)
+    );
+    assert!(
+        endpoints.oci_endpoint.starts_with("http://127.0.0.1:")
+            && url.starts_with(&endpoints.oci_endpoint),
+        "both endpoints should be on the node's loopback: {endpoints:?}"
+    );
+
+    let outside = curl(&mut Command::new("curl"));
+    assert!(
+        !String::from_utf8_lossy(&outside.stdout).contains(&instance_id),
+        "the simulator must not be reachable from the root namespace at {url}"
+    );
+}
+
+#[test]
+fn dropping_a_simlab_deletes_its_namespaces_also_after_a_panic() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = new_lab();
+    let prefix = lab.lab().id().to_owned();
+    let client = client(&lab);
+    attach(&lab, &client, 2);
+    lab.wait_for_interface(1, MARGIN)
+        .expect("a VNIC in subnet C appears as eth1");
+    let pod = lab
+        .lab()
+        .add_pod_netns("empty")
+        .expect("an empty pod namespace");
+    let links = pod.ip(&["-o", "link", "show"]).unwrap();
+    assert_eq!(
+        links.lines().count(),
+        1,
+        "an empty pod netns holds only lo, saw: {links}"
+    );
+    assert_eq!(
+        lab_namespaces_left(&prefix).len(),
+        5,
+        "node, router, peer, inet, pod"
+    );
+    drop(client);
+    drop(pod);
+    drop(lab);
+    let left = lab_namespaces_left(&prefix);
+    assert!(
+        left.is_empty(),
+        "expected every namespace of {prefix} deleted, saw {left:?}"
+    );
+
+    let mut prefix = String::new();
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        let lab = new_lab();
+        prefix = lab.lab().id().to_owned();
+        let _pod = lab.lab().add_pod_netns("panic").unwrap();
+        panic!("deliberate panic with a simulator lab alive");
+    }));
+    assert!(outcome.is_err(), "the body should have panicked");
+    let left = lab_namespaces_left(&prefix);
+    assert!(
+        left.is_empty(),
+        "expected every namespace of {prefix} deleted after the panic, saw {left:?}"
+    );
+}
