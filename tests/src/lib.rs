@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod datapath_fixture;
 pub mod lab;
+pub mod node_agent;
 pub mod ocikit;
 pub mod ocisim;
 pub mod packet;

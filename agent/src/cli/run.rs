@@ -285,6 +285,12 @@ async fn start_ipam(
             primary_subnet_id,
         ),
     );
+    std::fs::create_dir_all(&config.node.state_dir).with_context(|| {
+        format!(
+            "creating the state directory {}",
+            config.node.state_dir.display()
+        )
+    })?;
     ipam_config.checkpoint_path = config.node.state_dir.join("ipam.json");
     ipam_config.mtu = config.datapath.mtu;
     let cloud = OciCloud::new(

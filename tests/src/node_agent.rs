@@ -1,0 +1,246 @@
+//! The real node agent (`vcnpath run`) and CNI plugin (`vcnpath-cni`) against the OCI
+//! simulator in a [`SimLab`]: what the end-to-end tests and the demo drive.
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::Value;
+use vcnpath::ipam::Allocation;
+
+use crate::{
+    agent::binary,
+    lab::{ChildGuard, Netns, SimLab, cmd_in, spawn_in},
+    privileged::PinDir,
+};
+
+/// Addresses per VNIC in the end-to-end lab: small enough that 40 pods need two VNICs.
+pub const IPS_PER_VNIC: u32 = 24;
+
+/// A running `vcnpath run` in the lab's node namespace, killed on drop.
+pub struct NodeAgent {
+    child: Option<ChildGuard>,
+    pub dir: tempfile::TempDir,
+    pub pins: PinDir,
+    starts: u32,
+}
+
+impl NodeAgent {
+    /// The agent's configuration: fast pool growth and a short cooldown for tests.
+    fn config(&self) -> String {
+        format!(
+            "[ipam]\nips_per_vnic = {IPS_PER_VNIC}\nwarm_ips = 6\ncooldown_secs = 3\nrelease_delay_secs = 600\n\
+             [datapath]\npin_dir = {:?}\ngc_interval_secs = 2\n\
+             [node]\nstate_dir = {:?}\nsocket = {:?}\nlisten = \"127.0.0.1:19965\"\n",
+            self.pins.path.display().to_string(),
+            self.dir.path().join("state").display().to_string(),
+            self.socket().display().to_string(),
+        )
+    }
+
+    /// Starts the agent and waits until it serves the CNI socket.
+    pub fn start(lab: &SimLab, tag: &str) -> Result<Self> {
+        let mut agent = Self {
+            child: None,
+            dir: tempfile::tempdir()?,
+            pins: PinDir::new(tag),
+            starts: 0,
+        };
+        agent.spawn(lab)?;
+        Ok(agent)
+    }
+
+    /// The CNI socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("vcnpath.sock")
+    }
+
+    /// The IPAM checkpoint.
+    pub fn checkpoint(&self) -> PathBuf {
+        self.dir.path().join("state/ipam.json")
+    }
+
+    fn log(&self, n: u32) -> PathBuf {
+        self.dir.path().join(format!("agent-{n}.log"))
+    }
+
+    /// Everything the latest agent process logged.
+    pub fn latest_log(&self) -> String {
+        std::fs::read_to_string(self.log(self.starts)).unwrap_or_default()
+    }
+
+    fn spawn(&mut self, lab: &SimLab) -> Result<()> {
+        self.starts += 1;
+        let config = self.dir.path().join("config.toml");
+        std::fs::write(&config, self.config())?;
+        let endpoints = lab.agent_endpoints();
+        let mut cmd = Command::new(binary());
+        cmd.args(["run", "--config"])
+            .arg(&config)
+            .args([
+                "--imds-url",
+                &endpoints.imds_url,
+                "--oci-endpoint",
+                &endpoints.oci_endpoint,
+            ])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.log(self.starts))?);
+        self.child = Some(spawn_in(lab.lab().node(), cmd)?);
+        self.wait_ready(Duration::from_mins(1))
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.latest_log().contains("serving") {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().expect("running").try_wait()? {
+                bail!(
+                    "vcnpath run exited ({status}) before serving; its log:\n{}",
+                    self.latest_log()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "vcnpath run not serving after {timeout:?}; its log:\n{}",
+                    self.latest_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) -> Result<()> {
+        self.child.as_mut().expect("running").kill9().map(|_| ())
+    }
+
+    /// Starts a new agent process on the same state after [`Self::kill9`].
+    pub fn restart(&mut self, lab: &SimLab) -> Result<()> {
+        self.spawn(lab)
+    }
+
+    /// `vcnpath status --json` from the running agent.
+    pub fn status(&self) -> Result<Value> {
+        let out = Command::new(binary())
+            .args(["status", "--json", "--socket"])
+            .arg(self.socket())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "vcnpath status failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+impl Drop for NodeAgent {
+    fn drop(&mut self) {
+        drop(self.child.take());
+    }
+}
+
+/// What `vcnpath-cni` answered.
+#[derive(Debug)]
+pub struct CniOutput {
+    pub ok: bool,
+    pub json: Value,
+}
+
+impl CniOutput {
+    /// The CNI error code, if it failed.
+    pub fn code(&self) -> Option<u64> {
+        (!self.ok).then(|| self.json["code"].as_u64().unwrap_or(0))
+    }
+
+    /// The pod's address from an ADD result.
+    pub fn ip(&self) -> Option<std::net::Ipv4Addr> {
+        self.json["ips"][0]["address"]
+            .as_str()?
+            .split('/')
+            .next()?
+            .parse()
+            .ok()
+    }
+}
+
+fn cni_binary() -> PathBuf {
+    binary().with_file_name("vcnpath-cni")
+}
+
+/// Runs `vcnpath-cni` in the node namespace like a container runtime does.
+pub fn cni(
+    node: &Netns,
+    socket: &Path,
+    command: &str,
+    container: &str,
+    netns: Option<&Path>,
+) -> Result<CniOutput> {
+    let config = serde_json::json!({"cniVersion": "1.0.0", "name": "vcnpath", "type": "vcnpath-cni", "socketPath": socket, "mtu": 9000});
+    let mut cmd = cmd_in(node, cni_binary().to_str().context("utf-8 path")?);
+    cmd.env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .env(
+            "CNI_ARGS",
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=e2e;K8S_POD_NAME={container}"),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(netns) = netns {
+        cmd.env("CNI_NETNS", netns);
+    }
+    let mut child = cmd.spawn().context("spawning vcnpath-cni")?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(config.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    let json = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    Ok(CniOutput {
+        ok: out.status.success(),
+        json,
+    })
+}
+
+/// ADD, retrying while the plugin says "try again later" (code 11: the pool is growing).
+pub fn cni_add(
+    node: &Netns,
+    socket: &Path,
+    container: &str,
+    netns: &Path,
+    timeout: Duration,
+) -> Result<CniOutput> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = cni(node, socket, "ADD", container, Some(netns))?;
+        if out.code() != Some(11) || Instant::now() > deadline {
+            return Ok(out);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The checkpointed allocations (what a restart restores).
+pub fn checkpointed(path: &Path) -> Result<Vec<Allocation>> {
+    let value: Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    value["allocations"]
+        .as_array()
+        .context("checkpoint has no allocations list")?
+        .iter()
+        .map(|e| serde_json::from_value(e["allocation"].clone()).context("checkpoint entry"))
+        .collect()
+}

@@ -1,0 +1,279 @@
+//! The product end to end: the real `vcnpath run` against the OCI simulator in the
+//! namespace lab, pods created with the real `vcnpath-cni`, real traffic through the VCN
+//! router (which enforces OCI's source/destination check from the simulator's state).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use vcnpath_tests::{
+    lab::{
+        LabOptions, Netns, SimLab, lab_sim_config,
+        traffic::{TcpConn, TcpServer, tcp_connect},
+    },
+    node_agent::{IPS_PER_VNIC, NodeAgent, checkpointed, cni, cni_add},
+    ocisim::Faults,
+    privileged::have_root,
+};
+
+const MASQ: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+const T: Duration = Duration::from_mins(1);
+
+fn simlab() -> SimLab {
+    let config = vcnpath_tests::ocisim::SimConfig {
+        ips_per_vnic: IPS_PER_VNIC,
+        attach_delay_ms: 300,
+        ..lab_sim_config()
+    };
+    SimLab::new(LabOptions::default(), config).expect("simulator-driven lab")
+}
+
+/// The simulator's secondary private IPs, by address → VNIC.
+fn cloud_ips(lab: &SimLab) -> BTreeMap<Ipv4Addr, String> {
+    let snapshot = lab.sim().snapshot();
+    snapshot["privateIps"]
+        .as_array()
+        .expect("privateIps")
+        .iter()
+        .filter(|p| p["isPrimary"] != true)
+        .filter_map(|p| {
+            Some((
+                p["ipAddress"].as_str()?.parse().ok()?,
+                p["vnicId"].as_str()?.to_owned(),
+            ))
+        })
+        .collect()
+}
+
+/// Every checkpointed pod address exists in OCI on the VNIC the checkpoint says, and no
+/// address is held twice.
+fn assert_consistent(lab: &SimLab, agent: &NodeAgent) {
+    let held = checkpointed(&agent.checkpoint()).expect("checkpoint");
+    let unique: BTreeSet<Ipv4Addr> = held.iter().map(|a| a.ip).collect();
+    assert_eq!(
+        unique.len(),
+        held.len(),
+        "an address is held by two pods: {held:?}"
+    );
+    let cloud = cloud_ips(lab);
+    for a in &held {
+        assert_eq!(
+            cloud.get(&a.ip),
+            Some(&a.vnic_id),
+            "checkpointed {} must exist in OCI on {}",
+            a.ip,
+            a.vnic_id
+        );
+    }
+}
+
+struct PodNs {
+    id: String,
+    ns: Netns,
+    ip: Ipv4Addr,
+    interface: String,
+}
+
+fn add_pods(lab: &SimLab, agent: &NodeAgent, prefix: &str, n: usize) -> Vec<PodNs> {
+    (0..n)
+        .map(|i| {
+            let id = format!("{prefix}{i:03}");
+            let ns = lab.lab().add_pod_netns(&id).expect("pod netns");
+            let out = cni_add(lab.lab().node(), &agent.socket(), &id, ns.path(), T)
+                .expect("vcnpath-cni runs");
+            assert!(
+                out.ok,
+                "ADD {id} failed: {}\nagent log:\n{}",
+                out.json,
+                agent.latest_log()
+            );
+            let ip = out.ip().expect("result has an address");
+            let status = agent.status().expect("status");
+            let interface = status["pods"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["container_id"] == id.as_str())
+                .expect("pod in status")["interface"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            PodNs {
+                id,
+                ns,
+                ip,
+                interface,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn lab_forty_pods_across_two_vnics_reach_the_vcn_and_the_internet_and_addresses_come_back() {
+    if !have_root("lab_agent_scale") {
+        return;
+    }
+    let lab = simlab();
+    let agent = NodeAgent::start(&lab, "e2e").expect("vcnpath run");
+    let pods = add_pods(&lab, &agent, "pod", 40);
+
+    let addresses: BTreeSet<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
+    assert_eq!(addresses.len(), 40, "40 distinct addresses");
+    let vnics: BTreeSet<&str> = pods.iter().map(|p| p.interface.as_str()).collect();
+    assert!(
+        vnics.len() >= 2,
+        "40 pods at {IPS_PER_VNIC} per VNIC need two VNICs, got {vnics:?}"
+    );
+
+    let peer = TcpServer::start(
+        lab.lab().peer(),
+        SocketAddr::from((lab.lab().peer_ip(), 8080)),
+    )
+    .unwrap();
+    let inet = TcpServer::start(
+        lab.lab().inet(),
+        SocketAddr::from((lab.lab().inet_ip(), 8080)),
+    )
+    .unwrap();
+    for pod in &pods {
+        let mut c = TcpConn::connect(&pod.ns, None, peer.addr(), T).unwrap_or_else(|e| {
+            panic!(
+                "pod {} ({} on {}) → VCN peer: {e:#}",
+                pod.id, pod.ip, pod.interface
+            )
+        });
+        c.roundtrip(b"vcn", T).expect("peer echo");
+        let mut c = TcpConn::connect(&pod.ns, None, inet.addr(), T)
+            .unwrap_or_else(|e| panic!("pod {} ({}) → internet: {e:#}", pod.id, pod.ip));
+        c.roundtrip(b"inet", T).expect("internet echo");
+    }
+    let seen_by_peer: BTreeSet<IpAddr> = peer
+        .wait_connections(40, T)
+        .unwrap()
+        .iter()
+        .map(|r| r.peer.ip())
+        .collect();
+    assert_eq!(
+        seen_by_peer,
+        pods.iter().map(|p| IpAddr::V4(p.ip)).collect(),
+        "the VCN peer sees each pod's own address"
+    );
+    assert!(
+        inet.wait_connections(40, T)
+            .unwrap()
+            .iter()
+            .all(|r| r.peer.ip() == IpAddr::V4(MASQ)),
+        "the internet sees the masquerade address"
+    );
+    for nic in 0..3 {
+        assert_eq!(
+            lab.router_drops(nic).unwrap_or(0),
+            0,
+            "the VCN router's source check dropped packets on VNIC {nic}"
+        );
+    }
+    assert_consistent(&lab, &agent);
+
+    // Deleting pods frees their addresses; after the cooldown new pods reuse them.
+    let freed: BTreeSet<Ipv4Addr> = pods[..10].iter().map(|p| p.ip).collect();
+    for pod in &pods[..10] {
+        let out = cni(
+            lab.lab().node(),
+            &agent.socket(),
+            "DEL",
+            &pod.id,
+            Some(pod.ns.path()),
+        )
+        .unwrap();
+        assert!(out.ok, "DEL {}: {}", pod.id, out.json);
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    let again = add_pods(&lab, &agent, "new", 10);
+    let reused = again.iter().filter(|p| freed.contains(&p.ip)).count();
+    assert!(
+        reused > 0,
+        "freed addresses are reused after the cooldown (none of {freed:?} came back)"
+    );
+    assert_consistent(&lab, &agent);
+}
+
+#[test]
+fn lab_kill_9_during_a_burst_and_a_fault_storm_loses_nothing() {
+    if !have_root("lab_agent_crash") {
+        return;
+    }
+    let lab = simlab();
+    let mut agent = NodeAgent::start(&lab, "crash").expect("vcnpath run");
+    let first = add_pods(&lab, &agent, "a", 4);
+    let inet = TcpServer::start(
+        lab.lab().inet(),
+        SocketAddr::from((lab.lab().inet_ip(), 8080)),
+    )
+    .unwrap();
+    let mut established =
+        TcpConn::connect(&first[0].ns, None, inet.addr(), T).expect("a pod connection");
+    established.roundtrip(b"before", T).unwrap();
+
+    // A storm of 429s, 5xx and latency while the pool grows, and a burst of ADDs that the
+    // agent is killed in the middle of.
+    lab.sim().set_faults(Faults {
+        latency_ms: 30,
+        rate_429: 0.2,
+        rate_5xx: 0.2,
+        rate_hang: 0.0,
+    });
+    let burst: Vec<(String, Netns)> = (0..12)
+        .map(|i| {
+            (
+                format!("b{i:03}"),
+                lab.lab().add_pod_netns(&format!("b{i:03}")).unwrap(),
+            )
+        })
+        .collect();
+    let socket = agent.socket();
+    let node = lab.lab().node();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = burst
+            .iter()
+            .map(|(id, ns)| scope.spawn(|| cni(node, &socket, "ADD", id, Some(ns.path()))))
+            .collect();
+        std::thread::sleep(Duration::from_millis(150));
+        agent.kill9().expect("kill -9");
+        for h in handles {
+            let _ = h.join();
+        }
+    });
+    established
+        .roundtrip(b"agent dead", T)
+        .expect("the datapath keeps the connection while the agent is down");
+    agent.restart(&lab).expect("restart");
+    assert!(
+        agent.latest_log().contains("adopted=true"),
+        "the restarted agent adopts the pinned datapath:\n{}",
+        agent.latest_log()
+    );
+    established
+        .roundtrip(b"after", T)
+        .expect("an established pod connection survives kill -9 and restart");
+
+    // Finish the burst: every pod ends up with exactly one address.
+    for (id, ns) in &burst {
+        let out = cni_add(node, &agent.socket(), id, ns.path(), T).unwrap();
+        assert!(out.ok, "ADD {id} after restart: {}", out.json);
+    }
+    lab.sim().set_faults(Faults::default());
+    assert_consistent(&lab, &agent);
+    let held = checkpointed(&agent.checkpoint()).unwrap();
+    assert_eq!(
+        held.len(),
+        4 + burst.len(),
+        "every pod that asked has exactly one address"
+    );
+    // The maps agree with the checkpoint: every pod reaches the internet.
+    for (_, ns) in &burst {
+        tcp_connect(ns, None, inet.addr(), T)
+            .expect("a pod added around the crash has working networking");
+    }
+}
