@@ -28,6 +28,9 @@ pub fn run() -> anyhow::Result<()> {
     ]))?;
     cmd::run(build_ebpf::cargo("clippy").args(["--", "-D", "warnings"]))?;
 
+    // The privileged tests run the real binaries (`vcnpath`, `vcnpath-cni`).
+    cmd::run(Command::new("cargo").args(["build", "-p", "vcnpath-agent", "--bins"]))?;
+
     // Tier 1 and 2: unit tests and BPF_PROG_TEST_RUN packet tests (parallel-safe).
     let lab_tests = lab_test_targets()?;
     let mut unit = Command::new("cargo");
@@ -46,8 +49,6 @@ pub fn run() -> anyhow::Result<()> {
 
     // Tier 3: namespace tests with real traffic, one at a time (they share CPU and timing).
     if !lab_tests.is_empty() {
-        // The lab tests run the real binaries.
-        cmd::run(Command::new("cargo").args(["build", "-p", "vcnpath-agent", "--bins"]))?;
         let mut lab = Command::new("cargo");
         lab.args(["test", "-p", "vcnpath-tests"]);
         for target in &lab_tests {
