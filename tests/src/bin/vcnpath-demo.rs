@@ -1,23 +1,25 @@
-//! `cargo xtask demo`: the real `vcnpath` in the namespace lab. Three pods on two VNICs
-//! talk to a VCN peer and to the internet through the VCN router (which enforces OCI's
-//! source/destination check); the report shows what each far end saw and what the
-//! datapath did. Everything is removed at the end, also on Ctrl-C.
+//! `cargo xtask demo`: the real `vcnpath` node agent against the built-in OCI simulator,
+//! in the namespace lab. Pods are created with the real `vcnpath-cni` plugin (enough of
+//! them to need a second VNIC, which the agent attaches through the simulated OCI API),
+//! each sends traffic to a VCN peer and to the internet through the VCN router — which
+//! drops, like OCI, anything a VNIC sends from an address it does not own — and the
+//! report shows what the far ends saw. Everything is removed at the end, also on Ctrl-C.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
 use anyhow::{Result, bail};
-use vcnpath::datapath::{Counters, DatapathMaps};
 use vcnpath_tests::{
-    agent::{Agent, lab_config},
     lab::{
-        Lab, LabOptions,
-        traffic::{TcpServer, UdpEchoServer, ping, tcp_bulk, udp_request},
+        LabOptions, SimLab, lab_sim_config,
+        traffic::{TcpServer, UdpEchoServer, tcp_bulk, udp_request},
     },
-    privileged::{PinDir, have_root},
+    node_agent::{IPS_PER_VNIC, NodeAgent, cni_add},
+    privileged::have_root,
 };
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -33,7 +35,8 @@ fn check_stop() -> Result<()> {
     Ok(())
 }
 
-const T: Duration = Duration::from_secs(20);
+const T: Duration = Duration::from_secs(30);
+const PODS: usize = 30;
 
 fn main() {
     if !have_root("vcnpath demo") {
@@ -54,81 +57,126 @@ fn main() {
 }
 
 fn demo() -> Result<()> {
-    let pins = PinDir::new("demo");
     println!(
-        "Building the lab: node (eth0 = VNIC 0, eth1 = VNIC 1), VCN router with OCI's source check, VCN peer, internet (1400-byte hop)…"
+        "1. The lab: a node (eth0 = primary VNIC 10.0.0.10), the VCN's router enforcing OCI's"
     );
-    let lab = Lab::new(LabOptions {
-        inet_mtu: Some(1400),
-    })?;
-    let pods = [
-        ("pod-a", Ipv4Addr::new(10, 0, 0, 20), 0),
-        ("pod-b", Ipv4Addr::new(10, 0, 1, 20), 1),
-        ("pod-c", Ipv4Addr::new(10, 0, 1, 21), 1),
-    ];
-    let mut handles = Vec::new();
-    for (name, ip, vnic) in pods {
-        handles.push(lab.add_pod(name, ip, vnic)?);
-    }
+    println!("   source/destination check, a VCN peer (10.0.2.50), the internet (203.0.113.10),");
+    println!(
+        "   and the OCI simulator (IMDS, instance principals, Core API) on the node's loopback."
+    );
+    let config = vcnpath_tests::ocisim::SimConfig {
+        ips_per_vnic: IPS_PER_VNIC,
+        ..lab_sim_config()
+    };
+    let lab = SimLab::new(LabOptions::default(), config)?;
     check_stop()?;
-    let config = lab_config(&pins.path, &pods.map(|(_, ip, vnic)| (ip, vnic)));
-    let agent = Agent::start(&lab, "demo", &config)?;
-    println!(
-        "vcnpath datapath is running in the node namespace (pins in {}).\n",
-        pins.path.display()
-    );
-
-    let peer_tcp = TcpServer::start(lab.peer(), SocketAddr::from((lab.peer_ip(), 8080)))?;
-    let inet_tcp = TcpServer::start(lab.inet(), SocketAddr::from((lab.inet_ip(), 8080)))?;
-    let inet_udp = UdpEchoServer::start(lab.inet(), SocketAddr::from((lab.inet_ip(), 5353)))?;
+    println!("2. Starting `vcnpath run` in the node namespace…");
+    let agent = NodeAgent::start(&lab, "demo")?;
+    check_stop()?;
 
     println!(
-        "{:<6} {:<10} {:<5} {:<22} {:<22} {:<16} {:<5}",
-        "pod",
-        "address",
-        "VNIC",
-        "VCN peer saw (1 MB)",
-        "internet saw (8 MB)",
-        "UDP server saw",
-        "ping"
+        "3. Creating {PODS} pods with `vcnpath-cni` ADD ({IPS_PER_VNIC} addresses per VNIC, so a second VNIC is needed)…"
     );
-    for (pod, (name, ip, vnic)) in handles.iter().zip(pods) {
+    let mut pods = Vec::new();
+    for i in 0..PODS {
         check_stop()?;
-        let ns = pod.ns();
-        let peer = tcp_bulk(ns, None, peer_tcp.addr(), 1 << 20, T)
-            .map_or_else(|e| format!("FAILED: {e}"), |r| r.peer_seen.ip().to_string());
-        let inet = tcp_bulk(ns, None, inet_tcp.addr(), 8 << 20, T)
-            .map_or_else(|e| format!("FAILED: {e}"), |r| r.peer_seen.ip().to_string());
-        let udp = udp_request(ns, None, inet_udp.addr(), b"demo", T)
-            .map_or_else(|e| format!("FAILED: {e}"), |r| r.peer_seen.ip().to_string());
-        let pinged = if ping(ns, lab.inet_ip(), 2, T).unwrap_or(false) {
-            "ok"
-        } else {
-            "FAILED"
-        };
-        println!("{name:<6} {ip:<10} eth{vnic:<2} {peer:<22} {inet:<22} {udp:<16} {pinged:<5}");
+        let id = format!("demo{i:02}");
+        let ns = lab.lab().add_pod_netns(&id)?;
+        let out = cni_add(lab.lab().node(), &agent.socket(), &id, ns.path(), T)?;
+        if !out.ok {
+            bail!("ADD {id} failed: {}", out.json);
+        }
+        let ip = out
+            .ip()
+            .ok_or_else(|| anyhow::anyhow!("ADD result without an address"))?;
+        pods.push((id, ns, ip));
     }
-    let drops: Vec<u64> = (0..2).map(|v| lab.router_drops(v)).collect::<Result<_>>()?;
+    let status = agent.status()?;
+    let interface_of: BTreeMap<String, String> = status["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some((
+                p["container_id"].as_str()?.to_owned(),
+                p["interface"].as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+
     println!(
-        "\nVCN router source/destination-check drops: VNIC 0: {}, VNIC 1: {}",
-        drops[0], drops[1]
+        "\nVNICs (attached by the agent through the OCI API, brought up and addressed by it):"
+    );
+    for v in status["vnics"].as_array().into_iter().flatten() {
+        println!(
+            "  nic {} {:<5} {}  primary {:<10} subnet {:<13} pods {:>2}  free {}",
+            v["nic_index"],
+            v["interface"].as_str().unwrap_or("-"),
+            v["mac"].as_str().unwrap_or(""),
+            v["primary_ip"].as_str().unwrap_or(""),
+            v["subnet"].as_str().unwrap_or(""),
+            v["assigned"],
+            v["free"]
+        );
+    }
+
+    let peer = TcpServer::start(
+        lab.lab().peer(),
+        SocketAddr::from((lab.lab().peer_ip(), 8080)),
+    )?;
+    let inet = TcpServer::start(
+        lab.lab().inet(),
+        SocketAddr::from((lab.lab().inet_ip(), 8080)),
+    )?;
+    let udp = UdpEchoServer::start(
+        lab.lab().inet(),
+        SocketAddr::from((lab.lab().inet_ip(), 5353)),
+    )?;
+    println!(
+        "\nTraffic from each pod (1 MB to the VCN peer, 1 MB and a UDP echo to the internet):"
     );
     println!(
-        "Each pod reached the VCN peer with its own address (pods on eth1 were redirected out of eth1),"
+        "  {:<7} {:<10} {:<5} {:<18} {:<18} {:<16}",
+        "pod", "address", "VNIC", "VCN peer saw", "internet saw", "UDP server saw"
     );
+    let mut failures = 0;
+    for (id, ns, ip) in &pods {
+        check_stop()?;
+        let show = |r: Result<IpAddr>| r.map_or_else(|e| format!("FAILED: {e}"), |a| a.to_string());
+        let to_peer = show(tcp_bulk(ns, None, peer.addr(), 1 << 20, T).map(|r| r.peer_seen.ip()));
+        let to_inet = show(tcp_bulk(ns, None, inet.addr(), 1 << 20, T).map(|r| r.peer_seen.ip()));
+        let via_udp = show(udp_request(ns, None, udp.addr(), b"demo", T).map(|r| r.peer_seen.ip()));
+        failures += [&to_peer, &to_inet, &via_udp]
+            .iter()
+            .filter(|s| s.starts_with("FAILED"))
+            .count();
+        let vnic = interface_of.get(id).map_or("?", String::as_str);
+        println!("  {id:<7} {ip:<10} {vnic:<5} {to_peer:<18} {to_inet:<18} {via_udp:<16}");
+    }
+    let drops: Vec<u64> = (0..3).map(|n| lab.router_drops(n).unwrap_or(0)).collect();
+    println!("\nVCN router source/destination-check drops per VNIC: {drops:?}");
     println!(
-        "and the internet saw the masquerade address {} (the node's primary IP).",
+        "Each pod reached the VCN peer with its own address, through its own VNIC; the internet saw {}.",
         IpAddr::V4(Ipv4Addr::new(10, 0, 0, 10))
     );
 
-    let counters = Counters::read(&DatapathMaps::from_pins(&pins.path)?)?;
-    println!(
-        "\nDatapath counters (vcnpath counters --pin-dir {}):",
-        pins.path.display()
-    );
-    for (reason, n) in counters.0.iter().filter(|(_, n)| *n > 0) {
-        println!("  {:<32} {n}", reason.name());
+    let counters = agent.status()?;
+    println!("\nDatapath counters (`vcnpath status`):");
+    for (reason, n) in counters["datapath"]["counters"]
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        if n.as_u64().unwrap_or(0) > 0 {
+            println!("  {reason:<32} {n}");
+        }
     }
-    drop(agent);
+    println!(
+        "  NAT entries in use: {}",
+        counters["datapath"]["nat_entries"]
+    );
+    if failures > 0 {
+        bail!("{failures} transfers failed");
+    }
     Ok(())
 }
