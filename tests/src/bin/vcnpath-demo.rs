@@ -56,6 +56,10 @@ fn main() {
     }
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "the demo reads top to bottom as the story it prints"
+)]
 fn demo() -> Result<()> {
     println!(
         "1. The lab: a node (eth0 = primary VNIC 10.0.0.10), the VCN's router enforcing OCI's"
