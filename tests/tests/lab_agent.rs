@@ -110,6 +110,36 @@ fn add_pods(lab: &SimLab, agent: &NodeAgent, prefix: &str, n: usize) -> Vec<PodN
         .collect()
 }
 
+/// What an operator scrapes: pool per VNIC, allocations, OCI calls, datapath counters.
+fn assert_metrics_and_readiness(lab: &SimLab) {
+    let metrics = vcnpath_tests::lab::process::run(
+        vcnpath_tests::lab::cmd_in(lab.lab().node(), "curl")
+            .args(["-sf", "http://127.0.0.1:19965/metrics"]),
+    )
+    .expect("/metrics answers");
+    for expected in [
+        "vcnpath_pool_addresses{",
+        "vcnpath_allocations_total{result=\"ok\"} 40",
+        "vcnpath_oci_requests_total{operation=\"CreatePrivateIp\",outcome=\"ok\"}",
+        "vcnpath_oci_request_duration_seconds_bucket{operation=\"AttachVnic\"",
+        "vcnpath_datapath_packets_total{reason=\"redirected-to-owner\"}",
+        "vcnpath_nat_entries",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "/metrics lacks {expected}:\n{metrics}"
+        );
+    }
+    let ready = vcnpath_tests::lab::process::run(
+        vcnpath_tests::lab::cmd_in(lab.lab().node(), "curl")
+            .args(["-sf", "http://127.0.0.1:19965/readyz"]),
+    );
+    assert!(
+        ready.is_ok(),
+        "/readyz is 200 once the datapath is attached and the pool serves"
+    );
+}
+
 #[test]
 fn lab_forty_pods_across_two_vnics_reach_the_vcn_and_the_internet_and_addresses_come_back() {
     if !have_root("lab_agent_scale") {
@@ -175,6 +205,8 @@ fn lab_forty_pods_across_two_vnics_reach_the_vcn_and_the_internet_and_addresses_
         );
     }
     assert_consistent(&lab, &agent);
+
+    assert_metrics_and_readiness(&lab);
 
     // Deleting pods frees their addresses; after the cooldown new pods reuse them.
     let freed: BTreeSet<Ipv4Addr> = pods[..10].iter().map(|p| p.ip).collect();

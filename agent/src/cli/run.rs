@@ -186,6 +186,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 
     let introspection = Arc::new(Introspection {
         node: node.clone(),
+        oci: client.metrics(),
         ready: false.into(),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -16,6 +16,8 @@ use crate::datapath::Counters;
 /// What the HTTP handlers read.
 pub struct Introspection {
     pub node: Arc<Node>,
+    /// OCI API attempts and latency.
+    pub oci: Arc<crate::oci::metrics::ApiMetrics>,
     /// Set once the datapath is attached and the pool can serve.
     pub ready: AtomicBool,
 }
@@ -93,6 +95,7 @@ async fn metrics(State(state): State<Arc<Introspection>>) -> impl IntoResponse {
     let nat = node.datapath.nat_entries().await.unwrap_or(0);
     let mut out = String::new();
     render(&mut out, &pool, &counters, nat, node);
+    state.oci.render(&mut out);
     ([("content-type", "text/plain; version=0.0.4")], out)
 }
 

@@ -77,6 +77,7 @@ pub struct CoreClient {
     auth: Arc<dyn AuthProvider>,
     retry: RetryPolicy,
     limiter: RateLimiter,
+    metrics: Arc<super::metrics::ApiMetrics>,
 }
 
 /// One request, rebuilt and re-signed for every attempt.
@@ -109,7 +110,13 @@ impl CoreClient {
             auth,
             retry,
             limiter: RateLimiter::new(rate),
+            metrics: Arc::default(),
         }
+    }
+
+    /// Attempts and latency per operation, for `/metrics`.
+    pub fn metrics(&self) -> Arc<super::metrics::ApiMetrics> {
+        Arc::clone(&self.metrics)
     }
 
     pub async fn attach_vnic(
@@ -366,6 +373,7 @@ impl CoreClient {
     ) -> Result<(Result<Answer, OciError>, u64), OciError> {
         let operation = call.operation;
         self.limiter.acquire().await;
+        let attempt_started = Instant::now();
         let credentials = self
             .auth
             .credentials()
@@ -431,6 +439,14 @@ impl CoreClient {
         })
         .await
         .unwrap_or(Err(OciError::Timeout { operation, timeout }));
+        let outcome = match &result {
+            Ok(_) => "ok".to_owned(),
+            Err(OciError::Service { code, .. }) => code.clone(),
+            Err(OciError::Timeout { .. }) => "timeout".to_owned(),
+            Err(_) => "transport".to_owned(),
+        };
+        self.metrics
+            .record(operation, &outcome, attempt_started.elapsed());
         Ok((result, credentials.generation))
     }
 }

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod client;
 pub mod error;
 pub mod imds;
+pub mod metrics;
 pub mod models;
 pub mod retry;
 pub mod signer;
