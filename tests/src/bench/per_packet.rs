@@ -163,6 +163,31 @@ pub fn datapath() -> Vec<Row> {
         Reason::ReverseNat,
         "reverse translation",
     ));
+
+    // The same redirect and established translation with 4096 pod addresses in
+    // `endpoints` instead of 3: the lookup is a hash, so the cost must not move.
+    let mut st = state(1024, 65535);
+    let pod = st.endpoints[&POD1];
+    st.endpoints.extend(
+        crate::bench::node::filler_ips(4096 - 2)
+            .into_iter()
+            .map(|ip| (ip, pod)),
+    );
+    fx.datapath.maps.sync(&st).unwrap();
+    rows.push(measure(
+        &fx,
+        fx.datapath.egress(),
+        &build(&Spec::tcp(POD1, 40000, PEER, 443)),
+        Reason::RedirectOwner,
+        "egress redirect, 4096 pod endpoints",
+    ));
+    rows.push(measure(
+        &fx,
+        fx.datapath.egress(),
+        &build(&Spec::tcp(POD0, 1000, REMOTE, 443)),
+        Reason::SnatEstablished,
+        "established-flow SNAT, 4096 pod endpoints",
+    ));
     drop(fx);
 
     // New-flow SNAT: the masquerade address is itself a pod address, so each translated
