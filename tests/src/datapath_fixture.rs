@@ -41,7 +41,7 @@ pub const TC_ACT_REDIRECT: u32 = 7;
 /// A loaded datapath with the fixture's state; unloads and unpins on drop.
 pub struct Fixture {
     pub datapath: Datapath,
-    _pins: PinDir,
+    pins: PinDir,
 }
 
 /// The map state every packet test starts from.
@@ -106,10 +106,12 @@ impl Fixture {
             .maps
             .sync(&state(port_min, port_max))
             .expect("map sync");
-        Self {
-            datapath,
-            _pins: pins,
-        }
+        Self { datapath, pins }
+    }
+
+    /// Where the maps and programs are pinned (`<dir>/nat` is the NAT table).
+    pub fn pin_dir(&self) -> &std::path::Path {
+        &self.pins.path
     }
 
     pub fn egress(&self, frame: &[u8]) -> (u32, Vec<u8>) {

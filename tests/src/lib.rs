@@ -1,6 +1,7 @@
 //! Test support for vcnpath: packet crafting and checking, privilege guards, the
-//! network-namespace lab, and the OCI simulator with its test kit.
+//! network-namespace lab, the OCI simulator with its test kit, and the benchmarks.
 pub mod agent;
+pub mod bench;
 pub mod datapath_fixture;
 pub mod lab;
 pub mod node_agent;

@@ -28,11 +28,15 @@ enum Task {
     Test,
     /// The main job: vcnpath in the namespace lab with pods on two VNICs, and a report.
     Demo,
-    /// Print benchmark figures (e.g. `cargo xtask bench datapath`).
+    /// Print benchmark figures and write them to target/bench/*.json:
+    /// `datapath` (per packet), `compare` (vcnpath vs iptables + ip rules), `nat`, `all`.
     Bench {
         /// What to measure.
         #[arg(default_value = "datapath")]
         what: String,
+        /// Passed on to the benchmark (e.g. `--rounds 5 --secs 2 --pods 1,512`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
@@ -41,7 +45,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run(),
         Task::BuildEbpf { clippy } => build_ebpf::run(clippy),
         Task::Test => test::run(),
-        Task::Bench { what } => test::bench(&what),
+        Task::Bench { what, args } => test::bench(&what, &args),
         Task::Demo => test::demo(),
     }
 }

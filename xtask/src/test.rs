@@ -88,20 +88,26 @@ fn other_test_targets() -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
-pub fn bench(what: &str) -> anyhow::Result<()> {
+pub fn bench(what: &str, args: &[String]) -> anyhow::Result<()> {
     if cmd::is_root() {
         setup::run()?;
     }
-    cmd::run(Command::new("cargo").args([
-        "run",
-        "--release",
-        "-p",
-        "vcnpath-tests",
-        "--bin",
-        "vcnpath-bench",
-        "--",
-        what,
-    ]))
+    // `compare` runs the real agent, found next to the bench binary (target/release).
+    cmd::run(Command::new("cargo").args(["build", "--release", "-p", "vcnpath-agent", "--bins"]))?;
+    cmd::run(
+        Command::new("cargo")
+            .args([
+                "run",
+                "--release",
+                "-p",
+                "vcnpath-tests",
+                "--bin",
+                "vcnpath-bench",
+                "--",
+                what,
+            ])
+            .args(args),
+    )
 }
 
 pub fn demo() -> anyhow::Result<()> {

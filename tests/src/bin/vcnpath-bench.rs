@@ -1,208 +1,113 @@
-//! `vcnpath-bench datapath`: kernel-timed cost per packet of each datapath path, measured
-//! with `BPF_PROG_TEST_RUN` (`repeat` runs in the kernel, which reports the mean).
+//! `vcnpath-bench WHAT`, run by `cargo xtask bench WHAT`:
+//! - `datapath`: kernel-timed cost per packet of each datapath path (`BPF_PROG_TEST_RUN`);
+//! - `compare`: vcnpath against the iptables + `ip rule` baseline in the namespace lab;
+//! - `nat`: established-flow cost, memory and garbage collection with a full NAT table;
+//! - `all`: the three.
 //!
-//! The kernel feeds every repeat the buffer the previous repeat left behind, so each case
-//! is built to take the same path on every repeat, and the per-reason counters are read
-//! afterwards to prove it.
+//! Each prints a table and writes the same figures to `target/bench/<what>.json`.
+//! `compare` takes `--rounds R`, `--secs S` and `--pods 1,64,…` for quicker runs.
 
-use std::net::Ipv4Addr;
+use std::time::Duration;
 
-use aya::programs::SchedClassifier;
-use vcnpath_common::{NAT_DIR_EGRESS, NAT_DIR_INGRESS, NatEntry, NatKey, Reason};
-use vcnpath_tests::{
-    datapath_fixture::{Fixture, MASQ, PEER, POD0, POD1, REMOTE, state, time_ns},
-    packet::{Spec, build},
+use anyhow::{Context, Result, bail};
+use vcnpath_tests::bench::{
+    Machine, compare,
+    load::Timing,
+    nat, per_packet,
+    report::{self, write_json},
 };
 
-const REPEAT: u32 = 1_000_000;
+const USAGE: &str =
+    "usage: vcnpath-bench datapath|compare|nat|all [--rounds R] [--secs S] [--pods N,N,…]";
 
-/// Each case is measured this many times; the median is reported (this VM's noise is
-/// tens of ns between runs), with the fastest run beside it.
-const RUNS: u32 = 5;
-
-struct Row {
-    name: &'static str,
-    ns: f64,
-    min_ns: f64,
-    reason: Reason,
-    share: f64,
-}
-
-fn measure(
-    fx: &Fixture,
-    program: &SchedClassifier,
-    frame: &[u8],
-    reason: Reason,
-    name: &'static str,
-) -> Row {
-    let before = fx.counters();
-    let mut runs: Vec<f64> = (0..RUNS)
-        .map(|_| time_ns(program, frame, REPEAT).1)
-        .collect();
-    runs.sort_by(f64::total_cmp);
-    let (ns, min_ns) = (runs[runs.len() / 2], runs[0]);
-    let delta = before.delta(&fx.counters());
-    // Counts are at most RUNS * REPEAT (5e6): exact in an f64.
-    let share = f64::from(u32::try_from(delta.get(reason)).unwrap_or(u32::MAX))
-        / (f64::from(REPEAT) * f64::from(RUNS));
-    Row {
-        name,
-        ns,
-        min_ns,
-        reason,
-        share,
+fn compare_options(args: &[String]) -> Result<compare::Options> {
+    let mut options = compare::Options {
+        pod_counts: compare::POD_COUNTS.to_vec(),
+        rounds: 3,
+        timing: Timing {
+            warmup: Duration::from_millis(300),
+            measure: Duration::from_secs(1),
+        },
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it
+            .next()
+            .with_context(|| format!("{flag} needs a value; {USAGE}"))?;
+        match flag.as_str() {
+            "--rounds" => options.rounds = value.parse().context("--rounds")?,
+            "--secs" => {
+                options.timing.measure = Duration::from_secs_f64(value.parse().context("--secs")?);
+            }
+            "--pods" => {
+                options.pod_counts = value
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()
+                    .context("--pods")?;
+            }
+            _ => bail!("unknown option {flag}; {USAGE}"),
+        }
     }
+    Ok(options)
 }
 
-fn key(dir: u8, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> NatKey {
-    NatKey {
-        src: src.octets(),
-        dst: dst.octets(),
-        sport,
-        dport,
-        proto: 6,
-        dir,
-        pad: [0; 2],
-    }
+fn datapath(machine: &Machine) -> Result<()> {
+    let rows = per_packet::datapath();
+    print!("{}", report::per_packet_table(&rows));
+    let path = write_json(
+        "datapath",
+        &serde_json::json!({ "machine": machine, "rows": rows }),
+    )?;
+    println!("figures written to {}\n", path.display());
+    Ok(())
 }
 
-fn entry(addr: Ipv4Addr, port: u16) -> NatEntry {
-    NatEntry {
-        last_seen_ns: 0,
-        addr: addr.octets(),
-        port,
-        ..Default::default()
-    }
+fn compare(machine: &Machine, options: &compare::Options) -> Result<()> {
+    let comparison = compare::run(options)?;
+    print!("{}", report::compare_table(&comparison));
+    let path = write_json(
+        "compare",
+        &serde_json::json!({
+            "machine": machine,
+            "comparison": comparison,
+            "targets": report::targets(&comparison),
+        }),
+    )?;
+    println!("figures written to {}\n", path.display());
+    Ok(())
 }
 
-fn datapath() -> Vec<Row> {
-    let mut rows = Vec::new();
-    let mut fx = Fixture::new("bench", 1024, 65535);
-    rows.push(measure(
-        &fx,
-        fx.datapath.egress(),
-        &build(&Spec::tcp(Ipv4Addr::new(172, 16, 0, 5), 40000, REMOTE, 443)),
-        Reason::PassNotEndpoint,
-        "non-endpoint pass-through",
-    ));
-    rows.push(measure(
-        &fx,
-        fx.datapath.egress(),
-        &build(&Spec::tcp(POD0, 40000, PEER, 443)),
-        Reason::PassVcn,
-        "VCN-internal pass",
-    ));
-    rows.push(measure(
-        &fx,
-        fx.datapath.egress(),
-        &build(&Spec::tcp(POD1, 40000, PEER, 443)),
-        Reason::RedirectOwner,
-        "egress redirect to owning VNIC",
-    ));
-
-    // Established SNAT: two mappings that translate into each other (POD0:1000 <->
-    // POD1:2000), so every repeat is an established translation with real rewrites.
-    let nat = &mut fx.datapath.maps.nat;
-    nat.insert(
-        key(NAT_DIR_EGRESS, POD0, 1000, REMOTE, 443),
-        entry(POD1, 2000),
-        0,
-    )
-    .unwrap();
-    nat.insert(
-        key(NAT_DIR_EGRESS, POD1, 2000, REMOTE, 443),
-        entry(POD0, 1000),
-        0,
-    )
-    .unwrap();
-    rows.push(measure(
-        &fx,
-        fx.datapath.egress(),
-        &build(&Spec::tcp(POD0, 1000, REMOTE, 443)),
-        Reason::SnatEstablished,
-        "established-flow SNAT",
-    ));
-
-    // Reverse translation: replies to MASQ:3000 and MASQ:4000 map onto each other.
-    let nat = &mut fx.datapath.maps.nat;
-    nat.insert(
-        key(NAT_DIR_INGRESS, REMOTE, 443, MASQ, 3000),
-        entry(MASQ, 4000),
-        0,
-    )
-    .unwrap();
-    nat.insert(
-        key(NAT_DIR_INGRESS, REMOTE, 443, MASQ, 4000),
-        entry(MASQ, 3000),
-        0,
-    )
-    .unwrap();
-    rows.push(measure(
-        &fx,
-        fx.datapath.ingress(),
-        &build(&Spec::tcp(REMOTE, 443, MASQ, 3000)),
-        Reason::ReverseNat,
-        "reverse translation",
-    ));
-    drop(fx);
-
-    // New-flow SNAT: the masquerade address is itself a pod address, so each translated
-    // packet is the next repeat's new flow. Its original port is always taken (by the
-    // previous repeat), so this is the slower "collision, pick another port" creation,
-    // with a small NAT table that LRU-evicts: a conservative figure.
-    let mut fx = Fixture::with_nat_capacity("bench-new", 1024, 65535, 4096);
-    let mut st = state(1024, 65535);
-    st.config.as_mut().unwrap().masq_ip = POD0.octets();
-    fx.datapath.maps.sync(&st).unwrap();
-    rows.push(measure(
-        &fx,
-        fx.datapath.egress(),
-        &build(&Spec::tcp(POD1, 40000, REMOTE, 443)),
-        Reason::SnatNew,
-        "new-flow SNAT (port collision, LRU full)",
-    ));
-    rows
+fn nat(machine: &Machine) -> Result<()> {
+    let scale = nat::run()?;
+    print!("{}", report::nat_table(&scale));
+    let path = write_json(
+        "nat",
+        &serde_json::json!({ "machine": machine, "nat": scale }),
+    )?;
+    println!("figures written to {}\n", path.display());
+    Ok(())
 }
 
-fn main() {
-    let what = std::env::args().nth(1).unwrap_or_else(|| "datapath".into());
-    if what != "datapath" {
-        eprintln!("unknown benchmark {what:?}; available: datapath");
-        std::process::exit(2);
-    }
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (what, rest) = args
+        .split_first()
+        .map_or(("datapath", &[][..]), |(w, r)| (w.as_str(), r));
     if !vcnpath_tests::privileged::have_root("vcnpath-bench") {
         std::process::exit(1);
     }
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    println!(
-        "datapath per-packet cost (BPF_PROG_TEST_RUN: {RUNS} runs of {REPEAT} repeats per path, \
-         kernel-timed mean of each run; the median run and the fastest are shown)"
-    );
-    println!(
-        "machine: {cpu}, {} CPUs, kernel {}",
-        std::thread::available_parallelism().map_or(0, usize::from),
-        kernel.trim()
-    );
-    println!(
-        "{:<42} {:>10} {:>8} {:>24}",
-        "path", "ns/packet", "fastest", "repeats on that path"
-    );
-    for row in datapath() {
-        println!(
-            "{:<42} {:>10.1} {:>8.1} {:>17.1}% {}",
-            row.name,
-            row.ns,
-            row.min_ns,
-            row.share * 100.0,
-            row.reason.name()
-        );
+    let machine = Machine::detect();
+    println!("{}\n", report::machine_line(&machine));
+    match what {
+        "datapath" => datapath(&machine),
+        "compare" => compare(&machine, &compare_options(rest)?),
+        "nat" => nat(&machine),
+        "all" => {
+            datapath(&machine)?;
+            nat(&machine)?;
+            compare(&machine, &compare_options(rest)?)
+        }
+        _ => bail!("unknown benchmark {what:?}; {USAGE}"),
     }
 }
