@@ -15,11 +15,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
 use vcnpath_common::{
     CONFIG_F_ENABLED, Config, DEFAULT_PIN_DIR, ENDPOINT_KIND_POD, ENDPOINT_KIND_PRIMARY, Endpoint,
-    VNIC_F_ROUTER_MAC, Vnic,
 };
 
 use crate::{
-    datapath::{self, Datapath, DatapathState, LoadOptions, NatTimeouts},
+    daemon::config::{FileError, read_toml},
+    datapath::{self, Datapath, DatapathState, LoadOptions, NatTimeouts, vnic_entry},
     host,
 };
 
@@ -87,16 +87,8 @@ const fn default_gc_interval() -> u64 {
 /// A configuration that cannot be used, and why.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path} is not valid: {source}")]
-    Parse {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("masquerade_interface {0:?} is not one of the [[vnic]] interfaces")]
     MasqueradeInterface(String),
     #[error("nat_port_min ({min}) must be between 1 and nat_port_max ({max})")]
@@ -125,14 +117,7 @@ pub enum ConfigError {
 impl StaticConfig {
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source: Box::new(source),
-        })?;
+        let config: Self = read_toml(path)?;
         config.validate()?;
         Ok(config)
     }
@@ -197,21 +182,14 @@ impl StaticConfig {
             let router_mac = parse_mac(vnic)?;
             state.vnics.insert(
                 ifindex,
-                Vnic {
+                vnic_entry(
                     ifindex,
-                    primary_ip: vnic.primary_ip.octets(),
-                    subnet_ip: vnic.subnet.network().octets(),
-                    router_ip: vnic.router_ip.octets(),
                     mac,
-                    router_mac: router_mac.unwrap_or_default(),
-                    subnet_prefix_len: vnic.subnet.prefix_len(),
-                    flags: if router_mac.is_some() {
-                        VNIC_F_ROUTER_MAC
-                    } else {
-                        0
-                    },
-                    pad: [0; 2],
-                },
+                    vnic.primary_ip,
+                    vnic.subnet,
+                    vnic.router_ip,
+                    router_mac,
+                ),
             );
             let endpoint = |kind| Endpoint {
                 ifindex,
@@ -347,7 +325,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<StaticConfig, ConfigError> {
-        let config: StaticConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let config: StaticConfig = toml::from_str(text).map_err(|source| FileError::Parse {
             path: "t".into(),
             source: Box::new(source),
         })?;

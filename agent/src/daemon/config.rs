@@ -138,9 +138,9 @@ impl Default for NodeSection {
     }
 }
 
-/// A configuration file that cannot be used.
+/// A TOML file that cannot be read or parsed.
 #[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
+pub enum FileError {
     #[error("cannot read {path}: {source}")]
     Read {
         path: PathBuf,
@@ -151,6 +151,25 @@ pub enum ConfigError {
         path: PathBuf,
         source: Box<toml::de::Error>,
     },
+}
+
+/// Reads and parses a TOML configuration file.
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T, FileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| FileError::Parse {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })
+}
+
+/// A configuration file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    File(#[from] FileError),
     #[error("{field}: {reason}")]
     Invalid { field: &'static str, reason: String },
 }
@@ -160,16 +179,7 @@ impl AgentConfig {
     pub fn load(path: Option<&std::path::Path>) -> Result<Self, ConfigError> {
         let config: Self = match path {
             None => Self::default(),
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse {
-                    path: path.to_owned(),
-                    source: Box::new(source),
-                })?
-            }
+            Some(path) => read_toml(path)?,
         };
         config.validate()?;
         Ok(config)

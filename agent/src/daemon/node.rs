@@ -16,11 +16,10 @@ use tokio::sync::Mutex;
 use tracing::{Instrument as _, info, info_span, warn};
 use vcnpath_common::{
     CONFIG_F_ENABLED, Config, ENDPOINT_KIND_POD, ENDPOINT_KIND_PRIMARY, Endpoint,
-    VNIC_F_ROUTER_MAC, Vnic,
 };
 
 use crate::{
-    datapath::{DatapathError, DatapathState, SyncReport, task::DatapathHandle},
+    datapath::{DatapathError, DatapathState, SyncReport, task::DatapathHandle, vnic_entry},
     host::{
         netlink::{Link, Netlink, parse_mac},
         sysctl,
@@ -122,21 +121,14 @@ impl Node {
             by_interface.insert(vnic.link.name.clone(), ifindex);
             state.vnics.insert(
                 ifindex,
-                Vnic {
+                vnic_entry(
                     ifindex,
-                    primary_ip: vnic.primary_ip.octets(),
-                    subnet_ip: vnic.subnet.network().octets(),
-                    router_ip: vnic.router_ip.octets(),
-                    mac: vnic.link.mac,
-                    router_mac: vnic.router_mac.unwrap_or_default(),
-                    subnet_prefix_len: vnic.subnet.prefix_len(),
-                    flags: if vnic.router_mac.is_some() {
-                        VNIC_F_ROUTER_MAC
-                    } else {
-                        0
-                    },
-                    pad: [0; 2],
-                },
+                    vnic.link.mac,
+                    vnic.primary_ip,
+                    vnic.subnet,
+                    vnic.router_ip,
+                    vnic.router_mac,
+                ),
             );
             state.endpoints.insert(
                 vnic.primary_ip,

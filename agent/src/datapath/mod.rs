@@ -16,4 +16,4 @@ pub use error::DatapathError;
 pub use gc::{GcReport, NatTimeouts};
 pub use loader::{Datapath, LoadOptions, detach_interface, remove_pins};
 pub use maps::DatapathMaps;
-pub use state::{DatapathState, SyncReport};
+pub use state::{DatapathState, SyncReport, vnic_entry};

@@ -15,7 +15,7 @@ use ipnet::Ipv4Net;
 use vcnpath_common::{
     CidrValue, Config, Endpoint, EndpointKey, MAP_CONFIG, MAP_ENDPOINTS, MAP_NAT,
     MAP_NONMASQ_CIDRS, MAP_VCN_CIDRS, MAP_VNICS, NAT_DIR_EGRESS, NAT_F_INBOUND, NatEntry, NatKey,
-    Vnic,
+    VNIC_F_ROUTER_MAC, Vnic,
 };
 
 use super::{DatapathError, DatapathMaps, gc::reply_key};
@@ -33,6 +33,33 @@ pub struct DatapathState {
     pub nonmasq_cidrs: BTreeSet<Ipv4Net>,
     /// Masquerade settings; `None` leaves the datapath disabled (everything passes).
     pub config: Option<Config>,
+}
+
+/// The `vnics` map entry of an interface: its addresses and its subnet's next hop (the
+/// router's MAC when resolved lets redirects skip the neighbour table).
+pub fn vnic_entry(
+    ifindex: u32,
+    mac: [u8; 6],
+    primary_ip: Ipv4Addr,
+    subnet: Ipv4Net,
+    router_ip: Ipv4Addr,
+    router_mac: Option<[u8; 6]>,
+) -> Vnic {
+    Vnic {
+        ifindex,
+        primary_ip: primary_ip.octets(),
+        subnet_ip: subnet.network().octets(),
+        router_ip: router_ip.octets(),
+        mac,
+        router_mac: router_mac.unwrap_or_default(),
+        subnet_prefix_len: subnet.prefix_len(),
+        flags: if router_mac.is_some() {
+            VNIC_F_ROUTER_MAC
+        } else {
+            0
+        },
+        pad: [0; 2],
+    }
 }
 
 /// What one sync changed.
