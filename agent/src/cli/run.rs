@@ -19,6 +19,7 @@ use crate::{
     api,
     daemon::{
         AgentConfig, AuthMode, Node, NodeSettings,
+        config::select_subnets,
         http::{self, Introspection},
     },
     datapath::{self, Datapath, LoadOptions},
@@ -141,7 +142,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     enable_forwarding();
 
     // IPAM: restore the checkpoint, reconcile with OCI, start growing the pool.
-    let ipam = start_ipam(&config, &instance, &primary_subnet_id, client.clone()).await?;
+    let ipam = start_ipam(
+        &config,
+        &instance,
+        &primary_subnet_id,
+        &vcn_id,
+        client.clone(),
+    )
+    .await?;
 
     let primary_subnet: Ipv4Net = primary
         .subnet_cidr_block
@@ -190,10 +198,36 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         ready: false.into(),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (api_server, http_server) = serve(&config, &node, &introspection, &stop_rx).await?;
+    info!(socket = %config.node.socket.display(), listen = %config.node.listen, "serving");
+
+    supervise(&config, &node, &datapath, &introspection, &client, &vcn_id).await?;
+    info!("stopping; the datapath stays attached and pinned, allocations stay checkpointed");
+    let _ = stop_tx.send(true);
+    let _ = api_server.await;
+    let _ = http_server.await;
+    drop(node);
+    drop(introspection);
+    drop(datapath);
+    let _ = datapath_task.await;
+    Ok(())
+}
+
+/// Serves the CNI plugin's API (and `/v1/status`) on the socket and introspection over
+/// HTTP, until `stop` turns true.
+async fn serve(
+    config: &AgentConfig,
+    node: &Arc<Node>,
+    introspection: &Arc<Introspection>,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(
+    tokio::task::JoinHandle<Result<(), api::ServeError>>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+)> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-
+    let stop_rx = stop;
     let listener = api::bind(&config.node.socket)?;
     let api_router = api::router(node.clone()).merge(http::status_router(introspection.clone()));
     let api_server = tokio::spawn(api::serve(listener, api_router, stopped(stop_rx.clone())));
@@ -210,18 +244,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             .with_graceful_shutdown(stopped(stop_rx.clone()))
             .into_future(),
     );
-    info!(socket = %config.node.socket.display(), listen = %config.node.listen, "serving");
-
-    supervise(&config, &node, &datapath, &introspection, &client, &vcn_id).await?;
-    info!("stopping; the datapath stays attached and pinned, allocations stay checkpointed");
-    let _ = stop_tx.send(true);
-    let _ = api_server.await;
-    let _ = http_server.await;
-    drop(node);
-    drop(introspection);
-    drop(datapath);
-    let _ = datapath_task.await;
-    Ok(())
+    Ok((api_server, http_server))
 }
 
 /// The agent's periodic work, until SIGTERM or SIGINT: VNIC interfaces and datapath sync,
@@ -277,14 +300,22 @@ async fn start_ipam(
     config: &AgentConfig,
     instance: &crate::oci::imds::Instance,
     primary_subnet_id: &str,
+    vcn_id: &str,
     client: Arc<CoreClient>,
 ) -> anyhow::Result<Arc<Ipam>> {
+    let vcn_subnets = if config.ipam.subnets.is_empty() && config.ipam.subnet_tag.is_some() {
+        client
+            .list_subnets(&instance.compartment_id, Some(vcn_id))
+            .await
+            .context("ListSubnets for ipam.subnet_tag")?
+    } else {
+        Vec::new()
+    };
+    let subnets = select_subnets(&config.ipam, &vcn_subnets, primary_subnet_id)?;
+    info!(?subnets, "subnets for new VNICs");
     let mut ipam_config = IpamConfig::new(
         instance.id.clone(),
-        config.pool(
-            instance.shape_config.max_vnic_attachments as usize,
-            primary_subnet_id,
-        ),
+        config.pool(instance.shape_config.max_vnic_attachments as usize, subnets),
     );
     std::fs::create_dir_all(&config.node.state_dir).with_context(|| {
         format!(

@@ -47,8 +47,12 @@ pub struct OciSection {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IpamSection {
-    /// Subnet OCIDs for new VNICs, in order; empty means the primary VNIC's subnet.
+    /// Subnet OCIDs for new VNICs, in order; empty means `subnet_tag`, else the primary
+    /// VNIC's subnet.
     pub subnets: Vec<String>,
+    /// Select the subnets for new VNICs by freeform tag, `key` or `key=value` (used when
+    /// `subnets` is empty): every matching subnet of the VCN, in display-name order.
+    pub subnet_tag: Option<String>,
     pub ips_per_vnic: usize,
     pub warm_ips: usize,
     pub min_ips: usize,
@@ -102,6 +106,7 @@ impl Default for IpamSection {
         let pool = PoolConfig::default();
         Self {
             subnets: Vec::new(),
+            subnet_tag: None,
             ips_per_vnic: pool.ips_per_vnic,
             warm_ips: pool.warm_ips,
             min_ips: pool.min_ips,
@@ -218,13 +223,9 @@ impl AgentConfig {
         Ok(())
     }
 
-    /// The pool settings, given the shape's VNIC limit and the default subnet.
-    pub fn pool(&self, max_vnics: usize, primary_subnet: &str) -> PoolConfig {
-        let subnets = if self.ipam.subnets.is_empty() {
-            vec![primary_subnet.to_owned()]
-        } else {
-            self.ipam.subnets.clone()
-        };
+    /// The pool settings, given the shape's VNIC limit and the subnets for new VNICs
+    /// (see [`select_subnets`]).
+    pub fn pool(&self, max_vnics: usize, subnets: Vec<String>) -> PoolConfig {
         PoolConfig {
             warm_ips: self.ipam.warm_ips,
             min_ips: self.ipam.min_ips,
@@ -240,9 +241,100 @@ impl AgentConfig {
     }
 }
 
+/// The subnets for new VNICs: the configured list; else the VCN's subnets carrying the
+/// freeform tag (`key` or `key=value`), in display-name order; else the primary's subnet.
+pub fn select_subnets(
+    ipam: &IpamSection,
+    vcn_subnets: &[crate::oci::models::Subnet],
+    primary_subnet: &str,
+) -> Result<Vec<String>, ConfigError> {
+    if !ipam.subnets.is_empty() {
+        return Ok(ipam.subnets.clone());
+    }
+    let Some(tag) = &ipam.subnet_tag else {
+        return Ok(vec![primary_subnet.to_owned()]);
+    };
+    let (key, value) = tag
+        .split_once('=')
+        .map_or((tag.as_str(), None), |(k, v)| (k, Some(v)));
+    let mut matching: Vec<&crate::oci::models::Subnet> = vcn_subnets
+        .iter()
+        .filter(|s| {
+            s.freeform_tags
+                .get(key)
+                .is_some_and(|v| value.is_none_or(|want| v == want))
+        })
+        .collect();
+    matching.sort_by(|a, b| (&a.display_name, &a.id).cmp(&(&b.display_name, &b.id)));
+    if matching.is_empty() {
+        return Err(ConfigError::Invalid {
+            field: "ipam.subnet_tag",
+            reason: format!(
+                "no subnet of the VCN carries the freeform tag {tag:?}; tag one or list `subnets`"
+            ),
+        });
+    }
+    Ok(matching.into_iter().map(|s| s.id.clone()).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn subnet(id: &str, name: &str, tags: &[(&str, &str)]) -> crate::oci::models::Subnet {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "cidrBlock": "10.0.1.0/24", "compartmentId": "c", "displayName": name, "vcnId": "v",
+            "virtualRouterIp": "10.0.1.1", "virtualRouterMac": "00:00:17:00:00:01", "lifecycleState": "AVAILABLE",
+            "freeformTags": tags.iter().map(|(k, v)| ((*k).to_owned(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+        }))
+        .expect("subnet JSON")
+    }
+
+    #[test]
+    fn subnets_are_chosen_by_list_then_tag_then_primary() {
+        let vcn = [
+            subnet("s-c", "pods-c", &[("vcnpath", "pods")]),
+            subnet("s-a", "pods-a", &[("vcnpath", "pods")]),
+            subnet("s-x", "other", &[("vcnpath", "lb")]),
+            subnet("s-n", "nodes", &[]),
+        ];
+        let mut ipam = IpamSection {
+            subnet_tag: Some("vcnpath=pods".into()),
+            ..IpamSection::default()
+        };
+        assert_eq!(
+            select_subnets(&ipam, &vcn, "s-n").unwrap(),
+            ["s-a", "s-c"],
+            "tagged, in name order"
+        );
+        ipam.subnet_tag = Some("vcnpath".into());
+        assert_eq!(
+            select_subnets(&ipam, &vcn, "s-n").unwrap(),
+            ["s-x", "s-a", "s-c"],
+            "any value of the key, in name order"
+        );
+        ipam.subnets = vec!["s-x".into()];
+        assert_eq!(
+            select_subnets(&ipam, &vcn, "s-n").unwrap(),
+            ["s-x"],
+            "an explicit list wins"
+        );
+        let none = IpamSection {
+            subnet_tag: Some("missing".into()),
+            ..IpamSection::default()
+        };
+        assert!(
+            select_subnets(&none, &vcn, "s-n")
+                .unwrap_err()
+                .to_string()
+                .contains("missing")
+        );
+        assert_eq!(
+            select_subnets(&IpamSection::default(), &vcn, "s-n").unwrap(),
+            ["s-n"],
+            "default: the primary's subnet"
+        );
+    }
 
     #[test]
     fn the_shipped_configmap_parses() {
