@@ -141,15 +141,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let (datapath, datapath_task) = datapath::task::spawn(datapath, config.datapath.nat_timeouts);
     enable_forwarding();
 
-    // IPAM: restore the checkpoint, reconcile with OCI, start growing the pool.
-    let ipam = start_ipam(
-        &config,
-        &instance,
-        &primary_subnet_id,
-        &vcn_id,
-        client.clone(),
-    )
-    .await?;
+    // IPAM: restore the checkpoint, reconcile with OCI, start growing the pool. The
+    // datapath already carries the existing pods' traffic, so an unreachable OCI is waited
+    // out rather than fatal.
+    let ipam =
+        start_ipam_patiently(&config, &instance, &primary_subnet_id, &vcn_id, &client).await?;
 
     let primary_subnet: Ipv4Net = primary
         .subnet_cidr_block
@@ -293,6 +289,39 @@ async fn supervise(
         }
     }
     Ok(())
+}
+
+/// [`start_ipam`], retried with capped backoff while OCI fails; configuration and
+/// checkpoint errors end the agent at once (retrying cannot fix them).
+async fn start_ipam_patiently(
+    config: &AgentConfig,
+    instance: &crate::oci::imds::Instance,
+    primary_subnet_id: &str,
+    vcn_id: &str,
+    client: &Arc<CoreClient>,
+) -> anyhow::Result<Arc<Ipam>> {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match start_ipam(config, instance, primary_subnet_id, vcn_id, client.clone()).await {
+            Ok(ipam) => return Ok(ipam),
+            Err(error) if is_cloud_error(&error) => {
+                warn!(error = format!("{error:#}"), retry_in = ?delay, "starting IPAM failed because OCI did not answer; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+fn is_cloud_error(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.downcast_ref::<crate::oci::OciError>().is_some()
+            || matches!(
+                cause.downcast_ref::<crate::ipam::IpamError>(),
+                Some(crate::ipam::IpamError::Cloud { .. })
+            )
+    })
 }
 
 /// Restores IPAM from its checkpoint, reconciles it with OCI and starts the pool.
