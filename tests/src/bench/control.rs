@@ -87,6 +87,8 @@ pub struct Control {
     pub create_ip_ms: u64,
     pub attach_ms: u64,
     pub add_warm: Latency,
+    /// `nsenter --net=<node> -- true`: the process-spawn floor inside every ADD above.
+    pub spawn_floor: Latency,
     /// The very first ADD, on an agent whose pool is empty (no secondary VNIC yet).
     pub first_add_ms: f64,
     /// Every ADD of the 0 → 110 ramp, retries included.
@@ -237,6 +239,10 @@ pub fn run(churn_pods: usize) -> Result<Control> {
     agent.kill9()?;
     agent.restart(&lab)?;
     let startup = agent.started_in();
+    // Its log's timestamps say where the start-up time goes.
+    let log = super::output_dir().join("control-startup.log");
+    std::fs::create_dir_all(super::output_dir())?;
+    std::fs::write(&log, agent.latest_log())?;
     std::thread::sleep(Duration::from_secs(1));
     let rss_after_restart_kib = rss_kib(agent.pid())?;
     lab.sim().set_faults(realistic());
@@ -262,6 +268,13 @@ pub fn run(churn_pods: usize) -> Result<Control> {
             bail!("warm ADD {id} failed (pool not warm?): {}", out.json);
         }
     }
+    let spawn_floor = (0..WARM_ADDS)
+        .map(|_| {
+            let started = Instant::now();
+            process::run(&mut cmd_in(lab.lab().node(), "true"))?;
+            Ok(started.elapsed())
+        })
+        .collect::<Result<Vec<_>>>()?;
     parallel(WARM_ADDS, RAMP_PARALLEL, |i| {
         del(&lab, &agent, &format!("warm{i:03}"), &pods[i].ns)
     })?;
@@ -275,6 +288,7 @@ pub fn run(churn_pods: usize) -> Result<Control> {
         create_ip_ms: API_MS + CREATE_IP_MS,
         attach_ms: ATTACH_MS,
         add_warm: Latency::of(&warm),
+        spawn_floor: Latency::of(&spawn_floor),
         first_add_ms: first.as_secs_f64() * 1e3,
         add_ramp: Latency::of(&ramp),
         ramp_secs,

@@ -23,6 +23,13 @@ pub fn table(c: &Control) -> String {
         ),
     );
     row(
+        "  of which spawning a process in the node (nsenter true)",
+        format!(
+            "p50 {:.1} ms, p99 {:.1} ms",
+            c.spawn_floor.p50_ms, c.spawn_floor.p99_ms
+        ),
+    );
+    row(
         "CNI ADD, empty pool: the first pod (retries included)",
         format!("{:.0} ms", c.first_add_ms),
     );
@@ -49,7 +56,7 @@ pub fn table(c: &Control) -> String {
             c.churn.pods, c.churn.parallel
         ),
         format!(
-            "{:.1} addresses/s ({:.1} s; {} ADDs waited for the pool)",
+            "{:.1} addresses/s ({:.1} s; {} ADDs over 200 ms: waited for the pool)",
             c.churn.addresses_per_sec, c.churn.secs, c.churn.try_again
         ),
     );
