@@ -8,7 +8,6 @@
 //! simulator's latency off (start-up restoring 110 pods), delete them, ADDs one at a time
 //! from the warm pool, churn, memory after churn. Map sync is timed apart in [`map_sync`].
 
-use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -17,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::lab::{LabOptions, Netns, SimLab, cmd_in, lab_sim_config, process};
-use crate::node_agent::{AgentOptions, NodeAgent, cni, cni_add};
+use crate::node_agent::{AgentOptions, NodeAgent, cni};
 use crate::ocisim::{Faults, SimConfig};
 
 pub mod map_sync;
@@ -78,6 +77,7 @@ pub struct Churn {
     pub addresses_per_sec: f64,
     /// OCI calls during the churn, by operation (from the agent's `/metrics`).
     pub oci_calls: Vec<(String, u64)>,
+    /// ADDs told to try again later at least once (the pool was empty).
     pub try_again: usize,
 }
 
@@ -162,17 +162,29 @@ fn parallel<T: Send>(
         .collect())
 }
 
-/// One ADD as the kubelet does it (retrying "try again later"); its time to success.
-fn add(lab: &SimLab, agent: &NodeAgent, id: &str, ns: &Netns) -> Result<(Duration, Ipv4Addr)> {
+/// One ADD as the kubelet does it: "try again later" (CNI code 11, the pool is growing)
+/// retried every 250 ms like [`crate::node_agent::cni_add`]. Its time to success and how
+/// many times it was told to try again.
+fn add(lab: &SimLab, agent: &NodeAgent, id: &str, ns: &Netns) -> Result<(Duration, usize)> {
     let started = Instant::now();
-    let out = cni_add(lab.lab().node(), &agent.socket(), id, ns.path(), T)?;
-    if !out.ok {
-        bail!("ADD {id} failed: {}", out.json);
+    let mut retries = 0;
+    loop {
+        let out = cni(
+            lab.lab().node(),
+            &agent.socket(),
+            "ADD",
+            id,
+            Some(ns.path()),
+        )?;
+        if out.ok {
+            return Ok((started.elapsed(), retries));
+        }
+        if out.code() != Some(11) || started.elapsed() > T {
+            bail!("ADD {id} failed: {}", out.json);
+        }
+        retries += 1;
+        std::thread::sleep(Duration::from_millis(250));
     }
-    Ok((
-        started.elapsed(),
-        out.ip().context("ADD result without address")?,
-    ))
 }
 
 fn del(lab: &SimLab, agent: &NodeAgent, id: &str, ns: &Netns) -> Result<()> {
@@ -314,10 +326,8 @@ fn churn(lab: &SimLab, agent: &NodeAgent, pods: &[Pod], n: usize) -> Result<Chur
         let ns = &pods[w].ns;
         for k in 0..per_worker {
             let id = format!("churn{w:02}-{k:03}");
-            let (took, _) = add(lab, agent, &id, ns)?;
-            // An ADD from a warm pool takes milliseconds; a longer one was told to try
-            // again later at least once.
-            if took > Duration::from_millis(200) {
+            let (_, retries) = add(lab, agent, &id, ns)?;
+            if retries > 0 {
                 try_again.fetch_add(1, Ordering::Relaxed);
             }
             del(lab, agent, &id, ns)?;

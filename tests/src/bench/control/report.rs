@@ -56,7 +56,7 @@ pub fn table(c: &Control) -> String {
             c.churn.pods, c.churn.parallel
         ),
         format!(
-            "{:.1} addresses/s ({:.1} s; {} ADDs over 200 ms: waited for the pool)",
+            "{:.1} addresses/s ({:.1} s; {} ADDs told to try again later)",
             c.churn.addresses_per_sec, c.churn.secs, c.churn.try_again
         ),
     );
