@@ -21,19 +21,46 @@ use crate::{
 /// Addresses per VNIC in the end-to-end lab: small enough that 40 pods need two VNICs.
 pub const IPS_PER_VNIC: u32 = 24;
 
+/// The agent's pool settings; the default is the end-to-end tests' fast pool growth and
+/// short cooldown, the control-plane benchmark sizes the pool for 110 pods.
+#[derive(Clone, Copy, Debug)]
+pub struct AgentOptions {
+    pub ips_per_vnic: u32,
+    pub warm_ips: u32,
+    pub cooldown_secs: u64,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        Self {
+            ips_per_vnic: IPS_PER_VNIC,
+            warm_ips: 6,
+            cooldown_secs: 3,
+        }
+    }
+}
+
 /// A running `vcnpath run` in the lab's node namespace, killed on drop.
 pub struct NodeAgent {
     child: Option<ChildGuard>,
     pub dir: tempfile::TempDir,
     pub pins: PinDir,
     starts: u32,
+    options: AgentOptions,
+    /// From spawning the latest process to its "serving" log line.
+    started_in: Duration,
 }
 
 impl NodeAgent {
-    /// The agent's configuration: fast pool growth and a short cooldown for tests.
+    /// The agent's configuration file.
     fn config(&self) -> String {
+        let AgentOptions {
+            ips_per_vnic,
+            warm_ips,
+            cooldown_secs,
+        } = self.options;
         format!(
-            "[ipam]\nips_per_vnic = {IPS_PER_VNIC}\nwarm_ips = 6\ncooldown_secs = 3\nrelease_delay_secs = 600\n\
+            "[ipam]\nips_per_vnic = {ips_per_vnic}\nwarm_ips = {warm_ips}\ncooldown_secs = {cooldown_secs}\nrelease_delay_secs = 600\n\
              [datapath]\npin_dir = {:?}\ngc_interval_secs = 2\n\
              [node]\nstate_dir = {:?}\nsocket = {:?}\nlisten = \"127.0.0.1:19965\"\n",
             self.pins.path.display().to_string(),
@@ -44,14 +71,32 @@ impl NodeAgent {
 
     /// Starts the agent and waits until it serves the CNI socket.
     pub fn start(lab: &SimLab, tag: &str) -> Result<Self> {
+        Self::start_with(lab, tag, AgentOptions::default())
+    }
+
+    /// [`Self::start`] with other pool settings.
+    pub fn start_with(lab: &SimLab, tag: &str, options: AgentOptions) -> Result<Self> {
         let mut agent = Self {
             child: None,
             dir: tempfile::tempdir()?,
             pins: PinDir::new(tag),
             starts: 0,
+            options,
+            started_in: Duration::ZERO,
         };
         agent.spawn(lab)?;
         Ok(agent)
+    }
+
+    /// The latest agent process's pid (for its /proc figures).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// How long the latest process took from spawn to serving the CNI socket (to the
+    /// 10 ms the log is polled at).
+    pub fn started_in(&self) -> Duration {
+        self.started_in
     }
 
     /// The CNI socket.
@@ -90,8 +135,11 @@ impl NodeAgent {
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.log(self.starts))?);
+        let spawned = Instant::now();
         self.child = Some(spawn_in(lab.lab().node(), cmd)?);
-        self.wait_ready(Duration::from_mins(1))
+        self.wait_ready(Duration::from_mins(1))?;
+        self.started_in = spawned.elapsed();
+        Ok(())
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
@@ -112,7 +160,8 @@ impl NodeAgent {
                     self.latest_log()
                 );
             }
-            std::thread::sleep(Duration::from_millis(100));
+            // Short enough for the start-up benchmark's resolution.
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 

@@ -352,6 +352,7 @@ async fn fault_storm_during_scale_up_leaks_and_duplicates_nothing() {
         rate_429: 0.2,
         rate_5xx: 0.2,
         rate_hang: 0.0,
+        ..Faults::default()
     });
     let mut tasks = Vec::new();
     for n in 0..20 {

@@ -255,6 +255,7 @@ fn lab_kill_9_during_a_burst_and_a_fault_storm_loses_nothing() {
         rate_429: 0.2,
         rate_5xx: 0.2,
         rate_hang: 0.0,
+        ..Faults::default()
     });
     let burst: Vec<(String, Netns)> = (0..12)
         .map(|i| {

@@ -29,7 +29,8 @@ enum Task {
     /// The main job: vcnpath in the namespace lab with pods on two VNICs, and a report.
     Demo,
     /// Print benchmark figures and write them to target/bench/*.json:
-    /// `datapath` (per packet), `compare` (vcnpath vs iptables + ip rules), `nat`, `all`.
+    /// `datapath` (per packet), `compare` (vcnpath vs iptables + ip rules), `nat`,
+    /// `control` (agent and CNI plugin against the simulator), `all`.
     Bench {
         /// What to measure.
         #[arg(default_value = "datapath")]

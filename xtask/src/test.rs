@@ -92,7 +92,8 @@ pub fn bench(what: &str, args: &[String]) -> anyhow::Result<()> {
     if cmd::is_root() {
         setup::run()?;
     }
-    // `compare` runs the real agent, found next to the bench binary (target/release).
+    // `compare` and `control` run the real agent and CNI plugin, found next to the bench
+    // binary (target/release).
     cmd::run(Command::new("cargo").args(["build", "--release", "-p", "vcnpath-agent", "--bins"]))?;
     cmd::run(
         Command::new("cargo")

@@ -9,6 +9,7 @@
 
 pub mod baseline;
 pub mod compare;
+pub mod control;
 pub mod load;
 pub mod nat;
 pub mod node;

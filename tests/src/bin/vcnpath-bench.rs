@@ -2,23 +2,58 @@
 //! - `datapath`: kernel-timed cost per packet of each datapath path (`BPF_PROG_TEST_RUN`);
 //! - `compare`: vcnpath against the iptables + `ip rule` baseline in the namespace lab;
 //! - `nat`: established-flow cost, memory and garbage collection with a full NAT table;
-//! - `all`: the three.
+//! - `control`: the agent and CNI plugin against the OCI simulator with OCI's latencies;
+//! - `all`: the four.
 //!
 //! Each prints a table and writes the same figures to `target/bench/<what>.json`.
-//! `compare` takes `--rounds R`, `--secs S` and `--pods 1,64,…` for quicker runs.
+//! `compare` takes `--rounds R`, `--secs S` and `--pods 1,64,…` for quicker runs;
+//! `control` takes `--churn N` (pods created and deleted, 1000 by default).
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use vcnpath_tests::bench::{
-    Machine, compare,
+    Machine, compare, control,
     load::Timing,
     nat, per_packet,
     report::{self, write_json},
 };
 
-const USAGE: &str =
-    "usage: vcnpath-bench datapath|compare|nat|all [--rounds R] [--secs S] [--pods N,N,…]";
+const USAGE: &str = "usage: vcnpath-bench datapath|compare|nat|control|all [--rounds R] [--secs S] [--pods N,N,…] [--churn N]";
+
+/// `--churn N` out of `args`, the rest for [`compare_options`].
+fn churn_option(args: &[String]) -> Result<(usize, Vec<String>)> {
+    let mut churn = 1000;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        if arg == "--churn" {
+            churn = it
+                .next()
+                .context("--churn needs a value")?
+                .parse()
+                .context("--churn")?;
+        } else {
+            rest.push(arg.clone());
+        }
+    }
+    Ok((churn, rest))
+}
+
+fn control(machine: &Machine, churn: usize) -> Result<()> {
+    let figures = control::run(churn)?;
+    print!("{}", control::report::table(&figures));
+    let path = write_json(
+        "control",
+        &serde_json::json!({
+            "machine": machine,
+            "control": figures,
+            "targets": control::report::targets(&figures),
+        }),
+    )?;
+    println!("figures written to {}\n", path.display());
+    Ok(())
+}
 
 fn compare_options(args: &[String]) -> Result<compare::Options> {
     let mut options = compare::Options {
@@ -97,15 +132,19 @@ fn main() -> Result<()> {
     if !vcnpath_tests::privileged::have_root("vcnpath-bench") {
         std::process::exit(1);
     }
+    let (churn, rest) = churn_option(rest)?;
+    let rest = rest.as_slice();
     let machine = Machine::detect();
     println!("{}\n", report::machine_line(&machine));
     match what {
         "datapath" => datapath(&machine),
         "compare" => compare(&machine, &compare_options(rest)?),
         "nat" => nat(&machine),
+        "control" => control(&machine, churn),
         "all" => {
             datapath(&machine)?;
             nat(&machine)?;
+            control(&machine, churn)?;
             compare(&machine, &compare_options(rest)?)
         }
         _ => bail!("unknown benchmark {what:?}; {USAGE}"),

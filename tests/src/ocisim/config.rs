@@ -75,6 +75,8 @@ pub struct ApiKeyConfig {
 pub struct Faults {
     /// Added to every request before it is handled.
     pub latency_ms: u64,
+    /// Added to `CreatePrivateIp` on top of `latency_ms` (OCI takes ~500 ms to create one).
+    pub create_private_ip_ms: u64,
     /// Fraction (0–1) of requests answered 429 `TooManyRequests`.
     pub rate_429: f64,
     /// Fraction (0–1) of requests answered 500 `InternalServerError`.

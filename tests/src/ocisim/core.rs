@@ -27,7 +27,7 @@ pub(super) async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(response) = inject_faults(&s).await {
+    if let Some(response) = inject_faults(&s, &method, &uri).await {
         return response;
     }
     if let Err(reason) = authenticate(&s, &method, &uri, &headers, &body) {
@@ -123,10 +123,18 @@ fn no_content() -> (StatusCode, Value, Option<String>) {
     (StatusCode::NO_CONTENT, Value::Null, None)
 }
 
-async fn inject_faults(s: &Shared) -> Option<Response> {
+async fn inject_faults(s: &Shared, method: &Method, uri: &Uri) -> Option<Response> {
     let faults = lock(&s.faults).clone();
-    if faults.latency_ms > 0 {
-        tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
+    let creates_ip =
+        method == Method::POST && uri.path().trim_end_matches('/').ends_with("/privateIps");
+    let latency = faults.latency_ms
+        + if creates_ip {
+            faults.create_private_ip_ms
+        } else {
+            0
+        };
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
     }
     let roll = |rate: f64| rate > 0.0 && rand::thread_rng().r#gen::<f64>() < rate;
     if roll(faults.rate_hang) {

@@ -1,0 +1,119 @@
+//! The control-plane table and the issue's targets checked against it.
+
+use std::fmt::Write as _;
+
+use super::{Control, PODS};
+
+const MIB: f64 = 1024.0;
+
+pub fn table(c: &Control) -> String {
+    let mut out = format!(
+        "control plane: real vcnpath run + vcnpath-cni against the simulator (every Core API call \
+         {} ms, CreatePrivateIp {} ms, AttachVnic → ATTACHED {} ms)\n",
+        c.api_ms, c.create_ip_ms, c.attach_ms
+    );
+    let mut row = |what: &str, figure: String| {
+        let _ = writeln!(out, "{what:<58} {figure}");
+    };
+    row(
+        "CNI ADD, warm pool (one at a time, whole plugin run)",
+        format!(
+            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} ADDs)",
+            c.add_warm.p50_ms, c.add_warm.p99_ms, c.add_warm.max_ms, c.add_warm.count
+        ),
+    );
+    row(
+        "  of which spawning a process in the node (nsenter true)",
+        format!(
+            "p50 {:.1} ms, p99 {:.1} ms",
+            c.spawn_floor.p50_ms, c.spawn_floor.p99_ms
+        ),
+    );
+    row(
+        "CNI ADD, empty pool: the first pod (retries included)",
+        format!("{:.0} ms", c.first_add_ms),
+    );
+    row(
+        &format!(
+            "CNI ADD during 0 → {PODS} pods, {} at a time",
+            c.ramp_parallel
+        ),
+        format!(
+            "p50 {:.0} ms, p99 {:.0} ms (retries included)",
+            c.add_ramp.p50_ms, c.add_ramp.p99_ms
+        ),
+    );
+    row(&format!("0 → {PODS} pods"), format!("{:.1} s", c.ramp_secs));
+    let calls: Vec<String> = c
+        .churn
+        .oci_calls
+        .iter()
+        .map(|(op, n)| format!("{op} {n}"))
+        .collect();
+    row(
+        &format!(
+            "churn: {} pods created and deleted, {} at a time",
+            c.churn.pods, c.churn.parallel
+        ),
+        format!(
+            "{:.1} addresses/s ({:.1} s; {} ADDs told to try again later)",
+            c.churn.addresses_per_sec, c.churn.secs, c.churn.try_again
+        ),
+    );
+    row(
+        "churn: OCI calls",
+        if calls.is_empty() {
+            "none".to_owned()
+        } else {
+            calls.join(", ")
+        },
+    );
+    let s = &c.map_sync;
+    row(
+        &format!("map sync, {} endpoints", s.endpoints),
+        format!(
+            "from empty {:.1} ms, no-op {:.1} ms, one more {:.1} ms",
+            s.from_empty_ms, s.noop_ms, s.one_more_ms
+        ),
+    );
+    row(
+        &format!("agent start-up restoring {PODS} pods (simulator latency 0)"),
+        format!("{:.0} ms (spawn → serving)", c.startup_110_ms),
+    );
+    row(
+        "agent RSS: idle / 110 pods / restarted with 110 / after churn",
+        format!(
+            "{:.1} / {:.1} / {:.1} / {:.1} MiB",
+            f64::from(c.rss_idle_kib) / MIB,
+            f64::from(c.rss_110_kib) / MIB,
+            f64::from(c.rss_after_restart_kib) / MIB,
+            f64::from(c.rss_after_churn_kib) / MIB
+        ),
+    );
+    for line in targets(c) {
+        let _ = writeln!(out, "{line}");
+    }
+    out
+}
+
+/// The issue's control-plane targets, each with the figure and met or missed.
+pub fn targets(c: &Control) -> Vec<String> {
+    let verdict = |met: bool| if met { "met" } else { "MISSED" };
+    let rss = f64::from(c.rss_110_kib.max(c.rss_after_restart_kib)) / MIB;
+    vec![
+        format!(
+            "target: CNI ADD p99 ≤ 10 ms with a warm pool: {:.1} ms, {}",
+            c.add_warm.p99_ms,
+            verdict(c.add_warm.p99_ms <= 10.0)
+        ),
+        format!(
+            "target: agent RSS ≤ 40 MiB with {PODS} pods: {rss:.1} MiB, {}",
+            verdict(rss <= 40.0)
+        ),
+        format!(
+            "target: start-up with {PODS} pods ≤ 1 s: {:.0} ms, {}",
+            c.startup_110_ms,
+            verdict(c.startup_110_ms <= 1000.0)
+        ),
+    ]
+}
