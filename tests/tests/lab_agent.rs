@@ -287,9 +287,26 @@ fn lab_kill_9_during_a_burst_and_a_fault_storm_loses_nothing() {
         "the restarted agent adopts the pinned datapath:\n{}",
         agent.latest_log()
     );
+    let counters = || {
+        vcnpath::datapath::Counters::read(
+            &vcnpath::datapath::DatapathMaps::from_pins(&agent.pins.path).expect("pins"),
+        )
+        .expect("counters")
+    };
+    let before = counters();
     established
         .roundtrip(b"after", T)
         .expect("an established pod connection survives kill -9 and restart");
+    let delta = before.delta(&counters());
+    assert_eq!(
+        delta.get(vcnpath_common::Reason::SnatNew),
+        0,
+        "the restart must keep the flow's NAT mapping (no new translation):\n{delta}"
+    );
+    assert!(
+        delta.get(vcnpath_common::Reason::SnatEstablished) > 0,
+        "{delta}"
+    );
 
     // Finish the burst: every pod ends up with exactly one address.
     for (id, ns) in &burst {

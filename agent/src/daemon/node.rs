@@ -13,7 +13,7 @@ use std::{
 
 use ipnet::Ipv4Net;
 use tokio::sync::Mutex;
-use tracing::{Instrument as _, info, info_span, warn};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 use vcnpath_common::{
     CONFIG_F_ENABLED, Config, ENDPOINT_KIND_POD, ENDPOINT_KIND_PRIMARY, Endpoint,
 };
@@ -160,10 +160,24 @@ impl Node {
                         },
                     );
                 }
-                None => {
-                    warn!(pod = %pod.container_id, ip = %allocation.ip, interface = %allocation.interface,
-                    "the pod's VNIC interface is not set up yet; its traffic is not steered");
-                }
+                None => match crate::host::link::index(&allocation.interface) {
+                    // The VNIC is not managed yet (start-up): its interface still owns
+                    // the pod, so keep steering rather than drop the endpoint.
+                    Ok(ifindex) => {
+                        state.endpoints.insert(
+                            allocation.ip,
+                            Endpoint {
+                                ifindex,
+                                kind: ENDPOINT_KIND_POD,
+                                pad: [0; 3],
+                            },
+                        );
+                    }
+                    Err(_) => {
+                        debug!(pod = %pod.container_id, ip = %allocation.ip, interface = %allocation.interface,
+                        "the pod's VNIC interface does not exist yet");
+                    }
+                },
             }
         }
         state
@@ -199,6 +213,7 @@ impl Node {
     pub async fn setup_vnics(&self) {
         let status = self.ipam.status().await;
         let known: BTreeSet<String> = self.vnics.lock().await.keys().cloned().collect();
+        let mut managed_any = false;
         for vnic in status.vnics {
             if known.contains(&vnic.vnic_id) {
                 continue;
@@ -224,7 +239,12 @@ impl Node {
                 .await
             {
                 warn!(vnic = %vnic.vnic_id, %error, "setting up the VNIC's interface failed; retrying");
+            } else {
+                managed_any = true;
             }
+        }
+        if managed_any && let Err(error) = self.sync().await {
+            warn!(%error, "datapath sync after VNIC setup failed; the periodic sync retries");
         }
         self.refresh_router_macs().await;
     }
@@ -267,7 +287,9 @@ impl Node {
                     router_mac: None,
                 },
             );
-            self.sync().await.map(|_| ()).map_err(|e| e.to_string())
+            // No sync here: the caller syncs once every visible VNIC is managed, so a
+            // restart never publishes a state missing the VNICs not yet re-managed.
+            Ok(())
         }
         .instrument(span)
         .await
