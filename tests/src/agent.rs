@@ -62,23 +62,30 @@ pub struct Agent {
     child: ChildGuard,
     log: PathBuf,
     pub config: PathBuf,
+    /// Holds the configuration and logs; removed on drop.
+    dir: std::sync::Arc<tempfile::TempDir>,
 }
 
 impl Agent {
     /// Writes `config` next to the log and starts the agent; waits until it is ready.
     pub fn start(lab: &Lab, tag: &str, config: &str) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("vcnpath-{}-{tag}", lab.id()));
-        std::fs::create_dir_all(&dir)?;
-        let config_path = dir.join("datapath.toml");
+        let dir = std::sync::Arc::new(
+            tempfile::Builder::new()
+                .prefix(&format!("vcnpath-{}-{tag}-", lab.id()))
+                .tempdir()?,
+        );
+        let config_path = dir.path().join("datapath.toml");
         std::fs::write(&config_path, config)?;
-        Self::spawn(
-            lab,
-            &config_path,
-            &dir.join(format!("agent-{}.log", Instant::now().elapsed().as_nanos())),
-        )
+        let log = dir.path().join("agent.log");
+        Self::spawn(lab, &config_path, &log, dir)
     }
 
-    fn spawn(lab: &Lab, config: &Path, log: &Path) -> Result<Self> {
+    fn spawn(
+        lab: &Lab,
+        config: &Path,
+        log: &Path,
+        dir: std::sync::Arc<tempfile::TempDir>,
+    ) -> Result<Self> {
         let log_file = std::fs::File::create(log)?;
         let mut cmd = Command::new(binary());
         cmd.args(["datapath", "--config"])
@@ -91,6 +98,7 @@ impl Agent {
             child,
             log: log.to_owned(),
             config: config.to_owned(),
+            dir,
         };
         agent.wait_ready(Duration::from_secs(20))?;
         Ok(agent)
@@ -99,7 +107,12 @@ impl Agent {
     /// Starts another agent process on the same configuration (after a kill).
     pub fn restart(&mut self, lab: &Lab) -> Result<()> {
         let log = self.log.with_extension("restart.log");
-        let new = Self::spawn(lab, &self.config.clone(), &log)?;
+        let new = Self::spawn(
+            lab,
+            &self.config.clone(),
+            &log,
+            std::sync::Arc::clone(&self.dir),
+        )?;
         *self = new;
         Ok(())
     }
