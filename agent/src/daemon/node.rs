@@ -149,8 +149,14 @@ impl Node {
             }
         }
         for (pod, allocation) in self.ipam.allocations().await {
-            match by_interface.get(&allocation.interface) {
-                Some(&ifindex) => {
+            // A VNIC not managed yet (start-up) still owns its pods through its interface:
+            // keep steering them rather than drop their endpoints.
+            let ifindex = by_interface
+                .get(&allocation.interface)
+                .copied()
+                .or_else(|| crate::host::link::index(&allocation.interface).ok());
+            match ifindex {
+                Some(ifindex) => {
                     state.endpoints.insert(
                         allocation.ip,
                         Endpoint {
@@ -160,24 +166,10 @@ impl Node {
                         },
                     );
                 }
-                None => match crate::host::link::index(&allocation.interface) {
-                    // The VNIC is not managed yet (start-up): its interface still owns
-                    // the pod, so keep steering rather than drop the endpoint.
-                    Ok(ifindex) => {
-                        state.endpoints.insert(
-                            allocation.ip,
-                            Endpoint {
-                                ifindex,
-                                kind: ENDPOINT_KIND_POD,
-                                pad: [0; 3],
-                            },
-                        );
-                    }
-                    Err(_) => {
-                        debug!(pod = %pod.container_id, ip = %allocation.ip, interface = %allocation.interface,
-                        "the pod's VNIC interface does not exist yet");
-                    }
-                },
+                None => {
+                    debug!(pod = %pod.container_id, ip = %allocation.ip, interface = %allocation.interface,
+                    "the pod's VNIC interface does not exist yet");
+                }
             }
         }
         state
