@@ -71,7 +71,9 @@ async fn start(sim: &Simulator, cfg: IpamConfig) -> Ipam {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    Ipam::start(cloud(sim), cfg).await.expect("IPAM starts")
+    let ipam = Ipam::start(cloud(sim), cfg).expect("IPAM starts");
+    ipam.reconciled().await;
+    ipam
 }
 
 fn pod(n: usize) -> PodRef {
@@ -139,7 +141,8 @@ async fn assert_consistent(sim: &Simulator, ipam: &Ipam, checkpoint: &Path) {
     let _still = ipam.quiesce().await;
     let saved = Checkpoint::new(checkpoint)
         .load()
-        .expect("checkpoint loads");
+        .expect("checkpoint loads")
+        .allocations;
     let in_oci = node_ips(sim);
     let mut seen = BTreeSet::new();
     for entry in saved.values() {
@@ -306,6 +309,78 @@ async fn released_address_is_reused_only_after_the_cooldown() {
         released.elapsed()
     );
     assert_eq!(c.ip, a.ip, "the only free address is the released one");
+    assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}
+
+/// A restart while OCI does not answer: the checkpointed pods (and their VNICs) are served
+/// from the checkpoint at once, a new pod is asked to retry, and once OCI answers the pool is
+/// reconciled and grows again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_serves_checkpointed_pods_before_oci_answers() {
+    let sim = sim(8, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&sim, dir.path(), pool(&sim, 2));
+    cfg.startup_wait = Duration::from_millis(300);
+    let ipam = start(&sim, cfg.clone()).await;
+    let mut before = BTreeMap::new();
+    for n in 0..12 {
+        before.insert(n, allocate(&ipam, &pod(n), Duration::from_secs(20)).await);
+    }
+    let vnics_before: BTreeSet<String> = ipam
+        .status()
+        .await
+        .vnics
+        .iter()
+        .map(|v| v.vnic_id.clone())
+        .collect();
+    assert!(
+        vnics_before.len() >= 2,
+        "12 pods of 8 per VNIC need two VNICs"
+    );
+    drop(ipam);
+
+    sim.set_faults(Faults {
+        rate_5xx: 1.0,
+        ..Faults::default()
+    });
+    let ipam = Ipam::start(cloud(&sim), cfg).expect("IPAM starts without OCI");
+    let status = ipam.status().await;
+    assert!(!status.reconciled);
+    let restored: BTreeSet<String> = status.vnics.iter().map(|v| v.vnic_id.clone()).collect();
+    assert_eq!(
+        restored, vnics_before,
+        "the pods' VNICs come from the checkpoint"
+    );
+    for (n, a) in &before {
+        assert_eq!(ipam.lookup(&pod(*n)).await.as_ref(), Some(a));
+        assert_eq!(
+            ipam.allocate(&pod(*n)).await.as_ref(),
+            Ok(a),
+            "a repeated ADD of restored pod {n} is answered without OCI"
+        );
+    }
+    assert_eq!(
+        ipam.release(&pod(0)).await.unwrap().as_ref(),
+        Some(&before[&0]),
+        "a DEL is served without OCI"
+    );
+    match ipam.allocate(&pod(100)).await {
+        Err(AllocError::PoolEmpty { .. }) => {}
+        other => panic!("a new pod before the first reconcile must retry, got {other:?}"),
+    }
+
+    sim.set_faults(Faults::default());
+    tokio::time::timeout(Duration::from_secs(30), ipam.reconciled())
+        .await
+        .expect("the first reconcile succeeds once OCI answers");
+    assert!(ipam.status().await.reconciled);
+    let fresh = allocate(&ipam, &pod(100), Duration::from_secs(20)).await;
+    let held: BTreeSet<Ipv4Addr> = before.values().skip(1).map(|a| a.ip).collect();
+    assert!(
+        !held.contains(&fresh.ip),
+        "{} of a restored pod was handed out again",
+        fresh.ip
+    );
     assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
 }
 

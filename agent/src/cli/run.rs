@@ -119,6 +119,13 @@ async fn connect(config: &AgentConfig) -> anyhow::Result<Cloud> {
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    // The datapath: adopt what a previous agent left pinned and attached, or load it; done
+    // while IMDS and OCI are asked, since it needs neither.
+    let load_options = LoadOptions {
+        pin_dir: config.datapath.pin_dir.clone(),
+        nat_max_entries: config.datapath.nat_max_entries,
+    };
+    let loading = tokio::task::spawn_blocking(move || Datapath::load(&load_options));
     let Cloud {
         instance,
         primary,
@@ -127,11 +134,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         vcn_cidrs,
         client,
     } = connect(&config).await?;
-    // The datapath: adopt what a previous agent left pinned and attached, or load it.
-    let mut datapath = Datapath::load(&LoadOptions {
-        pin_dir: config.datapath.pin_dir.clone(),
-        nat_max_entries: config.datapath.nat_max_entries,
-    })?;
+    let mut datapath = loading.await.context("loading the datapath")??;
     let adopted = datapath.adopted;
     let netlink = Netlink::connect()?;
     let primary_mac =
@@ -141,11 +144,19 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let (datapath, datapath_task) = datapath::task::spawn(datapath, config.datapath.nat_timeouts);
     enable_forwarding();
 
-    // IPAM: restore the checkpoint, reconcile with OCI, start growing the pool. The
-    // datapath already carries the existing pods' traffic, so an unreachable OCI is waited
-    // out rather than fatal.
+    // IPAM: restore the checkpoint; it reconciles with OCI and grows the pool in the
+    // background. The datapath already carries the existing pods' traffic, and the restored
+    // pods are served before OCI is asked, so an unreachable OCI is waited out, not fatal.
     let ipam =
         start_ipam_patiently(&config, &instance, &primary_subnet_id, &vcn_id, &client).await?;
+    if !ipam.knows_every_pods_vnic().await {
+        // A checkpoint from an older agent lists the pods but not their VNICs: publishing a
+        // datapath state before OCI names them would stop steering those pods.
+        info!(
+            "the checkpoint does not list every pod's VNIC; waiting for OCI before the first sync"
+        );
+        ipam.reconciled().await;
+    }
 
     let primary_subnet: Ipv4Net = primary
         .subnet_cidr_block
@@ -324,7 +335,8 @@ fn is_cloud_error(error: &anyhow::Error) -> bool {
     })
 }
 
-/// Restores IPAM from its checkpoint, reconciles it with OCI and starts the pool.
+/// Restores IPAM from its checkpoint; it reconciles with OCI and grows the pool in the
+/// background.
 async fn start_ipam(
     config: &AgentConfig,
     instance: &crate::oci::imds::Instance,
@@ -360,7 +372,7 @@ async fn start_ipam(
         instance.id.clone(),
         ATTACH_TIMEOUT,
     );
-    Ok(Arc::new(Ipam::start(Arc::new(cloud), ipam_config).await?))
+    Ok(Arc::new(Ipam::start(Arc::new(cloud), ipam_config)?))
 }
 
 async fn read_vcn_cidrs(client: &CoreClient, vcn_id: &str) -> anyhow::Result<BTreeSet<Ipv4Net>> {

@@ -36,8 +36,14 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
         );
     }
     println!(
-        "\npool: {} of {} addresses in use",
-        status["pool"]["allocations"], status["pool"]["capacity"]
+        "\npool: {} of {} addresses in use{}",
+        status["pool"]["allocations"],
+        status["pool"]["capacity"],
+        if status["pool"]["reconciled"] == false {
+            " (restored from the checkpoint; not reconciled with OCI yet)"
+        } else {
+            ""
+        }
     );
     println!("\npods:");
     for p in status["pods"].as_array().into_iter().flatten() {

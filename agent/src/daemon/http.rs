@@ -79,7 +79,7 @@ pub async fn status_json(state: &Introspection) -> Value {
                 "free": v.free, "assigned": v.assigned, "cooldown": v.cooldown, "full": v.full,
             })
         }).collect::<Vec<_>>(),
-        "pool": {"capacity": pool.capacity, "allocations": pool.allocations},
+        "pool": {"capacity": pool.capacity, "allocations": pool.allocations, "reconciled": pool.reconciled},
         "pods": pods,
         "datapath": {
             "nat_entries": nat_entries,
@@ -128,6 +128,11 @@ fn render(
         out,
         "# HELP vcnpath_pool_capacity Addresses this node can hold.\n# TYPE vcnpath_pool_capacity gauge\nvcnpath_pool_capacity {}",
         pool.capacity
+    );
+    let _ = writeln!(
+        out,
+        "# HELP vcnpath_ipam_reconciled 1 once IPAM has reconciled with OCI since the agent started.\n# TYPE vcnpath_ipam_reconciled gauge\nvcnpath_ipam_reconciled {}",
+        u8::from(pool.reconciled)
     );
     let _ = writeln!(
         out,

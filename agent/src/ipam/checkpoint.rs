@@ -1,6 +1,7 @@
 //! Durable allocations: a JSON file replaced atomically (write temp, fsync, rename, fsync dir),
 //! so after a crash it holds either the old or the new set, never a torn one. Written before an
-//! address is handed out; a restart restores every pod's address from it.
+//! address is handed out; a restart restores every pod's address from it, and the VNICs those
+//! addresses live on, so the agent serves its pods before it has talked to OCI.
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
@@ -8,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::pool::VnicInfo;
 use super::types::{Allocation, PodRef};
 
 /// CNI identifies an attachment by container id and interface name.
@@ -25,12 +27,24 @@ pub struct Entry {
     pub ip_id: String,
 }
 
-const VERSION: u32 = 1;
+/// Version 2 added `vnics`; version 1 files (allocations only) are still read.
+const VERSION: u32 = 2;
+const OLDEST_READABLE: u32 = 1;
 
 #[derive(Serialize, Deserialize)]
 struct FileFormat {
     version: u32,
     allocations: Vec<Entry>,
+    #[serde(default)]
+    vnics: Vec<VnicInfo>,
+}
+
+/// What a checkpoint holds.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub allocations: BTreeMap<Key, Entry>,
+    /// The pool's VNICs when the checkpoint was written (empty for a version 1 file).
+    pub vnics: Vec<VnicInfo>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +63,9 @@ pub enum CheckpointError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("the IPAM checkpoint {path} has version {found}; this agent reads version {VERSION}")]
+    #[error(
+        "the IPAM checkpoint {path} has version {found}; this agent reads versions {OLDEST_READABLE} to {VERSION}: run the agent version that wrote it, or move the file away"
+    )]
     Version { path: PathBuf, found: u32 },
     #[error("the IPAM checkpoint {path} lists {container_id}/{ifname} twice")]
     Duplicate {
@@ -85,12 +101,12 @@ impl Checkpoint {
         self.path.with_file_name(name)
     }
 
-    /// The saved allocations; none if the file does not exist yet. A temp file left by a crash
-    /// mid-write is ignored: the rename never happened, so the old file is the truth.
-    pub fn load(&self) -> Result<BTreeMap<Key, Entry>, CheckpointError> {
+    /// The saved allocations and VNICs; none if the file does not exist yet. A temp file left
+    /// by a crash mid-write is ignored: the rename never happened, so the old file is the truth.
+    pub fn load(&self) -> Result<Restored, CheckpointError> {
         let text = match fs::read(&self.path) {
             Ok(text) => text,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Restored::default()),
             Err(source) => {
                 return Err(CheckpointError::Read {
                     path: self.path.clone(),
@@ -103,7 +119,7 @@ impl Checkpoint {
                 path: self.path.clone(),
                 source,
             })?;
-        if file.version != VERSION {
+        if !(OLDEST_READABLE..=VERSION).contains(&file.version) {
             return Err(CheckpointError::Version {
                 path: self.path.clone(),
                 found: file.version,
@@ -120,17 +136,22 @@ impl Checkpoint {
                 });
             }
         }
-        Ok(entries)
+        Ok(Restored {
+            allocations: entries,
+            vnics: file.vnics,
+        })
     }
 
-    /// Replaces the file with `entries`. Blocking: call it from `spawn_blocking`.
+    /// Replaces the file with `entries` and `vnics`. Blocking: call it from `spawn_blocking`.
     pub fn save<'a>(
         &self,
         entries: impl Iterator<Item = &'a Entry>,
+        vnics: impl Iterator<Item = &'a VnicInfo>,
     ) -> Result<(), CheckpointError> {
         let file = FileFormat {
             version: VERSION,
             allocations: entries.cloned().collect(),
+            vnics: vnics.cloned().collect(),
         };
         let text = serde_json::to_vec_pretty(&file).expect("allocations serialise");
         let write_error = |source| CheckpointError::Write {
@@ -186,11 +207,50 @@ mod tests {
         }
     }
 
+    fn vnic() -> VnicInfo {
+        VnicInfo {
+            id: "vnic-1".into(),
+            attachment_id: "attachment-1".into(),
+            nic_index: 1,
+            mac: "02:00:17:00:00:01".into(),
+            interface: Some("eth1".into()),
+            subnet_id: "subnet-1".into(),
+            subnet: "10.0.16.0/20".parse().unwrap(),
+            router_ip: Ipv4Addr::new(10, 0, 16, 1),
+            primary_ip: Ipv4Addr::new(10, 0, 16, 2),
+            is_primary: false,
+        }
+    }
+
+    #[test]
+    fn version_1_files_are_read_without_vnics() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ipam.json");
+        let v1 = serde_json::json!({"version": 1, "allocations": [entry(10)]});
+        fs::write(&path, v1.to_string()).unwrap();
+        let loaded = Checkpoint::new(&path).load().unwrap();
+        assert_eq!(loaded.allocations.len(), 1);
+        assert!(loaded.vnics.is_empty());
+    }
+
+    #[test]
+    fn newer_versions_are_refused_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ipam.json");
+        fs::write(&path, br#"{"version": 3, "allocations": []}"#).unwrap();
+        let err = Checkpoint::new(&path).load().unwrap_err();
+        assert!(
+            matches!(err, CheckpointError::Version { found: 3, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("move the file away"), "{err}");
+    }
+
     #[test]
     fn missing_file_is_an_empty_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
         let cp = Checkpoint::new(dir.path().join("ipam.json"));
-        assert!(cp.load().unwrap().is_empty());
+        assert!(cp.load().unwrap().allocations.is_empty());
     }
 
     #[test]
@@ -198,11 +258,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cp = Checkpoint::new(dir.path().join("ipam.json"));
         let entries = [entry(10), entry(11)];
-        cp.save(entries.iter()).unwrap();
+        let vnics = [vnic()];
+        cp.save(entries.iter(), vnics.iter()).unwrap();
         let loaded = cp.load().unwrap();
         assert_eq!(
-            loaded.values().cloned().collect::<Vec<_>>(),
+            loaded.allocations.values().cloned().collect::<Vec<_>>(),
             entries.to_vec()
+        );
+        assert_eq!(loaded.vnics.len(), 1);
+        assert_eq!(
+            loaded.vnics[0].interface, None,
+            "the interface is host state, found again by MAC"
+        );
+        assert_eq!(
+            VnicInfo {
+                interface: Some("eth1".into()),
+                ..loaded.vnics[0].clone()
+            },
+            vnics[0]
         );
         assert!(!cp.temp_path().exists(), "the temp file is renamed away");
     }
@@ -211,13 +284,21 @@ mod tests {
     fn temp_file_left_by_a_crash_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let cp = Checkpoint::new(dir.path().join("ipam.json"));
-        cp.save([entry(10)].iter()).unwrap();
+        cp.save([entry(10)].iter(), [].iter()).unwrap();
         // A crash between write and rename leaves a half-written temp file.
-        fs::write(cp.temp_path(), b"{\"version\":1,\"allocati").unwrap();
+        fs::write(cp.temp_path(), b"{\"version\":2,\"allocati").unwrap();
         let loaded = cp.load().unwrap();
-        assert_eq!(loaded.len(), 1, "the last complete checkpoint wins");
-        cp.save([entry(10), entry(12)].iter()).unwrap();
-        assert_eq!(cp.load().unwrap().len(), 2, "the next save replaces it");
+        assert_eq!(
+            loaded.allocations.len(),
+            1,
+            "the last complete checkpoint wins"
+        );
+        cp.save([entry(10), entry(12)].iter(), [].iter()).unwrap();
+        assert_eq!(
+            cp.load().unwrap().allocations.len(),
+            2,
+            "the next save replaces it"
+        );
     }
 
     #[test]
@@ -239,11 +320,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ipam.json");
         let cp = Checkpoint::new(&path);
-        cp.save([entry(10)].iter()).unwrap();
+        cp.save([entry(10)].iter(), [].iter()).unwrap();
         // A directory where the temp file should go makes the write fail, even for root.
         fs::create_dir(cp.temp_path()).unwrap();
-        let err = cp.save([entry(10), entry(11)].iter()).unwrap_err();
+        let err = cp
+            .save([entry(10), entry(11)].iter(), [].iter())
+            .unwrap_err();
         assert!(matches!(err, CheckpointError::Write { .. }), "{err:?}");
-        assert_eq!(cp.load().unwrap().len(), 1, "the old checkpoint survives");
+        assert_eq!(
+            cp.load().unwrap().allocations.len(),
+            1,
+            "the old checkpoint survives"
+        );
     }
 }

@@ -29,6 +29,9 @@ pub struct IpamConfig {
     pub reconcile_interval: Duration,
     /// The wait suggested to the CNI when the pool is empty (default 1 s).
     pub retry_after: Duration,
+    /// How long an ADD for a new pod waits for the first reconcile with OCI after a start
+    /// before it is asked to retry (default 5 s, below the CNI plugin's timeout).
+    pub startup_wait: Duration,
 }
 
 impl IpamConfig {
@@ -43,6 +46,7 @@ impl IpamConfig {
             tick: Duration::from_secs(1),
             reconcile_interval: Duration::from_mins(5),
             retry_after: Duration::from_secs(1),
+            startup_wait: Duration::from_secs(5),
         }
     }
 }

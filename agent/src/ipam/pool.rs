@@ -86,14 +86,16 @@ pub struct Slot {
     pub state: SlotState,
 }
 
-/// What the pool knows of a VNIC.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What the pool knows of a VNIC (checkpointed, so a restart knows it before OCI answers).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VnicInfo {
     pub id: String,
     pub attachment_id: String,
     pub nic_index: u32,
     pub mac: String,
-    /// The interface in the node namespace, once host setup has found it by MAC.
+    /// The interface in the node namespace, once host setup has found it by MAC (host
+    /// state: not checkpointed).
+    #[serde(skip)]
     pub interface: Option<String>,
     pub subnet_id: String,
     pub subnet: Ipv4Net,

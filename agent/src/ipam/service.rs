@@ -1,23 +1,25 @@
 //! `Ipam`: answers allocations from the pool at once, checkpoints them before handing them out,
-//! and leaves every cloud call to background tasks (the grower and the reconcile).
+//! and leaves every cloud call to background tasks (the grower and the reconcile). It starts
+//! from its checkpoint alone: the restored pods are served (and steered) at once, while the
+//! first reconcile with OCI runs in the background, retried until OCI answers.
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use serde::Serialize;
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::{Mutex, Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use crate::oci::models::Tags;
 
-use super::checkpoint::{self, Checkpoint, Entry, Key};
+use super::checkpoint::{self, Checkpoint, Entry, Key, Restored};
 use super::cloud::Cloud;
 use super::config::{IpamConfig, NODE_TAG};
 use super::error::IpamError;
-use super::pool::{Pool, SlotState};
+use super::pool::{Pool, Slot, SlotState};
 use super::types::{AllocError, Allocation, Allocator, BoxFuture, PodRef};
 use super::{grow, reconcile};
 
@@ -36,6 +38,8 @@ pub(super) struct Inner {
     pub ops: Mutex<()>,
     pub wake: Notify,
     pub tags: Tags,
+    /// Turns true once the first reconcile with OCI has built the pool.
+    pub reconciled: watch::Sender<bool>,
 }
 
 impl Inner {
@@ -43,8 +47,11 @@ impl Inner {
     /// are ordered and each one contains every allocation made before it.
     pub async fn save(&self, state: &State) -> Result<(), AllocError> {
         let entries: Vec<Entry> = state.allocations.values().cloned().collect();
+        let vnics: Vec<_> = state.pool.vnics().iter().map(|v| v.info.clone()).collect();
         let checkpoint = self.checkpoint.clone();
-        let result = tokio::task::spawn_blocking(move || checkpoint.save(entries.iter())).await;
+        let result =
+            tokio::task::spawn_blocking(move || checkpoint.save(entries.iter(), vnics.iter()))
+                .await;
         match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
@@ -77,6 +84,9 @@ pub struct VnicStatus {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct IpamStatus {
+    /// Whether the pool has been reconciled with OCI since the agent started (until then
+    /// only the checkpointed pods are served).
+    pub reconciled: bool,
     pub capacity: usize,
     pub allocations: usize,
     pub vnics: Vec<VnicStatus>,
@@ -97,37 +107,49 @@ impl Drop for Ipam {
 }
 
 impl Ipam {
-    /// Loads the checkpoint, reconciles it with OCI (which builds the pool), and starts the
+    /// Restores the checkpoint (its pods and their VNICs) and returns at once; a background task
+    /// reconciles with OCI — retried with capped backoff while OCI fails — and then runs the
     /// grower and the periodic reconcile. A corrupt checkpoint stops the start: it is the only
     /// record of which pod holds which address.
-    pub async fn start(cloud: Arc<dyn Cloud>, cfg: IpamConfig) -> Result<Self, IpamError> {
+    pub fn start(cloud: Arc<dyn Cloud>, cfg: IpamConfig) -> Result<Self, IpamError> {
         if cfg.pool.ips_per_vnic == 0 || cfg.parallel_calls == 0 {
             return Err(IpamError::Config {
                 reason: "ips_per_vnic and parallel_calls must be at least 1".into(),
             });
         }
         let checkpoint = Checkpoint::new(&cfg.checkpoint_path);
-        let allocations = checkpoint.load()?;
+        let restored = checkpoint.load()?;
         let tags = Tags::from([(NODE_TAG.to_owned(), cfg.instance_id.clone())]);
         let inner = Arc::new(Inner {
             cloud,
             checkpoint,
-            state: Mutex::new(State {
-                pool: Pool::default(),
-                allocations,
-            }),
+            state: Mutex::new(restore(restored)),
             ops: Mutex::new(()),
             wake: Notify::new(),
             tags,
+            reconciled: watch::Sender::new(false),
             cfg,
         });
-        reconcile::run(&inner).await?;
-        let grower = tokio::spawn(grow::run(inner.clone()));
-        let periodic = tokio::spawn(reconcile::periodic(inner.clone()));
+        let background = tokio::spawn(background(inner.clone()));
         Ok(Self {
             inner,
-            tasks: vec![grower, periodic],
+            tasks: vec![background],
         })
+    }
+
+    /// Waits until the first reconcile with OCI has built the pool.
+    pub async fn reconciled(&self) {
+        let mut rx = self.inner.reconciled.subscribe();
+        let _ = rx.wait_for(|done| *done).await;
+    }
+
+    /// Whether the pool knows the VNIC of every allocation (a version 1 checkpoint lists none).
+    pub async fn knows_every_pods_vnic(&self) -> bool {
+        let state = self.inner.state.lock().await;
+        state
+            .allocations
+            .values()
+            .all(|e| state.pool.vnic(&e.allocation.vnic_id).is_some())
     }
 
     /// Compares the checkpoint and the pool with OCI and repairs the difference.
@@ -167,6 +189,21 @@ impl Ipam {
     async fn allocate_inner(&self, pod: &PodRef) -> Result<Allocation, AllocError> {
         let inner = &self.inner;
         let key = checkpoint::key(pod);
+        if !*inner.reconciled.borrow() {
+            // Restored pods are answered from the checkpoint; a new pod needs the pool, which
+            // the first reconcile builds: wait for it a while rather than refuse at once.
+            if let Some(allocation) = self.lookup(pod).await {
+                return Ok(allocation);
+            }
+            let mut rx = inner.reconciled.subscribe();
+            let waited = tokio::time::timeout(inner.cfg.startup_wait, rx.wait_for(|done| *done));
+            if waited.await.is_err() {
+                tracing::info!("IPAM has not reconciled with OCI yet; the pod is asked to retry");
+                return Err(AllocError::PoolEmpty {
+                    retry_after_ms: inner.cfg.retry_after.as_millis() as u64,
+                });
+            }
+        }
         let mut state = inner.state.lock().await;
         if let Some(entry) = state.allocations.get(&key) {
             return Ok(entry.allocation.clone());
@@ -295,12 +332,57 @@ impl Ipam {
             })
             .collect();
         IpamStatus {
+            reconciled: *self.inner.reconciled.borrow(),
             capacity: self.inner.cfg.pool.capacity(),
             allocations: state.allocations.len(),
             vnics,
         }
     }
 }
+
+/// The state a restart starts from: the checkpointed VNICs, each holding its pods' addresses.
+/// Free and cooling-down addresses are unknown until the first reconcile finds them in OCI.
+fn restore(restored: Restored) -> State {
+    let mut pool = Pool::default();
+    for vnic in restored.vnics {
+        pool.upsert_vnic(vnic);
+    }
+    for entry in restored.allocations.values() {
+        let a = &entry.allocation;
+        let slot = Slot {
+            ocid: entry.ip_id.clone(),
+            state: SlotState::Assigned(entry.pod.clone()),
+        };
+        pool.add_slot(&a.vnic_id, a.ip, slot);
+    }
+    State {
+        pool,
+        allocations: restored.allocations,
+    }
+}
+
+/// The first reconcile, retried until OCI answers, then the grower and the periodic reconcile.
+async fn background(inner: Arc<Inner>) {
+    let started = std::time::Instant::now();
+    let mut delay = inner
+        .cfg
+        .retry_after
+        .max(std::time::Duration::from_millis(100));
+    while let Err(error) = reconcile::run(&inner).await {
+        tracing::warn!(%error, retry_in = ?delay, "the first reconcile with OCI failed; the checkpointed pods are served meanwhile");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(FIRST_RECONCILE_MAX_BACKOFF);
+    }
+    inner.reconciled.send_replace(true);
+    tracing::info!(
+        took_ms = started.elapsed().as_millis() as u64,
+        "IPAM reconciled with OCI"
+    );
+    tokio::join!(grow::run(inner.clone()), reconcile::periodic(inner));
+}
+
+/// The longest wait between two attempts of the first reconcile.
+const FIRST_RECONCILE_MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Allocator for Ipam {
     fn allocate<'a>(&'a self, pod: &'a PodRef) -> BoxFuture<'a, Result<Allocation, AllocError>> {
