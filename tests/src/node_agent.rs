@@ -14,7 +14,7 @@ use vcnpath::ipam::Allocation;
 
 use crate::{
     agent::binary,
-    lab::{ChildGuard, Netns, SimLab, cmd_in, spawn_in},
+    lab::{ChildGuard, Netns, SimLab, enter_before_exec, spawn_in},
     privileged::PinDir,
 };
 
@@ -28,6 +28,9 @@ pub struct AgentOptions {
     pub ips_per_vnic: u32,
     pub warm_ips: u32,
     pub cooldown_secs: u64,
+    /// Keep the state directory on a tmpfs, as the default `/run/vcnpath` is on a node
+    /// (the tests keep it on disk, where every checkpoint write is a real fsync).
+    pub state_on_tmpfs: bool,
 }
 
 impl Default for AgentOptions {
@@ -36,13 +39,44 @@ impl Default for AgentOptions {
             ips_per_vnic: IPS_PER_VNIC,
             warm_ips: 6,
             cooldown_secs: 3,
+            state_on_tmpfs: false,
         }
+    }
+}
+
+/// A tmpfs mounted for the life of the value (lazily unmounted on drop).
+pub struct TmpfsMount(PathBuf);
+
+impl TmpfsMount {
+    /// Creates `path` if needed and mounts a 16 MiB tmpfs on it.
+    pub fn new(path: PathBuf) -> Result<Self> {
+        std::fs::create_dir_all(&path)?;
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs"])
+            .arg(&path)
+            .status()?;
+        if !status.success() {
+            bail!("mounting a tmpfs on {} failed ({status})", path.display());
+        }
+        Ok(Self(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 
 /// A running `vcnpath run` in the lab's node namespace, killed on drop.
 pub struct NodeAgent {
     child: Option<ChildGuard>,
+    /// Declared before `dir`, so it is unmounted before the directory is removed.
+    _state_mount: Option<TmpfsMount>,
     pub dir: tempfile::TempDir,
     pub pins: PinDir,
     starts: u32,
@@ -58,6 +92,7 @@ impl NodeAgent {
             ips_per_vnic,
             warm_ips,
             cooldown_secs,
+            ..
         } = self.options;
         format!(
             "[ipam]\nips_per_vnic = {ips_per_vnic}\nwarm_ips = {warm_ips}\ncooldown_secs = {cooldown_secs}\nrelease_delay_secs = 600\n\
@@ -76,9 +111,16 @@ impl NodeAgent {
 
     /// [`Self::start`] with other pool settings.
     pub fn start_with(lab: &SimLab, tag: &str, options: AgentOptions) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let state_mount = if options.state_on_tmpfs {
+            Some(TmpfsMount::new(dir.path().join("state"))?)
+        } else {
+            None
+        };
         let mut agent = Self {
             child: None,
-            dir: tempfile::tempdir()?,
+            _state_mount: state_mount,
+            dir,
             pins: PinDir::new(tag),
             starts: 0,
             options,
@@ -225,7 +267,8 @@ fn cni_binary() -> PathBuf {
     binary().with_file_name("vcnpath-cni")
 }
 
-/// Runs `vcnpath-cni` in the node namespace like a container runtime does.
+/// Runs `vcnpath-cni` in the node namespace like a container runtime does: one process,
+/// exec'd with the CNI environment and the configuration on stdin.
 pub fn cni(
     node: &Netns,
     socket: &Path,
@@ -234,7 +277,8 @@ pub fn cni(
     netns: Option<&Path>,
 ) -> Result<CniOutput> {
     let config = serde_json::json!({"cniVersion": "1.0.0", "name": "vcnpath", "type": "vcnpath-cni", "socketPath": socket, "mtu": 9000});
-    let mut cmd = cmd_in(node, cni_binary().to_str().context("utf-8 path")?);
+    let mut cmd = Command::new(cni_binary());
+    let _node_ns = enter_before_exec(&mut cmd, node)?;
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("CNI_COMMAND", command)

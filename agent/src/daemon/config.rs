@@ -81,7 +81,8 @@ pub struct DatapathSection {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeSection {
-    /// Checkpoint directory.
+    /// Checkpoint directory (default `/run/vcnpath`: a tmpfs on nodes, which survives agent
+    /// restarts and, like the pods, not a reboot).
     pub state_dir: PathBuf,
     /// The local API socket the CNI plugin uses.
     pub socket: PathBuf,
@@ -136,7 +137,7 @@ impl Default for DatapathSection {
 impl Default for NodeSection {
     fn default() -> Self {
         Self {
-            state_dir: PathBuf::from("/var/lib/vcnpath"),
+            state_dir: PathBuf::from("/run/vcnpath"),
             socket: PathBuf::from("/run/vcnpath/vcnpath.sock"),
             listen: SocketAddr::from(([127, 0, 0, 1], 9965)),
         }

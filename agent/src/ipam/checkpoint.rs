@@ -2,6 +2,12 @@
 //! so after a crash it holds either the old or the new set, never a torn one. Written before an
 //! address is handed out; a restart restores every pod's address from it, and the VNICs those
 //! addresses live on, so the agent serves its pods before it has talked to OCI.
+//!
+//! The file records the kernel's boot id: pods do not survive a reboot, so after one the
+//! checkpointed pods are forgotten (their addresses return to the pool at the first reconcile)
+//! instead of being held for containers that no longer exist. The default location,
+//! `/run/vcnpath`, is a tmpfs on nodes, where the same holds by construction and the fsync
+//! before every ADD costs nothing.
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
@@ -37,6 +43,9 @@ struct FileFormat {
     allocations: Vec<Entry>,
     #[serde(default)]
     vnics: Vec<VnicInfo>,
+    /// `/proc/sys/kernel/random/boot_id` when the file was written.
+    #[serde(default)]
+    boot_id: Option<String>,
 }
 
 /// What a checkpoint holds.
@@ -45,6 +54,8 @@ pub struct Restored {
     pub allocations: BTreeMap<Key, Entry>,
     /// The pool's VNICs when the checkpoint was written (empty for a version 1 file).
     pub vnics: Vec<VnicInfo>,
+    /// Pods the checkpoint listed that are forgotten because the node rebooted since.
+    pub dropped_by_reboot: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,11 +95,31 @@ pub enum CheckpointError {
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     path: PathBuf,
+    /// This boot's id (`None` where the kernel does not tell: no reboot detection then).
+    boot_id: Option<String>,
+}
+
+/// The kernel's id of the current boot.
+fn current_boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|id| id.trim().to_owned())
+        .filter(|id| !id.is_empty())
 }
 
 impl Checkpoint {
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        Self { path: path.into() }
+        Self {
+            path: path.into(),
+            boot_id: current_boot_id(),
+        }
+    }
+
+    /// The same checkpoint seen from another boot (for tests of reboot handling).
+    #[must_use]
+    pub fn with_boot_id(mut self, boot_id: impl Into<String>) -> Self {
+        self.boot_id = Some(boot_id.into());
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -125,6 +156,17 @@ impl Checkpoint {
                 found: file.version,
             });
         }
+        let rebooted = match (&file.boot_id, &self.boot_id) {
+            (Some(then), Some(now)) => then != now,
+            _ => false,
+        };
+        if rebooted {
+            return Ok(Restored {
+                allocations: BTreeMap::new(),
+                vnics: file.vnics,
+                dropped_by_reboot: file.allocations.len(),
+            });
+        }
         let mut entries = BTreeMap::new();
         for entry in file.allocations {
             let k = key(&entry.pod);
@@ -139,6 +181,7 @@ impl Checkpoint {
         Ok(Restored {
             allocations: entries,
             vnics: file.vnics,
+            dropped_by_reboot: 0,
         })
     }
 
@@ -152,6 +195,7 @@ impl Checkpoint {
             version: VERSION,
             allocations: entries.cloned().collect(),
             vnics: vnics.cloned().collect(),
+            boot_id: self.boot_id.clone(),
         };
         let text = serde_json::to_vec_pretty(&file).expect("allocations serialise");
         let write_error = |source| CheckpointError::Write {
@@ -220,6 +264,26 @@ mod tests {
             primary_ip: Ipv4Addr::new(10, 0, 16, 2),
             is_primary: false,
         }
+    }
+
+    #[test]
+    fn a_reboot_forgets_the_pods_but_keeps_the_vnics() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ipam.json");
+        let before = Checkpoint::new(&path).with_boot_id("boot-a");
+        before
+            .save([entry(10), entry(11)].iter(), [vnic()].iter())
+            .unwrap();
+        let same_boot = before.load().unwrap();
+        assert_eq!(same_boot.allocations.len(), 2);
+        assert_eq!(same_boot.dropped_by_reboot, 0);
+        let after = Checkpoint::new(&path)
+            .with_boot_id("boot-b")
+            .load()
+            .unwrap();
+        assert!(after.allocations.is_empty(), "no pod survives a reboot");
+        assert_eq!(after.dropped_by_reboot, 2);
+        assert_eq!(after.vnics.len(), 1, "the VNICs are still attached");
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub struct IpamConfig {
     pub pool: PoolConfig,
     /// The node's instance OCID, the value of [`NODE_TAG`].
     pub instance_id: String,
-    /// Where allocations are checkpointed (default `/var/lib/vcnpath/ipam.json`).
+    /// Where allocations are checkpointed (default `/run/vcnpath/ipam.json`).
     pub checkpoint_path: PathBuf,
     /// MTU handed to pods (default 9000, OCI's VCN MTU).
     pub mtu: u32,
@@ -39,7 +39,7 @@ impl IpamConfig {
         Self {
             pool,
             instance_id: instance_id.into(),
-            checkpoint_path: PathBuf::from("/var/lib/vcnpath/ipam.json"),
+            checkpoint_path: PathBuf::from("/run/vcnpath/ipam.json"),
             mtu: 9000,
             require_interface: true,
             parallel_calls: 4,

@@ -119,6 +119,13 @@ impl Ipam {
         }
         let checkpoint = Checkpoint::new(&cfg.checkpoint_path);
         let restored = checkpoint.load()?;
+        if restored.dropped_by_reboot > 0 {
+            tracing::warn!(
+                pods = restored.dropped_by_reboot,
+                checkpoint = %cfg.checkpoint_path.display(),
+                "the node rebooted since the checkpoint was written: its pods are gone, their addresses return to the pool"
+            );
+        }
         let tags = Tags::from([(NODE_TAG.to_owned(), cfg.instance_id.clone())]);
         let inner = Arc::new(Inner {
             cloud,

@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use crate::lab::{LabOptions, Netns, SimLab, cmd_in, lab_sim_config, process};
+use crate::lab::{LabOptions, Netns, SimLab, cmd_in, enter_before_exec, lab_sim_config, process};
 use crate::node_agent::{AgentOptions, NodeAgent, cni};
 use crate::ocisim::{Faults, SimConfig};
 
+pub mod checkpoint;
 pub mod map_sync;
 pub mod metrics;
 pub mod report;
@@ -87,7 +88,8 @@ pub struct Control {
     pub create_ip_ms: u64,
     pub attach_ms: u64,
     pub add_warm: Latency,
-    /// `nsenter --net=<node> -- true`: the process-spawn floor inside every ADD above.
+    /// `true` spawned into the node namespace the way the plugin is: the process-spawn
+    /// floor inside every ADD above.
     pub spawn_floor: Latency,
     /// The very first ADD, on an agent whose pool is empty (no secondary VNIC yet).
     pub first_add_ms: f64,
@@ -102,6 +104,7 @@ pub struct Control {
     pub rss_after_restart_kib: u32,
     pub rss_after_churn_kib: u32,
     pub map_sync: map_sync::MapSync,
+    pub checkpoint_writes: checkpoint::CheckpointWrites,
 }
 
 fn realistic() -> Faults {
@@ -217,6 +220,7 @@ pub fn run(churn_pods: usize) -> Result<Control> {
         ips_per_vnic: IPS_PER_VNIC,
         warm_ips: 10,
         cooldown_secs: COOLDOWN_SECS,
+        state_on_tmpfs: true,
     };
     let mut agent = NodeAgent::start_with(&lab, "benchcp", options)?;
     std::thread::sleep(Duration::from_secs(1));
@@ -264,29 +268,7 @@ pub fn run(churn_pods: usize) -> Result<Control> {
         del(&lab, &agent, &pods[i].id, &pods[i].ns)
     })?;
     std::thread::sleep(Duration::from_secs(COOLDOWN_SECS + 2));
-    let mut warm = Vec::with_capacity(WARM_ADDS);
-    for (i, pod) in pods.iter().take(WARM_ADDS).enumerate() {
-        let id = format!("warm{i:03}");
-        let started = Instant::now();
-        let out = cni(
-            lab.lab().node(),
-            &agent.socket(),
-            "ADD",
-            &id,
-            Some(pod.ns.path()),
-        )?;
-        warm.push(started.elapsed());
-        if !out.ok {
-            bail!("warm ADD {id} failed (pool not warm?): {}", out.json);
-        }
-    }
-    let spawn_floor = (0..WARM_ADDS)
-        .map(|_| {
-            let started = Instant::now();
-            process::run(&mut cmd_in(lab.lab().node(), "true"))?;
-            Ok(started.elapsed())
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let (warm, spawn_floor) = warm_adds(&lab, &agent, &pods)?;
     parallel(WARM_ADDS, RAMP_PARALLEL, |i| {
         del(&lab, &agent, &format!("warm{i:03}"), &pods[i].ns)
     })?;
@@ -312,7 +294,43 @@ pub fn run(churn_pods: usize) -> Result<Control> {
         rss_after_restart_kib,
         rss_after_churn_kib,
         map_sync: map_sync::run()?,
+        checkpoint_writes: checkpoint::run()?,
     })
+}
+
+/// [`WARM_ADDS`] ADDs one at a time from the warm pool, each timed over the whole plugin
+/// process, and as many spawns of `true` into the node namespace beside them.
+fn warm_adds(
+    lab: &SimLab,
+    agent: &NodeAgent,
+    pods: &[Pod],
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let mut warm = Vec::with_capacity(WARM_ADDS);
+    for (i, pod) in pods.iter().take(WARM_ADDS).enumerate() {
+        let id = format!("warm{i:03}");
+        let started = Instant::now();
+        let out = cni(
+            lab.lab().node(),
+            &agent.socket(),
+            "ADD",
+            &id,
+            Some(pod.ns.path()),
+        )?;
+        warm.push(started.elapsed());
+        if !out.ok {
+            bail!("warm ADD {id} failed (pool not warm?): {}", out.json);
+        }
+    }
+    let spawn_floor = (0..WARM_ADDS)
+        .map(|_| {
+            let mut cmd = std::process::Command::new("true");
+            let started = Instant::now();
+            let _ns = enter_before_exec(&mut cmd, lab.lab().node())?;
+            process::run(&mut cmd)?;
+            Ok(started.elapsed())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((warm, spawn_floor))
 }
 
 /// `n` pods created and deleted by [`CHURN_PARALLEL`] workers, each creating and deleting

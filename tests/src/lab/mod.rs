@@ -45,7 +45,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use anyhow::{Context, Result};
 
-pub use netns::{Netns, cmd_in, run_in, spawn_in};
+pub use netns::{Netns, cmd_in, enter_before_exec, run_in, spawn_in};
 pub use pod::Pod;
 pub use process::ChildGuard;
 pub use router::RouterDrops;

@@ -148,9 +148,10 @@ pub fn cmd_in(ns: &Netns, program: &str) -> Command {
     cmd
 }
 
-/// Spawns `cmd` inside `ns` (the child enters it between fork and exec, so stdio and
-/// environment set on `cmd` are kept) and returns a guard that kills it on drop.
-pub fn spawn_in(ns: &Netns, mut cmd: Command) -> Result<ChildGuard> {
+/// Makes `cmd` enter `ns` between fork and exec (so stdio and environment set on `cmd`
+/// are kept, and no `nsenter` process is spawned on the way). The returned file holds the
+/// namespace open: keep it until `cmd` is spawned.
+pub fn enter_before_exec(cmd: &mut Command, ns: &Netns) -> Result<File> {
     let file = File::open(ns.path()).with_context(|| {
         format!(
             "opening {} to enter netns {}",
@@ -160,7 +161,7 @@ pub fn spawn_in(ns: &Netns, mut cmd: Command) -> Result<ChildGuard> {
     })?;
     let fd = file.as_raw_fd();
     // SAFETY: the hook runs in the forked child before exec and calls only setns(2), which
-    // is async-signal-safe; `file` outlives `spawn`, so the descriptor is still open.
+    // is async-signal-safe; the caller keeps `file` open until the spawn.
     unsafe {
         cmd.pre_exec(move || {
             if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
@@ -170,6 +171,12 @@ pub fn spawn_in(ns: &Netns, mut cmd: Command) -> Result<ChildGuard> {
             }
         });
     }
+    Ok(file)
+}
+
+/// Spawns `cmd` inside `ns` and returns a guard that kills it on drop.
+pub fn spawn_in(ns: &Netns, mut cmd: Command) -> Result<ChildGuard> {
+    let file = enter_before_exec(&mut cmd, ns)?;
     let what = format!("{cmd:?} in netns {}", ns.name());
     let child = cmd.spawn().with_context(|| format!("spawning {what}"))?;
     drop(file);

@@ -23,11 +23,23 @@ pub fn table(c: &Control) -> String {
         ),
     );
     row(
-        "  of which spawning a process in the node (nsenter true)",
+        "  of which spawning a process in the node (`true`)",
         format!(
             "p50 {:.1} ms, p99 {:.1} ms",
             c.spawn_floor.p50_ms, c.spawn_floor.p99_ms
         ),
+    );
+    let w = &c.checkpoint_writes;
+    row(
+        &format!(
+            "  checkpoint write of {} pods, tmpfs (the agent's here)",
+            w.pods
+        ),
+        format!("p50 {:.2} ms, p99 {:.2} ms", w.tmpfs.p50_ms, w.tmpfs.p99_ms),
+    );
+    row(
+        "  the same write on this machine's disk",
+        format!("p50 {:.2} ms, p99 {:.2} ms", w.disk.p50_ms, w.disk.p99_ms),
     );
     row(
         "CNI ADD, empty pool: the first pod (retries included)",
