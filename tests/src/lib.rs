@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod bench;
 pub mod datapath_fixture;
+pub mod interrupt;
 pub mod lab;
 pub mod node_agent;
 pub mod ocikit;

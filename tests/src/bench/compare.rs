@@ -109,6 +109,7 @@ pub fn run(options: &Options) -> Result<Comparison> {
     for &n in &options.pod_counts {
         eprintln!("compare: building the baseline and vcnpath nodes with {n} pod addresses");
         for setup in [Setup::Baseline, Setup::Vcnpath] {
+            crate::interrupt::check()?;
             let node = BenchNode::new(setup, n)?;
             node.verify()?;
             nodes.push(node);
@@ -128,6 +129,7 @@ pub fn run(options: &Options) -> Result<Comparison> {
             let mut figures: BTreeMap<(usize, Setup), Figures> = BTreeMap::new();
             for kind in [Kind::Udp, Kind::Rr, Kind::Bulk] {
                 for node in &order {
+                    crate::interrupt::check()?;
                     let out = figures.entry((node.n, node.setup)).or_default();
                     measure(node, dest, kind, options.timing, out).with_context(|| {
                         format!(

@@ -147,6 +147,7 @@ fn parallel<T: Send>(
                         if i >= n {
                             return Ok(());
                         }
+                        crate::interrupt::check()?;
                         let value = f(i)?;
                         out.lock().unwrap_or_else(PoisonError::into_inner)[i] = Some(value);
                     }
@@ -172,6 +173,7 @@ fn add(lab: &SimLab, agent: &NodeAgent, id: &str, ns: &Netns) -> Result<(Duratio
     let started = Instant::now();
     let mut retries = 0;
     loop {
+        crate::interrupt::check()?;
         let out = cni(
             lab.lab().node(),
             &agent.socket(),
@@ -307,6 +309,7 @@ fn warm_adds(
 ) -> Result<(Vec<Duration>, Vec<Duration>)> {
     let mut warm = Vec::with_capacity(WARM_ADDS);
     for (i, pod) in pods.iter().take(WARM_ADDS).enumerate() {
+        crate::interrupt::check()?;
         let id = format!("warm{i:03}");
         let started = Instant::now();
         let out = cni(

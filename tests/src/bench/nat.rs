@@ -102,7 +102,7 @@ fn scale_row(target: usize) -> Result<ScaleRow> {
         &build(&Spec::tcp(POD0, 1000, REMOTE, 443)),
         Reason::SnatEstablished,
         "established-flow SNAT",
-    );
+    )?;
     Ok(ScaleRow {
         target_entries: target,
         live_entries,

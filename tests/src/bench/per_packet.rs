@@ -50,7 +50,8 @@ pub fn measure(
     frame: &[u8],
     reason: Reason,
     name: &'static str,
-) -> Row {
+) -> anyhow::Result<Row> {
+    crate::interrupt::check()?;
     let before = fx.counters();
     let mut runs: Vec<f64> = (0..RUNS)
         .map(|_| time_ns(program, frame, REPEAT).1)
@@ -61,13 +62,13 @@ pub fn measure(
     // Counts are at most RUNS * REPEAT (5e6): exact in an f64.
     let share = f64::from(u32::try_from(delta.get(reason)).unwrap_or(u32::MAX))
         / (f64::from(REPEAT) * f64::from(RUNS));
-    Row {
+    Ok(Row {
         name,
         ns,
         min_ns,
         reason,
         share,
-    }
+    })
 }
 
 /// A TCP NAT key.
@@ -94,7 +95,7 @@ pub fn entry(addr: Ipv4Addr, port: u16) -> NatEntry {
 }
 
 /// Every path of the `datapath` benchmark.
-pub fn datapath() -> Vec<Row> {
+pub fn datapath() -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
     let mut fx = Fixture::new("bench", 1024, 65535);
     rows.push(measure(
@@ -103,21 +104,21 @@ pub fn datapath() -> Vec<Row> {
         &build(&Spec::tcp(Ipv4Addr::new(172, 16, 0, 5), 40000, REMOTE, 443)),
         Reason::PassNotEndpoint,
         "non-endpoint pass-through",
-    ));
+    )?);
     rows.push(measure(
         &fx,
         fx.datapath.egress(),
         &build(&Spec::tcp(POD0, 40000, PEER, 443)),
         Reason::PassVcn,
         "VCN-internal pass",
-    ));
+    )?);
     rows.push(measure(
         &fx,
         fx.datapath.egress(),
         &build(&Spec::tcp(POD1, 40000, PEER, 443)),
         Reason::RedirectOwner,
         "egress redirect to owning VNIC",
-    ));
+    )?);
 
     // Established SNAT: two mappings that translate into each other (POD0:1000 <->
     // POD1:2000), so every repeat is an established translation with real rewrites.
@@ -140,7 +141,7 @@ pub fn datapath() -> Vec<Row> {
         &build(&Spec::tcp(POD0, 1000, REMOTE, 443)),
         Reason::SnatEstablished,
         "established-flow SNAT",
-    ));
+    )?);
 
     // Reverse translation: replies to MASQ:3000 and MASQ:4000 map onto each other.
     let nat = &mut fx.datapath.maps.nat;
@@ -162,7 +163,7 @@ pub fn datapath() -> Vec<Row> {
         &build(&Spec::tcp(REMOTE, 443, MASQ, 3000)),
         Reason::ReverseNat,
         "reverse translation",
-    ));
+    )?);
 
     // The same redirect and established translation with 4096 pod addresses in
     // `endpoints` instead of 3: the lookup is a hash, so the cost must not move.
@@ -180,14 +181,14 @@ pub fn datapath() -> Vec<Row> {
         &build(&Spec::tcp(POD1, 40000, PEER, 443)),
         Reason::RedirectOwner,
         "egress redirect, 4096 pod endpoints",
-    ));
+    )?);
     rows.push(measure(
         &fx,
         fx.datapath.egress(),
         &build(&Spec::tcp(POD0, 1000, REMOTE, 443)),
         Reason::SnatEstablished,
         "established-flow SNAT, 4096 pod endpoints",
-    ));
+    )?);
     drop(fx);
 
     // New-flow SNAT: the masquerade address is itself a pod address, so each translated
@@ -204,6 +205,6 @@ pub fn datapath() -> Vec<Row> {
         &build(&Spec::tcp(POD1, 40000, REMOTE, 443)),
         Reason::SnatNew,
         "new-flow SNAT (port collision, LRU full)",
-    ));
-    rows
+    )?);
+    Ok(rows)
 }

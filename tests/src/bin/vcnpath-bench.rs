@@ -88,7 +88,7 @@ fn compare_options(args: &[String]) -> Result<compare::Options> {
 }
 
 fn datapath(machine: &Machine) -> Result<()> {
-    let rows = per_packet::datapath();
+    let rows = per_packet::datapath()?;
     print!("{}", report::per_packet_table(&rows));
     let path = write_json(
         "datapath",
@@ -132,6 +132,7 @@ fn main() -> Result<()> {
     if !vcnpath_tests::privileged::have_root("vcnpath-bench") {
         std::process::exit(1);
     }
+    vcnpath_tests::interrupt::install();
     let (churn, rest) = churn_option(rest)?;
     let rest = rest.as_slice();
     let machine = Machine::detect();

@@ -8,12 +8,12 @@
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
 use anyhow::{Result, bail};
 use vcnpath_tests::{
+    interrupt::check,
     lab::{
         LabOptions, SimLab, lab_sim_config,
         traffic::{TcpServer, UdpEchoServer, tcp_bulk, udp_request},
@@ -22,19 +22,6 @@ use vcnpath_tests::{
     privileged::have_root,
 };
 
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-fn check_stop() -> Result<()> {
-    if STOP.load(Ordering::SeqCst) {
-        bail!("interrupted; cleaning up");
-    }
-    Ok(())
-}
-
 const T: Duration = Duration::from_secs(30);
 const PODS: usize = 30;
 
@@ -42,11 +29,7 @@ fn main() {
     if !have_root("vcnpath demo") {
         std::process::exit(1);
     }
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    vcnpath_tests::interrupt::install();
     match demo() {
         Ok(()) => println!("\nAll namespaces, links, pins and processes of the demo are removed."),
         Err(error) => {
@@ -73,17 +56,17 @@ fn demo() -> Result<()> {
         ..lab_sim_config()
     };
     let lab = SimLab::new(LabOptions::default(), config)?;
-    check_stop()?;
+    check()?;
     println!("2. Starting `vcnpath run` in the node namespace…");
     let agent = NodeAgent::start(&lab, "demo")?;
-    check_stop()?;
+    check()?;
 
     println!(
         "3. Creating {PODS} pods with `vcnpath-cni` ADD ({IPS_PER_VNIC} addresses per VNIC, so a second VNIC is needed)…"
     );
     let mut pods = Vec::new();
     for i in 0..PODS {
-        check_stop()?;
+        check()?;
         let id = format!("demo{i:02}");
         let ns = lab.lab().add_pod_netns(&id)?;
         let out = cni_add(lab.lab().node(), &agent.socket(), &id, ns.path(), T)?;
@@ -145,7 +128,7 @@ fn demo() -> Result<()> {
     );
     let mut failures = 0;
     for (id, ns, ip) in &pods {
-        check_stop()?;
+        check()?;
         let show = |r: Result<IpAddr>| r.map_or_else(|e| format!("FAILED: {e}"), |a| a.to_string());
         let to_peer = show(tcp_bulk(ns, None, peer.addr(), 1 << 20, T).map(|r| r.peer_seen.ip()));
         let to_inet = show(tcp_bulk(ns, None, inet.addr(), 1 << 20, T).map(|r| r.peer_seen.ip()));
