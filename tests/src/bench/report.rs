@@ -43,7 +43,29 @@ pub fn per_packet_table(rows: &[per_packet::Row]) -> String {
             row.reason.name()
         );
     }
+    for line in per_packet_targets(rows) {
+        let _ = writeln!(out, "{line}");
+    }
     out
+}
+
+/// The datapath's per-packet targets (median run against the limit), as lines saying met
+/// or missed.
+pub fn per_packet_targets(rows: &[per_packet::Row]) -> Vec<String> {
+    [
+        ("non-endpoint pass-through", 60.0),
+        ("established-flow SNAT", 150.0),
+    ]
+    .into_iter()
+    .filter_map(|(name, limit)| {
+        let row = rows.iter().find(|r| r.name == name)?;
+        let verdict = if row.ns <= limit { "met" } else { "MISSED" };
+        Some(format!(
+            "target: {name} <= {limit:.0} ns: {:.1} ns (median run), {verdict}",
+            row.ns
+        ))
+    })
+    .collect()
 }
 
 fn ratio(vcnpath: f64, baseline: f64) -> String {

@@ -92,7 +92,11 @@ fn datapath(machine: &Machine) -> Result<()> {
     print!("{}", report::per_packet_table(&rows));
     let path = write_json(
         "datapath",
-        &serde_json::json!({ "machine": machine, "rows": rows }),
+        &serde_json::json!({
+            "machine": machine,
+            "rows": rows,
+            "targets": report::per_packet_targets(&rows),
+        }),
     )?;
     println!("figures written to {}\n", path.display());
     Ok(())
