@@ -2,6 +2,7 @@
 //! them to VNIC interfaces, and keeps the maps equal to a desired state. One task owns
 //! every map write ([`task`]); everyone else sends it intents.
 
+mod batch;
 mod counters;
 mod error;
 pub mod gc;

@@ -1,0 +1,202 @@
+//! Batch reads and deletes on hash maps (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_DELETE_BATCH`,
+//! kernel 5.6+), which aya 0.14 does not wrap. One syscall moves thousands of entries,
+//! where aya's iterator spends two syscalls per entry and `remove` one per key: that is
+//! the difference between milliseconds and seconds on a full NAT table.
+
+use std::{
+    borrow::Borrow,
+    io,
+    marker::PhantomData,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+};
+
+use aya::{
+    Pod,
+    maps::{HashMap, IterableMap as _, MapData, MapError},
+    sys::SyscallError,
+};
+
+// `enum bpf_cmd` values from the kernel's uapi `linux/bpf.h`.
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// The `batch` member of the kernel's `union bpf_attr`. The kernel accepts an attribute
+/// shorter than the whole union and treats the rest as zero.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    /// Resume token from the previous call (null on the first).
+    in_batch: u64,
+    /// Where the kernel writes the token to resume from.
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    /// In: buffer capacity in elements. Out: elements processed, also on failure.
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+const _: () = assert!(size_of::<BatchAttr>() == 56);
+
+/// Issues one batch command. On return `attr.count` holds the number of elements the
+/// kernel processed, whether or not it failed.
+///
+/// # Safety
+/// Every nonzero pointer in `attr` must address a buffer the kernel may read and write:
+/// `keys` and `values` for `attr.count` keys and values of the map's sizes, `in_batch`
+/// and `out_batch` for the map's resume token.
+unsafe fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: `attr` is a valid, writable prefix of `union bpf_attr` of the size passed;
+    // the buffers it names are the caller's promise.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &raw mut *attr,
+            size_of::<BatchAttr>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn syscall_error(call: &'static str, io_error: io::Error) -> MapError {
+    MapError::SyscallError(SyscallError { call, io_error })
+}
+
+/// Pointer-to-`u64` conversion the kernel ABI uses for user buffers.
+fn user_ptr<T>(ptr: *const T) -> u64 {
+    ptr as usize as u64
+}
+
+/// A hash map (plain or LRU) on which the batch operations are sound: aya built the typed
+/// map only after checking the kernel's key and value sizes equal `K` and `V`, and such a
+/// map holds exactly one `V` per key (per-CPU maps have another type).
+pub struct BatchMap<'m, K, V> {
+    fd: BorrowedFd<'m>,
+    _entries: PhantomData<fn() -> (K, V)>,
+}
+
+impl<'m, K: Pod + Default, V: Pod + Default> BatchMap<'m, K, V> {
+    pub fn new<T: Borrow<MapData>>(map: &'m HashMap<T, K, V>) -> Self {
+        Self {
+            fd: map.map().fd().as_fd(),
+            _entries: PhantomData,
+        }
+    }
+
+    /// Reads the map `chunk` entries per syscall; see [`BatchReader::next_chunk`].
+    pub fn reader(&self, chunk: usize) -> BatchReader<'_, 'm, K, V> {
+        let chunk = chunk.max(1);
+        BatchReader {
+            map: self,
+            keys: vec![K::default(); chunk],
+            values: vec![V::default(); chunk],
+            // A hash map's resume token is a `u32` bucket index; 8 bytes leave room.
+            token_in: [0; 8],
+            token_out: [0; 8],
+            started: false,
+            done: false,
+        }
+    }
+
+    /// Deletes `keys`, as many per syscall as the kernel takes. Keys no longer in the map
+    /// (an LRU eviction, a program's delete, a duplicate in `keys`) are skipped. Returns
+    /// how many entries were deleted.
+    pub fn delete(&self, keys: &[K]) -> Result<usize, MapError> {
+        let mut deleted = 0;
+        let mut rest = keys;
+        while !rest.is_empty() {
+            let mut attr = BatchAttr {
+                keys: user_ptr(rest.as_ptr()),
+                count: u32::try_from(rest.len()).unwrap_or(u32::MAX),
+                map_fd: self.fd.as_raw_fd().cast_unsigned(),
+                ..BatchAttr::default()
+            };
+            // SAFETY: `keys` holds `attr.count` keys of the map's key size (see `BatchMap`);
+            // the kernel only reads it.
+            let result = unsafe { bpf_batch(BPF_MAP_DELETE_BATCH, &mut attr) };
+            let done = attr.count as usize;
+            deleted += done;
+            match result {
+                Ok(()) => rest = &rest[done.min(rest.len())..],
+                // The kernel stops at the first key it cannot find: skip that one.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    rest = &rest[(done + 1).min(rest.len())..];
+                }
+                Err(e) => return Err(syscall_error("bpf_map_delete_batch", e)),
+            }
+        }
+        Ok(deleted)
+    }
+}
+
+/// The keys of one chunk and their values, index for index.
+pub type Chunk<'a, K, V> = (&'a [K], &'a [V]);
+
+/// Streams a map's entries in chunks. The kernel walks the table bucket by bucket, so a
+/// full pass yields every key present throughout exactly once, however the map changes
+/// meanwhile (keys added or removed during the pass may or may not appear).
+pub struct BatchReader<'b, 'm, K, V> {
+    map: &'b BatchMap<'m, K, V>,
+    keys: Vec<K>,
+    values: Vec<V>,
+    token_in: [u8; 8],
+    token_out: [u8; 8],
+    started: bool,
+    done: bool,
+}
+
+impl<K: Pod + Default, V: Pod + Default> BatchReader<'_, '_, K, V> {
+    /// The next chunk of entries, `None` once the whole map was read. A chunk is never
+    /// empty; it holds at most the chunk size given to [`BatchMap::reader`] (more if a
+    /// single hash bucket holds more entries than that, which the reader then grows for).
+    pub fn next_chunk(&mut self) -> Result<Option<Chunk<'_, K, V>>, MapError> {
+        loop {
+            if self.done {
+                return Ok(None);
+            }
+            let mut attr = BatchAttr {
+                in_batch: if self.started {
+                    user_ptr(self.token_in.as_ptr())
+                } else {
+                    0
+                },
+                out_batch: user_ptr(self.token_out.as_mut_ptr()),
+                keys: user_ptr(self.keys.as_mut_ptr()),
+                values: user_ptr(self.values.as_mut_ptr()),
+                count: u32::try_from(self.keys.len()).unwrap_or(u32::MAX),
+                map_fd: self.map.fd.as_raw_fd().cast_unsigned(),
+                ..BatchAttr::default()
+            };
+            // SAFETY: `keys` and `values` have room for `attr.count` keys and values of
+            // the map's sizes (see `BatchMap`); both tokens are 8 bytes, more than a hash
+            // map's 4-byte token.
+            let result = unsafe { bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+            let count = (attr.count as usize).min(self.keys.len());
+            match result {
+                Ok(()) => {}
+                // The end of the table; the last entries may come with it.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => self.done = true,
+                // One bucket holds more entries than the buffers: grow them and retry.
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && count == 0 => {
+                    let grown = self.keys.len() * 2;
+                    self.keys.resize(grown, K::default());
+                    self.values.resize(grown, V::default());
+                    continue;
+                }
+                Err(e) => return Err(syscall_error("bpf_map_lookup_batch", e)),
+            }
+            self.started = true;
+            self.token_in = self.token_out;
+            if count > 0 {
+                return Ok(Some((&self.keys[..count], &self.values[..count])));
+            }
+        }
+    }
+}
