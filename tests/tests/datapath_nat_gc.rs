@@ -275,3 +275,68 @@ fn collection_removes_exactly_the_expired_flows_of_a_table_larger_than_a_batch()
         "a second collection must find only the live entries and remove nothing"
     );
 }
+
+/// A pod's removal purges its flows' entries, but never a reply entry that translates to
+/// another pod: after an LRU eviction and a port reuse, the removed pod's stale egress
+/// entry names the reply key of the flow that now owns the port.
+#[test]
+fn removing_a_pod_keeps_the_reply_entry_another_pods_flow_reused() {
+    use vcnpath_tests::datapath_fixture::{POD1, POD1B, REMOTE, state};
+    if !have_root("removing_a_pod_keeps_the_reply_entry_another_pods_flow_reused") {
+        return;
+    }
+    let mut fx = Fixture::new("gc-purge", 1024, 65535);
+    let now = monotonic_now_ns();
+    let key = |src: Ipv4Addr, sport, dir| NatKey {
+        src: src.octets(),
+        dst: REMOTE.octets(),
+        sport,
+        dport: 443,
+        proto: TCP,
+        dir,
+        pad: [0; 2],
+    };
+    let entry = |addr: Ipv4Addr, port| NatEntry {
+        last_seen_ns: now,
+        addr: addr.octets(),
+        port,
+        flags: 0,
+        tcp_seen: EST,
+        created_ns: now,
+    };
+    let live_out = key(POD1, 40000, NAT_DIR_EGRESS);
+    let stale_out = key(POD1B, 50000, NAT_DIR_EGRESS);
+    let reply = NatKey {
+        src: REMOTE.octets(),
+        dst: MASQ.octets(),
+        sport: 443,
+        dport: 40000,
+        proto: TCP,
+        dir: NAT_DIR_INGRESS,
+        pad: [0; 2],
+    };
+    let nat = &mut fx.datapath.maps.nat;
+    nat.insert(live_out, entry(MASQ, 40000), 0).unwrap();
+    nat.insert(reply, entry(POD1, 40000), 0).unwrap();
+    nat.insert(stale_out, entry(MASQ, 40000), 0).unwrap();
+
+    let mut st = state(1024, 65535);
+    assert!(st.endpoints.remove(&POD1B).is_some());
+    let report = fx.datapath.maps.sync(&st).unwrap();
+    assert_eq!(report.nat_purged, 1, "only the stale egress entry goes");
+    let nat = &fx.datapath.maps.nat;
+    assert!(matches!(nat.get(&stale_out, 0), Err(MapError::KeyNotFound)));
+    assert!(
+        nat.get(&live_out, 0).is_ok(),
+        "the live flow keeps its egress entry"
+    );
+    assert!(
+        nat.get(&reply, 0).is_ok(),
+        "the live flow keeps its reply entry"
+    );
+
+    assert!(st.endpoints.remove(&POD1).is_some());
+    let report = fx.datapath.maps.sync(&st).unwrap();
+    assert_eq!(report.nat_purged, 2, "the removed pod's flow goes whole");
+    assert_eq!(fx.datapath.maps.nat_len(), 0);
+}

@@ -369,7 +369,9 @@ impl<'t> Collector<'t> {
 }
 
 /// Judges the flow of the egress entry `out` (at `out_key`) with `back`, the entry at its
-/// reply key `reply` if there is one; dooms both if the flow expired. Returns whether
+/// reply key `reply` if there is one and it translates back to `out`; dooms both if the
+/// flow expired. A reply entry of another flow (the stale egress half of an evicted flow
+/// whose port was reused) is neither read nor removed: it is that flow's. Returns whether
 /// `out` claims `back`.
 fn settle(
     rules: &Rules<'_>,
@@ -379,13 +381,14 @@ fn settle(
     out: &Half,
     back: Option<&Half>,
 ) -> bool {
+    let back = back.filter(|back| back.belongs_to(out));
     if rules.flow_expired(reply.proto, out, back) {
         doomed.push(*out_key);
         if back.is_some() {
             doomed.push(*reply);
         }
     }
-    back.is_some_and(|back| back.belongs_to(out))
+    back.is_some()
 }
 
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns()`.
@@ -521,6 +524,40 @@ mod tests {
         assert_eq!(expired(&entries, 61 * S, &t).len(), 1);
     }
 
+    #[test]
+    fn a_stale_egress_entry_never_takes_the_reply_entry_of_the_flow_that_reused_its_port() {
+        let t = NatTimeouts::default();
+        let est = TCP_SEEN_SYN | TCP_SEEN_ACK;
+        // A live established flow, last used 30 s ago.
+        let mut entries = flow(IPPROTO_TCP, 100 * S, est, est);
+        // A reset flow of another pod whose reply entry was evicted, and whose port the
+        // live flow then claimed: its egress entry names the live flow's reply key.
+        let stale = NatKey {
+            src: [10, 0, 1, 21],
+            dst: [203, 0, 113, 10],
+            sport: 50000,
+            dport: 443,
+            proto: IPPROTO_TCP,
+            dir: NAT_DIR_EGRESS,
+            pad: [0; 2],
+        };
+        let stale_e = NatEntry {
+            last_seen_ns: 0,
+            addr: [10, 0, 0, 10],
+            port: 40000,
+            tcp_seen: TCP_SEEN_ACK | TCP_SEEN_RST,
+            ..Default::default()
+        };
+        assert!(entries.contains_key(&reply_key(&stale, &stale_e)));
+        entries.insert(stale, stale_e);
+        let doomed = expired(&entries, 130 * S, &t);
+        assert_eq!(
+            doomed,
+            vec![stale],
+            "only the stale egress entry goes; the live flow keeps its reply entry"
+        );
+    }
+
     /// The rules as written before the collector streamed: a whole-table pass that marks
     /// claimed reply entries, then a pass over the unclaimed ones.
     fn whole_table_reference(
@@ -540,8 +577,10 @@ mod tests {
                 continue;
             }
             let reply = reply_key(key, entry);
-            let back = entries.get(&reply);
-            if back.is_some_and(|b| b.addr == key.src && b.port == key.sport) {
+            let back = entries
+                .get(&reply)
+                .filter(|b| b.addr == key.src && b.port == key.sport);
+            if back.is_some() {
                 paired.insert(reply);
             }
             let (back_seen, back_last) = back.map_or((0, 0), |b| (b.tcp_seen, b.last_seen_ns));

@@ -201,19 +201,28 @@ impl DatapathMaps {
     }
 
     /// Deletes the NAT entries matching `doomed`, and the reply entry of every egress
-    /// entry deleted, so no half of a flow is left behind.
+    /// entry deleted when it translates back to that entry, so no half of a flow is left
+    /// behind and no other flow's reply entry is taken.
     fn purge_nat(
         &mut self,
         doomed: impl Fn(&NatKey, &NatEntry) -> bool,
     ) -> Result<usize, DatapathError> {
         let mut keys = Vec::new();
+        let mut replies = Vec::new();
         for item in &self.nat {
             let (key, entry) = item.map_err(DatapathError::map(MAP_NAT))?;
             if doomed(&key, &entry) {
                 keys.push(key);
                 if key.dir == NAT_DIR_EGRESS && entry.flags & NAT_F_INBOUND == 0 {
-                    keys.push(reply_key(&key, &entry));
+                    replies.push((reply_key(&key, &entry), key.src, key.sport));
                 }
+            }
+        }
+        for (reply, pod_addr, pod_port) in replies {
+            match self.nat.get(&reply, 0) {
+                Ok(back) if back.addr == pod_addr && back.port == pod_port => keys.push(reply),
+                Ok(_) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(DatapathError::map(MAP_NAT)(e)),
             }
         }
         keys.sort_unstable_by_key(|k| (k.dir, k.src, k.dst, k.sport, k.dport, k.proto));
