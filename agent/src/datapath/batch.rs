@@ -105,6 +105,20 @@ impl<'m, K: Pod + Default, V: Pod + Default> BatchMap<'m, K, V> {
         }
     }
 
+    /// Calls `f` on every entry, reading `chunk` entries per syscall; returns how many
+    /// there were.
+    pub fn for_each(&self, chunk: usize, mut f: impl FnMut(&K, &V)) -> Result<usize, MapError> {
+        let mut reader = self.reader(chunk);
+        let mut seen = 0;
+        while let Some((keys, values)) = reader.next_chunk()? {
+            seen += keys.len();
+            for (key, value) in keys.iter().zip(values) {
+                f(key, value);
+            }
+        }
+        Ok(seen)
+    }
+
     /// Deletes `keys`, as many per syscall as the kernel takes. Keys no longer in the map
     /// (an LRU eviction, a program's delete, a duplicate in `keys`) are skipped. Returns
     /// how many entries were deleted.

@@ -404,7 +404,7 @@ pub fn monotonic_now_ns() -> u64 {
 }
 
 /// Entries one batch syscall reads or deletes: 160 KiB of buffers for the NAT table.
-const BATCH_CHUNK: usize = 4096;
+pub(super) const BATCH_CHUNK: usize = 4096;
 
 impl DatapathMaps {
     /// Removes expired NAT entries. The table is read in chunks with one syscall each and
@@ -438,9 +438,11 @@ impl DatapathMaps {
         Ok(GcReport { scanned, removed })
     }
 
-    /// Number of entries in the NAT table.
+    /// Number of entries in the NAT table (0 if it cannot be read).
     pub fn nat_len(&self) -> usize {
-        self.nat.keys().count()
+        BatchMap::new(&self.nat)
+            .for_each(BATCH_CHUNK, |_, _| {})
+            .unwrap_or(0)
     }
 }
 
