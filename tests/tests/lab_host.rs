@@ -4,7 +4,7 @@
 
 use std::net::Ipv4Addr;
 
-use vcnpath::host::netlink::{Netlink, parse_mac};
+use vcnpath::host::netlink::{LinkEvents, Netlink, parse_mac};
 use vcnpath_tests::{
     lab::{Netns, run_in},
     privileged::have_root,
@@ -86,4 +86,37 @@ fn lab_a_secondary_vnic_is_found_by_mac_and_configured() {
         parse_mac("02:00:17:00:00:01"),
         "the router's MAC comes from the neighbour table"
     );
+}
+
+/// The agent sets a VNIC's interface up when the kernel announces it: the link
+/// subscription reports an interface appearing in the namespace, and is quiet otherwise.
+#[test]
+fn lab_a_new_interface_is_announced() {
+    if !have_root("lab_host") {
+        return;
+    }
+    let ns = Netns::create(&format!("vl{}", std::process::id())).expect("netns");
+    let announced = run_in(&ns, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let mut events = LinkEvents::subscribe().expect("subscribe");
+            let quiet =
+                tokio::time::timeout(std::time::Duration::from_millis(200), events.changed()).await;
+            assert!(quiet.is_err(), "no notification before a link changes");
+            ns.ip(&[
+                "link", "add", "ens6", "type", "veth", "peer", "name", "ens6p",
+            ])
+            .expect("ip link add");
+            // A failure bound, not a timing claim: the notification comes at once.
+            tokio::time::timeout(std::time::Duration::from_secs(10), events.changed())
+                .await
+                .ok()
+                .flatten()
+        })
+    })
+    .expect("run in netns");
+    assert_eq!(announced, Some(()), "the new interface is announced");
 }

@@ -23,7 +23,7 @@ use crate::{
         http::{self, Introspection},
     },
     datapath::{self, Datapath, LoadOptions},
-    host::netlink::{Netlink, parse_mac},
+    host::netlink::{LinkEvents, Netlink, parse_mac},
     ipam::{Ipam, IpamConfig, OciCloud},
     oci::{
         AuthProvider, ConfigFileAuth, CoreClient, Endpoints, ImdsClient, InstancePrincipalAuth,
@@ -33,7 +33,8 @@ use crate::{
 
 /// How long an attachment may stay ATTACHING before IPAM gives up on it.
 const ATTACH_TIMEOUT: Duration = Duration::from_mins(2);
-/// How often VNIC interfaces are looked for and the datapath re-synced.
+/// How often VNIC interfaces are looked for (besides on link notifications) and the
+/// datapath re-synced.
 const HOST_TICK: Duration = Duration::from_secs(1);
 /// How often the VCN's CIDR blocks are re-read.
 const VCN_REFRESH: Duration = Duration::from_mins(5);
@@ -271,8 +272,28 @@ async fn supervise(
         tokio::time::interval(Duration::from_secs(config.datapath.gc_interval_secs.max(1)));
     let mut vcn_tick = tokio::time::interval(VCN_REFRESH);
     vcn_tick.reset();
+    // A VNIC's interface is set up as soon as the kernel announces it; the tick is the
+    // safety net (and keeps readiness and the maps current).
+    let mut links = match LinkEvents::subscribe() {
+        Ok(events) => Some(events),
+        Err(error) => {
+            warn!(%error, "cannot subscribe to link notifications; new VNICs are found by the periodic scan only");
+            None
+        }
+    };
     loop {
         tokio::select! {
+            Some(()) = async {
+                match links.as_mut() {
+                    Some(events) => events.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                node.setup_vnics().await;
+            }
+            () = node.ipam.vnic_added() => {
+                node.setup_vnics().await;
+            }
             _ = host_tick.tick() => {
                 node.setup_vnics().await;
                 if let Err(error) = node.sync().await {

@@ -40,6 +40,35 @@ pub struct Link {
     pub up: bool,
 }
 
+/// Notifications of link changes in this network namespace (an interface appearing,
+/// going, being renamed or changing state): the kernel's `RTNLGRP_LINK` multicast group.
+pub struct LinkEvents {
+    messages: futures::channel::mpsc::UnboundedReceiver<(
+        rtnetlink::packet_core::NetlinkMessage<rtnetlink::packet_route::RouteNetlinkMessage>,
+        rtnetlink::sys::SocketAddr,
+    )>,
+}
+
+impl LinkEvents {
+    /// Subscribes. Needs a Tokio runtime; the socket lives as long as the value.
+    pub fn subscribe() -> Result<Self, HostError> {
+        let (connection, _handle, messages) =
+            rtnetlink::new_multicast_connection(&[rtnetlink::MulticastGroup::Link])
+                .map_err(HostError::Connect)?;
+        tokio::spawn(connection);
+        Ok(Self { messages })
+    }
+
+    /// Waits for the next change, and takes the burst of notifications that came with it
+    /// (a VNIC's arrival is several). `None` once the socket has closed.
+    pub async fn changed(&mut self) -> Option<()> {
+        use futures::{FutureExt as _, StreamExt as _};
+        self.messages.next().await?;
+        while let Some(Some(_)) = self.messages.next().now_or_never() {}
+        Some(())
+    }
+}
+
 /// An rtnetlink connection.
 #[derive(Clone)]
 pub struct Netlink {

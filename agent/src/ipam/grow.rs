@@ -205,6 +205,7 @@ async fn attach_vnic(inner: &Inner, subnet: &str) -> bool {
         Ok(info) => {
             tracing::info!(vnic = %info.id, nic_index = info.nic_index, subnet, "VNIC attached");
             inner.state.lock().await.pool.upsert_vnic(info);
+            inner.vnic_added.notify_one();
             true
         }
         Err(e) => {

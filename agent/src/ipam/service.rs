@@ -40,6 +40,8 @@ pub(super) struct Inner {
     pub tags: Tags,
     /// Turns true once the first reconcile with OCI has built the pool.
     pub reconciled: watch::Sender<bool>,
+    /// Raised when a VNIC joins the pool, for host setup to look for its interface.
+    pub vnic_added: Notify,
 }
 
 impl Inner {
@@ -135,6 +137,7 @@ impl Ipam {
             wake: Notify::new(),
             tags,
             reconciled: watch::Sender::new(false),
+            vnic_added: Notify::new(),
             cfg,
         });
         let background = tokio::spawn(background(inner.clone()));
@@ -142,6 +145,12 @@ impl Ipam {
             inner,
             tasks: vec![background],
         })
+    }
+
+    /// Waits until a VNIC joins the pool (attached by the grower) or the reconcile
+    /// finished, whichever comes first since the last call: its interface can be set up.
+    pub async fn vnic_added(&self) {
+        self.inner.vnic_added.notified().await;
     }
 
     /// Waits until the first reconcile with OCI has built the pool.
@@ -381,6 +390,7 @@ async fn background(inner: Arc<Inner>) {
         delay = (delay * 2).min(FIRST_RECONCILE_MAX_BACKOFF);
     }
     inner.reconciled.send_replace(true);
+    inner.vnic_added.notify_one();
     tracing::info!(
         took_ms = started.elapsed().as_millis() as u64,
         "IPAM reconciled with OCI"
