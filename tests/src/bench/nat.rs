@@ -16,11 +16,11 @@ use anyhow::{Context, Result, bail, ensure};
 use vcnpath::datapath::{DatapathMaps, NatTimeouts};
 use vcnpath_common::{NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_MAX, NatEntry, NatKey, Reason};
 
-use super::per_packet::{entry, key, measure};
+use super::per_packet::{Case, entry, interleaved, key, translating_pair};
 use super::pin_to_cpu;
 use crate::datapath_fixture::{Fixture, MASQ, POD0, POD1, REMOTE};
 use crate::lab::process;
-use crate::packet::{Spec, build};
+use crate::packet::Spec;
 
 /// Live entries measured: 1k, 64k and 256k (the agent's default capacity, `NAT_MAX`).
 pub const LIVE: [usize; 3] = [1 << 10, 1 << 16, NAT_MAX as usize];
@@ -66,11 +66,42 @@ pub fn run() -> Result<NatScale> {
     // The LRU keeps free entries on per-CPU lists: filling from one CPU lets the table
     // reach its capacity before anything is evicted.
     pin_to_cpu(0);
-    let mut rows = Vec::new();
+    let mut tables = Vec::new();
     for target in LIVE {
         eprintln!("nat: {target} live entries");
-        rows.push(scale_row(target)?);
+        tables.push(filled(target)?);
     }
+    // The fill levels are timed in turn, like the per-packet paths, so the machine's
+    // noise lands on all of them alike.
+    let cases: Vec<Case<'_>> = tables
+        .iter()
+        .map(|(fx, _)| {
+            Case::egress(
+                fx,
+                &Spec::tcp(POD0, 1000, REMOTE, 443),
+                Reason::SnatEstablished,
+                "established-flow SNAT",
+            )
+        })
+        .collect();
+    let timed = interleaved(&cases)?;
+    let rows = LIVE
+        .iter()
+        .zip(&tables)
+        .zip(timed)
+        .map(|((&target, (fx, live_entries)), row)| {
+            Ok(ScaleRow {
+                target_entries: target,
+                live_entries: *live_entries,
+                established_ns: row.ns,
+                established_min_ns: row.min_ns,
+                share: row.share,
+                map_bytes: map_memlock(&fx.pin_dir().join(vcnpath_common::MAP_NAT))?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    drop(cases);
+    drop(tables);
     eprintln!("nat: collecting {NAT_MAX} expired entries");
     Ok(NatScale {
         capacity: NAT_MAX,
@@ -79,38 +110,15 @@ pub fn run() -> Result<NatScale> {
     })
 }
 
-fn scale_row(target: usize) -> Result<ScaleRow> {
-    let mut fx = Fixture::with_nat_capacity("nat", 1024, 65535, NAT_MAX);
+/// A datapath whose NAT table holds `target` live entries, among them the two mappings
+/// the per-packet benchmark times (inserted last, so the LRU never evicts them); with
+/// the number of entries it holds.
+fn filled(target: usize) -> Result<(Fixture, usize)> {
+    let mut fx = Fixture::with_nat_capacity(&format!("nat{target}"), 1024, 65535, NAT_MAX);
     fill(&mut fx.datapath.maps, target - 2, 6, 0)?;
-    // The two mappings the per-packet benchmark uses (POD0:1000 and POD1:2000 translate
-    // into each other), inserted last so the LRU never evicts them.
-    let nat = &mut fx.datapath.maps.nat;
-    nat.insert(
-        key(NAT_DIR_EGRESS, POD0, 1000, REMOTE, 443),
-        entry(POD1, 2000),
-        0,
-    )?;
-    nat.insert(
-        key(NAT_DIR_EGRESS, POD1, 2000, REMOTE, 443),
-        entry(POD0, 1000),
-        0,
-    )?;
-    let live_entries = fx.datapath.maps.nat_len();
-    let row = measure(
-        &fx,
-        fx.datapath.egress(),
-        &build(&Spec::tcp(POD0, 1000, REMOTE, 443)),
-        Reason::SnatEstablished,
-        "established-flow SNAT",
-    )?;
-    Ok(ScaleRow {
-        target_entries: target,
-        live_entries,
-        established_ns: row.ns,
-        established_min_ns: row.min_ns,
-        share: row.share,
-        map_bytes: map_memlock(&fx.pin_dir().join(vcnpath_common::MAP_NAT))?,
-    })
+    translating_pair(&mut fx, NAT_DIR_EGRESS, (POD0, 1000), (POD1, 2000))?;
+    let live = fx.datapath.maps.nat_len();
+    Ok((fx, live))
 }
 
 fn gc_row(target: usize) -> Result<GcRow> {

@@ -3,7 +3,7 @@
 //!
 //! The kernel feeds every repeat the buffer the previous repeat left behind, so each case
 //! is built to take the same path on every repeat, and the per-reason counters are read
-//! afterwards to prove it.
+//! around every run to prove it. The paths are measured in turn, a run of each per round.
 
 use std::net::Ipv4Addr;
 
@@ -11,7 +11,6 @@ use crate::{
     datapath_fixture::{Fixture, MASQ, PEER, POD0, POD1, REMOTE, state, time_ns},
     packet::{Spec, build},
 };
-use aya::programs::SchedClassifier;
 use vcnpath_common::{NAT_DIR_EGRESS, NAT_DIR_INGRESS, NatEntry, NatKey, Reason};
 
 pub const REPEAT: u32 = 1_000_000;
@@ -42,33 +41,77 @@ fn reason_name<S: serde::Serializer>(reason: &Reason, s: S) -> Result<S::Ok, S::
     s.serialize_str(reason.name())
 }
 
-/// Times `frame` through `program` (`RUNS` runs of `REPEAT`) and checks with the
-/// counters that the repeats took the path of `reason`.
-pub fn measure(
-    fx: &Fixture,
-    program: &SchedClassifier,
-    frame: &[u8],
-    reason: Reason,
-    name: &'static str,
-) -> anyhow::Result<Row> {
-    crate::interrupt::check()?;
-    let before = fx.counters();
-    let mut runs: Vec<f64> = (0..RUNS)
-        .map(|_| time_ns(program, frame, REPEAT).1)
-        .collect();
+/// The row of a path from its runs' means and how many repeats the counter of `reason`
+/// saw over all of them.
+fn row(name: &'static str, reason: Reason, mut runs: Vec<f64>, on_path: u64) -> Row {
     runs.sort_by(f64::total_cmp);
     let (ns, min_ns) = (runs[runs.len() / 2], runs[0]);
-    let delta = before.delta(&fx.counters());
     // Counts are at most RUNS * REPEAT (5e6): exact in an f64.
-    let share = f64::from(u32::try_from(delta.get(reason)).unwrap_or(u32::MAX))
+    let share = f64::from(u32::try_from(on_path).unwrap_or(u32::MAX))
         / (f64::from(REPEAT) * f64::from(RUNS));
-    Ok(Row {
+    Row {
         name,
         ns,
         min_ns,
         reason,
         share,
-    })
+    }
+}
+
+/// One path of the `datapath` benchmark: the frame, the program it goes through, and the
+/// reason its counter records when a repeat took the path.
+pub struct Case<'f> {
+    fx: &'f Fixture,
+    ingress: bool,
+    frame: Vec<u8>,
+    reason: Reason,
+    name: &'static str,
+}
+
+impl<'f> Case<'f> {
+    pub fn egress(fx: &'f Fixture, spec: &Spec, reason: Reason, name: &'static str) -> Self {
+        Self {
+            fx,
+            ingress: false,
+            frame: build(spec),
+            reason,
+            name,
+        }
+    }
+}
+
+/// Measures every case `RUNS` times, one run of each in turn (the order reversed every
+/// round, as the side-by-side benchmark does), so a noisy stretch of the machine lands on
+/// every path alike instead of on whichever path was being measured.
+pub fn interleaved(cases: &[Case<'_>]) -> anyhow::Result<Vec<Row>> {
+    let mut runs = vec![Vec::new(); cases.len()];
+    let mut on_path = vec![0; cases.len()];
+    for round in 0..RUNS {
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..cases.len()).collect()
+        } else {
+            (0..cases.len()).rev().collect()
+        };
+        for i in order {
+            crate::interrupt::check()?;
+            let case = &cases[i];
+            let datapath = &case.fx.datapath;
+            let program = if case.ingress {
+                datapath.ingress()
+            } else {
+                datapath.egress()
+            };
+            let before = case.fx.counters();
+            runs[i].push(time_ns(program, &case.frame, REPEAT).1);
+            on_path[i] += before.delta(&case.fx.counters()).get(case.reason);
+        }
+    }
+    Ok(cases
+        .iter()
+        .zip(runs)
+        .zip(on_path)
+        .map(|((case, runs), seen)| row(case.name, case.reason, runs, seen))
+        .collect())
 }
 
 /// A TCP NAT key.
@@ -97,7 +140,7 @@ pub fn entry(addr: Ipv4Addr, port: u16) -> NatEntry {
 /// Two NAT entries of TCP flows with `REMOTE:443` that translate `a` into `b` and back, so
 /// the packet each repeat leaves behind is the next repeat's translated flow. The address
 /// and port are the pod's (egress) or the masquerade side's (ingress).
-fn translating_pair(
+pub fn translating_pair(
     fx: &mut Fixture,
     dir: u8,
     a: (Ipv4Addr, u16),
@@ -114,66 +157,25 @@ fn translating_pair(
     Ok(())
 }
 
-/// Every path of the `datapath` benchmark.
+/// Every path of the `datapath` benchmark, on three datapaths loaded side by side: the
+/// packet tests' state (three pod endpoints), the same with 4096 pod endpoints, and one
+/// whose masquerade address is a pod address (for new flows).
 pub fn datapath() -> anyhow::Result<Vec<Row>> {
-    let mut rows = Vec::new();
     let mut fx = Fixture::new("bench", 1024, 65535);
-    rows.push(measure(
-        &fx,
-        fx.datapath.egress(),
-        &build(&Spec::tcp(Ipv4Addr::new(172, 16, 0, 5), 40000, REMOTE, 443)),
-        Reason::PassNotEndpoint,
-        "non-endpoint pass-through",
-    )?);
-    rows.push(measure(
-        &fx,
-        fx.datapath.egress(),
-        &build(&Spec::tcp(POD0, 40000, PEER, 443)),
-        Reason::PassVcn,
-        "VCN-internal pass",
-    )?);
-    rows.push(measure(
-        &fx,
-        fx.datapath.egress(),
-        &build(&Spec::tcp(POD1, 40000, PEER, 443)),
-        Reason::RedirectOwner,
-        "egress redirect to owning VNIC",
-    )?);
-
     // Established SNAT: two mappings that translate into each other (POD0:1000 <->
     // POD1:2000), so every repeat is an established translation with real rewrites. The
     // port changes too: the costlier case (two L4 checksum updates), the one the target
     // is checked against.
     translating_pair(&mut fx, NAT_DIR_EGRESS, (POD0, 1000), (POD1, 2000))?;
-    rows.push(measure(
-        &fx,
-        fx.datapath.egress(),
-        &build(&Spec::tcp(POD0, 1000, REMOTE, 443)),
-        Reason::SnatEstablished,
-        "established-flow SNAT",
-    )?);
     // The common case: the flow kept its original port (the translation rewrites only
     // the address, so one L4 checksum update instead of two).
     translating_pair(&mut fx, NAT_DIR_EGRESS, (POD0, 5000), (POD1, 5000))?;
-    rows.push(measure(
-        &fx,
-        fx.datapath.egress(),
-        &build(&Spec::tcp(POD0, 5000, REMOTE, 443)),
-        Reason::SnatEstablished,
-        "established-flow SNAT, original port kept",
-    )?);
     // Reverse translation: replies to MASQ:3000 and MASQ:4000 map onto each other.
     translating_pair(&mut fx, NAT_DIR_INGRESS, (MASQ, 3000), (MASQ, 4000))?;
-    rows.push(measure(
-        &fx,
-        fx.datapath.ingress(),
-        &build(&Spec::tcp(REMOTE, 443, MASQ, 3000)),
-        Reason::ReverseNat,
-        "reverse translation",
-    )?);
 
     // The same redirect and established translation with 4096 pod addresses in
     // `endpoints` instead of 3: the lookup is a hash, so the cost must not move.
+    let mut many = Fixture::new("bench-4096", 1024, 65535);
     let mut st = state(1024, 65535);
     let pod = st.endpoints[&POD1];
     st.endpoints.extend(
@@ -181,37 +183,79 @@ pub fn datapath() -> anyhow::Result<Vec<Row>> {
             .into_iter()
             .map(|ip| (ip, pod)),
     );
-    fx.datapath.maps.sync(&st)?;
-    rows.push(measure(
-        &fx,
-        fx.datapath.egress(),
-        &build(&Spec::tcp(POD1, 40000, PEER, 443)),
-        Reason::RedirectOwner,
-        "egress redirect, 4096 pod endpoints",
-    )?);
-    rows.push(measure(
-        &fx,
-        fx.datapath.egress(),
-        &build(&Spec::tcp(POD0, 1000, REMOTE, 443)),
-        Reason::SnatEstablished,
-        "established-flow SNAT, 4096 pod endpoints",
-    )?);
-    drop(fx);
+    many.datapath.maps.sync(&st)?;
+    translating_pair(&mut many, NAT_DIR_EGRESS, (POD0, 1000), (POD1, 2000))?;
 
     // New-flow SNAT: the masquerade address is itself a pod address, so each translated
     // packet is the next repeat's new flow. Its original port is always taken (by the
     // previous repeat), so this is the slower "collision, pick another port" creation,
     // with a small NAT table that LRU-evicts: a conservative figure.
-    let mut fx = Fixture::with_nat_capacity("bench-new", 1024, 65535, 4096);
+    let mut fresh = Fixture::with_nat_capacity("bench-new", 1024, 65535, 4096);
     let mut st = state(1024, 65535);
-    st.config.as_mut().unwrap().masq_ip = POD0.octets();
-    fx.datapath.maps.sync(&st)?;
-    rows.push(measure(
-        &fx,
-        fx.datapath.egress(),
-        &build(&Spec::tcp(POD1, 40000, REMOTE, 443)),
-        Reason::SnatNew,
-        "new-flow SNAT (port collision, LRU full)",
-    )?);
-    Ok(rows)
+    if let Some(config) = st.config.as_mut() {
+        config.masq_ip = POD0.octets();
+    }
+    fresh.datapath.maps.sync(&st)?;
+
+    let outside = Ipv4Addr::new(172, 16, 0, 5);
+    let cases = [
+        Case::egress(
+            &fx,
+            &Spec::tcp(outside, 40000, REMOTE, 443),
+            Reason::PassNotEndpoint,
+            "non-endpoint pass-through",
+        ),
+        Case::egress(
+            &fx,
+            &Spec::tcp(POD0, 40000, PEER, 443),
+            Reason::PassVcn,
+            "VCN-internal pass",
+        ),
+        Case::egress(
+            &fx,
+            &Spec::tcp(POD1, 40000, PEER, 443),
+            Reason::RedirectOwner,
+            "egress redirect to owning VNIC",
+        ),
+        Case::egress(
+            &fx,
+            &Spec::tcp(POD0, 1000, REMOTE, 443),
+            Reason::SnatEstablished,
+            "established-flow SNAT",
+        ),
+        Case::egress(
+            &fx,
+            &Spec::tcp(POD0, 5000, REMOTE, 443),
+            Reason::SnatEstablished,
+            "established-flow SNAT, original port kept",
+        ),
+        Case {
+            ingress: true,
+            ..Case::egress(
+                &fx,
+                &Spec::tcp(REMOTE, 443, MASQ, 3000),
+                Reason::ReverseNat,
+                "reverse translation",
+            )
+        },
+        Case::egress(
+            &many,
+            &Spec::tcp(POD1, 40000, PEER, 443),
+            Reason::RedirectOwner,
+            "egress redirect, 4096 pod endpoints",
+        ),
+        Case::egress(
+            &many,
+            &Spec::tcp(POD0, 1000, REMOTE, 443),
+            Reason::SnatEstablished,
+            "established-flow SNAT, 4096 pod endpoints",
+        ),
+        Case::egress(
+            &fresh,
+            &Spec::tcp(POD1, 40000, REMOTE, 443),
+            Reason::SnatNew,
+            "new-flow SNAT (port collision, LRU full)",
+        ),
+    ];
+    interleaved(&cases)
 }
