@@ -17,7 +17,7 @@ use vcnpath::datapath::{DatapathMaps, NatTimeouts};
 use vcnpath_common::{NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_MAX, NatEntry, NatKey, Reason};
 
 use super::per_packet::{Case, entry, interleaved, key, translating_pair};
-use super::pin_to_cpu;
+use super::pin_to_last_cpu;
 use crate::datapath_fixture::{Fixture, MASQ, POD0, POD1, REMOTE};
 use crate::lab::process;
 use crate::packet::Spec;
@@ -64,8 +64,8 @@ pub struct NatScale {
 
 pub fn run() -> Result<NatScale> {
     // The LRU keeps free entries on per-CPU lists: filling from one CPU lets the table
-    // reach its capacity before anything is evicted.
-    pin_to_cpu(0);
+    // reach its capacity before anything is evicted. The CPU the timing runs on, too.
+    pin_to_last_cpu();
     let mut tables = Vec::new();
     for target in LIVE {
         eprintln!("nat: {target} live entries");

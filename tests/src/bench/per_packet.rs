@@ -83,12 +83,9 @@ impl<'f> Case<'f> {
 /// Measures every case `RUNS` times, one run of each in turn (the order reversed every
 /// round, as the side-by-side benchmark does), so a noisy stretch of the machine lands on
 /// every path alike instead of on whichever path was being measured. Pins the calling
-/// thread to the last CPU.
+/// thread to the last CPU ([`super::pin_to_last_cpu`]).
 pub fn interleaved(cases: &[Case<'_>]) -> anyhow::Result<Vec<Row>> {
-    // Every path on the same CPU, the last one: CPU 0 takes most of a VM's interrupts
-    // (on the benchmark machine every path measured 15-20% slower there).
-    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    super::pin_to_cpu(cpus - 1);
+    super::pin_to_last_cpu();
     let mut runs = vec![Vec::new(); cases.len()];
     let mut on_path = vec![0; cases.len()];
     for round in 0..RUNS {
