@@ -37,17 +37,22 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
     if let L4::Flow { key, sport, seen } = &l4
         && let Some(entry) = nat::lookup(key)
     {
-        nat::touch(entry, *seen);
+        let due = nat::touch(entry, *seen);
         // SAFETY: pointer from a lookup in this run.
         let (flags, addr, port) = unsafe { ((*entry).flags, (*entry).addr, (*entry).port) };
         if flags & NAT_F_INBOUND != 0 {
             // A reply of a flow opened from outside towards the pod (rule 4).
             return redirect::via_owner(ctx, owner.ifindex, ip.dst, Reason::PassInbound);
         }
-        // The entry's own address is used (not the current config) so a flow keeps
-        // the identity its ingress entry was keyed by.
-        translate(ctx, &ip, addr, *sport, port)?;
-        return leave_via_masquerade(ctx, &config, ip.dst, Reason::SnatEstablished);
+        // About once a second, not per packet: the flow's reply entry must still be its
+        // own (a full table's LRU may have evicted it and another flow taken the port).
+        if due.is_none_or(|now| nat::reply_is_ours(key, addr, port, now)) {
+            // The entry's own address is used (not the current config) so a flow keeps
+            // the identity its ingress entry was keyed by.
+            translate(ctx, &ip, addr, *sport, port)?;
+            return leave_via_masquerade(ctx, &config, ip.dst, Reason::SnatEstablished);
+        }
+        nat::forget(key);
     }
 
     if maps::is_nonmasq(ip.dst) {

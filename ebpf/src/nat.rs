@@ -77,20 +77,64 @@ pub fn tcp_seen(tcp_flags: u8) -> u8 {
 }
 
 /// Records activity on an entry, writing only when something changed or the timestamp
-/// is older than `NAT_TOUCH_INTERVAL_NS`.
+/// is older than `NAT_TOUCH_INTERVAL_NS`. Returns the time when that interval had passed
+/// (about once a second per active flow), for the checks that need not run per packet.
 #[inline(always)]
-pub fn touch(entry: *mut NatEntry, seen: u8) {
+pub fn touch(entry: *mut NatEntry, seen: u8) -> Option<u64> {
     // SAFETY: `entry` comes from a map lookup in this program run.
     unsafe {
         // The coarse clock (jiffies) is plenty for second-granularity expiry and cheaper.
         let now = bpf_ktime_get_coarse_ns();
+        let due = now.wrapping_sub((*entry).last_seen_ns) > NAT_TOUCH_INTERVAL_NS;
         let merged = (*entry).tcp_seen | seen;
         if merged != (*entry).tcp_seen {
             (*entry).tcp_seen = merged;
             (*entry).last_seen_ns = now;
-        } else if now.wrapping_sub((*entry).last_seen_ns) > NAT_TOUCH_INTERVAL_NS {
+        } else if due {
             (*entry).last_seen_ns = now;
         }
+        due.then_some(now)
+    }
+}
+
+/// Whether the reply entry of the translated flow `fwd` (masqueraded to `addr:port`)
+/// still translates back to it. When the LRU evicted it, it is created again; when
+/// another flow has claimed that port since, the answer is no and `fwd` must start over
+/// with a port of its own (its replies would reach the other flow).
+#[inline(always)]
+pub fn reply_is_ours(fwd: &NatKey, addr: [u8; 4], port: u16, now: u64) -> bool {
+    let key = ingress_key(fwd.proto, fwd.dst, addr, reply_sport(fwd), port);
+    // SAFETY: pointer from a lookup in this run.
+    let points_back = |e: *mut NatEntry| unsafe { (*e).addr == fwd.src && (*e).port == fwd.sport };
+    if let Some(back) = lookup(&key) {
+        return points_back(back);
+    }
+    let back = NatEntry {
+        last_seen_ns: now,
+        addr: fwd.src,
+        port: fwd.sport,
+        flags: 0,
+        tcp_seen: 0,
+        created_ns: now,
+    };
+    // Another CPU may have created it meanwhile: then it decides.
+    NAT.insert(key, back, u64::from(BPF_NOEXIST)).is_ok() || lookup(&key).is_some_and(points_back)
+}
+
+/// Removes the egress entry of a flow that must start over.
+#[inline(always)]
+pub fn forget(fwd: &NatKey) {
+    let _ = NAT.remove(fwd);
+}
+
+/// The source port of a reply to `fwd`: its destination port, or 0 for ICMP echo (whose
+/// replies carry the identifier as the destination "port").
+#[inline(always)]
+fn reply_sport(fwd: &NatKey) -> u16 {
+    if fwd.proto == IPPROTO_ICMP {
+        0
+    } else {
+        fwd.dport
     }
 }
 
@@ -111,11 +155,7 @@ pub fn create(ctx: &TcContext, config: &Config, fwd: &NatKey, seen: u8) -> Step<
         created_ns: now,
     };
     // The reply swaps the addresses and ports; ICMP echo replies carry the id as dport.
-    let reply_sport = if fwd.proto == IPPROTO_ICMP {
-        0
-    } else {
-        fwd.dport
-    };
+    let reply_sport = reply_sport(fwd);
     let claim = |port: u16| {
         if hostsock::in_use(ctx, fwd.proto, fwd.dst, reply_sport, config.masq_ip, port) {
             return false;

@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use vcnpath_common::Reason;
+use vcnpath_common::{NAT_DIR_EGRESS, NatEntry, NatKey, Reason};
 use vcnpath_tests::{
     datapath_fixture::*,
     packet::{self, ETH_HLEN, L4, Spec, assert_checksums, build, view},
@@ -194,6 +194,73 @@ fn collisions_get_another_port_and_both_flows_stay_intact() {
     // And the second flow's later packets keep their mapping.
     let (_, b2) = fx.egress(&build(&Spec::tcp(POD1, 40000, REMOTE, 443)));
     assert_eq!(view(&b2).sport, pb);
+}
+
+/// An egress NAT entry as a flow leaves it, last refreshed at boot (so the next packet
+/// runs the once-a-second checks), translating `pod:port` to `MASQ:masq_port`.
+fn plant_egress(fx: &mut Fixture, pod: Ipv4Addr, port: u16, masq_port: u16) {
+    let key = NatKey {
+        src: pod.octets(),
+        dst: REMOTE.octets(),
+        sport: port,
+        dport: 443,
+        proto: 6,
+        dir: NAT_DIR_EGRESS,
+        pad: [0; 2],
+    };
+    let entry = NatEntry {
+        addr: MASQ.octets(),
+        port: masq_port,
+        ..NatEntry::default()
+    };
+    fx.datapath.maps.nat.insert(key, entry, 0).expect("insert");
+}
+
+#[test]
+fn a_flow_whose_reply_entry_was_evicted_gets_it_back() {
+    root_or_skip!("evicted_reply");
+    let mut fx = Fixture::new("evict", 1024, 65535);
+    // The LRU evicted the reply half of POD0:41000's flow; its egress half is left.
+    plant_egress(&mut fx, POD0, 41000, 41000);
+    let (verdict, out) = fx.egress(&build(&Spec::tcp(POD0, 41000, REMOTE, 443)));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!((view(&out).src, view(&out).sport), (MASQ, 41000));
+    assert_eq!(fx.count(Reason::SnatEstablished), 1, "still the same flow");
+    let (_, reply) = fx.ingress(&build(&Spec::tcp(REMOTE, 443, MASQ, 41000)));
+    assert_eq!(
+        (view(&reply).dst, view(&reply).dport),
+        (POD0, 41000),
+        "the reply entry is back, so replies reach the pod"
+    );
+}
+
+#[test]
+fn a_stale_flow_whose_port_another_flow_took_starts_over_with_its_own() {
+    root_or_skip!("stale_flow");
+    let mut fx = Fixture::new("stale", 1024, 65535);
+    // POD1's flow holds MASQ:40000 (both halves).
+    let (_, b) = fx.egress(&build(&Spec::tcp(POD1, 40000, REMOTE, 443)));
+    assert_eq!(view(&b).sport, 40000);
+    // POD0:50000's flow was translated to MASQ:40000 before its reply half was evicted
+    // and the port given to POD1's flow: its egress half names POD1's reply entry.
+    plant_egress(&mut fx, POD0, 50000, 40000);
+    let (verdict, a) = fx.egress(&build(&Spec::tcp(POD0, 50000, REMOTE, 443)));
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_ne!(
+        view(&a).sport,
+        40000,
+        "the stale flow must not leave with the port another flow owns"
+    );
+    assert_eq!(
+        fx.count(Reason::SnatNew),
+        2,
+        "the stale flow starts over as a new one"
+    );
+    assert_checksums(ip(&a));
+    let (_, rb) = fx.ingress(&build(&Spec::tcp(REMOTE, 443, MASQ, 40000)));
+    assert_eq!((view(&rb).dst, view(&rb).dport), (POD1, 40000));
+    let (_, ra) = fx.ingress(&build(&Spec::tcp(REMOTE, 443, MASQ, view(&a).sport)));
+    assert_eq!((view(&ra).dst, view(&ra).dport), (POD0, 50000));
 }
 
 #[test]
