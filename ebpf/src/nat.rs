@@ -104,21 +104,33 @@ pub fn touch(entry: *mut NatEntry, seen: u8) -> Option<u64> {
 #[inline(always)]
 pub fn reply_is_ours(fwd: &NatKey, addr: [u8; 4], port: u16, now: u64) -> bool {
     let key = ingress_key(fwd.proto, fwd.dst, addr, reply_sport(fwd), port);
-    // SAFETY: pointer from a lookup in this run.
-    let points_back = |e: *mut NatEntry| unsafe { (*e).addr == fwd.src && (*e).port == fwd.sport };
     if let Some(back) = lookup(&key) {
-        return points_back(back);
+        return points_back(back, fwd);
     }
-    let back = NatEntry {
+    // Another CPU may have created it meanwhile: then it decides.
+    NAT.insert(key, reply_entry(fwd, now), u64::from(BPF_NOEXIST))
+        .is_ok()
+        || lookup(&key).is_some_and(|back| points_back(back, fwd))
+}
+
+/// The reply entry of the flow `fwd`: it translates back to the pod's address and port.
+#[inline(always)]
+fn reply_entry(fwd: &NatKey, now: u64) -> NatEntry {
+    NatEntry {
         last_seen_ns: now,
         addr: fwd.src,
         port: fwd.sport,
         flags: 0,
         tcp_seen: 0,
         created_ns: now,
-    };
-    // Another CPU may have created it meanwhile: then it decides.
-    NAT.insert(key, back, u64::from(BPF_NOEXIST)).is_ok() || lookup(&key).is_some_and(points_back)
+    }
+}
+
+/// Whether the reply entry `back` translates back to the flow `fwd`.
+#[inline(always)]
+fn points_back(back: *mut NatEntry, fwd: &NatKey) -> bool {
+    // SAFETY: `back` comes from a map lookup in this program run.
+    unsafe { (*back).addr == fwd.src && (*back).port == fwd.sport }
 }
 
 /// Removes the egress entry of a flow that must start over.
@@ -146,14 +158,7 @@ fn reply_sport(fwd: &NatKey) -> u16 {
 pub fn create(ctx: &TcContext, config: &Config, fwd: &NatKey, seen: u8) -> Step<u16> {
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    let reply = NatEntry {
-        last_seen_ns: now,
-        addr: fwd.src,
-        port: fwd.sport,
-        flags: 0,
-        tcp_seen: 0,
-        created_ns: now,
-    };
+    let reply = reply_entry(fwd, now);
     // The reply swaps the addresses and ports; ICMP echo replies carry the id as dport.
     let reply_sport = reply_sport(fwd);
     let claim = |port: u16| {
@@ -168,8 +173,7 @@ pub fn create(ctx: &TcContext, config: &Config, fwd: &NatKey, seen: u8) -> Step<
     // flow is a leftover of it (its egress half was evicted): take it over.
     let adopt = |port: u16| {
         let key = ingress_key(fwd.proto, fwd.dst, config.masq_ip, reply_sport, port);
-        // SAFETY: pointer from a lookup in this run.
-        lookup(&key).is_some_and(|e| unsafe { (*e).addr == fwd.src && (*e).port == fwd.sport })
+        lookup(&key).is_some_and(|e| points_back(e, fwd))
     };
 
     let (port, claimed) = if claim(fwd.sport) {
