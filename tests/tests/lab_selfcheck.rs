@@ -16,19 +16,11 @@ use vcnpath_tests::lab::traffic::{
     TcpConn, TcpServer, UdpEchoServer, ping, ping_with, tcp_bulk, udp_request,
 };
 use vcnpath_tests::lab::{INET_IP, Lab, LabOptions, PEER_IP, cmd_in, run_in, spawn_in};
+use vcnpath_tests::privileged::have_root;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 /// Long enough for a SYN and its retransmission after 1 s, short enough to keep tests fast.
 const SHORT: Duration = Duration::from_secs(3);
-
-fn skip_unless_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping: needs root");
-        return true;
-    }
-    false
-}
 
 fn new_lab() -> Lab {
     Lab::new(LabOptions::default()).expect("building the lab")
@@ -58,7 +50,7 @@ fn root_links() -> HashSet<String> {
 
 #[test]
 fn dropping_a_lab_deletes_every_namespace_also_after_a_panic() {
-    if skip_unless_root() {
+    if !have_root("lab_selfcheck") {
         return;
     }
     let root_before = root_links();
@@ -118,7 +110,7 @@ fn dropping_a_lab_deletes_every_namespace_also_after_a_panic() {
 
 #[test]
 fn pod_on_primary_vnic_reaches_the_peer_with_its_own_address() {
-    if skip_unless_root() {
+    if !have_root("lab_selfcheck") {
         return;
     }
     let lab = new_lab();
@@ -148,7 +140,7 @@ fn pod_on_primary_vnic_reaches_the_peer_with_its_own_address() {
 
 #[test]
 fn router_drops_a_pod_of_vnic1_routed_out_of_vnic0() {
-    if skip_unless_root() {
+    if !have_root("lab_selfcheck") {
         return;
     }
     let lab = new_lab();
@@ -181,7 +173,7 @@ fn router_drops_a_pod_of_vnic1_routed_out_of_vnic0() {
 
 #[test]
 fn router_drops_packets_towards_an_address_the_vnic_does_not_own() {
-    if skip_unless_root() {
+    if !have_root("lab_selfcheck") {
         return;
     }
     let lab = new_lab();
@@ -203,7 +195,7 @@ fn router_drops_packets_towards_an_address_the_vnic_does_not_own() {
 
 #[test]
 fn node_reaches_the_internet_and_pmtu_discovery_works_over_a_1400_link() {
-    if skip_unless_root() {
+    if !have_root("lab_selfcheck") {
         return;
     }
     let lab = Lab::new(LabOptions {
@@ -249,7 +241,7 @@ fn node_reaches_the_internet_and_pmtu_discovery_works_over_a_1400_link() {
 
 #[test]
 fn two_pods_can_use_the_same_source_port() {
-    if skip_unless_root() {
+    if !have_root("lab_selfcheck") {
         return;
     }
     let lab = new_lab();
@@ -280,7 +272,7 @@ fn two_pods_can_use_the_same_source_port() {
 
 #[test]
 fn code_and_programs_run_inside_the_namespace() {
-    if skip_unless_root() {
+    if !have_root("lab_selfcheck") {
         return;
     }
     let lab = new_lab();
@@ -359,7 +351,7 @@ fn code_and_programs_run_inside_the_namespace() {
 
 #[test]
 fn software_checksums_end_to_end_report_no_errors() {
-    if skip_unless_root() {
+    if !have_root("lab_selfcheck") {
         return;
     }
     let lab = new_lab();
@@ -394,7 +386,7 @@ fn software_checksums_end_to_end_report_no_errors() {
 
 #[test]
 fn a_new_lab_sweeps_namespaces_left_by_a_killed_lab_process() {
-    if skip_unless_root() {
+    if !have_root("lab_selfcheck") {
         return;
     }
     // A pid above pid_max can never belong to a live process.

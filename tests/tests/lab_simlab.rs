@@ -16,20 +16,12 @@ use vcnpath_tests::lab::process::{output, run};
 use vcnpath_tests::lab::{LabOptions, PEER_IP, SimLab, cmd_in, lab_sim_config};
 use vcnpath_tests::ocikit::{fast_retries, instance_principal_client};
 use vcnpath_tests::ocisim::{EventKind, SimConfig};
+use vcnpath_tests::privileged::have_root;
 
 /// The simulator's attach/detach delay in these tests, and the margin on top of it within
 /// which the lab must have followed.
 const ATTACH_DELAY: Duration = Duration::from_millis(300);
 const MARGIN: Duration = Duration::from_secs(2);
-
-fn skip_unless_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping: needs root (network namespaces, veth, nftables)");
-        return true;
-    }
-    false
-}
 
 fn config() -> SimConfig {
     SimConfig {
@@ -96,7 +88,7 @@ fn lab_namespaces_left(prefix: &str) -> Vec<String> {
 
 #[test]
 fn attaching_a_vnic_creates_eth1_with_the_reported_mac_and_detaching_removes_it() {
-    if skip_unless_root() {
+    if !have_root("lab_simlab") {
         return;
     }
     let lab = new_lab();
@@ -198,7 +190,7 @@ fn wait_until(timeout: Duration, mut ok: impl FnMut() -> bool) -> bool {
 
 #[test]
 fn router_passes_a_source_only_while_the_simulator_assigns_it_to_the_vnic() {
-    if skip_unless_root() {
+    if !have_root("lab_simlab") {
         return;
     }
     let lab = new_lab();
@@ -294,7 +286,7 @@ fn router_passes_a_source_only_while_the_simulator_assigns_it_to_the_vnic() {
 
 #[test]
 fn the_simulator_answers_inside_the_node_namespace_and_not_outside() {
-    if skip_unless_root() {
+    if !have_root("lab_simlab") {
         return;
     }
     let lab = new_lab();
@@ -328,7 +320,7 @@ fn the_simulator_answers_inside_the_node_namespace_and_not_outside() {
 
 #[test]
 fn dropping_a_simlab_deletes_its_namespaces_also_after_a_panic() {
-    if skip_unless_root() {
+    if !have_root("lab_simlab") {
         return;
     }
     let lab = new_lab();
