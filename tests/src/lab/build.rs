@@ -79,31 +79,19 @@ fn configure_router_sysctls(router: &Netns) -> Result<()> {
 /// The node's VNICs and their router ends, and the node's routes and sysctls.
 fn wire_node(parts: &Parts, vnics: &[Vnic]) -> Result<()> {
     let (node, router) = (&parts.node, &parts.router);
-    let mtu = LINK_MTU.to_string();
     let primary = vnics
         .first()
         .context("the lab needs at least the primary VNIC")?;
     for vnic in vnics {
         // Created from inside the node namespace with the peer placed straight into the
         // router's, so neither end ever exists in the root namespace.
-        node.ip(&[
-            "link",
-            "add",
+        node.add_veth_into(
             vnic.ifname,
-            "address",
             &vnic.mac.to_string(),
-            "mtu",
-            &mtu,
-            "type",
-            "veth",
-            "peer",
-            "name",
+            LINK_MTU,
             vnic.router_ifname,
-            "mtu",
-            &mtu,
-            "netns",
-            router.name(),
-        ])
+            router,
+        )
         .with_context(|| format!("creating VNIC {} link", vnic.index))?;
         let cidr = |ip: Ipv4Addr| format!("{ip}/{}", vnic.prefix);
         node.ip(&["addr", "add", &cidr(vnic.ip), "dev", vnic.ifname])?;

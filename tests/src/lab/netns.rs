@@ -57,6 +57,37 @@ impl Netns {
         run(cmd_in(self, "ip").args(args))
     }
 
+    /// Creates the veth `name` here (with `mac`) and its peer `peer` straight inside
+    /// `peer_ns`, both with `mtu`: neither end ever exists in the root namespace.
+    pub fn add_veth_into(
+        &self,
+        name: &str,
+        mac: &str,
+        mtu: u32,
+        peer: &str,
+        peer_ns: &Netns,
+    ) -> Result<String> {
+        let mtu = mtu.to_string();
+        self.ip(&[
+            "link",
+            "add",
+            name,
+            "address",
+            mac,
+            "mtu",
+            &mtu,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            "mtu",
+            &mtu,
+            "netns",
+            peer_ns.name(),
+        ])
+    }
+
     /// Runs `nft ARGS` inside the namespace.
     pub fn nft(&self, args: &[&str]) -> Result<String> {
         run(cmd_in(self, "nft").args(args))

@@ -82,28 +82,16 @@ impl Pod {
 
     fn wire(&mut self) -> Result<()> {
         let node = &self.lab.node;
-        let mtu = LINK_MTU.to_string();
         let ip = self.ip.to_string();
         let gateway = POD_GATEWAY.to_string();
         // Created from inside the node with the peer placed straight into the pod.
-        node.ip(&[
-            "link",
-            "add",
+        node.add_veth_into(
             &self.host_ifname,
-            "address",
             &self.host_mac.to_string(),
-            "mtu",
-            &mtu,
-            "type",
-            "veth",
-            "peer",
-            "name",
+            LINK_MTU,
             "eth0",
-            "mtu",
-            &mtu,
-            "netns",
-            self.ns.name(),
-        ])?;
+            &self.ns,
+        )?;
         node.ip(&["link", "set", &self.host_ifname, "up"])?;
         node.ip(&[
             "route",

@@ -243,29 +243,11 @@ impl Applied {
 fn attach(lab: &LabInner, index: u32, view: &VnicView) -> Result<()> {
     let (node, router) = (&lab.node, &lab.router);
     let (ifname, rname) = (node_ifname(index), router_ifname(index));
-    let mtu = LINK_MTU.to_string();
     let what = || format!("attaching VNIC {index} ({}) as {ifname}", view.vnic_id);
     // Created from inside the node with the peer placed straight into the router, so
     // neither end ever exists in the root namespace.
-    node.ip(&[
-        "link",
-        "add",
-        &ifname,
-        "address",
-        &view.mac.to_string(),
-        "mtu",
-        &mtu,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &rname,
-        "mtu",
-        &mtu,
-        "netns",
-        router.name(),
-    ])
-    .with_context(what)?;
+    node.add_veth_into(&ifname, &view.mac.to_string(), LINK_MTU, &rname, router)
+        .with_context(what)?;
     let configured = (|| -> Result<()> {
         let gateway = format!("{}/{}", view.router_ip, view.subnet.prefix_len());
         router.ip(&["addr", "add", &gateway, "dev", &rname])?;
