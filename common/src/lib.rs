@@ -17,6 +17,11 @@ pub const PROG_EGRESS: &str = "vcnpath_egress";
 /// Name of the TC ingress classifier.
 pub const PROG_INGRESS: &str = "vcnpath_ingress";
 
+/// Read-only global (`.rodata`, frozen at load) the agent sets to 1 when the kernel has
+/// `bpf_ktime_get_coarse_ns` (Linux 5.11+). The verifier knows its value and drops the
+/// branch the kernel cannot take, so one object loads on 5.10 and is cheaper on newer kernels.
+pub const GLOBAL_COARSE_CLOCK: &str = "VCNPATH_COARSE_CLOCK";
+
 /// Default bpffs directory holding every pinned map and program.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/vcnpath";
 

@@ -43,6 +43,22 @@ pub enum DatapathError {
         #[source]
         source: Box<aya::maps::MapError>,
     },
+    #[error(
+        "kernel {kernel} lacks the BPF helper {helper} (added in Linux {since}); vcnpath needs Linux {minimum} or newer"
+    )]
+    KernelFeature {
+        kernel: String,
+        helper: &'static str,
+        since: &'static str,
+        minimum: &'static str,
+    },
+    #[error(
+        "probing the kernel for the BPF helper {helper} failed: {source} (vcnpath needs root or CAP_BPF)"
+    )]
+    Probe {
+        helper: &'static str,
+        source: io::Error,
+    },
     #[error("the datapath task has stopped")]
     TaskGone,
 }

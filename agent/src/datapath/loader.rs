@@ -15,9 +15,13 @@ use aya::programs::{
     tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
 };
 use tracing::{debug, info};
-use vcnpath_common::{MAP_NAMES, MAP_NAT, PROG_EGRESS, PROG_INGRESS};
+use vcnpath_common::{GLOBAL_COARSE_CLOCK, MAP_NAMES, MAP_NAT, PROG_EGRESS, PROG_INGRESS};
 
-use super::{DatapathError, DatapathMaps, object::OBJECT};
+use super::{
+    DatapathError, DatapathMaps,
+    object::OBJECT,
+    probe::{self, Features},
+};
 
 /// Priority of vcnpath's filters on the clsact hooks (lower runs first).
 const TC_PRIORITY: u16 = 1;
@@ -57,7 +61,10 @@ impl Datapath {
             .iter()
             .map(|name| (*name, pin_dir.join(name)))
             .collect();
+        let features = Features::detect(probe::REQUIRED)?;
+        let coarse_clock = u8::from(features.coarse_clock);
         let mut loader = aya::EbpfLoader::new();
+        loader.override_global(GLOBAL_COARSE_CLOCK, &coarse_clock, true);
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }

@@ -9,6 +9,7 @@ pub mod gc;
 mod loader;
 mod maps;
 mod object;
+pub mod probe;
 mod state;
 pub mod task;
 
