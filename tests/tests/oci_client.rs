@@ -72,8 +72,8 @@ async fn vnic_cycle(sim: &Simulator, client: &CoreClient) {
         .expect("an ATTACHED attachment names its VNIC");
     assert_eq!(
         attached.nic_index,
-        Some(1),
-        "the second VNIC gets nicIndex 1"
+        Some(0),
+        "on a VM shape every VNIC is on physical NIC 0"
     );
     let vnic = client.get_vnic(&vnic_id).await.expect("GetVnic");
     assert!(!vnic.is_primary, "a secondary VNIC must not be primary");
@@ -98,9 +98,17 @@ async fn vnic_cycle(sim: &Simulator, client: &CoreClient) {
     let imds_vnics = imds.vnics().await.expect("IMDS vnics");
     assert!(
         imds_vnics.iter().any(|v| v.vnic_id == vnic_id
-            && v.nic_index == 1
+            && v.nic_index == 0
             && Some(&v.private_ip) == vnic.private_ip.as_ref()),
         "IMDS /vnics/ must show the new VNIC, got {imds_vnics:?}"
+    );
+    let primary = client
+        .get_vnic(&imds_vnics[0].vnic_id)
+        .await
+        .expect("GetVnic of IMDS's first entry");
+    assert!(
+        primary.is_primary,
+        "IMDS lists the primary VNIC first, got {imds_vnics:?}"
     );
 
     let mut created = Vec::new();
@@ -187,7 +195,7 @@ async fn vnic_cycle(sim: &Simulator, client: &CoreClient) {
         .expect("list");
     let primary_attachment = attachments
         .iter()
-        .find(|a| a.nic_index == Some(0))
+        .find(|a| a.vnic_id.as_deref() == Some(primary.id.as_str()))
         .expect("primary attachment");
     let err = client
         .detach_vnic(&primary_attachment.id)

@@ -255,7 +255,8 @@ mod tests {
         VnicInfo {
             id: "vnic-1".into(),
             attachment_id: "attachment-1".into(),
-            nic_index: 1,
+            nic_index: 0,
+            attached_at: "2026-01-01T00:00:01.000Z".into(),
             mac: "02:00:17:00:00:01".into(),
             interface: Some("eth1".into()),
             subnet_id: "subnet-1".into(),

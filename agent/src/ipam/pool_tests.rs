@@ -20,7 +20,9 @@ fn info(n: u32) -> VnicInfo {
     VnicInfo {
         id: format!("vnic-{n}"),
         attachment_id: format!("att-{n}"),
-        nic_index: n,
+        // Every VNIC of a VM is on NIC 0; the attach time orders them.
+        nic_index: 0,
+        attached_at: format!("2026-01-01T00:00:{n:02}.000Z"),
         mac: format!("02:00:00:00:00:0{n}"),
         interface: None,
         subnet_id: "subnet-a".into(),

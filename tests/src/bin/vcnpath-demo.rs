@@ -96,8 +96,12 @@ fn demo() -> Result<()> {
     );
     for v in status["vnics"].as_array().into_iter().flatten() {
         println!(
-            "  nic {} {:<5} {}  primary {:<10} subnet {:<13} pods {:>2}  free {}",
-            v["nic_index"],
+            "  {:<9} {:<5} {}  primary {:<10} subnet {:<13} pods {:>2}  free {}",
+            if v["is_primary"] == true {
+                "primary"
+            } else {
+                "secondary"
+            },
             v["interface"].as_str().unwrap_or("-"),
             v["mac"].as_str().unwrap_or(""),
             v["primary_ip"].as_str().unwrap_or(""),
