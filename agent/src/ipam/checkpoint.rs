@@ -288,6 +288,21 @@ mod tests {
     }
 
     #[test]
+    fn vnics_checkpointed_before_attach_times_were_kept_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ipam.json");
+        let mut old = serde_json::to_value(vnic()).unwrap();
+        old.as_object_mut().unwrap().remove("attached_at");
+        let file = serde_json::json!({"version": 2, "allocations": [entry(10)], "vnics": [old]});
+        fs::write(&path, file.to_string()).unwrap();
+        let loaded = Checkpoint::new(&path).load().unwrap();
+        assert_eq!(loaded.allocations.len(), 1);
+        assert_eq!(loaded.vnics.len(), 1);
+        assert_eq!(loaded.vnics[0].attached_at, "", "unknown until the reconcile");
+        assert_eq!(loaded.vnics[0].id, "vnic-1");
+    }
+
+    #[test]
     fn version_1_files_are_read_without_vnics() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ipam.json");

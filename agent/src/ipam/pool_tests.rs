@@ -70,6 +70,33 @@ fn pool_with(now: Instant, free: usize, assigned: usize) -> Pool {
 }
 
 #[test]
+fn vnics_are_used_in_attach_order_not_by_nic_index() {
+    // On a VM every VNIC has nicIndex 0; the pool must still keep a stable, meaningful
+    // order: the primary first, then by attach time, whatever order they are learnt in.
+    let mut pool = Pool::default();
+    pool.upsert_vnic(info(3));
+    pool.upsert_vnic(info(1));
+    pool.upsert_vnic(VnicInfo {
+        is_primary: true,
+        attached_at: "2026-01-01T00:00:09.000Z".into(),
+        ..info(9)
+    });
+    pool.upsert_vnic(info(2));
+    let order: Vec<&str> = pool.vnics().iter().map(|v| v.info.id.as_str()).collect();
+    assert_eq!(order, ["vnic-9", "vnic-1", "vnic-2", "vnic-3"]);
+    // Equal times (a checkpoint from before times were kept): the attachment id decides.
+    let mut old = Pool::default();
+    for n in [2, 1] {
+        old.upsert_vnic(VnicInfo {
+            attached_at: String::new(),
+            ..info(n)
+        });
+    }
+    let order: Vec<&str> = old.vnics().iter().map(|v| v.info.id.as_str()).collect();
+    assert_eq!(order, ["vnic-1", "vnic-2"]);
+}
+
+#[test]
 fn max_pods_leaves_out_the_primary_vnic_unless_it_serves_pods() {
     assert_eq!(max_pods(5, 31, false), 124, "a 5-VNIC shape fits 110 pods");
     assert_eq!(max_pods(5, 31, true), 155);
