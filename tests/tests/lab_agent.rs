@@ -236,12 +236,50 @@ fn lab_forty_pods_across_two_vnics_reach_the_vcn_and_the_internet_and_addresses_
 /// must bring each secondary interface up with its address and MTU, and the pods on it
 /// must reach the VCN with their own address. Telling secondaries apart by `nicIndex`
 /// leaves them down and unaddressed while pods get addresses on them.
+/// Addresses per VNIC in the VM growth test: a handful of pods need two secondaries.
+const PER_VNIC: u32 = 6;
+
+/// A secondary VNIC as the agent must leave it: its interface up at MTU 9000 with the
+/// VNIC's primary IP; returns the interface's name.
+fn assert_configured(
+    lab: &SimLab,
+    agent: &NodeAgent,
+    vnic_id: &str,
+    ip: &str,
+    subnet: &str,
+) -> String {
+    let node = lab.lab().node();
+    let link = lab.wait_for_vnic(vnic_id, T).expect("the VNIC's interface");
+    let shown = node
+        .ip(&["-o", "link", "show", "dev", &link.ifname])
+        .expect("ip link");
+    assert!(
+        shown.contains(",UP") && shown.contains("mtu 9000"),
+        "the agent must bring {} (VNIC {vnic_id}) up at MTU 9000, saw: {shown}\nagent log:\n{}",
+        link.ifname,
+        agent.latest_log()
+    );
+    let prefix = subnet.rsplit('/').next().expect("prefix length");
+    let addrs = node
+        .ip(&["-o", "-4", "addr", "show", "dev", &link.ifname])
+        .expect("ip addr");
+    assert!(
+        addrs.contains(&format!("inet {ip}/{prefix}")),
+        "{} (VNIC {vnic_id}) must carry its primary IP {ip}/{prefix}, saw: {addrs}",
+        link.ifname
+    );
+    link.ifname
+}
+
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one growth story, read top to bottom"
+)]
 fn lab_a_vm_node_grows_to_three_vnics_and_the_pods_on_each_reach_the_vcn() {
     if !have_root("lab_agent_vm_growth") {
         return;
     }
-    const PER_VNIC: u32 = 6;
     let lab = SimLab::new(
         LabOptions::default(),
         vcnpath_tests::ocisim::SimConfig {
@@ -301,30 +339,10 @@ fn lab_a_vm_node_grows_to_three_vnics_and_the_pods_on_each_reach_the_vcn() {
         "two secondary VNICs in the pool: {}",
         status["vnics"]
     );
-    let node = lab.lab().node();
-    let mut interfaces = BTreeSet::new();
-    for (vnic_id, primary_ip, subnet) in &secondaries {
-        let link = lab.wait_for_vnic(vnic_id, T).expect("the VNIC's interface");
-        let shown = node
-            .ip(&["-o", "link", "show", "dev", &link.ifname])
-            .expect("ip link");
-        assert!(
-            shown.contains(",UP") && shown.contains("mtu 9000"),
-            "the agent must bring {} (VNIC {vnic_id}) up at MTU 9000, saw: {shown}\nagent log:\n{}",
-            link.ifname,
-            agent.latest_log()
-        );
-        let prefix = subnet.rsplit('/').next().expect("prefix length");
-        let addrs = node
-            .ip(&["-o", "-4", "addr", "show", "dev", &link.ifname])
-            .expect("ip addr");
-        assert!(
-            addrs.contains(&format!("inet {primary_ip}/{prefix}")),
-            "{} (VNIC {vnic_id}) must carry its primary IP {primary_ip}/{prefix}, saw: {addrs}",
-            link.ifname
-        );
-        interfaces.insert(link.ifname);
-    }
+    let interfaces: BTreeSet<String> = secondaries
+        .iter()
+        .map(|(vnic_id, ip, subnet)| assert_configured(&lab, &agent, vnic_id, ip, subnet))
+        .collect();
     assert_eq!(
         interfaces,
         BTreeSet::from(["ens4".to_owned(), "ens5".to_owned()]),

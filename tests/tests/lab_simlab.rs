@@ -99,6 +99,10 @@ fn attachment_json(lab: &SimLab, id: &str) -> serde_json::Value {
 }
 
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one attach/detach story, read top to bottom"
+)]
 fn attaching_vnics_creates_ens4_and_ens5_with_the_reported_macs_and_detaching_removes_them() {
     if !have_root("lab_simlab") {
         return;

@@ -464,7 +464,11 @@ async fn a_vm_shape_puts_every_vnic_on_nic_0_and_imds_lists_the_primary_first() 
 
     let imds = ImdsClient::new(&sim.imds_url(), reqwest::Client::new()).expect("IMDS");
     let listed = imds.vnics().await.expect("IMDS vnics");
-    assert_eq!(listed.len(), 4, "the primary and three secondaries: {listed:?}");
+    assert_eq!(
+        listed.len(),
+        4,
+        "the primary and three secondaries: {listed:?}"
+    );
     assert!(
         client
             .get_vnic(&listed[0].vnic_id)
@@ -494,7 +498,10 @@ async fn a_vm_shape_puts_every_vnic_on_nic_0_and_imds_lists_the_primary_first() 
         "virtualRouterIp",
         "subnetCidrBlock",
     ] {
-        assert!(fields.contains(&field), "IMDS entry lacks {field}: {first:?}");
+        assert!(
+            fields.contains(&field),
+            "IMDS entry lacks {field}: {first:?}"
+        );
     }
     assert!(
         !fields.contains(&"nicIndex"),

@@ -112,7 +112,7 @@ async fn connect(config: &AgentConfig) -> anyhow::Result<Cloud> {
 }
 
 /// The primary VNIC: IMDS lists it first (cloud-init configures `vnics[0]` as the
-/// primary), and GetVnic's `isPrimary` confirms it. `nicIndex` cannot tell: it is the
+/// primary), and `GetVnic`'s `isPrimary` confirms it. `nicIndex` cannot tell: it is the
 /// physical NIC, 0 for every VNIC of a VM.
 async fn find_primary(
     client: &CoreClient,

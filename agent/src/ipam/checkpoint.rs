@@ -298,7 +298,10 @@ mod tests {
         let loaded = Checkpoint::new(&path).load().unwrap();
         assert_eq!(loaded.allocations.len(), 1);
         assert_eq!(loaded.vnics.len(), 1);
-        assert_eq!(loaded.vnics[0].attached_at, "", "unknown until the reconcile");
+        assert_eq!(
+            loaded.vnics[0].attached_at, "",
+            "unknown until the reconcile"
+        );
         assert_eq!(loaded.vnics[0].id, "vnic-1");
     }
 

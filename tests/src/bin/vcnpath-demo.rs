@@ -45,7 +45,7 @@ fn main() {
 )]
 fn demo() -> Result<()> {
     println!(
-        "1. The lab: a node (eth0 = primary VNIC 10.0.0.10), the VCN's router enforcing OCI's"
+        "1. The lab: a node (ens3 = primary VNIC 10.0.0.10, a VM shape), the VCN's router enforcing OCI's"
     );
     println!("   source/destination check, a VCN peer (10.0.2.50), the internet (203.0.113.10),");
     println!(

@@ -231,7 +231,10 @@ impl Applied {
             match self.vnics.get_mut(&want.vnic_id) {
                 None => {
                     let used: BTreeSet<u32> = self.vnics.values().map(|(slot, _)| *slot).collect();
-                    let slot = (0..).find(|s| !used.contains(s)).expect("a free slot");
+                    // One more slot than VNICs held: one of them is free.
+                    let slot = (0..=u32::try_from(used.len()).expect("few VNICs"))
+                        .find(|s| !used.contains(s))
+                        .expect("a free slot");
                     attach(&self.lab, slot, &want)?;
                     lock(&self.slots).insert(want.vnic_id.clone(), slot);
                     self.vnics.insert(want.vnic_id.clone(), (slot, want));
