@@ -340,15 +340,15 @@ fn primary_view(sim: &Simulator) -> Result<VnicView> {
         .into_iter()
         .find(|v| v.is_primary)
         .context("the simulator has no primary VNIC")?;
-    let eth0 = &GUEST_PRIMARY[0];
+    let ens3 = &GUEST_PRIMARY[0];
     let primary_ip: Option<Ipv4Addr> = primary.addrs.iter().next().copied();
-    if primary.mac != eth0.mac || primary_ip != Some(eth0.ip) || primary.addrs.len() != 1 {
+    if primary.mac != ens3.mac || primary_ip != Some(ens3.ip) || primary.addrs.len() != 1 {
         bail!(
             "the simulator's primary VNIC (MAC {}, IPs {:?}) is not the lab's ens3 (MAC {}, IP {}): start from lab_sim_config()",
             primary.mac,
             primary.addrs,
-            eth0.mac,
-            eth0.ip
+            ens3.mac,
+            ens3.ip
         );
     }
     Ok(primary)

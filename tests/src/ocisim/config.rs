@@ -37,7 +37,7 @@ pub struct SimConfig {
     /// The first subnet holds the primary VNIC.
     pub subnets: Vec<SubnetConfig>,
     /// The primary VNIC's MAC (`02:00:0a:00:00:0a`), for a lab whose node already has its
-    /// `eth0`; `None` derives one as for any other VNIC.
+    /// `ens3`; `None` derives one as for any other VNIC.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub primary_mac: Option<String>,
     /// The primary VNIC's private IP, in the first subnet; `None` takes the lowest free one.

@@ -49,7 +49,7 @@ pub enum EventKind {
     Detached,
 }
 
-/// A VNIC appeared on or left the instance: what the lab needs to create or remove `ethN`.
+/// A VNIC appeared on or left the instance: what the lab needs to create or remove its interface.
 #[derive(Debug, Clone, Serialize)]
 pub struct VnicEvent {
     pub seq: u64,

@@ -182,7 +182,7 @@ impl Cloud {
     }
 
     /// Applies the configured primary MAC and IP to the primary VNIC just created, so the
-    /// simulator can describe a node that already exists (the namespace lab's `eth0`).
+    /// simulator can describe a node that already exists (the namespace lab's `ens3`).
     fn configure_primary(&mut self, vnic_id: &str) -> Result<(), String> {
         if let Some(mac) = self.cfg.primary_mac.clone() {
             self.vnics.get_mut(vnic_id).expect("just created").mac = mac;
