@@ -1,9 +1,10 @@
 //! Loading, adopting, pinning and attaching the programs.
 //!
-//! Restarts and upgrades never interrupt traffic: maps are reused from their pins, a
-//! pinned program identical to the embedded one (same kernel tag) is adopted rather than
-//! replaced, and attachments are replaced in place (netlink, same priority and handle),
-//! never removed and re-added.
+//! Restarts and upgrades never interrupt traffic: maps are reused from their pins once the
+//! kernel confirms they are what this build expects, a pinned program identical to the
+//! embedded one (same kernel tag, same maps) is adopted rather than replaced, and
+//! attachments are replaced in place (netlink, same priority and handle), never removed
+//! and re-added.
 
 use std::{
     io,
@@ -14,10 +15,15 @@ use aya::programs::{
     SchedClassifier, TcAttachType,
     tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
 };
-use tracing::{debug, info};
-use vcnpath_common::{MAP_NAMES, MAP_NAT, PROG_EGRESS, PROG_INGRESS};
+use tracing::{debug, info, warn};
+use vcnpath_common::{DATAPATH_ABI, MAP_ABI, MAP_NAMES, MAP_NAT, PROG_EGRESS, PROG_INGRESS};
 
-use super::{DatapathError, DatapathMaps, object::OBJECT};
+use super::{
+    DatapathError, DatapathMaps,
+    compat::{self, Plan},
+    object::OBJECT,
+    pins,
+};
 
 /// Priority of vcnpath's filters on the clsact hooks (lower runs first).
 const TC_PRIORITY: u16 = 1;
@@ -29,7 +35,7 @@ const TC_HANDLE: TcHandle = TcHandle::new(0, 1);
 pub struct LoadOptions {
     /// bpffs directory for the pins (default `/sys/fs/bpf/vcnpath`).
     pub pin_dir: PathBuf,
-    /// Capacity of the `nat` map when it is created (ignored when adopted).
+    /// Capacity of the `nat` map when it is created (a pinned table keeps its own).
     pub nat_max_entries: Option<u32>,
 }
 
@@ -44,35 +50,31 @@ pub struct Datapath {
 }
 
 impl Datapath {
-    /// Loads the embedded object, reusing pinned maps and adopting pinned programs
-    /// whose code is identical.
+    /// Loads the embedded object, reusing the pinned maps this build can use and adopting
+    /// pinned programs whose code and maps are identical.
+    ///
+    /// Every pin is checked before anything is adopted (see [`super::compat`]): a pin that
+    /// cannot be used and holds state the agent cannot rebuild (the NAT table) is refused
+    /// with an error that says what to do, before anything pinned changes; any other
+    /// incompatible map is replaced by a fresh one. Replacement maps and programs are
+    /// pinned under a staging directory and renamed over the live pins only once both
+    /// programs have passed the verifier, so a failed upgrade leaves every pin as it was.
     pub fn load(options: &LoadOptions) -> Result<Self, DatapathError> {
         let pin_dir = &options.pin_dir;
         std::fs::create_dir_all(pin_dir).map_err(|source| DatapathError::PinDir {
             path: pin_dir.clone(),
             source,
         })?;
+        let plans = plan_maps(options)?;
+        let staging = pins::fresh_staging(pin_dir)?;
+        let loaded = load_staged(options, &plans, &staging);
+        // Whatever the outcome, nothing is left behind in the staging directory: on success
+        // it was moved into place, on failure it is dropped.
+        let cleaned = pins::remove_staging(pin_dir);
+        let (mut ebpf, adopted) = loaded?;
+        cleaned?;
 
-        let pin_paths: Vec<(&str, PathBuf)> = MAP_NAMES
-            .iter()
-            .map(|name| (*name, pin_dir.join(name)))
-            .collect();
-        let mut loader = aya::EbpfLoader::new();
-        for (name, path) in &pin_paths {
-            loader.map_pin_path(name, path.as_path());
-        }
-        if let Some(max) = options.nat_max_entries {
-            loader.map_max_entries(MAP_NAT, max);
-        }
-        let mut ebpf = loader
-            .load(OBJECT)
-            .map_err(|e| DatapathError::Load(Box::new(e)))?;
         let maps = DatapathMaps::take(&mut ebpf)?;
-
-        let mut adopted = true;
-        for name in [PROG_EGRESS, PROG_INGRESS] {
-            adopted &= load_or_adopt(&mut ebpf, name, &pin_dir.join(name))?;
-        }
         let egress = open_pinned(PROG_EGRESS, &pin_dir.join(PROG_EGRESS))?;
         let ingress = open_pinned(PROG_INGRESS, &pin_dir.join(PROG_INGRESS))?;
         info!(pin_dir = %pin_dir.display(), adopted, "datapath loaded");
@@ -129,8 +131,121 @@ impl Datapath {
     }
 }
 
-/// Loads `name` from the object and pins it, unless the pinned program has the same
-/// code. Returns whether the pinned one was adopted.
+/// Compares every pinned map with the map this build declares and decides what to do
+/// with it; refuses, before anything changes, when a pin can be neither used nor replaced.
+fn plan_maps(options: &LoadOptions) -> Result<Vec<(&'static str, Plan)>, DatapathError> {
+    let declared = pins::declared(options.nat_max_entries)?;
+    let pinned_abi = pins::read_abi(&options.pin_dir)?;
+    let mut plans = Vec::with_capacity(MAP_NAMES.len());
+    for name in MAP_NAMES {
+        let expected = declared
+            .get(name)
+            .ok_or(DatapathError::MissingMap { map: name })?;
+        let path = options.pin_dir.join(name);
+        let pinned = pins::pinned(name, &path)?;
+        let plan = compat::plan(name, expected, pinned.as_ref(), pinned_abi, DATAPATH_ABI)
+            .map_err(|refusal| DatapathError::IncompatiblePin {
+                map: name,
+                path,
+                refusal,
+            })?;
+        match plan {
+            Plan::Replace { copy } => info!(
+                map = name,
+                copy,
+                pinned_abi,
+                abi = DATAPATH_ABI,
+                ?pinned,
+                ?expected,
+                "replacing a pinned map this build cannot use"
+            ),
+            Plan::Adopt if pinned.is_some_and(|p| p.max_entries != expected.max_entries) => {
+                warn!(
+                    map = name,
+                    pinned = pinned.map(|p| p.max_entries),
+                    configured = expected.max_entries,
+                    "keeping the pinned map's capacity; the configured one applies once the pin is removed"
+                );
+            }
+            _ => {}
+        }
+        plans.push((name, plan));
+    }
+    Ok(plans)
+}
+
+/// Loads the object with the maps `plans` decided on and both programs, then moves what was
+/// staged into place and records the ABI. Returns the object and whether both programs
+/// were adopted.
+fn load_staged(
+    options: &LoadOptions,
+    plans: &[(&'static str, Plan)],
+    staging: &Path,
+) -> Result<(aya::Ebpf, bool), DatapathError> {
+    let pin_dir = &options.pin_dir;
+    let staged = |name: &str| staging.join(name);
+    let mut loader = aya::EbpfLoader::new();
+    for (name, plan) in plans {
+        let path = match plan {
+            Plan::Replace { .. } => staged(name),
+            Plan::Create | Plan::Adopt => pin_dir.join(name),
+        };
+        loader.map_pin_path(name, path);
+    }
+    if let Some(max) = options.nat_max_entries {
+        loader.map_max_entries(MAP_NAT, max);
+    }
+    let mut ebpf = loader
+        .load(OBJECT)
+        .map_err(|e| DatapathError::Load(Box::new(e)))?;
+    for (name, plan) in plans {
+        if *plan == (Plan::Replace { copy: true }) {
+            let map = ebpf
+                .map_mut(name)
+                .ok_or(DatapathError::MissingMap { map: name })?;
+            pins::copy_entries(name, &pin_dir.join(name), map)?;
+        }
+    }
+
+    let mut adopted = true;
+    let mut replaced = Vec::new();
+    for name in [PROG_EGRESS, PROG_INGRESS] {
+        if load_or_adopt(&mut ebpf, name, &pin_dir.join(name))? {
+            continue;
+        }
+        adopted = false;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram { program: name })?
+            .try_into()
+            .map_err(DatapathError::program(name))?;
+        program.pin(staged(name)).map_err(|e| DatapathError::Pin {
+            path: staged(name),
+            source: io::Error::other(e.to_string()),
+        })?;
+        replaced.push(name);
+    }
+
+    // Both programs passed the verifier: swap in the replaced maps, then the programs
+    // that use them. The attached filters keep the old programs (and the maps those hold)
+    // until `attach` replaces them.
+    for (name, plan) in plans {
+        if matches!(plan, Plan::Replace { .. }) {
+            pins::swap_in(&staged(name), &pin_dir.join(name))?;
+        }
+    }
+    for name in replaced {
+        info!(program = name, "replacing the pinned program");
+        pins::swap_in(&staged(name), &pin_dir.join(name))?;
+    }
+    pins::write_abi(pin_dir)?;
+    Ok((ebpf, adopted))
+}
+
+/// Loads `name` from the object (so the verifier has accepted it) and tells whether the
+/// program pinned at `pin` can be adopted instead: only when it has the same code (kernel
+/// tag) and uses the same maps. The tag leaves map references out, so a program with this
+/// code bound to maps since replaced has the same tag; its map ids tell them apart.
 fn load_or_adopt(
     ebpf: &mut aya::Ebpf,
     name: &'static str,
@@ -142,28 +257,33 @@ fn load_or_adopt(
         .try_into()
         .map_err(DatapathError::program(name))?;
     program.load().map_err(DatapathError::program(name))?;
-    let fresh_tag = program.info().map_err(DatapathError::program(name))?.tag();
-
-    if let Ok(pinned) = SchedClassifier::from_pin(pin) {
-        let pinned_tag = pinned.info().map_err(DatapathError::program(name))?.tag();
-        if pinned_tag == fresh_tag {
-            debug!(program = name, "adopting pinned program");
-            return Ok(true);
-        }
-        info!(
-            program = name,
-            "replacing pinned program with a different version"
-        );
-        std::fs::remove_file(pin).map_err(|source| DatapathError::Pin {
-            path: pin.to_owned(),
-            source,
-        })?;
+    let fresh = program.info().map_err(DatapathError::program(name))?;
+    let Ok(pinned) = SchedClassifier::from_pin(pin) else {
+        return Ok(false);
+    };
+    let pinned = pinned.info().map_err(DatapathError::program(name))?;
+    if pinned.tag() != fresh.tag() {
+        info!(program = name, "the pinned program has other code");
+        return Ok(false);
     }
-    program.pin(pin).map_err(|e| DatapathError::Pin {
-        path: pin.to_owned(),
-        source: io::Error::other(e.to_string()),
-    })?;
-    Ok(false)
+    let map_ids = |info: &aya::programs::ProgramInfo| {
+        info.map_ids()
+            .map(|ids| {
+                ids.map(|mut ids| {
+                    ids.sort_unstable();
+                    ids
+                })
+            })
+            .map_err(DatapathError::program(name))
+    };
+    let pinned_maps = map_ids(&pinned)?;
+    // Unknown map ids (a kernel before 4.15) cannot prove the maps equal.
+    if pinned_maps.is_none() || pinned_maps != map_ids(&fresh)? {
+        info!(program = name, "the pinned program uses other maps");
+        return Ok(false);
+    }
+    debug!(program = name, "adopting pinned program");
+    Ok(true)
 }
 
 fn open_pinned(name: &'static str, pin: &Path) -> Result<SchedClassifier, DatapathError> {
@@ -233,7 +353,10 @@ pub fn detach_interface(interface: &str) -> Result<(), DatapathError> {
 
 /// Removes every pin vcnpath created in `pin_dir`, then the directory itself.
 pub fn remove_pins(pin_dir: &Path) -> Result<(), DatapathError> {
-    let names = MAP_NAMES.iter().chain([PROG_EGRESS, PROG_INGRESS].iter());
+    pins::remove_staging(pin_dir)?;
+    let names = MAP_NAMES
+        .iter()
+        .chain([MAP_ABI, PROG_EGRESS, PROG_INGRESS].iter());
     for name in names {
         match std::fs::remove_file(pin_dir.join(name)) {
             Ok(()) => {}

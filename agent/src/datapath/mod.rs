@@ -3,12 +3,14 @@
 //! every map write ([`task`]); everyone else sends it intents.
 
 mod batch;
+pub mod compat;
 mod counters;
 mod error;
 pub mod gc;
 mod loader;
 mod maps;
 mod object;
+mod pins;
 mod state;
 pub mod task;
 
