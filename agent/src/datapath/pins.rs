@@ -26,7 +26,8 @@ use super::{DatapathError, compat::MapSpec, object::OBJECT};
 
 /// Directory under the pin directory where replacement maps and programs are pinned
 /// until the programs have loaded; then they are renamed over the live pins.
-pub const STAGING_DIR: &str = ".staging";
+// bpffs refuses names with a dot (they are reserved for the kernel), hence no `.staging`.
+pub const STAGING_DIR: &str = "staging";
 
 /// The ABI of pins that carry no record: the releases before the record existed.
 pub const ABI_BEFORE_RECORD: u32 = 1;
