@@ -161,6 +161,21 @@ impl Fixture {
     }
 }
 
+/// Pins at `path` a map `name` of the given type and `(key size, value size, max entries)`,
+/// as another release of vcnpath could have left it.
+pub fn pin_foreign_map(
+    path: &std::path::Path,
+    name: &str,
+    map_type: aya_obj::generated::bpf_map_type,
+    (key, value, max): (u32, u32, u32),
+) {
+    let obj = aya_obj::Map::new_from_params(map_type as u32, key, value, max, 0);
+    let map = aya::maps::MapData::create(obj, name, None)
+        .unwrap_or_else(|e| panic!("creating the foreign {name} map: {e}"));
+    map.pin(path)
+        .unwrap_or_else(|e| panic!("pinning the foreign {name} map at {}: {e}", path.display()));
+}
+
 /// Runs `program` once over `frame`; returns the verdict and the frame it produced.
 pub fn run(program: &SchedClassifier, frame: &[u8]) -> (u32, Vec<u8>) {
     let mut out = vec![0u8; frame.len() + 512];

@@ -6,9 +6,10 @@
 use std::path::Path;
 
 use aya::maps::{Array, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray, PerCpuValues};
+use aya::programs::SchedClassifier;
 use aya_obj::generated::bpf_map_type;
 use vcnpath::datapath::{
-    DatapathError,
+    Datapath, DatapathError, LoadOptions,
     compat::{Field, Refusal},
 };
 use vcnpath_common::{
@@ -16,7 +17,8 @@ use vcnpath_common::{
     REASON_COUNT, Reason,
 };
 use vcnpath_tests::{
-    datapath_fixture::{Fixture, MASQ, POD0, REMOTE, TC_ACT_OK},
+    datapath_fixture::{Fixture, MASQ, POD0, REMOTE, TC_ACT_OK, pin_foreign_map, state},
+    lab::{Netns, cmd_in, run_in},
     packet::{Spec, build, view},
     privileged::{PinDir, have_root},
 };
@@ -36,14 +38,8 @@ const NAT_VALUE: u32 = size_of::<NatEntry>() as u32;
 fn pins_with(tag: &str, name: &str, map_type: bpf_map_type, sizes: (u32, u32, u32)) -> PinDir {
     let pins = PinDir::new(tag);
     std::fs::create_dir_all(&pins.path).expect("create the pin directory (is bpffs mounted?)");
-    pin_map(&pins.path.join(name), name, map_type, sizes);
+    pin_foreign_map(&pins.path.join(name), name, map_type, sizes);
     pins
-}
-
-fn pin_map(path: &Path, name: &str, map_type: bpf_map_type, (key, value, max): (u32, u32, u32)) {
-    let obj = aya_obj::Map::new_from_params(map_type as u32, key, value, max, 0);
-    let map = MapData::create(obj, name, None).expect("create the foreign map");
-    map.pin(path).expect("pin the foreign map");
 }
 
 fn open(path: &Path) -> Map {
@@ -183,7 +179,7 @@ fn pins_of_another_datapath_abi_are_refused_while_they_hold_a_nat_table() {
         .into_pins();
     let abi = pins.path.join(MAP_ABI);
     if !abi.exists() {
-        pin_map(&abi, MAP_ABI, bpf_map_type::BPF_MAP_TYPE_ARRAY, (4, 4, 1));
+        pin_foreign_map(&abi, MAP_ABI, bpf_map_type::BPF_MAP_TYPE_ARRAY, (4, 4, 1));
     }
     let mut record: Array<MapData, u32> = open(&abi).try_into().unwrap();
     record.set(0, DATAPATH_ABI + 1, 0).unwrap();
@@ -243,7 +239,11 @@ fn stats_of_a_release_with_fewer_reasons_are_replaced_with_their_counts() {
         before + 1,
         "the programs must count into the stats map the agent reads"
     );
-    assert_eq!(fx.count(Reason::PassNoVnic), 0, "the new reason starts at 0");
+    assert_eq!(
+        fx.count(Reason::PassNoVnic),
+        0,
+        "the new reason starts at 0"
+    );
 }
 
 #[test]
@@ -276,8 +276,8 @@ fn a_pinned_program_bound_to_a_replaced_map_is_not_adopted() {
     // still count into the old map, with code identical to the embedded one.
     std::fs::remove_file(pins.path.join(MAP_STATS)).unwrap();
 
-    let fx = Fixture::load_into(pins, 1024, 65535)
-        .unwrap_or_else(|(e, _)| panic!("second load: {e}"));
+    let fx =
+        Fixture::load_into(pins, 1024, 65535).unwrap_or_else(|(e, _)| panic!("second load: {e}"));
     assert!(
         !fx.datapath.adopted,
         "programs bound to a map no longer pinned must be replaced"
@@ -304,8 +304,7 @@ fn a_restart_adopts_every_pin_and_records_the_abi() {
         .collect();
     let pins = first.into_pins();
 
-    let fx = Fixture::load_into(pins, 1024, 65535)
-        .unwrap_or_else(|(e, _)| panic!("restart: {e}"));
+    let fx = Fixture::load_into(pins, 1024, 65535).unwrap_or_else(|(e, _)| panic!("restart: {e}"));
     assert!(fx.datapath.adopted, "unchanged programs must be adopted");
     let again: Vec<u32> = [MAP_NAT, MAP_STATS, MAP_VNICS]
         .iter()
@@ -340,4 +339,82 @@ fn arp_frame() -> Vec<u8> {
     frame.extend_from_slice(&0x0806u16.to_be_bytes());
     frame.extend_from_slice(&[0; 28]);
     frame
+}
+
+/// After a load that replaced a map by an empty one, the filters attached before keep
+/// their programs (and the complete maps those hold) until the first sync has filled the
+/// new maps; only then are the new programs attached.
+#[test]
+fn attaching_waits_for_the_first_sync_when_a_map_was_replaced_empty() {
+    root_or_skip!("attach_held");
+    let ns = Netns::create(&format!("vcnpath-pins-{}", std::process::id())).expect("netns");
+    // A veth pair inside the test's namespace (the kernel here has no dummy driver).
+    ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"])
+        .unwrap();
+    ns.ip(&["link", "set", "d0", "up"]).unwrap();
+    let egress_filter = || {
+        let out = cmd_in(&ns, "tc")
+            .args(["filter", "show", "dev", "d0", "egress"])
+            .output()
+            .expect("tc filter show");
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        out.split_whitespace()
+            .skip_while(|w| *w != "id")
+            .nth(1)
+            .and_then(|id| id.parse::<u32>().ok())
+            .unwrap_or_else(|| panic!("no program attached to d0 egress: {out}"))
+    };
+    let pinned_egress = |pins: &PinDir| {
+        SchedClassifier::from_pin(pins.path.join(PROG_EGRESS))
+            .and_then(|p| p.info())
+            .expect("pinned egress program")
+            .id()
+    };
+
+    let pins = PinDir::new("held");
+    let first = run_in(&ns, || {
+        let mut fx = Fixture::load_into(pins, 1024, 65535)
+            .unwrap_or_else(|(e, _)| panic!("first load: {e}"));
+        fx.datapath.attach("d0").expect("attach to d0");
+        fx.into_pins()
+    })
+    .unwrap();
+    let pins = first;
+    let old_program = egress_filter();
+    assert_eq!(old_program, pinned_egress(&pins));
+
+    let vnics = pins.path.join(MAP_VNICS);
+    std::fs::remove_file(&vnics).unwrap();
+    pin_foreign_map(
+        &vnics,
+        MAP_VNICS,
+        bpf_map_type::BPF_MAP_TYPE_HASH,
+        (4, 28, 64),
+    );
+    let (pins, held, after_sync) = run_in(&ns, || {
+        let mut datapath = Datapath::load(&LoadOptions {
+            pin_dir: pins.path.clone(),
+            nat_max_entries: Some(1 << 16),
+        })
+        .unwrap_or_else(|e| panic!("loading over the foreign vnics pin: {e}"));
+        datapath.attach("d0").expect("attach (held)");
+        let held = egress_filter();
+        datapath.sync(&state(1024, 65535)).expect("first sync");
+        (pins, held, egress_filter())
+    })
+    .unwrap();
+    assert_eq!(
+        held, old_program,
+        "with empty maps the new programs must not be attached before the first sync"
+    );
+    assert_ne!(
+        after_sync, old_program,
+        "the first sync must attach the new programs"
+    );
+    assert_eq!(
+        after_sync,
+        pinned_egress(&pins),
+        "the pinned program is the attached one"
+    );
+    drop(ns);
 }

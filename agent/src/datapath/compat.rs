@@ -346,10 +346,7 @@ mod tests {
                 Ok(Plan::Replace { copy: false })
             );
         }
-        assert_eq!(
-            plan(MAP_VNICS, &vnics, Some(&vnics), 1, 1),
-            Ok(Plan::Adopt)
-        );
+        assert_eq!(plan(MAP_VNICS, &vnics, Some(&vnics), 1, 1), Ok(Plan::Adopt));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 use vcnpath_common::{DATAPATH_ABI, MAP_ABI, MAP_NAMES, MAP_NAT, PROG_EGRESS, PROG_INGRESS};
 
 use super::{
-    DatapathError, DatapathMaps,
+    DatapathError, DatapathMaps, DatapathState, SyncReport,
     compat::{self, Plan},
     object::OBJECT,
     pins,
@@ -46,6 +46,10 @@ pub struct Datapath {
     ingress: SchedClassifier,
     /// True when both programs were adopted from their pins unchanged.
     pub adopted: bool,
+    /// `Some` while attachments are held back: some map was replaced by an empty one, so
+    /// the new programs would run without the state the attached ones still have. Holds the
+    /// interfaces to attach once the first [`Datapath::sync`] has filled the maps.
+    held: Option<Vec<String>>,
     pin_dir: PathBuf,
 }
 
@@ -73,6 +77,17 @@ impl Datapath {
         let cleaned = pins::remove_staging(pin_dir);
         let (mut ebpf, adopted) = loaded?;
         cleaned?;
+        let emptied: Vec<&str> = plans
+            .iter()
+            .filter(|(_, plan)| *plan == (Plan::Replace { copy: false }))
+            .map(|(name, _)| *name)
+            .collect();
+        if !emptied.is_empty() {
+            info!(
+                maps = ?emptied,
+                "maps replaced empty: the running programs stay attached until the first sync has filled them"
+            );
+        }
 
         let maps = DatapathMaps::take(&mut ebpf)?;
         let egress = open_pinned(PROG_EGRESS, &pin_dir.join(PROG_EGRESS))?;
@@ -83,13 +98,41 @@ impl Datapath {
             egress,
             ingress,
             adopted,
+            held: (!emptied.is_empty()).then(Vec::new),
             pin_dir: pin_dir.clone(),
         })
     }
 
+    /// Makes the maps equal to `state` (see [`DatapathMaps::sync`]), then attaches whatever
+    /// was held back for this first sync.
+    pub fn sync(&mut self, state: &DatapathState) -> Result<SyncReport, DatapathError> {
+        let report = self.maps.sync(state)?;
+        if let Some(held) = self.held.take() {
+            let mut first_error = None;
+            for interface in held {
+                if let Err(error) = self.attach(&interface) {
+                    first_error.get_or_insert(error);
+                }
+            }
+            if let Some(error) = first_error {
+                return Err(error);
+            }
+        }
+        Ok(report)
+    }
+
     /// Attaches both programs to `interface` (adding its clsact qdisc if needed),
-    /// replacing in place whatever vcnpath attached there before.
+    /// replacing in place whatever vcnpath attached there before. After a load that
+    /// replaced maps by empty ones, attaching waits for the first [`Datapath::sync`]:
+    /// until then the programs attached before keep their own, still complete, maps.
     pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
+        if let Some(held) = &mut self.held {
+            if !held.iter().any(|i| i == interface) {
+                debug!(interface, "attachment held until the first sync");
+                held.push(interface.to_owned());
+            }
+            return Ok(());
+        }
         if let Err(error) = tc::qdisc_add_clsact(interface) {
             // EEXIST is the normal case after a restart.
             let exists = matches!(&error, tc::TcError::NetlinkError(e) if e.raw_os_error() == Some(libc::EEXIST));

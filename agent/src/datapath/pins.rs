@@ -59,18 +59,14 @@ pub fn spec_of(info: &MapInfo) -> Result<MapSpec, MapError> {
 
 /// The maps the embedded object declares, as the loader will create them (`nat` with the
 /// configured capacity).
-pub fn declared(
-    nat_max_entries: Option<u32>,
-) -> Result<HashMap<String, MapSpec>, DatapathError> {
-    let object =
-        aya_obj::Object::parse(OBJECT).map_err(|e| DatapathError::Object(Box::new(e)))?;
+pub fn declared(nat_max_entries: Option<u32>) -> Result<HashMap<String, MapSpec>, DatapathError> {
+    let object = aya_obj::Object::parse(OBJECT).map_err(|e| DatapathError::Object(Box::new(e)))?;
     object
         .maps
         .iter()
         .map(|(name, map)| {
-            let map_type = to_map_type(map.map_type()).map_err(|e| DatapathError::Load(
-                Box::new(aya::EbpfError::MapError(e)),
-            ))?;
+            let map_type = to_map_type(map.map_type())
+                .map_err(|e| DatapathError::Load(Box::new(aya::EbpfError::MapError(e))))?;
             let max_entries = match nat_max_entries {
                 Some(max) if name == MAP_NAT => max,
                 _ => map.max_entries(),
@@ -151,7 +147,8 @@ pub fn write_abi(pin_dir: &Path) -> Result<(), DatapathError> {
             ABI_SPEC.flags,
         );
         let data = MapData::create(obj, MAP_ABI, None).map_err(DatapathError::map(MAP_ABI))?;
-        data.pin(&path).map_err(|e| pin_error(&path, io::Error::other(e)))?;
+        data.pin(&path)
+            .map_err(|e| pin_error(&path, io::Error::other(e)))?;
         Map::from_map_data(data)
             .and_then(TryInto::try_into)
             .map_err(DatapathError::map(MAP_ABI))?
@@ -208,8 +205,13 @@ pub fn copy_entries(name: &'static str, from: &Path, to: &mut Map) -> Result<(),
     };
     match result {
         Ok(()) => Ok(()),
-        Err(MapError::SyscallError(error)) if error.io_error.raw_os_error() == Some(libc::E2BIG) => {
-            warn!(map = name, "the new map is smaller; entries beyond its capacity were not copied");
+        Err(MapError::SyscallError(error))
+            if error.io_error.raw_os_error() == Some(libc::E2BIG) =>
+        {
+            warn!(
+                map = name,
+                "the new map is smaller; entries beyond its capacity were not copied"
+            );
             Ok(())
         }
         Err(source) => Err(DatapathError::map(name)(source)),
