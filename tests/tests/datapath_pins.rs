@@ -69,7 +69,7 @@ fn expect_refusal(pins: PinDir, map: &str) -> (Refusal, String, PinDir) {
             };
             assert_eq!(refused, map, "the error must name the map: {message}");
             assert_eq!(path, pins.path.join(map), "the error must name the pin");
-            (refusal, message, pins)
+            (*refusal, message, pins)
         }
         Err((other, _)) => panic!("expected the {map} pin to be refused, got: {other}"),
     }

@@ -362,7 +362,9 @@ fn lab_upgrade_that_replaces_maps_keeps_established_connections() {
     s.agent.restart(&s.lab).expect("the upgraded agent starts");
     let log = s.agent.log();
     assert!(
-        log.contains("replacing a pinned map") && log.contains("adopted=false"),
+        log.contains("replacing a pinned map")
+            && log.contains("stay attached until the first sync")
+            && log.contains("adopted=false"),
         "the agent must replace the incompatible maps and the programs bound to them:\n{log}"
     );
     let before = s.counters().get(Reason::SnatEstablished);

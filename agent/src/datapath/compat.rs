@@ -5,7 +5,7 @@
 //! size (the batch reads then overrun their buffers) or make the verifier refuse the new
 //! programs. The loader therefore compares the kernel's description of each pinned map
 //! with the map the embedded object declares first — type, key size, value size,
-//! max_entries and flags, the fields cilium/ebpf's `MapSpec.Compatible` compares — and
+//! `max_entries` and flags, the fields cilium/ebpf's `MapSpec.Compatible` compares — and
 //! decides here, without touching the kernel, whether to adopt, replace or refuse.
 
 use std::fmt;
@@ -106,7 +106,7 @@ pub fn compare(expected: &MapSpec, pinned: &MapSpec, ignored: &[Field]) -> Optio
         .into_iter()
         .filter(|field| !ignored.contains(field) && field.differs(pinned, expected))
         .collect();
-    (!fields.is_empty()).then(|| Mismatch {
+    (!fields.is_empty()).then_some(Mismatch {
         pinned: *pinned,
         expected: *expected,
         fields,

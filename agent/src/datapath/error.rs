@@ -51,7 +51,7 @@ pub enum DatapathError {
     IncompatiblePin {
         map: &'static str,
         path: PathBuf,
-        refusal: Refusal,
+        refusal: Box<Refusal>,
     },
     #[error("the embedded eBPF object cannot be parsed: {0}; the build is inconsistent")]
     Object(#[source] Box<aya_obj::ParseError>),

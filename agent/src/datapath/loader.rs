@@ -190,7 +190,7 @@ fn plan_maps(options: &LoadOptions) -> Result<Vec<(&'static str, Plan)>, Datapat
             .map_err(|refusal| DatapathError::IncompatiblePin {
                 map: name,
                 path,
-                refusal,
+                refusal: Box::new(refusal),
             })?;
         match plan {
             Plan::Replace { copy } => info!(

@@ -120,7 +120,7 @@ pub fn read_abi(pin_dir: &Path) -> Result<u32, DatapathError> {
         return Err(DatapathError::IncompatiblePin {
             map: MAP_ABI,
             path,
-            refusal: super::compat::Refusal::Layout(mismatch),
+            refusal: Box::new(super::compat::Refusal::Layout(mismatch)),
         });
     }
     let data = MapData::from_pin(&path).map_err(DatapathError::map(MAP_ABI))?;
@@ -221,7 +221,7 @@ pub fn copy_entries(name: &'static str, from: &Path, to: &mut Map) -> Result<(),
 fn copy_hash<K: Pod, V: Pod>(old: &Map, new: &mut Map) -> Result<(), MapError> {
     let old: BpfHashMap<&MapData, K, V> = old.try_into()?;
     let mut new: BpfHashMap<&mut MapData, K, V> = new.try_into()?;
-    for entry in old.iter() {
+    for entry in &old {
         let (key, value) = entry?;
         new.insert(key, value, 0)?;
     }
@@ -231,7 +231,7 @@ fn copy_hash<K: Pod, V: Pod>(old: &Map, new: &mut Map) -> Result<(), MapError> {
 fn copy_trie(old: &Map, new: &mut Map) -> Result<(), MapError> {
     let old: LpmTrie<&MapData, [u8; 4], CidrValue> = old.try_into()?;
     let mut new: LpmTrie<&mut MapData, [u8; 4], CidrValue> = new.try_into()?;
-    for entry in old.iter() {
+    for entry in &old {
         let (key, value) = entry?;
         new.insert(&key, value, 0)?;
     }
