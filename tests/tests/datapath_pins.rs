@@ -9,7 +9,7 @@ use aya::maps::{Array, HashMap, Map, MapData, MapInfo, MapType, PerCpuArray, Per
 use aya::programs::SchedClassifier;
 use aya_obj::generated::bpf_map_type;
 use vcnpath::datapath::{
-    Datapath, DatapathError, LoadOptions,
+    Datapath, DatapathError, DatapathMaps, LoadOptions,
     compat::{Field, Refusal},
 };
 use vcnpath_common::{
@@ -185,6 +185,14 @@ fn pins_of_another_datapath_abi_are_refused_while_they_hold_a_nat_table() {
     record.set(0, DATAPATH_ABI + 1, 0).unwrap();
     drop(record);
     let id = map_id(&pins.path.join(MAP_NAT));
+    // `vcnpath counters` and `vcnpath nat` would misname what they read.
+    match DatapathMaps::from_pins(&pins.path) {
+        Err(DatapathError::ForeignAbi {
+            pinned, expected, ..
+        }) => assert_eq!((pinned, expected), (DATAPATH_ABI + 1, DATAPATH_ABI)),
+        Err(other) => panic!("expected the read-only open to refuse another ABI, got {other}"),
+        Ok(_) => panic!("the read-only open accepted pins of another datapath ABI"),
+    }
 
     let (refusal, message, pins) = expect_refusal(pins, MAP_NAT);
     assert_eq!(

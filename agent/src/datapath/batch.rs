@@ -17,6 +17,7 @@ use aya::{
 };
 
 // `enum bpf_cmd` values from the kernel's uapi `linux/bpf.h`.
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
@@ -39,6 +40,49 @@ struct BatchAttr {
 }
 
 const _: () = assert!(size_of::<BatchAttr>() == 56);
+
+/// The member of `union bpf_attr` for the `BPF_MAP_*_ELEM` commands.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+const _: () = assert!(size_of::<ElemAttr>() == 32);
+
+/// The value at index 0 of an array map whose values are `value_size` bytes, as raw bytes:
+/// for maps whose layout only the object file knows (its `.rodata`, `.data`, `.bss`), which
+/// aya's typed maps cannot read without a compile-time size. `value_size` must be the
+/// kernel's (from `BPF_OBJ_GET_INFO_BY_FD`) for the same fd.
+pub fn array_value(fd: BorrowedFd<'_>, value_size: u32) -> io::Result<Vec<u8>> {
+    let key = 0u32;
+    let mut value = vec![0u8; value_size as usize];
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd().cast_unsigned(),
+        key: user_ptr(&raw const key),
+        value: user_ptr(value.as_mut_ptr()),
+        ..ElemAttr::default()
+    };
+    // SAFETY: `attr` is a valid prefix of `union bpf_attr` of the size passed; `key` is a
+    // 4-byte array index and `value` has room for the `value_size` bytes the kernel copies.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_ELEM,
+            &raw mut attr,
+            size_of::<ElemAttr>() as libc::c_uint,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(value)
+    }
+}
 
 /// Issues one batch command. On return `attr.count` holds the number of elements the
 /// kernel processed, whether or not it failed.
@@ -339,5 +383,24 @@ mod tests {
                 panic!("a batch map over 32-byte values was built for 24-byte ones (read {seen:?})")
             }
         }
+    }
+
+    /// The raw read used to compare the object's data maps returns the bytes stored.
+    #[test]
+    fn array_value_reads_the_stored_bytes() {
+        if !root("array_value_reads_the_stored_bytes") {
+            return;
+        }
+        let obj =
+            aya_obj::Map::new_from_params(bpf_map_type::BPF_MAP_TYPE_ARRAY as u32, 4, 12, 1, 0);
+        let data = MapData::create(obj, "globals", None).expect("create an array");
+        let mut array: aya::maps::Array<MapData, [u8; 12]> = aya::maps::Map::from_map_data(data)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        let stored = *b"coarse=1\0\0\0\x07";
+        array.set(0, stored, 0).unwrap();
+        let read = array_value(array.map().fd().as_fd(), 12).expect("lookup");
+        assert_eq!(read, stored, "the raw read must return the stored value");
     }
 }

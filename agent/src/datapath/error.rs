@@ -53,6 +53,14 @@ pub enum DatapathError {
         path: PathBuf,
         refusal: Box<Refusal>,
     },
+    #[error(
+        "the pins in {pin_dir} were created with datapath ABI {pinned}; this vcnpath reads ABI {expected}. Use the vcnpath binary of the agent that created them"
+    )]
+    ForeignAbi {
+        pin_dir: PathBuf,
+        pinned: u32,
+        expected: u32,
+    },
     #[error("the embedded eBPF object cannot be parsed: {0}; the build is inconsistent")]
     Object(#[source] Box<aya_obj::ParseError>),
     #[error("the datapath task has stopped")]

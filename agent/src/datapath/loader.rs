@@ -288,7 +288,8 @@ fn load_staged(
 /// Loads `name` from the object (so the verifier has accepted it) and tells whether the
 /// program pinned at `pin` can be adopted instead: only when it has the same code (kernel
 /// tag) and uses the same maps. The tag leaves map references out, so a program with this
-/// code bound to maps since replaced has the same tag; its map ids tell them apart.
+/// code bound to maps since replaced has the same tag; its map ids tell them apart (and,
+/// for the object's own data maps, which are never pinned, their contents).
 fn load_or_adopt(
     ebpf: &mut aya::Ebpf,
     name: &'static str,
@@ -309,19 +310,11 @@ fn load_or_adopt(
         info!(program = name, "the pinned program has other code");
         return Ok(false);
     }
-    let map_ids = |info: &aya::programs::ProgramInfo| {
-        info.map_ids()
-            .map(|ids| {
-                ids.map(|mut ids| {
-                    ids.sort_unstable();
-                    ids
-                })
-            })
-            .map_err(DatapathError::program(name))
-    };
-    let pinned_maps = map_ids(&pinned)?;
+    let pinned_maps = pins::program_maps(&pinned).map_err(DatapathError::program(name))?;
     // Unknown map ids (a kernel before 4.15) cannot prove the maps equal.
-    if pinned_maps.is_none() || pinned_maps != map_ids(&fresh)? {
+    if pinned_maps.is_none()
+        || pinned_maps != pins::program_maps(&fresh).map_err(DatapathError::program(name))?
+    {
         info!(program = name, "the pinned program uses other maps");
         return Ok(false);
     }

@@ -3,11 +3,13 @@
 //! into place. The decisions are [`super::compat`]'s.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     io,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
+use aya::programs::{ProgramError, ProgramInfo};
 use aya::{
     Pod,
     maps::{
@@ -19,7 +21,7 @@ use aya_obj::generated::bpf_map_type;
 use tracing::warn;
 use vcnpath_common::{
     CidrValue, Config, DATAPATH_ABI, Endpoint, EndpointKey, MAP_ABI, MAP_CONFIG, MAP_ENDPOINTS,
-    MAP_NAT, MAP_NONMASQ_CIDRS, MAP_STATS, MAP_VCN_CIDRS, MAP_VNICS, Vnic,
+    MAP_NAMES, MAP_NAT, MAP_NONMASQ_CIDRS, MAP_STATS, MAP_VCN_CIDRS, MAP_VNICS, Vnic,
 };
 
 use super::{DatapathError, compat::MapSpec, object::OBJECT};
@@ -156,6 +158,49 @@ pub fn write_abi(pin_dir: &Path) -> Result<(), DatapathError> {
     record
         .set(0, DATAPATH_ABI, 0)
         .map_err(DatapathError::map(MAP_ABI))
+}
+
+/// How a program uses one map, for telling whether two programs use the same maps.
+#[derive(Debug, PartialEq)]
+pub enum MapUse {
+    /// A map the loader pins (one of `MAP_NAMES`): the same map means the same id.
+    Pinned(u32),
+    /// A map of the object's own (`.rodata`, `.data`, `.bss`: globals), created afresh on
+    /// every load: the same map means the same type, size and contents.
+    Internal(MapSpec, Vec<u8>),
+}
+
+/// The maps the program described by `info` uses, by kernel name; `None` when the kernel
+/// does not report them.
+pub fn program_maps(info: &ProgramInfo) -> Result<Option<BTreeMap<String, MapUse>>, ProgramError> {
+    let Some(ids) = info.map_ids()? else {
+        return Ok(None);
+    };
+    let mut maps = BTreeMap::new();
+    for id in ids {
+        let map = MapInfo::from_id(id).map_err(ProgramError::MapError)?;
+        let name = map.name_as_str().unwrap_or_default().to_owned();
+        let used = if MAP_NAMES.contains(&name.as_str()) {
+            MapUse::Pinned(id)
+        } else {
+            let spec = spec_of(&map).map_err(ProgramError::MapError)?;
+            let fd = map.fd().map_err(ProgramError::MapError)?;
+            let contents = if spec.map_type == MapType::Array && spec.max_entries == 1 {
+                super::batch::array_value(fd.as_fd(), spec.value_size).map_err(|io_error| {
+                    ProgramError::SyscallError(aya::sys::SyscallError {
+                        call: "bpf_map_lookup_elem",
+                        io_error,
+                    })
+                })?
+            } else {
+                // Not a globals map: its contents cannot be compared, so it never matches.
+                id.to_le_bytes().to_vec()
+            };
+            MapUse::Internal(spec, contents)
+        };
+        maps.insert(name, used);
+    }
+    Ok(Some(maps))
 }
 
 /// Empties and recreates the staging directory (a crashed upgrade may have left pins in it).
