@@ -230,8 +230,11 @@ fn load_staged(
     let mut loader = aya::EbpfLoader::new();
     for (name, plan) in plans {
         let path = match plan {
-            Plan::Replace { .. } => staged(name),
-            Plan::Create | Plan::Adopt => pin_dir.join(name),
+            // New maps wait in staging too: until both programs have loaded, no pin
+            // changes, so a failed start leaves nothing a later start could mistake for
+            // the previous release's state.
+            Plan::Replace { .. } | Plan::Create => staged(name),
+            Plan::Adopt => pin_dir.join(name),
         };
         loader.map_pin_path(name, path);
     }
@@ -269,11 +272,11 @@ fn load_staged(
         replaced.push(name);
     }
 
-    // Both programs passed the verifier: swap in the replaced maps, then the programs
-    // that use them. The attached filters keep the old programs (and the maps those hold)
+    // Both programs passed the verifier: swap in the new and replaced maps, then the
+    // programs that use them. The attached filters keep the old programs (and the maps those hold)
     // until `attach` replaces them.
     for (name, plan) in plans {
-        if matches!(plan, Plan::Replace { .. }) {
+        if matches!(plan, Plan::Replace { .. } | Plan::Create) {
             pins::swap_in(&staged(name), &pin_dir.join(name))?;
         }
     }
