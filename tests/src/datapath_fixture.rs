@@ -102,10 +102,7 @@ impl Fixture {
             nat_max_entries: Some(nat_max),
         })
         .unwrap_or_else(|e| panic!("loading the datapath failed: {e}"));
-        datapath
-            .maps
-            .sync(&state(port_min, port_max))
-            .expect("map sync");
+        datapath.sync(&state(port_min, port_max)).expect("map sync");
         Self { datapath, pins }
     }
 
@@ -125,10 +122,7 @@ impl Fixture {
             Ok(datapath) => datapath,
             Err(error) => return Err((error, pins)),
         };
-        datapath
-            .maps
-            .sync(&state(port_min, port_max))
-            .expect("map sync");
+        datapath.sync(&state(port_min, port_max)).expect("map sync");
         Ok(Self { datapath, pins })
     }
 

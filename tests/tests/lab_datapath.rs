@@ -363,7 +363,7 @@ fn lab_upgrade_that_replaces_maps_keeps_established_connections() {
     let log = s.agent.log();
     assert!(
         log.contains("replacing a pinned map")
-            && log.contains("stay attached until the first sync")
+            && log.contains("attaching waits for the first sync")
             && log.contains("adopted=false"),
         "the agent must replace the incompatible maps and the programs bound to them:\n{log}"
     );

@@ -77,15 +77,22 @@ impl Datapath {
         let cleaned = pins::remove_staging(pin_dir);
         let (mut ebpf, adopted) = loaded?;
         cleaned?;
+        // A map the agent fills that starts empty (new, or replaced without its entries)
+        // would make the new programs act on missing state; whatever is attached now keeps
+        // its own complete maps until the first sync has filled these (a deleted pin, an
+        // upgrade), and on a fresh node nothing is lost by attaching after that sync.
         let emptied: Vec<&str> = plans
             .iter()
-            .filter(|(_, plan)| *plan == (Plan::Replace { copy: false }))
+            .filter(|(name, plan)| {
+                compat::contents(name) == compat::Contents::Rebuilt
+                    && matches!(plan, Plan::Create | Plan::Replace { copy: false })
+            })
             .map(|(name, _)| *name)
             .collect();
         if !emptied.is_empty() {
             info!(
                 maps = ?emptied,
-                "maps replaced empty: the running programs stay attached until the first sync has filled them"
+                "these maps start empty: attaching waits for the first sync, the programs attached now stay until then"
             );
         }
 
