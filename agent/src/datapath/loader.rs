@@ -274,7 +274,7 @@ fn load_staged(
             .map_err(DatapathError::program(name))?;
         program.pin(staged(name)).map_err(|e| DatapathError::Pin {
             path: staged(name),
-            source: io::Error::other(e.to_string()),
+            source: io::Error::other(e),
         })?;
         replaced.push(name);
     }
