@@ -3,6 +3,7 @@
 //! every map write ([`task`]); everyone else sends it intents.
 
 mod batch;
+pub mod compat;
 mod counters;
 mod error;
 pub mod gc;
@@ -10,6 +11,7 @@ mod loader;
 mod maps;
 mod object;
 pub mod probe;
+mod pins;
 mod state;
 pub mod task;
 
