@@ -10,8 +10,8 @@ pub mod gc;
 mod loader;
 mod maps;
 mod object;
-pub mod probe;
 mod pins;
+pub mod probe;
 mod state;
 pub mod task;
 

@@ -41,7 +41,12 @@ const TIERS: [Tier; 2] = [
     },
     Tier {
         name: "packet",
-        targets: &["datapath_packets", "datapath_nat_gc"],
+        targets: &[
+            "datapath_kernel",
+            "datapath_packets",
+            "datapath_pins",
+            "datapath_nat_gc",
+        ],
         threads: 2,
     },
 ];
