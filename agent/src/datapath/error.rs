@@ -55,7 +55,7 @@ pub enum DatapathError {
         minimum: &'static str,
     },
     #[error(
-        "probing the kernel for the BPF helper {helper} failed: {source} (vcnpath needs root or CAP_BPF)"
+        "probing the kernel for the BPF helper {helper} failed: {source} (vcnpath needs root or CAP_BPF, and CAP_SYS_RESOURCE before Linux 5.11, where BPF memory counts against RLIMIT_MEMLOCK)"
     )]
     Probe {
         helper: &'static str,

@@ -60,6 +60,7 @@ pub struct Features {
 impl Features {
     /// Checks `required` and probes the optional helpers.
     pub fn detect(required: &[Helper]) -> Result<Self, DatapathError> {
+        raise_memlock_limit();
         for helper in required {
             if !helper_supported(*helper)? {
                 return Err(DatapathError::KernelFeature {
@@ -73,6 +74,25 @@ impl Features {
         Ok(Self {
             coarse_clock: helper_supported(COARSE_CLOCK)?,
         })
+    }
+}
+
+/// Lifts `RLIMIT_MEMLOCK`. Before Linux 5.11 every BPF map and program is charged to the
+/// locked memory of the user that loads it, summed over all its processes; pinned maps a
+/// killed agent left stay charged, so a restart's load would fail with EPERM at the
+/// default limit. Later kernels charge the memory cgroup and ignore the limit. Needs
+/// CAP_SYS_RESOURCE (the DaemonSet grants it); without it the limit stays and is logged.
+pub fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct it is given.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const unlimited) } != 0 {
+        tracing::warn!(
+            error = %io::Error::last_os_error(),
+            "cannot lift RLIMIT_MEMLOCK; before Linux 5.11 loading the datapath may fail with EPERM"
+        );
     }
 }
 

@@ -314,8 +314,10 @@ fn start_simulator(runtime: &tokio::runtime::Runtime, config: SimConfig) -> Resu
     runtime.spawn(async move {
         let _ = tx.send(Simulator::start(config, "127.0.0.1:0").await);
     });
-    rx.recv_timeout(Duration::from_secs(30))
-        .context("the simulator did not start within 30 s")?
+    // Starting generates the simulator's RSA keys (CA, intermediate, instance): a second on
+    // a host, up to a minute in an emulated VM on a busy machine.
+    rx.recv_timeout(Duration::from_mins(3))
+        .context("the simulator did not start within 3 minutes")?
         .context("starting the simulator in the node namespace")
 }
 
