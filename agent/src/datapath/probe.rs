@@ -81,7 +81,7 @@ impl Features {
 /// locked memory of the user that loads it, summed over all its processes; pinned maps a
 /// killed agent left stay charged, so a restart's load would fail with EPERM at the
 /// default limit. Later kernels charge the memory cgroup and ignore the limit. Needs
-/// CAP_SYS_RESOURCE (the DaemonSet grants it); without it the limit stays and is logged.
+/// `CAP_SYS_RESOURCE` (the `DaemonSet` grants it); without it the limit stays and is logged.
 pub fn raise_memlock_limit() {
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
