@@ -176,7 +176,29 @@ fn build_tests(tiers: &[&Tier]) -> anyhow::Result<Vec<(String, PathBuf)>> {
             bail!("cargo built no executable for the test target {target}");
         }
     }
-    Ok(found)
+    snapshot(&found)
+}
+
+/// Copies the test executables and the binaries they run into `target/vmtest/bin` (the
+/// layout of target/debug: tests under `deps/`, which is how they find `vcnpath`), so a
+/// build on the host while the VMs run cannot change what they test.
+fn snapshot(found: &[(String, PathBuf)]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let bin = cmd::root().join("target/vmtest/bin");
+    let _ = fs::remove_dir_all(&bin);
+    fs::create_dir_all(bin.join("deps"))?;
+    let profile_dir = cmd::root().join("target/debug");
+    for binary in ["vcnpath", "vcnpath-cni"] {
+        fs::copy(profile_dir.join(binary), bin.join(binary))
+            .with_context(|| format!("copying target/debug/{binary}"))?;
+    }
+    found
+        .iter()
+        .map(|(name, exe)| {
+            let copy = bin.join("deps").join(exe.file_name().context("executable name")?);
+            fs::copy(exe, &copy).with_context(|| format!("copying {}", exe.display()))?;
+            Ok((name.clone(), copy))
+        })
+        .collect()
 }
 
 fn run_one(
