@@ -408,9 +408,16 @@ async fn read_vcn_cidrs(client: &CoreClient, vcn_id: &str) -> anyhow::Result<BTr
         .collect()
 }
 
-/// Pods' traffic is forwarded by the node.
+/// Pods' traffic is forwarded by the node. Managed VNICs get `forwarding` per interface over
+/// netlink (see `host::sysctl`); the node-wide switch, which new pod veths copy, can only be
+/// written where /proc/sys is writable.
 fn enable_forwarding() {
-    if let Err(error) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
-        warn!(%error, "cannot enable IPv4 forwarding");
+    match crate::host::sysctl::ensure_ip_forward_all() {
+        Ok(true) => info!("net.ipv4.ip_forward turned on"),
+        Ok(false) => {}
+        Err(error) => warn!(
+            %error,
+            "net.ipv4.ip_forward is off and cannot be turned on from here (/proc/sys is read-only in an unprivileged container); enable it on the node, or pods' traffic is not forwarded"
+        ),
     }
 }

@@ -45,6 +45,13 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
             ""
         }
     );
+    let sysctl_failures = status["sysctls"]["failures"].as_u64().unwrap_or(0);
+    if sysctl_failures > 0 {
+        println!(
+            "\nIPv4 settings: {sysctl_failures} failures to keep rp_filter loose and forwarding on; last: {}",
+            s(&status["sysctls"]["last_error"])
+        );
+    }
     println!("\npods:");
     for p in status["pods"].as_array().into_iter().flatten() {
         println!(

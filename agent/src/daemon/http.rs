@@ -79,6 +79,10 @@ pub async fn status_json(state: &Introspection) -> Value {
                 "free": v.free, "assigned": v.assigned, "cooldown": v.cooldown, "full": v.full,
             })
         }).collect::<Vec<_>>(),
+        "sysctls": {
+            "failures": node.sysctls.failures.load(Ordering::Relaxed),
+            "last_error": node.sysctls.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
+        },
         "pool": {"capacity": pool.capacity, "allocations": pool.allocations, "reconciled": pool.reconciled},
         "pods": pods,
         "datapath": {
@@ -149,6 +153,11 @@ fn render(
             n.load(Ordering::Relaxed)
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP vcnpath_sysctl_failures_total Failures to keep an interface's rp_filter loose and forwarding on.\n# TYPE vcnpath_sysctl_failures_total counter\nvcnpath_sysctl_failures_total {}",
+        node.sysctls.failures.load(Ordering::Relaxed)
+    );
     let _ = writeln!(
         out,
         "# HELP vcnpath_datapath_packets_total Packets by datapath decision.\n# TYPE vcnpath_datapath_packets_total counter"
