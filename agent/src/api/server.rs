@@ -195,9 +195,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self.0 {
             AllocError::Invalid { .. } => StatusCode::BAD_REQUEST,
-            AllocError::PoolEmpty { .. } | AllocError::NotReady | AllocError::Exhausted { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            AllocError::PoolEmpty { .. }
+            | AllocError::CoolingDown { .. }
+            | AllocError::NotReady
+            | AllocError::Exhausted { .. } => StatusCode::SERVICE_UNAVAILABLE,
             AllocError::Checkpoint { .. } | AllocError::Datapath { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

@@ -5,7 +5,7 @@ use std::{path::Path, time::Duration};
 use anyhow::Context as _;
 use serde_json::Value;
 
-use crate::{api::Client, ipam::max_pods, oci::ImdsClient};
+use crate::{api::Client, oci::ImdsClient};
 
 /// Prints the node's VNICs, pool, pods and datapath counters from the running agent.
 pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
@@ -79,22 +79,17 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The pod capacity of this shape, for kubelet's `--max-pods`.
+/// The pod capacity of this shape with the agent's configuration, for kubelet's
+/// `--max-pods`, at most `cap`.
 pub async fn max_pods_for(
-    imds_url: &str,
-    ips_per_vnic: usize,
-    use_primary_vnic: bool,
+    config: &crate::daemon::AgentConfig,
     cap: usize,
 ) -> anyhow::Result<usize> {
-    let imds = ImdsClient::new(imds_url, reqwest::Client::new())?;
+    let imds = ImdsClient::new(&config.oci.imds_url, reqwest::Client::new())?;
     let instance = imds
         .instance()
         .await
         .context("reading the shape from IMDS")?;
-    let capacity = max_pods(
-        instance.shape_config.max_vnic_attachments as usize,
-        ips_per_vnic,
-        use_primary_vnic,
-    );
+    let capacity = config.max_pods(instance.shape_config.max_vnic_attachments as usize);
     Ok(capacity.min(cap))
 }
