@@ -230,7 +230,7 @@ async fn serve(
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<(
     tokio::task::JoinHandle<Result<(), api::ServeError>>,
-    tokio::task::JoinHandle<std::io::Result<()>>,
+    tokio::task::JoinHandle<()>,
 )> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -247,11 +247,12 @@ async fn serve(
                 config.node.listen
             )
         })?;
-    let http_server = tokio::spawn(
-        axum::serve(tcp, http::router(introspection.clone()))
-            .with_graceful_shutdown(stopped(stop_rx.clone()))
-            .into_future(),
-    );
+    let http_server = tokio::spawn(api::listen::serve(
+        tcp,
+        http::router(introspection.clone()),
+        api::Limits::HTTP,
+        stopped(stop_rx.clone()),
+    ));
     Ok((api_server, http_server))
 }
 
