@@ -20,6 +20,7 @@ use crate::{
     daemon::{
         AgentConfig, AuthMode, Node, NodeSettings,
         config::select_subnets,
+        health::{Health, dir_writable},
         http::{self, Introspection},
     },
     datapath::{self, Datapath, LoadOptions},
@@ -203,10 +204,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let introspection = Arc::new(Introspection {
         node: node.clone(),
         oci: client.metrics(),
-        ready: false.into(),
+        health: Health::new(config.node.state_dir.clone()),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (api_server, http_server) = serve(&config, &node, &introspection, &stop_rx).await?;
+    introspection
+        .health
+        .socket_served
+        .store(true, Ordering::Release);
     info!(socket = %config.node.socket.display(), listen = %config.node.listen, "serving");
 
     supervise(&config, &node, &datapath, &introspection, &client, &vcn_id).await?;
@@ -297,11 +302,16 @@ async fn supervise(
             }
             _ = host_tick.tick() => {
                 node.setup_vnics().await;
-                if let Err(error) = node.sync().await {
+                let synced = node.sync().await;
+                if let Err(error) = &synced {
                     warn!(%error, "periodic datapath sync failed");
                 }
                 let usable = node.ipam.status().await.vnics.iter().any(|v| v.interface.is_some());
-                introspection.ready.store(usable, Ordering::Release);
+                let health = &introspection.health;
+                health.datapath_synced.store(synced.is_ok(), Ordering::Release);
+                health.usable_vnic.store(usable, Ordering::Release);
+                health.state_dir_writable.store(dir_writable(&health.state_dir), Ordering::Release);
+                health.beat();
             }
             _ = gc_tick.tick() => {
                 match datapath.collect_nat().await {

@@ -16,6 +16,9 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
     }
     let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
     println!("ready: {}", status["ready"]);
+    for problem in status["not_ready"].as_array().into_iter().flatten() {
+        println!("  not ready: {}", s(problem));
+    }
     println!("\nVNICs:");
     println!(
         "  {:<4} {:<8} {:<17} {:<15} {:<18} {:>5} {:>8} {:>8}",

@@ -147,6 +147,12 @@ impl Ipam {
         })
     }
 
+    /// Whether the background task (first reconcile, then the grower and the periodic
+    /// reconcile) is still running: it ends only by a panic.
+    pub fn background_running(&self) -> bool {
+        self.tasks.iter().all(|task| !task.is_finished())
+    }
+
     /// Waits until a VNIC joins the pool (attached by the grower) or the reconcile
     /// finished, whichever comes first since the last call: its interface can be set up.
     pub async fn vnic_added(&self) {
