@@ -12,10 +12,15 @@
 use std::{env, path::PathBuf, process::Command, time::Instant};
 
 const PACKAGE: &str = "vcnpath-ebpf";
+/// The toolchain for the eBPF crate (a nightly whose LLVM matches bpf-linker's), e.g. a
+/// dated `nightly-2026-05-20` where the plain `nightly` is a different LLVM.
+const TOOLCHAIN_ENV: &str = "VCNPATH_EBPF_TOOLCHAIN";
 
 fn main() {
     println!("cargo:rerun-if-changed=../ebpf");
     println!("cargo:rerun-if-changed=../common/src");
+    println!("cargo:rerun-if-env-changed={TOOLCHAIN_ENV}");
+    let toolchain = env::var(TOOLCHAIN_ENV).unwrap_or_else(|_| "nightly".to_owned());
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let arch = env::var("CARGO_CFG_TARGET_ARCH").expect("cargo sets CARGO_CFG_TARGET_ARCH");
     let target = if env::var("CARGO_CFG_TARGET_ENDIAN").as_deref() == Ok("big") {
@@ -27,7 +32,7 @@ fn main() {
     let target_dir = out_dir.join("ebpf-target");
     let started = Instant::now();
     let output = Command::new("rustup")
-        .args(["run", "nightly", "cargo", "build", "--package", PACKAGE])
+        .args(["run", &toolchain, "cargo", "build", "--package", PACKAGE])
         .args(["--bins", "--release", "--target", target])
         .args([
             "-Z",
@@ -48,7 +53,7 @@ fn main() {
         .env_remove("CARGO")
         .output()
         .unwrap_or_else(|error| {
-            panic!("cannot run `rustup run nightly cargo` ({error}); run `cargo xtask setup`")
+            panic!("cannot run `rustup run {toolchain} cargo` ({error}); run `cargo xtask setup`")
         });
     let stderr = String::from_utf8_lossy(&output.stderr);
     // Diagnostics (warnings, errors and their context) are forwarded; cargo's right-aligned

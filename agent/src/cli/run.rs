@@ -4,7 +4,9 @@
 
 use std::{
     collections::BTreeSet,
+    fs::Permissions,
     net::Ipv4Addr,
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::PathBuf,
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -390,12 +392,20 @@ async fn start_ipam(
         instance.id.clone(),
         config.pool(instance.shape_config.max_vnic_attachments as usize, subnets),
     );
-    std::fs::create_dir_all(&config.node.state_dir).with_context(|| {
-        format!(
-            "creating the state directory {}",
-            config.node.state_dir.display()
-        )
-    })?;
+    // The checkpoint names every pod on the node: root only (a hostPath directory is
+    // created 0755, so the mode is set even when it exists).
+    let state_dir = &config.node.state_dir;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .and_then(|()| std::fs::set_permissions(state_dir, Permissions::from_mode(0o700)))
+        .with_context(|| {
+            format!(
+                "creating the state directory {} (0700)",
+                state_dir.display()
+            )
+        })?;
     ipam_config.checkpoint_path = config.node.state_dir.join("ipam.json");
     ipam_config.mtu = config.datapath.mtu;
     let cloud = OciCloud::new(
