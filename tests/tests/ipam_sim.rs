@@ -611,7 +611,8 @@ async fn reconcile_restores_a_pods_address_and_touches_nothing_foreign() {
 }
 
 /// `vcnpath max-pods` tells kubelet what the agent will hold: it reads the agent's
-/// configuration file (the one `run` gets) and the shape's VNIC limit from IMDS.
+/// configuration file (the one `run` gets) and the shape's VNIC limit from IMDS, which it
+/// reaches directly even when a proxy is set for the OCI API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_pods_reads_the_agents_configuration() {
     let sim = sim(31, 3).await;
@@ -626,12 +627,18 @@ async fn max_pods_reads_the_agents_configuration() {
     )
     .unwrap();
     // The simulator answers on this runtime, so the command is awaited, not waited for.
+    // A proxy for the OCI API (here one that refuses every connection) is never used for
+    // IMDS, which is link-local.
     let max_pods = async |args: &[&str]| {
         let out = tokio::process::Command::new(vcnpath_tests::agent::binary())
             .arg("max-pods")
             .args(args)
             .env_remove("VCNPATH_CONFIG")
             .env_remove("VCNPATH_IMDS_URL")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .env("HTTP_PROXY", "http://127.0.0.1:9")
+            .env("HTTPS_PROXY", "http://127.0.0.1:9")
             .kill_on_drop(true)
             .output()
             .await

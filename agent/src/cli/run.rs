@@ -30,7 +30,7 @@ use crate::{
     ipam::{Ipam, IpamConfig, OciCloud},
     oci::{
         AuthProvider, ConfigFileAuth, CoreClient, Endpoints, ImdsClient, InstancePrincipalAuth,
-        RateLimit, RetryPolicy,
+        RateLimit, RetryPolicy, transport,
     },
 };
 
@@ -54,10 +54,9 @@ struct Cloud {
 
 /// Reads IMDS, authenticates and learns the VCN.
 async fn connect(config: &AgentConfig) -> anyhow::Result<Cloud> {
-    let http_client = reqwest::Client::builder()
-        .build()
-        .context("creating the HTTP client")?;
-    let imds = ImdsClient::new(&config.oci.imds_url, http_client.clone())?;
+    let http_client = transport::api_client(config.oci.ca_bundle.as_deref())?;
+    let imds_http = transport::imds_client()?;
+    let imds = ImdsClient::new(&config.oci.imds_url, imds_http.clone())?;
     let instance = imds
         .instance()
         .await
@@ -82,7 +81,7 @@ async fn connect(config: &AgentConfig) -> anyhow::Result<Cloud> {
     };
     let auth: Arc<dyn AuthProvider> = match config.oci.auth {
         AuthMode::InstancePrincipal => Arc::new(InstancePrincipalAuth::new(
-            ImdsClient::new(&config.oci.imds_url, http_client.clone())?,
+            ImdsClient::new(&config.oci.imds_url, imds_http)?,
             &endpoints.auth,
             http_client.clone(),
         )),

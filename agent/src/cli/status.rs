@@ -88,7 +88,7 @@ pub async fn max_pods_for(
     config: &crate::daemon::AgentConfig,
     cap: usize,
 ) -> anyhow::Result<usize> {
-    let imds = ImdsClient::new(&config.oci.imds_url, reqwest::Client::new())?;
+    let imds = ImdsClient::new(&config.oci.imds_url, crate::oci::transport::imds_client()?)?;
     let instance = imds
         .instance()
         .await

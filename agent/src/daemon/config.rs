@@ -42,6 +42,9 @@ pub struct OciSection {
     /// One base URL for the Core API and federation (the simulator); by default both are
     /// derived from the region and realm in IMDS.
     pub endpoint: Option<String>,
+    /// PEM certificates to trust besides the public web roots built in: a private realm's
+    /// CA, or the node's store (`/etc/ssl/certs/ca-certificates.crt`).
+    pub ca_bundle: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -98,6 +101,7 @@ impl Default for OciSection {
             profile: "DEFAULT".into(),
             imds_url: "http://169.254.169.254/opc/v2/".into(),
             endpoint: None,
+            ca_bundle: None,
         }
     }
 }
