@@ -1,7 +1,7 @@
 //! The agent's host module against a real kernel, inside a throwaway network namespace:
 //! finding a VNIC's interface by MAC, bringing it up with its MTU and address, and reading
 //! the virtual router's MAC from the neighbour table, and keeping its IPv4 settings with
-//! /proc/sys read-only (as in the shipped DaemonSet's unprivileged container).
+//! /proc/sys read-only (as in the unprivileged container the shipped manifests run).
 
 use std::net::Ipv4Addr;
 
@@ -165,7 +165,7 @@ fn read_only_proc_sys() -> std::io::Result<()> {
     }
 }
 
-/// The DaemonSet's container has /proc/sys read-only and CAP_NET_ADMIN: the agent still
+/// The shipped container has /proc/sys read-only and `CAP_NET_ADMIN`: the agent still
 /// makes a strict reverse-path filter loose and turns forwarding on, over netlink.
 #[test]
 fn lab_rp_filter_is_made_loose_with_proc_sys_read_only() {

@@ -341,7 +341,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let app = Router::new().route(
             "/slow",
-            axum::routing::get(|| std::future::pending::<&'static str>()),
+            axum::routing::get(std::future::pending::<&'static str>),
         );
         tokio::spawn(serve(listener, app, limits, std::future::pending()));
         let answer = tokio::time::timeout(Duration::from_secs(2), get(addr, "/slow"))

@@ -75,6 +75,10 @@ impl Health {
 
 /// The conditions of readiness, each on its own so `/readyz` can say which is missing.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent conditions, each named in /readyz's answer"
+)]
 pub struct Readiness {
     pub reconciled: bool,
     pub datapath_synced: bool,

@@ -184,7 +184,7 @@ impl Netlink {
             .map_err(Self::error("address add", &link.name))
     }
 
-    /// `link`'s IPv4 settings (its `net.ipv4.conf.<name>.*`), read from RTM_GETLINK's
+    /// `link`'s IPv4 settings (its `net.ipv4.conf.<name>.*`), read from `RTM_GETLINK`'s
     /// `IFLA_AF_SPEC` → `AF_INET` → `IFLA_INET_CONF`, so /proc/sys need not be mounted.
     pub async fn ipv4_conf(&self, link: &Link) -> Result<InetDevConf, HostError> {
         let messages: Vec<LinkMessage> = self
@@ -218,8 +218,8 @@ impl Netlink {
             })
     }
 
-    /// Sets the non-zero fields of `changes` in `link`'s IPv4 settings with RTM_SETLINK
-    /// (needs CAP_NET_ADMIN only, unlike writing a read-only /proc/sys). Zero fields are
+    /// Sets the non-zero fields of `changes` in `link`'s IPv4 settings with `RTM_SETLINK`
+    /// (needs `CAP_NET_ADMIN` only, unlike writing a read-only /proc/sys). Zero fields are
     /// left as they are: the kernel message carries only the fields being set.
     pub async fn set_ipv4_conf(&self, link: &Link, changes: InetDevConf) -> Result<(), HostError> {
         let mut message = LinkUnspec::new_with_index(link.index).build();

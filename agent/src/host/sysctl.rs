@@ -6,12 +6,12 @@
 //! - Forwarding must be on: a reply to a pod arrives on a VNIC and is routed to the pod's veth,
 //!   and the kernel checks the receiving interface's `forwarding`.
 //!
-//! Both are read and set over rtnetlink (RTM_GETLINK / RTM_SETLINK with `IFLA_AF_SPEC` →
+//! Both are read and set over rtnetlink (`RTM_GETLINK` / `RTM_SETLINK` with `IFLA_AF_SPEC` →
 //! `AF_INET` → `IFLA_INET_CONF`), never through /proc/sys: a container that is not privileged
-//! gets /proc/sys read-only (runc mounts it so), while RTM_SETLINK needs only CAP_NET_ADMIN.
+//! gets /proc/sys read-only (runc mounts it so), while `RTM_SETLINK` needs only `CAP_NET_ADMIN`.
 //!
 //! The node-wide `net.ipv4.ip_forward` (`conf/all`, and `conf/default` that new veths copy) has
-//! no netlink setter — rtnetlink has RTM_GETNETCONF and notifications, no RTM_SETNETCONF — so
+//! no netlink setter — rtnetlink has `RTM_GETNETCONF` and notifications, no `RTM_SETNETCONF` — so
 //! [`ensure_ip_forward_all`] can only try /proc/sys and report when it cannot.
 
 use std::{fs, io, path::Path};
