@@ -11,7 +11,8 @@
 //! gets /proc/sys read-only (runc mounts it so), while `RTM_SETLINK` needs only `CAP_NET_ADMIN`.
 //!
 //! The node-wide `net.ipv4.ip_forward` (`conf/all`, and `conf/default` that new veths copy) has
-//! no netlink setter — rtnetlink has `RTM_GETNETCONF` and notifications, no `RTM_SETNETCONF` — so
+//! no netlink setter: rtnetlink has `RTM_GETNETCONF` and notifications, no `RTM_SETNETCONF`, and
+//! a `RTM_NEWNETCONF` request is refused with `EOPNOTSUPP` (seen on Linux 6.18). So
 //! [`ensure_ip_forward_all`] can only try /proc/sys and report when it cannot.
 
 use std::{fs, io, path::Path};
