@@ -17,8 +17,29 @@ pub const PROG_EGRESS: &str = "vcnpath_egress";
 /// Name of the TC ingress classifier.
 pub const PROG_INGRESS: &str = "vcnpath_ingress";
 
+/// Read-only global (`.rodata`, frozen at load) the agent sets to 1 when the kernel has
+/// `bpf_ktime_get_coarse_ns` (Linux 5.11+). The verifier knows its value and drops the
+/// branch the kernel cannot take, so one object loads on 5.10 and is cheaper on newer kernels.
+pub const GLOBAL_COARSE_CLOCK: &str = "VCNPATH_COARSE_CLOCK";
+
 /// Default bpffs directory holding every pinned map and program.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/vcnpath";
+
+/// Version of the datapath ABI: the layout and meaning of every map's keys and values.
+///
+/// Bump it whenever an existing key or value changes layout or meaning (a field moved,
+/// resized or reinterpreted, a reason renumbered); appending a reason or resizing a map
+/// needs no bump, the agent's size checks see those. The agent records the version in the
+/// pinned [`MAP_ABI`] map and, on a mismatch, rebuilds the maps it can fill again and
+/// refuses to adopt the NAT table unless a conversion from the pinned version exists.
+/// Pins without the record come from releases before it existed, whose layout is version 1.
+pub const DATAPATH_ABI: u32 = 1;
+
+/// Single-entry array (key `u32` 0, value `u32`) created by the agent, not the programs:
+/// the [`DATAPATH_ABI`] the pins beside it were created with. A pinned map has the same
+/// lifetime as the pins it describes (a reboot or `rm` of the directory removes both),
+/// which a file on disk would not.
+pub const MAP_ABI: &str = "abi";
 
 /// Every map name, in the order the agent pins them.
 pub const MAP_NAMES: [&str; 7] = [

@@ -155,7 +155,8 @@ pub const NAT_PORT_TRIES: u32 = 64;
 // `[u8; 4]` address fields are word-aligned, so the eBPF side loads, stores and compares
 // them as single 32-bit words instead of byte by byte.
 
-// Compile-time layout checks: any change here is a change to the pinned-map ABI.
+// Compile-time layout checks: any change here is a change to the pinned-map ABI; bump
+// `DATAPATH_ABI` with it.
 const _: () = assert!(core::mem::size_of::<Vnic>() == 32);
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 4);
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 8);

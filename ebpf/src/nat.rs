@@ -76,6 +76,27 @@ pub fn tcp_seen(tcp_flags: u8) -> u8 {
     seen
 }
 
+/// 1 when the kernel has `bpf_ktime_get_coarse_ns` (set by the agent, see
+/// `vcnpath_common::GLOBAL_COARSE_CLOCK`); 0 falls back to the precise clock.
+#[unsafe(no_mangle)]
+static VCNPATH_COARSE_CLOCK: u8 = 0;
+
+/// Now, for expiry: the coarse clock (jiffies) is plenty for second-granularity expiry and
+/// cheaper; both clocks read CLOCK_MONOTONIC, so entries stamped by either compare.
+#[inline(always)]
+fn coarse_now_ns() -> u64 {
+    // verifier: a frozen read-only global; on a kernel without the coarse helper the
+    // verifier sees the constant 0 and never checks the call it guards.
+    // SAFETY: a plain read of a static; the helpers have no preconditions.
+    unsafe {
+        if core::ptr::read_volatile(&VCNPATH_COARSE_CLOCK) != 0 {
+            bpf_ktime_get_coarse_ns()
+        } else {
+            bpf_ktime_get_ns()
+        }
+    }
+}
+
 /// Records activity on an entry, writing only when something changed or the timestamp
 /// is older than `NAT_TOUCH_INTERVAL_NS`. Returns the time when that interval had passed
 /// (about once a second per active flow), for the checks that need not run per packet.
@@ -83,8 +104,7 @@ pub fn tcp_seen(tcp_flags: u8) -> u8 {
 pub fn touch(entry: *mut NatEntry, seen: u8) -> Option<u64> {
     // SAFETY: `entry` comes from a map lookup in this program run.
     unsafe {
-        // The coarse clock (jiffies) is plenty for second-granularity expiry and cheaper.
-        let now = bpf_ktime_get_coarse_ns();
+        let now = coarse_now_ns();
         let due = now.wrapping_sub((*entry).last_seen_ns) > NAT_TOUCH_INTERVAL_NS;
         let merged = (*entry).tcp_seen | seen;
         if merged != (*entry).tcp_seen {

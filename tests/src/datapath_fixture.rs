@@ -8,7 +8,7 @@
 use std::net::Ipv4Addr;
 
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
-use vcnpath::datapath::{Counters, Datapath, DatapathState, LoadOptions};
+use vcnpath::datapath::{Counters, Datapath, DatapathError, DatapathState, LoadOptions};
 use vcnpath_common::{
     CONFIG_F_ENABLED, Config, ENDPOINT_KIND_POD, ENDPOINT_KIND_PRIMARY, Endpoint, Reason,
     VNIC_F_ROUTER_MAC, Vnic,
@@ -102,11 +102,35 @@ impl Fixture {
             nat_max_entries: Some(nat_max),
         })
         .unwrap_or_else(|e| panic!("loading the datapath failed: {e}"));
-        datapath
-            .maps
-            .sync(&state(port_min, port_max))
-            .expect("map sync");
+        datapath.sync(&state(port_min, port_max)).expect("map sync");
         Self { datapath, pins }
+    }
+
+    /// Loads the programs into `pins` as the directory is (a test may have pinned maps
+    /// there, or left a previous load's pins), then syncs the fixture state. On failure
+    /// the load's error comes back with the directory, which still cleans up on drop.
+    pub fn load_into(
+        pins: PinDir,
+        port_min: u16,
+        port_max: u16,
+    ) -> Result<Self, (DatapathError, PinDir)> {
+        let loaded = Datapath::load(&LoadOptions {
+            pin_dir: pins.path.clone(),
+            nat_max_entries: Some(1 << 16),
+        });
+        let mut datapath = match loaded {
+            Ok(datapath) => datapath,
+            Err(error) => return Err((error, pins)),
+        };
+        datapath.sync(&state(port_min, port_max)).expect("map sync");
+        Ok(Self { datapath, pins })
+    }
+
+    /// Lets go of the loaded datapath, keeping its pins (as an agent that exits does).
+    pub fn into_pins(self) -> PinDir {
+        let Self { datapath, pins } = self;
+        drop(datapath);
+        pins
     }
 
     /// Where the maps and programs are pinned (`<dir>/nat` is the NAT table).
@@ -129,6 +153,21 @@ impl Fixture {
     pub fn count(&self, reason: Reason) -> u64 {
         self.counters().get(reason)
     }
+}
+
+/// Pins at `path` a map `name` of the given type and `(key size, value size, max entries)`,
+/// as another release of vcnpath could have left it.
+pub fn pin_foreign_map(
+    path: &std::path::Path,
+    name: &str,
+    map_type: aya_obj::generated::bpf_map_type,
+    (key, value, max): (u32, u32, u32),
+) {
+    let obj = aya_obj::Map::new_from_params(map_type as u32, key, value, max, 0);
+    let map = aya::maps::MapData::create(obj, name, None)
+        .unwrap_or_else(|e| panic!("creating the foreign {name} map: {e}"));
+    map.pin(path)
+        .unwrap_or_else(|e| panic!("pinning the foreign {name} map at {}: {e}", path.display()));
 }
 
 /// Runs `program` once over `frame`; returns the verdict and the frame it produced.

@@ -16,6 +16,9 @@ use vcnpath_tests::{
 };
 
 const S: u64 = 1_000_000_000;
+/// The time unit of the shapes and timeouts below. Two seconds, so a live entry outlives
+/// its timeout by at least 6 s: inserting 10,500 entries takes seconds on a slow VM.
+const UNIT: u64 = 2 * S;
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 const ICMP: u8 = 1;
@@ -23,16 +26,17 @@ const EST: u8 = TCP_SEEN_SYN | TCP_SEEN_ACK;
 
 /// Short, distinct timeouts, so a flow's state decides its fate within seconds of idling.
 fn timeouts() -> NatTimeouts {
+    let units = |n: u64| Duration::from_nanos(n * UNIT);
     NatTimeouts {
-        tcp_established: Duration::from_secs(20),
-        tcp_opening: Duration::from_secs(10),
-        tcp_closing: Duration::from_secs(4),
-        udp: Duration::from_secs(8),
-        icmp: Duration::from_secs(6),
+        tcp_established: units(20),
+        tcp_opening: units(10),
+        tcp_closing: units(4),
+        udp: units(8),
+        icmp: units(6),
     }
 }
 
-/// What the table holds of one flow, and how long each half has been idle (seconds).
+/// What the table holds of one flow, and how long each half has been idle (in [`UNIT`]s).
 #[derive(Clone, Copy)]
 enum Shape {
     /// Egress and reply entries.
@@ -57,7 +61,7 @@ const SHAPES: [(Shape, bool); 13] = [
     // A recent reply keeps the whole flow.
     (udp(60, 2), false),
     (udp(12, 12), true),
-    // Established TCP idle 15 s lives (20 s); the same idle kills an opening flow (10 s).
+    // Established TCP idle 15 units lives (20); the same idle kills an opening flow (10).
     (tcp(15, EST, EST), false),
     (tcp(15, TCP_SEEN_SYN, 0), true),
     (tcp(6, EST | TCP_SEEN_RST, EST), true),
@@ -171,12 +175,12 @@ fn entries(n: u32, shape: Shape, now_ns: u64) -> Vec<(NatKey, NatEntry)> {
         pad: [0; 2],
     };
     let stamp = |idle: u64, addr: [u8; 4], seen: u8| NatEntry {
-        last_seen_ns: now_ns - idle * S,
+        last_seen_ns: now_ns - idle * UNIT,
         addr,
         port,
         flags: 0,
         tcp_seen: seen,
-        created_ns: now_ns - 100 * S,
+        created_ns: now_ns - 130 * S,
     };
     match shape {
         Shape::Both {
@@ -206,11 +210,20 @@ fn collection_removes_exactly_the_expired_flows_of_a_table_larger_than_a_batch()
     if !have_root("nat_gc_batches") {
         return;
     }
+    // Entries are stamped up to 130 s in the past and CLOCK_MONOTONIC starts at boot: on a
+    // machine booted moments ago (the VM tier) wait until the past exists.
+    let wanted = 140 * S;
+    let since_boot = monotonic_now_ns();
+    if since_boot < wanted {
+        let wait = Duration::from_nanos(wanted - since_boot);
+        eprintln!(
+            "nat_gc_batches: the machine booted {} s ago; waiting {} s so entries can be stamped 130 s in the past",
+            since_boot / S,
+            wait.as_secs()
+        );
+        std::thread::sleep(wait);
+    }
     let now_ns = monotonic_now_ns();
-    assert!(
-        now_ns > 120 * S,
-        "the test stamps entries up to 100 s in the past; the clock reads only {now_ns} ns since boot"
-    );
     let mut fx = Fixture::with_nat_capacity("natgc", 1024, 65535, NAT_MAX);
     let nat = &mut fx.datapath.maps.nat;
 

@@ -13,7 +13,7 @@ use vcnpath_tests::{
         LabOptions, Netns, SimLab, lab_sim_config,
         traffic::{TcpConn, TcpServer, tcp_connect},
     },
-    node_agent::{IPS_PER_VNIC, NodeAgent, checkpointed, cni, cni_add},
+    node_agent::{AgentOptions, IPS_PER_VNIC, NodeAgent, checkpointed, cni, cni_add},
     ocisim::Faults,
     privileged::have_root,
 };
@@ -238,6 +238,171 @@ fn lab_forty_pods_across_two_vnics_reach_the_vcn_and_the_internet_and_addresses_
         reused > 0,
         "freed addresses are reused after the cooldown (none of {freed:?} came back)"
     );
+    assert_consistent(&lab, &agent);
+}
+
+/// A VM-shape node (every VNIC attachment on `nicIndex` 0, interfaces named `ens3`,
+/// `ens4`, `ens5` as a guest names them) grows to a second and a third VNIC: the agent
+/// must bring each secondary interface up with its address and MTU, and the pods on it
+/// must reach the VCN with their own address. Telling secondaries apart by `nicIndex`
+/// leaves them down and unaddressed while pods get addresses on them.
+/// Addresses per VNIC in the VM growth test: a handful of pods need two secondaries.
+const PER_VNIC: u32 = 6;
+
+/// A secondary VNIC as the agent must leave it: its interface up at MTU 9000 with the
+/// VNIC's primary IP; returns the interface's name.
+fn assert_configured(
+    lab: &SimLab,
+    agent: &NodeAgent,
+    vnic_id: &str,
+    ip: &str,
+    subnet: &str,
+) -> String {
+    let node = lab.lab().node();
+    let link = lab.wait_for_vnic(vnic_id, T).expect("the VNIC's interface");
+    let shown = node
+        .ip(&["-o", "link", "show", "dev", &link.ifname])
+        .expect("ip link");
+    assert!(
+        shown.contains(",UP") && shown.contains("mtu 9000"),
+        "the agent must bring {} (VNIC {vnic_id}) up at MTU 9000, saw: {shown}\nagent log:\n{}",
+        link.ifname,
+        agent.latest_log()
+    );
+    let prefix = subnet.rsplit('/').next().expect("prefix length");
+    let addrs = node
+        .ip(&["-o", "-4", "addr", "show", "dev", &link.ifname])
+        .expect("ip addr");
+    assert!(
+        addrs.contains(&format!("inet {ip}/{prefix}")),
+        "{} (VNIC {vnic_id}) must carry its primary IP {ip}/{prefix}, saw: {addrs}",
+        link.ifname
+    );
+    link.ifname
+}
+
+#[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "one growth story, read top to bottom"
+)]
+fn lab_a_vm_node_grows_to_three_vnics_and_the_pods_on_each_reach_the_vcn() {
+    if !have_root("lab_agent_vm_growth") {
+        return;
+    }
+    let lab = SimLab::new(
+        LabOptions::default(),
+        vcnpath_tests::ocisim::SimConfig {
+            ips_per_vnic: PER_VNIC,
+            max_vnic_attachments: 3,
+            attach_delay_ms: 300,
+            ..lab_sim_config()
+        },
+    )
+    .expect("simulator-driven lab");
+    let agent = NodeAgent::start_with(
+        &lab,
+        "vmgrow",
+        AgentOptions {
+            ips_per_vnic: PER_VNIC,
+            warm_ips: 1,
+            ..AgentOptions::default()
+        },
+    )
+    .expect("vcnpath run");
+    // More pods than one secondary VNIC holds: the pool attaches a second and a third VNIC.
+    let pods = add_pods(&lab, &agent, "vm", PER_VNIC as usize + 2);
+
+    let snapshot = lab.sim().snapshot();
+    let attachments = snapshot["attachments"].as_array().expect("attachments");
+    let live: Vec<&serde_json::Value> = attachments
+        .iter()
+        .filter(|a| a["lifecycleState"] == "ATTACHED")
+        .collect();
+    assert_eq!(
+        live.len(),
+        3,
+        "the primary and two secondary VNICs: {live:?}"
+    );
+    assert!(
+        live.iter().all(|a| a["nicIndex"] == 0),
+        "a VM shape puts every VNIC on physical NIC 0: {live:?}"
+    );
+
+    let status = agent.status().expect("status");
+    let secondaries: Vec<(String, String, String)> = status["vnics"]
+        .as_array()
+        .expect("vnics")
+        .iter()
+        .filter(|v| v["is_primary"] != true)
+        .map(|v| {
+            (
+                v["vnic_id"].as_str().expect("vnic_id").to_owned(),
+                v["primary_ip"].as_str().expect("primary_ip").to_owned(),
+                v["subnet"].as_str().expect("subnet").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        secondaries.len(),
+        2,
+        "two secondary VNICs in the pool: {}",
+        status["vnics"]
+    );
+    let interfaces: BTreeSet<String> = secondaries
+        .iter()
+        .map(|(vnic_id, ip, subnet)| assert_configured(&lab, &agent, vnic_id, ip, subnet))
+        .collect();
+    assert_eq!(
+        interfaces,
+        BTreeSet::from(["ens4".to_owned(), "ens5".to_owned()]),
+        "the secondaries appear as ens4 and ens5"
+    );
+    let used: BTreeSet<&str> = pods.iter().map(|p| p.interface.as_str()).collect();
+    assert_eq!(
+        used,
+        interfaces.iter().map(String::as_str).collect(),
+        "pods live on both secondary VNICs"
+    );
+
+    let peer = TcpServer::start(
+        lab.lab().peer(),
+        SocketAddr::from((lab.lab().peer_ip(), 8080)),
+    )
+    .unwrap();
+    for pod in &pods {
+        let mut c = TcpConn::connect(&pod.ns, None, peer.addr(), Duration::from_secs(5))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "pod {} ({} on {}) → VCN peer: {e:#}\nagent log:\n{}",
+                    pod.id,
+                    pod.ip,
+                    pod.interface,
+                    agent.latest_log()
+                )
+            });
+        c.roundtrip(b"vcn", T).expect("peer echo");
+    }
+    let seen_by_peer: BTreeSet<IpAddr> = peer
+        .wait_connections(pods.len(), T)
+        .unwrap()
+        .iter()
+        .map(|r| r.peer.ip())
+        .collect();
+    assert_eq!(
+        seen_by_peer,
+        pods.iter().map(|p| IpAddr::V4(p.ip)).collect(),
+        "the VCN peer sees each pod's own address"
+    );
+    for (vnic_id, ..) in &secondaries {
+        assert_eq!(
+            lab.router_drop_counts_of(vnic_id)
+                .expect("router counters")
+                .total(),
+            0,
+            "the VCN router's source/destination check dropped packets of VNIC {vnic_id}"
+        );
+    }
     assert_consistent(&lab, &agent);
 }
 

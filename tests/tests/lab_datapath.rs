@@ -5,10 +5,12 @@
 
 use std::{net::Ipv4Addr, net::SocketAddr, time::Duration};
 
+use aya_obj::generated::bpf_map_type;
 use vcnpath::datapath::{Counters, DatapathMaps};
-use vcnpath_common::Reason;
+use vcnpath_common::{MAP_STATS, MAP_VNICS, REASON_COUNT, Reason};
 use vcnpath_tests::{
     agent::{Agent, lab_config},
+    datapath_fixture::pin_foreign_map,
     lab::{
         Lab, LabOptions, Pod, stats,
         traffic::{TcpConn, TcpServer, UdpEchoServer, ping, tcp_bulk, udp_request},
@@ -322,6 +324,72 @@ fn lab_established_connection_survives_agent_kill_and_restart() {
         1,
         "still one connection, never re-established: {seen:?}"
     );
+}
+
+/// An upgrade from a release whose `vnics` layout and reason count differ: the new agent
+/// replaces those maps (their pins first, the programs, then the attached filters once
+/// the first sync has filled them), and the established connection never notices.
+#[test]
+fn lab_upgrade_that_replaces_maps_keeps_established_connections() {
+    if !have_root("lab_upgrade_maps") {
+        return;
+    }
+    let mut s = setup("upgrade", LabOptions::default());
+    let server = TcpServer::start(s.lab.inet(), SocketAddr::from((s.lab.inet_ip(), 8080))).unwrap();
+    // POD_B is on eth1: its traffic needs `vnics`, `endpoints` and `config` to be steered
+    // out of eth0 and masqueraded.
+    let mut conn = TcpConn::connect(s.pod(POD_B).ns(), None, server.addr(), T).unwrap();
+    conn.roundtrip(b"before", T).unwrap();
+    s.agent.kill9().unwrap();
+
+    // What the older release left pinned (its programs, still attached, hold their own
+    // maps): a `Vnic` 4 bytes shorter and one reason fewer.
+    for (name, map_type, sizes) in [
+        (MAP_VNICS, bpf_map_type::BPF_MAP_TYPE_HASH, (4, 28, 64)),
+        (
+            MAP_STATS,
+            bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY,
+            (4, 8, REASON_COUNT - 1),
+        ),
+    ] {
+        let path = s.pins.path.join(name);
+        std::fs::remove_file(&path).unwrap();
+        pin_foreign_map(&path, name, map_type, sizes);
+    }
+    conn.roundtrip(b"between", T)
+        .expect("the attached programs keep their maps while the pins change");
+
+    s.agent.restart(&s.lab).expect("the upgraded agent starts");
+    let log = s.agent.log();
+    assert!(
+        log.contains("replacing a pinned map")
+            && log.contains("attaching waits for the first sync")
+            && log.contains("adopted=false"),
+        "the agent must replace the incompatible maps and the programs bound to them:\n{log}"
+    );
+    let before = s.counters().get(Reason::SnatEstablished);
+    conn.roundtrip(b"after", T)
+        .expect("the established connection survives the upgrade");
+    assert!(
+        s.counters().get(Reason::SnatEstablished) > before,
+        "the programs now attached must count into the stats map that is pinned"
+    );
+    let mut fresh = TcpConn::connect(s.pod(POD_B).ns(), None, server.addr(), T).unwrap();
+    fresh
+        .roundtrip(b"new", T)
+        .expect("a new connection after the upgrade");
+    let seen = server.wait_connections(2, T).unwrap();
+    assert_eq!(
+        seen.len(),
+        2,
+        "the first connection was never re-established: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .all(|c| c.peer.ip() == std::net::IpAddr::V4(MASQ)),
+        "both connections arrive from the masquerade address: {seen:?}"
+    );
+    s.assert_no_router_drops();
 }
 
 #[test]

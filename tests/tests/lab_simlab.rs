@@ -1,7 +1,8 @@
 //! The simulator-driven lab checked against OCI's behaviour: VNICs appear in the node when
-//! the simulator attaches them, the router's source/destination check follows the
-//! simulator's private IPs, and the simulator is reachable from the node namespace. Needs
-//! root; each test builds its own lab.
+//! the simulator attaches them, named as a VM guest names them (`ens4`, `ens5`, … in order
+//! of appearance; every VNIC of a VM has `nicIndex` 0), the router's source/destination
+//! check follows the simulator's private IPs, and the simulator is reachable from the node
+//! namespace. Needs root; each test builds its own lab.
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;
@@ -86,8 +87,23 @@ fn lab_namespaces_left(prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// The attachment `id` as the simulator holds it.
+fn attachment_json(lab: &SimLab, id: &str) -> serde_json::Value {
+    lab.sim().snapshot()["attachments"]
+        .as_array()
+        .expect("attachments")
+        .iter()
+        .find(|a| a["id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("no attachment {id} in the simulator"))
+}
+
 #[test]
-fn attaching_a_vnic_creates_eth1_with_the_reported_mac_and_detaching_removes_it() {
+#[expect(
+    clippy::too_many_lines,
+    reason = "one attach/detach story, read top to bottom"
+)]
+fn attaching_vnics_creates_ens4_and_ens5_with_the_reported_macs_and_detaching_removes_them() {
     if !have_root("lab_simlab") {
         return;
     }
@@ -98,26 +114,35 @@ fn attaching_a_vnic_creates_eth1_with_the_reported_mac_and_detaching_removes_it(
     let (attachment, vnic_id) = attach(&lab, &client, 1);
     // Counted from the AttachVnic call: the attach delay plus the margin, in all.
     let budget = (ATTACH_DELAY + MARGIN).saturating_sub(started.elapsed());
-    let mac = lab
-        .wait_for_interface(1, budget)
-        .expect("eth1 appears in the node namespace within the attach delay and a margin");
+    let link = lab
+        .wait_for_vnic(&vnic_id, budget)
+        .expect("the VNIC appears in the node namespace within the attach delay and a margin");
+    assert_eq!(
+        link.ifname, "ens4",
+        "the first secondary VNIC of a VM appears as ens4 (the primary is ens3)"
+    );
     let event = events.try_recv().expect("an ATTACHED event was sent");
     assert_eq!(event.kind, EventKind::Attached, "first event: {event:?}");
     assert_eq!(event.vnic_id, vnic_id, "the event names the attached VNIC");
     assert_eq!(
-        mac.to_string(),
+        link.mac.to_string(),
         event.mac.to_lowercase(),
-        "eth1 must carry the MAC the simulator reported"
+        "ens4 must carry the MAC the simulator reported"
+    );
+    assert_eq!(
+        attachment_json(&lab, &attachment)["nicIndex"],
+        0,
+        "on a VM every VNIC is on physical NIC 0"
     );
 
     let node = lab.lab().node();
-    let link = node.ip(&["-o", "link", "show", "dev", "eth1"]).unwrap();
+    let shown = node.ip(&["-o", "link", "show", "dev", "ens4"]).unwrap();
     assert!(
-        link.contains("state DOWN"),
-        "a new VNIC is handed over down (the agent brings it up), saw: {link}"
+        shown.contains("state DOWN") && shown.contains("mtu 1500"),
+        "a new VNIC is handed over down at MTU 1500 (the agent brings it up and sets 9000), saw: {shown}"
     );
     let addrs = node
-        .ip(&["-o", "-4", "addr", "show", "dev", "eth1"])
+        .ip(&["-o", "-4", "addr", "show", "dev", "ens4"])
         .unwrap();
     assert!(
         addrs.trim().is_empty(),
@@ -135,21 +160,51 @@ fn attaching_a_vnic_creates_eth1_with_the_reported_mac_and_detaching_removes_it(
     );
     assert_eq!(lab.router_drops(1).unwrap(), 0, "a fresh VNIC has no drops");
 
+    // A second VNIC on the same physical NIC: no conflict, the next name.
+    let (second_attachment, second) = attach(&lab, &client, 2);
+    let second_link = lab
+        .wait_for_vnic(&second, MARGIN)
+        .expect("a second VNIC appears");
+    assert_eq!(
+        second_link.ifname, "ens5",
+        "the second secondary VNIC is ens5"
+    );
+    assert_eq!(attachment_json(&lab, &second_attachment)["nicIndex"], 0);
+
     let detach_client = Arc::clone(&client);
     lab.block_on(async move { detach_client.detach_vnic(&attachment).await })
         .expect("DetachVnic");
-    lab.wait_for_interface_gone(1, ATTACH_DELAY + MARGIN)
-        .expect("eth1 leaves the node namespace after the detach");
+    lab.wait_for_vnic_gone(&vnic_id, ATTACH_DELAY + MARGIN)
+        .expect("ens4 leaves the node namespace after the detach");
+    assert!(
+        node.ip(&["link", "show", "dev", "ens4"]).is_err(),
+        "ens4 should be gone"
+    );
     assert!(
         lab.lab()
             .router()
             .ip(&["link", "show", "dev", "r1"])
             .is_err(),
-        "the router's end of eth1 should be gone too"
+        "the router's end of ens4 should be gone too"
     );
     assert!(
         lab.router_drops(1).is_err(),
         "a detached VNIC should have no counters left in the router"
+    );
+    assert_eq!(
+        lab.wait_for_vnic(&second, MARGIN)
+            .expect("still there")
+            .ifname,
+        "ens5",
+        "the other VNIC keeps its name"
+    );
+    let (_, third) = attach(&lab, &client, 3);
+    assert_eq!(
+        lab.wait_for_vnic(&third, MARGIN)
+            .expect("a third VNIC appears")
+            .ifname,
+        "ens4",
+        "a new VNIC takes the free name, as a hot-plugged NIC takes the free slot"
     );
     assert!(
         lab.sync_errors().is_empty(),
@@ -158,7 +213,7 @@ fn attaching_a_vnic_creates_eth1_with_the_reported_mac_and_detaching_removes_it(
     );
 }
 
-/// Pings the peer from the node with source `src` (routed out of eth1); true if answered.
+/// Pings the peer from the node with source `src` (routed out of ens4); true if answered.
 fn ping_from(lab: &SimLab, src: Ipv4Addr) -> bool {
     output(cmd_in(lab.lab().node(), "ping").args([
         "-n",
@@ -196,10 +251,13 @@ fn router_passes_a_source_only_while_the_simulator_assigns_it_to_the_vnic() {
     let lab = new_lab();
     let client = client(&lab);
     let (_attachment, vnic_id) = attach(&lab, &client, 1);
-    lab.wait_for_interface(1, MARGIN).expect("eth1 appears");
+    let link = lab
+        .wait_for_vnic(&vnic_id, MARGIN)
+        .expect("the VNIC appears");
+    assert_eq!(link.ifname, "ens4");
 
-    // What the agent would do; no agent runs here. The extra address is on eth1 so the
-    // node answers for it, and the route sends traffic to the peer out of eth1.
+    // What the agent would do; no agent runs here. The extra address is on ens4 so the
+    // node answers for it, and the route sends traffic to the peer out of ens4.
     let node = lab.lab().node();
     let primary = lab.sim().snapshot()["vnics"]
         .as_array()
@@ -210,11 +268,11 @@ fn router_passes_a_source_only_while_the_simulator_assigns_it_to_the_vnic() {
         .expect("the VNIC's primary IP")
         .to_owned();
     let extra = Ipv4Addr::new(10, 0, 1, 77);
-    node.ip(&["addr", "add", &format!("{primary}/24"), "dev", "eth1"])
+    node.ip(&["addr", "add", &format!("{primary}/24"), "dev", "ens4"])
         .unwrap();
-    node.ip(&["addr", "add", &format!("{extra}/32"), "dev", "eth1"])
+    node.ip(&["addr", "add", &format!("{extra}/32"), "dev", "ens4"])
         .unwrap();
-    node.ip(&["link", "set", "eth1", "up"]).unwrap();
+    node.ip(&["link", "set", "ens4", "up"]).unwrap();
     node.ip(&[
         "route",
         "add",
@@ -222,7 +280,7 @@ fn router_passes_a_source_only_while_the_simulator_assigns_it_to_the_vnic() {
         "via",
         "10.0.1.1",
         "dev",
-        "eth1",
+        "ens4",
     ])
     .unwrap();
 
@@ -236,7 +294,7 @@ fn router_passes_a_source_only_while_the_simulator_assigns_it_to_the_vnic() {
         !ping_from(&lab, extra),
         "{extra} is not assigned in the simulator: the router should drop it"
     );
-    let dropped = lab.router_drop_counts(1).unwrap();
+    let dropped = lab.router_drop_counts_of(&vnic_id).unwrap();
     assert!(
         dropped.source >= 1,
         "expected a source-check drop on VNIC 1, saw {dropped:?}"
@@ -326,9 +384,9 @@ fn dropping_a_simlab_deletes_its_namespaces_also_after_a_panic() {
     let lab = new_lab();
     let prefix = lab.lab().id().to_owned();
     let client = client(&lab);
-    attach(&lab, &client, 2);
-    lab.wait_for_interface(1, MARGIN)
-        .expect("a VNIC in subnet C appears as eth1");
+    let (_, vnic_id) = attach(&lab, &client, 2);
+    lab.wait_for_vnic(&vnic_id, MARGIN)
+        .expect("a VNIC in subnet C appears");
     let pod = lab
         .lab()
         .add_pod_netns("empty")

@@ -72,8 +72,8 @@ async fn vnic_cycle(sim: &Simulator, client: &CoreClient) {
         .expect("an ATTACHED attachment names its VNIC");
     assert_eq!(
         attached.nic_index,
-        Some(1),
-        "the second VNIC gets nicIndex 1"
+        Some(0),
+        "on a VM shape every VNIC is on physical NIC 0"
     );
     let vnic = client.get_vnic(&vnic_id).await.expect("GetVnic");
     assert!(!vnic.is_primary, "a secondary VNIC must not be primary");
@@ -98,9 +98,17 @@ async fn vnic_cycle(sim: &Simulator, client: &CoreClient) {
     let imds_vnics = imds.vnics().await.expect("IMDS vnics");
     assert!(
         imds_vnics.iter().any(|v| v.vnic_id == vnic_id
-            && v.nic_index == 1
+            && v.nic_index == 0
             && Some(&v.private_ip) == vnic.private_ip.as_ref()),
         "IMDS /vnics/ must show the new VNIC, got {imds_vnics:?}"
+    );
+    let primary_vnic = client
+        .get_vnic(&imds_vnics[0].vnic_id)
+        .await
+        .expect("GetVnic of IMDS's first entry");
+    assert!(
+        primary_vnic.is_primary,
+        "IMDS lists the primary VNIC first, got {imds_vnics:?}"
     );
 
     let mut created = Vec::new();
@@ -187,7 +195,7 @@ async fn vnic_cycle(sim: &Simulator, client: &CoreClient) {
         .expect("list");
     let primary_attachment = attachments
         .iter()
-        .find(|a| a.nic_index == Some(0))
+        .find(|a| a.vnic_id.as_deref() == Some(primary_vnic.id.as_str()))
         .expect("primary attachment");
     let err = client
         .detach_vnic(&primary_attachment.id)
@@ -409,5 +417,94 @@ async fn a_permanently_failing_call_ends_in_a_typed_error_within_the_budget() {
     assert!(
         matches!(err.root(), OciError::Timeout { .. }),
         "expected a timeout, got {err:?}"
+    );
+}
+
+/// A VM shape as OCI describes it: every VNIC is on physical NIC 0, so several secondary
+/// VNICs attach without any `nicIndex` conflict, a NIC the shape does not have is refused,
+/// and IMDS lists the primary first. Some IMDS answers carry no `nicIndex` at all.
+#[tokio::test]
+async fn a_vm_shape_puts_every_vnic_on_nic_0_and_imds_lists_the_primary_first() {
+    let sim = sim(SimConfig {
+        max_vnic_attachments: 4,
+        attach_delay_ms: 50,
+        imds_nic_index: false,
+        ..SimConfig::default()
+    })
+    .await;
+    let (client, _auth) = instance_principal_client(&sim, fast_retries());
+    let cfg = sim.config();
+    let details = |nic_index| AttachVnicDetails {
+        instance_id: cfg.instance_id.clone(),
+        create_vnic_details: CreateVnicDetails {
+            subnet_id: cfg.subnets[1].id.clone(),
+            ..Default::default()
+        },
+        display_name: None,
+        nic_index,
+    };
+    let mut attached = Vec::new();
+    for nic_index in [None, Some(0), None] {
+        let a = client
+            .attach_vnic(&details(nic_index), &new_retry_token())
+            .await
+            .expect("AttachVnic on NIC 0 never conflicts");
+        let a = client
+            .wait_attached(&a.id, Duration::from_secs(5))
+            .await
+            .expect("ATTACHED");
+        assert_eq!(a.nic_index, Some(0), "a VM's VNIC is on NIC 0: {a:?}");
+        attached.push(a.vnic_id.expect("vnicId"));
+    }
+    let err = client
+        .attach_vnic(&details(Some(1)), &new_retry_token())
+        .await
+        .expect_err("a VM has no physical NIC 1");
+    assert_eq!(err.status(), Some(400), "{err}");
+
+    let imds = ImdsClient::new(&sim.imds_url(), reqwest::Client::new()).expect("IMDS");
+    let listed = imds.vnics().await.expect("IMDS vnics");
+    assert_eq!(
+        listed.len(),
+        4,
+        "the primary and three secondaries: {listed:?}"
+    );
+    assert!(
+        client
+            .get_vnic(&listed[0].vnic_id)
+            .await
+            .expect("GetVnic")
+            .is_primary,
+        "the first IMDS entry is the primary VNIC"
+    );
+    let rest: Vec<String> = listed[1..].iter().map(|v| v.vnic_id.clone()).collect();
+    assert_eq!(rest, attached, "then the secondaries in attach order");
+    let raw: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}vnics/", sim.imds_url()))
+        .header("Authorization", "Bearer Oracle")
+        .send()
+        .await
+        .expect("IMDS answers")
+        .json()
+        .await
+        .expect("JSON");
+    let first = raw[0].as_object().expect("an object");
+    let fields: Vec<&str> = first.keys().map(String::as_str).collect();
+    for field in [
+        "vnicId",
+        "privateIp",
+        "vlanTag",
+        "macAddr",
+        "virtualRouterIp",
+        "subnetCidrBlock",
+    ] {
+        assert!(
+            fields.contains(&field),
+            "IMDS entry lacks {field}: {first:?}"
+        );
+    }
+    assert!(
+        !fields.contains(&"nicIndex"),
+        "configured like cloud-init's VM fixture, without nicIndex: {first:?}"
     );
 }

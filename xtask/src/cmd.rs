@@ -12,9 +12,12 @@ pub fn root() -> PathBuf {
         .to_owned()
 }
 
-/// Runs `cmd` in the workspace root, echoing it; fails when it fails.
+/// Runs `cmd` (in the workspace root unless it names a directory), echoing it; fails when
+/// it fails.
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    cmd.current_dir(root());
+    if cmd.get_current_dir().is_none() {
+        cmd.current_dir(root());
+    }
     eprintln!("+ {}", describe(cmd));
     let status = cmd
         .status()

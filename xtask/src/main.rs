@@ -4,6 +4,7 @@ mod build_ebpf;
 mod cmd;
 mod setup;
 mod test;
+mod vmtest;
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +27,15 @@ enum Task {
     },
     /// Run every test tier: lints, unit, `BPF_PROG_TEST_RUN` packet tests, namespace tests.
     Test,
+    /// The packet and lab tiers inside VMs booting Debian's 5.10, 6.1 and 6.12 kernels.
+    Vmtest {
+        /// `5.10`, `6.1`, `6.12`, a comma-separated list, or `all`.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// `packet`, `lab` or `all`.
+        #[arg(long, default_value = "all")]
+        tier: String,
+    },
     /// The main job: vcnpath in the namespace lab with pods on two VNICs, and a report.
     Demo,
     /// Print benchmark figures and write them to target/bench/*.json:
@@ -48,5 +58,6 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test::run(),
         Task::Bench { what, args } => test::bench(&what, &args),
         Task::Demo => test::demo(),
+        Task::Vmtest { kernel, tier } => test::vmtest(&vmtest::select(&kernel)?, &tier),
     }
 }

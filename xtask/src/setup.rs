@@ -22,6 +22,11 @@ const PACKAGES: &[&str] = &[
     "iperf3",
     "iputils-ping",
     "util-linux",
+    // The VM tier: qemu, and modprobe/depmod for the guest kernels' modules.
+    "qemu-system-x86",
+    "kmod",
+    "xz-utils",
+    "zstd",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_MAJOR: &str = "22";

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use crate::{build_ebpf, cmd, setup};
+use crate::{build_ebpf, cmd, setup, vmtest};
 
 pub fn run() -> anyhow::Result<()> {
     let root = cmd::is_root();
@@ -57,7 +57,34 @@ pub fn run() -> anyhow::Result<()> {
         lab.args(["--", "--test-threads=1"]);
         cmd::run(&mut lab)?;
     }
+
+    // Tier 4: the packet and lab tiers again, in VMs booting the kernels OCI nodes run.
+    if !root {
+        eprintln!(
+            "xtask test: the VM tier needs root (qemu, bpffs, namespaces in the guest): skipped"
+        );
+    } else if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!(
+            "xtask test: no /dev/kvm on this machine, so the VM tier (5.10, 6.1, 6.12) is skipped"
+        );
+    } else {
+        vmtest::run(&vmtest::select("all")?, "all", Some(&host_kernel()))?;
+    }
     Ok(())
+}
+
+/// `uname -r` of the machine the host tiers ran on.
+fn host_kernel() -> String {
+    let release = cmd::output(Command::new("uname").arg("-r")).unwrap_or_default();
+    format!("host ({})", release.trim())
+}
+
+pub fn vmtest(kernels: &[&str], tier: &str) -> anyhow::Result<()> {
+    if !cmd::is_root() {
+        anyhow::bail!("cargo xtask vmtest boots VMs that load BPF programs: run it as root");
+    }
+    setup::run()?;
+    vmtest::run(kernels, tier, None)
 }
 
 fn test_targets() -> anyhow::Result<Vec<String>> {

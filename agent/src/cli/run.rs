@@ -62,14 +62,9 @@ async fn connect(config: &AgentConfig) -> anyhow::Result<Cloud> {
         .await
         .context("reading the instance from IMDS")?;
     let imds_vnics = imds.vnics().await.context("reading the VNICs from IMDS")?;
-    let Some(primary) = imds_vnics
-        .iter()
-        .find(|v| v.nic_index == 0)
-        .or(imds_vnics.first())
-        .cloned()
-    else {
+    if imds_vnics.is_empty() {
         bail!("IMDS lists no VNIC for this instance");
-    };
+    }
     info!(instance = %instance.id, shape = %instance.shape, max_vnics = instance.shape_config.max_vnic_attachments, "instance");
 
     let endpoints = match &config.oci.endpoint {
@@ -100,10 +95,7 @@ async fn connect(config: &AgentConfig) -> anyhow::Result<Cloud> {
         RateLimit::default(),
     ));
 
-    let primary_vnic = client
-        .get_vnic(&primary.vnic_id)
-        .await
-        .context("GetVnic for the primary VNIC")?;
+    let (primary, primary_vnic) = find_primary(&client, &imds_vnics).await?;
     let subnet = client
         .get_subnet(&primary_vnic.subnet_id)
         .await
@@ -119,6 +111,31 @@ async fn connect(config: &AgentConfig) -> anyhow::Result<Cloud> {
         vcn_cidrs,
         client,
     })
+}
+
+/// The primary VNIC: IMDS lists it first (cloud-init configures `vnics[0]` as the
+/// primary), and `GetVnic`'s `isPrimary` confirms it. `nicIndex` cannot tell: it is the
+/// physical NIC, 0 for every VNIC of a VM.
+async fn find_primary(
+    client: &CoreClient,
+    imds_vnics: &[crate::oci::imds::ImdsVnic],
+) -> anyhow::Result<(crate::oci::imds::ImdsVnic, crate::oci::models::Vnic)> {
+    for (i, entry) in imds_vnics.iter().enumerate() {
+        let vnic = client
+            .get_vnic(&entry.vnic_id)
+            .await
+            .with_context(|| format!("GetVnic for VNIC {} listed by IMDS", entry.vnic_id))?;
+        if vnic.is_primary {
+            if i > 0 {
+                warn!(vnic = %entry.vnic_id, position = i, "IMDS did not list the primary VNIC first");
+            }
+            return Ok((entry.clone(), vnic));
+        }
+    }
+    bail!(
+        "none of the {} VNICs IMDS lists is the primary one according to GetVnic (isPrimary); the instance's metadata and the Core API disagree",
+        imds_vnics.len()
+    )
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {

@@ -21,13 +21,17 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
     }
     println!("\nVNICs:");
     println!(
-        "  {:<4} {:<8} {:<17} {:<15} {:<18} {:>5} {:>8} {:>8}",
-        "nic", "iface", "mac", "primary ip", "subnet", "free", "assigned", "cooldown"
+        "  {:<9} {:<8} {:<17} {:<15} {:<18} {:>5} {:>8} {:>8}",
+        "vnic", "iface", "mac", "primary ip", "subnet", "free", "assigned", "cooldown"
     );
     for v in status["vnics"].as_array().into_iter().flatten() {
         println!(
-            "  {:<4} {:<8} {:<17} {:<15} {:<18} {:>5} {:>8} {:>8}{}",
-            s(&v["nic_index"]),
+            "  {:<9} {:<8} {:<17} {:<15} {:<18} {:>5} {:>8} {:>8}{}",
+            if v["is_primary"] == true {
+                "primary"
+            } else {
+                "secondary"
+            },
             s(&v["interface"]),
             s(&v["mac"]),
             s(&v["primary_ip"]),

@@ -106,7 +106,7 @@ pub async fn status_json(state: &Introspection) -> Value {
         "vnics": pool.vnics.iter().map(|v| {
             let managed = vnics.get(&v.vnic_id);
             json!({
-                "vnic_id": v.vnic_id, "nic_index": v.nic_index, "mac": v.mac,
+                "vnic_id": v.vnic_id, "is_primary": v.is_primary, "nic_index": v.nic_index, "mac": v.mac,
                 "interface": v.interface, "ifindex": managed.map(|m| m.link.index),
                 "primary_ip": v.primary_ip, "subnet": v.subnet,
                 "router_mac_resolved": managed.is_some_and(|m| m.router_mac.is_some()),

@@ -228,7 +228,8 @@ impl Node {
                 continue; // not visible yet: OCI says ATTACHED before the kernel shows the NIC
             };
             let router = router_of(vnic.subnet);
-            let secondary = vnic.nic_index != 0;
+            // OCI's `isPrimary`, never `nicIndex`: on a VM every VNIC is on NIC 0.
+            let secondary = !vnic.is_primary;
             if let Err(error) = self
                 .manage(
                     &vnic.vnic_id,

@@ -2,6 +2,8 @@
 
 use std::{io, path::PathBuf};
 
+use super::compat::Refusal;
+
 /// Everything that can go wrong loading, attaching or syncing the datapath.
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -43,6 +45,40 @@ pub enum DatapathError {
         #[source]
         source: Box<aya::maps::MapError>,
     },
+    #[error(
+        "kernel {kernel} lacks the BPF helper {helper} (added in Linux {since}); vcnpath needs Linux {minimum} or newer"
+    )]
+    KernelFeature {
+        kernel: String,
+        helper: &'static str,
+        since: &'static str,
+        minimum: &'static str,
+    },
+    #[error(
+        "probing the kernel for the BPF helper {helper} failed: {source} (vcnpath needs root or CAP_BPF)"
+    )]
+    Probe {
+        helper: &'static str,
+        source: io::Error,
+    },
+    #[error(
+        "the {map} map pinned at {path} cannot be used by this build: {refusal}. Nothing was changed; the programs attached now keep forwarding with it. To upgrade anyway, remove the pin (`rm {path}`; for the nat map this resets every masqueraded connection) and start the agent again, or go back to the release that created it"
+    )]
+    IncompatiblePin {
+        map: &'static str,
+        path: PathBuf,
+        refusal: Box<Refusal>,
+    },
+    #[error(
+        "the pins in {pin_dir} were created with datapath ABI {pinned}; this vcnpath reads ABI {expected}. Use the vcnpath binary of the agent that created them"
+    )]
+    ForeignAbi {
+        pin_dir: PathBuf,
+        pinned: u32,
+        expected: u32,
+    },
+    #[error("the embedded eBPF object cannot be parsed: {0}; the build is inconsistent")]
+    Object(#[source] Box<aya_obj::ParseError>),
     #[error("the datapath task has stopped")]
     TaskGone,
 }

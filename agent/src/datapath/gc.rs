@@ -412,7 +412,7 @@ impl DatapathMaps {
     /// the whole table has been judged, so no decision reads a table this collection has
     /// already changed (16 bytes per expired entry held meanwhile).
     pub fn collect_nat(&mut self, timeouts: &NatTimeouts) -> Result<GcReport, DatapathError> {
-        let map = BatchMap::new(&self.nat);
+        let map = BatchMap::new(&self.nat).map_err(DatapathError::map(MAP_NAT))?;
         let mut collector = Collector::new(monotonic_now_ns(), timeouts);
         let mut reader = map.reader(BATCH_CHUNK);
         while let Some((keys, entries)) =
@@ -441,7 +441,7 @@ impl DatapathMaps {
     /// Number of entries in the NAT table (0 if it cannot be read).
     pub fn nat_len(&self) -> usize {
         BatchMap::new(&self.nat)
-            .for_each(BATCH_CHUNK, |_, _| {})
+            .and_then(|map| map.for_each(BATCH_CHUNK, |_, _| {}))
             .unwrap_or(0)
     }
 }

@@ -1,9 +1,10 @@
 //! Loading, adopting, pinning and attaching the programs.
 //!
-//! Restarts and upgrades never interrupt traffic: maps are reused from their pins, a
-//! pinned program identical to the embedded one (same kernel tag) is adopted rather than
-//! replaced, and attachments are replaced in place (netlink, same priority and handle),
-//! never removed and re-added.
+//! Restarts and upgrades never interrupt traffic: maps are reused from their pins once the
+//! kernel confirms they are what this build expects, a pinned program identical to the
+//! embedded one (same kernel tag, same maps) is adopted rather than replaced, and
+//! attachments are replaced in place (netlink, same priority and handle), never removed
+//! and re-added.
 
 use std::{
     io,
@@ -14,10 +15,18 @@ use aya::programs::{
     SchedClassifier, TcAttachType,
     tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
 };
-use tracing::{debug, info};
-use vcnpath_common::{MAP_NAMES, MAP_NAT, PROG_EGRESS, PROG_INGRESS};
+use tracing::{debug, info, warn};
+use vcnpath_common::{
+    DATAPATH_ABI, GLOBAL_COARSE_CLOCK, MAP_ABI, MAP_NAMES, MAP_NAT, PROG_EGRESS, PROG_INGRESS,
+};
 
-use super::{DatapathError, DatapathMaps, object::OBJECT};
+use super::{
+    DatapathError, DatapathMaps, DatapathState, SyncReport,
+    compat::{self, Plan},
+    object::OBJECT,
+    pins,
+    probe::{self, Features},
+};
 
 /// Priority of vcnpath's filters on the clsact hooks (lower runs first).
 const TC_PRIORITY: u16 = 1;
@@ -29,7 +38,7 @@ const TC_HANDLE: TcHandle = TcHandle::new(0, 1);
 pub struct LoadOptions {
     /// bpffs directory for the pins (default `/sys/fs/bpf/vcnpath`).
     pub pin_dir: PathBuf,
-    /// Capacity of the `nat` map when it is created (ignored when adopted).
+    /// Capacity of the `nat` map when it is created (a pinned table keeps its own).
     pub nat_max_entries: Option<u32>,
 }
 
@@ -40,39 +49,57 @@ pub struct Datapath {
     ingress: SchedClassifier,
     /// True when both programs were adopted from their pins unchanged.
     pub adopted: bool,
+    /// `Some` while attachments are held back: some map was replaced by an empty one, so
+    /// the new programs would run without the state the attached ones still have. Holds the
+    /// interfaces to attach once the first [`Datapath::sync`] has filled the maps.
+    held: Option<Vec<String>>,
     pin_dir: PathBuf,
 }
 
 impl Datapath {
-    /// Loads the embedded object, reusing pinned maps and adopting pinned programs
-    /// whose code is identical.
+    /// Loads the embedded object, reusing the pinned maps this build can use and adopting
+    /// pinned programs whose code and maps are identical.
+    ///
+    /// Every pin is checked before anything is adopted (see [`super::compat`]): a pin that
+    /// cannot be used and holds state the agent cannot rebuild (the NAT table) is refused
+    /// with an error that says what to do, before anything pinned changes; any other
+    /// incompatible map is replaced by a fresh one. Replacement maps and programs are
+    /// pinned under a staging directory and renamed over the live pins only once both
+    /// programs have passed the verifier, so a failed upgrade leaves every pin as it was.
     pub fn load(options: &LoadOptions) -> Result<Self, DatapathError> {
         let pin_dir = &options.pin_dir;
         std::fs::create_dir_all(pin_dir).map_err(|source| DatapathError::PinDir {
             path: pin_dir.clone(),
             source,
         })?;
-
-        let pin_paths: Vec<(&str, PathBuf)> = MAP_NAMES
+        let plans = plan_maps(options)?;
+        let staging = pins::fresh_staging(pin_dir)?;
+        let loaded = load_staged(options, &plans, &staging);
+        // Whatever the outcome, nothing is left behind in the staging directory: on success
+        // it was moved into place, on failure it is dropped.
+        let cleaned = pins::remove_staging(pin_dir);
+        let (mut ebpf, adopted) = loaded?;
+        cleaned?;
+        // A map the agent fills that starts empty (new, or replaced without its entries)
+        // would make the new programs act on missing state; whatever is attached now keeps
+        // its own complete maps until the first sync has filled these (a deleted pin, an
+        // upgrade), and on a fresh node nothing is lost by attaching after that sync.
+        let emptied: Vec<&str> = plans
             .iter()
-            .map(|name| (*name, pin_dir.join(name)))
+            .filter(|(name, plan)| {
+                compat::contents(name) == compat::Contents::Rebuilt
+                    && matches!(plan, Plan::Create | Plan::Replace { copy: false })
+            })
+            .map(|(name, _)| *name)
             .collect();
-        let mut loader = aya::EbpfLoader::new();
-        for (name, path) in &pin_paths {
-            loader.map_pin_path(name, path.as_path());
+        if !emptied.is_empty() {
+            info!(
+                maps = ?emptied,
+                "these maps start empty: attaching waits for the first sync, the programs attached now stay until then"
+            );
         }
-        if let Some(max) = options.nat_max_entries {
-            loader.map_max_entries(MAP_NAT, max);
-        }
-        let mut ebpf = loader
-            .load(OBJECT)
-            .map_err(|e| DatapathError::Load(Box::new(e)))?;
-        let maps = DatapathMaps::take(&mut ebpf)?;
 
-        let mut adopted = true;
-        for name in [PROG_EGRESS, PROG_INGRESS] {
-            adopted &= load_or_adopt(&mut ebpf, name, &pin_dir.join(name))?;
-        }
+        let maps = DatapathMaps::take(&mut ebpf)?;
         let egress = open_pinned(PROG_EGRESS, &pin_dir.join(PROG_EGRESS))?;
         let ingress = open_pinned(PROG_INGRESS, &pin_dir.join(PROG_INGRESS))?;
         info!(pin_dir = %pin_dir.display(), adopted, "datapath loaded");
@@ -81,13 +108,41 @@ impl Datapath {
             egress,
             ingress,
             adopted,
+            held: (!emptied.is_empty()).then(Vec::new),
             pin_dir: pin_dir.clone(),
         })
     }
 
+    /// Makes the maps equal to `state` (see [`DatapathMaps::sync`]), then attaches whatever
+    /// was held back for this first sync.
+    pub fn sync(&mut self, state: &DatapathState) -> Result<SyncReport, DatapathError> {
+        let report = self.maps.sync(state)?;
+        if let Some(held) = self.held.take() {
+            let mut first_error = None;
+            for interface in held {
+                if let Err(error) = self.attach(&interface) {
+                    first_error.get_or_insert(error);
+                }
+            }
+            if let Some(error) = first_error {
+                return Err(error);
+            }
+        }
+        Ok(report)
+    }
+
     /// Attaches both programs to `interface` (adding its clsact qdisc if needed),
-    /// replacing in place whatever vcnpath attached there before.
+    /// replacing in place whatever vcnpath attached there before. After a load that
+    /// replaced maps by empty ones, attaching waits for the first [`Datapath::sync`]:
+    /// until then the programs attached before keep their own, still complete, maps.
     pub fn attach(&mut self, interface: &str) -> Result<(), DatapathError> {
+        if let Some(held) = &mut self.held {
+            if !held.iter().any(|i| i == interface) {
+                debug!(interface, "attachment held until the first sync");
+                held.push(interface.to_owned());
+            }
+            return Ok(());
+        }
         if let Err(error) = tc::qdisc_add_clsact(interface) {
             // EEXIST is the normal case after a restart.
             let exists = matches!(&error, tc::TcError::NetlinkError(e) if e.raw_os_error() == Some(libc::EEXIST));
@@ -129,8 +184,128 @@ impl Datapath {
     }
 }
 
-/// Loads `name` from the object and pins it, unless the pinned program has the same
-/// code. Returns whether the pinned one was adopted.
+/// Compares every pinned map with the map this build declares and decides what to do
+/// with it; refuses, before anything changes, when a pin can be neither used nor replaced.
+fn plan_maps(options: &LoadOptions) -> Result<Vec<(&'static str, Plan)>, DatapathError> {
+    let declared = pins::declared(options.nat_max_entries)?;
+    let pinned_abi = pins::read_abi(&options.pin_dir)?;
+    let mut plans = Vec::with_capacity(MAP_NAMES.len());
+    for name in MAP_NAMES {
+        let expected = declared
+            .get(name)
+            .ok_or(DatapathError::MissingMap { map: name })?;
+        let path = options.pin_dir.join(name);
+        let pinned = pins::pinned(name, &path)?;
+        let plan = compat::plan(name, expected, pinned.as_ref(), pinned_abi, DATAPATH_ABI)
+            .map_err(|refusal| DatapathError::IncompatiblePin {
+                map: name,
+                path,
+                refusal: Box::new(refusal),
+            })?;
+        match plan {
+            Plan::Replace { copy } => info!(
+                map = name,
+                copy,
+                pinned_abi,
+                abi = DATAPATH_ABI,
+                ?pinned,
+                ?expected,
+                "replacing a pinned map this build cannot use"
+            ),
+            Plan::Adopt if pinned.is_some_and(|p| p.max_entries != expected.max_entries) => {
+                warn!(
+                    map = name,
+                    pinned = pinned.map(|p| p.max_entries),
+                    configured = expected.max_entries,
+                    "keeping the pinned map's capacity; the configured one applies once the pin is removed"
+                );
+            }
+            _ => {}
+        }
+        plans.push((name, plan));
+    }
+    Ok(plans)
+}
+
+/// Loads the object with the maps `plans` decided on and both programs, then moves what was
+/// staged into place and records the ABI. Returns the object and whether both programs
+/// were adopted.
+fn load_staged(
+    options: &LoadOptions,
+    plans: &[(&'static str, Plan)],
+    staging: &Path,
+) -> Result<(aya::Ebpf, bool), DatapathError> {
+    let pin_dir = &options.pin_dir;
+    let staged = |name: &str| staging.join(name);
+    let features = Features::detect(probe::REQUIRED)?;
+    let coarse_clock = u8::from(features.coarse_clock);
+    let mut loader = aya::EbpfLoader::new();
+    loader.override_global(GLOBAL_COARSE_CLOCK, &coarse_clock, true);
+    for (name, plan) in plans {
+        let path = match plan {
+            // New maps wait in staging too: until both programs have loaded, no pin
+            // changes, so a failed start leaves nothing a later start could mistake for
+            // the previous release's state.
+            Plan::Replace { .. } | Plan::Create => staged(name),
+            Plan::Adopt => pin_dir.join(name),
+        };
+        loader.map_pin_path(name, path);
+    }
+    if let Some(max) = options.nat_max_entries {
+        loader.map_max_entries(MAP_NAT, max);
+    }
+    let mut ebpf = loader
+        .load(OBJECT)
+        .map_err(|e| DatapathError::Load(Box::new(e)))?;
+    for (name, plan) in plans {
+        if *plan == (Plan::Replace { copy: true }) {
+            let map = ebpf
+                .map_mut(name)
+                .ok_or(DatapathError::MissingMap { map: name })?;
+            pins::copy_entries(name, &pin_dir.join(name), map)?;
+        }
+    }
+
+    let mut adopted = true;
+    let mut replaced = Vec::new();
+    for name in [PROG_EGRESS, PROG_INGRESS] {
+        if load_or_adopt(&mut ebpf, name, &pin_dir.join(name))? {
+            continue;
+        }
+        adopted = false;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram { program: name })?
+            .try_into()
+            .map_err(DatapathError::program(name))?;
+        program.pin(staged(name)).map_err(|e| DatapathError::Pin {
+            path: staged(name),
+            source: io::Error::other(e),
+        })?;
+        replaced.push(name);
+    }
+
+    // Both programs passed the verifier: swap in the new and replaced maps, then the
+    // programs that use them. The attached filters keep the old programs (and the maps those hold)
+    // until `attach` replaces them.
+    for (name, plan) in plans {
+        if matches!(plan, Plan::Replace { .. } | Plan::Create) {
+            pins::swap_in(&staged(name), &pin_dir.join(name))?;
+        }
+    }
+    for name in replaced {
+        info!(program = name, "replacing the pinned program");
+        pins::swap_in(&staged(name), &pin_dir.join(name))?;
+    }
+    pins::write_abi(pin_dir)?;
+    Ok((ebpf, adopted))
+}
+
+/// Loads `name` from the object (so the verifier has accepted it) and tells whether the
+/// program pinned at `pin` can be adopted instead: only when it has the same code (kernel
+/// tag) and uses the same maps. The tag leaves map references out, so a program with this
+/// code bound to maps since replaced has the same tag; its map ids tell them apart (and,
+/// for the object's own data maps, which are never pinned, their contents).
 fn load_or_adopt(
     ebpf: &mut aya::Ebpf,
     name: &'static str,
@@ -142,28 +317,25 @@ fn load_or_adopt(
         .try_into()
         .map_err(DatapathError::program(name))?;
     program.load().map_err(DatapathError::program(name))?;
-    let fresh_tag = program.info().map_err(DatapathError::program(name))?.tag();
-
-    if let Ok(pinned) = SchedClassifier::from_pin(pin) {
-        let pinned_tag = pinned.info().map_err(DatapathError::program(name))?.tag();
-        if pinned_tag == fresh_tag {
-            debug!(program = name, "adopting pinned program");
-            return Ok(true);
-        }
-        info!(
-            program = name,
-            "replacing pinned program with a different version"
-        );
-        std::fs::remove_file(pin).map_err(|source| DatapathError::Pin {
-            path: pin.to_owned(),
-            source,
-        })?;
+    let fresh = program.info().map_err(DatapathError::program(name))?;
+    let Ok(pinned) = SchedClassifier::from_pin(pin) else {
+        return Ok(false);
+    };
+    let pinned = pinned.info().map_err(DatapathError::program(name))?;
+    if pinned.tag() != fresh.tag() {
+        info!(program = name, "the pinned program has other code");
+        return Ok(false);
     }
-    program.pin(pin).map_err(|e| DatapathError::Pin {
-        path: pin.to_owned(),
-        source: io::Error::other(e.to_string()),
-    })?;
-    Ok(false)
+    let pinned_maps = pins::program_maps(&pinned).map_err(DatapathError::program(name))?;
+    // Unknown map ids (a kernel before 4.15) cannot prove the maps equal.
+    if pinned_maps.is_none()
+        || pinned_maps != pins::program_maps(&fresh).map_err(DatapathError::program(name))?
+    {
+        info!(program = name, "the pinned program uses other maps");
+        return Ok(false);
+    }
+    debug!(program = name, "adopting pinned program");
+    Ok(true)
 }
 
 fn open_pinned(name: &'static str, pin: &Path) -> Result<SchedClassifier, DatapathError> {
@@ -233,7 +405,10 @@ pub fn detach_interface(interface: &str) -> Result<(), DatapathError> {
 
 /// Removes every pin vcnpath created in `pin_dir`, then the directory itself.
 pub fn remove_pins(pin_dir: &Path) -> Result<(), DatapathError> {
-    let names = MAP_NAMES.iter().chain([PROG_EGRESS, PROG_INGRESS].iter());
+    pins::remove_staging(pin_dir)?;
+    let names = MAP_NAMES
+        .iter()
+        .chain([MAP_ABI, PROG_EGRESS, PROG_INGRESS].iter());
     for name in names {
         match std::fs::remove_file(pin_dir.join(name)) {
             Ok(()) => {}

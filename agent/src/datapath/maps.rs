@@ -4,7 +4,7 @@ use std::path::Path;
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use vcnpath_common::{
-    CidrValue, Config, Endpoint, EndpointKey, MAP_CONFIG, MAP_ENDPOINTS, MAP_NAT,
+    CidrValue, Config, DATAPATH_ABI, Endpoint, EndpointKey, MAP_CONFIG, MAP_ENDPOINTS, MAP_NAT,
     MAP_NONMASQ_CIDRS, MAP_STATS, MAP_VCN_CIDRS, MAP_VNICS, NatEntry, NatKey, Vnic,
 };
 
@@ -31,7 +31,18 @@ impl DatapathMaps {
     }
 
     /// Opens the maps pinned in `pin_dir` (read-only users such as `vcnpath counters`).
+    /// Pins of another datapath ABI are refused: their sizes may match while their
+    /// meaning (a field, a reason's index) does not. Sizes are checked by the typed maps,
+    /// which opened from a pin take them from the kernel.
     pub fn from_pins(pin_dir: &Path) -> Result<Self, DatapathError> {
+        let pinned = super::pins::read_abi(pin_dir)?;
+        if pinned != DATAPATH_ABI {
+            return Err(DatapathError::ForeignAbi {
+                pin_dir: pin_dir.to_owned(),
+                pinned,
+                expected: DATAPATH_ABI,
+            });
+        }
         Self::build(|name| {
             let path = pin_dir.join(name);
             let data = MapData::from_pin(&path).map_err(DatapathError::map(name))?;

@@ -3,12 +3,15 @@
 //! every map write ([`task`]); everyone else sends it intents.
 
 mod batch;
+pub mod compat;
 mod counters;
 mod error;
 pub mod gc;
 mod loader;
 mod maps;
 mod object;
+mod pins;
+pub mod probe;
 mod state;
 pub mod task;
 

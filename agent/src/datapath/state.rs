@@ -217,13 +217,15 @@ impl DatapathMaps {
         let mut keys = Vec::new();
         let mut replies = Vec::new();
         BatchMap::new(&self.nat)
-            .for_each(BATCH_CHUNK, |key, entry| {
-                if doomed(key, entry) {
-                    keys.push(*key);
-                    if key.dir == NAT_DIR_EGRESS && entry.flags & NAT_F_INBOUND == 0 {
-                        replies.push((reply_key(key, entry), key.src, key.sport));
+            .and_then(|map| {
+                map.for_each(BATCH_CHUNK, |key, entry| {
+                    if doomed(key, entry) {
+                        keys.push(*key);
+                        if key.dir == NAT_DIR_EGRESS && entry.flags & NAT_F_INBOUND == 0 {
+                            replies.push((reply_key(key, entry), key.src, key.sport));
+                        }
                     }
-                }
+                })
             })
             .map_err(DatapathError::map(MAP_NAT))?;
         for (reply, pod_addr, pod_port) in replies {
@@ -254,8 +256,10 @@ fn read_all<K: Ord + Pod + Default, V: Pod + Default>(
 ) -> Result<BTreeMap<K, V>, DatapathError> {
     let mut all = BTreeMap::new();
     BatchMap::new(map)
-        .for_each(BATCH_CHUNK, |k, v| {
-            all.insert(*k, *v);
+        .and_then(|map| {
+            map.for_each(BATCH_CHUNK, |k, v| {
+                all.insert(*k, *v);
+            })
         })
         .map_err(DatapathError::map(name))?;
     Ok(all)

@@ -34,7 +34,7 @@ pub fn spawn(
             match intent {
                 Intent::Sync(state, reply) => {
                     let _span = info_span!("datapath_sync").entered();
-                    let result = datapath.maps.sync(&state);
+                    let result = datapath.sync(&state);
                     if let Ok(report) = &result {
                         debug!(?report, "maps synced");
                     }

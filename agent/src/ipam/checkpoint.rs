@@ -261,7 +261,8 @@ mod tests {
         VnicInfo {
             id: "vnic-1".into(),
             attachment_id: "attachment-1".into(),
-            nic_index: 1,
+            nic_index: 0,
+            attached_at: "2026-01-01T00:00:01.000Z".into(),
             mac: "02:00:17:00:00:01".into(),
             interface: Some("eth1".into()),
             subnet_id: "subnet-1".into(),
@@ -290,6 +291,24 @@ mod tests {
         assert!(after.allocations.is_empty(), "no pod survives a reboot");
         assert_eq!(after.dropped_by_reboot, 2);
         assert_eq!(after.vnics.len(), 1, "the VNICs are still attached");
+    }
+
+    #[test]
+    fn vnics_checkpointed_before_attach_times_were_kept_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ipam.json");
+        let mut old = serde_json::to_value(vnic()).unwrap();
+        old.as_object_mut().unwrap().remove("attached_at");
+        let file = serde_json::json!({"version": 2, "allocations": [entry(10)], "vnics": [old]});
+        fs::write(&path, file.to_string()).unwrap();
+        let loaded = Checkpoint::new(&path).load().unwrap();
+        assert_eq!(loaded.allocations.len(), 1);
+        assert_eq!(loaded.vnics.len(), 1);
+        assert_eq!(
+            loaded.vnics[0].attached_at, "",
+            "unknown until the reconcile"
+        );
+        assert_eq!(loaded.vnics[0].id, "vnic-1");
     }
 
     #[test]

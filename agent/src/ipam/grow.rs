@@ -203,7 +203,7 @@ async fn attach_vnic(inner: &Inner, subnet: &str) -> bool {
     };
     match vnic_info(inner, &attachment).await {
         Ok(info) => {
-            tracing::info!(vnic = %info.id, nic_index = info.nic_index, subnet, "VNIC attached");
+            tracing::info!(vnic = %info.id, attached_at = %info.attached_at, subnet, "VNIC attached");
             inner.state.lock().await.pool.upsert_vnic(info);
             inner.vnic_added.notify_one();
             true

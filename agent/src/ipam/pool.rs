@@ -91,7 +91,13 @@ pub struct Slot {
 pub struct VnicInfo {
     pub id: String,
     pub attachment_id: String,
+    /// The physical NIC (0 for every VNIC of a VM); not an identity, not an order.
     pub nic_index: u32,
+    /// The attachment's `timeCreated` (RFC 3339 as OCI sends it): the pool uses VNICs in
+    /// the order they were attached. Empty in checkpoints written before it was recorded
+    /// (such VNICs sort first, by attachment id, until the reconcile refreshes them).
+    #[serde(default)]
+    pub attached_at: String,
     pub mac: String,
     /// The interface in the node namespace, once host setup has found it by MAC (host
     /// state: not checkpointed).
@@ -154,7 +160,7 @@ pub struct Counts {
 
 #[derive(Debug, Default)]
 pub struct Pool {
-    /// VNICs serving pods, ordered by NIC index.
+    /// VNICs serving pods, in attach order (see [`Pool::sort`]).
     vnics: Vec<PoolVnic>,
     /// Attachments of the instance the pool does not use (the primary VNIC unless it serves
     /// pods, VNICs not tagged for this node, attachments in flux); they count against the limit.
@@ -185,14 +191,30 @@ impl Pool {
             let interface = v.info.interface.take();
             v.info = info;
             v.info.interface = v.info.interface.take().or(interface);
-            return;
+        } else {
+            self.vnics.push(PoolVnic {
+                info,
+                full: false,
+                ips: BTreeMap::new(),
+            });
         }
-        self.vnics.push(PoolVnic {
-            info,
-            full: false,
-            ips: BTreeMap::new(),
+        self.sort();
+    }
+
+    /// The primary VNIC first, then in the order the VNICs were attached (`timeCreated`,
+    /// then the attachment id for equal times). RFC 3339 times from OCI share one format,
+    /// so they compare as text. Never by `nicIndex`, which is 0 for every VNIC of a VM.
+    fn sort(&mut self) {
+        self.vnics.sort_by(|a, b| {
+            let key = |v: &PoolVnic| {
+                (
+                    !v.info.is_primary,
+                    v.info.attached_at.clone(),
+                    v.info.attachment_id.clone(),
+                )
+            };
+            key(a).cmp(&key(b))
         });
-        self.vnics.sort_by_key(|v| v.info.nic_index);
     }
 
     /// Forgets a VNIC, returning it (with whatever its addresses held).

@@ -20,7 +20,9 @@ fn info(n: u32) -> VnicInfo {
     VnicInfo {
         id: format!("vnic-{n}"),
         attachment_id: format!("att-{n}"),
-        nic_index: n,
+        // Every VNIC of a VM is on NIC 0; the attach time orders them.
+        nic_index: 0,
+        attached_at: format!("2026-01-01T00:00:{n:02}.000Z"),
         mac: format!("02:00:00:00:00:0{n}"),
         interface: None,
         subnet_id: "subnet-a".into(),
@@ -65,6 +67,33 @@ fn pool_with(now: Instant, free: usize, assigned: usize) -> Pool {
         );
     }
     pool
+}
+
+#[test]
+fn vnics_are_used_in_attach_order_not_by_nic_index() {
+    // On a VM every VNIC has nicIndex 0; the pool must still keep a stable, meaningful
+    // order: the primary first, then by attach time, whatever order they are learnt in.
+    let mut pool = Pool::default();
+    pool.upsert_vnic(info(3));
+    pool.upsert_vnic(info(1));
+    pool.upsert_vnic(VnicInfo {
+        is_primary: true,
+        attached_at: "2026-01-01T00:00:09.000Z".into(),
+        ..info(9)
+    });
+    pool.upsert_vnic(info(2));
+    let order: Vec<&str> = pool.vnics().iter().map(|v| v.info.id.as_str()).collect();
+    assert_eq!(order, ["vnic-9", "vnic-1", "vnic-2", "vnic-3"]);
+    // Equal times (a checkpoint from before times were kept): the attachment id decides.
+    let mut old = Pool::default();
+    for n in [2, 1] {
+        old.upsert_vnic(VnicInfo {
+            attached_at: String::new(),
+            ..info(n)
+        });
+    }
+    let order: Vec<&str> = old.vnics().iter().map(|v| v.info.id.as_str()).collect();
+    assert_eq!(order, ["vnic-1", "vnic-2"]);
 }
 
 #[test]

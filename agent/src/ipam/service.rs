@@ -73,6 +73,10 @@ impl Inner {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VnicStatus {
     pub vnic_id: String,
+    /// OCI's `isPrimary`: the VNIC the OS image configures; every other one is set up by
+    /// the agent.
+    pub is_primary: bool,
+    /// The physical NIC (0 for every VNIC of a VM).
     pub nic_index: u32,
     pub mac: String,
     pub interface: Option<String>,
@@ -344,6 +348,7 @@ impl Ipam {
             .iter()
             .map(|v| VnicStatus {
                 vnic_id: v.info.id.clone(),
+                is_primary: v.info.is_primary,
                 nic_index: v.info.nic_index,
                 mac: v.info.mac.clone(),
                 interface: v.info.interface.clone(),

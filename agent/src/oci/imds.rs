@@ -58,7 +58,9 @@ pub struct ShapeConfig {
     pub max_vnic_attachments: u32,
 }
 
-/// One entry of `/vnics/`; index 0 is the primary VNIC.
+/// One entry of `/vnics/`; the first is the primary VNIC (cloud-init relies on that too).
+/// `nicIndex` is the physical NIC (0 on every VM, and missing in older answers); it never
+/// tells VNICs apart.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ImdsVnic {

@@ -27,8 +27,13 @@ pub struct VnicAttachment {
     pub display_name: Option<String>,
     pub instance_id: String,
     pub lifecycle_state: AttachmentState,
+    /// The physical NIC the VNIC uses: 0 for every VNIC on a VM shape, 0 or 1 on bare metal.
+    /// It does not identify the VNIC and says nothing about which one is the primary.
     pub nic_index: Option<u32>,
     pub subnet_id: Option<String>,
+    /// RFC 3339 (`2016-08-25T21:10:29.600Z`): the order VNICs were attached in.
+    #[serde(default)]
+    pub time_created: Option<String>,
     /// Only once ATTACHED.
     pub vlan_tag: Option<u32>,
     /// Only once ATTACHED.

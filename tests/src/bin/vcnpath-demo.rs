@@ -45,7 +45,7 @@ fn main() {
 )]
 fn demo() -> Result<()> {
     println!(
-        "1. The lab: a node (eth0 = primary VNIC 10.0.0.10), the VCN's router enforcing OCI's"
+        "1. The lab: a node (ens3 = primary VNIC 10.0.0.10, a VM shape), the VCN's router enforcing OCI's"
     );
     println!("   source/destination check, a VCN peer (10.0.2.50), the internet (203.0.113.10),");
     println!(
@@ -96,8 +96,12 @@ fn demo() -> Result<()> {
     );
     for v in status["vnics"].as_array().into_iter().flatten() {
         println!(
-            "  nic {} {:<5} {}  primary {:<10} subnet {:<13} pods {:>2}  free {}",
-            v["nic_index"],
+            "  {:<9} {:<5} {}  primary {:<10} subnet {:<13} pods {:>2}  free {}",
+            if v["is_primary"] == true {
+                "primary"
+            } else {
+                "secondary"
+            },
             v["interface"].as_str().unwrap_or("-"),
             v["mac"].as_str().unwrap_or(""),
             v["primary_ip"].as_str().unwrap_or(""),

@@ -23,10 +23,12 @@
 //!   root namespace's links. Code under test must find links through netlink.
 //! - The router knows every VNIC address through a permanent neighbour entry (OCI's
 //!   router never ARPs for them), so the node never needs proxy ARP for pod addresses.
-//! - [`SimLab`] is the same lab driven by the OCI simulator: the node starts with `eth0`
-//!   only, `ethN` appears (down, unaddressed) when the simulator attaches a VNIC, the
-//!   router's sets follow the simulator's private IPs, and the simulator listens on the
-//!   node's loopback, where an agent spawned in the node finds it.
+//! - [`SimLab`] is the same lab driven by the OCI simulator, shaped like a VM: the node
+//!   starts with its primary VNIC only, named `ens3` as a guest names it; each VNIC the
+//!   simulator attaches appears as the next free `ensN` (down, unaddressed, MTU 1500),
+//!   never named after its `nicIndex` (0 for every VNIC of a VM); the router's sets follow
+//!   the simulator's private IPs, and the simulator listens on the node's loopback, where
+//!   an agent spawned in the node finds it.
 
 mod build;
 pub mod netns;
@@ -49,7 +51,7 @@ pub use netns::{Netns, cmd_in, enter_before_exec, run_in, spawn_in};
 pub use pod::Pod;
 pub use process::ChildGuard;
 pub use router::RouterDrops;
-pub use simlab::{AgentEndpoints, SimLab, lab_sim_config};
+pub use simlab::{AgentEndpoints, SimLab, VnicLink, lab_sim_config};
 pub use topology::{INET_IP, PEER_IP, VNICS, Vnic};
 
 /// Choices a test can make about the lab.
@@ -92,11 +94,11 @@ impl Lab {
         Self::build(options, &VNICS)
     }
 
-    /// A lab whose node has only `eth0`, the primary VNIC, as an instance just launched.
-    /// Further VNICs come from the cloud: [`SimLab`] creates `ethN` when the simulator
-    /// attaches one.
+    /// A lab whose node has only its primary VNIC, named `ens3` as on a VM, like an
+    /// instance just launched. Further VNICs come from the cloud: [`SimLab`] creates
+    /// `ens4`, `ens5`, … when the simulator attaches one.
     pub fn primary_only(options: LabOptions) -> Result<Self> {
-        Self::build(options, &VNICS[..1])
+        Self::build(options, &topology::GUEST_PRIMARY)
     }
 
     fn build(options: LabOptions, vnics: &'static [Vnic]) -> Result<Self> {

@@ -47,10 +47,11 @@ impl RouterDrops {
 
 /// The router's end of one VNIC's link: where the check applies, and the MAC it reaches
 /// the VNIC's addresses at. Static VNICs convert from [`Vnic`]; VNICs the simulator
-/// attaches are built from its events.
+/// attaches are built from its state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Port {
-    /// The VNIC's index (`nicIndex`); names the set and counters.
+    /// The VNIC's slot in the lab (0 is the primary, then in order of appearance; never
+    /// OCI's `nicIndex`, which is 0 for every VNIC of a VM); names the set and counters.
     pub index: usize,
     /// The router's interface for this VNIC (`rN`).
     pub ifname: String,

@@ -1,6 +1,8 @@
-//! The lab driven by the OCI simulator: the node starts with its primary VNIC only, and
-//! `ethN` appears or disappears as the simulator attaches or detaches VNICs, with the
-//! router's source/destination check following the simulator's private IPs.
+//! The lab driven by the OCI simulator: the node starts with its primary VNIC only (`ens3`),
+//! and an interface appears or disappears as the simulator attaches or detaches a VNIC,
+//! named as a VM guest names it (the next free `ensN`, never from `nicIndex`), with the
+//! router's source/destination check following the simulator's private IPs. Tests find a
+//! VNIC's interface by its OCID ([`SimLab::wait_for_vnic`]), as an agent finds it by MAC.
 //!
 //! The simulator serves on the node namespace's loopback: its runtime's threads enter the
 //! node namespace before they do anything, so its listener (and every socket its clients
@@ -8,7 +10,6 @@
 //! [`super::spawn_in`] reaches it at [`SimLab::agent_endpoints`], as an agent on an OCI
 //! instance reaches IMDS; nothing listens in the root namespace.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -18,12 +19,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::simsync::{self, SimSync, VnicView, node_ifname};
-use super::topology::{Mac, VNICS};
+use super::simsync::{self, SimSync, Slots, VnicView, node_ifname};
+use super::topology::{GUEST_PRIMARY, Mac};
 use super::{Lab, LabOptions, RouterDrops, run_in};
 use crate::ocisim::{SimConfig, Simulator, SubnetConfig};
 
-/// The simulator's view of the lab's addressing: the primary VNIC is the node's `eth0`
+/// The simulator's view of the lab's addressing: the primary VNIC is the node's `ens3`
 /// (10.0.0.10, its MAC) in subnet A 10.0.0.0/24; B 10.0.1.0/24 and C 10.0.3.0/24 are for
 /// secondary VNICs, D 10.1.0.0/24 sits in the VCN's second CIDR block (so only a client
 /// that reads every block treats it as VCN-internal). 10.0.2.0/24 is the lab's peer subnet.
@@ -33,7 +34,7 @@ pub fn lab_sim_config() -> SimConfig {
         display_name: format!("lab-{name}"),
         cidr_block: cidr.into(),
     };
-    let primary = &VNICS[0];
+    let primary = &GUEST_PRIMARY[0];
     SimConfig {
         // The primary and two secondary VNICs: enough for a pod count that needs a second
         // VNIC, and one more for spill-over tests.
@@ -48,6 +49,17 @@ pub fn lab_sim_config() -> SimConfig {
         primary_ip: Some(primary.ip.to_string()),
         ..SimConfig::default()
     }
+}
+
+/// Where the lab put an attached VNIC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VnicLink {
+    /// The node's interface, as a VM guest names it (`ens4`, `ens5`, …).
+    pub ifname: String,
+    pub mac: Mac,
+    /// 0 for the primary, then the lowest free slot at attach time: the index of the
+    /// router's counters ([`SimLab::router_drops`]).
+    pub slot: usize,
 }
 
 /// Where a `vcnpath` running in the node namespace finds the simulator, and the flags'
@@ -67,6 +79,7 @@ pub struct SimLab {
     // `Drop` stops the sync thread (it waits on the runtime's timers) and then the
     // runtime; the lab's namespaces go last, with the fields.
     sync: Option<SimSync>,
+    slots: Slots,
     sim: Arc<Simulator>,
     runtime: Option<tokio::runtime::Runtime>,
     lab: Lab,
@@ -81,14 +94,17 @@ impl SimLab {
         let sim = Arc::new(start_simulator(&runtime, config)?);
         check_listener_in_node(&lab, &sim)?;
         let primary = primary_view(&sim)?;
+        let slots = Slots::default();
         let sync = SimSync::start(
             Arc::clone(&lab.inner),
             Arc::clone(&sim),
             runtime.handle().clone(),
-            BTreeMap::from([(0, primary)]),
+            primary,
+            Arc::clone(&slots),
         )?;
         Ok(Self {
             sync: Some(sync),
+            slots,
             sim,
             runtime: Some(runtime),
             lab,
@@ -137,30 +153,70 @@ impl SimLab {
         }
     }
 
-    /// Waits until `eth<nic_index>` exists in the node namespace and returns its MAC.
-    pub fn wait_for_interface(&self, nic_index: u32, timeout: Duration) -> Result<Mac> {
-        let ifname = node_ifname(nic_index);
-        self.wait(timeout, &format!("{ifname} to appear"), || {
-            self.link_mac(&ifname)
-        })
+    /// Waits until the VNIC `vnic_id` has its interface in the node namespace (with the
+    /// MAC the simulator reported) and says where it is.
+    pub fn wait_for_vnic(&self, vnic_id: &str, timeout: Duration) -> Result<VnicLink> {
+        self.wait(
+            timeout,
+            &format!("VNIC {vnic_id}'s interface to appear"),
+            || {
+                let Some(slot) = self.slot_of(vnic_id) else {
+                    return Ok(None);
+                };
+                let ifname = node_ifname(slot);
+                Ok(self.link_mac(&ifname)?.map(|mac| VnicLink {
+                    ifname,
+                    mac,
+                    slot: slot as usize,
+                }))
+            },
+        )
     }
 
-    /// Waits until `eth<nic_index>` is gone from the node namespace.
-    pub fn wait_for_interface_gone(&self, nic_index: u32, timeout: Duration) -> Result<()> {
-        let ifname = node_ifname(nic_index);
-        self.wait(timeout, &format!("{ifname} to disappear"), || {
-            Ok(self.link_mac(&ifname)?.is_none().then_some(()))
-        })
+    /// Waits until the VNIC `vnic_id`'s interface is gone from the node namespace.
+    pub fn wait_for_vnic_gone(&self, vnic_id: &str, timeout: Duration) -> Result<()> {
+        let slot = self.slot_of(vnic_id);
+        self.wait(
+            timeout,
+            &format!("VNIC {vnic_id}'s interface to disappear"),
+            || {
+                if self.slot_of(vnic_id).is_some() {
+                    return Ok(None);
+                }
+                match slot {
+                    Some(slot) => Ok(self.link_mac(&node_ifname(slot))?.is_none().then_some(())),
+                    None => Ok(Some(())),
+                }
+            },
+        )
     }
 
-    /// Packets dropped by the source/destination check of VNIC `nic_index` (both ways).
-    pub fn router_drops(&self, nic_index: u32) -> Result<u64> {
-        Ok(self.router_drop_counts(nic_index)?.total())
+    /// The slot the lab gave VNIC `vnic_id` (0 is the primary), while it is attached.
+    fn slot_of(&self, vnic_id: &str) -> Option<u32> {
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(vnic_id)
+            .copied()
     }
 
-    /// The two drop counters of VNIC `nic_index`, separately.
-    pub fn router_drop_counts(&self, nic_index: u32) -> Result<RouterDrops> {
-        self.lab.router_drop_counts(nic_index as usize)
+    /// Packets dropped by the source/destination check of the VNIC in `slot` (0 is the
+    /// primary, then in order of appearance; see [`VnicLink::slot`]), both ways.
+    pub fn router_drops(&self, slot: usize) -> Result<u64> {
+        Ok(self.router_drop_counts(slot)?.total())
+    }
+
+    /// The two drop counters of the VNIC in `slot`, separately.
+    pub fn router_drop_counts(&self, slot: usize) -> Result<RouterDrops> {
+        self.lab.router_drop_counts(slot)
+    }
+
+    /// The drop counters of VNIC `vnic_id`, while it is attached.
+    pub fn router_drop_counts_of(&self, vnic_id: &str) -> Result<RouterDrops> {
+        let slot = self
+            .slot_of(vnic_id)
+            .with_context(|| format!("VNIC {vnic_id} is not attached in the lab"))?;
+        self.router_drop_counts(slot as usize)
     }
 
     /// Errors the sync thread met while following the simulator (each once).
@@ -278,21 +334,21 @@ fn check_listener_in_node(lab: &Lab, sim: &Simulator) -> Result<()> {
     Ok(())
 }
 
-/// The simulator's primary VNIC, which must be the node's `eth0` as the lab built it.
+/// The simulator's primary VNIC, which must be the node's `ens3` as the lab built it.
 fn primary_view(sim: &Simulator) -> Result<VnicView> {
-    let mut vnics = simsync::attached_vnics(&sim.snapshot())?;
-    let primary = vnics
-        .remove(&0)
-        .context("the simulator has no VNIC at nicIndex 0")?;
-    let eth0 = &VNICS[0];
+    let primary = simsync::attached_vnics(&sim.snapshot())?
+        .into_iter()
+        .find(|v| v.is_primary)
+        .context("the simulator has no primary VNIC")?;
+    let ens3 = &GUEST_PRIMARY[0];
     let primary_ip: Option<Ipv4Addr> = primary.addrs.iter().next().copied();
-    if primary.mac != eth0.mac || primary_ip != Some(eth0.ip) || primary.addrs.len() != 1 {
+    if primary.mac != ens3.mac || primary_ip != Some(ens3.ip) || primary.addrs.len() != 1 {
         bail!(
-            "the simulator's primary VNIC (MAC {}, IPs {:?}) is not the lab's eth0 (MAC {}, IP {}): start from lab_sim_config()",
+            "the simulator's primary VNIC (MAC {}, IPs {:?}) is not the lab's ens3 (MAC {}, IP {}): start from lab_sim_config()",
             primary.mac,
             primary.addrs,
-            eth0.mac,
-            eth0.ip
+            ens3.mac,
+            ens3.ip
         );
     }
     Ok(primary)
@@ -308,14 +364,16 @@ mod tests {
             .await
             .expect("simulator starts");
         let vnics = simsync::attached_vnics(&sim.snapshot()).expect("snapshot parses");
-        let primary = vnics.get(&0).expect("a VNIC at nicIndex 0");
-        assert_eq!(primary.mac, VNICS[0].mac, "primary MAC");
+        let primary = vnics.first().expect("the primary VNIC");
+        assert!(primary.is_primary, "the primary is listed first: {vnics:?}");
+        let ens3 = &GUEST_PRIMARY[0];
+        assert_eq!(primary.mac, ens3.mac, "primary MAC");
         assert_eq!(
             primary.addrs.iter().copied().collect::<Vec<_>>(),
-            vec![VNICS[0].ip],
+            vec![ens3.ip],
             "primary VNIC's addresses"
         );
-        assert_eq!(primary.router_ip, VNICS[0].router_ip, "subnet A's router");
+        assert_eq!(primary.router_ip, ens3.router_ip, "subnet A's router");
         assert_eq!(vnics.len(), 1, "only the primary is attached: {vnics:?}");
         let cidrs: Vec<String> = sim.config().vcn.cidr_blocks;
         assert_eq!(cidrs, ["10.0.0.0/16", "10.1.0.0/16"], "VCN blocks");

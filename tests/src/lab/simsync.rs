@@ -3,8 +3,8 @@
 //! The simulator's state is the truth, read with `snapshot()`: a VNIC whose attachment is
 //! ATTACHED (or still DETACHING) has a link, and its set in the router holds exactly the
 //! private IPs the simulator assigns to it. A background thread compares that with what it
-//! has applied and repairs the difference. It wakes on every simulator event (so an
-//! ATTACHED `ethN` appears at once) and at least every [`TICK`], because private IPs come
+//! has applied and repairs the difference. It wakes on every simulator event (so a newly
+//! ATTACHED VNIC's interface appears at once) and at least every [`TICK`], because private IPs come
 //! and go without events. Comparing whole states rather than replaying events also means a
 //! burst that overflows the event channel cannot leave the lab out of step.
 
@@ -31,6 +31,7 @@ pub(super) const TICK: Duration = Duration::from_millis(100);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct VnicView {
     pub vnic_id: String,
+    pub is_primary: bool,
     pub mac: Mac,
     pub subnet: Ipv4Net,
     pub router_ip: Ipv4Addr,
@@ -38,23 +39,28 @@ pub(super) struct VnicView {
     pub addrs: BTreeSet<Ipv4Addr>,
 }
 
-impl VnicView {
-    fn port(&self, index: u32) -> Port {
-        Port {
-            index: index as usize,
-            ifname: router_ifname(index),
-            mac: self.mac,
-        }
+/// Where the lab put a VNIC: its slot (0 is the primary; each new VNIC takes the lowest
+/// free one, as a hot-plugged NIC takes a free PCI slot), which names the node's interface
+/// as a guest with predictable names sees it (`ens3`, `ens4`, …) and the router's port.
+/// Nothing here comes from `nicIndex`: on a VM every VNIC has `nicIndex` 0.
+pub(super) fn node_ifname(slot: u32) -> String {
+    format!("ens{}", slot + 3)
+}
+
+fn router_ifname(slot: u32) -> String {
+    format!("r{slot}")
+}
+
+fn port(slot: u32, mac: Mac) -> Port {
+    Port {
+        index: slot as usize,
+        ifname: router_ifname(slot),
+        mac,
     }
 }
 
-pub(super) fn node_ifname(index: u32) -> String {
-    format!("eth{index}")
-}
-
-fn router_ifname(index: u32) -> String {
-    format!("r{index}")
-}
+/// VNIC OCID → slot, shared with [`super::SimLab`] so tests can ask where a VNIC went.
+pub(super) type Slots = Arc<Mutex<BTreeMap<String, u32>>>;
 
 fn field<'a>(value: &'a Value, name: &str) -> Result<&'a str> {
     value[name]
@@ -62,24 +68,21 @@ fn field<'a>(value: &'a Value, name: &str) -> Result<&'a str> {
         .with_context(|| format!("simulator snapshot: no string {name:?} in {value}"))
 }
 
-/// The attached VNICs by `nicIndex`, from the simulator's `snapshot()`.
-pub(super) fn attached_vnics(snapshot: &Value) -> Result<BTreeMap<u32, VnicView>> {
+/// The attached VNICs from the simulator's `snapshot()`: the primary first, then in the
+/// order they were attached (`timeCreated`, then id).
+pub(super) fn attached_vnics(snapshot: &Value) -> Result<Vec<VnicView>> {
     let list = |name: &str| {
         snapshot[name]
             .as_array()
             .with_context(|| format!("simulator snapshot: no {name:?} list"))
     };
-    let mut views = BTreeMap::new();
+    let mut views = Vec::new();
     for attachment in list("attachments")? {
         let state = field(attachment, "lifecycleState")?;
         if state != "ATTACHED" && state != "DETACHING" {
             continue;
         }
         let vnic_id = field(attachment, "vnicId")?;
-        let index = attachment["nicIndex"]
-            .as_u64()
-            .and_then(|i| u32::try_from(i).ok())
-            .with_context(|| format!("simulator snapshot: bad nicIndex in {attachment}"))?;
         let Some(vnic) = list("vnics")?.iter().find(|v| v["id"] == vnic_id) else {
             continue;
         };
@@ -93,10 +96,15 @@ pub(super) fn attached_vnics(snapshot: &Value) -> Result<BTreeMap<u32, VnicView>
             .filter(|p| p["vnicId"] == vnic_id)
             .map(|p| field(p, "ipAddress")?.parse().context("private IP"))
             .collect::<Result<_>>()?;
-        views.insert(
-            index,
+        let order = (
+            field(attachment, "timeCreated")?.to_owned(),
+            field(attachment, "id")?.to_owned(),
+        );
+        views.push((
+            order,
             VnicView {
                 vnic_id: vnic_id.to_owned(),
+                is_primary: vnic["isPrimary"] == true,
                 mac: field(vnic, "macAddress")?.parse()?,
                 subnet: field(subnet, "cidrBlock")?.parse().context("subnet CIDR")?,
                 router_ip: field(subnet, "virtualRouterIp")?
@@ -104,9 +112,10 @@ pub(super) fn attached_vnics(snapshot: &Value) -> Result<BTreeMap<u32, VnicView>
                     .context("virtual router IP")?,
                 addrs,
             },
-        );
+        ));
     }
-    Ok(views)
+    views.sort_by(|(a, va), (b, vb)| (!va.is_primary, a).cmp(&(!vb.is_primary, b)));
+    Ok(views.into_iter().map(|(_, view)| view).collect())
 }
 
 /// The background thread; stopped and joined on drop.
@@ -117,18 +126,22 @@ pub(super) struct SimSync {
 }
 
 impl SimSync {
-    /// Starts following `sim`. `applied` is what the lab already built (the primary VNIC).
+    /// Starts following `sim`. `primary` is what the lab already built (slot 0, `ens3`);
+    /// `slots` is kept up to date with where each VNIC is.
     pub(super) fn start(
         lab: Arc<LabInner>,
         sim: Arc<Simulator>,
         runtime: tokio::runtime::Handle,
-        applied: BTreeMap<u32, VnicView>,
+        primary: VnicView,
+        slots: Slots,
     ) -> Result<Self> {
         let (stop, mut stopped) = watch::channel(false);
         let errors = Arc::new(Mutex::new(Vec::new()));
+        lock(&slots).insert(primary.vnic_id.clone(), 0);
         let mut state = Applied {
             lab,
-            vnics: applied,
+            vnics: BTreeMap::from([(primary.vnic_id.clone(), (0, primary))]),
+            slots,
             errors: Arc::clone(&errors),
         };
         let mut events = sim.subscribe();
@@ -161,10 +174,7 @@ impl SimSync {
 
     /// Every error the thread has met (it logs them too and retries on the next tick).
     pub(super) fn errors(&self) -> Vec<String> {
-        self.errors
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        lock(&self.errors).clone()
     }
 }
 
@@ -179,10 +189,15 @@ impl Drop for SimSync {
     }
 }
 
-/// What the thread has applied to the namespaces, by `nicIndex`.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What the thread has applied to the namespaces: VNIC OCID → (slot, view).
 struct Applied {
     lab: Arc<LabInner>,
-    vnics: BTreeMap<u32, VnicView>,
+    vnics: BTreeMap<String, (u32, VnicView)>,
+    slots: Slots,
     errors: Arc<Mutex<Vec<String>>>,
 }
 
@@ -191,7 +206,7 @@ impl Applied {
         if let Err(error) = self.try_reconcile(sim) {
             let text = format!("{error:#}");
             eprintln!("simlab: {text}");
-            let mut errors = self.errors.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut errors = lock(&self.errors);
             // The same failure repeats every tick; keep one of each.
             if !errors.contains(&text) {
                 errors.push(text);
@@ -201,85 +216,108 @@ impl Applied {
 
     fn try_reconcile(&mut self, sim: &Simulator) -> Result<()> {
         let desired = attached_vnics(&sim.snapshot())?;
-        let gone: Vec<u32> = self
+        let gone: Vec<String> = self
             .vnics
-            .iter()
-            .filter(|(index, view)| desired.get(index).is_none_or(|d| d.vnic_id != view.vnic_id))
-            .map(|(index, _)| *index)
+            .keys()
+            .filter(|id| !desired.iter().any(|d| d.vnic_id == **id))
+            .cloned()
             .collect();
-        for index in gone {
-            let view = self.vnics.remove(&index).expect("listed above");
-            self.detach(index, &view)?;
+        for vnic_id in gone {
+            let (slot, view) = self.vnics.remove(&vnic_id).expect("listed above");
+            lock(&self.slots).remove(&vnic_id);
+            self.detach(slot, &view)?;
         }
-        for (index, want) in desired {
-            match self.vnics.get_mut(&index) {
+        for want in desired {
+            match self.vnics.get_mut(&want.vnic_id) {
                 None => {
-                    attach(&self.lab, index, &want)?;
-                    self.vnics.insert(index, want);
+                    let used: BTreeSet<u32> = self.vnics.values().map(|(slot, _)| *slot).collect();
+                    // One more slot than VNICs held: one of them is free.
+                    let slot = (0..=u32::try_from(used.len()).expect("few VNICs"))
+                        .find(|s| !used.contains(s))
+                        .expect("a free slot");
+                    attach(&self.lab, slot, &want)?;
+                    lock(&self.slots).insert(want.vnic_id.clone(), slot);
+                    self.vnics.insert(want.vnic_id.clone(), (slot, want));
                 }
-                Some(have) => sync_addresses(&self.lab, index, have, &want.addrs)?,
+                Some((slot, have)) => sync_addresses(&self.lab, *slot, have, &want.addrs)?,
             }
         }
         Ok(())
     }
 
-    fn detach(&self, index: u32, view: &VnicView) -> Result<()> {
-        if index == 0 {
+    fn detach(&self, slot: u32, view: &VnicView) -> Result<()> {
+        if view.is_primary {
             bail!("the simulator detached the primary VNIC, which OCI never does");
         }
         // Unhook the check before the link goes, then delete the node end (which takes the
         // router end, its address, routes and neighbour entries with it).
-        router::remove_port(&self.lab.router, &view.port(index))?;
+        router::remove_port(&self.lab.router, &port(slot, view.mac))?;
+        let ifname = node_ifname(slot);
         self.lab
             .node
-            .ip(&["link", "del", "dev", &node_ifname(index)])
-            .with_context(|| format!("removing VNIC {} ({})", index, view.vnic_id))?;
+            .ip(&["link", "del", "dev", &ifname])
+            .with_context(|| format!("removing VNIC {} ({ifname})", view.vnic_id))?;
         Ok(())
     }
 }
 
-/// Creates `ethN` (down, unaddressed, as OCI hands a new VNIC to the instance) and its
-/// router end configured as the subnet's virtual router, then adds the port to the check.
-fn attach(lab: &LabInner, index: u32, view: &VnicView) -> Result<()> {
+/// Creates the node's interface for a new VNIC as OCI hands it to a VM: down, without an
+/// address and at the kernel's default MTU (the guest's network setup, here the agent,
+/// configures it), with its router end configured as the subnet's virtual router; then adds
+/// the port to the check.
+fn attach(lab: &LabInner, slot: u32, view: &VnicView) -> Result<()> {
     let (node, router) = (&lab.node, &lab.router);
-    let (ifname, rname) = (node_ifname(index), router_ifname(index));
-    let what = || format!("attaching VNIC {index} ({}) as {ifname}", view.vnic_id);
+    let (ifname, rname) = (node_ifname(slot), router_ifname(slot));
+    let what = || format!("attaching VNIC {} as {ifname}", view.vnic_id);
     // Created from inside the node with the peer placed straight into the router, so
     // neither end ever exists in the root namespace.
-    node.add_veth_into(&ifname, &view.mac.to_string(), LINK_MTU, &rname, router)
-        .with_context(what)?;
     let configured = (|| -> Result<()> {
+        // The node's end is created at the fresh MTU, never changed by the lab afterwards:
+        // the agent may configure it the moment it appears. The router's end (OCI's
+        // fabric) takes jumbo frames.
+        node.add_veth_into(
+            &ifname,
+            &view.mac.to_string(),
+            FRESH_NIC_MTU,
+            &rname,
+            router,
+        )?;
+        router.ip(&["link", "set", &rname, "mtu", &LINK_MTU.to_string()])?;
         let gateway = format!("{}/{}", view.router_ip, view.subnet.prefix_len());
         router.ip(&["addr", "add", &gateway, "dev", &rname])?;
         router.ip(&["link", "set", &rname, "up"])?;
         let addrs: Vec<Ipv4Addr> = view.addrs.iter().copied().collect();
-        router::add_port(router, &view.port(index), &addrs)
+        router::add_port(router, &port(slot, view.mac), &addrs)
     })();
     if let Err(error) = configured {
         // Leave nothing half-built: the next tick starts this VNIC again from scratch.
-        let _ = router::remove_port(router, &view.port(index));
+        let _ = router::remove_port(router, &port(slot, view.mac));
         let _ = node.ip(&["link", "del", "dev", &ifname]);
         return Err(error).with_context(what);
     }
     Ok(())
 }
 
-/// Makes the router's set for VNIC `index` hold exactly `want`.
+/// The MTU a newly attached VNIC's interface has before the guest configures it (the
+/// kernel's Ethernet default; OCI's 9000 is set by the guest, as cloud-init does).
+pub(super) const FRESH_NIC_MTU: u32 = 1500;
+
+/// Makes the router's set for the VNIC in `slot` hold exactly `want`.
 fn sync_addresses(
     lab: &LabInner,
-    index: u32,
+    slot: u32,
     have: &mut VnicView,
     want: &BTreeSet<Ipv4Addr>,
 ) -> Result<()> {
-    let port = have.port(index);
+    let port = port(slot, have.mac);
     for ip in want.difference(&have.addrs.clone()) {
         router::add_address(&lab.router, &port, *ip)
-            .with_context(|| format!("giving {ip} to VNIC {index} in the router"))?;
+            .with_context(|| format!("giving {ip} to VNIC {} in the router", have.vnic_id))?;
         have.addrs.insert(*ip);
     }
     for ip in have.addrs.clone().difference(want) {
         router::remove_address(&lab.router, &port, *ip)
-            .with_context(|| format!("taking {ip} from VNIC {index} in the router"))?;
+            .with_context(|| format!("taking {ip} from VNIC {} in the router", have.vnic_id))?;
         have.addrs.remove(ip);
     }
     Ok(())

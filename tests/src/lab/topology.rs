@@ -115,6 +115,14 @@ pub const VNICS: [Vnic; 2] = [
     },
 ];
 
+/// The primary VNIC as a VM guest with predictable interface names sees it (`ens3`, the
+/// name Oracle's VM images give the first NIC): the simulator-driven lab's node starts
+/// with this and nothing else.
+pub static GUEST_PRIMARY: [Vnic; 1] = [Vnic {
+    ifname: "ens3",
+    ..VNICS[0]
+}];
+
 /// The VNIC at `index`, or an error naming the valid range.
 pub fn vnic(index: usize) -> anyhow::Result<&'static Vnic> {
     VNICS

@@ -14,12 +14,19 @@ pub struct SimConfig {
     pub region_short: String,
     pub realm_domain: String,
     pub availability_domain: String,
+    /// `VM.*` shapes carry every VNIC on one virtual NIC (`nicIndex` 0); `BM.*` shapes have
+    /// two physical NICs (see [`SimConfig::physical_nics`]).
     pub shape: String,
     pub ocpus: f64,
     /// The shape's VNIC limit (IMDS `shapeConfig.maxVnicAttachments`), primary VNIC included.
     pub max_vnic_attachments: u32,
-    /// Secondary private IPs one VNIC may hold (the primary IP does not count).
+    /// Secondary private IPs one VNIC may hold (the primary IP does not count). OCI's
+    /// documentation has said 31, 32 and 64 over the years (docs/oci.md), so it is a knob.
     pub ips_per_vnic: u32,
+    /// Whether IMDS `/opc/v2/vnics/` entries carry `nicIndex`. OCI's current documentation
+    /// shows it on every entry; the VM answer in cloud-init's test fixtures has none (and
+    /// cloud-init takes its presence for bare metal). Clients must cope with both.
+    pub imds_nic_index: bool,
     /// Time an attachment stays ATTACHING (and DETACHING) before it settles.
     pub attach_delay_ms: u64,
     /// Largest page a list call returns (a smaller `limit` wins).
@@ -30,7 +37,7 @@ pub struct SimConfig {
     /// The first subnet holds the primary VNIC.
     pub subnets: Vec<SubnetConfig>,
     /// The primary VNIC's MAC (`02:00:0a:00:00:0a`), for a lab whose node already has its
-    /// `eth0`; `None` derives one as for any other VNIC.
+    /// `ens3`; `None` derives one as for any other VNIC.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub primary_mac: Option<String>,
     /// The primary VNIC's private IP, in the first subnet; `None` takes the lowest free one.
@@ -85,6 +92,19 @@ pub struct Faults {
     pub rate_hang: f64,
 }
 
+impl SimConfig {
+    /// Whether the shape is bare metal (`BM.*`), as oci-utils decides it.
+    pub fn is_bare_metal(&self) -> bool {
+        self.shape.starts_with("BM.")
+    }
+
+    /// Physical NICs a VNIC attachment's `nicIndex` can name: one on a VM, two on the
+    /// bare-metal shapes that have two active NICs (the API reference's wording).
+    pub fn physical_nics(&self) -> u32 {
+        if self.is_bare_metal() { 2 } else { 1 }
+    }
+}
+
 impl Default for SimConfig {
     fn default() -> Self {
         let subnet = |n: &str, name: &str, cidr: &str| SubnetConfig {
@@ -104,6 +124,7 @@ impl Default for SimConfig {
             ocpus: 2.0,
             max_vnic_attachments: 2,
             ips_per_vnic: 31,
+            imds_nic_index: true,
             attach_delay_ms: 300,
             page_size: 10,
             token_lifetime_s: 3600,

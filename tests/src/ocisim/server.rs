@@ -49,7 +49,7 @@ pub enum EventKind {
     Detached,
 }
 
-/// A VNIC appeared on or left the instance: what the lab needs to create or remove `ethN`.
+/// A VNIC appeared on or left the instance: what the lab needs to create or remove its interface.
 #[derive(Debug, Clone, Serialize)]
 pub struct VnicEvent {
     pub seq: u64,
@@ -347,23 +347,34 @@ async fn imds_vnics(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Respons
         return *r;
     }
     let cloud = lock(&s.cloud);
+    // The primary VNIC first (cloud-init configures `vnics[0]` as the primary), then the
+    // others in the order they were attached; ids come from one counter, so id order is
+    // creation order.
     let mut attached: Vec<_> = cloud
         .attachments
         .values()
         .filter(|a| a.state == super::state::AttachmentState::Attached)
         .collect();
-    attached.sort_by_key(|a| a.nic_index);
+    attached.sort_by_key(|a| {
+        (
+            !cloud.vnics.get(&a.vnic_id).is_some_and(|v| v.is_primary),
+            a.id.clone(),
+        )
+    });
     let vnics: Vec<Value> = attached
         .iter()
         .filter_map(|a| {
             let vnic = cloud.vnics.get(&a.vnic_id)?;
             let subnet = cloud.subnet(&a.subnet_id).ok()?;
             let ip = cloud.private_ips.values().find(|p| p.vnic_id == a.vnic_id && p.is_primary)?;
-            Some(json!({
+            let mut entry = json!({
                 "vnicId": vnic.id, "privateIp": ip.ip.to_string(), "vlanTag": a.vlan_tag, "macAddr": vnic.mac,
                 "virtualRouterIp": subnet.router_ip().to_string(), "subnetCidrBlock": subnet.cidr.to_string(),
-                "nicIndex": a.nic_index,
-            }))
+            });
+            if cloud.cfg.imds_nic_index {
+                entry["nicIndex"] = json!(a.nic_index);
+            }
+            Some(entry)
         })
         .collect();
     axum::Json(vnics).into_response()

@@ -182,7 +182,7 @@ impl Cloud {
     }
 
     /// Applies the configured primary MAC and IP to the primary VNIC just created, so the
-    /// simulator can describe a node that already exists (the namespace lab's `eth0`).
+    /// simulator can describe a node that already exists (the namespace lab's `ens3`).
     fn configure_primary(&mut self, vnic_id: &str) -> Result<(), String> {
         if let Some(mac) = self.cfg.primary_mac.clone() {
             self.vnics.get_mut(vnic_id).expect("just created").mac = mac;
@@ -246,20 +246,21 @@ impl Cloud {
                 ),
             ));
         }
-        let used: BTreeSet<u32> = self.live_attachments().map(|a| a.nic_index).collect();
-        let nic_index = match nic_index {
-            Some(i) if used.contains(&i) => {
-                return Err(ApiError::new(
-                    409,
-                    "Conflict",
-                    format!("nicIndex {i} is in use"),
-                ));
-            }
-            Some(i) => i,
-            None => (0..=u32::MAX)
-                .find(|i| !used.contains(i))
-                .expect("fewer than 2^32 VNICs"),
-        };
+        // `nicIndex` names a physical NIC, not the VNIC: every VNIC of a VM shares NIC 0,
+        // and on bare metal several VNICs share each NIC.
+        let nics = self.cfg.physical_nics();
+        let nic_index = nic_index.unwrap_or(0);
+        if nic_index >= nics {
+            return Err(ApiError::new(
+                400,
+                "InvalidParameter",
+                format!(
+                    "nicIndex {nic_index} is out of range: shape {} has {nics} physical NIC(s)",
+                    self.cfg.shape
+                ),
+            ));
+        }
+        let vlan_tag = self.vlan_tag(is_primary);
         let subnet = self
             .subnets
             .iter_mut()
@@ -317,11 +318,27 @@ impl Cloud {
                 nic_index,
                 state: AttachmentState::Attaching,
                 vnic_id: vnic_id.clone(),
-                vlan_tag: 100 + nic_index,
+                vlan_tag,
                 time_created: now,
             },
         );
         Ok((attachment_id, vnic_id))
+    }
+
+    /// The VLAN tag OCI assigns a new attachment. On a VM it is internal to OCI's virtual
+    /// network and never seen by the guest (cloud-init's VM fixture shows 1039 and 1041);
+    /// on bare metal the primary is untagged (0) and each secondary VNIC arrives tagged on
+    /// its physical NIC (1, 2, … in cloud-init's and OCI's examples).
+    fn vlan_tag(&self, is_primary: bool) -> u32 {
+        let used: BTreeSet<u32> = self.live_attachments().map(|a| a.vlan_tag).collect();
+        let first = match (self.cfg.is_bare_metal(), is_primary) {
+            (true, true) => return 0,
+            (true, false) => 1,
+            (false, _) => 1024,
+        };
+        (first..=4094)
+            .find(|t| !used.contains(t))
+            .expect("fewer live attachments than VLAN tags")
     }
 
     /// `DetachVnic`: the primary VNIC cannot be detached.

@@ -1,0 +1,368 @@
+//! `cargo xtask vmtest [--kernel 5.10|6.1|6.12|all]`: the packet tier (`BPF_PROG_TEST_RUN`)
+//! and the namespace lab tier run inside VMs that boot Debian's kernels, with the test
+//! binaries built on the host. Each VM shares the host's root filesystem read-only (9p,
+//! under a tmpfs overlay), so the guest runs exactly the host's binaries and tools; the
+//! results come back through a second, writable share under `target/vmtest/run/`.
+
+mod initramfs;
+mod kernel;
+mod qemu;
+
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::cmd;
+pub use qemu::Accel;
+
+/// A group of test targets run together and reported as one cell of the table.
+struct Tier {
+    name: &'static str,
+    targets: &'static [&'static str],
+    threads: u32,
+}
+
+/// What runs in every VM: the lab's datapath and agent scenarios and the packet tests.
+/// The lab's checks of itself (`lab_selfcheck`, `lab_simlab`) and the benchmark smoke test
+/// stay on the host: they prove the test bed, not vcnpath, and under emulation they would
+/// double the tier's time. The lab goes first: the NAT GC test needs the clock two minutes
+/// past boot, which it then is.
+const TIERS: [Tier; 2] = [
+    Tier {
+        name: "lab",
+        targets: &["lab_datapath", "lab_host", "lab_agent"],
+        threads: 1,
+    },
+    Tier {
+        name: "packet",
+        targets: &[
+            "datapath_kernel",
+            "datapath_packets",
+            "datapath_pins",
+            "datapath_nat_gc",
+        ],
+        threads: 2,
+    },
+];
+
+/// Longest a tier may run in a VM under emulation before it is called failed.
+const TIER_LIMIT: Duration = Duration::from_mins(25);
+
+/// The outcome of one target in one VM.
+#[derive(Debug)]
+struct Outcome {
+    tier: &'static str,
+    target: String,
+    exit: i32,
+    secs: u64,
+    passed: u32,
+    failed: Vec<String>,
+    skipped: Vec<String>,
+}
+
+/// Which kernels `--kernel` names.
+pub fn select(kernel: &str) -> anyhow::Result<Vec<&'static str>> {
+    if kernel == "all" {
+        return Ok(kernel::RELEASES.iter().map(|r| r.label).collect());
+    }
+    kernel
+        .split(',')
+        .map(|k| {
+            kernel::RELEASES
+                .iter()
+                .find(|r| r.label == k)
+                .map(|r| r.label)
+                .with_context(|| {
+                    format!("unknown kernel {k:?}: choose 5.10, 6.1, 6.12 or all (comma-separated)")
+                })
+        })
+        .collect()
+}
+
+/// Runs the VM tier for `labels`, prints the kernel × tier table and fails when any cell
+/// failed. `host` is the host kernel's row (its tiers ran before, on the host).
+pub fn run(labels: &[&str], tier: &str, host: Option<&str>) -> anyhow::Result<()> {
+    let tiers: Vec<&Tier> = TIERS
+        .iter()
+        .filter(|t| tier == "all" || t.name == tier)
+        .collect();
+    if tiers.is_empty() {
+        bail!("unknown tier {tier:?}: choose packet, lab or all");
+    }
+    let root = cmd::root();
+    let base = root.join("target/vmtest");
+    fs::create_dir_all(&base)?;
+    let accel = Accel::detect();
+    eprintln!("vmtest: VMs run under {}", accel.describe());
+    let executables = build_tests(&tiers)?;
+    let busybox = kernel::busybox(&base)?;
+    let mut rows: Vec<(String, Vec<Outcome>, Option<String>)> = Vec::new();
+    for label in labels {
+        let release = kernel::RELEASES
+            .iter()
+            .find(|r| r.label == *label)
+            .copied()
+            .expect("select() checked the label");
+        let started = Instant::now();
+        let row = kernel::fetch(&base, release).and_then(|k| {
+            let outcomes = run_one(&base, &accel, &k, &busybox, &tiers, &executables)?;
+            Ok((k.version, outcomes))
+        });
+        match row {
+            Ok((version, outcomes)) => {
+                eprintln!(
+                    "vmtest: {label} ({version}) done in {} s",
+                    started.elapsed().as_secs()
+                );
+                rows.push((format!("{label} ({version})"), outcomes, None));
+            }
+            Err(e) => rows.push((label.to_string(), Vec::new(), Some(format!("{e:#}")))),
+        }
+    }
+    let (table, ok) = table(&tiers, host, &rows);
+    eprintln!("{table}");
+    fs::write(base.join("results.txt"), &table)?;
+    if !ok {
+        bail!(
+            "the VM tier failed on some kernel: logs in {}",
+            base.join("run").display()
+        );
+    }
+    Ok(())
+}
+
+/// Builds the test targets the tiers name (and the agent binaries they run) and returns
+/// each target's executable.
+fn build_tests(tiers: &[&Tier]) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    cmd::run(Command::new("cargo").args(["build", "-p", "vcnpath-agent", "--bins"]))?;
+    let mut cargo = Command::new("cargo");
+    cargo.current_dir(cmd::root()).args([
+        "test",
+        "-p",
+        "vcnpath-tests",
+        "--no-run",
+        "--message-format=json",
+    ]);
+    for target in tiers.iter().flat_map(|t| t.targets) {
+        cargo.args(["--test", target]);
+    }
+    let out = cargo.output().context("running cargo test --no-run")?;
+    if !out.status.success() {
+        bail!(
+            "building the VM tier's tests failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if let (Some(name), Some(exe)) = (
+            message["target"]["name"].as_str(),
+            message["executable"].as_str(),
+        ) {
+            found.push((name.to_owned(), PathBuf::from(exe)));
+        }
+    }
+    for target in tiers.iter().flat_map(|t| t.targets) {
+        if !found.iter().any(|(n, _)| n == target) {
+            bail!("cargo built no executable for the test target {target}");
+        }
+    }
+    Ok(found)
+}
+
+fn run_one(
+    base: &Path,
+    accel: &Accel,
+    kernel: &kernel::Kernel,
+    busybox: &Path,
+    tiers: &[&Tier],
+    executables: &[(String, PathBuf)],
+) -> anyhow::Result<Vec<Outcome>> {
+    let out = base.join("run").join(kernel.release.label);
+    let _ = fs::remove_dir_all(&out);
+    fs::create_dir_all(&out)?;
+    let initramfs = initramfs::build(&out, kernel, busybox)?;
+    let script = out.join("tiers.sh");
+    fs::write(&script, tier_script(&out, tiers, executables))?;
+    let limit = TIER_LIMIT * u32::try_from(tiers.len()).unwrap_or(1) + Duration::from_mins(2);
+    eprintln!(
+        "vmtest: booting {} ({}) with 2 vCPUs",
+        kernel.release.label, kernel.version
+    );
+    qemu::boot(accel, kernel, &initramfs, &out, &script, limit)?;
+    let results = fs::read_to_string(out.join("results")).with_context(|| {
+        format!(
+            "the {} VM wrote no results; console in {}",
+            kernel.version,
+            out.join("console.log").display()
+        )
+    })?;
+    let uname = fs::read_to_string(out.join("uname")).unwrap_or_default();
+    if uname.trim() != kernel.version {
+        bail!(
+            "the VM ran kernel {:?}, not {}",
+            uname.trim(),
+            kernel.version
+        );
+    }
+    let mut outcomes = Vec::new();
+    for line in results.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [tier, target, exit, secs] = fields[..] else {
+            continue;
+        };
+        let tier = tiers
+            .iter()
+            .find(|t| t.name == tier)
+            .map_or("?", |t| t.name);
+        let log = fs::read_to_string(out.join(format!("{target}.log"))).unwrap_or_default();
+        let (passed, failed, skipped) = parse_log(&log);
+        outcomes.push(Outcome {
+            tier,
+            target: target.to_owned(),
+            exit: exit.parse().unwrap_or(-1),
+            secs: secs.parse().unwrap_or(0),
+            passed,
+            failed,
+            skipped,
+        });
+    }
+    Ok(outcomes)
+}
+
+/// The script the VM runs: each target with its own log and a line in `results`.
+fn tier_script(out: &Path, tiers: &[&Tier], executables: &[(String, PathBuf)]) -> String {
+    let out = out.display();
+    let root = cmd::root();
+    let mut s = format!(
+        "#!/bin/sh\n\
+         export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root RUST_BACKTRACE=1\n\
+         cd {root}\n\
+         uname -r > {out}/uname\n\
+         : > {out}/results\n\
+         t() {{ tier=$1; name=$2; shift 2; echo \"vmtest: $tier $name: running\"; s=$(date +%s)\n\
+         timeout -k 10 {limit} \"$@\" > {out}/$name.log 2>&1; rc=$?; e=$(date +%s)\n\
+         echo \"$tier $name $rc $((e - s))\" >> {out}/results; echo \"vmtest: $tier $name: exit $rc after $((e - s)) s\"; }}\n",
+        root = root.display(),
+        limit = TIER_LIMIT.as_secs(),
+    );
+    for tier in tiers {
+        for target in tier.targets {
+            let exe = executables
+                .iter()
+                .find(|(n, _)| n == target)
+                .map(|(_, p)| p.display().to_string())
+                .unwrap_or_default();
+            let _ = writeln!(
+                s,
+                "t {} {target} {exe} --test-threads={}",
+                tier.name, tier.threads
+            );
+        }
+    }
+    s.push_str("sync\n");
+    s
+}
+
+/// Passed count, failed test names and skip reasons from a libtest log.
+fn parse_log(log: &str) -> (u32, Vec<String>, Vec<String>) {
+    let mut passed = 0;
+    let mut failed = Vec::new();
+    let mut skipped = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += rest
+                .split(';')
+                .find_map(|p| p.trim().strip_suffix(" passed"))
+                .and_then(|p| p.rsplit(' ').next())
+                .and_then(|n| n.parse::<u32>().ok())
+                .unwrap_or(0);
+        } else if let Some(name) = line
+            .strip_prefix("test ")
+            .and_then(|l| l.strip_suffix(" ... FAILED"))
+        {
+            failed.push(name.to_owned());
+        } else if let Some(reason) = line.strip_prefix("skipping ") {
+            skipped.push(reason.to_owned());
+        }
+    }
+    (passed, failed, skipped)
+}
+
+/// The kernel × tier table, and whether every cell passed.
+fn table(
+    tiers: &[&Tier],
+    host: Option<&str>,
+    rows: &[(String, Vec<Outcome>, Option<String>)],
+) -> (String, bool) {
+    let mut ok = true;
+    let mut t = String::from("\nkernel × tier\n");
+    let _ = writeln!(t, "{:<28} {:<8} result", "kernel", "tier");
+    if let Some(host) = host {
+        for tier in tiers {
+            let _ = writeln!(t, "{host:<28} {:<8} passed (host tiers above)", tier.name);
+        }
+    }
+    for (kernel, outcomes, error) in rows {
+        if let Some(error) = error {
+            ok = false;
+            let _ = writeln!(t, "{kernel:<28} {:<8} FAILED: {error}", "all");
+            continue;
+        }
+        for tier in tiers {
+            let mine: Vec<&Outcome> = outcomes.iter().filter(|o| o.tier == tier.name).collect();
+            let cell = cell(tier, &mine);
+            if cell.starts_with("FAILED") {
+                ok = false;
+            }
+            let _ = writeln!(t, "{kernel:<28} {:<8} {cell}", tier.name);
+        }
+    }
+    (t, ok)
+}
+
+fn cell(tier: &Tier, outcomes: &[&Outcome]) -> String {
+    let ran: Vec<&str> = outcomes.iter().map(|o| o.target.as_str()).collect();
+    let missing: Vec<&str> = tier
+        .targets
+        .iter()
+        .copied()
+        .filter(|t| !ran.contains(t))
+        .collect();
+    let passed: u32 = outcomes.iter().map(|o| o.passed).sum();
+    let secs: u64 = outcomes.iter().map(|o| o.secs).sum();
+    let failed: Vec<String> = outcomes
+        .iter()
+        .flat_map(|o| {
+            if o.exit != 0 && o.failed.is_empty() {
+                vec![format!("{} (exit {})", o.target, o.exit)]
+            } else {
+                o.failed
+                    .iter()
+                    .map(|f| format!("{}::{f}", o.target))
+                    .collect()
+            }
+        })
+        .collect();
+    let skipped: Vec<&String> = outcomes.iter().flat_map(|o| &o.skipped).collect();
+    if !failed.is_empty() || !missing.is_empty() {
+        let mut all = failed;
+        all.extend(missing.iter().map(|m| format!("{m} (did not run)")));
+        return format!("FAILED: {} ({passed} passed, {secs} s)", all.join(", "));
+    }
+    let mut s = format!("passed ({passed} tests, {secs} s)");
+    if !skipped.is_empty() {
+        let reasons: Vec<&str> = skipped.iter().map(|s| s.as_str()).collect();
+        let _ = write!(s, "; {} skipped: {}", skipped.len(), reasons.join("; "));
+    }
+    s
+}
