@@ -10,14 +10,19 @@ RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends \
         > /etc/apt/sources.list.d/llvm.list \
     && apt-get update -qq \
     && apt-get install -y -qq --no-install-recommends llvm-22-dev libpolly-22-dev libzstd-dev zlib1g-dev
-ENV PATH=/root/.cargo/bin:$PATH
+# The nightly that builds the eBPF crate is pinned by date: its LLVM (22.1) must be the
+# LLVM bpf-linker is built against (llvm-22 above). nightly-2026-05-20 is rustc
+# 1.97.0-nightly (e50aa6fba 2026-05-19) with LLVM 22.1.4, the toolchain the project is
+# verified with (TOOLCHAIN.md). The agent's build script uses VCNPATH_EBPF_TOOLCHAIN.
+ARG EBPF_TOOLCHAIN=nightly-2026-05-20
+ENV PATH=/root/.cargo/bin:$PATH VCNPATH_EBPF_TOOLCHAIN=$EBPF_TOOLCHAIN
 RUN curl -fsSL https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain 1.95.0 \
-    && rustup toolchain install nightly --profile minimal -c rust-src \
+    && rustup toolchain install "$EBPF_TOOLCHAIN" --profile minimal -c rust-src \
     && LLVM_PREFIX=/usr/lib/llvm-22 PATH=/usr/lib/llvm-22/bin:$PATH \
-       cargo +nightly install bpf-linker --version 0.13.0 --no-default-features --features llvm-22
+       cargo +"$EBPF_TOOLCHAIN" install bpf-linker --locked --version 0.13.0 --no-default-features --features llvm-22
 WORKDIR /src
 COPY . .
-RUN cargo build --release -p vcnpath-agent --bins
+RUN cargo build --release --locked -p vcnpath-agent --bins
 
 FROM debian:bookworm-slim
 RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends ca-certificates \

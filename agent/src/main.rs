@@ -36,18 +36,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print the pod capacity of this instance's shape, for kubelet's --max-pods.
+    /// Print the pod capacity of this instance's shape with the agent's configuration (the
+    /// same file and overrides as `run`), for kubelet's --max-pods.
     MaxPods {
-        #[arg(
-            long,
-            default_value = "http://169.254.169.254/opc/v2/",
-            env = "VCNPATH_IMDS_URL"
-        )]
-        imds_url: String,
-        #[arg(long, default_value_t = 31)]
-        ips_per_vnic: usize,
+        /// The agent's TOML configuration, as given to `run`.
+        #[arg(long, short, env = "VCNPATH_CONFIG")]
+        config: Option<PathBuf>,
+        /// IMDS v2 base URL (overrides `oci.imds_url`).
+        #[arg(long, env = "VCNPATH_IMDS_URL")]
+        imds_url: Option<String>,
+        /// Overrides `ipam.ips_per_vnic`.
         #[arg(long)]
-        use_primary_vnic: bool,
+        ips_per_vnic: Option<usize>,
+        /// Overrides `ipam.use_primary_vnic`.
+        #[arg(long)]
+        use_primary_vnic: Option<bool>,
         /// Kubernetes' per-node default ceiling.
         #[arg(long, default_value_t = 110)]
         cap: usize,
@@ -151,17 +154,23 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Status { socket, json } => runtime()?.block_on(cli::status::status(&socket, json)),
         Command::MaxPods {
+            config,
             imds_url,
             ips_per_vnic,
             use_primary_vnic,
             cap,
         } => {
-            let n = runtime()?.block_on(cli::status::max_pods_for(
-                &imds_url,
-                ips_per_vnic,
-                use_primary_vnic,
-                cap,
-            ))?;
+            let mut config = vcnpath::daemon::AgentConfig::load(config.as_deref())?;
+            if let Some(v) = imds_url {
+                config.oci.imds_url = v;
+            }
+            if let Some(v) = ips_per_vnic {
+                config.ipam.ips_per_vnic = v;
+            }
+            if let Some(v) = use_primary_vnic {
+                config.ipam.use_primary_vnic = v;
+            }
+            let n = runtime()?.block_on(cli::status::max_pods_for(&config, cap))?;
             println!("{n}");
             Ok(())
         }

@@ -91,8 +91,10 @@ async fn allocate(ipam: &Ipam, pod: &PodRef, within: Duration) -> Allocation {
     loop {
         match ipam.allocate(pod).await {
             Ok(a) => return a,
-            Err(e @ AllocError::PoolEmpty { .. }) if Instant::now() < deadline => {
-                tokio::time::sleep(e.retry_after().expect("PoolEmpty says when")).await;
+            Err(e @ (AllocError::PoolEmpty { .. } | AllocError::CoolingDown { .. }))
+                if Instant::now() < deadline =>
+            {
+                tokio::time::sleep(e.retry_after().expect("a temporary error says when")).await;
             }
             Err(e) => panic!("allocation for {} failed: {e}", pod.container_id),
         }
@@ -290,6 +292,9 @@ async fn released_address_is_reused_only_after_the_cooldown() {
         Err(AllocError::Exhausted { capacity: 2 }),
         "a full node says so"
     );
+    // Taken before the release, which starts the cooldown: a retry at the time the agent
+    // suggests comes exactly when it ends.
+    let released = Instant::now();
     assert_eq!(ipam.release(&pod(0)).await, Ok(Some(a.clone())));
     assert_eq!(
         ipam.release(&pod(0)).await,
@@ -297,10 +302,23 @@ async fn released_address_is_reused_only_after_the_cooldown() {
         "release is idempotent"
     );
     assert_eq!(ipam.lookup(&pod(0)).await, None);
-    let released = Instant::now();
-    match ipam.allocate(&pod(2)).await {
-        Err(AllocError::PoolEmpty { .. }) => {}
-        other => panic!("the freed address is cooling down; expected PoolEmpty, got {other:?}"),
+    let refused = ipam.allocate(&pod(2)).await;
+    match &refused {
+        Err(e @ AllocError::CoolingDown { addresses: 1, .. }) => {
+            let wait = e.retry_after().expect("a retry time");
+            assert!(
+                wait > Duration::ZERO && wait <= Duration::from_millis(500),
+                "retry when the address is free (within the 500 ms cooldown), not in {wait:?}"
+            );
+            let text = e.to_string();
+            assert!(
+                text.contains("cooling down") && !text.contains("growing"),
+                "the message says what is happening: {text}"
+            );
+        }
+        other => panic!(
+            "the only address left is cooling down and the node cannot grow; expected CoolingDown, got {other:?}"
+        ),
     }
     let c = allocate(&ipam, &pod(2), Duration::from_secs(5)).await;
     assert!(
@@ -590,4 +608,62 @@ async fn reconcile_restores_a_pods_address_and_touches_nothing_foreign() {
     }
     assert_eq!(ipam.lookup(&pod(0)).await, Some(a));
     assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}
+
+/// `vcnpath max-pods` tells kubelet what the agent will hold: it reads the agent's
+/// configuration file (the one `run` gets) and the shape's VNIC limit from IMDS, which it
+/// reaches directly even when a proxy is set for the OCI API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_pods_reads_the_agents_configuration() {
+    let sim = sim(31, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[oci]\nimds_url = {:?}\n[ipam]\nips_per_vnic = 8\n",
+            sim.imds_url()
+        ),
+    )
+    .unwrap();
+    // The simulator answers on this runtime, so the command is awaited, not waited for.
+    // A proxy for the OCI API (here one that refuses every connection) is never used for
+    // IMDS, which is link-local.
+    let max_pods = async |args: &[&str]| {
+        let out = tokio::process::Command::new(vcnpath_tests::agent::binary())
+            .arg("max-pods")
+            .args(args)
+            .env_remove("VCNPATH_CONFIG")
+            .env_remove("VCNPATH_IMDS_URL")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .env("HTTP_PROXY", "http://127.0.0.1:9")
+            .env("HTTPS_PROXY", "http://127.0.0.1:9")
+            .kill_on_drop(true)
+            .output()
+            .await
+            .expect("run vcnpath max-pods");
+        assert!(
+            out.status.success(),
+            "vcnpath max-pods {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let config = config.to_str().unwrap();
+    assert_eq!(
+        max_pods(&["--config", config]).await,
+        "16",
+        "3 VNICs, the primary left out, 8 addresses each (from the file)"
+    );
+    assert_eq!(
+        max_pods(&["--config", config, "--use-primary-vnic", "true"]).await,
+        "24",
+        "a flag overrides the file as for `run`"
+    );
+    assert_eq!(
+        max_pods(&["--imds-url", &sim.imds_url()]).await,
+        "62",
+        "without a file, the agent's defaults (31 per VNIC)"
+    );
 }

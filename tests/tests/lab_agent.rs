@@ -151,6 +151,16 @@ fn lab_forty_pods_across_two_vnics_reach_the_vcn_and_the_internet_and_addresses_
 
     let addresses: BTreeSet<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
     assert_eq!(addresses.len(), 40, "40 distinct addresses");
+    let mode = |path: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+    };
+    let checkpoint = agent.checkpoint();
+    assert_eq!(
+        (mode(checkpoint.parent().unwrap()), mode(&checkpoint)),
+        (0o700, 0o600),
+        "the checkpoint, which names every pod, is root's only"
+    );
     let vnics: BTreeSet<&str> = pods.iter().map(|p| p.interface.as_str()).collect();
     assert!(
         vnics.len() >= 2,

@@ -1,10 +1,14 @@
 //! The agent's host module against a real kernel, inside a throwaway network namespace:
 //! finding a VNIC's interface by MAC, bringing it up with its MTU and address, and reading
-//! the virtual router's MAC from the neighbour table.
+//! the virtual router's MAC from the neighbour table, and keeping its IPv4 settings with
+//! /proc/sys read-only (as in the unprivileged container the shipped manifests run).
 
 use std::net::Ipv4Addr;
 
-use vcnpath::host::netlink::{LinkEvents, Netlink, parse_mac};
+use vcnpath::host::{
+    netlink::{LinkEvents, Netlink, parse_mac},
+    sysctl,
+};
 use vcnpath_tests::{
     lab::{Netns, run_in},
     privileged::have_root,
@@ -119,4 +123,112 @@ fn lab_a_new_interface_is_announced() {
     })
     .expect("run in netns");
     assert_eq!(announced, Some(()), "the new interface is announced");
+}
+
+/// Makes /proc/sys read-only for the calling thread alone, the way runc mounts it in a
+/// container that is not privileged: a private mount namespace (it ends with the thread)
+/// with a read-only bind of /proc/sys over itself.
+fn read_only_proc_sys() -> std::io::Result<()> {
+    let check = |rc: libc::c_int| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    let proc_sys = c"/proc/sys";
+    // SAFETY: plain system calls on NUL-terminated constants; unshare affects this thread
+    // only (CLONE_NEWNS unshares its filesystem attributes from the other threads).
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS))?;
+        check(libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ))?;
+        check(libc::mount(
+            proc_sys.as_ptr(),
+            proc_sys.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ))?;
+        check(libc::mount(
+            std::ptr::null(),
+            proc_sys.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+            std::ptr::null(),
+        ))
+    }
+}
+
+/// The shipped container has /proc/sys read-only and `CAP_NET_ADMIN`: the agent still
+/// makes a strict reverse-path filter loose and turns forwarding on, over netlink.
+#[test]
+fn lab_rp_filter_is_made_loose_with_proc_sys_read_only() {
+    if !have_root("lab_host") {
+        return;
+    }
+    let ns = Netns::create(&format!("vs{}", std::process::id())).expect("netns");
+    ns.ip(&[
+        "link", "add", "ens7", "type", "veth", "peer", "name", "ens7p",
+    ])
+    .expect("veth");
+    let conf = |name: &str| format!("/proc/sys/net/ipv4/conf/ens7/{name}");
+    let (changed, again, rp_filter, forwarding) = run_in(&ns, || {
+        // Strict, as a node image may set it; forwarding is off in a new namespace.
+        std::fs::write(conf("rp_filter"), "1").expect("make rp_filter strict");
+        read_only_proc_sys().expect("read-only /proc/sys for this thread");
+        let write = std::fs::write(conf("rp_filter"), "2");
+        assert_eq!(
+            write.as_ref().map_err(std::io::Error::raw_os_error),
+            Err(Some(libc::EROFS)),
+            "writing /proc/sys (what the agent used to do) must fail here, or the test proves nothing"
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (changed, again) = rt.block_on(async {
+            let nl = Netlink::connect().expect("netlink");
+            let link = nl
+                .links()
+                .await
+                .expect("links")
+                .into_iter()
+                .find(|l| l.name == "ens7")
+                .expect("ens7");
+            let changed = sysctl::ensure_interface(&nl, &link).await;
+            let again = sysctl::ensure_interface(&nl, &link).await;
+            (changed, again)
+        });
+        let read = |name: &str| {
+            std::fs::read_to_string(conf(name))
+                .expect("read /proc/sys")
+                .trim()
+                .to_owned()
+        };
+        (changed, again, read("rp_filter"), read("forwarding"))
+    })
+    .expect("run in netns");
+    let changed = changed.unwrap_or_else(|e| {
+        panic!("setting rp_filter over netlink must work with /proc/sys read-only: {e}")
+    });
+    assert_eq!(
+        (rp_filter.as_str(), forwarding.as_str()),
+        ("2", "1"),
+        "the kernel shows rp_filter loose and forwarding on"
+    );
+    assert_eq!(
+        (changed.rp_filter, changed.forwarding),
+        (Some(1), Some(0)),
+        "the values found are reported"
+    );
+    assert!(
+        !again.expect("second pass").any(),
+        "a suitable interface is left as it is"
+    );
 }

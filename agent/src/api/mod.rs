@@ -22,10 +22,12 @@
 //! [`AllocError`]: crate::ipam::AllocError
 
 pub mod client;
+pub mod listen;
 pub mod server;
 pub mod types;
 
 pub use client::{Client, ClientError};
+pub use listen::Limits;
 pub use server::{ServeError, bind, router, serve};
 pub use types::{
     API_VERSION, AllocateResponse, ErrorBody, LookupResponse, ReleaseResponse, VersionResponse,

@@ -98,16 +98,15 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServeError> {
     Ok(listener)
 }
 
-/// Serves `router` on `listener` until `shutdown` completes.
+/// Serves `router` on `listener` until `shutdown` completes, with the socket's
+/// [`Limits`](super::Limits) (timeouts, a connection cap).
 pub async fn serve(
     listener: UnixListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(ServeError::Serve)
+    super::listen::serve(listener, router, super::Limits::UNIX_SOCKET, shutdown).await;
+    Ok(())
 }
 
 /// The API routes over `allocator`.
@@ -195,9 +194,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self.0 {
             AllocError::Invalid { .. } => StatusCode::BAD_REQUEST,
-            AllocError::PoolEmpty { .. } | AllocError::NotReady | AllocError::Exhausted { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            AllocError::PoolEmpty { .. }
+            | AllocError::CoolingDown { .. }
+            | AllocError::NotReady
+            | AllocError::Exhausted { .. } => StatusCode::SERVICE_UNAVAILABLE,
             AllocError::Checkpoint { .. } | AllocError::Datapath { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

@@ -188,3 +188,82 @@ async fn socket_is_root_only_and_never_stolen() {
     assert!(matches!(bind(&file), Err(ServeError::NotASocket { .. })));
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
 }
+
+/// How long until every stream reads end-of-file (the server closed it), at most `within`.
+/// Each stream reads until EOF, discarding whatever the server sent first (a 408 or 400
+/// for a half-sent request).
+async fn all_closed<S>(streams: Vec<S>, within: Duration) -> Result<(), usize>
+where
+    S: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
+    use tokio::io::AsyncReadExt as _;
+    let mut reads = tokio::task::JoinSet::new();
+    for mut stream in streams {
+        reads.spawn(async move {
+            let mut sink = Vec::new();
+            tokio::time::timeout(within, stream.read_to_end(&mut sink))
+                .await
+                .is_ok()
+        });
+    }
+    let open = reads
+        .join_all()
+        .await
+        .iter()
+        .filter(|closed| !**closed)
+        .count();
+    if open == 0 { Ok(()) } else { Err(open) }
+}
+
+/// 1,000 idle and slowloris connections on the CNI socket (four times its cap) do not
+/// delay an ADD, and the server closes them once their header or idle time is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slowloris_connections_do_not_block_an_add() {
+    use tokio::io::AsyncWriteExt as _;
+    let limits = super::Limits {
+        header_read: Duration::from_millis(300),
+        idle: Duration::from_millis(500),
+        ..super::Limits::UNIX_SOCKET
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vcnpath.sock");
+    let listener = bind(&path).expect("bind");
+    let app = router(Arc::new(Fake::default()));
+    tokio::spawn(super::listen::serve(
+        listener,
+        app,
+        limits,
+        std::future::pending(),
+    ));
+    let mut held = Vec::new();
+    for n in 0..1000 {
+        let mut stream = tokio::net::UnixStream::connect(&path)
+            .await
+            .expect("connect");
+        if n % 2 == 0 {
+            // Slowloris: a request whose headers never end.
+            stream
+                .write_all(b"POST /v1/allocate HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+        }
+        held.push(stream);
+    }
+    let client = Client::new(&path, Duration::from_secs(2));
+    let started = std::time::Instant::now();
+    let allocation = client.allocate(&pod("c9", "web")).await;
+    assert!(
+        allocation.is_ok(),
+        "an ADD with 1,000 idle connections open must be served: {allocation:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the ADD waited {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        all_closed(held, Duration::from_secs(5)).await,
+        Ok(()),
+        "idle and slowloris connections must be closed after the header/idle timeouts"
+    );
+}

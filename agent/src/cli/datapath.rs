@@ -250,7 +250,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let adopted = datapath.adopted;
     let (handle, task) = datapath::task::spawn(datapath, config.nat_timeouts);
     let report = handle.sync(config.desired_state()?).await?;
-    ensure_rp_filter(&config);
+    ensure_rp_filter(&config).await;
     info!(
         adopted,
         ?report,
@@ -275,7 +275,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
                 if gc.removed > 0 {
                     info!(scanned = gc.scanned, removed = gc.removed, "NAT entries expired");
                 }
-                ensure_rp_filter(&config);
+                ensure_rp_filter(&config).await;
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -300,11 +300,29 @@ async fn reload(
     Ok(config)
 }
 
-fn ensure_rp_filter(config: &StaticConfig) {
+async fn ensure_rp_filter(config: &StaticConfig) {
+    let result = async {
+        let netlink = host::netlink::Netlink::connect()?;
+        let links = netlink.links().await?;
+        Ok::<_, host::netlink::HostError>((netlink, links))
+    };
+    let (netlink, links) = match result.await {
+        Ok(found) => found,
+        Err(error) => {
+            warn!(%error, "cannot read the interfaces to set rp_filter");
+            return;
+        }
+    };
     for vnic in &config.vnics {
-        match host::sysctl::ensure_rp_filter_loose(&vnic.interface) {
-            Ok(true) => warn!(interface = %vnic.interface, "rp_filter was not loose; re-applied"),
-            Ok(false) => {}
+        let Some(link) = links.iter().find(|l| l.name == vnic.interface) else {
+            warn!(interface = %vnic.interface, "no such interface; cannot set rp_filter");
+            continue;
+        };
+        match host::sysctl::ensure_interface(&netlink, link).await {
+            Ok(changed) if changed.any() => {
+                warn!(interface = %vnic.interface, ?changed, "rp_filter or forwarding was not suitable; re-applied");
+            }
+            Ok(_) => {}
             Err(error) => warn!(interface = %vnic.interface, %error, "cannot set rp_filter"),
         }
     }

@@ -4,7 +4,9 @@
 
 use std::{
     collections::BTreeSet,
+    fs::Permissions,
     net::Ipv4Addr,
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::PathBuf,
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -20,6 +22,7 @@ use crate::{
     daemon::{
         AgentConfig, AuthMode, Node, NodeSettings,
         config::select_subnets,
+        health::{Health, dir_writable},
         http::{self, Introspection},
     },
     datapath::{self, Datapath, LoadOptions},
@@ -27,7 +30,7 @@ use crate::{
     ipam::{Ipam, IpamConfig, OciCloud},
     oci::{
         AuthProvider, ConfigFileAuth, CoreClient, Endpoints, ImdsClient, InstancePrincipalAuth,
-        RateLimit, RetryPolicy,
+        RateLimit, RetryPolicy, transport,
     },
 };
 
@@ -51,10 +54,9 @@ struct Cloud {
 
 /// Reads IMDS, authenticates and learns the VCN.
 async fn connect(config: &AgentConfig) -> anyhow::Result<Cloud> {
-    let http_client = reqwest::Client::builder()
-        .build()
-        .context("creating the HTTP client")?;
-    let imds = ImdsClient::new(&config.oci.imds_url, http_client.clone())?;
+    let http_client = transport::api_client(config.oci.ca_bundle.as_deref())?;
+    let imds_http = transport::imds_client()?;
+    let imds = ImdsClient::new(&config.oci.imds_url, imds_http.clone())?;
     let instance = imds
         .instance()
         .await
@@ -74,7 +76,7 @@ async fn connect(config: &AgentConfig) -> anyhow::Result<Cloud> {
     };
     let auth: Arc<dyn AuthProvider> = match config.oci.auth {
         AuthMode::InstancePrincipal => Arc::new(InstancePrincipalAuth::new(
-            ImdsClient::new(&config.oci.imds_url, http_client.clone())?,
+            ImdsClient::new(&config.oci.imds_url, imds_http)?,
             &endpoints.auth,
             http_client.clone(),
         )),
@@ -220,10 +222,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let introspection = Arc::new(Introspection {
         node: node.clone(),
         oci: client.metrics(),
-        ready: false.into(),
+        health: Health::new(config.node.state_dir.clone()),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (api_server, http_server) = serve(&config, &node, &introspection, &stop_rx).await?;
+    introspection
+        .health
+        .socket_served
+        .store(true, Ordering::Release);
     info!(socket = %config.node.socket.display(), listen = %config.node.listen, "serving");
 
     supervise(&config, &node, &datapath, &introspection, &client, &vcn_id).await?;
@@ -247,7 +253,7 @@ async fn serve(
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<(
     tokio::task::JoinHandle<Result<(), api::ServeError>>,
-    tokio::task::JoinHandle<std::io::Result<()>>,
+    tokio::task::JoinHandle<()>,
 )> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -264,11 +270,12 @@ async fn serve(
                 config.node.listen
             )
         })?;
-    let http_server = tokio::spawn(
-        axum::serve(tcp, http::router(introspection.clone()))
-            .with_graceful_shutdown(stopped(stop_rx.clone()))
-            .into_future(),
-    );
+    let http_server = tokio::spawn(api::listen::serve(
+        tcp,
+        http::router(introspection.clone()),
+        api::Limits::HTTP,
+        stopped(stop_rx.clone()),
+    ));
     Ok((api_server, http_server))
 }
 
@@ -313,11 +320,16 @@ async fn supervise(
             }
             _ = host_tick.tick() => {
                 node.setup_vnics().await;
-                if let Err(error) = node.sync().await {
+                let synced = node.sync().await;
+                if let Err(error) = &synced {
                     warn!(%error, "periodic datapath sync failed");
                 }
                 let usable = node.ipam.status().await.vnics.iter().any(|v| v.interface.is_some());
-                introspection.ready.store(usable, Ordering::Release);
+                let health = &introspection.health;
+                health.datapath_synced.store(synced.is_ok(), Ordering::Release);
+                health.usable_vnic.store(usable, Ordering::Release);
+                health.state_dir_writable.store(dir_writable(&health.state_dir), Ordering::Release);
+                health.beat();
             }
             _ = gc_tick.tick() => {
                 match datapath.collect_nat().await {
@@ -396,12 +408,20 @@ async fn start_ipam(
         instance.id.clone(),
         config.pool(instance.shape_config.max_vnic_attachments as usize, subnets),
     );
-    std::fs::create_dir_all(&config.node.state_dir).with_context(|| {
-        format!(
-            "creating the state directory {}",
-            config.node.state_dir.display()
-        )
-    })?;
+    // The checkpoint names every pod on the node: root only (a hostPath directory is
+    // created 0755, so the mode is set even when it exists).
+    let state_dir = &config.node.state_dir;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .and_then(|()| std::fs::set_permissions(state_dir, Permissions::from_mode(0o700)))
+        .with_context(|| {
+            format!(
+                "creating the state directory {} (0700)",
+                state_dir.display()
+            )
+        })?;
     ipam_config.checkpoint_path = config.node.state_dir.join("ipam.json");
     ipam_config.mtu = config.datapath.mtu;
     let cloud = OciCloud::new(
@@ -425,9 +445,16 @@ async fn read_vcn_cidrs(client: &CoreClient, vcn_id: &str) -> anyhow::Result<BTr
         .collect()
 }
 
-/// Pods' traffic is forwarded by the node.
+/// Pods' traffic is forwarded by the node. Managed VNICs get `forwarding` per interface over
+/// netlink (see `host::sysctl`); the node-wide switch, which new pod veths copy, can only be
+/// written where /proc/sys is writable.
 fn enable_forwarding() {
-    if let Err(error) = std::fs::write("/proc/sys/net/ipv4/ip_forward", "1") {
-        warn!(%error, "cannot enable IPv4 forwarding");
+    match crate::host::sysctl::ensure_ip_forward_all() {
+        Ok(true) => info!("net.ipv4.ip_forward turned on"),
+        Ok(false) => {}
+        Err(error) => warn!(
+            %error,
+            "net.ipv4.ip_forward is off and cannot be turned on from here (/proc/sys is read-only in an unprivileged container); enable it on the node, or pods' traffic is not forwarded"
+        ),
     }
 }

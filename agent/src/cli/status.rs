@@ -5,7 +5,7 @@ use std::{path::Path, time::Duration};
 use anyhow::Context as _;
 use serde_json::Value;
 
-use crate::{api::Client, ipam::max_pods, oci::ImdsClient};
+use crate::{api::Client, oci::ImdsClient};
 
 /// Prints the node's VNICs, pool, pods and datapath counters from the running agent.
 pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
@@ -16,6 +16,9 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
     }
     let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
     println!("ready: {}", status["ready"]);
+    for problem in status["not_ready"].as_array().into_iter().flatten() {
+        println!("  not ready: {}", s(problem));
+    }
     println!("\nVNICs:");
     println!(
         "  {:<9} {:<8} {:<17} {:<15} {:<18} {:>5} {:>8} {:>8}",
@@ -49,6 +52,13 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
             ""
         }
     );
+    let sysctl_failures = status["sysctls"]["failures"].as_u64().unwrap_or(0);
+    if sysctl_failures > 0 {
+        println!(
+            "\nIPv4 settings: {sysctl_failures} failures to keep rp_filter loose and forwarding on; last: {}",
+            s(&status["sysctls"]["last_error"])
+        );
+    }
     println!("\npods:");
     for p in status["pods"].as_array().into_iter().flatten() {
         println!(
@@ -76,22 +86,17 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The pod capacity of this shape, for kubelet's `--max-pods`.
+/// The pod capacity of this shape with the agent's configuration, for kubelet's
+/// `--max-pods`, at most `cap`.
 pub async fn max_pods_for(
-    imds_url: &str,
-    ips_per_vnic: usize,
-    use_primary_vnic: bool,
+    config: &crate::daemon::AgentConfig,
     cap: usize,
 ) -> anyhow::Result<usize> {
-    let imds = ImdsClient::new(imds_url, reqwest::Client::new())?;
+    let imds = ImdsClient::new(&config.oci.imds_url, crate::oci::transport::imds_client()?)?;
     let instance = imds
         .instance()
         .await
         .context("reading the shape from IMDS")?;
-    let capacity = max_pods(
-        instance.shape_config.max_vnic_attachments as usize,
-        ips_per_vnic,
-        use_primary_vnic,
-    );
+    let capacity = config.max_pods(instance.shape_config.max_vnic_attachments as usize);
     Ok(capacity.min(cap))
 }

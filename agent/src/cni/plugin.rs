@@ -306,6 +306,9 @@ pub fn from_client(error: &ClientError) -> CniError {
         ClientError::Agent(AllocError::PoolEmpty { .. } | AllocError::NotReady) => {
             "the agent is adding addresses in the background; the runtime retries"
         }
+        ClientError::Agent(AllocError::CoolingDown { .. }) => {
+            "every address left rests briefly after its pod left (ipam.cooldown_secs); the runtime retries, and `vcnpath max-pods` tells kubelet the node's real capacity"
+        }
         ClientError::Agent(AllocError::Exhausted { .. }) => {
             "the node is full: lower kubelet's --max-pods to `vcnpath max-pods`, or add VNIC capacity"
         }

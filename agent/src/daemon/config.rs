@@ -42,6 +42,9 @@ pub struct OciSection {
     /// One base URL for the Core API and federation (the simulator); by default both are
     /// derived from the region and realm in IMDS.
     pub endpoint: Option<String>,
+    /// PEM certificates to trust besides the public web roots built in: a private realm's
+    /// CA, or the node's store (`/etc/ssl/certs/ca-certificates.crt`).
+    pub ca_bundle: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -98,6 +101,7 @@ impl Default for OciSection {
             profile: "DEFAULT".into(),
             imds_url: "http://169.254.169.254/opc/v2/".into(),
             endpoint: None,
+            ca_bundle: None,
         }
     }
 }
@@ -222,6 +226,12 @@ impl AgentConfig {
             );
         }
         Ok(())
+    }
+
+    /// The pods this node can hold with this configuration on a shape with `max_vnics`
+    /// (`vcnpath max-pods`): the same number the running agent's pool reports as capacity.
+    pub fn max_pods(&self, max_vnics: usize) -> usize {
+        self.pool(max_vnics, Vec::new()).capacity()
     }
 
     /// The pool settings, given the shape's VNIC limit and the subnets for new VNICs
@@ -356,6 +366,25 @@ mod tests {
             toml::from_str(&body).expect("the ConfigMap's config.toml is valid");
         config.validate().expect("and passes validation");
         assert_eq!(config.node.listen.port(), 9965);
+    }
+
+    #[test]
+    fn max_pods_follows_the_ipam_section() {
+        let config: AgentConfig = toml::from_str("[ipam]\nips_per_vnic = 8").expect("valid config");
+        assert_eq!(
+            config.max_pods(3),
+            16,
+            "two secondary VNICs of 8 addresses, the primary left out"
+        );
+        let config: AgentConfig =
+            toml::from_str("[ipam]\nips_per_vnic = 8\nuse_primary_vnic = true")
+                .expect("valid config");
+        assert_eq!(config.max_pods(3), 24, "the primary VNIC serves pods too");
+        assert_eq!(
+            config.max_pods(3),
+            config.pool(3, Vec::new()).capacity(),
+            "the number kubelet is told is the pool's capacity"
+        );
     }
 
     #[test]

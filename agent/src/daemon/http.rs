@@ -1,16 +1,15 @@
 //! Introspection: `/metrics` (Prometheus text), `/healthz`, `/readyz` over TCP, and
 //! `/v1/status` on the local API socket for `vcnpath status`.
 
-use std::{
-    fmt::Write as _,
-    sync::Arc,
-    sync::atomic::{AtomicBool, Ordering},
-};
+use std::{fmt::Write as _, sync::Arc, sync::atomic::Ordering};
 
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use serde_json::{Value, json};
 
-use super::node::Node;
+use super::{
+    health::{Health, LOCK_TIMEOUT, Liveness},
+    node::Node,
+};
 use crate::datapath::Counters;
 
 /// What the HTTP handlers read.
@@ -18,14 +17,34 @@ pub struct Introspection {
     pub node: Arc<Node>,
     /// OCI API attempts and latency.
     pub oci: Arc<crate::oci::metrics::ApiMetrics>,
-    /// Set once the datapath is attached and the pool can serve.
-    pub ready: AtomicBool,
+    /// What the probes check, kept current by the supervisor loop.
+    pub health: Health,
+}
+
+impl Introspection {
+    /// Whether the agent is alive, and if not, why.
+    pub async fn liveness(&self) -> Liveness {
+        let lock = tokio::time::timeout(LOCK_TIMEOUT, self.node.ipam.status()).await;
+        Liveness {
+            supervisor_silent_for: self.health.silent_for(),
+            state_lock_answered: lock.is_ok(),
+            ipam_running: self.node.ipam.background_running(),
+        }
+    }
+
+    /// What keeps the agent from being ready; empty when it is.
+    pub async fn not_ready(&self) -> Vec<&'static str> {
+        match tokio::time::timeout(LOCK_TIMEOUT, self.node.ipam.status()).await {
+            Ok(pool) => self.health.readiness(pool.reconciled).problems(),
+            Err(_) => vec!["the IPAM state lock is not free"],
+        }
+    }
 }
 
 /// `/metrics`, `/healthz`, `/readyz`.
 pub fn router(state: Arc<Introspection>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -38,13 +57,26 @@ pub fn status_router(state: Arc<Introspection>) -> Router {
         .with_state(state)
 }
 
-async fn readyz(State(state): State<Arc<Introspection>>) -> impl IntoResponse {
-    if state.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
+async fn healthz(State(state): State<Arc<Introspection>>) -> impl IntoResponse {
+    let problems = state.liveness().await.problems();
+    if problems.is_empty() {
+        (StatusCode::OK, "ok\n".to_owned())
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the datapath or the address pool is not up yet\n",
+            format!("not alive: {}\n", problems.join("; ")),
+        )
+    }
+}
+
+async fn readyz(State(state): State<Arc<Introspection>>) -> impl IntoResponse {
+    let problems = state.not_ready().await;
+    if problems.is_empty() {
+        (StatusCode::OK, "ready\n".to_owned())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", problems.join("; ")),
         )
     }
 }
@@ -67,8 +99,10 @@ pub async fn status_json(state: &Introspection) -> Value {
         .collect();
     let counters = node.datapath.counters().await.unwrap_or_default();
     let nat_entries = node.datapath.nat_entries().await.unwrap_or(0);
+    let not_ready = state.health.readiness(pool.reconciled).problems();
     json!({
-        "ready": state.ready.load(Ordering::Acquire),
+        "ready": not_ready.is_empty(),
+        "not_ready": not_ready,
         "vnics": pool.vnics.iter().map(|v| {
             let managed = vnics.get(&v.vnic_id);
             json!({
@@ -79,6 +113,10 @@ pub async fn status_json(state: &Introspection) -> Value {
                 "free": v.free, "assigned": v.assigned, "cooldown": v.cooldown, "full": v.full,
             })
         }).collect::<Vec<_>>(),
+        "sysctls": {
+            "failures": node.sysctls.failures.load(Ordering::Relaxed),
+            "last_error": node.sysctls.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
+        },
         "pool": {"capacity": pool.capacity, "allocations": pool.allocations, "reconciled": pool.reconciled},
         "pods": pods,
         "datapath": {
@@ -149,6 +187,11 @@ fn render(
             n.load(Ordering::Relaxed)
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP vcnpath_sysctl_failures_total Failures to keep an interface's rp_filter loose and forwarding on.\n# TYPE vcnpath_sysctl_failures_total counter\nvcnpath_sysctl_failures_total {}",
+        node.sysctls.failures.load(Ordering::Relaxed)
+    );
     let _ = writeln!(
         out,
         "# HELP vcnpath_datapath_packets_total Packets by datapath decision.\n# TYPE vcnpath_datapath_packets_total counter"

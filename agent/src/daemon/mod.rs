@@ -2,6 +2,7 @@
 //! the allocator the CNI plugin reaches), and introspection over HTTP.
 
 pub mod config;
+pub mod health;
 pub mod http;
 pub mod node;
 

@@ -56,6 +56,14 @@ pub struct AllocationCounters {
     pub released: AtomicU64,
 }
 
+/// Failures to keep an interface's IPv4 settings (never fatal), for `/metrics` and status.
+#[derive(Debug, Default)]
+pub struct SysctlHealth {
+    pub failures: AtomicU64,
+    /// The latest failure, which interface and why.
+    pub last_error: std::sync::Mutex<Option<String>>,
+}
+
 pub struct Node {
     pub ipam: Arc<Ipam>,
     pub datapath: DatapathHandle,
@@ -67,6 +75,7 @@ pub struct Node {
     /// stale snapshots over newer ones.
     sync_lock: Mutex<()>,
     pub counters: AllocationCounters,
+    pub sysctls: SysctlHealth,
 }
 
 /// The virtual router of an OCI subnet is its first host address.
@@ -91,6 +100,7 @@ impl Node {
             vcn_cidrs: Mutex::new(vcn_cidrs),
             sync_lock: Mutex::new(()),
             counters: AllocationCounters::default(),
+            sysctls: SysctlHealth::default(),
         }
     }
 
@@ -260,7 +270,7 @@ impl Node {
                     .await
                     .map_err(|e| e.to_string())?;
             }
-            sysctl::ensure_rp_filter_loose(&link.name).map_err(|e| format!("rp_filter: {e}"))?;
+            self.ensure_interface_sysctls(&link).await;
             self.datapath
                 .attach(&link.name)
                 .await
@@ -305,17 +315,37 @@ impl Node {
         }
     }
 
-    /// Keeps reverse-path filtering loose on managed interfaces.
+    /// Keeps reverse-path filtering permissive and forwarding on for managed interfaces.
     pub async fn ensure_sysctls(&self) {
-        for vnic in self.vnics.lock().await.values() {
-            match sysctl::ensure_rp_filter_loose(&vnic.link.name) {
-                Ok(true) => {
-                    warn!(interface = %vnic.link.name, "rp_filter was reset; made loose again");
-                }
-                Ok(false) => {}
-                Err(error) => {
-                    warn!(interface = %vnic.link.name, %error, "cannot read or set rp_filter");
-                }
+        let links: Vec<Link> = self
+            .vnics
+            .lock()
+            .await
+            .values()
+            .map(|v| v.link.clone())
+            .collect();
+        for link in &links {
+            self.ensure_interface_sysctls(link).await;
+        }
+    }
+
+    /// One interface's IPv4 settings; a failure is logged and counted, never fatal: the
+    /// interface may still work (the node's own settings may be permissive enough).
+    async fn ensure_interface_sysctls(&self, link: &Link) {
+        match sysctl::ensure_interface(&self.netlink, link).await {
+            Ok(changed) if changed.any() => {
+                info!(interface = %link.name, rp_filter_was = ?changed.rp_filter, forwarding_was = ?changed.forwarding, "IPv4 settings made suitable for the datapath");
+            }
+            Ok(_) => {}
+            Err(error) => {
+                warn!(interface = %link.name, %error, "cannot keep rp_filter loose and forwarding on");
+                self.sysctls.failures.fetch_add(1, Ordering::Relaxed);
+                *self
+                    .sysctls
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some(format!("{}: {error}", link.name));
             }
         }
     }

@@ -7,7 +7,7 @@ use futures::TryStreamExt as _;
 use rtnetlink::{
     Handle, LinkUnspec,
     packet_route::{
-        link::{LinkAttribute, LinkFlags, LinkMessage},
+        link::{AfSpecInet, AfSpecUnspec, InetDevConf, LinkAttribute, LinkFlags, LinkMessage},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
     },
 };
@@ -24,6 +24,8 @@ pub enum HostError {
         #[source]
         source: Box<rtnetlink::Error>,
     },
+    #[error("the kernel reports no IPv4 settings for {interface} (is IPv4 disabled on it?)")]
+    NoIpv4Conf { interface: String },
     #[error(
         "no interface has MAC {mac}; the VNIC may still be attaching (OCI reported it, the kernel has not shown it yet)"
     )]
@@ -180,6 +182,58 @@ impl Netlink {
             .execute()
             .await
             .map_err(Self::error("address add", &link.name))
+    }
+
+    /// `link`'s IPv4 settings (its `net.ipv4.conf.<name>.*`), read from `RTM_GETLINK`'s
+    /// `IFLA_AF_SPEC` → `AF_INET` → `IFLA_INET_CONF`, so /proc/sys need not be mounted.
+    pub async fn ipv4_conf(&self, link: &Link) -> Result<InetDevConf, HostError> {
+        let messages: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .match_index(link.index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(Self::error("link get", &link.name))?;
+        messages
+            .iter()
+            .flat_map(|m| &m.attributes)
+            .filter_map(|a| match a {
+                LinkAttribute::AfSpecUnspec(families) => Some(families),
+                _ => None,
+            })
+            .flatten()
+            .filter_map(|f| match f {
+                AfSpecUnspec::Inet(inet) => Some(inet),
+                _ => None,
+            })
+            .flatten()
+            .find_map(|a| match a {
+                AfSpecInet::DevConf(conf) => Some(*conf),
+                _ => None,
+            })
+            .ok_or_else(|| HostError::NoIpv4Conf {
+                interface: link.name.clone(),
+            })
+    }
+
+    /// Sets the non-zero fields of `changes` in `link`'s IPv4 settings with `RTM_SETLINK`
+    /// (needs `CAP_NET_ADMIN` only, unlike writing a read-only /proc/sys). Zero fields are
+    /// left as they are: the kernel message carries only the fields being set.
+    pub async fn set_ipv4_conf(&self, link: &Link, changes: InetDevConf) -> Result<(), HostError> {
+        let mut message = LinkUnspec::new_with_index(link.index).build();
+        message
+            .attributes
+            .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![
+                AfSpecInet::DevConfRequest(changes),
+            ])]));
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(Self::error("link set IPv4 settings", &link.name))
     }
 
     /// The MAC of `ip` in `link`'s neighbour table, when resolved.

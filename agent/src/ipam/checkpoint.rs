@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write as _};
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -203,11 +204,16 @@ impl Checkpoint {
             source,
         };
         let temp = self.temp_path();
+        // It names every pod on the node: root only. The mode applies when the file is
+        // created; a temp file left by a crash is narrowed too.
         let mut out = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(&temp)
+            .map_err(write_error)?;
+        out.set_permissions(fs::Permissions::from_mode(0o600))
             .map_err(write_error)?;
         out.write_all(&text).map_err(write_error)?;
         out.sync_all().map_err(write_error)?;
@@ -361,6 +367,24 @@ mod tests {
             vnics[0]
         );
         assert!(!cp.temp_path().exists(), "the temp file is renamed away");
+    }
+
+    /// The checkpoint names every pod on the node: only root reads it, whatever the umask,
+    /// and a leftover temp file with a wider mode is narrowed on the next save.
+    #[test]
+    fn the_checkpoint_is_readable_by_root_only() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoint::new(dir.path().join("ipam.json"));
+        fs::write(cp.temp_path(), "left by a crash").unwrap();
+        fs::set_permissions(cp.temp_path(), fs::Permissions::from_mode(0o644)).unwrap();
+        cp.save([entry(10)].iter(), [vnic()].iter()).unwrap();
+        let mode = fs::metadata(dir.path().join("ipam.json"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "checkpoint mode {mode:o}");
     }
 
     #[test]

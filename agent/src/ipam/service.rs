@@ -19,7 +19,7 @@ use super::checkpoint::{self, Checkpoint, Entry, Key, Restored};
 use super::cloud::Cloud;
 use super::config::{IpamConfig, NODE_TAG};
 use super::error::IpamError;
-use super::pool::{Pool, Slot, SlotState};
+use super::pool::{Pool, PoolConfig, Slot, SlotState};
 use super::types::{AllocError, Allocation, Allocator, BoxFuture, PodRef};
 use super::{grow, reconcile};
 
@@ -151,6 +151,12 @@ impl Ipam {
         })
     }
 
+    /// Whether the background task (first reconcile, then the grower and the periodic
+    /// reconcile) is still running: it ends only by a panic.
+    pub fn background_running(&self) -> bool {
+        self.tasks.iter().all(|task| !task.is_finished())
+    }
+
     /// Waits until a VNIC joins the pool (attached by the grower) or the reconcile
     /// finished, whichever comes first since the last call: its interface can be set up.
     pub async fn vnic_added(&self) {
@@ -258,6 +264,8 @@ impl Ipam {
                 AllocError::Exhausted {
                     capacity: inner.cfg.pool.capacity(),
                 }
+            } else if let Some(error) = cooling_only(&state.pool, &inner.cfg.pool) {
+                error
             } else {
                 AllocError::PoolEmpty {
                     retry_after_ms: inner.cfg.retry_after.as_millis() as u64,
@@ -419,4 +427,32 @@ impl Allocator for Ipam {
     fn lookup<'a>(&'a self, pod: &'a PodRef) -> BoxFuture<'a, Option<Allocation>> {
         Box::pin(Ipam::lookup(self, pod))
     }
+}
+
+/// [`AllocError::CoolingDown`] when the pool cannot grow for the waiting pod (its plan adds
+/// nothing) and only addresses in cooldown could serve it, with the time until the first
+/// is free.
+fn cooling_only(pool: &Pool, cfg: &PoolConfig) -> Option<AllocError> {
+    let now = Instant::now();
+    let plan = pool.plan(cfg, now);
+    if !plan.create.is_empty() || !plan.attach.is_empty() {
+        return None;
+    }
+    let ends = pool
+        .vnics()
+        .iter()
+        .flat_map(|v| v.ips.values())
+        .filter_map(|slot| match slot.state {
+            SlotState::Cooldown { until } => Some(until),
+            _ => None,
+        });
+    let (first, addresses) = ends.fold((None, 0), |(first, n), until| {
+        (Some(first.map_or(until, |f: Instant| f.min(until))), n + 1)
+    });
+    let wait = first?.saturating_duration_since(now);
+    Some(AllocError::CoolingDown {
+        // Rounded up, so a retry at that time finds the address free.
+        retry_after_ms: wait.as_micros().div_ceil(1000) as u64,
+        addresses,
+    })
 }

@@ -51,6 +51,15 @@ pub enum AllocError {
         "no free address on this node right now; the pool is growing, try again in {retry_after_ms} ms"
     )]
     PoolEmpty { retry_after_ms: u64 },
+    /// No free address and no room to grow: the only addresses left are resting after their
+    /// pods left (so stale flows cannot reach a new pod); the first is free in `retry_after_ms`.
+    #[error(
+        "no free address on this node right now; {addresses} addresses are cooling down after their pods left and the pool cannot grow, the first is free in {retry_after_ms} ms"
+    )]
+    CoolingDown {
+        retry_after_ms: u64,
+        addresses: usize,
+    },
     /// The node is at its capacity (VNIC limit × IPs per VNIC).
     #[error("this node has no capacity left ({capacity} addresses in use)")]
     Exhausted { capacity: usize },
@@ -72,7 +81,8 @@ impl AllocError {
     /// Suggested wait before retrying, for errors that are temporary.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            AllocError::PoolEmpty { retry_after_ms } => {
+            AllocError::PoolEmpty { retry_after_ms }
+            | AllocError::CoolingDown { retry_after_ms, .. } => {
                 Some(Duration::from_millis(*retry_after_ms))
             }
             AllocError::NotReady => Some(Duration::from_secs(1)),

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod models;
 pub mod retry;
 pub mod signer;
+pub mod transport;
 
 pub use auth::{AuthProvider, ConfigFileAuth, InstancePrincipalAuth};
 pub use client::{CoreClient, Endpoints, new_retry_token};
