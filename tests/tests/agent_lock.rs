@@ -1,5 +1,5 @@
 //! One agent per node: a second `vcnpath run` on the same state directory (someone
-//! debugging, a DaemonSet surge) exits at once, before it asks IMDS or OCI anything and
+//! debugging, a `DaemonSet` surge) exits at once, before it asks IMDS or OCI anything and
 //! before it writes a file. The real binary, unprivileged: the lock is its first step.
 
 use std::{

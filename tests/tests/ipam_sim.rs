@@ -677,7 +677,7 @@ async fn cooldown_survives_a_restart() {
 }
 
 /// Durations near their limits (a configuration that slipped past validation, a test) never
-/// panic a handler: a DEL with a cooldown of u64::MAX seconds releases the address, which then
+/// panic a handler: a DEL with a cooldown of `u64::MAX` seconds releases the address, which then
 /// stays out of reach, also across a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_huge_cooldown_does_not_panic_a_release() {

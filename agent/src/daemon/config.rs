@@ -503,8 +503,7 @@ mod tests {
                 toml::from_str(toml).unwrap_or_else(|e| panic!("{toml}: {e}"));
             let err = config
                 .validate()
-                .map(|()| "accepted".to_owned())
-                .unwrap_or_else(|e| e.to_string());
+                .map_or_else(|e| e.to_string(), |()| "accepted".to_owned());
             assert!(
                 err.starts_with(field) && err.contains("outside") && err.contains(": "),
                 "{toml:?} must be refused naming {field}, its range and why; got {err:?}"

@@ -1,5 +1,5 @@
 //! One agent per node: an exclusive lock (`flock`) on `state_dir/agent.lock`, the first thing
-//! `vcnpath run` takes. A second agent (someone debugging, a DaemonSet surge) exits before it
+//! `vcnpath run` takes. A second agent (someone debugging, a `DaemonSet` surge) exits before it
 //! has asked OCI anything or written a file; the kernel drops the lock when the holder dies,
 //! so a `kill -9` never leaves a stale one behind.
 use std::fs::{self, File, OpenOptions};

@@ -81,7 +81,7 @@ pub fn later(now: Instant, after: Duration) -> Instant {
 }
 
 /// Thirty years: "never" for a cooldown or a retry, and still an `Instant` on every platform.
-const FAR_FUTURE: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+const FAR_FUTURE: Duration = Duration::from_hours(30 * 365 * 24);
 
 /// Whether `since + delay` has passed at `now`, without adding to an `Instant`.
 fn elapsed(since: Instant, delay: Duration, now: Instant) -> bool {
