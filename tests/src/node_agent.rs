@@ -207,6 +207,44 @@ impl NodeAgent {
         }
     }
 
+    /// Runs a second `vcnpath run` with this agent's configuration and state while this one
+    /// serves, waits (at most `within`) for it to exit and returns its exit status and log.
+    pub fn run_second(
+        &self,
+        lab: &SimLab,
+        within: Duration,
+    ) -> Result<(std::process::ExitStatus, String)> {
+        let config = self.dir.path().join("config.toml");
+        let log = self.dir.path().join("second.log");
+        let endpoints = lab.agent_endpoints();
+        let mut cmd = Command::new(binary());
+        cmd.args(["run", "--config"])
+            .arg(&config)
+            .args([
+                "--imds-url",
+                &endpoints.imds_url,
+                "--oci-endpoint",
+                &endpoints.oci_endpoint,
+            ])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?);
+        let mut child = spawn_in(lab.lab().node(), cmd)?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok((status, std::fs::read_to_string(&log).unwrap_or_default()));
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the second vcnpath run still runs after {within:?}; its log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill9(&mut self) -> Result<()> {
         self.child.as_mut().expect("running").kill9().map(|_| ())

@@ -824,3 +824,76 @@ fn fifty_concurrent_adds_then_dels() {
     });
     fx.assert_clean("after 50 concurrent DELs");
 }
+
+/// A misbehaving runtime runs three ADDs of one container at once, round after round: the
+/// plugin serialises them per attachment, so every one that succeeds reports the one address
+/// the agent holds, and the pod is wired with it.
+#[test]
+fn three_concurrent_adds_of_one_container_hold_one_address() {
+    if !have_root("three_concurrent_adds_of_one_container_hold_one_address") {
+        return;
+    }
+    let fx = Fixture::new("same");
+    for round in 0..10 {
+        let pod_ns = fx.pod_netns(round);
+        let id = format!("same{round:03}");
+        let results: Vec<Run> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..3)
+                .map(|_| scope.spawn(|| fx.run(&fx.call("ADD", &id, Some(pod_ns.path())))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("ADD thread"))
+                .collect()
+        });
+        let held = fx.fake.held();
+        let reported: HashSet<String> = results
+            .iter()
+            .filter(|r| r.code == Some(0))
+            .map(|r| {
+                r.json()["ips"][0]["address"]
+                    .as_str()
+                    .expect("address")
+                    .to_owned()
+            })
+            .collect();
+        assert!(
+            !reported.is_empty(),
+            "round {round}: at least one of the ADDs succeeds: {:?}",
+            results.iter().map(Run::json).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            held.len(),
+            1,
+            "round {round}: the agent must hold exactly one address for {id}, holds {held:?} while the plugin reported {reported:?}"
+        );
+        let ip = format!("{}/32", held.values().next().unwrap().ip);
+        assert_eq!(
+            reported,
+            HashSet::from([ip.clone()]),
+            "round {round}: what the plugin reported and what the agent holds disagree"
+        );
+        let veths = fx.host_veths();
+        assert_eq!(veths.len(), 1, "round {round}: one host veth: {veths:?}");
+        let host_mac = fx
+            .node
+            .ip(&["-j", "link", "show", "dev", &veths[0]])
+            .map(|j| {
+                serde_json::from_str::<Value>(&j).expect("ip -j")[0]["address"]
+                    .as_str()
+                    .expect("mac")
+                    .to_owned()
+            })
+            .expect("host veth");
+        assert_pod_wired(
+            &fx,
+            &pod_ns,
+            ip.trim_end_matches("/32"),
+            &veths[0],
+            &host_mac,
+        );
+        fx.run(&fx.call("DEL", &id, Some(pod_ns.path())))
+            .ok(&format!("round {round}: DEL"));
+        fx.assert_clean(&format!("round {round}: after DEL"));
+    }
+}

@@ -517,9 +517,11 @@ async fn failed_checkpoint_write_rolls_the_allocation_back() {
     let dir = tempfile::tempdir().unwrap();
     let ipam = start(&sim, config(&sim, dir.path(), pool(&sim, 3))).await;
     let first = allocate(&ipam, &pod(0), Duration::from_secs(15)).await;
-    // A directory where the temp file goes makes the next write fail.
-    let blocker = dir.path().join("ipam.json.tmp");
-    std::fs::create_dir(&blocker).unwrap();
+    // A non-empty directory where the checkpoint goes makes the next write fail.
+    let checkpoint = dir.path().join("ipam.json");
+    let kept = dir.path().join("kept.json");
+    std::fs::rename(&checkpoint, &kept).unwrap();
+    std::fs::create_dir_all(checkpoint.join("blocker")).unwrap();
     match ipam.allocate(&pod(1)).await {
         Err(AllocError::Checkpoint { reason }) => {
             assert!(
@@ -539,7 +541,8 @@ async fn failed_checkpoint_write_rolls_the_allocation_back() {
             .sum::<usize>(),
         1
     );
-    std::fs::remove_dir(&blocker).unwrap();
+    std::fs::remove_dir_all(&checkpoint).unwrap();
+    std::fs::rename(&kept, &checkpoint).unwrap();
     let second = allocate(&ipam, &pod(1), Duration::from_secs(5)).await;
     assert_ne!(second.ip, first.ip);
     assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
@@ -666,4 +669,139 @@ async fn max_pods_reads_the_agents_configuration() {
         "62",
         "without a file, the agent's defaults (31 per VNIC)"
     );
+}
+
+/// A plugin that disconnects while its ADD is being checkpointed (the API drops the handler's
+/// future): the change still runs to its end. Here the write fails, so the allocation must be
+/// rolled back although nobody waits for the answer any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_mid_add_leaves_pool_and_checkpoint_consistent() {
+    let sim = sim(8, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ipam = start(&sim, config(&sim, dir.path(), pool(&sim, 3))).await;
+    allocate(&ipam, &pod(0), Duration::from_secs(15)).await;
+    let checkpoint = dir.path().join("ipam.json");
+    let kept = dir.path().join("kept.json");
+    std::fs::rename(&checkpoint, &kept).unwrap();
+    std::fs::create_dir_all(checkpoint.join("blocker")).unwrap();
+    // One poll takes the ADD into its checkpoint write; then the caller is gone.
+    let gone = tokio::time::timeout(Duration::ZERO, ipam.allocate(&pod(1))).await;
+    assert!(gone.is_err(), "the ADD was cut off mid-way: {gone:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        ipam.lookup(&pod(1)).await,
+        None,
+        "the write failed, so the allocation must be rolled back even without a caller"
+    );
+    let assigned: usize = ipam.status().await.vnics.iter().map(|v| v.assigned).sum();
+    assert_eq!(assigned, 1, "only pod 0's address is assigned in the pool");
+    std::fs::remove_dir_all(&checkpoint).unwrap();
+    std::fs::rename(&kept, &checkpoint).unwrap();
+    // And a cut-off ADD whose write succeeds is kept, in memory and in the file.
+    let gone = tokio::time::timeout(Duration::ZERO, ipam.allocate(&pod(2))).await;
+    assert!(gone.is_err());
+    wait_for(
+        "the cut-off ADD to finish",
+        Duration::from_secs(5),
+        async || ipam.lookup(&pod(2)).await.is_some(),
+    )
+    .await;
+    assert_consistent(&sim, &ipam, &checkpoint).await;
+}
+
+/// Cooldown is counted from the wall-clock time of release, recorded in the checkpoint: a
+/// restart does not hand the address to a new pod before its cooldown has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cooldown_survives_a_restart() {
+    // Capacity 2: one pod VNIC of 2 addresses.
+    let sim = sim(2, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cooldown = Duration::from_secs(3);
+    let cfg = config(
+        &sim,
+        dir.path(),
+        PoolConfig {
+            cooldown,
+            ..pool(&sim, 2)
+        },
+    );
+    let ipam = start(&sim, cfg.clone()).await;
+    let a = allocate(&ipam, &pod(0), Duration::from_secs(15)).await;
+    let b = allocate(&ipam, &pod(1), Duration::from_secs(15)).await;
+    assert_eq!(ipam.release(&pod(0)).await, Ok(Some(a.clone())));
+    let released = Instant::now();
+    drop(ipam);
+
+    let ipam = start(&sim, cfg).await;
+    match ipam.allocate(&pod(2)).await {
+        Err(AllocError::CoolingDown { .. }) => {}
+        other => panic!(
+            "{} was released {:?} ago with a {cooldown:?} cooldown; after a restart it must still cool down, got {other:?}",
+            a.ip,
+            released.elapsed()
+        ),
+    }
+    let c = allocate(&ipam, &pod(2), Duration::from_secs(10)).await;
+    assert!(
+        released.elapsed() >= cooldown,
+        "reused after {:?}, before the {cooldown:?} cooldown",
+        released.elapsed()
+    );
+    assert_eq!(c.ip, a.ip, "the only address not held by pod 1");
+    assert_ne!(c.ip, b.ip);
+    assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}
+
+/// Durations near their limits (a configuration that slipped past validation, a test) never
+/// panic a handler: a DEL with a cooldown of `u64::MAX` seconds releases the address, which then
+/// stays out of reach, also across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_cooldown_does_not_panic_a_release() {
+    let sim = sim(2, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        &sim,
+        dir.path(),
+        PoolConfig {
+            cooldown: Duration::from_secs(u64::MAX),
+            release_delay: Duration::MAX,
+            ..pool(&sim, 2)
+        },
+    );
+    let ipam = start(&sim, cfg.clone()).await;
+    let a = allocate(&ipam, &pod(0), Duration::from_secs(15)).await;
+    assert_eq!(ipam.release(&pod(0)).await, Ok(Some(a.clone())));
+    let b = allocate(&ipam, &pod(1), Duration::from_secs(15)).await;
+    assert_ne!(b.ip, a.ip, "the released address is cooling down");
+    drop(ipam);
+    let ipam = start(&sim, cfg).await;
+    assert_eq!(ipam.lookup(&pod(1)).await, Some(b));
+    match ipam.allocate(&pod(2)).await {
+        Err(AllocError::CoolingDown { .. }) => {}
+        other => panic!("{} must still be cooling down, got {other:?}", a.ip),
+    }
+}
+
+/// A DEL that raced ahead of a slow ADD: the ADD arriving just after it is refused, so no
+/// address is allocated for a container nobody will delete again; after the grace it is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_add_after_a_del_is_refused() {
+    let sim = sim(8, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&sim, dir.path(), pool(&sim, 2));
+    cfg.tombstone_grace = Duration::from_millis(700);
+    let ipam = start(&sim, cfg).await;
+    assert_eq!(ipam.release(&pod(5)).await, Ok(None), "DEL before the ADD");
+    match ipam.allocate(&pod(5)).await {
+        Err(AllocError::Invalid { reason }) => assert!(
+            reason.contains("deleted") && reason.contains("container-005"),
+            "the refusal says why: {reason}"
+        ),
+        other => panic!("a late ADD right after its DEL must be refused, got {other:?}"),
+    }
+    assert_eq!(ipam.allocations().await.len(), 0, "nothing allocated");
+    allocate(&ipam, &pod(6), Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    allocate(&ipam, &pod(5), Duration::from_secs(10)).await;
+    assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
 }

@@ -502,3 +502,38 @@ fn lab_kill_9_during_a_burst_and_a_fault_storm_loses_nothing() {
             .expect("a pod added around the crash has working networking");
     }
 }
+
+/// A second `vcnpath run` on a node whose agent serves pods (someone debugging, a
+/// `DaemonSet` surge): it exits at once naming the first, the checkpoint is untouched, and
+/// the first agent goes on serving.
+#[test]
+fn lab_a_second_agent_on_the_node_exits_and_the_first_serves_on() {
+    if !have_root("lab_a_second_agent_on_the_node_exits_and_the_first_serves_on") {
+        return;
+    }
+    let lab = simlab();
+    let agent = NodeAgent::start(&lab, "second").expect("vcnpath run");
+    let pods = add_pods(&lab, &agent, "first", 3);
+    let before = std::fs::read(agent.checkpoint()).expect("checkpoint");
+    let (status, log) = agent
+        .run_second(&lab, Duration::from_secs(10))
+        .expect("the second agent exits");
+    assert!(!status.success(), "the second agent must fail: {log}");
+    assert!(
+        log.contains("another vcnpath agent") && log.contains(&format!("pid {}", agent.pid())),
+        "the second agent must name the first one: {log}"
+    );
+    assert_eq!(
+        std::fs::read(agent.checkpoint()).unwrap(),
+        before,
+        "the checkpoint is untouched"
+    );
+    let more = add_pods(&lab, &agent, "after", 1);
+    let held: BTreeSet<Ipv4Addr> = pods.iter().chain(&more).map(|p| p.ip).collect();
+    assert_eq!(
+        held.len(),
+        4,
+        "the first agent still serves, each pod its own address"
+    );
+    assert_consistent(&lab, &agent);
+}

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use crate::{
     api,
     daemon::{
-        AgentConfig, AuthMode, Node, NodeSettings,
+        AgentConfig, AuthMode, Node, NodeSettings, StateLock,
         config::select_subnets,
         health::{Health, dir_writable},
         http::{self, Introspection},
@@ -139,6 +139,9 @@ async fn find_primary(
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+    // First of all: one agent per node. A second one stops here, before any OCI call or
+    // file write; the lock lives until this function returns.
+    let _state_lock = StateLock::acquire(&config.node.state_dir)?;
     // The datapath: adopt what a previous agent left pinned and attached, or load it; done
     // while IMDS and OCI are asked, since it needs neither.
     let load_options = LoadOptions {

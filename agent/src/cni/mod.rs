@@ -17,6 +17,7 @@ pub mod names;
 pub mod netlink;
 pub mod plugin;
 pub mod result;
+mod serialize;
 
 use serde::Serialize;
 

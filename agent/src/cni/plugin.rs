@@ -9,6 +9,7 @@ use super::{
     names,
     netlink::{Netlink, NetlinkError},
     result::{Attachment, CniResult, GATEWAY},
+    serialize::lock_attachment,
 };
 use crate::{
     api::{Client, ClientError},
@@ -23,10 +24,12 @@ pub async fn add(env: &Environment, conf: &NetConf) -> Result<CniResult, CniErro
     let ns = open_netns(netns)?;
     let node = Netlink::current().map_err(internal("opening a netlink socket"))?;
     let pod_side = Netlink::in_netns(&ns).map_err(not_a_netns(netns))?;
+    let host_veth = names::host_veth(&env.container_id, &env.ifname);
+    // Held until this ADD has succeeded or been rolled back.
+    let _serialized = lock_attachment(&conf.socket(), &host_veth, conf.timeout()).await?;
     let client = Client::new(conf.socket(), conf.timeout());
     let pod = env.pod_ref();
     let allocation = client.allocate(&pod).await.map_err(|e| from_client(&e))?;
-    let host_veth = names::host_veth(&env.container_id, &env.ifname);
     let plan = Plan {
         env,
         conf,
@@ -81,6 +84,7 @@ pub async fn add(env: &Environment, conf: &NetConf) -> Result<CniResult, CniErro
 pub async fn del(env: &Environment, conf: &NetConf) -> Result<(), CniError> {
     let node = Netlink::current().map_err(internal("opening a netlink socket"))?;
     let host_veth = names::host_veth(&env.container_id, &env.ifname);
+    let _serialized = lock_attachment(&conf.socket(), &host_veth, conf.timeout()).await?;
     node.delete_link(&host_veth).await.map_err(|e| {
         CniError::new(
             ErrorCode::InterfaceSetup,

@@ -184,6 +184,38 @@ pub enum ConfigError {
     Invalid { field: &'static str, reason: String },
 }
 
+/// OCI's largest per-VNIC secondary IP limit (docs/oci.md).
+const MAX_IPS_PER_VNIC: u64 = 64;
+/// More VNIC attachments than any OCI shape allows.
+const MAX_VNICS: u64 = 256;
+/// More addresses than any node can hold.
+const MAX_NODE_ADDRESSES: u64 = MAX_VNICS * MAX_IPS_PER_VNIC;
+const MAX_RELEASE_DELAY_SECS: u64 = 7 * 24 * 3600;
+const MAX_COOLDOWN_SECS: u64 = 24 * 3600;
+const MAX_GC_INTERVAL_SECS: u64 = 3600;
+const MAX_NAT_TIMEOUT_SECS: u64 = 30 * 24 * 3600;
+const MAX_NAT_ENTRIES: u64 = 1 << 24;
+
+/// `value` of `field` must lie in `range`; the error says the range, the value and why.
+fn within(
+    field: &'static str,
+    value: u64,
+    range: std::ops::RangeInclusive<u64>,
+    why: &str,
+) -> Result<(), ConfigError> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid {
+        field,
+        reason: format!(
+            "{value} is outside {}..={}: {why}",
+            range.start(),
+            range.end()
+        ),
+    })
+}
+
 impl AgentConfig {
     /// Reads a file, or the defaults when `path` is `None`.
     pub fn load(path: Option<&std::path::Path>) -> Result<Self, ConfigError> {
@@ -195,35 +227,95 @@ impl AgentConfig {
         Ok(config)
     }
 
+    /// Every value is range-checked here, with the reason in the error: a value the agent
+    /// cannot use is refused at start, never found later as an overflow in a handler.
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |field, reason: &str| {
-            Err(ConfigError::Invalid {
+        let ipam = &self.ipam;
+        let dp = &self.datapath;
+        within(
+            "ipam.ips_per_vnic",
+            ipam.ips_per_vnic as u64,
+            1..=MAX_IPS_PER_VNIC,
+            "OCI allows at most 64 secondary private IPs per VNIC (docs/oci.md)",
+        )?;
+        for (field, value) in [
+            ("ipam.warm_ips", ipam.warm_ips),
+            ("ipam.min_ips", ipam.min_ips),
+        ] {
+            within(
                 field,
-                reason: reason.into(),
-            })
-        };
-        if self.ipam.ips_per_vnic == 0 {
-            return invalid("ipam.ips_per_vnic", "must be at least 1");
+                value as u64,
+                0..=MAX_NODE_ADDRESSES,
+                "no node holds more addresses (VNIC limit × 64)",
+            )?;
         }
-        if !(576..=9000).contains(&self.datapath.mtu) {
-            return invalid("datapath.mtu", "must be between 576 and 9000");
+        within(
+            "ipam.warm_vnics",
+            ipam.warm_vnics as u64,
+            0..=MAX_VNICS,
+            "no shape attaches more VNICs",
+        )?;
+        within(
+            "ipam.release_delay_secs",
+            ipam.release_delay_secs,
+            0..=MAX_RELEASE_DELAY_SECS,
+            "longer than a week would keep excess addresses from the subnet for good",
+        )?;
+        within(
+            "ipam.cooldown_secs",
+            ipam.cooldown_secs,
+            0..=MAX_COOLDOWN_SECS,
+            "longer than a day would keep every freed address from new pods for good",
+        )?;
+        within(
+            "datapath.mtu",
+            u64::from(dp.mtu),
+            576..=9000,
+            "IPv4 needs 576, and 9000 is the VCN's MTU",
+        )?;
+        within(
+            "datapath.nat_port_min",
+            u64::from(dp.nat_port_min),
+            1..=u64::from(dp.nat_port_max),
+            "port 0 is not a port, and the range must not be empty (nat_port_max is the top)",
+        )?;
+        if let Some(entries) = dp.nat_max_entries {
+            within(
+                "datapath.nat_max_entries",
+                u64::from(entries),
+                1..=MAX_NAT_ENTRIES,
+                "the NAT table needs room for a flow, and the kernel cannot allocate more",
+            )?;
         }
-        if self.datapath.nat_port_min == 0
-            || self.datapath.nat_port_min > self.datapath.nat_port_max
-        {
-            return invalid(
-                "datapath.nat_port_min",
-                "must be between 1 and nat_port_max",
-            );
+        within(
+            "datapath.gc_interval_secs",
+            dp.gc_interval_secs,
+            1..=MAX_GC_INTERVAL_SECS,
+            "0 would spin, and expired NAT entries would hold ports for over an hour",
+        )?;
+        let t = &dp.nat_timeouts;
+        for (field, value) in [
+            ("datapath.nat_timeouts.tcp_established", t.tcp_established),
+            ("datapath.nat_timeouts.tcp_opening", t.tcp_opening),
+            ("datapath.nat_timeouts.tcp_closing", t.tcp_closing),
+            ("datapath.nat_timeouts.udp", t.udp),
+            ("datapath.nat_timeouts.icmp", t.icmp),
+        ] {
+            within(
+                field,
+                value.as_secs(),
+                1..=MAX_NAT_TIMEOUT_SECS,
+                "0 expires every flow at once, and past 30 days a NAT entry never frees its port",
+            )?;
         }
         if self.oci.auth == AuthMode::ConfigFile
             && self.oci.config_file.is_none()
             && std::env::var_os("HOME").is_none()
         {
-            return invalid(
-                "oci.config_file",
-                "needed for auth = \"config_file\" when HOME is unset",
-            );
+            return Err(ConfigError::Invalid {
+                field: "oci.config_file",
+                reason: "needed for auth = \"config_file\" when HOME is unset".into(),
+            });
         }
         Ok(())
     }
@@ -385,6 +477,70 @@ mod tests {
             config.pool(3, Vec::new()).capacity(),
             "the number kubelet is told is the pool's capacity"
         );
+    }
+
+    #[test]
+    fn every_value_is_range_checked_with_the_reason() {
+        for (toml, field) in [
+            (
+                "[ipam]\ncooldown_secs = 9223372036854775807",
+                "ipam.cooldown_secs",
+            ),
+            (
+                "[ipam]\nrelease_delay_secs = 9223372036854775807",
+                "ipam.release_delay_secs",
+            ),
+            (
+                "[ipam]\nips_per_vnic = 9223372036854775807",
+                "ipam.ips_per_vnic",
+            ),
+            ("[ipam]\nips_per_vnic = 0", "ipam.ips_per_vnic"),
+            ("[ipam]\nwarm_ips = 9223372036854775807", "ipam.warm_ips"),
+            ("[ipam]\nmin_ips = 9223372036854775807", "ipam.min_ips"),
+            (
+                "[ipam]\nwarm_vnics = 9223372036854775807",
+                "ipam.warm_vnics",
+            ),
+            (
+                "[datapath]\ngc_interval_secs = 0",
+                "datapath.gc_interval_secs",
+            ),
+            (
+                "[datapath]\ngc_interval_secs = 9223372036854775807",
+                "datapath.gc_interval_secs",
+            ),
+            ("[datapath]\nnat_port_min = 0", "datapath.nat_port_min"),
+            (
+                "[datapath]\nnat_port_min = 2000\nnat_port_max = 1999",
+                "datapath.nat_port_min",
+            ),
+            (
+                "[datapath]\nnat_max_entries = 0",
+                "datapath.nat_max_entries",
+            ),
+            ("[datapath]\nmtu = 65535", "datapath.mtu"),
+            (
+                "[datapath.nat_timeouts]\nudp = 0",
+                "datapath.nat_timeouts.udp",
+            ),
+            (
+                "[datapath.nat_timeouts]\ntcp_established = 9223372036854775807",
+                "datapath.nat_timeouts.tcp_established",
+            ),
+        ] {
+            let config: AgentConfig =
+                toml::from_str(toml).unwrap_or_else(|e| panic!("{toml}: {e}"));
+            let err = config
+                .validate()
+                .map_or_else(|e| e.to_string(), |()| "accepted".to_owned());
+            assert!(
+                err.starts_with(field) && err.contains("outside") && err.contains(": "),
+                "{toml:?} must be refused naming {field}, its range and why; got {err:?}"
+            );
+        }
+        AgentConfig::default()
+            .validate()
+            .expect("the defaults are valid");
     }
 
     #[test]

@@ -1,10 +1,12 @@
-//! The running agent's parts: configuration, the node (VNIC interfaces, datapath state,
+//! The running agent's parts: configuration, the one-agent-per-node lock, the node (VNIC interfaces, datapath state,
 //! the allocator the CNI plugin reaches), and introspection over HTTP.
 
 pub mod config;
 pub mod health;
 pub mod http;
 pub mod node;
+pub mod state_lock;
 
 pub use config::{AgentConfig, AuthMode, ConfigError};
 pub use node::{Node, NodeSettings};
+pub use state_lock::{StateLock, StateLockError};

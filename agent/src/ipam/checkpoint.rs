@@ -3,16 +3,25 @@
 //! address is handed out; a restart restores every pod's address from it, and the VNICs those
 //! addresses live on, so the agent serves its pods before it has talked to OCI.
 //!
+//! It also lists the addresses still cooling down, with the wall-clock time each was
+//! released, so a restart keeps them from new pods until their cooldown has passed.
+//!
+//! At load the file is checked for sense (one pod per address, each pod's VNIC known, no pod
+//! on a VNIC's primary address or outside its subnet): a file that fails is refused, never
+//! discarded, since it is the only record of which running pod holds which address.
+//!
 //! The file records the kernel's boot id: pods do not survive a reboot, so after one the
 //! checkpointed pods are forgotten (their addresses return to the pool at the first reconcile)
 //! instead of being held for containers that no longer exist. The default location,
 //! `/run/vcnpath`, is a tmpfs on nodes, where the same holds by construction and the fsync
 //! before every ADD costs nothing.
-use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
 use std::io::{self, Write as _};
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -34,7 +43,29 @@ pub struct Entry {
     pub ip_id: String,
 }
 
-/// Version 2 added `vnics`; version 1 files (allocations only) are still read.
+/// A freed address resting before reuse, and when (wall clock) it was freed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cooling {
+    pub ip: Ipv4Addr,
+    pub vnic_id: String,
+    pub ip_id: String,
+    /// Milliseconds since the Unix epoch when the pod released it.
+    pub released_at_ms: u64,
+}
+
+impl Cooling {
+    pub fn released_at(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.released_at_ms)
+    }
+
+    pub fn millis_since_epoch(at: SystemTime) -> u64 {
+        at.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
+/// Version 2 added `vnics`; version 1 files (allocations only) are still read. `cooling`
+/// is optional within version 2 (an older agent reading it forgets the cooldowns, nothing more).
 const VERSION: u32 = 2;
 const OLDEST_READABLE: u32 = 1;
 
@@ -44,6 +75,8 @@ struct FileFormat {
     allocations: Vec<Entry>,
     #[serde(default)]
     vnics: Vec<VnicInfo>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    cooling: Vec<Cooling>,
     /// `/proc/sys/kernel/random/boot_id` when the file was written.
     #[serde(default)]
     boot_id: Option<String>,
@@ -55,6 +88,8 @@ pub struct Restored {
     pub allocations: BTreeMap<Key, Entry>,
     /// The pool's VNICs when the checkpoint was written (empty for a version 1 file).
     pub vnics: Vec<VnicInfo>,
+    /// Addresses cooling down when the checkpoint was written.
+    pub cooling: Vec<Cooling>,
     /// Pods the checkpoint listed that are forgotten because the node rebooted since.
     pub dropped_by_reboot: usize,
 }
@@ -68,7 +103,7 @@ pub enum CheckpointError {
         source: io::Error,
     },
     #[error(
-        "the IPAM checkpoint {path} is corrupt ({source}); it lists the pods' addresses, so it is not discarded: fix or move it away (the reconcile then re-adopts the node's addresses as free)"
+        "the IPAM checkpoint {path} is corrupt ({source}); it is the only record of which running pod holds which address, so the agent does not start without it: keep the file, repair it by hand or restore it from a copy, then start the agent again"
     )]
     Corrupt {
         path: PathBuf,
@@ -76,7 +111,7 @@ pub enum CheckpointError {
         source: serde_json::Error,
     },
     #[error(
-        "the IPAM checkpoint {path} has version {found}; this agent reads versions {OLDEST_READABLE} to {VERSION}: run the agent version that wrote it, or move the file away"
+        "the IPAM checkpoint {path} has version {found}; this agent reads versions {OLDEST_READABLE} to {VERSION}: keep the file and run the agent version that wrote it"
     )]
     Version { path: PathBuf, found: u32 },
     #[error("the IPAM checkpoint {path} lists {container_id}/{ifname} twice")]
@@ -85,6 +120,13 @@ pub enum CheckpointError {
         container_id: String,
         ifname: String,
     },
+    #[error(
+        "the IPAM checkpoint {path} is inconsistent: {problem}; it is the only record of which running pod holds which address, so the agent does not start from it: keep the file, correct that entry by hand (the pods, their veths and /32 routes on this node tell the truth), then start the agent again"
+    )]
+    Inconsistent {
+        path: PathBuf,
+        problem: Inconsistency,
+    },
     #[error("cannot write the IPAM checkpoint {path}: {source}")]
     Write {
         path: PathBuf,
@@ -92,6 +134,82 @@ pub enum CheckpointError {
         source: io::Error,
     },
 }
+
+/// What makes a checkpoint contradict itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Inconsistency {
+    #[error("{ip} is held by two pods, {first} and {second}")]
+    SharedAddress {
+        ip: Ipv4Addr,
+        first: String,
+        second: String,
+    },
+    #[error("pod {container_id} holds {ip} on VNIC {vnic_id}, which the checkpoint does not list")]
+    UnknownVnic {
+        container_id: String,
+        ip: Ipv4Addr,
+        vnic_id: String,
+    },
+    #[error("pod {container_id} holds {ip}, the primary address of VNIC {vnic_id}")]
+    PrimaryAddress {
+        container_id: String,
+        ip: Ipv4Addr,
+        vnic_id: String,
+    },
+    #[error("pod {container_id} holds {ip}, outside {subnet}, the subnet of its VNIC {vnic_id}")]
+    OutsideSubnet {
+        container_id: String,
+        ip: Ipv4Addr,
+        vnic_id: String,
+        subnet: ipnet::Ipv4Net,
+    },
+}
+
+/// One pod per address; each pod's address a secondary one inside the subnet of a VNIC the
+/// file lists (version 1 files list no VNICs: only the first rule applies to them).
+fn validate(entries: &BTreeMap<Key, Entry>, vnics: &[VnicInfo]) -> Result<(), Inconsistency> {
+    let mut holders: BTreeMap<Ipv4Addr, &str> = BTreeMap::new();
+    for entry in entries.values() {
+        let a = &entry.allocation;
+        let container_id = &entry.pod.container_id;
+        if let Some(first) = holders.insert(a.ip, container_id) {
+            return Err(Inconsistency::SharedAddress {
+                ip: a.ip,
+                first: first.to_owned(),
+                second: container_id.clone(),
+            });
+        }
+        if vnics.is_empty() {
+            continue;
+        }
+        let Some(vnic) = vnics.iter().find(|v| v.id == a.vnic_id) else {
+            return Err(Inconsistency::UnknownVnic {
+                container_id: container_id.clone(),
+                ip: a.ip,
+                vnic_id: a.vnic_id.clone(),
+            });
+        };
+        if vnic.primary_ip == a.ip {
+            return Err(Inconsistency::PrimaryAddress {
+                container_id: container_id.clone(),
+                ip: a.ip,
+                vnic_id: a.vnic_id.clone(),
+            });
+        }
+        if !vnic.subnet.contains(&a.ip) {
+            return Err(Inconsistency::OutsideSubnet {
+                container_id: container_id.clone(),
+                ip: a.ip,
+                vnic_id: a.vnic_id.clone(),
+                subnet: vnic.subnet,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Temp files end so; a crash between write and rename leaves one, which load ignores.
+const TEMP_SUFFIX: &str = ".tmp";
 
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
@@ -127,12 +245,6 @@ impl Checkpoint {
         &self.path
     }
 
-    fn temp_path(&self) -> PathBuf {
-        let mut name = self.path.file_name().unwrap_or_default().to_os_string();
-        name.push(".tmp");
-        self.path.with_file_name(name)
-    }
-
     /// The saved allocations and VNICs; none if the file does not exist yet. A temp file left
     /// by a crash mid-write is ignored: the rename never happened, so the old file is the truth.
     pub fn load(&self) -> Result<Restored, CheckpointError> {
@@ -165,6 +277,8 @@ impl Checkpoint {
             return Ok(Restored {
                 allocations: BTreeMap::new(),
                 vnics: file.vnics,
+                // Cooldowns protect pods that are gone with the reboot too.
+                cooling: Vec::new(),
                 dropped_by_reboot: file.allocations.len(),
             });
         }
@@ -179,9 +293,21 @@ impl Checkpoint {
                 });
             }
         }
+        validate(&entries, &file.vnics).map_err(|problem| CheckpointError::Inconsistent {
+            path: self.path.clone(),
+            problem,
+        })?;
+        // An address a pod holds is not cooling, whatever an older record says.
+        let held: BTreeSet<Ipv4Addr> = entries.values().map(|e| e.allocation.ip).collect();
+        let cooling = file
+            .cooling
+            .into_iter()
+            .filter(|c| !held.contains(&c.ip))
+            .collect();
         Ok(Restored {
             allocations: entries,
             vnics: file.vnics,
+            cooling,
             dropped_by_reboot: 0,
         })
     }
@@ -192,10 +318,23 @@ impl Checkpoint {
         entries: impl Iterator<Item = &'a Entry>,
         vnics: impl Iterator<Item = &'a VnicInfo>,
     ) -> Result<(), CheckpointError> {
+        self.save_with_cooling(entries, vnics, std::iter::empty())
+    }
+
+    /// [`Checkpoint::save`], recording the addresses cooling down too. Each write goes to a
+    /// temp file of its own (never shared with another writer), is fsynced, renamed over the
+    /// file and the directory fsynced.
+    pub fn save_with_cooling<'a>(
+        &self,
+        entries: impl Iterator<Item = &'a Entry>,
+        vnics: impl Iterator<Item = &'a VnicInfo>,
+        cooling: impl Iterator<Item = &'a Cooling>,
+    ) -> Result<(), CheckpointError> {
         let file = FileFormat {
             version: VERSION,
             allocations: entries.cloned().collect(),
             vnics: vnics.cloned().collect(),
+            cooling: cooling.cloned().collect(),
             boot_id: self.boot_id.clone(),
         };
         let text = serde_json::to_vec_pretty(&file).expect("allocations serialise");
@@ -203,28 +342,29 @@ impl Checkpoint {
             path: self.path.clone(),
             source,
         };
-        let temp = self.temp_path();
-        // It names every pod on the node: root only. The mode applies when the file is
-        // created; a temp file left by a crash is narrowed too.
-        let mut out = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(write_error)?;
-        out.set_permissions(fs::Permissions::from_mode(0o600))
-            .map_err(write_error)?;
-        out.write_all(&text).map_err(write_error)?;
-        out.sync_all().map_err(write_error)?;
-        drop(out);
-        fs::rename(&temp, &self.path).map_err(write_error)?;
-        // The rename is durable only once the directory entry is.
         let dir = self
             .path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
+        let mut prefix = self.path.file_name().unwrap_or_default().to_os_string();
+        prefix.push(".");
+        // It names every pod on the node: root only, whatever the umask.
+        let mut out = tempfile::Builder::new()
+            .prefix(&prefix)
+            .suffix(TEMP_SUFFIX)
+            .permissions(fs::Permissions::from_mode(0o600))
+            .tempfile_in(dir)
+            .map_err(write_error)?;
+        out.write_all(&text).map_err(write_error)?;
+        out.as_file().sync_all().map_err(write_error)?;
+        // On failure the temp file is removed when `out` drops.
+        out.persist(&self.path)
+            .map_err(|e| CheckpointError::Write {
+                path: self.path.clone(),
+                source: e.error,
+            })?;
+        // The rename is durable only once the directory entry is.
         File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(write_error)
@@ -332,7 +472,11 @@ mod tests {
             matches!(err, CheckpointError::Version { found: 3, .. }),
             "{err:?}"
         );
-        assert!(err.to_string().contains("move the file away"), "{err}");
+        assert!(err.to_string().contains("keep the file"), "{err}");
+        assert!(
+            !err.to_string().contains("move"),
+            "never advise discarding: {err}"
+        );
     }
 
     #[test]
@@ -366,18 +510,18 @@ mod tests {
             },
             vnics[0]
         );
-        assert!(!cp.temp_path().exists(), "the temp file is renamed away");
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["ipam.json"], "the temp file is renamed away");
     }
 
-    /// The checkpoint names every pod on the node: only root reads it, whatever the umask,
-    /// and a leftover temp file with a wider mode is narrowed on the next save.
+    /// The checkpoint names every pod on the node: only root reads it, whatever the umask.
     #[test]
     fn the_checkpoint_is_readable_by_root_only() {
-        use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let cp = Checkpoint::new(dir.path().join("ipam.json"));
-        fs::write(cp.temp_path(), "left by a crash").unwrap();
-        fs::set_permissions(cp.temp_path(), fs::Permissions::from_mode(0o644)).unwrap();
         cp.save([entry(10)].iter(), [vnic()].iter()).unwrap();
         let mode = fs::metadata(dir.path().join("ipam.json"))
             .unwrap()
@@ -393,7 +537,11 @@ mod tests {
         let cp = Checkpoint::new(dir.path().join("ipam.json"));
         cp.save([entry(10)].iter(), [].iter()).unwrap();
         // A crash between write and rename leaves a half-written temp file.
-        fs::write(cp.temp_path(), b"{\"version\":2,\"allocati").unwrap();
+        fs::write(
+            dir.path().join("ipam.json.a1b2c3.tmp"),
+            b"{\"version\":2,\"allocati",
+        )
+        .unwrap();
         let loaded = cp.load().unwrap();
         assert_eq!(
             loaded.allocations.len(),
@@ -420,24 +568,139 @@ mod tests {
             "the error must name the file: {err}"
         );
         assert_eq!(fs::read(&path).unwrap(), b"not json", "left untouched");
+        assert!(
+            !err.to_string().contains("move"),
+            "never advise discarding the only record of the pods: {err}"
+        );
     }
 
     #[test]
-    fn failed_write_is_reported_and_keeps_the_old_file() {
+    fn failed_write_is_reported_and_leaves_no_temp_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ipam.json");
-        let cp = Checkpoint::new(&path);
-        cp.save([entry(10)].iter(), [].iter()).unwrap();
-        // A directory where the temp file should go makes the write fail, even for root.
-        fs::create_dir(cp.temp_path()).unwrap();
-        let err = cp
+        // A non-empty directory where the file goes makes the rename fail, even for root.
+        fs::create_dir_all(path.join("blocker")).unwrap();
+        let err = Checkpoint::new(&path)
             .save([entry(10), entry(11)].iter(), [].iter())
             .unwrap_err();
         assert!(matches!(err, CheckpointError::Write { .. }), "{err:?}");
+        assert!(err.to_string().contains("ipam.json"), "{err}");
         assert_eq!(
-            cp.load().unwrap().allocations.len(),
+            fs::read_dir(dir.path()).unwrap().count(),
             1,
-            "the old checkpoint survives"
+            "the failed write's temp file is removed"
         );
+    }
+
+    #[test]
+    fn concurrent_writers_never_tear_the_file() {
+        // A save whose caller went away may still be writing when the next one starts: the
+        // two must not share a temp file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ipam.json");
+        let sets: Vec<Vec<Entry>> = (0..4u8)
+            .map(|w| (0..40).map(|n| entry(w * 50 + n + 10)).collect())
+            .collect();
+        std::thread::scope(|scope| {
+            for set in &sets {
+                let cp = Checkpoint::new(&path);
+                scope.spawn(move || {
+                    for _ in 0..25 {
+                        cp.save(set.iter(), [vnic()].iter())
+                            .expect("a save never fails because another one runs");
+                    }
+                });
+            }
+        });
+        let loaded = Checkpoint::new(&path).load().expect("the file is whole");
+        let got: Vec<Entry> = loaded.allocations.into_values().collect();
+        assert!(
+            sets.contains(&got),
+            "the file holds one writer's complete set"
+        );
+    }
+
+    fn inconsistent(mutate: impl FnOnce(&mut Vec<Entry>, &mut Vec<VnicInfo>)) -> CheckpointError {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ipam.json");
+        let (mut entries, mut vnics) = (vec![entry(10), entry(11)], vec![vnic()]);
+        mutate(&mut entries, &mut vnics);
+        let file = serde_json::json!({"version": 2, "allocations": entries, "vnics": vnics});
+        fs::write(&path, file.to_string()).unwrap();
+        let err = Checkpoint::new(&path)
+            .load()
+            .expect_err("an inconsistent checkpoint is refused");
+        let text = err.to_string();
+        assert!(text.contains(&path.display().to_string()), "{text}");
+        assert!(
+            !text.contains("move") && !text.contains("delete") && !text.contains("remove"),
+            "the advice must never be to discard the only record of the pods: {text}"
+        );
+        assert!(
+            fs::read(&path).unwrap() == file.to_string().into_bytes(),
+            "left untouched"
+        );
+        err
+    }
+
+    #[test]
+    fn inconsistent_checkpoints_are_refused_with_what_is_wrong() {
+        let err = inconsistent(|e, _| e[1].allocation.ip = e[0].allocation.ip);
+        assert!(
+            matches!(
+                &err,
+                CheckpointError::Inconsistent {
+                    problem: Inconsistency::SharedAddress { .. },
+                    ..
+                }
+            ),
+            "two pods on one address: {err}"
+        );
+        let err = inconsistent(|e, _| e[0].allocation.vnic_id = "vnic-gone".into());
+        assert!(
+            err.to_string().contains("vnic-gone"),
+            "a pod on an unknown VNIC: {err}"
+        );
+        let err = inconsistent(|e, v| e[0].allocation.ip = v[0].primary_ip);
+        assert!(
+            matches!(
+                &err,
+                CheckpointError::Inconsistent {
+                    problem: Inconsistency::PrimaryAddress { .. },
+                    ..
+                }
+            ),
+            "a pod on a VNIC's primary address: {err}"
+        );
+        let err = inconsistent(|e, _| e[0].allocation.ip = Ipv4Addr::new(10, 9, 0, 5));
+        assert!(
+            matches!(
+                &err,
+                CheckpointError::Inconsistent {
+                    problem: Inconsistency::OutsideSubnet { .. },
+                    ..
+                }
+            ),
+            "a pod's address on the wrong VNIC: {err}"
+        );
+    }
+
+    #[test]
+    fn cooling_addresses_load_back_except_one_a_pod_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Checkpoint::new(dir.path().join("ipam.json"));
+        let cooling = |n: u8| Cooling {
+            ip: Ipv4Addr::new(10, 0, 16, n),
+            vnic_id: "vnic-1".into(),
+            ip_id: format!("ip-{n}"),
+            released_at_ms: 1_700_000_000_000,
+        };
+        cp.save_with_cooling(
+            [entry(10)].iter(),
+            [vnic()].iter(),
+            [cooling(10), cooling(20)].iter(),
+        )
+        .unwrap();
+        assert_eq!(cp.load().unwrap().cooling, vec![cooling(20)]);
     }
 }

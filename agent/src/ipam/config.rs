@@ -32,6 +32,9 @@ pub struct IpamConfig {
     /// How long an ADD for a new pod waits for the first reconcile with OCI after a start
     /// before it is asked to retry (default 5 s, below the CNI plugin's timeout).
     pub startup_wait: Duration,
+    /// How long after a DEL an ADD for the same attachment is refused (default 10 s): a DEL
+    /// that raced ahead of a slow ADD must not be followed by an allocation nobody frees.
+    pub tombstone_grace: Duration,
 }
 
 impl IpamConfig {
@@ -47,6 +50,7 @@ impl IpamConfig {
             reconcile_interval: Duration::from_mins(5),
             retry_after: Duration::from_secs(1),
             startup_wait: Duration::from_secs(5),
+            tombstone_grace: Duration::from_secs(10),
         }
     }
 }

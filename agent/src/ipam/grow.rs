@@ -11,9 +11,9 @@ use tracing::Instrument as _;
 use crate::oci::models::AttachmentState;
 use crate::oci::new_retry_token;
 
-use super::pool::{Plan, Slot, SlotState};
+use super::pool::{Plan, Slot, SlotState, later};
 use super::reconcile::vnic_info;
-use super::service::Inner;
+use super::state::Inner;
 
 pub(super) async fn run(inner: Arc<Inner>) {
     loop {
@@ -35,7 +35,8 @@ async fn step(inner: &Arc<Inner>) -> bool {
         let mut state = inner.state.lock().await;
         let now = Instant::now();
         state.pool.tick(now);
-        let plan = state.pool.plan(&inner.cfg.pool, now);
+        let pods_on = state.pods_on();
+        let plan = state.pool.plan(&inner.cfg.pool, now, &pods_on);
         // The demand is in this plan; pods still waiting ask again and renew it.
         state.pool.waiting.clear();
         // Addresses and VNICs being deleted leave the pool first, so nobody is handed one.
@@ -187,7 +188,7 @@ async fn attach_vnic(inner: &Inner, subnet: &str) -> bool {
             // The attachments were just counted, so this is the subnet running out of
             // addresses: skip it for a while, the next plan spills to the next subnet.
             tracing::warn!(subnet, error = %e, "cannot attach a VNIC in this subnet; trying the next");
-            let until = Instant::now() + inner.cfg.pool.subnet_retry;
+            let until = later(Instant::now(), inner.cfg.pool.subnet_retry);
             inner
                 .state
                 .lock()

@@ -5,6 +5,7 @@
 //! - `cloud`: the OCI operations IPAM uses, as a trait ([`Cloud`], [`OciCloud`]).
 //! - `pool`: VNICs, addresses and the pure policy deciding what to create or release.
 //! - `checkpoint`: the durable record of which pod holds which address.
+//! - `state`: the pool and allocations under one lock, and the checkpoint write.
 //! - `service`: [`Ipam`], answering from the pool; `grow` and `reconcile` are its background work.
 
 pub mod checkpoint;
@@ -15,6 +16,7 @@ mod grow;
 pub mod pool;
 mod reconcile;
 pub mod service;
+mod state;
 pub mod types;
 
 pub use cloud::{Cloud, OciCloud};

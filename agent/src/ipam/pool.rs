@@ -69,14 +69,37 @@ pub fn max_pods(max_vnics: usize, ips_per_vnic: usize, use_primary_vnic: bool) -
     } else {
         max_vnics.saturating_sub(1)
     };
-    vnics * ips_per_vnic
+    vnics.saturating_mul(ips_per_vnic)
+}
+
+/// `now + after`, or a far future where that does not fit in an [`Instant`]: a duration from
+/// the configuration never panics a handler.
+pub fn later(now: Instant, after: Duration) -> Instant {
+    now.checked_add(after)
+        .or_else(|| now.checked_add(FAR_FUTURE))
+        .unwrap_or(now)
+}
+
+/// Thirty years: "never" for a cooldown or a retry, and still an `Instant` on every platform.
+const FAR_FUTURE: Duration = Duration::from_hours(30 * 365 * 24);
+
+/// Whether `since + delay` has passed at `now`, without adding to an `Instant`.
+fn elapsed(since: Instant, delay: Duration, now: Instant) -> bool {
+    now.saturating_duration_since(since) >= delay
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SlotState {
-    Free { since: Instant },
+    Free {
+        since: Instant,
+    },
     Assigned(PodRef),
-    Cooldown { until: Instant },
+    /// Resting until `until`; `released_at` (wall clock) is checkpointed, so the rest
+    /// outlives a restart.
+    Cooldown {
+        until: Instant,
+        released_at: std::time::SystemTime,
+    },
 }
 
 /// One secondary IP and its OCID.
@@ -122,9 +145,12 @@ impl PoolVnic {
     pub fn count(&self, f: impl Fn(&SlotState) -> bool) -> usize {
         self.ips.values().filter(|s| f(&s.state)).count()
     }
-    /// No pod holds or recently held an address here.
-    fn is_empty_of_pods(&self) -> bool {
-        self.count(|s| !matches!(s, SlotState::Free { .. })) == 0
+    /// No pod holds or recently held an address here. `pods_on` (the VNICs named by the
+    /// allocations) is the truth: a slot the reconcile dropped (a stripped tag, a stale list)
+    /// must not make a VNIC with a pod look empty.
+    fn is_empty_of_pods(&self, pods_on: &BTreeSet<String>) -> bool {
+        !pods_on.contains(&self.info.id)
+            && self.count(|s| !matches!(s, SlotState::Free { .. })) == 0
     }
 }
 
@@ -270,7 +296,7 @@ impl Pool {
     /// Ends expired cooldowns and subnet exclusions.
     pub fn tick(&mut self, now: Instant) {
         for slot in self.vnics.iter_mut().flat_map(|v| v.ips.values_mut()) {
-            if let SlotState::Cooldown { until } = slot.state
+            if let SlotState::Cooldown { until, .. } = slot.state
                 && until <= now
             {
                 slot.state = SlotState::Free { since: now };
@@ -338,13 +364,16 @@ impl Pool {
     }
 
     /// Decides the next step towards the targets. Growth and shrinking never mix in one plan.
-    pub fn plan(&self, cfg: &PoolConfig, now: Instant) -> Plan {
+    /// `pods_on` names the VNICs that hold an allocation: those are never detached.
+    pub fn plan(&self, cfg: &PoolConfig, now: Instant, pods_on: &BTreeSet<String>) -> Plan {
         let c = self.counts();
-        let target = (c.assigned + cfg.warm_ips.max(self.waiting.len()))
+        let target = c
+            .assigned
+            .saturating_add(cfg.warm_ips.max(self.waiting.len()))
             .max(cfg.min_ips)
             .min(cfg.capacity());
         // Addresses in cooldown cannot serve a pod now, so they do not count towards the target.
-        let mut need = target.saturating_sub(c.assigned + c.free);
+        let mut need = target.saturating_sub(c.assigned.saturating_add(c.free));
         let mut plan = Plan::default();
         for v in &self.vnics {
             if need == 0 {
@@ -361,7 +390,7 @@ impl Pool {
         let empty = self
             .vnics
             .iter()
-            .filter(|v| !v.info.is_primary && v.is_empty_of_pods())
+            .filter(|v| !v.info.is_primary && v.is_empty_of_pods(pods_on))
             .count();
         let attach = need
             .div_ceil(cfg.ips_per_vnic.max(1))
@@ -374,7 +403,7 @@ impl Pool {
         if !plan.create.is_empty() || !plan.attach.is_empty() {
             return plan;
         }
-        self.plan_shrink(cfg, now, target, c, empty, &mut plan);
+        self.plan_shrink(cfg, now, target, c, (empty, pods_on), &mut plan);
         plan
     }
 
@@ -384,7 +413,7 @@ impl Pool {
         now: Instant,
         target: usize,
         c: Counts,
-        mut empty: usize,
+        (mut empty, pods_on): (usize, &BTreeSet<String>),
         plan: &mut Plan,
     ) {
         let mut held = c.assigned + c.free + c.cooldown;
@@ -395,7 +424,7 @@ impl Pool {
                     break;
                 }
                 if let SlotState::Free { since } = slot.state
-                    && since + cfg.release_delay <= now
+                    && elapsed(since, cfg.release_delay, now)
                 {
                     plan.release
                         .push((v.info.id.clone(), *ip, slot.ocid.clone()));
@@ -404,12 +433,12 @@ impl Pool {
             }
         }
         for v in self.vnics.iter().rev() {
-            if v.info.is_primary || !v.is_empty_of_pods() || empty <= cfg.warm_vnics {
+            if v.info.is_primary || !v.is_empty_of_pods(pods_on) || empty <= cfg.warm_vnics {
                 continue;
             }
             // Like excess addresses, a VNIC goes only after it has been idle for the delay.
             let idle = v.ips.values().all(|s| match s.state {
-                SlotState::Free { since } => since + cfg.release_delay <= now,
+                SlotState::Free { since } => elapsed(since, cfg.release_delay, now),
                 _ => false,
             });
             if !idle {

@@ -1,6 +1,9 @@
 //! The pool policy, decided without any cloud: given a pool and targets, what happens next.
 use super::*;
 
+/// No allocation names any VNIC (the slots alone tell).
+const NO_PODS: BTreeSet<String> = BTreeSet::new();
+
 fn cfg() -> PoolConfig {
     PoolConfig {
         warm_ips: 4,
@@ -111,7 +114,7 @@ fn an_empty_pool_attaches_a_vnic_in_the_first_subnet() {
         other_attachments: 1,
         ..Pool::default()
     };
-    let plan = pool.plan(&cfg(), now);
+    let plan = pool.plan(&cfg(), now, &NO_PODS);
     assert_eq!(plan.attach, vec!["subnet-a".to_string()], "{plan:?}");
     assert!(plan.create.is_empty(), "no VNIC to create IPs on: {plan:?}");
 }
@@ -119,7 +122,7 @@ fn an_empty_pool_attaches_a_vnic_in_the_first_subnet() {
 #[test]
 fn warm_target_creates_the_missing_free_addresses() {
     let now = Instant::now();
-    let plan = pool_with(now, 1, 2).plan(&cfg(), now);
+    let plan = pool_with(now, 1, 2).plan(&cfg(), now, &NO_PODS);
     assert_eq!(
         plan.create.len(),
         3,
@@ -135,7 +138,7 @@ fn minimum_target_holds_addresses_with_no_pods() {
         min_ips: 6,
         ..cfg()
     };
-    let plan = pool_with(now, 4, 0).plan(&cfg, now);
+    let plan = pool_with(now, 4, 0).plan(&cfg, now, &NO_PODS);
     assert_eq!(plan.create.len(), 2, "{plan:?}");
 }
 
@@ -143,7 +146,7 @@ fn minimum_target_holds_addresses_with_no_pods() {
 fn a_full_vnic_spills_to_a_new_vnic() {
     let now = Instant::now();
     // 6 assigned + 1 free on an 8-IP VNIC: one more fits, the other 2 warm need a new VNIC.
-    let plan = pool_with(now, 1, 6).plan(&cfg(), now);
+    let plan = pool_with(now, 1, 6).plan(&cfg(), now, &NO_PODS);
     assert_eq!(plan.create, vec!["vnic-1".to_string()], "{plan:?}");
     assert_eq!(plan.attach.len(), 1, "{plan:?}");
 }
@@ -153,7 +156,7 @@ fn limit_exceeded_marks_a_vnic_full() {
     let now = Instant::now();
     let mut pool = pool_with(now, 0, 3);
     pool.mark_full("vnic-1");
-    let plan = pool.plan(&cfg(), now);
+    let plan = pool.plan(&cfg(), now, &NO_PODS);
     assert!(plan.create.is_empty(), "a full VNIC gets no IPs: {plan:?}");
     assert_eq!(plan.attach.len(), 1);
 }
@@ -163,9 +166,12 @@ fn exhausted_subnet_spills_to_the_next_then_comes_back() {
     let now = Instant::now();
     let mut pool = pool_with(now, 0, 8);
     pool.mark_subnet_exhausted("subnet-a", now + Duration::from_mins(10));
-    assert_eq!(pool.plan(&cfg(), now).attach, vec!["subnet-b".to_string()]);
+    assert_eq!(
+        pool.plan(&cfg(), now, &NO_PODS).attach,
+        vec!["subnet-b".to_string()]
+    );
     pool.mark_subnet_exhausted("subnet-b", now + Duration::from_mins(10));
-    assert!(pool.plan(&cfg(), now).attach.is_empty());
+    assert!(pool.plan(&cfg(), now, &NO_PODS).attach.is_empty());
     assert!(
         pool.is_exhausted(&cfg(), now),
         "full VNIC and no subnet left"
@@ -173,7 +179,7 @@ fn exhausted_subnet_spills_to_the_next_then_comes_back() {
     let later = now + Duration::from_secs(601);
     pool.tick(later);
     assert_eq!(
-        pool.plan(&cfg(), later).attach,
+        pool.plan(&cfg(), later, &NO_PODS).attach,
         vec!["subnet-a".to_string()]
     );
 }
@@ -183,7 +189,7 @@ fn vnic_limit_of_the_shape_is_respected() {
     let now = Instant::now();
     let mut pool = pool_with(now, 0, 8);
     pool.other_attachments = 2; // primary + a VNIC someone else attached
-    assert!(pool.plan(&cfg(), now).is_empty());
+    assert!(pool.plan(&cfg(), now, &NO_PODS).is_empty());
     assert!(pool.is_exhausted(&cfg(), now));
 }
 
@@ -194,7 +200,7 @@ fn capacity_caps_the_warm_target() {
         max_vnics: 2,
         ..cfg()
     };
-    let plan = pool_with(now, 0, 7).plan(&cfg, now);
+    let plan = pool_with(now, 0, 7).plan(&cfg, now, &NO_PODS);
     assert_eq!(plan.create.len(), 1, "capacity 8, 7 used: {plan:?}");
     assert!(plan.attach.is_empty());
 }
@@ -203,9 +209,12 @@ fn capacity_caps_the_warm_target() {
 fn excess_free_addresses_are_released_only_after_the_delay() {
     let now = Instant::now();
     let pool = pool_with(now, 7, 1);
-    assert!(pool.plan(&cfg(), now).is_empty(), "too early to release");
+    assert!(
+        pool.plan(&cfg(), now, &NO_PODS).is_empty(),
+        "too early to release"
+    );
     let later = now + Duration::from_secs(61);
-    let plan = pool.plan(&cfg(), later);
+    let plan = pool.plan(&cfg(), later, &NO_PODS);
     assert_eq!(plan.release.len(), 3, "7 free, 4 warm wanted: {plan:?}");
 }
 
@@ -219,6 +228,7 @@ fn freed_address_rests_in_cooldown_before_reuse() {
         ip,
         SlotState::Cooldown {
             until: now + Duration::from_secs(10),
+            released_at: std::time::SystemTime::now(),
         },
     );
     assert!(pool.pick_free(false).is_none(), "cooldown is not free");
@@ -253,11 +263,11 @@ fn empty_vnic_above_warm_target_is_detached() {
         );
     }
     assert!(
-        pool.plan(&cfg(), now).detach.is_empty(),
+        pool.plan(&cfg(), now, &NO_PODS).detach.is_empty(),
         "a VNIC is detached only after the release delay"
     );
     let later = now + Duration::from_secs(61);
-    let plan = pool.plan(&cfg(), later);
+    let plan = pool.plan(&cfg(), later, &NO_PODS);
     assert_eq!(
         plan.detach,
         vec![("vnic-2".to_string(), "att-2".to_string())],
@@ -272,7 +282,7 @@ fn empty_vnic_above_warm_target_is_detached() {
         warm_vnics: 1,
         ..cfg()
     };
-    let plan = pool.plan(&keep_one, later);
+    let plan = pool.plan(&keep_one, later, &NO_PODS);
     assert!(plan.detach.is_empty(), "one warm VNIC is kept: {plan:?}");
 }
 
@@ -280,8 +290,67 @@ fn empty_vnic_above_warm_target_is_detached() {
 fn vnic_with_a_pod_is_never_detached() {
     let now = Instant::now();
     let pool = pool_with(now, 20, 1);
-    let plan = pool.plan(&cfg(), now + Duration::from_hours(1));
+    let plan = pool.plan(&cfg(), now + Duration::from_hours(1), &NO_PODS);
     assert!(plan.detach.is_empty(), "{plan:?}");
+}
+
+#[test]
+fn vnic_whose_pods_slot_was_dropped_is_never_detached() {
+    // A stripped tag or a stale list made the reconcile drop the pod's slot: the VNIC's
+    // remaining slots are all free and idle, but an allocation still names it.
+    let now = Instant::now();
+    let mut pool = pool_with(now, 4, 2);
+    pool.upsert_vnic(info(2));
+    for i in 0..3u8 {
+        pool.add_slot(
+            "vnic-2",
+            Ipv4Addr::new(10, 0, 18, i + 1),
+            Slot {
+                ocid: format!("ip2-{i}"),
+                state: SlotState::Free { since: now },
+            },
+        );
+    }
+    let pods_on = BTreeSet::from(["vnic-1".to_owned(), "vnic-2".to_owned()]);
+    let plan = pool.plan(&cfg(), now + Duration::from_hours(1), &pods_on);
+    assert!(
+        plan.detach.is_empty(),
+        "vnic-2 still holds a pod's address: {plan:?}"
+    );
+}
+
+#[test]
+fn durations_and_counts_near_their_limits_do_not_panic() {
+    let now = Instant::now();
+    let huge = PoolConfig {
+        warm_ips: usize::MAX,
+        min_ips: usize::MAX,
+        warm_vnics: usize::MAX,
+        release_delay: Duration::MAX,
+        cooldown: Duration::MAX,
+        subnet_retry: Duration::MAX,
+        ..cfg()
+    };
+    let mut pool = pool_with(now, 2, 1);
+    let _ = pool.plan(&huge, now, &NO_PODS);
+    let _ = pool.is_exhausted(&huge, now);
+    assert_eq!(
+        max_pods(usize::MAX, usize::MAX, true),
+        usize::MAX,
+        "saturates"
+    );
+    let until = later(now, Duration::MAX);
+    assert!(until > now + Duration::from_hours(24 * 365), "far future");
+    pool.set_state(
+        "vnic-1",
+        Ipv4Addr::new(10, 0, 17, 1),
+        SlotState::Cooldown {
+            until,
+            released_at: std::time::SystemTime::now(),
+        },
+    );
+    pool.tick(now + Duration::from_hours(1));
+    assert_eq!(pool.counts().cooldown, 1, "still cooling");
 }
 
 #[test]
@@ -291,7 +360,7 @@ fn warm_vnic_target_attaches_a_spare() {
         warm_vnics: 1,
         ..cfg()
     };
-    let plan = pool_with(now, 4, 1).plan(&cfg, now);
+    let plan = pool_with(now, 4, 1).plan(&cfg, now, &NO_PODS);
     assert_eq!(plan.attach.len(), 1, "{plan:?}");
 }
 
@@ -303,10 +372,13 @@ fn refused_allocations_grow_a_pool_without_warm_target() {
         ..cfg()
     };
     let mut pool = pool_with(now, 0, 2);
-    assert!(pool.plan(&cfg, now).is_empty(), "no demand, no warm target");
+    assert!(
+        pool.plan(&cfg, now, &NO_PODS).is_empty(),
+        "no demand, no warm target"
+    );
     pool.waiting.insert(("c8".into(), "eth0".into()));
     pool.waiting.insert(("c9".into(), "eth0".into()));
-    assert_eq!(pool.plan(&cfg, now).create.len(), 2);
+    assert_eq!(pool.plan(&cfg, now, &NO_PODS).create.len(), 2);
 }
 
 #[test]
@@ -323,6 +395,7 @@ fn cooldown_is_not_exhaustion() {
         Ipv4Addr::new(10, 0, 17, 1),
         SlotState::Cooldown {
             until: now + Duration::from_secs(10),
+            released_at: std::time::SystemTime::now(),
         },
     );
     assert!(

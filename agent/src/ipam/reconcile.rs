@@ -17,7 +17,7 @@ use super::checkpoint::Key;
 use super::config::NODE_TAG;
 use super::error::IpamError;
 use super::pool::{Slot, SlotState, VnicInfo};
-use super::service::{Inner, State};
+use super::state::{Inner, State};
 
 pub(super) async fn periodic(inner: Arc<Inner>) {
     loop {

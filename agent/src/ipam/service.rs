@@ -2,7 +2,6 @@
 //! and leaves every cloud call to background tasks (the grower and the reconcile). It starts
 //! from its checkpoint alone: the restored pods are served (and steered) at once, while the
 //! first reconcile with OCI runs in the background, retried until OCI answers.
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -15,59 +14,14 @@ use tracing::Instrument as _;
 
 use crate::oci::models::Tags;
 
-use super::checkpoint::{self, Checkpoint, Entry, Key, Restored};
+use super::checkpoint::{self, Checkpoint, Entry, Restored};
 use super::cloud::Cloud;
 use super::config::{IpamConfig, NODE_TAG};
 use super::error::IpamError;
-use super::pool::{Pool, PoolConfig, Slot, SlotState};
+use super::pool::{Pool, PoolConfig, Slot, SlotState, later};
+use super::state::{Inner, State, wall_clock};
 use super::types::{AllocError, Allocation, Allocator, BoxFuture, PodRef};
 use super::{grow, reconcile};
-
-pub(super) struct State {
-    pub pool: Pool,
-    pub allocations: BTreeMap<Key, Entry>,
-}
-
-pub(super) struct Inner {
-    pub cloud: Arc<dyn Cloud>,
-    pub cfg: IpamConfig,
-    pub checkpoint: Checkpoint,
-    pub state: Mutex<State>,
-    /// Held by whoever talks to the cloud about the pool (grower, reconcile), so a plan is never
-    /// made while another one is half applied.
-    pub ops: Mutex<()>,
-    pub wake: Notify,
-    pub tags: Tags,
-    /// Turns true once the first reconcile with OCI has built the pool.
-    pub reconciled: watch::Sender<bool>,
-    /// Raised when a VNIC joins the pool, for host setup to look for its interface.
-    pub vnic_added: Notify,
-}
-
-impl Inner {
-    /// Writes the checkpoint off the async workers; the caller holds the state lock, so writes
-    /// are ordered and each one contains every allocation made before it.
-    pub async fn save(&self, state: &State) -> Result<(), AllocError> {
-        let entries: Vec<Entry> = state.allocations.values().cloned().collect();
-        let vnics: Vec<_> = state.pool.vnics().iter().map(|v| v.info.clone()).collect();
-        let checkpoint = self.checkpoint.clone();
-        let result =
-            tokio::task::spawn_blocking(move || checkpoint.save(entries.iter(), vnics.iter()))
-                .await;
-        match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "checkpoint write failed");
-                Err(AllocError::Checkpoint {
-                    reason: e.to_string(),
-                })
-            }
-            Err(join) => Err(AllocError::Checkpoint {
-                reason: format!("the checkpoint writer failed: {join}"),
-            }),
-        }
-    }
-}
 
 /// Per-VNIC numbers for `vcnpath status` and the metrics.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -136,12 +90,13 @@ impl Ipam {
         let inner = Arc::new(Inner {
             cloud,
             checkpoint,
-            state: Mutex::new(restore(restored)),
+            state: Mutex::new(restore(restored, &cfg)),
             ops: Mutex::new(()),
             wake: Notify::new(),
             tags,
             reconciled: watch::Sender::new(false),
             vnic_added: Notify::new(),
+            deleted: std::sync::Mutex::default(),
             cfg,
         });
         let background = tokio::spawn(background(inner.clone()));
@@ -202,6 +157,9 @@ impl Ipam {
         known
     }
 
+    /// An address for `pod`, checkpointed before it is returned. The change runs in a task of
+    /// its own, to completion (checkpoint written or rolled back) even if the caller goes
+    /// away: a plugin that disconnects mid-ADD cannot leave memory and file apart.
     pub async fn allocate(&self, pod: &PodRef) -> Result<Allocation, AllocError> {
         if pod.container_id.is_empty() || pod.ifname.is_empty() {
             return Err(AllocError::Invalid {
@@ -209,125 +167,29 @@ impl Ipam {
             });
         }
         let span = tracing::info_span!("allocate", container_id = %pod.container_id, ifname = %pod.ifname, namespace = pod.namespace.as_deref(), pod = pod.name.as_deref());
-        self.allocate_inner(pod).instrument(span).await
+        let (inner, pod) = (self.inner.clone(), pod.clone());
+        owned(tokio::spawn(
+            async move { allocate(&inner, &pod).await }.instrument(span),
+        ))
+        .await
     }
 
-    async fn allocate_inner(&self, pod: &PodRef) -> Result<Allocation, AllocError> {
-        let inner = &self.inner;
-        let key = checkpoint::key(pod);
-        if !*inner.reconciled.borrow() {
-            // Restored pods are answered from the checkpoint; a new pod needs the pool, which
-            // the first reconcile builds: wait for it a while rather than refuse at once.
-            if let Some(allocation) = self.lookup(pod).await {
-                return Ok(allocation);
-            }
-            let mut rx = inner.reconciled.subscribe();
-            let waited = tokio::time::timeout(inner.cfg.startup_wait, rx.wait_for(|done| *done));
-            if waited.await.is_err() {
-                tracing::info!("IPAM has not reconciled with OCI yet; the pod is asked to retry");
-                return Err(AllocError::PoolEmpty {
-                    retry_after_ms: inner.cfg.retry_after.as_millis() as u64,
-                });
-            }
-        }
-        let mut state = inner.state.lock().await;
-        if let Some(entry) = state.allocations.get(&key) {
-            return Ok(entry.allocation.clone());
-        }
-        let picked = state
-            .pool
-            .pick_free(inner.cfg.require_interface)
-            .map(|(vnic, ip)| {
-                let info = &vnic.info;
-                let entry = Entry {
-                    pod: pod.clone(),
-                    allocation: Allocation {
-                        ip,
-                        vnic_id: info.id.clone(),
-                        interface: info.interface.clone().unwrap_or_default(),
-                        subnet: info.subnet,
-                        router_ip: info.router_ip,
-                        mtu: inner.cfg.mtu,
-                    },
-                    ip_id: vnic.ips[&ip].ocid.clone(),
-                };
-                (entry, vnic.ips[&ip].state.clone())
-            });
-        // Whatever happens, the pool may now be below its targets.
-        inner.wake.notify_one();
-        let Some((entry, previous)) = picked else {
-            let exhausted = state.pool.is_exhausted(&inner.cfg.pool, Instant::now());
-            if !exhausted {
-                state.pool.waiting.insert(key);
-            }
-            let error = if exhausted {
-                AllocError::Exhausted {
-                    capacity: inner.cfg.pool.capacity(),
-                }
-            } else if let Some(error) = cooling_only(&state.pool, &inner.cfg.pool) {
-                error
-            } else {
-                AllocError::PoolEmpty {
-                    retry_after_ms: inner.cfg.retry_after.as_millis() as u64,
-                }
-            };
-            tracing::info!(%error, "no address for the pod");
-            return Err(error);
-        };
-        let (vnic_id, ip) = (entry.allocation.vnic_id.clone(), entry.allocation.ip);
-        state
-            .pool
-            .set_state(&vnic_id, ip, SlotState::Assigned(pod.clone()));
-        state.allocations.insert(key.clone(), entry.clone());
-        if let Err(error) = inner.save(&state).await {
-            state.allocations.remove(&key);
-            state.pool.set_state(&vnic_id, ip, previous);
-            return Err(error);
-        }
-        tracing::info!(%ip, vnic = %vnic_id, "address allocated");
-        Ok(entry.allocation)
-    }
-
+    /// Frees the address of `pod` into its cooldown; like [`Ipam::allocate`] the change runs
+    /// to completion in a task of its own. Every DEL leaves a tombstone: an ADD for the same
+    /// attachment arriving within [`IpamConfig::tombstone_grace`] (a DEL that raced ahead of
+    /// a slow ADD) is refused rather than allocated and leaked.
     pub async fn release(&self, pod: &PodRef) -> Result<Option<Allocation>, AllocError> {
         let span =
             tracing::info_span!("release", container_id = %pod.container_id, ifname = %pod.ifname);
-        async {
-            let inner = &self.inner;
-            let key = checkpoint::key(pod);
-            let mut state = inner.state.lock().await;
-            let Some(entry) = state.allocations.remove(&key) else {
-                return Ok(None);
-            };
-            let (vnic_id, ip) = (&entry.allocation.vnic_id, entry.allocation.ip);
-            let until = Instant::now() + inner.cfg.pool.cooldown;
-            let previous = state
-                .pool
-                .vnic(vnic_id)
-                .and_then(|v| v.ips.get(&ip))
-                .map(|s| s.state.clone());
-            state
-                .pool
-                .set_state(vnic_id, ip, SlotState::Cooldown { until });
-            if let Err(error) = inner.save(&state).await {
-                if let Some(previous) = previous {
-                    state.pool.set_state(vnic_id, ip, previous);
-                }
-                state.allocations.insert(key, entry);
-                return Err(error);
-            }
-            tracing::info!(%ip, vnic = %vnic_id, "address released to cooldown");
-            Ok(Some(entry.allocation))
-        }
-        .instrument(span)
+        let (inner, pod) = (self.inner.clone(), pod.clone());
+        owned(tokio::spawn(
+            async move { release(&inner, &pod).await }.instrument(span),
+        ))
         .await
     }
 
     pub async fn lookup(&self, pod: &PodRef) -> Option<Allocation> {
-        let state = self.inner.state.lock().await;
-        state
-            .allocations
-            .get(&checkpoint::key(pod))
-            .map(|e| e.allocation.clone())
+        lookup(&self.inner, pod).await
     }
 
     /// Every allocation, as checkpointed.
@@ -369,9 +231,178 @@ impl Ipam {
     }
 }
 
-/// The state a restart starts from: the checkpointed VNICs, each holding its pods' addresses.
-/// Free and cooling-down addresses are unknown until the first reconcile finds them in OCI.
-fn restore(restored: Restored) -> State {
+/// The result of a change run in its own task.
+async fn owned<T>(task: JoinHandle<Result<T, AllocError>>) -> Result<T, AllocError> {
+    task.await.unwrap_or_else(|join| {
+        Err(AllocError::Checkpoint {
+            reason: format!("the allocation task failed: {join}"),
+        })
+    })
+}
+
+async fn lookup(inner: &Inner, pod: &PodRef) -> Option<Allocation> {
+    let state = inner.state.lock().await;
+    state
+        .allocations
+        .get(&checkpoint::key(pod))
+        .map(|e| e.allocation.clone())
+}
+
+/// Whether the attachment's DEL was served within the grace period.
+fn just_deleted(inner: &Inner, key: &checkpoint::Key) -> Option<std::time::Duration> {
+    let deleted = inner
+        .deleted
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let at = deleted.get(key)?;
+    let ago = at.elapsed();
+    (ago < inner.cfg.tombstone_grace).then_some(ago)
+}
+
+fn tombstone(inner: &Inner, key: &checkpoint::Key) {
+    let mut deleted = inner
+        .deleted
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let grace = inner.cfg.tombstone_grace;
+    deleted.retain(|_, at| at.elapsed() < grace);
+    deleted.insert(key.clone(), Instant::now());
+}
+
+async fn allocate(inner: &Inner, pod: &PodRef) -> Result<Allocation, AllocError> {
+    let key = checkpoint::key(pod);
+    if let Some(ago) = just_deleted(inner, &key) {
+        tracing::warn!(
+            ago_ms = ago.as_millis() as u64,
+            "ADD for an attachment deleted a moment ago; refused"
+        );
+        return Err(AllocError::Invalid {
+            reason: format!(
+                "container {} interface {} was deleted {} ms ago; a late ADD for it is refused (use a new sandbox)",
+                key.0,
+                key.1,
+                ago.as_millis()
+            ),
+        });
+    }
+    if !*inner.reconciled.borrow() {
+        // Restored pods are answered from the checkpoint; a new pod needs the pool, which
+        // the first reconcile builds: wait for it a while rather than refuse at once.
+        if let Some(allocation) = lookup(inner, pod).await {
+            return Ok(allocation);
+        }
+        let mut rx = inner.reconciled.subscribe();
+        let waited = tokio::time::timeout(inner.cfg.startup_wait, rx.wait_for(|done| *done));
+        if waited.await.is_err() {
+            tracing::info!("IPAM has not reconciled with OCI yet; the pod is asked to retry");
+            return Err(AllocError::PoolEmpty {
+                retry_after_ms: inner.cfg.retry_after.as_millis() as u64,
+            });
+        }
+    }
+    let mut state = inner.state.lock().await;
+    if let Some(entry) = state.allocations.get(&key) {
+        return Ok(entry.allocation.clone());
+    }
+    let picked = state
+        .pool
+        .pick_free(inner.cfg.require_interface)
+        .map(|(vnic, ip)| {
+            let info = &vnic.info;
+            let entry = Entry {
+                pod: pod.clone(),
+                allocation: Allocation {
+                    ip,
+                    vnic_id: info.id.clone(),
+                    interface: info.interface.clone().unwrap_or_default(),
+                    subnet: info.subnet,
+                    router_ip: info.router_ip,
+                    mtu: inner.cfg.mtu,
+                },
+                ip_id: vnic.ips[&ip].ocid.clone(),
+            };
+            (entry, vnic.ips[&ip].state.clone())
+        });
+    // Whatever happens, the pool may now be below its targets.
+    inner.wake.notify_one();
+    let Some((entry, previous)) = picked else {
+        let exhausted = state.pool.is_exhausted(&inner.cfg.pool, Instant::now());
+        if !exhausted {
+            state.pool.waiting.insert(key);
+        }
+        let error = if exhausted {
+            AllocError::Exhausted {
+                capacity: inner.cfg.pool.capacity(),
+            }
+        } else if let Some(error) = cooling_only(&state, &inner.cfg.pool) {
+            error
+        } else {
+            AllocError::PoolEmpty {
+                retry_after_ms: inner.cfg.retry_after.as_millis() as u64,
+            }
+        };
+        tracing::info!(%error, "no address for the pod");
+        return Err(error);
+    };
+    let (vnic_id, ip) = (entry.allocation.vnic_id.clone(), entry.allocation.ip);
+    state
+        .pool
+        .set_state(&vnic_id, ip, SlotState::Assigned(pod.clone()));
+    state.allocations.insert(key.clone(), entry.clone());
+    if let Err(error) = inner.save(&state).await {
+        state.allocations.remove(&key);
+        state.pool.set_state(&vnic_id, ip, previous);
+        return Err(error);
+    }
+    tracing::info!(%ip, vnic = %vnic_id, "address allocated");
+    Ok(entry.allocation)
+}
+
+async fn release(inner: &Inner, pod: &PodRef) -> Result<Option<Allocation>, AllocError> {
+    let key = checkpoint::key(pod);
+    let mut state = inner.state.lock().await;
+    tombstone(inner, &key);
+    let Some(entry) = state.allocations.remove(&key) else {
+        return Ok(None);
+    };
+    let (vnic_id, ip) = (&entry.allocation.vnic_id, entry.allocation.ip);
+    let until = later(Instant::now(), inner.cfg.pool.cooldown);
+    let previous = state
+        .pool
+        .vnic(vnic_id)
+        .and_then(|v| v.ips.get(&ip))
+        .map(|s| s.state.clone());
+    let cooling = SlotState::Cooldown {
+        until,
+        released_at: wall_clock(),
+    };
+    if !state.pool.set_state(vnic_id, ip, cooling.clone()) {
+        // The reconcile dropped the slot (OCI did not list it): keep the address cooling.
+        state.pool.add_slot(
+            vnic_id,
+            ip,
+            Slot {
+                ocid: entry.ip_id.clone(),
+                state: cooling,
+            },
+        );
+    }
+    if let Err(error) = inner.save(&state).await {
+        if let Some(previous) = previous {
+            state.pool.set_state(vnic_id, ip, previous);
+        }
+        state.allocations.insert(key, entry);
+        return Err(error);
+    }
+    tracing::info!(%ip, vnic = %vnic_id, "address released to cooldown");
+    Ok(Some(entry.allocation))
+}
+
+/// The state a restart starts from: the checkpointed VNICs, each holding its pods' addresses
+/// and the addresses still cooling down (their rest counted from the wall-clock time of
+/// release, so a restart does not shorten it; a clock that went back restarts it). Free
+/// addresses are unknown until the first reconcile finds them in OCI.
+fn restore(restored: Restored, cfg: &IpamConfig) -> State {
     let mut pool = Pool::default();
     for vnic in restored.vnics {
         pool.upsert_vnic(vnic);
@@ -383,6 +414,22 @@ fn restore(restored: Restored) -> State {
             state: SlotState::Assigned(entry.pod.clone()),
         };
         pool.add_slot(&a.vnic_id, a.ip, slot);
+    }
+    let (now, wall_now) = (Instant::now(), wall_clock());
+    for c in restored.cooling {
+        let rested = wall_now.duration_since(c.released_at()).unwrap_or_default();
+        let left = cfg.pool.cooldown.saturating_sub(rested);
+        if left.is_zero() {
+            continue;
+        }
+        let slot = Slot {
+            ocid: c.ip_id.clone(),
+            state: SlotState::Cooldown {
+                until: later(now, left),
+                released_at: c.released_at(),
+            },
+        };
+        pool.add_slot(&c.vnic_id, c.ip, slot);
     }
     State {
         pool,
@@ -432,9 +479,10 @@ impl Allocator for Ipam {
 /// [`AllocError::CoolingDown`] when the pool cannot grow for the waiting pod (its plan adds
 /// nothing) and only addresses in cooldown could serve it, with the time until the first
 /// is free.
-fn cooling_only(pool: &Pool, cfg: &PoolConfig) -> Option<AllocError> {
+fn cooling_only(state: &State, cfg: &PoolConfig) -> Option<AllocError> {
     let now = Instant::now();
-    let plan = pool.plan(cfg, now);
+    let pool = &state.pool;
+    let plan = pool.plan(cfg, now, &state.pods_on());
     if !plan.create.is_empty() || !plan.attach.is_empty() {
         return None;
     }
@@ -443,7 +491,7 @@ fn cooling_only(pool: &Pool, cfg: &PoolConfig) -> Option<AllocError> {
         .iter()
         .flat_map(|v| v.ips.values())
         .filter_map(|slot| match slot.state {
-            SlotState::Cooldown { until } => Some(until),
+            SlotState::Cooldown { until, .. } => Some(until),
             _ => None,
         });
     let (first, addresses) = ends.fold((None, 0), |(first, n), until| {
