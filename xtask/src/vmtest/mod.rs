@@ -194,7 +194,9 @@ fn snapshot(found: &[(String, PathBuf)]) -> anyhow::Result<Vec<(String, PathBuf)
     found
         .iter()
         .map(|(name, exe)| {
-            let copy = bin.join("deps").join(exe.file_name().context("executable name")?);
+            let copy = bin
+                .join("deps")
+                .join(exe.file_name().context("executable name")?);
             fs::copy(exe, &copy).with_context(|| format!("copying {}", exe.display()))?;
             Ok((name.clone(), copy))
         })
