@@ -6,8 +6,8 @@ use std::{collections::HashMap, net::Ipv4Addr, time::Duration};
 
 use vcnpath::datapath::{NatTimeouts, gc};
 use vcnpath_common::{
-    NAT_DIR_EGRESS, NAT_DIR_INGRESS, NatEntry, NatKey, Reason, TCP_SEEN_ACK, TCP_SEEN_POD_SHIFT,
-    TCP_SEEN_SYN,
+    NAT_DIR_EGRESS, NAT_DIR_INGRESS, NatEntry, NatKey, Reason, TCP_SEEN_ACK, TCP_SEEN_FIN,
+    TCP_SEEN_POD_SHIFT, TCP_SEEN_SYN,
 };
 use vcnpath_tests::{
     datapath_fixture::*,
@@ -59,8 +59,15 @@ fn doomed_after(fx: &Fixture, idle: Duration) -> Vec<NatKey> {
 
 /// The `tcp_seen` of the single entry in direction `dir`.
 fn seen(fx: &Fixture, dir: u8) -> u8 {
-    let entries: Vec<_> = table(fx).into_iter().filter(|(k, _)| k.dir == dir).collect();
-    assert_eq!(entries.len(), 1, "one entry in direction {dir}: {entries:?}");
+    let entries: Vec<_> = table(fx)
+        .into_iter()
+        .filter(|(k, _)| k.dir == dir)
+        .collect();
+    assert_eq!(
+        entries.len(),
+        1,
+        "one entry in direction {dir}: {entries:?}"
+    );
     entries[0].1.tcp_seen
 }
 
@@ -83,15 +90,15 @@ fn assert_reopened(fx: &Fixture, what: &str) {
         (MASQ, 40000),
         "the new connection on the tuple keeps the flow's mapping ({what})"
     );
-    assert_eq!(
-        (seen(fx, NAT_DIR_EGRESS), seen(fx, NAT_DIR_INGRESS)),
-        (TCP_SEEN_SYN, 0),
-        "a SYN on a closing flow ({what}) starts its state over"
-    );
     let doomed = doomed_after(fx, CLOSING_PLUS);
     assert!(
         doomed.is_empty(),
         "a reopened connection ({what}) must not be collected as closing after 11 s idle: {doomed:?}"
+    );
+    assert_eq!(
+        (seen(fx, NAT_DIR_EGRESS), seen(fx, NAT_DIR_INGRESS)),
+        (TCP_SEEN_SYN, 0),
+        "a SYN on a closing flow ({what}) starts its state over"
     );
     // The new handshake completes: established again, it survives an hour idle.
     fx.ingress(&tcp(REMOTE, 443, MASQ, 40000, SYN_ACK));
@@ -175,17 +182,17 @@ fn an_inbound_half_close_is_not_a_close_and_an_inbound_syn_reopens() {
     );
     fx.ingress(&tcp(REMOTE, 50000, POD1, 8080, ACK));
     fx.egress(&tcp(POD1, 8080, REMOTE, 50000, ACK));
-    assert_eq!(
-        seen(&fx, NAT_DIR_EGRESS),
-        TCP_SEEN_SYN | TCP_SEEN_ACK | pod(TCP_SEEN_SYN | TCP_SEEN_ACK),
-        "each end's flags apart"
-    );
     // The client is done sending; the pod still answers.
     fx.ingress(&tcp(REMOTE, 50000, POD1, 8080, FIN_ACK));
     let doomed = doomed_after(&fx, CLOSING_PLUS);
     assert!(
         doomed.is_empty(),
         "an inbound half-close must not be collected as closing: {doomed:?}"
+    );
+    assert_eq!(
+        seen(&fx, NAT_DIR_EGRESS),
+        TCP_SEEN_SYN | TCP_SEEN_ACK | TCP_SEEN_FIN | pod(TCP_SEEN_SYN | TCP_SEEN_ACK),
+        "each end's flags apart"
     );
     fx.egress(&tcp(POD1, 8080, REMOTE, 50000, FIN_ACK));
     assert_eq!(

@@ -41,10 +41,19 @@ enum Pc {
     ClaimOriginal,
     AdoptOriginal,
     ClaimRange(usize),
-    InsertEgress { port: u16, claimed: bool },
+    InsertEgress {
+        port: u16,
+        claimed: bool,
+    },
     /// Lost the egress insert: the lookup of the winner's entry.
-    LookupWinner { port: u16, claimed: bool },
-    Rollback { port: u16, winner: Option<u16> },
+    LookupWinner {
+        port: u16,
+        claimed: bool,
+    },
+    Rollback {
+        port: u16,
+        winner: Option<u16>,
+    },
     Done(Option<u16>),
 }
 

@@ -566,7 +566,10 @@ mod tests {
         for (seen, what) in [
             (est | TCP_SEEN_FIN | pod(est), "the outside's FIN"),
             (est | pod(est | TCP_SEEN_FIN), "the pod's FIN"),
-            (est | TCP_SEEN_FIN, "a FIN in a record from before the split"),
+            (
+                est | TCP_SEEN_FIN,
+                "a FIN in a record from before the split",
+            ),
         ] {
             assert!(
                 expired(&inbound(seen), 3600 * S, &t).is_empty(),
