@@ -68,7 +68,7 @@ fn classes() -> Vec<Class> {
     let mut opts_out = Spec::tcp(POD0, 40001, REMOTE, 443);
     opts_out.options = vec![1, 1, 1, 1, 0x44, 8, 5, 0];
     let mut opts_back = Spec::tcp(REMOTE, 443, MASQ, 40001);
-    opts_back.options = opts_out.options.clone();
+    opts_back.options.clone_from(&opts_out.options);
     let longer = |f: &Vec<u8>| with_total_length(f.clone(), total_length(f) + 10);
     vec![
         Class {

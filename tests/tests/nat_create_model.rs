@@ -59,13 +59,12 @@ enum Pc {
 
 /// Runs one map operation of `pc` on `table`; returns where the CPU goes next.
 fn step(pc: Pc, table: &mut Table, rollback: Rollback) -> Pc {
-    let claim = |table: &mut Table, port| {
-        let key = Key::Ingress(port);
-        if table.contains_key(&key) {
-            return false;
+    let claim = |table: &mut Table, port| match table.entry(Key::Ingress(port)) {
+        std::collections::hash_map::Entry::Occupied(_) => false,
+        std::collections::hash_map::Entry::Vacant(slot) => {
+            slot.insert(u16::from(FLOW));
+            true
         }
-        table.insert(key, u16::from(FLOW));
-        true
     };
     match pc {
         Pc::ClaimOriginal => {
@@ -100,12 +99,12 @@ fn step(pc: Pc, table: &mut Table, rollback: Rollback) -> Pc {
             }
         }
         Pc::InsertEgress { port, claimed } => {
-            let key = Key::Egress(FLOW);
-            if table.contains_key(&key) {
-                Pc::LookupWinner { port, claimed }
-            } else {
-                table.insert(key, port);
+            if let std::collections::hash_map::Entry::Vacant(slot) = table.entry(Key::Egress(FLOW))
+            {
+                slot.insert(port);
                 Pc::Done(Some(port))
+            } else {
+                Pc::LookupWinner { port, claimed }
             }
         }
         Pc::LookupWinner { port, claimed } => {
