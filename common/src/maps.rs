@@ -144,6 +144,28 @@ pub const TCP_SEEN_FIN: u8 = 4;
 /// A RST was seen in this direction.
 pub const TCP_SEEN_RST: u8 = 8;
 
+/// In an inbound record ([`NAT_F_INBOUND`]) one entry sees both directions: the
+/// outside's `TCP_SEEN_*` bits are stored as they are, the pod's shifted left by this
+/// much, so a half-close (a FIN one way) is told from a close. Records written before the
+/// split hold both directions in the low bits; read as the outside's alone they never
+/// expire sooner than they did, so the split needs no ABI bump.
+pub const TCP_SEEN_POD_SHIFT: u8 = 4;
+
+/// Whether a TCP flow whose two directions have seen `a` and `b` (`TCP_SEEN_*` bits) is
+/// closing: a RST either way, or a FIN both ways. The programs reopen a closing flow on a
+/// new SYN and the agent expires it after the short closing timeout; both decide with
+/// this one rule.
+#[must_use]
+pub const fn tcp_closing(a: u8, b: u8) -> bool {
+    (a | b) & TCP_SEEN_RST != 0 || a & b & TCP_SEEN_FIN != 0
+}
+
+/// The two directions of an inbound record's `tcp_seen`: (outside → pod, pod → outside).
+#[must_use]
+pub const fn inbound_seen(tcp_seen: u8) -> (u8, u8) {
+    (tcp_seen & 0x0f, tcp_seen >> TCP_SEEN_POD_SHIFT)
+}
+
 /// `last_seen_ns` is rewritten only when it is older than this, to keep per-packet
 /// writes (and cache-line bouncing between CPUs) off the fast path.
 pub const NAT_TOUCH_INTERVAL_NS: u64 = 1_000_000_000;

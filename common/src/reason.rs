@@ -48,10 +48,20 @@ pub enum Reason {
     DropNatFull = 19,
     /// The owning VNIC of a pod address is not in `vnics`: passed on the kernel's route.
     PassNoVnic = 20,
+    /// Pod packet whose IPv4 total length disagrees with the frame (longer than it, or
+    /// shorter than the IP header with its options): dropped, never rewritten.
+    DropBadLength = 21,
+    /// Any other packet whose IPv4 total length disagrees with the frame: passed unmodified.
+    PassBadLength = 22,
+    /// Pod packet whose TCP data offset is below 5 words or beyond the total length:
+    /// dropped, never rewritten.
+    DropBadTcpOffset = 23,
+    /// Any other TCP packet with such a data offset: passed unmodified.
+    PassBadTcpOffset = 24,
 }
 
 /// Number of reason codes (size of the `stats` map).
-pub const REASON_COUNT: u32 = 21;
+pub const REASON_COUNT: u32 = 25;
 
 impl Reason {
     /// Every reason, in index order.
@@ -77,6 +87,10 @@ impl Reason {
         Reason::DropRewrite,
         Reason::DropNatFull,
         Reason::PassNoVnic,
+        Reason::DropBadLength,
+        Reason::PassBadLength,
+        Reason::DropBadTcpOffset,
+        Reason::PassBadTcpOffset,
     ];
 
     /// The name operators see in `vcnpath` output and metrics.
@@ -103,6 +117,10 @@ impl Reason {
             Reason::DropRewrite => "dropped-rewrite-failed",
             Reason::DropNatFull => "dropped-nat-full",
             Reason::PassNoVnic => "passed-no-vnic",
+            Reason::DropBadLength => "dropped-bad-length",
+            Reason::PassBadLength => "passed-bad-length",
+            Reason::DropBadTcpOffset => "dropped-bad-tcp-offset",
+            Reason::PassBadTcpOffset => "passed-bad-tcp-offset",
         }
     }
 
@@ -116,6 +134,8 @@ impl Reason {
                 | Reason::DropProtocol
                 | Reason::DropRewrite
                 | Reason::DropNatFull
+                | Reason::DropBadLength
+                | Reason::DropBadTcpOffset
         )
     }
 }

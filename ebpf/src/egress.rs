@@ -9,7 +9,8 @@ use crate::{
     csum,
     decision::{Decision, Step},
     icmp, maps, nat,
-    parse::{self, IP_SRC_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, L4Head},
+    nat::Side,
+    parse::{self, IP_SRC_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, Malformed},
     redirect,
 };
 
@@ -19,11 +20,15 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
         return Ok(Decision::pass(Reason::PassUnconfigured));
     };
     let ip = parse::ipv4(ctx)?;
-    let Some(owner) = maps::endpoint(ip.src) else {
+    let Some(owner) = maps::endpoint(ip.src).filter(|o| o.kind == ENDPOINT_KIND_POD) else {
+        if ip.bad_length {
+            return Ok(Decision::pass(Reason::PassBadLength));
+        }
         return Ok(Decision::pass(Reason::PassNotEndpoint));
     };
-    if owner.kind != ENDPOINT_KIND_POD {
-        return Ok(Decision::pass(Reason::PassNotEndpoint));
+    if ip.bad_length {
+        // Whether it needs translation cannot be told from headers that lie.
+        return Ok(Decision::drop(Reason::DropBadLength));
     }
     let l4 = if ip.later_fragment {
         L4::Fragment
@@ -34,16 +39,26 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
     // Fast path: a packet of a flow already in the NAT table skips the CIDR lookups.
     // Egress entries only exist for destinations classified as outside the VCN (the
     // agent purges them when the CIDRs change) or for flows opened from outside.
-    if let L4::Flow { key, sport, seen } = &l4
+    if let L4::Flow {
+        key,
+        sport,
+        seen,
+        opens,
+    } = &l4
         && let Some(entry) = nat::lookup(key)
     {
-        let due = nat::touch(entry, *seen);
         // SAFETY: pointer from a lookup in this run.
         let (flags, addr, port) = unsafe { ((*entry).flags, (*entry).addr, (*entry).port) };
         if flags & NAT_F_INBOUND != 0 {
             // A reply of a flow opened from outside towards the pod (rule 4).
+            nat::touch_inbound(entry, *seen, *opens, Side::Pod);
             return redirect::via_owner(ctx, owner.ifindex, ip.dst, Reason::PassInbound);
         }
+        if *opens {
+            // A new connection on the tuple of a closed one starts with a clean state.
+            nat::reopen_if_closing(key, entry, addr, port);
+        }
+        let due = nat::touch(entry, *seen);
         // About once a second, not per packet: the flow's reply entry must still be its
         // own (a full table's LRU may have evicted it and another flow taken the port).
         if due.is_none_or(|now| nat::reply_is_ours(key, addr, port, now)) {
@@ -59,11 +74,13 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
         return redirect::via_owner(ctx, owner.ifindex, ip.dst, Reason::PassVcn);
     }
     let (key, sport, seen) = match l4 {
-        L4::Flow { key, sport, seen } => (key, sport, seen),
+        L4::Flow {
+            key, sport, seen, ..
+        } => (key, sport, seen),
         // Without the L4 header the flow cannot be found; passing would leak the pod
         // address outside the VCN.
         L4::Fragment => return Ok(Decision::drop(Reason::DropFragment)),
-        L4::Malformed => return Ok(Decision::drop(Reason::DropMalformed)),
+        L4::Malformed(bad) => return Ok(bad.drop()),
         L4::Unsupported => return Ok(Decision::drop(Reason::DropProtocol)),
         L4::IcmpError => return icmp::egress_error(ctx, &config, &ip, owner.ifindex),
     };
@@ -78,30 +95,37 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
 
 /// What the L4 header says about a pod packet.
 enum L4 {
-    /// A TCP, UDP or ICMP echo flow: its NAT key, source port (or id) and TCP flags seen.
-    Flow { key: NatKey, sport: u16, seen: u8 },
+    /// A TCP, UDP or ICMP echo flow: its NAT key, source port (or id), TCP flags seen,
+    /// and whether it is a TCP SYN opening a connection.
+    Flow {
+        key: NatKey,
+        sport: u16,
+        seen: u8,
+        opens: bool,
+    },
     /// An ICMP error, translated according to the packet it quotes.
     IcmpError,
     /// A fragment other than the first (no L4 header).
     Fragment,
-    /// The L4 header is truncated.
-    Malformed,
+    /// The L4 header is truncated or invalid.
+    Malformed(Malformed),
     /// A protocol that cannot be masqueraded.
     Unsupported,
 }
 
 #[inline(always)]
 fn classify(ctx: &TcContext, ip: &Ipv4) -> L4 {
-    let Some(l4) = parse::load::<L4Head>(ctx, ip.l4_off) else {
-        return L4::Malformed;
+    let l4 = match parse::l4_head(ctx, ip) {
+        Ok(l4) => l4,
+        Err(bad) => return L4::Malformed(bad),
     };
-    let seen = match ip.proto {
-        IPPROTO_TCP => match parse::tcp_flags(ctx, ip.l4_off) {
-            Some(flags) => nat::tcp_seen(flags),
-            None => return L4::Malformed,
+    let (seen, opens) = match ip.proto {
+        IPPROTO_TCP => match parse::tcp_flags(ctx, ip) {
+            Ok(flags) => (nat::tcp_seen(flags), nat::opens(flags)),
+            Err(bad) => return L4::Malformed(bad),
         },
-        IPPROTO_UDP => 0,
-        IPPROTO_ICMP if parse::is_icmp_echo(l4.icmp_type()) => 0,
+        IPPROTO_UDP => (0, false),
+        IPPROTO_ICMP if parse::is_icmp_echo(l4.icmp_type()) => (0, false),
         IPPROTO_ICMP if parse::is_icmp_error(l4.icmp_type()) => return L4::IcmpError,
         _ => return L4::Unsupported,
     };
@@ -115,6 +139,7 @@ fn classify(ctx: &TcContext, ip: &Ipv4) -> L4 {
         key: nat::egress_key(ip.proto, ip.src, ip.dst, sport, dport),
         sport,
         seen,
+        opens,
     }
 }
 

@@ -30,14 +30,20 @@ struct Quoted {
 }
 
 #[inline(always)]
-fn quoted(ctx: &TcContext, outer_l4_off: usize) -> Option<Quoted> {
-    let ip_off = outer_l4_off + 8;
+fn quoted(ctx: &TcContext, outer: &Ipv4) -> Option<Quoted> {
+    let ip_off = outer.l4_off + 8;
+    if ip_off + core::mem::size_of::<Ipv4Hdr>() > outer.end {
+        return None;
+    }
     let hdr = parse::load::<Ipv4Hdr>(ctx, ip_off)?;
     let ihl = (hdr.version_ihl & 0x0f) as usize;
     if ihl < 5 {
         return None;
     }
     let l4_off = ip_off + ihl * 4;
+    if l4_off + core::mem::size_of::<L4Head>() > outer.end {
+        return None;
+    }
     // RFC 792 guarantees 8 bytes of the quoted L4 header: enough for ports and ids.
     let head = parse::load::<L4Head>(ctx, l4_off)?;
     let (sport, dport) = match hdr.proto {
@@ -65,7 +71,7 @@ fn quoted(ctx: &TcContext, outer_l4_off: usize) -> Option<Quoted> {
 /// to the pod, quoting the packet as the pod sent it.
 #[inline(always)]
 pub fn ingress_error(ctx: &TcContext, config: &Config, ip: &Ipv4) -> Step<Decision> {
-    let Some(q) = quoted(ctx, ip.l4_off) else {
+    let Some(q) = quoted(ctx, ip) else {
         return Ok(Decision::pass(Reason::PassMalformed));
     };
     if q.src != config.masq_ip {
@@ -100,7 +106,7 @@ pub fn ingress_error(ctx: &TcContext, config: &Config, ip: &Ipv4) -> Step<Decisi
 /// send it from the masquerade address, quoting the packet as the remote sent it.
 #[inline(always)]
 pub fn egress_error(ctx: &TcContext, config: &Config, ip: &Ipv4, owner: u32) -> Step<Decision> {
-    let Some(q) = quoted(ctx, ip.l4_off) else {
+    let Some(q) = quoted(ctx, ip) else {
         return Ok(Decision::drop(Reason::DropMalformed));
     };
     // The pod's own packets of the quoted flow carry this egress key.

@@ -10,10 +10,10 @@ use crate::{
     decision::{Decision, Step},
     icmp,
     maps::{self, NAT},
-    nat,
+    nat::{self, Side},
     parse::{
         self, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_DST_OFF, IPPROTO_ICMP, IPPROTO_TCP,
-        IPPROTO_UDP, Ipv4, L4Head,
+        IPPROTO_UDP, Ipv4,
     },
 };
 
@@ -23,6 +23,10 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
         return Ok(Decision::pass(Reason::PassUnconfigured));
     };
     let ip = parse::ipv4(ctx)?;
+    if ip.bad_length {
+        // Not ours to judge: the kernel's IP input drops it. Never rewritten.
+        return Ok(Decision::pass(Reason::PassBadLength));
+    }
     if ip.dst == config.masq_ip {
         return reverse(ctx, &config, &ip);
     }
@@ -35,13 +39,15 @@ fn reverse(ctx: &TcContext, config: &Config, ip: &Ipv4) -> Step<Decision> {
     if ip.later_fragment {
         return Ok(Decision::pass(Reason::PassFragment));
     }
-    let Some(l4) = parse::load::<L4Head>(ctx, ip.l4_off) else {
-        return Ok(Decision::pass(Reason::PassMalformed));
+    let l4 = match parse::l4_head(ctx, ip) {
+        Ok(l4) => l4,
+        Err(bad) => return Ok(bad.pass()),
     };
     let (sport, dport, seen) = match ip.proto {
         IPPROTO_TCP => {
-            let Some(flags) = parse::tcp_flags(ctx, ip.l4_off) else {
-                return Ok(Decision::pass(Reason::PassMalformed));
+            let flags = match parse::tcp_flags(ctx, ip) {
+                Ok(flags) => flags,
+                Err(bad) => return Ok(bad.pass()),
             };
             (
                 port(l4.port_or_id(ip.proto)),
@@ -90,30 +96,38 @@ fn inbound(ctx: &TcContext, ip: &Ipv4) -> Decision {
     if ip.later_fragment {
         return Decision::pass(Reason::PassFragment);
     }
-    let Some(l4) = parse::load::<L4Head>(ctx, ip.l4_off) else {
-        return Decision::pass(Reason::PassMalformed);
+    let l4 = match parse::l4_head(ctx, ip) {
+        Ok(l4) => l4,
+        Err(bad) => return bad.pass(),
     };
     // The key is the one the pod's answers will carry on egress.
-    let (pod_port, remote_port, seen) = match ip.proto {
+    let (pod_port, remote_port, seen, opens) = match ip.proto {
         IPPROTO_TCP => {
-            let Some(flags) = parse::tcp_flags(ctx, ip.l4_off) else {
-                return Decision::pass(Reason::PassMalformed);
+            let flags = match parse::tcp_flags(ctx, ip) {
+                Ok(flags) => flags,
+                Err(bad) => return bad.pass(),
             };
             (
                 port(l4.dport()),
                 port(l4.port_or_id(ip.proto)),
                 nat::tcp_seen(flags),
+                nat::opens(flags),
             )
         }
-        IPPROTO_UDP => (port(l4.dport()), port(l4.port_or_id(ip.proto)), 0),
+        IPPROTO_UDP => (port(l4.dport()), port(l4.port_or_id(ip.proto)), 0, false),
         IPPROTO_ICMP if l4.icmp_type() == ICMP_ECHO_REQUEST => {
-            (port(l4.port_or_id(ip.proto)), 0, 0)
+            (port(l4.port_or_id(ip.proto)), 0, 0, false)
         }
         _ => return Decision::pass(Reason::PassInbound),
     };
     let key = nat::egress_key(ip.proto, ip.dst, ip.src, pod_port, remote_port);
     if let Some(entry) = nat::lookup(&key) {
-        nat::touch(entry, seen);
+        // SAFETY: pointer from a lookup in this run.
+        if unsafe { (*entry).flags } & NAT_F_INBOUND != 0 {
+            nat::touch_inbound(entry, seen, opens, Side::Outside);
+        } else {
+            nat::touch(entry, seen);
+        }
     } else {
         // SAFETY: plain helper call.
         let now = unsafe { bpf_ktime_get_ns() };

@@ -12,7 +12,8 @@ use aya_ebpf::{
 };
 use vcnpath_common::{
     Config, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_PORT_TRIES, NAT_TOUCH_INTERVAL_NS, NatEntry,
-    NatKey, Reason, TCP_SEEN_ACK, TCP_SEEN_FIN, TCP_SEEN_RST, TCP_SEEN_SYN,
+    NatKey, Reason, TCP_SEEN_ACK, TCP_SEEN_FIN, TCP_SEEN_POD_SHIFT, TCP_SEEN_RST, TCP_SEEN_SYN,
+    inbound_seen, tcp_closing,
 };
 
 use aya_ebpf::programs::TcContext;
@@ -76,20 +77,88 @@ pub fn tcp_seen(tcp_flags: u8) -> u8 {
     seen
 }
 
+/// Whether a TCP flags byte opens a connection: SYN without ACK (nor FIN or RST).
+#[inline(always)]
+pub fn opens(tcp_flags: u8) -> bool {
+    tcp_flags & 0x17 == 0x02
+}
+
+/// Which end of an inbound record (rule 4) a packet comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The host outside the VCN that opened the flow.
+    Outside,
+    /// The pod.
+    Pod,
+}
+
+/// Records activity on an inbound record, each end's TCP flags apart (see
+/// `TCP_SEEN_POD_SHIFT`) so a half-close is not taken for a close. A SYN from outside on
+/// a closing record starts the flow over, as on a translated flow.
+#[inline(always)]
+pub fn touch_inbound(entry: *mut NatEntry, seen: u8, opens: bool, side: Side) {
+    if opens && side == Side::Outside {
+        // SAFETY: `entry` comes from a map lookup in this program run.
+        let (outside, pod) = inbound_seen(unsafe { (*entry).tcp_seen });
+        if tcp_closing(outside, pod) {
+            restart(entry);
+        }
+    }
+    let bits = match side {
+        Side::Outside => seen,
+        Side::Pod => seen << TCP_SEEN_POD_SHIFT,
+    };
+    touch(entry, bits);
+}
+
+/// A SYN on the tuple of a translated flow that is closing (a RST seen, or a FIN both
+/// ways) opens a new connection: both halves forget the old one's flags, so the flow
+/// lives by the opening and established timeouts again instead of being collected as
+/// closing (Cilium's `ct_reset_closing`). The SYN's own flag is merged by the `touch`
+/// that follows.
+#[inline(always)]
+pub fn reopen_if_closing(fwd: &NatKey, entry: *mut NatEntry, addr: [u8; 4], port: u16) {
+    let key = ingress_key(fwd.proto, fwd.dst, addr, reply_sport(fwd), port);
+    let back = lookup(&key).filter(|back| points_back(*back, fwd));
+    // SAFETY: pointers from lookups in this program run.
+    unsafe {
+        let back_seen = back.map_or(0, |b| (*b).tcp_seen);
+        if !tcp_closing((*entry).tcp_seen, back_seen) {
+            return;
+        }
+        restart(entry);
+        if let Some(back) = back {
+            (*back).tcp_seen = 0;
+        }
+    }
+}
+
+/// Clears an entry's TCP flags for a connection that starts over on its tuple.
+#[inline(always)]
+fn restart(entry: *mut NatEntry) {
+    let now = coarse_now_ns();
+    // SAFETY: `entry` comes from a map lookup in this program run.
+    unsafe {
+        (*entry).tcp_seen = 0;
+        (*entry).created_ns = now;
+        (*entry).last_seen_ns = now;
+    }
+}
+
 /// 1 when the kernel has `bpf_ktime_get_coarse_ns` (set by the agent, see
 /// `vcnpath_common::GLOBAL_COARSE_CLOCK`); 0 falls back to the precise clock.
 #[unsafe(no_mangle)]
 static VCNPATH_COARSE_CLOCK: u8 = 0;
 
 /// Now, for expiry: the coarse clock (jiffies) is plenty for second-granularity expiry and
-/// cheaper; both clocks read CLOCK_MONOTONIC, so entries stamped by either compare.
+/// cheaper; both clocks read `CLOCK_MONOTONIC`, so entries stamped by either compare.
 #[inline(always)]
 fn coarse_now_ns() -> u64 {
     // verifier: a frozen read-only global; on a kernel without the coarse helper the
     // verifier sees the constant 0 and never checks the call it guards.
     // SAFETY: a plain read of a static; the helpers have no preconditions.
     unsafe {
-        if core::ptr::read_volatile(&VCNPATH_COARSE_CLOCK) != 0 {
+        if core::ptr::read_volatile(&raw const VCNPATH_COARSE_CLOCK) != 0 {
             bpf_ktime_get_coarse_ns()
         } else {
             bpf_ktime_get_ns()
@@ -213,17 +282,21 @@ pub fn create(ctx: &TcContext, config: &Config, fwd: &NatKey, seen: u8) -> Step<
         created_ns: now,
     };
     if NAT.insert(fwd, entry, u64::from(BPF_NOEXIST)).is_err() {
-        // Another CPU created this flow first (or the map refused): give back our claim
-        // and use theirs, so the flow keeps one identity.
-        if claimed {
+        // Another CPU created this flow first (or the map refused): use theirs, so the
+        // flow keeps one identity, and give back our claim unless it is theirs too — the
+        // winner may have adopted the reply entry we claimed for the original port, and
+        // removing it would leave the flow without its replies.
+        let existing = lookup(fwd);
+        // SAFETY: pointer from a lookup in this run.
+        let theirs = existing.map(|e| unsafe { ((*e).addr, (*e).port) });
+        if claimed && theirs != Some((config.masq_ip, port)) {
             let key = ingress_key(fwd.proto, fwd.dst, config.masq_ip, reply_sport, port);
             let _ = NAT.remove(key);
         }
-        let Some(existing) = lookup(fwd) else {
-            return Err(Decision::drop(Reason::DropNatFull));
+        return match theirs {
+            Some((_, port)) => Ok(port),
+            None => Err(Decision::drop(Reason::DropNatFull)),
         };
-        // SAFETY: pointer from a lookup in this run.
-        return Ok(unsafe { (*existing).port });
     }
     Ok(port)
 }

@@ -45,6 +45,43 @@ pub struct Ipv4 {
     pub l4_off: usize,
     /// A fragment other than the first: carries no L4 header.
     pub later_fragment: bool,
+    /// End of the IP packet in the frame (from the total length): anything after it is
+    /// link-layer padding, and no header may reach past it.
+    pub end: usize,
+    /// The total length disagrees with the frame (longer than it, or shorter than the
+    /// header with its options): no header can be trusted, nothing is rewritten.
+    pub bad_length: bool,
+}
+
+/// Why the L4 header of a packet cannot be used. Such a packet is never rewritten: a pod
+/// packet that would need translation is dropped (passing it would leak the pod address
+/// past the VCN), anything else passes unmodified, each counted by its class.
+#[derive(Clone, Copy)]
+pub enum Malformed {
+    /// The L4 header does not fit in the frame or in the IP total length.
+    Truncated,
+    /// TCP data offset below 5 words (inside the fixed header) or beyond the total length.
+    TcpOffset,
+}
+
+impl Malformed {
+    /// The decision for a pod packet that would need translation.
+    #[inline(always)]
+    pub const fn drop(self) -> Decision {
+        Decision::drop(match self {
+            Malformed::Truncated => Reason::DropMalformed,
+            Malformed::TcpOffset => Reason::DropBadTcpOffset,
+        })
+    }
+
+    /// The decision for any other packet.
+    #[inline(always)]
+    pub const fn pass(self) -> Decision {
+        Decision::pass(match self {
+            Malformed::Truncated => Reason::PassMalformed,
+            Malformed::TcpOffset => Reason::PassBadTcpOffset,
+        })
+    }
 }
 
 /// Copies a `T` out of the packet at `off`, pulling non-linear data into the linear
@@ -95,22 +132,54 @@ pub fn ipv4(ctx: &TcContext) -> Step<Ipv4> {
         return Err(Decision::pass(Reason::PassMalformed));
     }
     let frag_off = u16::from_be_bytes(ip.frag_off) & 0x1fff;
+    let frame_ip_len = (ctx.len() as usize).saturating_sub(ETH_HLEN);
+    let mut tot_len = u16::from_be_bytes(ip.tot_len) as usize;
+    if tot_len == 0 && frame_ip_len > usize::from(u16::MAX) {
+        // BIG TCP: a GSO packet over 64 KiB carries total length 0 and the skb's length
+        // stands for it (the kernel's `skb_ip_totlen`).
+        tot_len = frame_ip_len;
+    }
     Ok(Ipv4 {
         src: ip.src,
         dst: ip.dst,
         proto: ip.proto,
         l4_off: ETH_HLEN + ihl * 4,
         later_fragment: frag_off != 0,
+        end: ETH_HLEN + tot_len,
+        bad_length: tot_len > frame_ip_len || tot_len < ihl * 4,
     })
 }
 
-/// The TCP flags byte of the header at `l4_off`, or `None` when the 20-byte TCP header
-/// (up to and including its checksum) is not all there: nothing is rewritten then.
+/// The first 8 bytes of the L4 header, when they lie inside the IP total length.
 #[inline(always)]
-pub fn tcp_flags(ctx: &TcContext, l4_off: usize) -> Option<u8> {
+pub fn l4_head(ctx: &TcContext, ip: &Ipv4) -> Result<L4Head, Malformed> {
+    if ip.l4_off + core::mem::size_of::<L4Head>() > ip.end {
+        return Err(Malformed::Truncated);
+    }
+    load::<L4Head>(ctx, ip.l4_off).ok_or(Malformed::Truncated)
+}
+
+/// Size of the TCP header without options.
+const TCP_HLEN: usize = 20;
+/// Offset in the TCP header of the data offset (high nibble) and flags bytes.
+const TCP_OFF_DOFF: usize = 12;
+
+/// The TCP flags byte of the header at `ip.l4_off`, when the 20-byte TCP header is all
+/// there and its data offset is sane (at least 5 words, within the total length):
+/// nothing is rewritten otherwise.
+#[inline(always)]
+pub fn tcp_flags(ctx: &TcContext, ip: &Ipv4) -> Result<u8, Malformed> {
+    if ip.l4_off + TCP_HLEN > ip.end {
+        return Err(Malformed::Truncated);
+    }
     // verifier: reading 8 bytes also avoids a 1-byte read, which compiles to
     // `pkt + 0 < pkt_end`, a comparison the verifier derives no range from.
-    load::<[u8; 8]>(ctx, l4_off + 12).map(|tail| tail[1])
+    let tail = load::<[u8; 8]>(ctx, ip.l4_off + TCP_OFF_DOFF).ok_or(Malformed::Truncated)?;
+    let doff = usize::from(tail[0] >> 4) * 4;
+    if doff < TCP_HLEN || ip.l4_off + doff > ip.end {
+        return Err(Malformed::TcpOffset);
+    }
+    Ok(tail[1])
 }
 
 /// The first 8 bytes of an L4 header: ports for TCP/UDP, type/code/csum/id for ICMP.

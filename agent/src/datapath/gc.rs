@@ -13,7 +13,7 @@ use std::{
 use aya::maps::MapError;
 use vcnpath_common::{
     MAP_NAT, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_INBOUND, NatEntry, NatKey, TCP_SEEN_ACK,
-    TCP_SEEN_FIN, TCP_SEEN_RST,
+    inbound_seen, tcp_closing,
 };
 
 use super::{DatapathError, DatapathMaps, batch::BatchMap};
@@ -93,12 +93,13 @@ pub fn reply_key(egress: &NatKey, entry: &NatEntry) -> NatKey {
 }
 
 impl NatTimeouts {
-    /// The idle timeout of a flow given the TCP flags seen each way.
+    /// The idle timeout of a flow given the TCP flags seen each way. Closing is the
+    /// datapath's own rule ([`tcp_closing`]): a flow it would reopen on a SYN is the
+    /// flow collected after the closing timeout, and a half-close is not a close.
     pub fn for_flow(&self, proto: u8, out_seen: u8, back_seen: u8) -> Duration {
         match proto {
             IPPROTO_TCP => {
-                let both = out_seen | back_seen;
-                if both & TCP_SEEN_RST != 0 || (out_seen & back_seen & TCP_SEEN_FIN != 0) {
+                if tcp_closing(out_seen, back_seen) {
                     self.tcp_closing
                 } else if out_seen & back_seen & TCP_SEEN_ACK != 0 {
                     self.tcp_established
@@ -108,6 +109,22 @@ impl NatTimeouts {
             }
             IPPROTO_ICMP => self.icmp,
             _ => self.udp,
+        }
+    }
+
+    /// The idle timeout of a flow opened from outside, whose one record holds each end's
+    /// TCP flags apart ([`inbound_seen`]): closing as any flow is, established once either
+    /// end sent a packet without SYN (records from before the split hold both ends in the
+    /// outside's bits, and keep the timeouts they had).
+    pub fn for_inbound(&self, proto: u8, tcp_seen: u8) -> Duration {
+        let (outside, pod) = inbound_seen(tcp_seen);
+        if proto != IPPROTO_TCP || tcp_closing(outside, pod) {
+            return self.for_flow(proto, outside, pod);
+        }
+        if (outside | pod) & TCP_SEEN_ACK != 0 {
+            self.tcp_established
+        } else {
+            self.tcp_opening
         }
     }
 }
@@ -205,9 +222,7 @@ impl Rules<'_> {
 
     /// A flow opened from outside: one egress entry records both directions.
     fn inbound_expired(&self, key: &NatKey, entry: &NatEntry) -> bool {
-        let t = self
-            .timeouts
-            .for_flow(key.proto, entry.tcp_seen, entry.tcp_seen);
+        let t = self.timeouts.for_inbound(key.proto, entry.tcp_seen);
         self.idle(entry.last_seen_ns) > t
     }
 
@@ -449,7 +464,7 @@ impl DatapathMaps {
 #[cfg(test)]
 mod tests {
     use rand::Rng;
-    use vcnpath_common::{NAT_DIR_EGRESS, TCP_SEEN_SYN};
+    use vcnpath_common::{NAT_DIR_EGRESS, TCP_SEEN_FIN, TCP_SEEN_RST, TCP_SEEN_SYN};
 
     use super::*;
 
@@ -509,6 +524,62 @@ mod tests {
         );
         let rst = flow(IPPROTO_TCP, 0, TCP_SEEN_ACK | TCP_SEEN_RST, TCP_SEEN_ACK);
         assert_eq!(expired(&rst, 11 * S, &t).len(), 2);
+    }
+
+    #[test]
+    fn a_half_close_is_not_a_close_and_a_fin_both_ways_is() {
+        let t = NatTimeouts::default();
+        let est = TCP_SEEN_SYN | TCP_SEEN_ACK;
+        let half = flow(IPPROTO_TCP, 0, est | TCP_SEEN_FIN, est);
+        assert!(
+            expired(&half, 11 * S, &t).is_empty(),
+            "a FIN one way leaves the other sending: established, not closing"
+        );
+        let closed = flow(IPPROTO_TCP, 0, est | TCP_SEEN_FIN, est | TCP_SEEN_FIN);
+        assert_eq!(expired(&closed, 11 * S, &t).len(), 2);
+    }
+
+    #[test]
+    fn an_inbound_half_close_is_not_a_close() {
+        let t = NatTimeouts::default();
+        let est = TCP_SEEN_SYN | TCP_SEEN_ACK;
+        let pod = |bits: u8| bits << vcnpath_common::TCP_SEEN_POD_SHIFT;
+        let inbound = |tcp_seen| {
+            let key = NatKey {
+                src: [10, 0, 1, 20],
+                dst: [203, 0, 113, 10],
+                sport: 8080,
+                dport: 50000,
+                proto: IPPROTO_TCP,
+                dir: NAT_DIR_EGRESS,
+                pad: [0; 2],
+            };
+            let entry = NatEntry {
+                addr: key.src,
+                port: key.sport,
+                flags: NAT_F_INBOUND,
+                tcp_seen,
+                ..Default::default()
+            };
+            HashMap::from([(key, entry)])
+        };
+        for (seen, what) in [
+            (est | TCP_SEEN_FIN | pod(est), "the outside's FIN"),
+            (est | pod(est | TCP_SEEN_FIN), "the pod's FIN"),
+            (
+                est | TCP_SEEN_FIN,
+                "a FIN in a record from before the split",
+            ),
+        ] {
+            assert!(
+                expired(&inbound(seen), 3600 * S, &t).is_empty(),
+                "{what} alone is a half-close: the flow stays established"
+            );
+        }
+        let both = est | TCP_SEEN_FIN | pod(est | TCP_SEEN_FIN);
+        assert_eq!(expired(&inbound(both), 11 * S, &t).len(), 1);
+        let rst = est | pod(TCP_SEEN_RST);
+        assert_eq!(expired(&inbound(rst), 11 * S, &t).len(), 1);
     }
 
     #[test]
@@ -572,7 +643,7 @@ mod tests {
         let mut paired = std::collections::HashSet::new();
         for (key, entry) in entries.iter().filter(|(k, _)| k.dir == NAT_DIR_EGRESS) {
             if entry.flags & NAT_F_INBOUND != 0 {
-                let t = timeouts.for_flow(key.proto, entry.tcp_seen, entry.tcp_seen);
+                let t = timeouts.for_inbound(key.proto, entry.tcp_seen);
                 if idle(entry.last_seen_ns) > t {
                     doomed.insert(*key);
                 }
