@@ -51,7 +51,10 @@ struct Cloud {
 
 /// Reads IMDS, authenticates and learns the VCN.
 async fn connect(config: &AgentConfig) -> anyhow::Result<Cloud> {
+    // Every call also has its own overall timeout (IMDS 5 s, federation 10 s, Core 30 s per
+    // attempt); a connection that cannot even be made fails fast.
     let http_client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
         .build()
         .context("creating the HTTP client")?;
     let imds = ImdsClient::new(&config.oci.imds_url, http_client.clone())?;

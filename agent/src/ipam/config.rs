@@ -32,6 +32,12 @@ pub struct IpamConfig {
     /// How long an ADD for a new pod waits for the first reconcile with OCI after a start
     /// before it is asked to retry (default 5 s, below the CNI plugin's timeout).
     pub startup_wait: Duration,
+    /// How long the grower leaves an operation alone after OCI denied it (IAM, a wrong
+    /// compartment or OCID, a tenancy quota): retrying sooner only adds calls (default 5 min).
+    pub denied_backoff: Duration,
+    /// The longest wait between retries of an operation that keeps failing for a transient
+    /// reason; the wait doubles from `tick` with jitter (default 60 s).
+    pub error_backoff_max: Duration,
 }
 
 impl IpamConfig {
@@ -47,6 +53,8 @@ impl IpamConfig {
             reconcile_interval: Duration::from_mins(5),
             retry_after: Duration::from_secs(1),
             startup_wait: Duration::from_secs(5),
+            denied_backoff: Duration::from_mins(5),
+            error_backoff_max: Duration::from_mins(1),
         }
     }
 }
