@@ -194,6 +194,11 @@ async fn step(inner: &Arc<Inner>, memory: &mut Memory) -> bool {
     let mut plan = plan;
     plan.create
         .retain(|vnic| !memory.waiting(&Target::CreateIp(vnic.clone()), now));
+    // A VNIC whose last create failed gets one probe, not a full batch.
+    let mut probed = std::collections::HashSet::new();
+    plan.create.retain(|vnic| {
+        !memory.backoff.contains_key(&Target::CreateIp(vnic.clone())) || probed.insert(vnic.clone())
+    });
     plan.attach
         .retain(|subnet| !memory.waiting(&Target::Attach(subnet.clone()), now));
     if !plan.attach.is_empty() && memory.waiting(&Target::CountAttachments, now) {
