@@ -51,7 +51,7 @@ fn config(sim: &Simulator, dir: &Path, warm_ips: usize) -> IpamConfig {
     cfg
 }
 
-async fn start(sim: &Simulator, cfg: IpamConfig) -> (Ipam, Arc<CoreClient>) {
+fn start(sim: &Simulator, cfg: IpamConfig) -> (Ipam, Arc<CoreClient>) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -193,7 +193,7 @@ async fn lost_create_private_ip_answers_leave_no_orphan_and_no_duplicate() {
     let sim = sim(8, 2, None).await;
     sim.set_faults(lose_answers("CreatePrivateIp"));
     let dir = tempfile::tempdir().unwrap();
-    let (ipam, _) = start(&sim, config(&sim, dir.path(), 3)).await;
+    let (ipam, _) = start(&sim, config(&sim, dir.path(), 3));
     ipam.reconciled().await;
     // One grower step (the tick is 100 ms), far below the reconcile interval.
     wait_pool_equals_oci(&sim, &ipam, Duration::from_secs(5)).await;
@@ -210,7 +210,7 @@ async fn lost_attach_vnic_answers_leave_no_orphan_and_no_duplicate() {
     let dir = tempfile::tempdir().unwrap();
     // Four warm addresses at two per VNIC: two secondary VNICs, both attached through a lost
     // answer.
-    let (ipam, _) = start(&sim, config(&sim, dir.path(), 4)).await;
+    let (ipam, _) = start(&sim, config(&sim, dir.path(), 4));
     ipam.reconciled().await;
     let a = allocate(&ipam, &pod(1), Duration::from_secs(20)).await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -272,7 +272,7 @@ async fn the_documented_policy_grows_shrinks_and_allocates() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(&sim, dir.path(), 3);
     cfg.pool.release_delay = Duration::from_millis(200);
-    let (ipam, _) = start(&sim, cfg).await;
+    let (ipam, _) = start(&sim, cfg);
     ipam.reconciled().await;
     let a = allocate(&ipam, &pod(1), Duration::from_secs(20)).await;
     wait_pool_equals_oci(&sim, &ipam, Duration::from_secs(20)).await;
@@ -313,7 +313,7 @@ async fn each_missing_permission_is_named_and_its_calls_back_off() {
         let dir = tempfile::tempdir().unwrap();
         // Not waiting for the first reconcile: without `use vnics` (so no GetVnic) it cannot
         // finish, and the start-up retries must back off as well.
-        let (ipam, client) = start(&sim, config(&sim, dir.path(), 4)).await;
+        let (ipam, client) = start(&sim, config(&sim, dir.path(), 4));
         // Pods keep asking (the kubelet repeats ADD) while the node cannot grow.
         let window = Duration::from_secs(12);
         let until = Instant::now() + window;

@@ -43,7 +43,7 @@ enum Target {
 /// Why a call failed, as far as the grower's next move is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Failure {
-    /// OCI refused it in a way retrying will not fix soon: IAM (404 NotAuthorizedOrNotFound),
+    /// OCI refused it in a way retrying will not fix soon: IAM (404 `NotAuthorizedOrNotFound`),
     /// authentication or a request OCI finds invalid, a tenancy quota.
     Denied,
     /// Anything else: throttling, 5xx, a lost connection.

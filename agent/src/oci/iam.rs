@@ -37,14 +37,13 @@ pub fn implies(held: &str, wanted: &str) -> bool {
 /// granted by an operation that succeeded.
 pub fn suspects<'a>(
     denied: impl IntoIterator<Item = &'a str>,
-    succeeded: impl IntoIterator<Item = &'a str> + Clone,
+    succeeded: &[&str],
 ) -> Vec<&'static str> {
     let mut out: Vec<&'static str> = Vec::new();
     for op in denied {
         for wanted in needs(op) {
             let proven = succeeded
-                .clone()
-                .into_iter()
+                .iter()
                 .any(|ok| needs(ok).iter().any(|held| implies(held, wanted)));
             if !proven && !out.contains(wanted) {
                 out.push(wanted);
@@ -62,11 +61,11 @@ mod tests {
     #[test]
     fn a_denied_attach_with_working_creates_points_at_manage_instances() {
         assert_eq!(
-            suspects(["AttachVnic"], ["CreatePrivateIp", "GetVnic"]),
+            suspects(["AttachVnic"], &["CreatePrivateIp", "GetVnic"]),
             ["manage instances"]
         );
         assert_eq!(
-            suspects(["CreatePrivateIp"], ["GetVnic", "ListPrivateIps"]),
+            suspects(["CreatePrivateIp"], &["GetVnic", "ListPrivateIps"]),
             ["use private-ips", "use subnets", "use vnics"]
         );
         assert!(implies("manage instances", "inspect instances"));

@@ -75,7 +75,7 @@ impl ApiMetrics {
             .filter(|(_, d)| !**d)
             .map(|(op, _)| *op)
             .collect();
-        super::iam::suspects(denied, succeeded.iter().copied())
+        super::iam::suspects(denied, &succeeded)
     }
 
     /// Prometheus text exposition.

@@ -101,7 +101,7 @@ impl Policy {
 }
 
 /// What each simulated operation needs. `AttachVnic`/`DetachVnic` need `manage instances`
-/// (INSTANCE_ATTACH/DETACH_SECONDARY_VNIC exist only at `manage`).
+/// (`INSTANCE_ATTACH_SECONDARY_VNIC` and its detach twin exist only at `manage`).
 pub fn required(operation: &str) -> &'static [(Verb, &'static str)] {
     use Verb::{Inspect, Manage, Use};
     match operation {

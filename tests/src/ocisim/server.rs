@@ -427,7 +427,7 @@ fn fire(s: &Shared, op: &str, after_commit: bool) -> Option<FaultRule> {
         if rule.times == Some(0) {
             continue;
         }
-        if rule.rate < 1.0 && !(rand::random::<f64>() < rule.rate) {
+        if rule.rate < 1.0 && rand::random::<f64>() >= rule.rate {
             continue;
         }
         if let Some(n) = rule.times.as_mut() {

@@ -478,7 +478,7 @@ impl Cloud {
     }
 
     /// `UpdatePrivateIp`: new tags or display name, or `vnicId` to move a secondary address
-    /// to another VNIC, which must be in the same subnet (UpdatePrivateIpDetails `vnicId`).
+    /// to another VNIC, which must be in the same subnet (`UpdatePrivateIpDetails.vnicId`).
     pub fn update_private_ip(&mut self, id: &str, body: &Value) -> Result<(), ApiError> {
         let ip = self
             .private_ips
