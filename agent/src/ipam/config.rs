@@ -35,6 +35,12 @@ pub struct IpamConfig {
     /// How long after a DEL an ADD for the same attachment is refused (default 10 s): a DEL
     /// that raced ahead of a slow ADD must not be followed by an allocation nobody frees.
     pub tombstone_grace: Duration,
+    /// How long the grower leaves an operation alone after OCI denied it (IAM, a wrong
+    /// compartment or OCID, a tenancy quota): retrying sooner only adds calls (default 5 min).
+    pub denied_backoff: Duration,
+    /// The longest wait between retries of an operation that keeps failing for a transient
+    /// reason; the wait doubles from `tick` with jitter (default 60 s).
+    pub error_backoff_max: Duration,
 }
 
 impl IpamConfig {
@@ -51,6 +57,8 @@ impl IpamConfig {
             retry_after: Duration::from_secs(1),
             startup_wait: Duration::from_secs(5),
             tombstone_grace: Duration::from_secs(10),
+            denied_backoff: Duration::from_mins(5),
+            error_backoff_max: Duration::from_mins(1),
         }
     }
 }

@@ -1,7 +1,9 @@
 //! The background task that moves the pool towards its targets: plan (pure, under the state
 //! lock), execute the plan's cloud calls in parallel (bounded), feed the results back, repeat.
+use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -9,15 +11,16 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use crate::oci::models::AttachmentState;
-use crate::oci::new_retry_token;
+use crate::oci::{OciError, new_retry_token};
 
 use super::pool::{Plan, Slot, SlotState, later};
 use super::reconcile::vnic_info;
 use super::state::Inner;
 
 pub(super) async fn run(inner: Arc<Inner>) {
+    let mut memory = Memory::default();
     loop {
-        if !step(&inner).await {
+        if !step(&inner, &mut memory).await {
             tokio::select! {
                 () = inner.wake.notified() => {}
                 () = tokio::time::sleep(inner.cfg.tick) => {}
@@ -26,14 +29,152 @@ pub(super) async fn run(inner: Arc<Inner>) {
     }
 }
 
+/// What one kind of call is about: the unit that backs off on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Target {
+    /// `CreatePrivateIp` on a VNIC.
+    CreateIp(String),
+    /// `AttachVnic` in a subnet.
+    Attach(String),
+    /// `ListVnicAttachments` before attaching.
+    CountAttachments,
+}
+
+/// Why a call failed, as far as the grower's next move is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// OCI refused it in a way retrying will not fix soon: IAM (404 `NotAuthorizedOrNotFound`),
+    /// authentication or a request OCI finds invalid, a tenancy quota.
+    Denied,
+    /// Anything else: throttling, 5xx, a lost connection.
+    Transient,
+}
+
+fn classify(error: &OciError) -> Failure {
+    match (error.status(), error.code()) {
+        (Some(404 | 401 | 400), _) | (_, Some("QuotaExceeded")) => Failure::Denied,
+        _ => Failure::Transient,
+    }
+}
+
+#[derive(Debug)]
+struct Backoff {
+    failures: u32,
+    until: Instant,
+}
+
+/// What the grower keeps between steps: per-target backoff, and the retry tokens of creates
+/// whose answer was lost, so the next try returns the resource the first one made.
+#[derive(Debug, Default)]
+struct Memory {
+    backoff: HashMap<Target, Backoff>,
+    tokens: HashMap<Target, Vec<String>>,
+}
+
+impl Memory {
+    fn waiting(&self, target: &Target, now: Instant) -> bool {
+        self.backoff.get(target).is_some_and(|b| b.until > now)
+    }
+
+    /// The token for the next create of `target`: one whose answer was lost, else a new one.
+    fn token(&mut self, target: &Target) -> String {
+        self.tokens
+            .get_mut(target)
+            .and_then(Vec::pop)
+            .unwrap_or_else(new_retry_token)
+    }
+
+    fn record(&mut self, cfg: &super::IpamConfig, target: Target, outcome: Outcome) {
+        match outcome {
+            Outcome::Done => {
+                self.backoff.remove(&target);
+            }
+            Outcome::Failed { error, token } => {
+                if let Some(token) = token {
+                    self.tokens.entry(target.clone()).or_default().push(token);
+                }
+                let failures = self.backoff.get(&target).map_or(0, |b| b.failures) + 1;
+                let wait = match error {
+                    // A lost answer is asked again at once, with the same token; if OCI
+                    // keeps failing, as any other transient failure.
+                    None if failures == 1 => Duration::ZERO,
+                    None | Some(Failure::Transient) => {
+                        jittered(cfg.tick, failures, cfg.error_backoff_max)
+                    }
+                    Some(Failure::Denied) => cfg.denied_backoff,
+                };
+                self.backoff.insert(
+                    target,
+                    Backoff {
+                        failures,
+                        until: Instant::now() + wait,
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// `base · 2^(failures-1)`, capped, with equal jitter (half fixed, half random) so nodes that
+/// failed together do not retry together.
+fn jittered(base: Duration, failures: u32, cap: Duration) -> Duration {
+    use rand::Rng as _;
+    let exp = base
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+        .min(cap);
+    let half = exp / 2;
+    half + half.mul_f64(rand::thread_rng().r#gen::<f64>())
+}
+
+/// How one call ended, for [`Memory::record`].
+#[derive(Debug)]
+enum Outcome {
+    Done,
+    /// `error` is `None` when the answer was lost and `token` must be reused.
+    Failed {
+        error: Option<Failure>,
+        token: Option<String>,
+    },
+}
+
+impl Outcome {
+    fn failed(error: &OciError, token: String) -> Self {
+        if error.may_have_committed() {
+            Self::Failed {
+                error: None,
+                token: Some(token),
+            }
+        } else {
+            Self::Failed {
+                error: Some(classify(error)),
+                token: None,
+            }
+        }
+    }
+}
+
+/// Logs a denial once per backoff with what the node's policy must grant.
+fn report_denied(error: &OciError, retry_in: Duration) {
+    let operation = error.operation();
+    let needs = crate::oci::iam::needs(operation).join(", ");
+    tracing::error!(
+        operation,
+        needs = %needs,
+        code = error.code().unwrap_or("-"),
+        ?retry_in,
+        error = %error,
+        "OCI refused the call: the node's IAM policy must grant {needs} (see docs/oci.md), or the subnet or compartment is wrong; not retrying before the backoff"
+    );
+}
+
 /// One plan, executed. True when something succeeded, so the next plan follows at once; after
-/// a step where everything failed the loop waits for the tick (a simple backoff on top of the
-/// client's own retries).
-async fn step(inner: &Arc<Inner>) -> bool {
+/// a step where everything failed the loop waits for the tick or a wake-up. Targets in
+/// backoff are left out of the plan, so wake-ups (a pod's repeated ADD) add no OCI calls.
+async fn step(inner: &Arc<Inner>, memory: &mut Memory) -> bool {
     let _ops = inner.ops.lock().await;
+    let now = Instant::now();
     let plan = {
         let mut state = inner.state.lock().await;
-        let now = Instant::now();
         state.pool.tick(now);
         let pods_on = state.pods_on();
         let plan = state.pool.plan(&inner.cfg.pool, now, &pods_on);
@@ -51,6 +192,19 @@ async fn step(inner: &Arc<Inner>) -> bool {
         }
         plan
     };
+    let mut plan = plan;
+    plan.create
+        .retain(|vnic| !memory.waiting(&Target::CreateIp(vnic.clone()), now));
+    // A VNIC whose last create failed gets one probe, not a full batch.
+    let mut probed = std::collections::HashSet::new();
+    plan.create.retain(|vnic| {
+        !memory.backoff.contains_key(&Target::CreateIp(vnic.clone())) || probed.insert(vnic.clone())
+    });
+    plan.attach
+        .retain(|subnet| !memory.waiting(&Target::Attach(subnet.clone()), now));
+    if !plan.attach.is_empty() && memory.waiting(&Target::CountAttachments, now) {
+        plan.attach.clear();
+    }
     if plan.is_empty() {
         return false;
     }
@@ -61,10 +215,10 @@ async fn step(inner: &Arc<Inner>) -> bool {
         release = plan.release.len(),
         detach = plan.detach.len()
     );
-    execute(inner, plan).instrument(span).await
+    execute(inner, plan, memory).instrument(span).await
 }
 
-async fn execute(inner: &Arc<Inner>, plan: Plan) -> bool {
+async fn execute(inner: &Arc<Inner>, plan: Plan, memory: &mut Memory) -> bool {
     let limit = Arc::new(Semaphore::new(inner.cfg.parallel_calls));
     let mut tasks = JoinSet::new();
     let Plan {
@@ -73,19 +227,43 @@ async fn execute(inner: &Arc<Inner>, plan: Plan) -> bool {
         release,
         detach,
     } = plan;
-    let attach = allowed_attaches(inner, attach).await;
+    let attach = match allowed_attaches(inner, attach).await {
+        Ok(attach) => {
+            memory.record(&inner.cfg, Target::CountAttachments, Outcome::Done);
+            attach
+        }
+        Err(error) => {
+            let failure = classify(&error);
+            if failure == Failure::Denied {
+                report_denied(&error, inner.cfg.denied_backoff);
+            }
+            let outcome = Outcome::Failed {
+                error: Some(failure),
+                token: None,
+            };
+            memory.record(&inner.cfg, Target::CountAttachments, outcome);
+            Vec::new()
+        }
+    };
+    let mut calls = JoinSet::new();
     for vnic in create {
         let (inner, limit) = (inner.clone(), limit.clone());
-        tasks.spawn(async move {
+        let target = Target::CreateIp(vnic.clone());
+        let token = memory.token(&target);
+        calls.spawn(async move {
             let _permit = limit.acquire().await;
-            create_ip(&inner, &vnic).await
+            let outcome = create_ip(&inner, &vnic, token).await;
+            (target, outcome)
         });
     }
     for subnet in attach {
         let (inner, limit) = (inner.clone(), limit.clone());
-        tasks.spawn(async move {
+        let target = Target::Attach(subnet.clone());
+        let token = memory.token(&target);
+        calls.spawn(async move {
             let _permit = limit.acquire().await;
-            attach_vnic(&inner, &subnet).await
+            let outcome = attach_vnic(&inner, &subnet, token).await;
+            (target, outcome)
         });
     }
     for (vnic, ip, ocid) in release {
@@ -103,6 +281,13 @@ async fn execute(inner: &Arc<Inner>, plan: Plan) -> bool {
         });
     }
     let mut progressed = false;
+    while let Some(done) = calls.join_next().await {
+        let Ok((target, outcome)) = done else {
+            continue;
+        };
+        progressed |= matches!(outcome, Outcome::Done);
+        memory.record(&inner.cfg, target, outcome);
+    }
     while let Some(done) = tasks.join_next().await {
         progressed |= done.unwrap_or(false);
     }
@@ -112,17 +297,13 @@ async fn execute(inner: &Arc<Inner>, plan: Plan) -> bool {
 /// Recounts the instance's attachments before attaching: VNICs still detaching, or attached by
 /// someone else since the last reconcile, hold slots of the shape's limit. Without this a
 /// shape-limit `LimitExceeded` would be taken for an exhausted subnet.
-async fn allowed_attaches(inner: &Inner, mut attach: Vec<String>) -> Vec<String> {
+async fn allowed_attaches(inner: &Inner, mut attach: Vec<String>) -> Result<Vec<String>, OciError> {
     if attach.is_empty() {
-        return attach;
+        return Ok(attach);
     }
-    let attachments = match inner.cloud.list_vnic_attachments().await {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot count the node's VNIC attachments; not attaching now");
-            return Vec::new();
-        }
-    };
+    let attachments = inner.cloud.list_vnic_attachments().await.inspect_err(|e| {
+        tracing::warn!(error = %e, "cannot count the node's VNIC attachments; not attaching now");
+    })?;
     let state = inner.state.lock().await;
     let pool = &state.pool;
     // Not stored in the pool: a detaching VNIC is gone a moment later, and the pool's count
@@ -142,11 +323,12 @@ async fn allowed_attaches(inner: &Inner, mut attach: Vec<String>) -> Vec<String>
         .max_vnics
         .saturating_sub(pool.vnics().len() + others);
     attach.truncate(room);
-    attach
+    Ok(attach)
 }
 
-async fn create_ip(inner: &Inner, vnic: &str) -> bool {
-    let token = new_retry_token();
+/// Creates one address on `vnic` with `token`: a token whose earlier answer was lost returns
+/// the address that call made, so a lost answer never leaves an orphan behind.
+async fn create_ip(inner: &Inner, vnic: &str, token: String) -> Outcome {
     match inner
         .cloud
         .create_private_ip(vnic, None, &inner.tags, &token)
@@ -155,7 +337,10 @@ async fn create_ip(inner: &Inner, vnic: &str) -> bool {
         Ok(created) => {
             let Ok(ip) = created.ip_address.parse::<Ipv4Addr>() else {
                 tracing::error!(address = %created.ip_address, id = %created.id, "OCI returned a private IP that is not IPv4; leaving it to the reconcile");
-                return false;
+                return Outcome::Failed {
+                    error: Some(Failure::Denied),
+                    token: None,
+                };
             };
             let slot = Slot {
                 ocid: created.id,
@@ -166,22 +351,33 @@ async fn create_ip(inner: &Inner, vnic: &str) -> bool {
             // The VNIC cannot have left the pool: detaches happen under the same ops lock.
             inner.state.lock().await.pool.add_slot(vnic, ip, slot);
             tracing::debug!(%ip, vnic, "private IP created");
-            true
+            Outcome::Done
         }
         Err(e) if e.is_limit_exceeded() => {
+            // Limits are not retried: the VNIC holds as many addresses as it may (or its
+            // subnet is out of them); the plan moves on to another VNIC.
             tracing::info!(vnic, error = %e, "VNIC is full");
             inner.state.lock().await.pool.mark_full(vnic);
-            false
+            Outcome::Done
         }
         Err(e) => {
-            tracing::warn!(vnic, error = %e, "cannot create a private IP; will retry");
-            false
+            let outcome = Outcome::failed(&e, token);
+            match &outcome {
+                Outcome::Failed { error: None, .. } => {
+                    tracing::warn!(vnic, error = %e, "the answer to CreatePrivateIp was lost; asking again with the same retry token");
+                }
+                Outcome::Failed {
+                    error: Some(Failure::Denied),
+                    ..
+                } => report_denied(&e, inner.cfg.denied_backoff),
+                _ => tracing::warn!(vnic, error = %e, "cannot create a private IP; will retry"),
+            }
+            outcome
         }
     }
 }
 
-async fn attach_vnic(inner: &Inner, subnet: &str) -> bool {
-    let token = new_retry_token();
+async fn attach_vnic(inner: &Inner, subnet: &str, token: String) -> Outcome {
     let attachment = match inner.cloud.attach_vnic(subnet, &inner.tags, &token).await {
         Ok(a) => a,
         Err(e) if e.is_limit_exceeded() => {
@@ -195,11 +391,21 @@ async fn attach_vnic(inner: &Inner, subnet: &str) -> bool {
                 .await
                 .pool
                 .mark_subnet_exhausted(subnet, until);
-            return false;
+            return Outcome::Done;
         }
         Err(e) => {
-            tracing::warn!(subnet, error = %e, "cannot attach a VNIC; will retry");
-            return false;
+            let outcome = Outcome::failed(&e, token);
+            match &outcome {
+                Outcome::Failed { error: None, .. } => {
+                    tracing::warn!(subnet, error = %e, "the answer to AttachVnic was lost; asking again with the same retry token");
+                }
+                Outcome::Failed {
+                    error: Some(Failure::Denied),
+                    ..
+                } => report_denied(&e, inner.cfg.denied_backoff),
+                _ => tracing::warn!(subnet, error = %e, "cannot attach a VNIC; will retry"),
+            }
+            return outcome;
         }
     };
     match vnic_info(inner, &attachment).await {
@@ -207,11 +413,15 @@ async fn attach_vnic(inner: &Inner, subnet: &str) -> bool {
             tracing::info!(vnic = %info.id, attached_at = %info.attached_at, subnet, "VNIC attached");
             inner.state.lock().await.pool.upsert_vnic(info);
             inner.vnic_added.notify_one();
-            true
+            Outcome::Done
         }
         Err(e) => {
-            tracing::warn!(attachment = %attachment.id, error = %e, "VNIC attached but not readable yet; the reconcile adopts it");
-            false
+            // The same token answers this attachment again, so the next try adopts it.
+            tracing::warn!(attachment = %attachment.id, error = %e, "VNIC attached but not readable yet; asking again with the same retry token");
+            Outcome::Failed {
+                error: None,
+                token: Some(token),
+            }
         }
     }
 }

@@ -59,6 +59,10 @@ impl Endpoints {
     }
 }
 
+/// Attachment polling starts at this interval and doubles up to [`ATTACH_POLL_MAX`].
+const ATTACH_POLL_FIRST: Duration = Duration::from_secs(1);
+const ATTACH_POLL_MAX: Duration = Duration::from_secs(5);
+
 /// A random `opc-retry-token`: the same token on a repeated create returns the first result.
 pub fn new_retry_token() -> String {
     use rand::Rng as _;
@@ -159,6 +163,7 @@ impl CoreClient {
         timeout: Duration,
     ) -> Result<VnicAttachment, OciError> {
         let deadline = Instant::now() + timeout;
+        let mut poll = ATTACH_POLL_FIRST;
         loop {
             let attachment = self.get_vnic_attachment(id).await?;
             match attachment.lifecycle_state {
@@ -180,7 +185,9 @@ impl CoreClient {
                     timeout,
                 });
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            // OCI takes 10–30 s to attach: poll at 1 s, 2 s, 4 s, then every 5 s.
+            tokio::time::sleep(poll.min(deadline.saturating_duration_since(Instant::now()))).await;
+            poll = (poll * 2).min(ATTACH_POLL_MAX);
         }
     }
 
@@ -336,6 +343,14 @@ impl CoreClient {
                 Ok(answer) => return Ok(answer),
                 Err(error) => error,
             };
+            if let Some(server_message) = clock_skew(&error) {
+                // A new token would be refused the same way: say what to fix, once per call.
+                tracing::error!(operation = call.operation, %server_message, "OCI refuses the node's clock; fix its time sync (chrony/NTP)");
+                return Err(OciError::ClockSkew {
+                    operation: call.operation,
+                    server_message,
+                });
+            }
             if error.status() == Some(401)
                 && !reauthenticated
                 && self.auth.unauthorized(generation).await
@@ -448,6 +463,19 @@ impl CoreClient {
         self.metrics
             .record(operation, &outcome, attempt_started.elapsed());
         Ok((result, credentials.generation))
+    }
+}
+
+/// OCI's 401 for a request dated too far from its clock ("Date '…' is not within allowed
+/// clock skew. Current '…', valid datetime range: […]", docs/oci.md): the message, if so.
+fn clock_skew(error: &OciError) -> Option<String> {
+    match error {
+        OciError::Service {
+            status: 401,
+            message,
+            ..
+        } if message.contains("clock skew") => Some(message.clone()),
+        _ => None,
     }
 }
 

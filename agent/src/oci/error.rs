@@ -116,6 +116,14 @@ pub enum OciError {
         #[source]
         last: Box<OciError>,
     },
+    /// OCI refused the request's date: the node's clock is more than 5 minutes off.
+    #[error(
+        "{operation}: OCI rejects this node's clock (more than 5 minutes off); fix the node's time sync (chrony/NTP): {server_message}"
+    )]
+    ClockSkew {
+        operation: &'static str,
+        server_message: String,
+    },
     #[error("{operation}: authentication: {source}")]
     Auth {
         operation: &'static str,
@@ -165,5 +173,30 @@ impl OciError {
 
     pub fn is_not_found(&self) -> bool {
         self.status() == Some(404)
+    }
+
+    /// The operation that failed.
+    pub fn operation(&self) -> &'static str {
+        match self {
+            OciError::Service { operation, .. }
+            | OciError::Transport { operation, .. }
+            | OciError::Timeout { operation, .. }
+            | OciError::Decode { operation, .. }
+            | OciError::Url { operation, .. }
+            | OciError::RetriesExhausted { operation, .. }
+            | OciError::ClockSkew { operation, .. }
+            | OciError::Auth { operation, .. } => operation,
+        }
+    }
+
+    /// Whether a create may have taken effect although its answer never arrived whole: the
+    /// connection failed or timed out, the service erred (5xx may come after the commit), or
+    /// the body was cut. Such a create is repeated with the same `opc-retry-token`.
+    pub fn may_have_committed(&self) -> bool {
+        match self.root() {
+            OciError::Service { status, .. } => *status >= 500,
+            OciError::Transport { .. } | OciError::Timeout { .. } | OciError::Decode { .. } => true,
+            _ => false,
+        }
     }
 }

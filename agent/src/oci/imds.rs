@@ -12,6 +12,9 @@ use super::error::ImdsError;
 pub const DEFAULT_BASE: &str = "http://169.254.169.254/opc/v2/";
 /// IMDS is rate limited and can answer 404 for a moment after boot: retry this many times.
 const RETRIES: u32 = 3;
+/// IMDS is a link-local service answering in milliseconds; one that has not answered by then
+/// is hung, and the attempt is retried or reported.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct ImdsClient {
@@ -140,13 +143,23 @@ impl ImdsClient {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let response = self
+            let sent = self
                 .http
                 .get(url.clone())
                 .header("authorization", "Bearer Oracle")
+                .timeout(ATTEMPT_TIMEOUT)
                 .send()
-                .await
-                .map_err(transport)?;
+                .await;
+            let response = match sent {
+                Ok(response) => response,
+                // Refused, reset or hung: IMDS restarts and updates, so try again a few times.
+                Err(source) if attempt <= RETRIES => {
+                    tracing::debug!(path, error = %source, attempt, "IMDS request failed, retrying");
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                    continue;
+                }
+                Err(source) => return Err(transport(source)),
+            };
             let status = response.status();
             if status.is_success() {
                 return response.text().await.map_err(transport);

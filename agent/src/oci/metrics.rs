@@ -24,6 +24,8 @@ pub struct ApiMetrics {
 struct Inner {
     attempts: BTreeMap<(&'static str, String), u64>,
     latency: BTreeMap<&'static str, Histogram>,
+    /// Per operation, whether its last answer was an IAM denial (true) or a success (false).
+    denied: BTreeMap<&'static str, bool>,
 }
 
 impl ApiMetrics {
@@ -47,10 +49,48 @@ impl ApiMetrics {
         }
         h.count += 1;
         h.sum += secs;
+        match outcome {
+            "ok" => {
+                inner.denied.insert(operation, false);
+            }
+            "NotAuthorizedOrNotFound" => {
+                inner.denied.insert(operation, true);
+            }
+            _ => {}
+        }
+    }
+
+    /// The IAM permissions that explain the operations now denied (`404
+    /// NotAuthorizedOrNotFound` on their last attempt), minus those proven by an operation that
+    /// succeeded: what the policy most likely lacks. Empty when nothing is denied.
+    pub fn missing_permissions(&self) -> Vec<&'static str> {
+        let inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let denied = inner.denied.iter().filter(|(_, d)| **d).map(|(op, _)| *op);
+        let succeeded: Vec<&str> = inner
+            .denied
+            .iter()
+            .filter(|(_, d)| !**d)
+            .map(|(op, _)| *op)
+            .collect();
+        super::iam::suspects(denied, &succeeded)
     }
 
     /// Prometheus text exposition.
     pub fn render(&self, out: &mut String) {
+        let missing = self.missing_permissions();
+        let _ = writeln!(
+            out,
+            "# HELP vcnpath_oci_permission_missing IAM permissions the node's policy most likely lacks (operations denied with 404 NotAuthorizedOrNotFound).\n# TYPE vcnpath_oci_permission_missing gauge"
+        );
+        for permission in missing {
+            let _ = writeln!(
+                out,
+                "vcnpath_oci_permission_missing{{permission=\"{permission}\"}} 1"
+            );
+        }
         let inner = self
             .inner
             .lock()

@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod client;
 pub mod error;
+pub mod iam;
 pub mod imds;
 pub mod metrics;
 pub mod models;

@@ -27,9 +27,14 @@ pub enum TransportError {
     Build(#[source] reqwest::Error),
 }
 
+/// How long making a connection may take, for every OCI endpoint.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The client for the Core API and federation, trusting `ca_bundle` too when given.
 pub fn api_client(ca_bundle: Option<&Path>) -> Result<reqwest::Client, TransportError> {
-    let mut builder = reqwest::Client::builder();
+    // Every call also has its own overall timeout (IMDS 5 s, federation 10 s, Core 30 s per
+    // attempt); a connection that cannot even be made fails fast.
+    let mut builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
     if let Some(path) = ca_bundle {
         let pem = std::fs::read(path).map_err(|source| TransportError::ReadBundle {
             path: path.to_owned(),
@@ -62,6 +67,7 @@ pub fn api_client(ca_bundle: Option<&Path>) -> Result<reqwest::Client, Transport
 /// The client for IMDS: never through a proxy.
 pub fn imds_client() -> Result<reqwest::Client, TransportError> {
     reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
         .no_proxy()
         .build()
         .map_err(TransportError::Build)

@@ -46,6 +46,12 @@ pub struct SimConfig {
     /// API keys accepted for signed requests (the instance's session keys need none).
     pub api_keys: Vec<ApiKeyConfig>,
     pub faults: Faults,
+    /// The IAM policy granted to the instance, as OCI permission statements (`manage instances`,
+    /// `use subnets`, or whole `Allow dynamic-group … to use vnics in compartment …` lines).
+    /// `None` grants everything; an operation the policy does not cover answers 404
+    /// `NotAuthorizedOrNotFound`, as OCI does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -76,7 +82,9 @@ pub struct ApiKeyConfig {
     pub public_key_file: Option<String>,
 }
 
-/// Faults injected into Core API requests (IMDS, federation and admin are never faulted).
+/// Faults injected into requests. The flat fields fault every Core API request alike (kept for
+/// the state files and benches that set them); `rules` fault one operation (IMDS and `/v1/x509`
+/// included) before or after it takes effect.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Faults {
@@ -90,6 +98,60 @@ pub struct Faults {
     pub rate_5xx: f64,
     /// Fraction (0–1) of requests that never get an answer.
     pub rate_hang: f64,
+    /// Per-operation faults; the first rule that matches and fires decides.
+    pub rules: Vec<FaultRule>,
+    /// List calls (`ListVnicAttachments`, `ListPrivateIps`, `ListSubnets`) answer from the
+    /// state as it was this long ago: reads that lag writes.
+    pub stale_read_ms: u64,
+}
+
+/// One injected fault: which operation, how often, and whether before the operation (nothing
+/// happened) or after it committed (the resource exists, the answer is lost or broken).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FaultRule {
+    /// An operation name as the API reference spells it (`CreatePrivateIp`, `AttachVnic`,
+    /// `ListVnicAttachments`, …), `Imds` for any `/opc/v2/` path, `X509` for the federation
+    /// endpoint, or `*` for all of them.
+    pub op: String,
+    pub kind: FaultKind,
+    /// HTTP status of a `status` fault (default 500).
+    pub status: u16,
+    /// OCI error code of a `status` fault (default `InternalServerError`).
+    pub code: String,
+    /// Fraction (0–1) of matching requests that get the fault.
+    pub rate: f64,
+    /// Apply after the operation took effect instead of before.
+    pub after_commit: bool,
+    /// Fire at most this many times (`None`: no limit). Counts down as it fires.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub times: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// Answer `status` and `code` instead of the real answer.
+    #[default]
+    Status,
+    /// Never answer.
+    Hang,
+    /// Answer 200 with the first half of the real body (a connection cut mid-answer).
+    Truncate,
+}
+
+impl Default for FaultRule {
+    fn default() -> Self {
+        Self {
+            op: "*".into(),
+            kind: FaultKind::Status,
+            status: 500,
+            code: "InternalServerError".into(),
+            rate: 1.0,
+            after_commit: false,
+            times: None,
+        }
+    }
 }
 
 impl SimConfig {
@@ -142,6 +204,7 @@ impl Default for SimConfig {
             primary_ip: None,
             api_keys: Vec::new(),
             faults: Faults::default(),
+            policy: None,
         }
     }
 }

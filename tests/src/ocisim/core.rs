@@ -15,11 +15,15 @@ use rsa::pkcs8::DecodePublicKey as _;
 use serde_json::{Value, json};
 
 use super::server::{EventKind, Shared, error_response, lock};
-use super::state::{ApiError, AttachmentState};
+use super::state::{ApiError, AttachmentState, Cloud};
 use super::verify;
 
 type Answer = Result<(StatusCode, Value, Option<String>), ApiError>;
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one flat route table reads better than split halves"
+)]
 pub(super) async fn handle(
     State(s): State<Arc<Shared>>,
     method: Method,
@@ -41,15 +45,37 @@ pub(super) async fn handle(
         .trim_end_matches('/')
         .to_owned();
     let segments: Vec<&str> = path.split('/').collect();
+    let op = operation(&method, uri.path());
+    if let Some(policy) = lock(&s.policy).as_ref() {
+        let missing = policy.missing(op);
+        if !missing.is_empty() {
+            tracing::debug!(op, ?missing, "IAM denies the request");
+            *lock(&s.denied).entry(op.to_owned()).or_default() += 1;
+            return error_response(&ApiError::new(
+                404,
+                "NotAuthorizedOrNotFound",
+                "Authorization failed or requested resource not found.",
+            ));
+        }
+    }
     let retry_token = headers
         .get("opc-retry-token")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    if method != Method::GET {
+        s.remember(&lock(&s.cloud));
+    }
+    // A list answers from the past in stale-read mode; everything else from the present.
+    let stale = s.stale_view();
+    let view = |f: &dyn Fn(&Cloud) -> Answer| match &stale {
+        Some(past) => f(past),
+        None => f(&lock(&s.cloud)),
+    };
     let answer = match (method.clone(), segments.as_slice()) {
         (Method::POST, ["vnicAttachments"]) => {
             idempotent(&s, "AttachVnic", retry_token, &body, || attach(&s, &body))
         }
-        (Method::GET, ["vnicAttachments"]) => list_attachments(&s, &query),
+        (Method::GET, ["vnicAttachments"]) => view(&|c| list_attachments(c, &query)),
         (Method::GET, ["vnicAttachments", id]) => get_attachment(&s, id),
         (Method::DELETE, ["vnicAttachments", id]) => detach(&s, id),
         (Method::GET, ["vnics", id]) => {
@@ -60,12 +86,16 @@ pub(super) async fn handle(
                 .map(|v| ok(cloud.vnic_json(v)))
                 .ok_or_else(|| ApiError::not_found("VNIC", id))
         }
+        (Method::PUT, ["vnics", id]) => update(&s, &body, |cloud, body| {
+            cloud.update_vnic(id, body)?;
+            Ok(cloud.vnic_json(&cloud.vnics[*id]))
+        }),
         (Method::POST, ["privateIps"]) => {
             idempotent(&s, "CreatePrivateIp", retry_token, &body, || {
                 create_ip(&s, &body)
             })
         }
-        (Method::GET, ["privateIps"]) => list_ips(&s, &query),
+        (Method::GET, ["privateIps"]) => view(&|c| list_ips(c, &query)),
         (Method::GET, ["privateIps", id]) => {
             let cloud = lock(&s.cloud);
             cloud
@@ -74,6 +104,10 @@ pub(super) async fn handle(
                 .map(|p| ok(cloud.private_ip_json(p)))
                 .ok_or_else(|| ApiError::not_found("private IP", id))
         }
+        (Method::PUT, ["privateIps", id]) => update(&s, &body, |cloud, body| {
+            cloud.update_private_ip(id, body)?;
+            Ok(cloud.private_ip_json(&cloud.private_ips[*id]))
+        }),
         (Method::DELETE, ["privateIps", id]) => {
             lock(&s.cloud).delete_private_ip(id).map(|()| no_content())
         }
@@ -81,7 +115,7 @@ pub(super) async fn handle(
             let cloud = lock(&s.cloud);
             cloud.subnet(id).map(|sub| ok(cloud.subnet_json(sub)))
         }
-        (Method::GET, ["subnets"]) => list_subnets(&s, &query),
+        (Method::GET, ["subnets"]) => view(&|c| list_subnets(c, &query)),
         (Method::GET, ["vcns", id]) => {
             let cloud = lock(&s.cloud);
             if *id == cloud.cfg.vcn.id {
@@ -113,6 +147,46 @@ pub(super) async fn handle(
         }
         Err(e) => error_response(&e),
     }
+}
+
+/// The API reference's name of the operation a request makes: what faults and IAM key on.
+/// `Imds` and `X509` name the metadata service and the federation endpoint.
+pub(super) fn operation(method: &Method, path: &str) -> &'static str {
+    if path.starts_with("/opc/") {
+        return "Imds";
+    }
+    if path.starts_with("/v1/x509") {
+        return "X509";
+    }
+    let path = path.trim_start_matches("/20160918/").trim_end_matches('/');
+    let segments: Vec<&str> = path.split('/').collect();
+    match (method.as_str(), segments.as_slice()) {
+        ("POST", ["vnicAttachments"]) => "AttachVnic",
+        ("GET", ["vnicAttachments"]) => "ListVnicAttachments",
+        ("GET", ["vnicAttachments", _]) => "GetVnicAttachment",
+        ("DELETE", ["vnicAttachments", _]) => "DetachVnic",
+        ("GET", ["vnics", _]) => "GetVnic",
+        ("PUT", ["vnics", _]) => "UpdateVnic",
+        ("POST", ["privateIps"]) => "CreatePrivateIp",
+        ("GET", ["privateIps"]) => "ListPrivateIps",
+        ("GET", ["privateIps", _]) => "GetPrivateIp",
+        ("PUT", ["privateIps", _]) => "UpdatePrivateIp",
+        ("DELETE", ["privateIps", _]) => "DeletePrivateIp",
+        ("GET", ["subnets", _]) => "GetSubnet",
+        ("GET", ["subnets"]) => "ListSubnets",
+        ("GET", ["vcns", _]) => "GetVcn",
+        _ => "Unknown",
+    }
+}
+
+fn update(
+    s: &Shared,
+    body: &[u8],
+    apply: impl FnOnce(&mut Cloud, &Value) -> Result<Value, ApiError>,
+) -> Answer {
+    let body = json_body(body)?;
+    let mut cloud = lock(&s.cloud);
+    apply(&mut cloud, &body).map(ok)
 }
 
 fn ok(value: Value) -> (StatusCode, Value, Option<String>) {
@@ -220,7 +294,7 @@ fn json_body(body: &[u8]) -> Result<Value, ApiError> {
     })
 }
 
-fn attach(s: &Arc<Shared>, body: &[u8]) -> Answer {
+pub(super) fn attach(s: &Arc<Shared>, body: &[u8]) -> Answer {
     let body = json_body(body)?;
     let mut cloud = lock(&s.cloud);
     let instance = body["instanceId"].as_str().unwrap_or_default();
@@ -255,6 +329,7 @@ fn attach(s: &Arc<Shared>, body: &[u8]) -> Answer {
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
         let mut cloud = lock(&shared.cloud);
+        shared.remember(&cloud);
         if let Some(a) = cloud
             .attachments
             .get_mut(&id)
@@ -267,7 +342,7 @@ fn attach(s: &Arc<Shared>, body: &[u8]) -> Answer {
     Ok(ok(answer))
 }
 
-fn detach(s: &Arc<Shared>, id: &str) -> Answer {
+pub(super) fn detach(s: &Arc<Shared>, id: &str) -> Answer {
     let mut cloud = lock(&s.cloud);
     if !cloud.start_detach(id)? {
         return Ok(no_content());
@@ -278,6 +353,7 @@ fn detach(s: &Arc<Shared>, id: &str) -> Answer {
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
         let mut cloud = lock(&shared.cloud);
+        shared.remember(&cloud);
         // The event is sent while the VNIC still exists so it can carry the MAC and address.
         shared.emit(EventKind::Detached, &cloud, &id);
         cloud.finish_detach(&id);
@@ -308,18 +384,17 @@ fn require<'a>(query: &'a HashMap<String, String>, name: &str) -> Result<&'a str
         .ok_or_else(|| ApiError::new(400, "MissingParameter", format!("{name} is required")))
 }
 
-fn compartment(s: &Shared, query: &HashMap<String, String>) -> Result<(), ApiError> {
+fn compartment(cloud: &Cloud, query: &HashMap<String, String>) -> Result<(), ApiError> {
     let c = require(query, "compartmentId")?;
-    if c == lock(&s.cloud).cfg.compartment_id {
+    if c == cloud.cfg.compartment_id {
         Ok(())
     } else {
         Err(ApiError::not_found("compartment", c))
     }
 }
 
-fn list_attachments(s: &Shared, query: &HashMap<String, String>) -> Answer {
-    compartment(s, query)?;
-    let cloud = lock(&s.cloud);
+fn list_attachments(cloud: &Cloud, query: &HashMap<String, String>) -> Answer {
+    compartment(cloud, query)?;
     let items = cloud
         .attachments
         .values()
@@ -334,8 +409,7 @@ fn list_attachments(s: &Shared, query: &HashMap<String, String>) -> Answer {
     paginate(items, query, cloud.cfg.page_size)
 }
 
-fn list_ips(s: &Shared, query: &HashMap<String, String>) -> Answer {
-    let cloud = lock(&s.cloud);
+fn list_ips(cloud: &Cloud, query: &HashMap<String, String>) -> Answer {
     let (vnic, subnet) = (query.get("vnicId"), query.get("subnetId"));
     if vnic.is_none() && subnet.is_none() {
         return Err(ApiError::new(
@@ -359,9 +433,8 @@ fn list_ips(s: &Shared, query: &HashMap<String, String>) -> Answer {
     paginate(items, query, cloud.cfg.page_size)
 }
 
-fn list_subnets(s: &Shared, query: &HashMap<String, String>) -> Answer {
-    compartment(s, query)?;
-    let cloud = lock(&s.cloud);
+fn list_subnets(cloud: &Cloud, query: &HashMap<String, String>) -> Answer {
+    compartment(cloud, query)?;
     let items = cloud
         .subnets
         .iter()

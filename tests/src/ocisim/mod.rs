@@ -13,11 +13,13 @@
 mod config;
 mod core;
 mod federation;
+mod iam;
 mod pki;
 mod server;
 mod state;
 mod verify;
 
-pub use config::{ApiKeyConfig, Faults, SimConfig, SubnetConfig, VcnConfig};
+pub use config::{ApiKeyConfig, FaultKind, FaultRule, Faults, SimConfig, SubnetConfig, VcnConfig};
+pub use iam::Policy;
 pub use server::{EventKind, SimError, Simulator, VnicEvent};
 pub use state::ApiError;

@@ -36,9 +36,41 @@ pub enum PkiError {
 pub struct Pki {
     root: Certificate,
     pub intermediate_pem: String,
-    pub leaf_pem: String,
-    pub leaf_key_pem: String,
+    inter_key: RsaPrivateKey,
+    leaf_subject: String,
+    /// The instance certificate and its key, as IMDS serves them now; OCI rotates them.
+    leaf: std::sync::Mutex<Leaf>,
     token_key: SigningKey<Sha256>,
+}
+
+/// One instance certificate (PEM) and its private key (PKCS#8 PEM).
+#[derive(Debug, Clone)]
+pub struct Leaf {
+    pub cert_pem: String,
+    pub key_pem: String,
+    serial: u32,
+}
+
+const INTER_NAME: &str = "CN=vcnpath simulator intermediate CA,O=vcnpath";
+
+fn leaf(subject: &str, serial: u32, inter_key: &RsaPrivateKey) -> Result<Leaf, PkiError> {
+    let key = RsaPrivateKey::new(&mut rand::thread_rng(), 2048)?;
+    let cert = cert(
+        Profile::Leaf {
+            issuer: Name::from_str(INTER_NAME)?,
+            enable_key_agreement: false,
+            enable_key_encipherment: true,
+        },
+        serial,
+        subject,
+        &key.to_public_key(),
+        inter_key,
+    )?;
+    Ok(Leaf {
+        cert_pem: cert.to_pem(LineEnding::LF)?,
+        key_pem: key.to_pkcs8_pem(LineEnding::LF)?.to_string(),
+        serial,
+    })
 }
 
 /// Claims of a session token. `spki` carries the session public key, so a token alone says
@@ -77,9 +109,8 @@ impl Pki {
         let mut rng = rand::thread_rng();
         let root_key = RsaPrivateKey::new(&mut rng, 2048)?;
         let inter_key = RsaPrivateKey::new(&mut rng, 2048)?;
-        let leaf_key = RsaPrivateKey::new(&mut rng, 2048)?;
         let root_name = "CN=vcnpath simulator root CA,O=vcnpath";
-        let inter_name = "CN=vcnpath simulator intermediate CA,O=vcnpath";
+        let inter_name = INTER_NAME;
         let root = cert(
             Profile::Root,
             1,
@@ -101,24 +132,35 @@ impl Pki {
         let leaf_subject = format!(
             "CN={instance},OU=opc-certtype:instance,OU=opc-compartment:{compartment},OU=opc-instance:{instance},OU=opc-tenant:{tenancy}"
         );
-        let leaf = cert(
-            Profile::Leaf {
-                issuer: Name::from_str(inter_name)?,
-                enable_key_agreement: false,
-                enable_key_encipherment: true,
-            },
-            3,
-            &leaf_subject,
-            &leaf_key.to_public_key(),
-            &inter_key,
-        )?;
+        let leaf = leaf(&leaf_subject, 3, &inter_key)?;
         Ok(Self {
             root,
             intermediate_pem: intermediate.to_pem(LineEnding::LF)?,
-            leaf_pem: leaf.to_pem(LineEnding::LF)?,
-            leaf_key_pem: leaf_key.to_pkcs8_pem(LineEnding::LF)?.to_string(),
+            inter_key,
+            leaf_subject,
+            leaf: std::sync::Mutex::new(leaf),
             token_key: SigningKey::new(RsaPrivateKey::new(&mut rng, 2048)?),
         })
+    }
+
+    /// The instance certificate and key IMDS serves now.
+    pub fn leaf(&self) -> Leaf {
+        self.leaf
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// A new instance key and certificate from the same intermediate, as OCI rotates them;
+    /// the old certificate still verifies until it expires. Slow (RSA key generation).
+    pub fn rotate_leaf(&self) -> Result<Leaf, PkiError> {
+        let serial = self.leaf().serial + 1;
+        let new = leaf(&self.leaf_subject, serial, &self.inter_key)?;
+        *self
+            .leaf
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = new.clone();
+        Ok(new)
     }
 
     /// Checks that `intermediate` was issued by the root and `leaf` by `intermediate`.

@@ -1,7 +1,8 @@
 //! The listening side: routes, shared state, faults, events and the in-process handle.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -16,7 +17,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use super::config::{Faults, SimConfig};
+use super::config::{FaultKind, FaultRule, Faults, SimConfig};
+use super::iam::Policy;
 use super::pki::{Pki, PkiError};
 use super::state::{ApiError, Cloud};
 
@@ -76,6 +78,14 @@ pub(super) struct Shared {
     pub events_tx: broadcast::Sender<VnicEvent>,
     pub events: Mutex<Vec<VnicEvent>>,
     pub federations: Mutex<u64>,
+    /// `None` allows every operation.
+    pub policy: Mutex<Option<Policy>>,
+    /// Requests per operation (as [`super::core::operation`] names them), faulted or not.
+    pub calls: Mutex<BTreeMap<String, u64>>,
+    /// Requests per operation that IAM denied.
+    pub denied: Mutex<BTreeMap<String, u64>>,
+    /// States before each change, for the stale-read mode.
+    pub history: Mutex<VecDeque<(Instant, Cloud)>>,
 }
 
 /// Locks ignoring poison: a panicking handler must not take the whole simulator down.
@@ -84,6 +94,29 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// Saves the state about to change, while stale reads are on.
+    pub fn remember(&self, cloud: &Cloud) {
+        if lock(&self.faults).stale_read_ms == 0 {
+            return;
+        }
+        lock(&self.history).push_back((Instant::now(), cloud.clone()));
+    }
+
+    /// The state as it was `stale_read_ms` ago: the one saved just before the first change
+    /// after that moment. `None` when stale reads are off or nothing changed since.
+    pub fn stale_view(&self) -> Option<Cloud> {
+        let ms = lock(&self.faults).stale_read_ms;
+        if ms == 0 {
+            return None;
+        }
+        let at = Instant::now().checked_sub(Duration::from_millis(ms))?;
+        let mut history = lock(&self.history);
+        while history.front().is_some_and(|(t, _)| *t <= at) {
+            history.pop_front();
+        }
+        history.front().map(|(_, past)| past.clone())
+    }
+
     pub fn emit(&self, kind: EventKind, cloud: &Cloud, attachment_id: &str) {
         let Some(a) = cloud.attachments.get(attachment_id) else {
             return;
@@ -172,6 +205,12 @@ impl Simulator {
                 .expect("key generation does not panic")?
         };
         let faults = config.faults.clone();
+        let policy = config
+            .policy
+            .as_deref()
+            .map(Policy::parse)
+            .transpose()
+            .map_err(SimError::Config)?;
         let cloud = Cloud::new(config).map_err(SimError::Config)?;
         let shared = Arc::new(Shared {
             cloud: Mutex::new(cloud),
@@ -182,6 +221,10 @@ impl Simulator {
             events_tx: broadcast::channel(256).0,
             events: Mutex::new(Vec::new()),
             federations: Mutex::new(0),
+            policy: Mutex::new(policy),
+            calls: Mutex::new(BTreeMap::new()),
+            denied: Mutex::new(BTreeMap::new()),
+            history: Mutex::new(VecDeque::new()),
         });
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -224,6 +267,36 @@ impl Simulator {
     pub fn set_faults(&self, faults: Faults) {
         *lock(&self.shared.faults) = faults;
     }
+    /// Grants `statements` (see [`SimConfig::policy`]); `None` allows everything.
+    pub fn set_policy(&self, statements: Option<&[String]>) -> Result<(), SimError> {
+        let policy = statements
+            .map(Policy::parse)
+            .transpose()
+            .map_err(SimError::Config)?;
+        *lock(&self.shared.policy) = policy;
+        Ok(())
+    }
+    /// Requests per operation since the start or the last [`Simulator::reset_calls`].
+    pub fn calls(&self) -> BTreeMap<String, u64> {
+        lock(&self.shared.calls).clone()
+    }
+    /// Requests per operation that IAM denied.
+    pub fn denied(&self) -> BTreeMap<String, u64> {
+        lock(&self.shared.denied).clone()
+    }
+    pub fn reset_calls(&self) {
+        lock(&self.shared.calls).clear();
+        lock(&self.shared.denied).clear();
+    }
+    /// A new instance certificate and key in IMDS (OCI rotates them); sessions federated with
+    /// the old one keep working until their tokens expire.
+    pub async fn rotate_leaf(&self) -> Result<(), SimError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.pki.rotate_leaf())
+            .await
+            .expect("key generation does not panic")?;
+        Ok(())
+    }
     pub fn register_api_key(&self, key_id: &str, key: RsaPublicKey) {
         lock(&self.shared.api_keys).insert(key_id.to_owned(), key);
     }
@@ -240,7 +313,7 @@ impl Simulator {
     }
     /// The instance's leaf certificate (PEM), as IMDS serves it.
     pub fn leaf_certificate_pem(&self) -> String {
-        self.shared.pki.leaf_pem.clone()
+        self.shared.pki.leaf().cert_pem
     }
 }
 
@@ -278,8 +351,209 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/admin/state", get(admin_state))
         .route("/admin/events", get(admin_events))
         .route("/admin/api-keys", post(admin_api_key))
+        .route("/admin/policy", get(get_policy).put(put_policy))
+        .route("/admin/calls", get(admin_calls).delete(reset_calls))
+        .route("/admin/rotate-leaf", post(admin_rotate_leaf))
+        .route("/admin/vnicAttachments", post(admin_attach))
+        .route(
+            "/admin/vnicAttachments/{id}",
+            axum::routing::delete(admin_detach),
+        )
+        .route(
+            "/admin/privateIps/{id}",
+            axum::routing::put(admin_update_ip),
+        )
+        .route("/admin/vnics/{id}", axum::routing::put(admin_update_vnic))
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            fault_rules,
+        ))
         .layer(axum::middleware::map_response(add_request_id))
         .with_state(shared)
+}
+
+/// Counts every request by operation and applies the per-operation fault rules, before the
+/// handler (nothing happens) or after it (the operation took effect, the answer is lost).
+async fn fault_rules(
+    State(s): State<Arc<Shared>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if request.uri().path().starts_with("/admin/") {
+        return next.run(request).await;
+    }
+    let op = super::core::operation(request.method(), request.uri().path());
+    *lock(&s.calls).entry(op.to_owned()).or_default() += 1;
+    if let Some(rule) = fire(&s, op, false) {
+        return match rule.kind {
+            FaultKind::Hang => std::future::pending().await,
+            FaultKind::Status => fault_status(&rule),
+            // Nothing was done; the answer is garbage (a proxy's page, a cut connection).
+            FaultKind::Truncate => (StatusCode::OK, "{\"id\": \"ocid1.").into_response(),
+        };
+    }
+    let response = next.run(request).await;
+    if !response.status().is_success() {
+        return response;
+    }
+    let Some(rule) = fire(&s, op, true) else {
+        return response;
+    };
+    tracing::info!(op, kind = ?rule.kind, "losing the answer of a committed request (injected)");
+    match rule.kind {
+        FaultKind::Hang => std::future::pending().await,
+        FaultKind::Status => fault_status(&rule),
+        FaultKind::Truncate => {
+            let (mut parts, body) = response.into_parts();
+            let bytes = axum::body::to_bytes(body, usize::MAX)
+                .await
+                .unwrap_or_default();
+            parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+            Response::from_parts(
+                parts,
+                axum::body::Body::from(bytes.slice(..bytes.len() / 2)),
+            )
+        }
+    }
+}
+
+/// The first rule for `op` in this phase that fires (rolling its rate, counting down `times`).
+fn fire(s: &Shared, op: &str, after_commit: bool) -> Option<FaultRule> {
+    let mut faults = lock(&s.faults);
+    for rule in &mut faults.rules {
+        if rule.after_commit != after_commit || (rule.op != "*" && rule.op != op) {
+            continue;
+        }
+        if rule.times == Some(0) {
+            continue;
+        }
+        if rule.rate < 1.0 && rand::random::<f64>() >= rule.rate {
+            continue;
+        }
+        if let Some(n) = rule.times.as_mut() {
+            *n -= 1;
+        }
+        return Some(rule.clone());
+    }
+    None
+}
+
+fn fault_status(rule: &FaultRule) -> Response {
+    let status = StatusCode::from_u16(rule.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        axum::Json(json!({"code": rule.code, "message": "injected fault"})),
+    )
+        .into_response()
+}
+
+async fn get_policy(State(s): State<Arc<Shared>>) -> Response {
+    let granted = lock(&s.policy).is_some();
+    axum::Json(json!({ "restricted": granted })).into_response()
+}
+
+/// `PUT /admin/policy` with a list of statements, or `null` to allow everything.
+async fn put_policy(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
+    let parsed = serde_json::from_slice::<Option<Vec<String>>>(&body)
+        .map_err(|e| e.to_string())
+        .and_then(|statements| statements.as_deref().map(Policy::parse).transpose());
+    match parsed {
+        Ok(policy) => {
+            *lock(&s.policy) = policy;
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => error_response(&ApiError::new(400, "InvalidParameter", e)),
+    }
+}
+
+async fn admin_calls(State(s): State<Arc<Shared>>) -> Response {
+    axum::Json(json!({"calls": *lock(&s.calls), "denied": *lock(&s.denied)})).into_response()
+}
+
+async fn reset_calls(State(s): State<Arc<Shared>>) -> Response {
+    lock(&s.calls).clear();
+    lock(&s.denied).clear();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn admin_rotate_leaf(State(s): State<Arc<Shared>>) -> Response {
+    let shared = s.clone();
+    match tokio::task::spawn_blocking(move || shared.pki.rotate_leaf()).await {
+        Ok(Ok(_)) => StatusCode::NO_CONTENT.into_response(),
+        _ => error_response(&ApiError::new(
+            500,
+            "InternalServerError",
+            "cannot rotate the leaf",
+        )),
+    }
+}
+
+fn answer(result: Result<(StatusCode, Value, Option<String>), ApiError>) -> Response {
+    match result {
+        Ok((StatusCode::NO_CONTENT, ..)) => StatusCode::NO_CONTENT.into_response(),
+        Ok((status, value, _)) => (status, axum::Json(value)).into_response(),
+        Err(e) => error_response(&e),
+    }
+}
+
+/// Another actor (a person, Terraform) attaches a VNIC to the instance: `{subnetId}`, untagged.
+async fn admin_attach(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return error_response(&ApiError::new(
+            400,
+            "InvalidParameter",
+            "expected {subnetId}",
+        ));
+    };
+    let instance = lock(&s.cloud).cfg.instance_id.clone();
+    let details = json!({
+        "instanceId": instance,
+        "displayName": request["displayName"].as_str().unwrap_or("attached by someone else"),
+        "createVnicDetails": {"subnetId": request["subnetId"]},
+    });
+    s.remember(&lock(&s.cloud));
+    answer(super::core::attach(&s, details.to_string().as_bytes()))
+}
+
+async fn admin_detach(
+    State(s): State<Arc<Shared>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    s.remember(&lock(&s.cloud));
+    answer(super::core::detach(&s, &id))
+}
+
+/// Another actor edits a private IP: `{vnicId}` moves it, `{freeformTags}` replaces its tags.
+async fn admin_update_ip(
+    State(s): State<Arc<Shared>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    body: Bytes,
+) -> Response {
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return error_response(&ApiError::new(400, "InvalidParameter", "body is not JSON"));
+    };
+    let mut cloud = lock(&s.cloud);
+    s.remember(&cloud);
+    match cloud.update_private_ip(&id, &request) {
+        Ok(()) => axum::Json(cloud.private_ip_json(&cloud.private_ips[&id])).into_response(),
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn admin_update_vnic(
+    State(s): State<Arc<Shared>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    body: Bytes,
+) -> Response {
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return error_response(&ApiError::new(400, "InvalidParameter", "body is not JSON"));
+    };
+    let mut cloud = lock(&s.cloud);
+    s.remember(&cloud);
+    match cloud.update_vnic(&id, &request) {
+        Ok(()) => axum::Json(cloud.vnic_json(&cloud.vnics[&id])).into_response(),
+        Err(e) => error_response(&e),
+    }
 }
 
 /// Every OCI answer carries an `opc-request-id`, errors included.
@@ -389,8 +663,8 @@ async fn imds_identity(
         return *r;
     }
     match file.as_str() {
-        "cert.pem" => s.pki.leaf_pem.clone().into_response(),
-        "key.pem" => s.pki.leaf_key_pem.clone().into_response(),
+        "cert.pem" => s.pki.leaf().cert_pem.into_response(),
+        "key.pem" => s.pki.leaf().key_pem.into_response(),
         "intermediate.pem" => s.pki.intermediate_pem.clone().into_response(),
         _ => StatusCode::NOT_FOUND.into_response(),
     }

@@ -126,8 +126,8 @@ pub struct PrivateIp {
 }
 
 /// Everything the simulator holds. Ids are allocated from one counter, so ordering by id is
-/// ordering by creation (what list calls return).
-#[derive(Debug)]
+/// ordering by creation (what list calls return). Cloned for the stale-read history.
+#[derive(Debug, Clone)]
 pub struct Cloud {
     pub cfg: SimConfig,
     pub subnets: Vec<Subnet>,
@@ -360,7 +360,13 @@ impl Cloud {
         }
         let attachment = self.attachments.get_mut(id).expect("found above");
         match attachment.state {
-            AttachmentState::Attaching | AttachmentState::Attached => {
+            // A resource in transition answers 409 IncorrectState (docs/oci.md, API Errors).
+            AttachmentState::Attaching => Err(ApiError::new(
+                409,
+                "IncorrectState",
+                format!("VNIC attachment {id} is ATTACHING; detach it once it is ATTACHED"),
+            )),
+            AttachmentState::Attached => {
                 attachment.state = AttachmentState::Detaching;
                 Ok(true)
             }
@@ -404,6 +410,17 @@ impl Cloud {
             .get(vnic_id)
             .ok_or_else(|| ApiError::not_found("VNIC", vnic_id))?
             .clone();
+        if self
+            .attachments
+            .values()
+            .any(|a| a.vnic_id == vnic_id && a.state == AttachmentState::Detaching)
+        {
+            return Err(ApiError::new(
+                409,
+                "IncorrectState",
+                format!("VNIC {vnic_id} is being detached"),
+            ));
+        }
         let secondary = self
             .private_ips
             .values()
@@ -458,6 +475,59 @@ impl Cloud {
             },
         );
         Ok(id)
+    }
+
+    /// `UpdatePrivateIp`: new tags or display name, or `vnicId` to move a secondary address
+    /// to another VNIC, which must be in the same subnet (`UpdatePrivateIpDetails.vnicId`).
+    pub fn update_private_ip(&mut self, id: &str, body: &Value) -> Result<(), ApiError> {
+        let ip = self
+            .private_ips
+            .get(id)
+            .ok_or_else(|| ApiError::not_found("private IP", id))?
+            .clone();
+        if let Some(target) = body["vnicId"].as_str() {
+            let vnic = self
+                .vnics
+                .get(target)
+                .ok_or_else(|| ApiError::not_found("VNIC", target))?;
+            if ip.is_primary {
+                return Err(ApiError::new(
+                    400,
+                    "InvalidParameter",
+                    "The primary private IP of a VNIC cannot be moved",
+                ));
+            }
+            if vnic.subnet_id != ip.subnet_id {
+                return Err(ApiError::new(
+                    400,
+                    "InvalidParameter",
+                    format!("VNIC {target} is not in subnet {}", ip.subnet_id),
+                ));
+            }
+        }
+        let p = self.private_ips.get_mut(id).expect("found above");
+        if let Some(target) = body["vnicId"].as_str() {
+            target.clone_into(&mut p.vnic_id);
+        }
+        if let Some(tags) = body.get("freeformTags") {
+            p.freeform_tags = tags.clone();
+        }
+        if let Some(name) = body["displayName"].as_str() {
+            p.display_name = Some(name.to_owned());
+        }
+        Ok(())
+    }
+
+    /// `UpdateVnic`: new freeform tags (another actor editing or stripping them).
+    pub fn update_vnic(&mut self, id: &str, body: &Value) -> Result<(), ApiError> {
+        let vnic = self
+            .vnics
+            .get_mut(id)
+            .ok_or_else(|| ApiError::not_found("VNIC", id))?;
+        if let Some(tags) = body.get("freeformTags") {
+            vnic.freeform_tags = tags.clone();
+        }
+        Ok(())
     }
 
     pub fn delete_private_ip(&mut self, id: &str) -> Result<(), ApiError> {

@@ -105,9 +105,14 @@ pub fn verify(
         .or_else(|_| date.duration_since(now))
         .unwrap_or_default();
     if skew > MAX_SKEW {
+        // OCI's wording (docs/oci.md): clients recognise clock skew by it.
+        let fmt = |t: SystemTime| httpdate::fmt_http_date(t).replace("GMT", "UTC");
         return Err(format!(
-            "the {date_header} header is {}s off the server clock (max 300s)",
-            skew.as_secs()
+            "Date '{}' is not within allowed clock skew. Current '{}', valid datetime range: ['{}', '{}']",
+            fmt(date),
+            fmt(now),
+            fmt(now - MAX_SKEW),
+            fmt(now + MAX_SKEW)
         ));
     }
     if body_method {

@@ -23,6 +23,11 @@ use crate::oci::signer::{HostHeader, RequestSigner};
 /// The Go SDK refreshes when the token has less than this left.
 const REFRESH_MARGIN: Duration = Duration::from_mins(5);
 const FEDERATION_ATTEMPTS: u32 = 4;
+/// One federation attempt that has not answered by then is abandoned (a hung endpoint).
+const FEDERATION_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// After a failed refresh, the still-valid token is used and the refresh tried again this
+/// much later (not on every call).
+const REFRESH_RETRY: Duration = Duration::from_secs(30);
 
 pub struct InstancePrincipalAuth {
     imds: ImdsClient,
@@ -36,6 +41,10 @@ pub struct InstancePrincipalAuth {
 struct Session {
     credentials: Credentials,
     refresh_at: SystemTime,
+    /// The token's own `exp`: until then it still works, even when refreshing fails.
+    expires_at: SystemTime,
+    /// The service refused the token (401): it must not be used again.
+    rejected: bool,
     tenancy: String,
 }
 
@@ -136,6 +145,8 @@ impl InstancePrincipalAuth {
                 generation,
             },
             refresh_at,
+            expires_at: exp,
+            rejected: false,
             tenancy,
         })
     }
@@ -158,6 +169,7 @@ impl InstancePrincipalAuth {
                 .post(self.federation_url.clone())
                 .headers(headers)
                 .body(body.clone())
+                .timeout(FEDERATION_ATTEMPT_TIMEOUT)
                 .send()
                 .await;
             let error = match result {
@@ -204,10 +216,26 @@ impl AuthProvider for InstancePrincipalAuth {
                 return Ok(s.credentials.clone());
             }
             let generation = session.as_ref().map_or(1, |s| s.credentials.generation + 1);
-            let fresh = self.refresh(generation).await?;
-            let credentials = fresh.credentials.clone();
-            *session = Some(fresh);
-            Ok(credentials)
+            match self.refresh(generation).await {
+                Ok(fresh) => {
+                    let credentials = fresh.credentials.clone();
+                    *session = Some(fresh);
+                    Ok(credentials)
+                }
+                Err(error) => {
+                    let now = SystemTime::now();
+                    let Some(s) = session
+                        .as_mut()
+                        .filter(|s| !s.rejected && now < s.expires_at)
+                    else {
+                        return Err(error);
+                    };
+                    let left = s.expires_at.duration_since(now).unwrap_or_default();
+                    tracing::warn!(error = %error, expires_in_s = left.as_secs(), "cannot refresh the session token; using the current one until it expires");
+                    s.refresh_at = now + REFRESH_RETRY.min(left);
+                    Ok(s.credentials.clone())
+                }
+            }
         })
     }
 
@@ -221,6 +249,7 @@ impl AuthProvider for InstancePrincipalAuth {
             {
                 tracing::info!(generation, "service rejected the session token, refreshing");
                 s.refresh_at = UNIX_EPOCH;
+                s.rejected = true;
             }
             true
         })

@@ -1,0 +1,355 @@
+//! IPAM against the simulator failing as OCI does: creates whose answer is lost after they
+//! committed, IAM denying single operations, the documented policy. In process, no root.
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vcnpath::ipam::checkpoint::Checkpoint;
+use vcnpath::ipam::{
+    AllocError, Allocation, Ipam, IpamConfig, NODE_TAG, OciCloud, PodRef, PoolConfig,
+};
+use vcnpath::oci::CoreClient;
+use vcnpath_tests::ocikit::{fast_retries, instance_principal_client};
+use vcnpath_tests::ocisim::{FaultKind, FaultRule, Faults, SimConfig, Simulator};
+
+const PODS_SUBNET: &str = "ocid1.subnet.oc1.iad.simpods";
+
+async fn sim(ips_per_vnic: u32, max_vnics: u32, policy: Option<Vec<String>>) -> Simulator {
+    let config = SimConfig {
+        ips_per_vnic,
+        max_vnic_attachments: max_vnics,
+        attach_delay_ms: 100,
+        policy,
+        ..SimConfig::default()
+    };
+    Simulator::start(config, "127.0.0.1:0")
+        .await
+        .expect("simulator starts")
+}
+
+fn config(sim: &Simulator, dir: &Path, warm_ips: usize) -> IpamConfig {
+    let c = sim.config();
+    let pool = PoolConfig {
+        warm_ips,
+        ips_per_vnic: c.ips_per_vnic as usize,
+        max_vnics: c.max_vnic_attachments as usize,
+        subnets: vec![PODS_SUBNET.into()],
+        cooldown: Duration::from_millis(500),
+        release_delay: Duration::from_hours(1),
+        ..PoolConfig::default()
+    };
+    let mut cfg = IpamConfig::new(c.instance_id, pool);
+    cfg.checkpoint_path = dir.join("ipam.json");
+    cfg.require_interface = false;
+    cfg.tick = Duration::from_millis(100);
+    cfg.retry_after = Duration::from_millis(100);
+    // No periodic reconcile within a test: what the grower leaves must already be exact.
+    cfg.reconcile_interval = Duration::from_hours(1);
+    cfg.denied_backoff = Duration::from_secs(5);
+    cfg
+}
+
+fn start(sim: &Simulator, cfg: IpamConfig) -> (Ipam, Arc<CoreClient>) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let client = Arc::new(instance_principal_client(sim, fast_retries()).0);
+    let c = sim.config();
+    let cloud = Arc::new(OciCloud::new(
+        client.clone(),
+        c.compartment_id,
+        c.instance_id,
+        Duration::from_secs(10),
+    ));
+    let ipam = Ipam::start(cloud, cfg).expect("IPAM starts");
+    (ipam, client)
+}
+
+fn pod(n: usize) -> PodRef {
+    PodRef {
+        container_id: format!("container-{n:03}"),
+        ifname: "eth0".into(),
+        namespace: Some("default".into()),
+        name: Some(format!("pod-{n}")),
+    }
+}
+
+async fn allocate(ipam: &Ipam, pod: &PodRef, within: Duration) -> Allocation {
+    let deadline = Instant::now() + within;
+    loop {
+        match ipam.allocate(pod).await {
+            Ok(a) => return a,
+            Err(e @ (AllocError::PoolEmpty { .. } | AllocError::NotReady))
+                if Instant::now() < deadline =>
+            {
+                tokio::time::sleep(e.retry_after().unwrap_or(Duration::from_millis(100))).await;
+            }
+            Err(e) => panic!("allocation for {} failed: {e}", pod.container_id),
+        }
+    }
+}
+
+/// The simulator's secondary IPs tagged for this node: address → VNIC.
+fn node_ips(sim: &Simulator) -> BTreeMap<Ipv4Addr, String> {
+    let instance = sim.config().instance_id;
+    let mut ips = BTreeMap::new();
+    for p in sim.snapshot()["privateIps"].as_array().expect("privateIps") {
+        if p["isPrimary"].as_bool() == Some(true)
+            || p["freeformTags"][NODE_TAG].as_str() != Some(instance.as_str())
+        {
+            continue;
+        }
+        let ip: Ipv4Addr = p["ipAddress"].as_str().unwrap().parse().unwrap();
+        assert!(
+            ips.insert(ip, p["vnicId"].as_str().unwrap().to_owned())
+                .is_none(),
+            "{ip} exists twice in OCI"
+        );
+    }
+    ips
+}
+
+/// Live attachments of VNICs tagged for this node.
+fn node_vnics(sim: &Simulator) -> Vec<String> {
+    let instance = sim.config().instance_id;
+    let snapshot = sim.snapshot();
+    let tagged: Vec<&str> = snapshot["vnics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["freeformTags"][NODE_TAG].as_str() == Some(instance.as_str()))
+        .filter_map(|v| v["id"].as_str())
+        .collect();
+    snapshot["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["lifecycleState"] != "DETACHED")
+        .filter_map(|a| a["vnicId"].as_str())
+        .filter(|id| tagged.contains(id))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Waits until the pool holds exactly what OCI holds for this node (every address and
+/// secondary VNIC), failing with both sides if that does not happen `within`.
+async fn wait_pool_equals_oci(sim: &Simulator, ipam: &Ipam, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let status = ipam.status().await;
+        let pooled: BTreeMap<String, usize> = status
+            .vnics
+            .iter()
+            .filter(|v| !v.is_primary)
+            .map(|v| (v.vnic_id.clone(), v.free + v.assigned + v.cooldown))
+            .collect();
+        let mut in_oci: BTreeMap<String, usize> =
+            node_vnics(sim).into_iter().map(|v| (v, 0)).collect();
+        for vnic in node_ips(sim).values() {
+            *in_oci.entry(vnic.clone()).or_default() += 1;
+        }
+        if pooled == in_oci {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "within {within:?} the pool must hold every VNIC and address OCI has for the node \
+             (no orphan): pool {pooled:?}, OCI {in_oci:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn lose_answers(op: &str) -> Faults {
+    Faults {
+        rules: vec![
+            // The body is cut after the create committed…
+            FaultRule {
+                op: op.into(),
+                kind: FaultKind::Truncate,
+                after_commit: true,
+                times: Some(1),
+                ..FaultRule::default()
+            },
+            // …and the next one commits and answers 503.
+            FaultRule {
+                op: op.into(),
+                status: 503,
+                code: "ServiceUnavailable".into(),
+                after_commit: true,
+                times: Some(1),
+                ..FaultRule::default()
+            },
+        ],
+        ..Faults::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_create_private_ip_answers_leave_no_orphan_and_no_duplicate() {
+    let sim = sim(8, 2, None).await;
+    sim.set_faults(lose_answers("CreatePrivateIp"));
+    let dir = tempfile::tempdir().unwrap();
+    let (ipam, _) = start(&sim, config(&sim, dir.path(), 3));
+    ipam.reconciled().await;
+    // One grower step (the tick is 100 ms), far below the reconcile interval.
+    wait_pool_equals_oci(&sim, &ipam, Duration::from_secs(5)).await;
+    let a = allocate(&ipam, &pod(1), Duration::from_secs(10)).await;
+    wait_pool_equals_oci(&sim, &ipam, Duration::from_secs(5)).await;
+    assert_eq!(node_ips(&sim).len(), 3, "warm pool of 3, no extra address");
+    assert_checkpoint_in_oci(&sim, dir.path(), &a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_attach_vnic_answers_leave_no_orphan_and_no_duplicate() {
+    let sim = sim(2, 4, None).await;
+    sim.set_faults(lose_answers("AttachVnic"));
+    let dir = tempfile::tempdir().unwrap();
+    // Four warm addresses at two per VNIC: two secondary VNICs, both attached through a lost
+    // answer.
+    let (ipam, _) = start(&sim, config(&sim, dir.path(), 4));
+    ipam.reconciled().await;
+    let a = allocate(&ipam, &pod(1), Duration::from_secs(20)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node_ips(&sim).len() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the pool never grew to 4 addresses"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_pool_equals_oci(&sim, &ipam, Duration::from_secs(5)).await;
+    assert_eq!(
+        node_vnics(&sim).len(),
+        2,
+        "two VNICs serve four addresses; an extra one is a duplicate"
+    );
+    assert_checkpoint_in_oci(&sim, dir.path(), &a);
+}
+
+fn assert_checkpoint_in_oci(sim: &Simulator, dir: &Path, a: &Allocation) {
+    let saved = Checkpoint::new(dir.join("ipam.json"))
+        .load()
+        .expect("checkpoint loads")
+        .allocations;
+    assert_eq!(saved.len(), 1, "one pod checkpointed");
+    let in_oci = node_ips(sim);
+    for entry in saved.values() {
+        assert_eq!(entry.allocation.ip, a.ip);
+        assert_eq!(
+            in_oci.get(&a.ip),
+            Some(&a.vnic_id),
+            "the checkpointed address must exist in OCI on its VNIC"
+        );
+    }
+}
+
+/// The statements between the policy markers of docs/oci.md.
+fn documented_policy() -> Vec<String> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/oci.md"))
+        .expect("docs/oci.md is readable");
+    let block = doc
+        .split("<!-- vcnpath-policy:begin -->")
+        .nth(1)
+        .and_then(|rest| rest.split("<!-- vcnpath-policy:end -->").next())
+        .expect("docs/oci.md has the vcnpath-policy markers");
+    block
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("Allow "))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_policy_grows_shrinks_and_allocates() {
+    let policy = documented_policy();
+    assert!(policy.len() >= 5, "policy block found: {policy:?}");
+    let sim = sim(2, 3, Some(policy)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&sim, dir.path(), 3);
+    cfg.pool.release_delay = Duration::from_millis(200);
+    let (ipam, _) = start(&sim, cfg);
+    ipam.reconciled().await;
+    let a = allocate(&ipam, &pod(1), Duration::from_secs(20)).await;
+    wait_pool_equals_oci(&sim, &ipam, Duration::from_secs(20)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node_vnics(&sim).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "with the documented policy the pool must attach a second VNIC; denied: {:?}",
+            sim.denied()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ipam.release(&pod(1)).await.expect("release");
+    assert!(
+        sim.denied().is_empty(),
+        "the documented policy must allow every call the agent makes; denied: {:?}",
+        sim.denied()
+    );
+    drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_missing_permission_is_named_and_its_calls_back_off() {
+    let full = documented_policy();
+    // The permissions IPAM itself uses (`read vcns` is the agent's start-up read).
+    for missing in [
+        "manage instances",
+        "use private-ips",
+        "use subnets",
+        "use vnics",
+    ] {
+        let policy: Vec<String> = full
+            .iter()
+            .filter(|s| !s.contains(missing))
+            .cloned()
+            .collect();
+        let sim = sim(2, 3, Some(policy)).await;
+        let dir = tempfile::tempdir().unwrap();
+        // Not waiting for the first reconcile: without `use vnics` (so no GetVnic) it cannot
+        // finish, and the start-up retries must back off as well.
+        let (ipam, client) = start(&sim, config(&sim, dir.path(), 4));
+        // Pods keep asking (the kubelet repeats ADD) while the node cannot grow.
+        let window = Duration::from_secs(12);
+        let until = Instant::now() + window;
+        while Instant::now() < until {
+            let _ = ipam.allocate(&pod(1)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let denied: u64 = sim.denied().values().sum();
+        let calls: u64 = sim.calls().values().sum();
+        let metrics = {
+            let mut out = String::new();
+            client.metrics().render(&mut out);
+            out
+        };
+        // Named as itself or as a lesser permission it grants (without `manage instances`
+        // ListVnicAttachments loses `inspect instances` first).
+        let named = client.metrics().missing_permissions();
+        assert!(
+            named.iter().any(|p| vcnpath::oci::iam::implies(missing, p)),
+            "without `{missing}` the agent must name it in /metrics; got:\n{}",
+            metrics
+                .lines()
+                .filter(|l| l.contains("permission_missing"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        // A 5 s denial backoff over 12 s: a few denied calls per operation, not one per tick.
+        assert!(
+            (1..=8).contains(&denied),
+            "without `{missing}`: {denied} denied calls in {window:?} (calls {:?})",
+            sim.calls()
+        );
+        assert!(
+            calls <= 40,
+            "without `{missing}`: {calls} calls in {window:?}, expected a handful: {:?}",
+            sim.calls()
+        );
+    }
+}
