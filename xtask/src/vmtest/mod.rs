@@ -44,6 +44,8 @@ const TIERS: [Tier; 2] = [
         targets: &[
             "datapath_kernel",
             "datapath_packets",
+            "datapath_malformed",
+            "datapath_tcp_state",
             "datapath_pins",
             "datapath_nat_gc",
         ],
