@@ -684,9 +684,10 @@ async fn a_client_gone_mid_add_leaves_pool_and_checkpoint_consistent() {
     let kept = dir.path().join("kept.json");
     std::fs::rename(&checkpoint, &kept).unwrap();
     std::fs::create_dir_all(checkpoint.join("blocker")).unwrap();
-    // One poll takes the ADD into its checkpoint write; then the caller is gone.
-    let gone = tokio::time::timeout(Duration::ZERO, ipam.allocate(&pod(1))).await;
-    assert!(gone.is_err(), "the ADD was cut off mid-way: {gone:?}");
+    // One poll takes the ADD into its checkpoint write; then the caller is gone. (On a
+    // multi-threaded runtime the change may also finish within that poll; the outcome
+    // below must be the same either way.)
+    let _ = tokio::time::timeout(Duration::ZERO, ipam.allocate(&pod(1))).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         ipam.lookup(&pod(1)).await,
