@@ -515,8 +515,10 @@ fn lab_a_second_agent_on_the_node_exits_and_the_first_serves_on() {
     let agent = NodeAgent::start(&lab, "second").expect("vcnpath run");
     let pods = add_pods(&lab, &agent, "first", 3);
     let before = std::fs::read(agent.checkpoint()).expect("checkpoint");
+    // "At once" is bounded generously: in an emulated VM starting the debug binary alone
+    // takes seconds. What matters is that it exits, failing, with the checkpoint untouched.
     let (status, log) = agent
-        .run_second(&lab, Duration::from_secs(10))
+        .run_second(&lab, Duration::from_mins(1))
         .expect("the second agent exits");
     assert!(!status.success(), "the second agent must fail: {log}");
     assert!(
