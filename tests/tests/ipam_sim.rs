@@ -730,8 +730,9 @@ async fn cooldown_survives_a_restart() {
     let ipam = start(&sim, cfg.clone()).await;
     let a = allocate(&ipam, &pod(0), Duration::from_secs(15)).await;
     let b = allocate(&ipam, &pod(1), Duration::from_secs(15)).await;
-    assert_eq!(ipam.release(&pod(0)).await, Ok(Some(a.clone())));
+    // Taken before the release starts the cooldown, so the check below cannot be early.
     let released = Instant::now();
+    assert_eq!(ipam.release(&pod(0)).await, Ok(Some(a.clone())));
     drop(ipam);
 
     let ipam = start(&sim, cfg).await;
@@ -806,4 +807,231 @@ async fn a_late_add_after_a_del_is_refused() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     allocate(&ipam, &pod(5), Duration::from_secs(10)).await;
     assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}
+
+/// Another actor edits OCI through the simulator's admin endpoint (a person, Terraform).
+async fn admin(sim: &Simulator, method: reqwest::Method, path: &str, body: serde_json::Value) {
+    let response = reqwest::Client::new()
+        .request(method, format!("{}/admin/{path}", sim.base_url()))
+        .json(&body)
+        .send()
+        .await
+        .expect("admin endpoint answers");
+    assert!(
+        response.status().is_success(),
+        "admin {path}: {}",
+        response.status()
+    );
+}
+
+/// The OCID of the private IP with this address.
+fn ip_ocid(sim: &Simulator, ip: Ipv4Addr) -> String {
+    sim.snapshot()["privateIps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["ipAddress"] == ip.to_string())
+        .unwrap_or_else(|| panic!("{ip} exists in OCI"))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// What `vcnpath status` says is held by pods, per VNIC.
+async fn assigned_by_vnic(ipam: &Ipam) -> BTreeMap<String, usize> {
+    ipam.status()
+        .await
+        .vnics
+        .into_iter()
+        .filter(|v| v.assigned > 0)
+        .map(|v| (v.vnic_id, v.assigned))
+        .collect()
+}
+
+/// Pods `from..to` allocated one after another; none may get an address in `taken`.
+async fn allocate_avoiding(ipam: &Ipam, pods: std::ops::Range<usize>, taken: &BTreeSet<Ipv4Addr>) {
+    for n in pods {
+        let a = allocate(ipam, &pod(n), Duration::from_secs(20)).await;
+        assert!(
+            !taken.contains(&a.ip),
+            "{} handed to {} while another pod still holds it",
+            a.ip,
+            pod(n).container_id
+        );
+    }
+}
+
+/// Someone strips the `vcnpath-node` tag of a pod's address: the reconcile keeps the slot the
+/// pod holds (OCI still has the address), so status, growth and emptiness stay right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_address_whose_tag_was_stripped_stays_the_pods() {
+    let sim = sim(8, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ipam = start(&sim, config(&sim, dir.path(), pool(&sim, 1))).await;
+    let a = allocate(&ipam, &pod(0), Duration::from_secs(15)).await;
+    let id = ip_ocid(&sim, a.ip);
+    admin(
+        &sim,
+        reqwest::Method::PUT,
+        &format!("privateIps/{id}"),
+        serde_json::json!({"freeformTags": {}}),
+    )
+    .await;
+    ipam.reconcile().await.expect("reconcile");
+    assert_eq!(
+        assigned_by_vnic(&ipam).await,
+        BTreeMap::from([(a.vnic_id.clone(), 1)]),
+        "the pod still holds {} on its VNIC",
+        a.ip
+    );
+    assert_eq!(ipam.lookup(&pod(0)).await, Some(a.clone()));
+    assert_eq!(
+        sim.calls().get("CreatePrivateIp").copied().unwrap_or(0),
+        2,
+        "no attempt to recreate an address OCI still has (one pod, one warm)"
+    );
+}
+
+/// `ListPrivateIps` lags the writes: an address created a moment ago is missing from the list.
+/// The reconcile asks `GetPrivateIp` before it gives up a pod's slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_private_ip_list_does_not_drop_a_pods_address() {
+    let sim = sim(8, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ipam = start(&sim, config(&sim, dir.path(), pool(&sim, 1))).await;
+    let first = allocate(&ipam, &pod(0), Duration::from_secs(15)).await;
+    sim.set_faults(Faults {
+        stale_read_ms: 60_000,
+        ..Faults::default()
+    });
+    // Created after the lists stopped moving: invisible to them.
+    let second = allocate(&ipam, &pod(1), Duration::from_secs(15)).await;
+    ipam.reconcile().await.expect("reconcile");
+    assert_eq!(
+        assigned_by_vnic(&ipam).await,
+        BTreeMap::from([(first.vnic_id.clone(), 2)]),
+        "both pods still hold their addresses ({} and {})",
+        first.ip,
+        second.ip
+    );
+    let _still = ipam.quiesce().await;
+    assert_eq!(node_ips(&sim).get(&second.ip), Some(&second.vnic_id));
+}
+
+/// Someone moves a pod's address to another VNIC of the node (`UpdatePrivateIp` `vnicId`):
+/// the pod's allocation follows it, and the address is never adopted as free on its new VNIC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_moved_to_another_vnic_follows_its_pod() {
+    let sim = sim(3, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ipam = start(&sim, config(&sim, dir.path(), pool(&sim, 1))).await;
+    let mut held = BTreeMap::new();
+    for n in 0..4 {
+        let a = allocate(&ipam, &pod(n), Duration::from_secs(20)).await;
+        held.insert(a.ip, a);
+    }
+    let vnics: BTreeSet<String> = held.values().map(|a| a.vnic_id.clone()).collect();
+    assert_eq!(vnics.len(), 2, "4 pods on 3-address VNICs: {held:?}");
+    let moved = held
+        .values()
+        .find(|a| a.vnic_id == *vnics.first().unwrap())
+        .unwrap()
+        .clone();
+    let target = vnics.last().unwrap().clone();
+    {
+        let _still = ipam.quiesce().await;
+        admin(
+            &sim,
+            reqwest::Method::PUT,
+            &format!("privateIps/{}", ip_ocid(&sim, moved.ip)),
+            serde_json::json!({"vnicId": target}),
+        )
+        .await;
+    }
+    ipam.reconcile().await.expect("reconcile");
+    let now = ipam.lookup(&pod_of(&ipam, moved.ip).await).await.unwrap();
+    assert_eq!(
+        now.vnic_id, target,
+        "the allocation follows its address to VNIC {target}"
+    );
+    let taken: BTreeSet<Ipv4Addr> = held.keys().copied().collect();
+    allocate_avoiding(&ipam, 4..6, &taken).await;
+    let _still = ipam.quiesce().await;
+    assert_eq!(
+        node_ips(&sim).get(&moved.ip),
+        Some(&target),
+        "OCI keeps it where it was moved"
+    );
+}
+
+async fn pod_of(ipam: &Ipam, ip: Ipv4Addr) -> PodRef {
+    ipam.allocations()
+        .await
+        .into_iter()
+        .find(|(_, a)| a.ip == ip)
+        .unwrap_or_else(|| panic!("a pod holds {ip}"))
+        .0
+}
+
+/// A VNIC with pods is detached behind the agent's back: OCI frees its addresses, and a new
+/// VNIC in the same subnet gets them again. While those pods live their addresses go to
+/// nobody else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addresses_of_pods_on_a_vnic_detached_out_of_band_go_to_nobody_else() {
+    let sim = sim(2, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ipam = start(&sim, config(&sim, dir.path(), pool(&sim, 0))).await;
+    let a = allocate(&ipam, &pod(0), Duration::from_secs(20)).await;
+    let b = allocate(&ipam, &pod(1), Duration::from_secs(20)).await;
+    assert_eq!(a.vnic_id, b.vnic_id);
+    let attachment = sim.snapshot()["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["vnicId"] == a.vnic_id.as_str())
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    {
+        let _still = ipam.quiesce().await;
+        admin(
+            &sim,
+            reqwest::Method::DELETE,
+            &format!("vnicAttachments/{attachment}"),
+            serde_json::Value::Null,
+        )
+        .await;
+        wait_for("the detach", Duration::from_secs(5), async || {
+            !node_ips(&sim).contains_key(&a.ip)
+        })
+        .await;
+    }
+    ipam.reconcile().await.expect("reconcile");
+    let quarantined: BTreeSet<Ipv4Addr> = ipam
+        .status()
+        .await
+        .quarantined
+        .iter()
+        .map(|q| q.ip)
+        .collect();
+    assert_eq!(
+        quarantined,
+        BTreeSet::from([a.ip, b.ip]),
+        "status names the quarantined addresses"
+    );
+    // Capacity 4 (two pod VNICs of 2): the two new pods fill a new VNIC, in the same subnet.
+    let taken = BTreeSet::from([a.ip, b.ip]);
+    allocate_avoiding(&ipam, 2..4, &taken).await;
+    assert_eq!(
+        ipam.lookup(&pod(0)).await.map(|x| x.ip),
+        Some(a.ip),
+        "the pod keeps its record"
+    );
+    // The checkpoint still reads: a restart keeps the quarantined pods and their addresses.
+    let cfg = config(&sim, dir.path(), pool(&sim, 0));
+    drop(ipam);
+    let ipam = start(&sim, cfg).await;
+    assert_eq!(ipam.lookup(&pod(1)).await.map(|x| x.ip), Some(b.ip));
+    assert_eq!(ipam.allocations().await.len(), 4);
 }

@@ -117,7 +117,7 @@ pub async fn status_json(state: &Introspection) -> Value {
             "failures": node.sysctls.failures.load(Ordering::Relaxed),
             "last_error": node.sysctls.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
         },
-        "pool": {"capacity": pool.capacity, "allocations": pool.allocations, "reconciled": pool.reconciled},
+        "pool": {"capacity": pool.capacity, "allocations": pool.allocations, "reconciled": pool.reconciled, "quarantined": pool.quarantined},
         "pods": pods,
         "datapath": {
             "nat_entries": nat_entries,
@@ -166,6 +166,11 @@ fn render(
         out,
         "# HELP vcnpath_pool_capacity Addresses this node can hold.\n# TYPE vcnpath_pool_capacity gauge\nvcnpath_pool_capacity {}",
         pool.capacity
+    );
+    let _ = writeln!(
+        out,
+        "# HELP vcnpath_ipam_quarantined_addresses Addresses of live pods on no VNIC of the node (detached or moved away behind the agent's back), handed to nobody else.\n# TYPE vcnpath_ipam_quarantined_addresses gauge\nvcnpath_ipam_quarantined_addresses {}",
+        pool.quarantined.len()
     );
     let _ = writeln!(
         out,

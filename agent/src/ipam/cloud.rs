@@ -31,6 +31,8 @@ pub trait Cloud: Send + Sync + 'static {
         tags: &'a Tags,
         retry_token: &'a str,
     ) -> BoxFuture<'a, Result<PrivateIp, OciError>>;
+    /// One private IP as OCI has it now (a list may lag; a get answers from the present).
+    fn get_private_ip<'a>(&'a self, ip_id: &'a str) -> BoxFuture<'a, Result<PrivateIp, OciError>>;
     fn delete_private_ip<'a>(&'a self, ip_id: &'a str) -> BoxFuture<'a, Result<(), OciError>>;
     /// Attaches a new VNIC in `subnet_id` and returns once it is ATTACHED.
     fn attach_vnic<'a>(
@@ -115,6 +117,10 @@ impl Cloud for OciCloud {
             };
             self.client.create_private_ip(&details, retry_token).await
         })
+    }
+
+    fn get_private_ip<'a>(&'a self, ip_id: &'a str) -> BoxFuture<'a, Result<PrivateIp, OciError>> {
+        Box::pin(self.client.get_private_ip(ip_id))
     }
 
     fn delete_private_ip<'a>(&'a self, ip_id: &'a str) -> BoxFuture<'a, Result<(), OciError>> {

@@ -13,7 +13,7 @@ use tracing::Instrument as _;
 use crate::oci::models::AttachmentState;
 use crate::oci::{OciError, new_retry_token};
 
-use super::pool::{Plan, Slot, SlotState, later};
+use super::pool::{Plan, later};
 use super::reconcile::vnic_info;
 use super::state::Inner;
 
@@ -342,14 +342,8 @@ async fn create_ip(inner: &Inner, vnic: &str, token: String) -> Outcome {
                     token: None,
                 };
             };
-            let slot = Slot {
-                ocid: created.id,
-                state: SlotState::Free {
-                    since: Instant::now(),
-                },
-            };
             // The VNIC cannot have left the pool: detaches happen under the same ops lock.
-            inner.state.lock().await.pool.add_slot(vnic, ip, slot);
+            inner.state.lock().await.add_created(vnic, ip, created.id);
             tracing::debug!(%ip, vnic, "private IP created");
             Outcome::Done
         }

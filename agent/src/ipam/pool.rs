@@ -261,6 +261,13 @@ impl Pool {
         true
     }
 
+    /// The VNIC and slot of an address (unique in a VCN, so on one VNIC at most).
+    pub fn find(&self, ip: Ipv4Addr) -> Option<(&PoolVnic, &Slot)> {
+        self.vnics
+            .iter()
+            .find_map(|v| v.ips.get(&ip).map(|slot| (v, slot)))
+    }
+
     pub fn add_slot(&mut self, vnic_id: &str, ip: Ipv4Addr, slot: Slot) -> bool {
         match self.vnic_mut(vnic_id) {
             Some(v) => {

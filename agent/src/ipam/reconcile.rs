@@ -2,7 +2,7 @@
 //! with the pool and the checkpoint, and repair. Runs at start (it builds the pool) and
 //! periodically. Only addresses and VNICs tagged for this node are ever adopted or deleted, and
 //! an address a checkpointed pod holds is never deleted: if OCI lost it, it is recreated.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -17,7 +17,7 @@ use super::checkpoint::Key;
 use super::config::NODE_TAG;
 use super::error::IpamError;
 use super::pool::{Slot, SlotState, VnicInfo};
-use super::state::{Inner, State};
+use super::state::{Inner, State, move_to};
 
 pub(super) async fn periodic(inner: Arc<Inner>) {
     loop {
@@ -32,9 +32,11 @@ pub(super) async fn run(inner: &Inner) -> Result<(), IpamError> {
     async {
         let _ops = inner.ops.lock().await;
         let observed = observe(inner).await?;
+        let unlisted = unlisted(&*inner.state.lock().await, &observed);
+        let checked = recheck(inner, unlisted).await;
         let repairs = {
             let mut state = inner.state.lock().await;
-            apply(inner, &mut state, observed)
+            apply(inner, &mut state, observed, &checked)
         };
         repair(inner, repairs).await;
         inner.wake.notify_one();
@@ -173,59 +175,107 @@ fn info_from(
     })
 }
 
+/// What `GetPrivateIp` said of an address the lists left out: the present, where a list may lag.
+type Checked = BTreeMap<Ipv4Addr, Option<PrivateIp>>;
+
+/// Addresses a pod holds or that cool down which no list shows (on any VNIC, tagged or not),
+/// with the OCID to ask for.
+fn unlisted(state: &State, observed: &Observed) -> Vec<(Ipv4Addr, String)> {
+    let listed: BTreeSet<Ipv4Addr> = observed
+        .vnics
+        .iter()
+        .flat_map(|(_, ips)| ips.iter())
+        .filter_map(|p| p.ip_address.parse().ok())
+        .collect();
+    let slots = state.pool.vnics().iter().flat_map(|v| v.ips.iter());
+    let busy = slots
+        .filter(|(_, slot)| !matches!(slot.state, SlotState::Free { .. }))
+        .map(|(ip, slot)| (*ip, slot.ocid.clone()));
+    let held = state
+        .allocations
+        .values()
+        .map(|e| (e.allocation.ip, e.ip_id.clone()));
+    let mut ask: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    for (ip, ocid) in busy.chain(held) {
+        if !listed.contains(&ip) && !ocid.is_empty() {
+            ask.insert(ip, ocid);
+        }
+    }
+    ask.into_iter().collect()
+}
+
+/// Asks OCI for each address the lists left out: `Some` it exists (and where), `None` it is
+/// gone (404); an address whose get failed otherwise is left out and kept as it was.
+async fn recheck(inner: &Inner, unlisted: Vec<(Ipv4Addr, String)>) -> Checked {
+    let mut checked = Checked::new();
+    for (ip, ocid) in unlisted {
+        match inner.cloud.get_private_ip(&ocid).await {
+            Ok(p) => {
+                tracing::info!(%ip, vnic = p.vnic_id.as_deref().unwrap_or("-"), "an address the lists left out still exists");
+                checked.insert(ip, Some(p));
+            }
+            Err(e) if e.is_not_found() => {
+                checked.insert(ip, None);
+            }
+            Err(e) => {
+                tracing::warn!(%ip, error = %e, "cannot check an address the lists left out; keeping it as it was");
+            }
+        }
+    }
+    checked
+}
+
 /// Brings pool and checkpoint in line with what OCI has; returns the cloud calls still needed.
-fn apply(inner: &Inner, state: &mut State, observed: Observed) -> Repairs {
+/// Slots are keyed by address (unique in a VCN): an address a pod holds stays the pod's
+/// wherever OCI shows it (another VNIC of the node, a stripped tag), and leaves the pool only
+/// when `GetPrivateIp` says it is gone.
+fn apply(inner: &Inner, state: &mut State, observed: Observed, checked: &Checked) -> Repairs {
     let now = Instant::now();
     let cfg = &inner.cfg;
     let mut repairs = Repairs::default();
     state.pool.other_attachments = observed.other_attachments;
-    let gone: Vec<String> = state
-        .pool
-        .vnics()
-        .iter()
-        .map(|v| v.info.id.clone())
-        .filter(|id| !observed.vnics.iter().any(|(info, _)| info.id == *id))
-        .collect();
-    for id in gone {
-        tracing::warn!(vnic = %id, "VNIC is no longer attached to this node; dropping it from the pool");
-        state.pool.remove_vnic(&id);
+    let mut before: BTreeMap<Ipv4Addr, (String, Slot)> = BTreeMap::new();
+    for v in state.pool.vnics() {
+        for (ip, slot) in &v.ips {
+            before.insert(*ip, (v.info.id.clone(), slot.clone()));
+        }
     }
-    let held: HashMap<(String, Ipv4Addr), Key> = state
+    drop_gone(state, &observed);
+    let held: HashMap<Ipv4Addr, Key> = state
         .allocations
         .iter()
-        .map(|(k, e)| ((e.allocation.vnic_id.clone(), e.allocation.ip), k.clone()))
+        .map(|(k, e)| (e.allocation.ip, k.clone()))
         .collect();
+    let mut adopt = Vec::new();
     for (info, ips) in observed.vnics {
         let vnic_id = info.id.clone();
         state.pool.upsert_vnic(info);
-        let in_cloud: BTreeMap<Ipv4Addr, PrivateIp> = ips
-            .into_iter()
-            .filter(|p| !p.is_primary && tagged_for(&p.freeform_tags, &cfg.instance_id))
-            .filter_map(|p| Some((p.ip_address.parse().ok()?, p)))
-            .collect();
-        let v = state.pool.vnic_mut(&vnic_id).expect("just upserted");
-        // Addresses OCI no longer has leave the pool; a pod's is recreated below.
-        v.ips.retain(|ip, _| in_cloud.contains_key(ip));
-        for (ip, p) in in_cloud {
-            if let Some(slot) = v.ips.get_mut(&ip) {
-                slot.ocid = p.id;
+        state
+            .pool
+            .vnic_mut(&vnic_id)
+            .expect("just upserted")
+            .ips
+            .clear();
+        for p in ips.into_iter().filter(|p| !p.is_primary) {
+            let Ok(ip) = p.ip_address.parse::<Ipv4Addr>() else {
                 continue;
-            }
-            let state_of_ip = match held.get(&(vnic_id.clone(), ip)) {
-                Some(key) => {
-                    let entry = &state.allocations[key];
-                    SlotState::Assigned(entry.pod.clone())
+            };
+            let tagged = tagged_for(&p.freeform_tags, &cfg.instance_id);
+            let known = before.get(&ip).map(|(_, slot)| &slot.state);
+            let state_of_ip = match (held.get(&ip), known) {
+                (Some(key), _) => SlotState::Assigned(state.allocations[key].pod.clone()),
+                // Not this node's (any more): never adopted, never deleted.
+                (None, _) if !tagged => continue,
+                (None, Some(s @ (SlotState::Free { .. } | SlotState::Cooldown { .. }))) => {
+                    s.clone()
                 }
-                None if v.ips.len() < cfg.pool.ips_per_vnic => {
-                    tracing::info!(%ip, vnic = %vnic_id, "adopting a free address tagged for this node");
-                    SlotState::Free { since: now }
-                }
-                None => {
-                    repairs.delete.push((vnic_id.clone(), ip, p.id));
+                (None, _) => {
+                    adopt.push((vnic_id.clone(), ip, p.id));
                     continue;
                 }
             };
-            v.ips.insert(
+            state.pool.add_slot(
+                &vnic_id,
                 ip,
                 Slot {
                     ocid: p.id,
@@ -234,21 +284,96 @@ fn apply(inner: &Inner, state: &mut State, observed: Observed) -> Repairs {
             );
         }
     }
-    for (key, entry) in &mut state.allocations {
-        let a = &entry.allocation;
-        match state.pool.vnic(&a.vnic_id).and_then(|v| v.ips.get(&a.ip)) {
-            Some(slot) => entry.ip_id.clone_from(&slot.ocid),
-            None if state.pool.vnic(&a.vnic_id).is_some() => {
+    keep_unlisted(state, before, checked);
+    for (vnic_id, ip, ocid) in adopt {
+        let v = state.pool.vnic(&vnic_id).expect("observed VNIC");
+        if v.ips.len() < cfg.pool.ips_per_vnic {
+            tracing::info!(%ip, vnic = %vnic_id, "adopting a free address tagged for this node");
+            let slot = Slot {
+                ocid,
+                state: SlotState::Free { since: now },
+            };
+            state.pool.add_slot(&vnic_id, ip, slot);
+        } else {
+            repairs.delete.push((vnic_id, ip, ocid));
+        }
+    }
+    follow(state, checked, &mut repairs);
+    state.forget_gone();
+    repairs
+}
+
+/// VNICs the node no longer has leave the pool; those with pods are remembered as gone.
+fn drop_gone(state: &mut State, observed: &Observed) {
+    let gone: Vec<String> = state
+        .pool
+        .vnics()
+        .iter()
+        .map(|v| v.info.id.clone())
+        .filter(|id| !observed.vnics.iter().any(|(info, _)| info.id == *id))
+        .collect();
+    for id in gone {
+        let pods = state.pods_of(&id);
+        if pods.is_empty() {
+            tracing::warn!(vnic = %id, "VNIC is no longer attached to this node; dropping it from the pool");
+        } else {
+            tracing::error!(vnic = %id, pods = ?pods, "a VNIC with pods was detached behind the agent's back: their addresses are quarantined (handed to nobody else) while the pods live");
+        }
+        if let Some(v) = state.pool.remove_vnic(&id) {
+            state.remember_gone(v.info);
+        }
+    }
+}
+
+/// A pod's or a cooling address no list showed stays where it was, or moves to where
+/// `GetPrivateIp` shows it; it leaves only when OCI says it is gone.
+fn keep_unlisted(state: &mut State, before: BTreeMap<Ipv4Addr, (String, Slot)>, checked: &Checked) {
+    for (ip, (vnic_id, slot)) in before {
+        if state.pool.find(ip).is_some() || matches!(slot.state, SlotState::Free { .. }) {
+            continue; // listed, or free: the lists are the truth for free addresses
+        }
+        let target = match checked.get(&ip) {
+            Some(Some(p)) => p
+                .vnic_id
+                .clone()
+                .filter(|id| state.pool.vnic(id).is_some())
+                .or(Some(vnic_id)),
+            Some(None) => None,    // gone: a pod's is recreated below
+            None => Some(vnic_id), // not checked: kept as it was
+        };
+        if let Some(target) = target {
+            state.pool.add_slot(&target, ip, slot);
+        }
+    }
+}
+
+/// Each allocation follows its address to the VNIC the pool has it on; one whose address OCI
+/// lost is recreated on its VNIC; one whose VNIC is gone stays quarantined.
+fn follow(state: &mut State, checked: &Checked, repairs: &mut Repairs) {
+    let State {
+        pool, allocations, ..
+    } = state;
+    for (key, entry) in allocations.iter_mut() {
+        let a = &mut entry.allocation;
+        if let Some((v, slot)) = pool.find(a.ip) {
+            entry.ip_id.clone_from(&slot.ocid);
+            if v.info.id != a.vnic_id {
+                tracing::warn!(ip = %a.ip, from = %a.vnic_id, to = %v.info.id, container_id = %key.0, "a pod's address was moved to another VNIC; the pod follows it");
+                move_to(a, &v.info);
+            }
+            continue;
+        }
+        match (pool.vnic(&a.vnic_id), checked.get(&a.ip)) {
+            (Some(_), Some(None)) => {
                 repairs
                     .recreate
                     .push((key.clone(), a.vnic_id.clone(), a.ip));
             }
-            None => {
-                tracing::error!(ip = %a.ip, vnic = %a.vnic_id, container_id = %key.0, "the VNIC of a checkpointed pod is gone; its address cannot be restored");
+            _ => {
+                tracing::error!(ip = %a.ip, vnic = %a.vnic_id, container_id = %key.0, "a pod's address is on no VNIC of this node; it stays quarantined (handed to nobody else) until the pod is deleted");
             }
         }
     }
-    repairs
 }
 
 async fn repair(inner: &Inner, repairs: Repairs) {

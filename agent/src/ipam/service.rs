@@ -19,7 +19,7 @@ use super::cloud::Cloud;
 use super::config::{IpamConfig, NODE_TAG};
 use super::error::IpamError;
 use super::pool::{Pool, PoolConfig, Slot, SlotState, later};
-use super::state::{Inner, State, wall_clock};
+use super::state::{Inner, Quarantined, State, wall_clock};
 use super::types::{AllocError, Allocation, Allocator, BoxFuture, PodRef};
 use super::{grow, reconcile};
 
@@ -50,6 +50,9 @@ pub struct IpamStatus {
     pub capacity: usize,
     pub allocations: usize,
     pub vnics: Vec<VnicStatus>,
+    /// Pods whose address is on no VNIC of the node (detached or moved away behind the
+    /// agent's back): their addresses go to nobody else while they live.
+    pub quarantined: Vec<Quarantined>,
 }
 
 /// The node's address manager. Dropping it stops its background tasks.
@@ -227,6 +230,7 @@ impl Ipam {
             capacity: self.inner.cfg.pool.capacity(),
             allocations: state.allocations.len(),
             vnics,
+            quarantined: state.quarantined(),
         }
     }
 }
@@ -434,6 +438,7 @@ fn restore(restored: Restored, cfg: &IpamConfig) -> State {
     State {
         pool,
         allocations: restored.allocations,
+        gone: std::collections::BTreeMap::new(),
     }
 }
 

@@ -12,12 +12,25 @@ use crate::oci::models::Tags;
 use super::checkpoint::{Checkpoint, Cooling, Entry, Key};
 use super::cloud::Cloud;
 use super::config::IpamConfig;
-use super::pool::{Pool, SlotState};
-use super::types::AllocError;
+use super::pool::{Pool, Slot, SlotState, VnicInfo};
+use super::types::{AllocError, Allocation};
 
 pub(super) struct State {
     pub pool: Pool,
     pub allocations: BTreeMap<Key, Entry>,
+    /// VNICs detached behind the agent's back while pods were on them: still checkpointed,
+    /// so the record of those pods stays readable, until the last of them is deleted.
+    pub gone: BTreeMap<String, VnicInfo>,
+}
+
+/// A pod whose address is on no VNIC of the pool (its VNIC was detached, or the address moved
+/// off the node): the address is handed to nobody else while the pod lives.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Quarantined {
+    pub ip: std::net::Ipv4Addr,
+    pub vnic_id: String,
+    pub container_id: String,
+    pub ifname: String,
 }
 
 impl State {
@@ -27,6 +40,62 @@ impl State {
             .values()
             .map(|e| e.allocation.vnic_id.clone())
             .collect()
+    }
+
+    /// The pods whose address lives on `vnic_id`.
+    pub fn pods_of(&self, vnic_id: &str) -> Vec<String> {
+        self.allocations
+            .values()
+            .filter(|e| e.allocation.vnic_id == vnic_id)
+            .map(|e| e.pod.container_id.clone())
+            .collect()
+    }
+
+    pub fn remember_gone(&mut self, info: VnicInfo) {
+        self.gone.insert(info.id.clone(), info);
+    }
+
+    /// Drops gone VNICs no pod names any more (and any the pool knows again).
+    pub fn forget_gone(&mut self) {
+        let named = self.pods_on();
+        let pool = &self.pool;
+        self.gone
+            .retain(|id, _| named.contains(id) && pool.vnic(id).is_none());
+    }
+
+    /// Pods whose address the pool has on no VNIC.
+    pub fn quarantined(&self) -> Vec<Quarantined> {
+        self.allocations
+            .values()
+            .filter(|e| self.pool.find(e.allocation.ip).is_none())
+            .map(|e| Quarantined {
+                ip: e.allocation.ip,
+                vnic_id: e.allocation.vnic_id.clone(),
+                container_id: e.pod.container_id.clone(),
+                ifname: e.pod.ifname.clone(),
+            })
+            .collect()
+    }
+
+    /// A private IP the grower just created joins the pool: free, unless a pod holds that
+    /// address already (its VNIC was detached and OCI handed the address out again), in which
+    /// case it is the pod's and the pod follows it to this VNIC.
+    pub fn add_created(&mut self, vnic_id: &str, ip: std::net::Ipv4Addr, ocid: String) {
+        let now = tokio::time::Instant::now();
+        let holder = self
+            .allocations
+            .iter_mut()
+            .find(|(_, e)| e.allocation.ip == ip);
+        let state = match (holder, self.pool.vnic(vnic_id)) {
+            (Some((key, entry)), Some(v)) => {
+                tracing::warn!(%ip, vnic = vnic_id, container_id = %key.0, "a new private IP has the address of a quarantined pod; it stays the pod's");
+                move_to(&mut entry.allocation, &v.info);
+                entry.ip_id.clone_from(&ocid);
+                SlotState::Assigned(entry.pod.clone())
+            }
+            _ => SlotState::Free { since: now },
+        };
+        self.pool.add_slot(vnic_id, ip, Slot { ocid, state });
     }
 
     /// The addresses cooling down, with the wall-clock time each was released.
@@ -72,7 +141,8 @@ impl Inner {
     /// are ordered and each one contains every allocation made before it.
     pub async fn save(&self, state: &State) -> Result<(), AllocError> {
         let entries: Vec<Entry> = state.allocations.values().cloned().collect();
-        let vnics: Vec<_> = state.pool.vnics().iter().map(|v| v.info.clone()).collect();
+        let pooled = state.pool.vnics().iter().map(|v| v.info.clone());
+        let vnics: Vec<_> = pooled.chain(state.gone.values().cloned()).collect();
         let cooling = state.cooling();
         let checkpoint = self.checkpoint.clone();
         let result = tokio::task::spawn_blocking(move || {
@@ -92,6 +162,14 @@ impl Inner {
             }),
         }
     }
+}
+
+/// A pod's allocation now lives on the VNIC `to` (OCI moved its address there).
+pub(super) fn move_to(a: &mut Allocation, to: &VnicInfo) {
+    a.vnic_id.clone_from(&to.id);
+    a.interface = to.interface.clone().unwrap_or_default();
+    a.subnet = to.subnet;
+    a.router_ip = to.router_ip;
 }
 
 /// The wall clock, for cooldowns that must outlive the process.
