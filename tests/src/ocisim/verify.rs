@@ -74,6 +74,7 @@ pub fn verify(
     sig: &SignatureHeader,
     key: &RsaPublicKey,
     require_host: bool,
+    now: SystemTime,
 ) -> Result<(), Reject> {
     let mut required = vec!["(request-target)"];
     if require_host {
@@ -99,7 +100,6 @@ pub fn verify(
     let date = header(headers, date_header)?;
     let date =
         httpdate::parse_http_date(date).map_err(|_| format!("invalid {date_header} header"))?;
-    let now = SystemTime::now();
     let skew = now
         .duration_since(date)
         .or_else(|_| date.duration_since(now))
