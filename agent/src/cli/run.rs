@@ -281,8 +281,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         imds_vnics,
         client,
     } = connect(&config).await?;
-    // IMDS lists the primary VNIC first (cloud-init's Oracle datasource relies on it); the
-    // background VCN read confirms it with `GetVnic`'s `isPrimary`.
+    // IMDS lists the primary first (as cloud-init assumes); `learn_vcn` confirms it.
     let primary = imds_vnics[0].clone();
     let known = VcnFacts::load(&config);
     let mut datapath = loading.await.context("loading the datapath")??;
@@ -298,15 +297,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // IPAM: restore the checkpoint; it reconciles with OCI and grows the pool in the
     // background. The datapath already carries the existing pods' traffic, and the restored
     // pods are served before OCI is asked, so an unreachable OCI is waited out, not fatal.
-    let subnets = if config.ipam.subnets.is_empty() {
-        known
-            .as_ref()
-            .map(|k| k.subnets.clone())
-            .unwrap_or_default()
-    } else {
-        config.ipam.subnets.clone()
-    };
-    let ipam = start_ipam(&config, &instance, subnets, client.clone())?;
+    let ipam = start_ipam(&config, &instance, known.as_ref(), &client)?;
     if !ipam.knows_every_pods_vnic().await {
         // A checkpoint from an older agent lists the pods but not their VNICs: publishing a
         // datapath state before OCI names them would stop steering those pods.
@@ -488,13 +479,19 @@ async fn supervise(
 }
 
 /// Restores IPAM from its checkpoint; it reconciles with OCI and grows the pool in the
-/// background; `subnets` (for new VNICs) may be empty until OCI names them.
+/// background. The subnets for new VNICs are the configured ones, else the last known ones,
+/// else none until OCI names them.
 fn start_ipam(
     config: &AgentConfig,
     instance: &crate::oci::imds::Instance,
-    subnets: Vec<String>,
-    client: Arc<CoreClient>,
+    known: Option<&VcnFacts>,
+    client: &Arc<CoreClient>,
 ) -> anyhow::Result<Arc<Ipam>> {
+    let subnets = if config.ipam.subnets.is_empty() {
+        known.map(|k| k.subnets.clone()).unwrap_or_default()
+    } else {
+        config.ipam.subnets.clone()
+    };
     info!(?subnets, "subnets for new VNICs known at start");
     let mut ipam_config = IpamConfig::new(
         instance.id.clone(),
