@@ -70,8 +70,7 @@ pub(super) async fn x509(
         &body,
         &sig,
         &leaf_key,
-        false,
-        s.clock(),
+        (false, s.clock()),
     ) {
         return unauthenticated(reason);
     }

@@ -65,7 +65,8 @@ pub fn parse_authorization(headers: &HeaderMap) -> Result<SignatureHeader, Rejec
     })
 }
 
-/// Checks the signed-header set, the date, the body digest and the signature itself.
+/// Checks the signed-header set, the date (against `now`, the simulator's clock), the body
+/// digest and the signature itself; `require_host` for Core calls.
 pub fn verify(
     method: &Method,
     uri: &Uri,
@@ -73,8 +74,7 @@ pub fn verify(
     body: &[u8],
     sig: &SignatureHeader,
     key: &RsaPublicKey,
-    require_host: bool,
-    now: SystemTime,
+    (require_host, now): (bool, SystemTime),
 ) -> Result<(), Reject> {
     let mut required = vec!["(request-target)"];
     if require_host {
