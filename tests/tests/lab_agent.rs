@@ -539,3 +539,125 @@ fn lab_a_second_agent_on_the_node_exits_and_the_first_serves_on() {
     );
     assert_consistent(&lab, &agent);
 }
+
+/// Every OCI operation the agent makes, the federation's `/v1/x509` included; IMDS (the
+/// link-local metadata service) keeps answering.
+const OCI_OPERATIONS: [&str; 11] = [
+    "X509",
+    "GetVnic",
+    "GetSubnet",
+    "GetVcn",
+    "ListSubnets",
+    "ListVnicAttachments",
+    "GetVnicAttachment",
+    "ListPrivateIps",
+    "CreatePrivateIp",
+    "DeletePrivateIp",
+    "AttachVnic",
+];
+
+fn oci_fails(kind: vcnpath_tests::ocisim::FaultKind) -> Faults {
+    Faults {
+        rules: OCI_OPERATIONS
+            .iter()
+            .map(|op| vcnpath_tests::ocisim::FaultRule {
+                op: (*op).into(),
+                kind,
+                status: 503,
+                code: "ServiceUnavailable".into(),
+                ..vcnpath_tests::ocisim::FaultRule::default()
+            })
+            .collect(),
+        ..Faults::default()
+    }
+}
+
+/// Start-up never depends on OCI: restarted while OCI answers only 5xx, garbage, nothing,
+/// or refuses a node clock 10 minutes off, the agent serves its restored pods within 5 s,
+/// `/healthz` is 200, a new pod is asked to try again later, and once OCI recovers the node
+/// converges (new pods get addresses that exist in OCI).
+#[test]
+fn lab_a_restart_while_oci_fails_serves_restored_pods_and_converges() {
+    use vcnpath_tests::ocisim::FaultKind;
+    if !have_root("lab_a_restart_while_oci_fails_serves_restored_pods_and_converges") {
+        return;
+    }
+    let lab = simlab();
+    let mut agent = NodeAgent::start(&lab, "nooci").expect("vcnpath run");
+    let pods = add_pods(&lab, &agent, "r", 2);
+    let node = lab.lab().node();
+    let outages = [
+        ("answering 503", oci_fails(FaultKind::Status)),
+        ("answering garbage", oci_fails(FaultKind::Truncate)),
+        ("hanging", oci_fails(FaultKind::Hang)),
+        (
+            "10 minutes off the node's clock",
+            Faults {
+                clock_skew_s: 600,
+                ..Faults::default()
+            },
+        ),
+    ];
+    for (n, (what, faults)) in outages.into_iter().enumerate() {
+        lab.sim().set_faults(faults);
+        agent.kill9().expect("kill -9");
+        agent
+            .restart(&lab)
+            .unwrap_or_else(|e| panic!("with OCI {what}, vcnpath run must start: {e:#}"));
+        let serving = std::time::Instant::now();
+        for p in &pods {
+            let out = cni_add(node, &agent.socket(), &p.id, p.ns.path(), T).expect("cni runs");
+            assert!(
+                out.ok && out.ip() == Some(p.ip),
+                "with OCI {what}, restored pod {} must get its address {} back: {}",
+                p.id,
+                p.ip,
+                out.json
+            );
+        }
+        assert!(
+            serving.elapsed() < Duration::from_secs(5),
+            "with OCI {what}, restored pods must be served within 5 s of start (took {:?}, start {:?})",
+            serving.elapsed(),
+            agent.started_in()
+        );
+        let health = vcnpath_tests::lab::process::run(
+            vcnpath_tests::lab::cmd_in(node, "curl")
+                .args(["-sf", "http://127.0.0.1:19965/healthz"]),
+        );
+        assert!(health.is_ok(), "with OCI {what}, /healthz must be 200");
+        let id = format!("new{n}");
+        let ns = lab.lab().add_pod_netns(&id).expect("pod netns");
+        // One ADD, as the kubelet makes it (cni_add would retry "try again" for a minute).
+        let out = cni(node, &agent.socket(), "ADD", &id, Some(ns.path())).expect("cni runs");
+        assert!(
+            !out.ok && out.code() == Some(11),
+            "with OCI {what}, a new pod must be told to try again later (CNI code 11): {}",
+            out.json
+        );
+        assert!(
+            out.json.to_string().contains("try again"),
+            "the answer says why: {}",
+            out.json
+        );
+        // The agent still runs: it waits OCI out.
+        agent.status().expect("status answers while OCI fails");
+    }
+    lab.sim().set_faults(Faults::default());
+    let ns = lab.lab().add_pod_netns("recovered").expect("pod netns");
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let out = cni_add(node, &agent.socket(), "recovered", ns.path(), T).expect("cni runs");
+        if out.ok {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "once OCI recovers a new pod gets an address: {}\n{}",
+            out.json,
+            agent.latest_log()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert_consistent(&lab, &agent);
+}

@@ -353,3 +353,52 @@ async fn each_missing_permission_is_named_and_its_calls_back_off() {
         );
     }
 }
+
+/// The token expires while the federation endpoint hangs: a call fails within its retry
+/// budget (it does not wait out three 10 s federation attempts), and once `/v1/x509` answers
+/// again the next call federates and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_federation_fails_a_call_within_its_budget() {
+    let sim = Simulator::start(
+        SimConfig {
+            token_lifetime_s: 2,
+            ..SimConfig::default()
+        },
+        "127.0.0.1:0",
+    )
+    .await
+    .expect("simulator starts");
+    let budget = Duration::from_secs(4);
+    let (client, _) = instance_principal_client(
+        &sim,
+        vcnpath::oci::RetryPolicy {
+            total_budget: budget,
+            attempt_timeout: Duration::from_secs(2),
+            ..fast_retries()
+        },
+    );
+    let vcn = sim.config().vcn.id;
+    client.get_vcn(&vcn).await.expect("a first call federates");
+    sim.set_faults(Faults {
+        rules: vec![FaultRule {
+            op: "X509".into(),
+            kind: FaultKind::Hang,
+            ..FaultRule::default()
+        }],
+        ..Faults::default()
+    });
+    tokio::time::sleep(Duration::from_millis(2500)).await; // the token has expired
+    let started = Instant::now();
+    let result = client.get_vcn(&vcn).await;
+    let took = started.elapsed();
+    assert!(result.is_err(), "no token can be had while /v1/x509 hangs");
+    assert!(
+        took < budget + Duration::from_secs(2),
+        "the call must fail within its {budget:?} budget, took {took:?}: {result:?}"
+    );
+    sim.set_faults(Faults::default());
+    client
+        .get_vcn(&vcn)
+        .await
+        .expect("once /v1/x509 answers the next call federates and succeeds");
+}

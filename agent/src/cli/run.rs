@@ -1,6 +1,9 @@
-//! `vcnpath run`: the node agent. Start-up order matters: read IMDS, authenticate, learn
-//! the VCN, adopt (or load) the datapath on the primary VNIC, restore IPAM from its
-//! checkpoint and reconcile with OCI, then serve the CNI plugin and introspection.
+//! `vcnpath run`: the node agent. Start-up never waits for OCI's Core API: it reads IMDS
+//! (VNICs, subnet CIDRs, routers), adopts (or loads) the datapath on the primary VNIC,
+//! restores IPAM from its checkpoint and serves the CNI plugin and introspection; the VCN
+//! (its CIDR blocks, the subnets for new VNICs) and the reconcile with OCI are learned in
+//! the background, retried while OCI fails. Until then the datapath uses the last known
+//! VCN CIDR blocks (`vcn.json` in the state directory), or the VNICs' subnets.
 
 use std::{
     collections::BTreeSet,
@@ -42,29 +45,46 @@ const HOST_TICK: Duration = Duration::from_secs(1);
 /// How often the VCN's CIDR blocks are re-read.
 const VCN_REFRESH: Duration = Duration::from_mins(5);
 
-/// What start-up learns from IMDS and OCI.
+/// What start-up learns from IMDS alone; OCI's Core API is asked in the background.
 struct Cloud {
     instance: crate::oci::imds::Instance,
-    primary: crate::oci::imds::ImdsVnic,
-    primary_subnet_id: String,
-    vcn_id: String,
-    vcn_cidrs: BTreeSet<Ipv4Net>,
+    /// The VNICs as IMDS lists them, the primary first.
+    imds_vnics: Vec<crate::oci::imds::ImdsVnic>,
     client: Arc<CoreClient>,
 }
 
-/// Reads IMDS, authenticates and learns the VCN.
+/// How long start-up waits between IMDS attempts at most: IMDS is link-local, so it
+/// failing is rare and short (the instance is booting).
+const IMDS_RETRY_MAX: Duration = Duration::from_secs(10);
+/// The longest wait between attempts to learn the VCN from OCI while it fails.
+const OCI_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Reads IMDS (retried while it fails: nothing works without it) and builds the OCI client.
+/// No call to OCI's Core API or the federation endpoint is made here.
 async fn connect(config: &AgentConfig) -> anyhow::Result<Cloud> {
     let http_client = transport::api_client(config.oci.ca_bundle.as_deref())?;
     let imds_http = transport::imds_client()?;
     let imds = ImdsClient::new(&config.oci.imds_url, imds_http.clone())?;
-    let instance = imds
-        .instance()
-        .await
-        .context("reading the instance from IMDS")?;
-    let imds_vnics = imds.vnics().await.context("reading the VNICs from IMDS")?;
-    if imds_vnics.is_empty() {
-        bail!("IMDS lists no VNIC for this instance");
-    }
+    let mut delay = Duration::from_millis(500);
+    let (instance, imds_vnics) = loop {
+        let read = async {
+            let instance = imds
+                .instance()
+                .await
+                .context("reading the instance from IMDS")?;
+            let vnics = imds.vnics().await.context("reading the VNICs from IMDS")?;
+            anyhow::Ok((instance, vnics))
+        };
+        match read.await {
+            Ok((_, vnics)) if vnics.is_empty() => bail!("IMDS lists no VNIC for this instance"),
+            Ok(read) => break read,
+            Err(error) => {
+                warn!(error = format!("{error:#}"), retry_in = ?delay, "IMDS did not answer; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(IMDS_RETRY_MAX);
+            }
+        }
+    };
     info!(instance = %instance.id, shape = %instance.shape, max_vnics = instance.shape_config.max_vnic_attachments, "instance");
 
     let endpoints = match &config.oci.endpoint {
@@ -94,22 +114,83 @@ async fn connect(config: &AgentConfig) -> anyhow::Result<Cloud> {
         RetryPolicy::default(),
         RateLimit::default(),
     ));
-
-    let (primary, primary_vnic) = find_primary(&client, &imds_vnics).await?;
-    let subnet = client
-        .get_subnet(&primary_vnic.subnet_id)
-        .await
-        .context("GetSubnet for the primary VNIC")?;
-    let vcn_cidrs = read_vcn_cidrs(&client, &subnet.vcn_id).await?;
-    info!(vcn = %subnet.vcn_id, cidrs = ?vcn_cidrs, "VCN");
-
     Ok(Cloud {
         instance,
-        primary,
-        primary_subnet_id: primary_vnic.subnet_id,
-        vcn_id: subnet.vcn_id,
-        vcn_cidrs,
+        imds_vnics,
         client,
+    })
+}
+
+/// What OCI tells about the node's network beyond IMDS; kept in the state directory so a
+/// restart while OCI fails starts from the last known VCN.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct VcnFacts {
+    vcn_id: String,
+    vcn_cidrs: BTreeSet<Ipv4Net>,
+    /// Subnets for new VNICs.
+    subnets: Vec<String>,
+}
+
+impl VcnFacts {
+    fn path(config: &AgentConfig) -> PathBuf {
+        config.node.state_dir.join("vcn.json")
+    }
+
+    /// The last known facts, if a previous agent wrote them (a missing or unreadable file
+    /// only means starting without them).
+    fn load(config: &AgentConfig) -> Option<Self> {
+        let path = Self::path(config);
+        let bytes = std::fs::read(&path).ok()?;
+        match serde_json::from_slice(&bytes) {
+            Ok(facts) => Some(facts),
+            Err(error) => {
+                warn!(path = %path.display(), %error, "ignoring the unreadable last known VCN facts");
+                None
+            }
+        }
+    }
+
+    fn save(&self, config: &AgentConfig) {
+        let path = Self::path(config);
+        let tmp = path.with_extension("json.tmp");
+        let written = serde_json::to_vec(self)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(error) = written {
+            warn!(path = %path.display(), %error, "cannot keep the VCN facts for the next start");
+        }
+    }
+}
+
+/// Asks OCI what IMDS cannot tell: the primary VNIC's subnet and VCN, the VCN's CIDR blocks
+/// and the subnets for new VNICs.
+async fn learn_vcn(
+    config: &AgentConfig,
+    client: &CoreClient,
+    imds_vnics: &[crate::oci::imds::ImdsVnic],
+) -> anyhow::Result<VcnFacts> {
+    let primary = find_primary(client, imds_vnics).await?;
+    let subnet = client
+        .get_subnet(&primary.subnet_id)
+        .await
+        .context("GetSubnet for the primary VNIC")?;
+    let vcn = client.get_vcn(&subnet.vcn_id).await.context("GetVcn")?;
+    let vcn_cidrs = parse_cidrs(&vcn.cidr_blocks)?;
+    // The VCN's subnets live in the VCN's compartment, usually not the instance's.
+    let vcn_subnets = if config.ipam.subnets.is_empty() && config.ipam.subnet_tag.is_some() {
+        client
+            .list_subnets(&vcn.compartment_id, Some(&vcn.id))
+            .await
+            .context("ListSubnets for ipam.subnet_tag")?
+    } else {
+        Vec::new()
+    };
+    let subnets = select_subnets(&config.ipam, &vcn_subnets, &primary.subnet_id)?;
+    Ok(VcnFacts {
+        vcn_id: vcn.id,
+        vcn_cidrs,
+        subnets,
     })
 }
 
@@ -119,7 +200,7 @@ async fn connect(config: &AgentConfig) -> anyhow::Result<Cloud> {
 async fn find_primary(
     client: &CoreClient,
     imds_vnics: &[crate::oci::imds::ImdsVnic],
-) -> anyhow::Result<(crate::oci::imds::ImdsVnic, crate::oci::models::Vnic)> {
+) -> anyhow::Result<crate::oci::models::Vnic> {
     for (i, entry) in imds_vnics.iter().enumerate() {
         let vnic = client
             .get_vnic(&entry.vnic_id)
@@ -129,13 +210,59 @@ async fn find_primary(
             if i > 0 {
                 warn!(vnic = %entry.vnic_id, position = i, "IMDS did not list the primary VNIC first");
             }
-            return Ok((entry.clone(), vnic));
+            return Ok(vnic);
         }
     }
     bail!(
         "none of the {} VNICs IMDS lists is the primary one according to GetVnic (isPrimary); the instance's metadata and the Core API disagree",
         imds_vnics.len()
     )
+}
+
+/// Learns the VCN from OCI in the background, retried with capped backoff while OCI fails,
+/// then re-reads the VCN's CIDR blocks every [`VCN_REFRESH`].
+async fn keep_vcn_current(
+    config: AgentConfig,
+    client: Arc<CoreClient>,
+    imds_vnics: Vec<crate::oci::imds::ImdsVnic>,
+    node: Arc<Node>,
+) {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match learn_vcn(&config, &client, &imds_vnics).await {
+            Ok(facts) => {
+                if node.set_vcn_cidrs(facts.vcn_cidrs.clone()).await {
+                    info!(vcn = %facts.vcn_id, cidrs = ?facts.vcn_cidrs, "VCN CIDR blocks learned from OCI");
+                }
+                node.ipam.set_subnets(facts.subnets.clone()).await;
+                facts.save(&config);
+                delay = Duration::from_secs(1);
+                tokio::time::sleep(VCN_REFRESH).await;
+            }
+            Err(error) => {
+                warn!(error = format!("{error:#}"), retry_in = ?delay, "learning the VCN from OCI failed; the node runs on what IMDS and the last start knew, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(OCI_RETRY_MAX);
+            }
+        }
+    }
+}
+
+/// The VCN's CIDR blocks before OCI answered: the last known ones, or else the subnets of
+/// the node's VNICs as IMDS lists them (a lower bound: traffic to the rest of the VCN is
+/// masqueraded until `GetVcn` answers, which still reaches it).
+fn initial_vcn_cidrs(
+    known: Option<&VcnFacts>,
+    imds_vnics: &[crate::oci::imds::ImdsVnic],
+) -> BTreeSet<Ipv4Net> {
+    if let Some(facts) = known {
+        return facts.vcn_cidrs.clone();
+    }
+    imds_vnics
+        .iter()
+        .filter_map(|v| v.subnet_cidr_block.parse::<Ipv4Net>().ok())
+        .map(|n| n.trunc())
+        .collect()
 }
 
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
@@ -151,12 +278,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let loading = tokio::task::spawn_blocking(move || Datapath::load(&load_options));
     let Cloud {
         instance,
-        primary,
-        primary_subnet_id,
-        vcn_id,
-        vcn_cidrs,
+        imds_vnics,
         client,
     } = connect(&config).await?;
+    // IMDS lists the primary first (as cloud-init assumes); `learn_vcn` confirms it.
+    let primary = imds_vnics[0].clone();
+    let known = VcnFacts::load(&config);
     let mut datapath = loading.await.context("loading the datapath")??;
     let adopted = datapath.adopted;
     let netlink = Netlink::connect()?;
@@ -170,8 +297,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // IPAM: restore the checkpoint; it reconciles with OCI and grows the pool in the
     // background. The datapath already carries the existing pods' traffic, and the restored
     // pods are served before OCI is asked, so an unreachable OCI is waited out, not fatal.
-    let ipam =
-        start_ipam_patiently(&config, &instance, &primary_subnet_id, &vcn_id, &client).await?;
+    let ipam = start_ipam(&config, &instance, known.as_ref(), &client)?;
     if !ipam.knows_every_pods_vnic().await {
         // A checkpoint from an older agent lists the pods but not their VNICs: publishing a
         // datapath state before OCI names them would stop steering those pods.
@@ -206,7 +332,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             port_max: config.datapath.nat_port_max,
             mtu: config.datapath.mtu,
         },
-        vcn_cidrs,
+        initial_vcn_cidrs(known.as_ref(), &imds_vnics),
     ));
     node.add_primary(
         &primary.vnic_id,
@@ -235,7 +361,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .store(true, Ordering::Release);
     info!(socket = %config.node.socket.display(), listen = %config.node.listen, "serving");
 
-    supervise(&config, &node, &datapath, &introspection, &client, &vcn_id).await?;
+    let vcn_task = tokio::spawn(keep_vcn_current(
+        config.clone(),
+        client.clone(),
+        imds_vnics,
+        node.clone(),
+    ));
+    supervise(&config, &node, &datapath, &introspection).await?;
+    vcn_task.abort();
     info!("stopping; the datapath stays attached and pinned, allocations stay checkpointed");
     let _ = stop_tx.send(true);
     let _ = api_server.await;
@@ -289,16 +422,12 @@ async fn supervise(
     node: &Node,
     datapath: &datapath::task::DatapathHandle,
     introspection: &Introspection,
-    client: &CoreClient,
-    vcn_id: &str,
 ) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut host_tick = tokio::time::interval(HOST_TICK);
     let mut gc_tick =
         tokio::time::interval(Duration::from_secs(config.datapath.gc_interval_secs.max(1)));
-    let mut vcn_tick = tokio::time::interval(VCN_REFRESH);
-    vcn_tick.reset();
     // A VNIC's interface is set up as soon as the kernel announces it; the tick is the
     // safety net (and keeps readiness and the maps current).
     let mut links = match LinkEvents::subscribe() {
@@ -342,12 +471,6 @@ async fn supervise(
                 }
                 node.ensure_sysctls().await;
             }
-            _ = vcn_tick.tick() => {
-                match read_vcn_cidrs(client, vcn_id).await {
-                    Ok(cidrs) => if node.set_vcn_cidrs(cidrs).await { info!("VCN CIDR blocks changed"); },
-                    Err(error) => warn!(%error, "refreshing the VCN's CIDR blocks failed"),
-                }
-            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -355,58 +478,21 @@ async fn supervise(
     Ok(())
 }
 
-/// [`start_ipam`], retried with capped backoff while OCI fails; configuration and
-/// checkpoint errors end the agent at once (retrying cannot fix them).
-async fn start_ipam_patiently(
+/// Restores IPAM from its checkpoint; it reconciles with OCI and grows the pool in the
+/// background. The subnets for new VNICs are the configured ones, else the last known ones,
+/// else none until OCI names them.
+fn start_ipam(
     config: &AgentConfig,
     instance: &crate::oci::imds::Instance,
-    primary_subnet_id: &str,
-    vcn_id: &str,
+    known: Option<&VcnFacts>,
     client: &Arc<CoreClient>,
 ) -> anyhow::Result<Arc<Ipam>> {
-    let mut delay = Duration::from_secs(1);
-    loop {
-        match start_ipam(config, instance, primary_subnet_id, vcn_id, client.clone()).await {
-            Ok(ipam) => return Ok(ipam),
-            Err(error) if is_cloud_error(&error) => {
-                warn!(error = format!("{error:#}"), retry_in = ?delay, "starting IPAM failed because OCI did not answer; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(30));
-            }
-            Err(error) => return Err(error),
-        }
-    }
-}
-
-fn is_cloud_error(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause.downcast_ref::<crate::oci::OciError>().is_some()
-            || matches!(
-                cause.downcast_ref::<crate::ipam::IpamError>(),
-                Some(crate::ipam::IpamError::Cloud { .. })
-            )
-    })
-}
-
-/// Restores IPAM from its checkpoint; it reconciles with OCI and grows the pool in the
-/// background.
-async fn start_ipam(
-    config: &AgentConfig,
-    instance: &crate::oci::imds::Instance,
-    primary_subnet_id: &str,
-    vcn_id: &str,
-    client: Arc<CoreClient>,
-) -> anyhow::Result<Arc<Ipam>> {
-    let vcn_subnets = if config.ipam.subnets.is_empty() && config.ipam.subnet_tag.is_some() {
-        client
-            .list_subnets(&instance.compartment_id, Some(vcn_id))
-            .await
-            .context("ListSubnets for ipam.subnet_tag")?
+    let subnets = if config.ipam.subnets.is_empty() {
+        known.map(|k| k.subnets.clone()).unwrap_or_default()
     } else {
-        Vec::new()
+        config.ipam.subnets.clone()
     };
-    let subnets = select_subnets(&config.ipam, &vcn_subnets, primary_subnet_id)?;
-    info!(?subnets, "subnets for new VNICs");
+    info!(?subnets, "subnets for new VNICs known at start");
     let mut ipam_config = IpamConfig::new(
         instance.id.clone(),
         config.pool(instance.shape_config.max_vnic_attachments as usize, subnets),
@@ -436,9 +522,8 @@ async fn start_ipam(
     Ok(Arc::new(Ipam::start(Arc::new(cloud), ipam_config)?))
 }
 
-async fn read_vcn_cidrs(client: &CoreClient, vcn_id: &str) -> anyhow::Result<BTreeSet<Ipv4Net>> {
-    let vcn = client.get_vcn(vcn_id).await.context("GetVcn")?;
-    vcn.cidr_blocks
+fn parse_cidrs(blocks: &[String]) -> anyhow::Result<BTreeSet<Ipv4Net>> {
+    blocks
         .iter()
         .map(|c| {
             c.parse::<Ipv4Net>()

@@ -196,6 +196,9 @@ pub struct Pool {
     /// Pods refused for want of a free address since the last plan: with a warm target of 0
     /// this is what makes the pool grow on demand. A set, so a pod retrying counts once.
     pub waiting: BTreeSet<(String, String)>,
+    /// Subnets for new VNICs learned after the start (from OCI), in place of
+    /// [`PoolConfig::subnets`].
+    pub subnets: Option<Vec<String>>,
 }
 
 impl Pool {
@@ -348,6 +351,9 @@ impl Pool {
         if c.cooldown > 0 {
             return false; // an address comes back when its cooldown ends
         }
+        if self.subnets.is_none() && cfg.subnets.is_empty() {
+            return false; // the subnets for new VNICs are not known yet (OCI has not named them)
+        }
         let room_on_vnics = self
             .vnics
             .iter()
@@ -355,8 +361,10 @@ impl Pool {
         !room_on_vnics && self.can_attach(cfg, now) == 0
     }
 
-    fn usable_subnet<'c>(&self, cfg: &'c PoolConfig, now: Instant) -> Option<&'c String> {
-        cfg.subnets
+    fn usable_subnet<'a>(&'a self, cfg: &'a PoolConfig, now: Instant) -> Option<&'a String> {
+        self.subnets
+            .as_ref()
+            .unwrap_or(&cfg.subnets)
             .iter()
             .find(|s| self.exhausted.get(*s).is_none_or(|until| *until <= now))
     }

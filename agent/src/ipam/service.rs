@@ -136,6 +136,17 @@ impl Ipam {
             .all(|e| state.pool.vnic(&e.allocation.vnic_id).is_some())
     }
 
+    /// Sets the subnets for new VNICs when they are learned after the start (the default,
+    /// the primary VNIC's subnet, and `subnet_tag` need OCI); until then no VNIC is attached.
+    pub async fn set_subnets(&self, subnets: Vec<String>) {
+        let mut state = self.inner.state.lock().await;
+        if state.pool.subnets.as_ref() != Some(&subnets) {
+            tracing::info!(?subnets, "subnets for new VNICs");
+            state.pool.subnets = Some(subnets);
+            self.inner.wake.notify_one();
+        }
+    }
+
     /// Compares the checkpoint and the pool with OCI and repairs the difference.
     pub async fn reconcile(&self) -> Result<(), IpamError> {
         reconcile::run(&self.inner).await

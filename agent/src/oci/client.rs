@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
 use super::auth::AuthProvider;
-use super::error::OciError;
+use super::error::{AuthError, OciError};
 use super::models::{
     AttachVnicDetails, AttachmentState, CreatePrivateIpDetails, PrivateIp, PrivateIpFilter, Subnet,
     Vcn, Vnic, VnicAttachment,
@@ -389,10 +389,15 @@ impl CoreClient {
         let operation = call.operation;
         self.limiter.acquire().await;
         let attempt_started = Instant::now();
-        let credentials = self
-            .auth
-            .credentials()
+        // A refresh that hangs (IMDS, `/v1/x509`) must not hold the call past its budget.
+        let remaining = self.retry.total_budget.saturating_sub(started.elapsed());
+        let credentials = tokio::time::timeout(remaining, self.auth.credentials())
             .await
+            .unwrap_or_else(|_| {
+                Err(AuthError::Timeout {
+                    budget_ms: self.retry.total_budget.as_millis() as u64,
+                })
+            })
             .map_err(|source| OciError::Auth { operation, source })?;
         let mut url = self.base.join(call.path).map_err(|_| OciError::Url {
             operation,

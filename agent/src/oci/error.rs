@@ -46,6 +46,12 @@ pub enum AuthError {
     Imds(#[from] ImdsError),
     #[error("federation request failed: {0}")]
     Federation(#[source] Box<OciError>),
+    /// No credentials within the call's retry budget (IMDS or the federation endpoint slow or
+    /// hanging); the next call tries again.
+    #[error(
+        "no OCI credentials within the call's {budget_ms} ms budget (IMDS or the federation endpoint does not answer); the next call tries again"
+    )]
+    Timeout { budget_ms: u64 },
 }
 
 /// An instance metadata (IMDS v2) request that failed after its retries.

@@ -103,6 +103,10 @@ pub struct Faults {
     /// List calls (`ListVnicAttachments`, `ListPrivateIps`, `ListSubnets`) answer from the
     /// state as it was this long ago: reads that lag writes.
     pub stale_read_ms: u64,
+    /// How far the simulator's clock is ahead of the caller's (negative: behind), in seconds:
+    /// a node whose clock is off. Beyond 5 minutes every signed request is refused 401
+    /// (docs/oci.md, "Clock skew").
+    pub clock_skew_s: i64,
 }
 
 /// One injected fault: which operation, how often, and whether before the operation (nothing

@@ -255,7 +255,7 @@ fn authenticate(
             .cloned()
             .ok_or("the keyId names no registered API key")?
     };
-    verify::verify(method, uri, headers, body, &sig, &key, true)
+    verify::verify(method, uri, headers, body, &sig, &key, (true, s.clock()))
 }
 
 /// `opc-retry-token`: the same token with the same body answers the first result again;

@@ -63,7 +63,15 @@ pub(super) async fn x509(
     let Some(leaf_key) = public_key(&leaf) else {
         return unauthenticated("the certificate's key is not RSA");
     };
-    if let Err(reason) = verify::verify(&method, &uri, &headers, &body, &sig, &leaf_key, false) {
+    if let Err(reason) = verify::verify(
+        &method,
+        &uri,
+        &headers,
+        &body,
+        &sig,
+        &leaf_key,
+        (false, s.clock()),
+    ) {
         return unauthenticated(reason);
     }
     let Some(spki) = request["publicKey"].as_str() else {

@@ -94,6 +94,14 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// The simulator's clock: the real one moved by [`Faults::clock_skew_s`].
+    pub fn clock(&self) -> std::time::SystemTime {
+        let skew = lock(&self.faults).clock_skew_s;
+        let now = std::time::SystemTime::now();
+        let by = Duration::from_secs(skew.unsigned_abs());
+        if skew >= 0 { now + by } else { now - by }
+    }
+
     /// Saves the state about to change, while stale reads are on.
     pub fn remember(&self, cloud: &Cloud) {
         if lock(&self.faults).stale_read_ms == 0 {

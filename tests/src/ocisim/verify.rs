@@ -65,7 +65,8 @@ pub fn parse_authorization(headers: &HeaderMap) -> Result<SignatureHeader, Rejec
     })
 }
 
-/// Checks the signed-header set, the date, the body digest and the signature itself.
+/// Checks the signed-header set, the date (against `now`, the simulator's clock), the body
+/// digest and the signature itself; `require_host` for Core calls.
 pub fn verify(
     method: &Method,
     uri: &Uri,
@@ -73,7 +74,7 @@ pub fn verify(
     body: &[u8],
     sig: &SignatureHeader,
     key: &RsaPublicKey,
-    require_host: bool,
+    (require_host, now): (bool, SystemTime),
 ) -> Result<(), Reject> {
     let mut required = vec!["(request-target)"];
     if require_host {
@@ -99,7 +100,6 @@ pub fn verify(
     let date = header(headers, date_header)?;
     let date =
         httpdate::parse_http_date(date).map_err(|_| format!("invalid {date_header} header"))?;
-    let now = SystemTime::now();
     let skew = now
         .duration_since(date)
         .or_else(|_| date.duration_since(now))
