@@ -22,6 +22,13 @@ use crate::{
 };
 
 const AF_INET: u8 = 2;
+/// The size the helper is told `params` has.
+#[expect(
+    clippy::cast_possible_wrap,
+    clippy::cast_possible_truncation,
+    reason = "the struct is 64 bytes"
+)]
+const PARAMS_LEN: i32 = core::mem::size_of::<bpf_fib_lookup>() as i32;
 
 #[inline(always)]
 pub fn run(ctx: &TcContext) -> Step<Decision> {
@@ -44,14 +51,7 @@ fn route_leaves_via(ctx: &TcContext, addr: [u8; 4]) -> Option<u32> {
     params.ifindex = parse::ifindex(ctx);
     params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(addr);
     // SAFETY: the helper reads and writes only `params`, sized by the third argument.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.as_ptr(),
-            &raw mut params,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), &raw mut params, PARAMS_LEN, 0) };
     // The route is resolved (and `ifindex` set to its device) before the neighbour and
     // MTU checks; a missing neighbour or a large packet says nothing about the source.
     let found = u32::try_from(rc).is_ok_and(|rc| {

@@ -432,8 +432,14 @@ fn lab_no_checksum_errors_with_offloads_off() {
 /// has been given besides its own) to the echo server; tells whether an answer came.
 fn spoofed_request(s: &Setup, from: Ipv4Addr, echo: &UdpEchoServer) -> bool {
     let from = SocketAddr::from((from, 40_123));
-    udp_request(s.pod(POD_A).ns(), Some(from), echo.addr(), b"spoof", Duration::from_secs(2))
-        .is_ok()
+    udp_request(
+        s.pod(POD_A).ns(),
+        Some(from),
+        echo.addr(),
+        b"spoof",
+        Duration::from_secs(2),
+    )
+    .is_ok()
 }
 
 #[test]
@@ -478,7 +484,11 @@ fn lab_a_pod_cannot_send_as_another_pod_even_with_rp_filter_off() {
         echo.peers()
     );
     let dropped = s.counters().get(Reason::DropSpoofed) - before;
-    assert!(dropped >= 1, "the spoofed datagrams must be counted, saw {dropped}\n{}", s.counters());
+    assert!(
+        dropped >= 1,
+        "the spoofed datagrams must be counted, saw {dropped}\n{}",
+        s.counters()
+    );
 
     // Pod A with its own address is untouched.
     assert!(
