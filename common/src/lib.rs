@@ -16,6 +16,8 @@ pub use reason::{REASON_COUNT, Reason};
 pub const PROG_EGRESS: &str = "vcnpath_egress";
 /// Name of the TC ingress classifier.
 pub const PROG_INGRESS: &str = "vcnpath_ingress";
+/// Name of the TC ingress classifier on each pod's host-side veth (anti-spoofing).
+pub const PROG_POD: &str = "vcnpath_pod";
 
 /// Read-only global (`.rodata`, frozen at load) the agent sets to 1 when the kernel has
 /// `bpf_ktime_get_coarse_ns` (Linux 5.11+). The verifier knows its value and drops the

@@ -58,10 +58,15 @@ pub enum Reason {
     DropBadTcpOffset = 23,
     /// Any other TCP packet with such a data offset: passed unmodified.
     PassBadTcpOffset = 24,
+    /// Packet from a pod whose source address the node routes through another interface
+    /// (another pod's address, the node's, or none of ours): dropped at the pod's veth.
+    DropSpoofed = 25,
+    /// Packet from a pod with its own address, checked at the pod's veth: passed.
+    PassPodSource = 26,
 }
 
 /// Number of reason codes (size of the `stats` map).
-pub const REASON_COUNT: u32 = 25;
+pub const REASON_COUNT: u32 = 27;
 
 impl Reason {
     /// Every reason, in index order.
@@ -91,6 +96,8 @@ impl Reason {
         Reason::PassBadLength,
         Reason::DropBadTcpOffset,
         Reason::PassBadTcpOffset,
+        Reason::DropSpoofed,
+        Reason::PassPodSource,
     ];
 
     /// The name operators see in `vcnpath` output and metrics.
@@ -121,6 +128,8 @@ impl Reason {
             Reason::PassBadLength => "passed-bad-length",
             Reason::DropBadTcpOffset => "dropped-bad-tcp-offset",
             Reason::PassBadTcpOffset => "passed-bad-tcp-offset",
+            Reason::DropSpoofed => "dropped-spoofed-source",
+            Reason::PassPodSource => "passed-pod-own-source",
         }
     }
 
@@ -136,6 +145,7 @@ impl Reason {
                 | Reason::DropNatFull
                 | Reason::DropBadLength
                 | Reason::DropBadTcpOffset
+                | Reason::DropSpoofed
         )
     }
 }

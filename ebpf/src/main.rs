@@ -1,4 +1,4 @@
-//! vcnpath's TC programs. This file holds only the maps and the two entry points; each
+//! vcnpath's TC programs. This file holds only the maps and the entry points; each
 //! concern lives in its own module and the entry points return the verdict of the work
 //! they delegate, after counting its reason in `stats`.
 #![no_std]
@@ -8,6 +8,7 @@
     reason = "every helper is inlined on purpose: BPF-to-BPF calls limit stack and pointer passing, and the verifier tracks packet bounds best within one function"
 )]
 
+mod antispoof;
 mod csum;
 mod decision;
 mod egress;
@@ -41,6 +42,20 @@ pub fn vcnpath_egress(ctx: TcContext) -> i32 {
 )]
 pub fn vcnpath_ingress(ctx: TcContext) -> i32 {
     let decision = match ingress::run(&ctx) {
+        Ok(decision) | Err(decision) => decision,
+    };
+    maps::count(decision.reason);
+    decision.action
+}
+
+/// TC ingress of a pod's host-side veth: drops what the pod sends with an address not its own.
+#[classifier]
+#[expect(
+    clippy::needless_pass_by_value,
+    reason = "the signature #[classifier] requires"
+)]
+pub fn vcnpath_pod(ctx: TcContext) -> i32 {
+    let decision = match antispoof::run(&ctx) {
         Ok(decision) | Err(decision) => decision,
     };
     maps::count(decision.reason);

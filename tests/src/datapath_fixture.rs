@@ -146,6 +146,11 @@ impl Fixture {
         run(self.datapath.ingress(), frame)
     }
 
+    /// Runs the program of a pod's host-side veth (TC ingress there) over `frame`.
+    pub fn pod(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        run(self.datapath.pod(), frame)
+    }
+
     pub fn counters(&self) -> Counters {
         Counters::read(&self.datapath.maps).expect("read counters")
     }

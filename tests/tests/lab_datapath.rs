@@ -427,3 +427,74 @@ fn lab_no_checksum_errors_with_offloads_off() {
         );
     }
 }
+
+/// Sends one UDP datagram from pod A's namespace with source `from` (an address pod A
+/// has been given besides its own) to the echo server; tells whether an answer came.
+fn spoofed_request(s: &Setup, from: Ipv4Addr, echo: &UdpEchoServer) -> bool {
+    let from = SocketAddr::from((from, 40_123));
+    udp_request(
+        s.pod(POD_A).ns(),
+        Some(from),
+        echo.addr(),
+        b"spoof",
+        Duration::from_secs(2),
+    )
+    .is_ok()
+}
+
+#[test]
+fn lab_a_pod_cannot_send_as_another_pod_even_with_rp_filter_off() {
+    if !have_root("lab_spoof") {
+        return;
+    }
+    let s = setup("spoof", LabOptions::default());
+    // The node's reverse-path filter off everywhere a pod packet passes: only vcnpath can
+    // stop pod A now.
+    let node = s.lab.node();
+    let mut scopes = vec!["all".to_owned(), "default".to_owned()];
+    scopes.extend((0..2).map(|v| s.lab.vnic(v).expect("vnic").ifname.to_owned()));
+    scopes.extend(s.pods.iter().map(|p| p.host_ifname().to_owned()));
+    for scope in &scopes {
+        node.sysctl(&format!("net/ipv4/conf/{scope}/rp_filter"), "0")
+            .expect("rp_filter off");
+    }
+    // Pod A claims pod B's address: its kernel now sends from it on request.
+    s.pod(POD_A)
+        .ns()
+        .ip(&["addr", "add", &format!("{POD_B}/32"), "dev", "eth0"])
+        .expect("second address in pod A");
+    let echo =
+        UdpEchoServer::start(s.lab.inet(), SocketAddr::from((s.lab.inet_ip(), 5353))).unwrap();
+
+    // What the CNI plugin does for every pod veth it creates.
+    for pod in &s.pods {
+        let ifname = pod.host_ifname().to_owned();
+        vcnpath_tests::lab::netns::run_in(node, || {
+            vcnpath::datapath::attach_pinned_pod(&s.pins.path, &ifname)
+        })
+        .expect("entering the node")
+        .unwrap_or_else(|e| panic!("attaching the anti-spoofing check to {ifname}: {e}"));
+    }
+
+    let before = s.counters().get(Reason::DropSpoofed);
+    spoofed_request(&s, POD_B, &echo);
+    assert!(
+        echo.peers().is_empty(),
+        "a datagram pod A sent as pod B reached the internet (seen from {:?}): it rode pod B's identity",
+        echo.peers()
+    );
+    let dropped = s.counters().get(Reason::DropSpoofed) - before;
+    assert!(
+        dropped >= 1,
+        "the spoofed datagrams must be counted, saw {dropped}\n{}",
+        s.counters()
+    );
+
+    // Pod A with its own address is untouched.
+    assert!(
+        spoofed_request(&s, POD_A, &echo),
+        "pod A's own datagram must still get its answer\n{}",
+        s.counters()
+    );
+    s.assert_no_router_drops();
+}

@@ -168,6 +168,10 @@ pub struct NetConf {
     /// Per-call timeout towards the agent.
     #[serde(default)]
     pub timeout_seconds: Option<u64>,
+    /// The agent's bpffs pin directory ([`vcnpath_common::DEFAULT_PIN_DIR`] when absent):
+    /// each pod veth gets the pinned anti-spoofing program found there.
+    #[serde(default)]
+    pub pin_dir: Option<PathBuf>,
     /// The previous plugin's result in a chain (required by CHECK in 1.0.0).
     #[serde(default)]
     pub prev_result: Option<serde_json::Value>,
@@ -229,6 +233,12 @@ impl NetConf {
         self.socket_path
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+    }
+
+    pub fn pin_dir(&self) -> PathBuf {
+        self.pin_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(vcnpath_common::DEFAULT_PIN_DIR))
     }
 
     pub fn timeout(&self) -> Duration {

@@ -176,7 +176,7 @@ struct Plan<'a> {
 }
 
 impl Plan<'_> {
-    async fn apply(&self, node: &Netlink, pod_side: &Netlink) -> Result<CniResult, NetlinkError> {
+    async fn apply(&self, node: &Netlink, pod_side: &Netlink) -> Result<CniResult, SetupError> {
         let ifname = &self.env.ifname;
         let ip = self.allocation.ip;
         let mtu = effective_mtu(self.conf, self.allocation);
@@ -189,6 +189,8 @@ impl Plan<'_> {
             .await?
             .ok_or_else(|| vanished(self.host_veth))?;
         let host_mac = host.mac.ok_or_else(|| vanished(self.host_veth))?;
+        // Before the veth is up, so no packet of the pod leaves unchecked.
+        attach_antispoof(self.conf, self.host_veth)?;
         node.set_mtu_up(host.index, self.host_veth, mtu).await?;
         let pod = pod_side
             .link(ifname)
@@ -217,6 +219,34 @@ impl Plan<'_> {
             },
         ))
     }
+}
+
+/// Why setting up the pod's interfaces failed.
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error("attaching the anti-spoofing check to {host_veth}: {source}")]
+    AntiSpoof {
+        host_veth: String,
+        source: crate::datapath::DatapathError,
+    },
+}
+
+/// Attaches the datapath's anti-spoofing check (a pod sends only with its own address) to
+/// the host veth, when the agent has the datapath loaded: its program is pinned in the
+/// configuration's pin directory. Without the pin there is no datapath on this node.
+fn attach_antispoof(conf: &NetConf, host_veth: &str) -> Result<(), SetupError> {
+    let pin_dir = conf.pin_dir();
+    if !pin_dir.join(vcnpath_common::PROG_POD).exists() {
+        return Ok(());
+    }
+    crate::datapath::attach_pinned_pod(&pin_dir, host_veth).map_err(|source| {
+        SetupError::AntiSpoof {
+            host_veth: host_veth.to_owned(),
+            source,
+        }
+    })
 }
 
 /// The pod's MTU: the agent's (it knows the VNIC), else the configuration's default.

@@ -18,6 +18,7 @@ use aya::programs::{
 use tracing::{debug, info, warn};
 use vcnpath_common::{
     DATAPATH_ABI, GLOBAL_COARSE_CLOCK, MAP_ABI, MAP_NAMES, MAP_NAT, PROG_EGRESS, PROG_INGRESS,
+    PROG_POD,
 };
 
 use super::{
@@ -42,12 +43,17 @@ pub struct LoadOptions {
     pub nat_max_entries: Option<u32>,
 }
 
-/// The loaded datapath: its maps and the two programs, ready to attach.
+/// Every program, in the order the agent loads and pins them.
+const PROGRAMS: [&str; 3] = [PROG_EGRESS, PROG_INGRESS, PROG_POD];
+
+/// The loaded datapath: its maps and the programs, ready to attach.
 pub struct Datapath {
     pub maps: DatapathMaps,
     egress: SchedClassifier,
     ingress: SchedClassifier,
-    /// True when both programs were adopted from their pins unchanged.
+    /// The anti-spoofing check on each pod's host-side veth.
+    pod: SchedClassifier,
+    /// True when every program was adopted from its pin unchanged.
     pub adopted: bool,
     /// `Some` while attachments are held back: some map was replaced by an empty one, so
     /// the new programs would run without the state the attached ones still have. Holds the
@@ -64,8 +70,8 @@ impl Datapath {
     /// cannot be used and holds state the agent cannot rebuild (the NAT table) is refused
     /// with an error that says what to do, before anything pinned changes; any other
     /// incompatible map is replaced by a fresh one. Replacement maps and programs are
-    /// pinned under a staging directory and renamed over the live pins only once both
-    /// programs have passed the verifier, so a failed upgrade leaves every pin as it was.
+    /// pinned under a staging directory and renamed over the live pins only once every
+    /// program has passed the verifier, so a failed upgrade leaves every pin as it was.
     pub fn load(options: &LoadOptions) -> Result<Self, DatapathError> {
         let pin_dir = &options.pin_dir;
         std::fs::create_dir_all(pin_dir).map_err(|source| DatapathError::PinDir {
@@ -102,11 +108,13 @@ impl Datapath {
         let maps = DatapathMaps::take(&mut ebpf)?;
         let egress = open_pinned(PROG_EGRESS, &pin_dir.join(PROG_EGRESS))?;
         let ingress = open_pinned(PROG_INGRESS, &pin_dir.join(PROG_INGRESS))?;
+        let pod = open_pinned(PROG_POD, &pin_dir.join(PROG_POD))?;
         info!(pin_dir = %pin_dir.display(), adopted, "datapath loaded");
         Ok(Self {
             maps,
             egress,
             ingress,
+            pod,
             adopted,
             held: (!emptied.is_empty()).then(Vec::new),
             pin_dir: pin_dir.clone(),
@@ -143,16 +151,7 @@ impl Datapath {
             }
             return Ok(());
         }
-        if let Err(error) = tc::qdisc_add_clsact(interface) {
-            // EEXIST is the normal case after a restart.
-            let exists = matches!(&error, tc::TcError::NetlinkError(e) if e.raw_os_error() == Some(libc::EEXIST));
-            if !exists {
-                return Err(DatapathError::Interface {
-                    interface: interface.to_owned(),
-                    source: io::Error::other(error.to_string()),
-                });
-            }
-        }
+        add_clsact(interface)?;
         attach_one(
             &mut self.egress,
             PROG_EGRESS,
@@ -166,6 +165,18 @@ impl Datapath {
             TcAttachType::Ingress,
         )?;
         Ok(())
+    }
+
+    /// Attaches the anti-spoofing check to the TC ingress of a pod's host-side veth
+    /// (adding its clsact qdisc if needed), replacing in place what vcnpath attached
+    /// there before. It needs no state the agent fills, so it is never held back.
+    pub fn attach_pod(&mut self, interface: &str) -> Result<(), DatapathError> {
+        attach_pod_program(&mut self.pod, interface)
+    }
+
+    /// The pod-veth classifier (for `BPF_PROG_TEST_RUN`).
+    pub fn pod(&self) -> &SchedClassifier {
+        &self.pod
     }
 
     /// The egress classifier (for `BPF_PROG_TEST_RUN` in tests and benchmarks).
@@ -227,8 +238,8 @@ fn plan_maps(options: &LoadOptions) -> Result<Vec<(&'static str, Plan)>, Datapat
     Ok(plans)
 }
 
-/// Loads the object with the maps `plans` decided on and both programs, then moves what was
-/// staged into place and records the ABI. Returns the object and whether both programs
+/// Loads the object with the maps `plans` decided on and every program, then moves what was
+/// staged into place and records the ABI. Returns the object and whether every program
 /// were adopted.
 fn load_staged(
     options: &LoadOptions,
@@ -243,7 +254,7 @@ fn load_staged(
     loader.override_global(GLOBAL_COARSE_CLOCK, &coarse_clock, true);
     for (name, plan) in plans {
         let path = match plan {
-            // New maps wait in staging too: until both programs have loaded, no pin
+            // New maps wait in staging too: until every program has loaded, no pin
             // changes, so a failed start leaves nothing a later start could mistake for
             // the previous release's state.
             Plan::Replace { .. } | Plan::Create => staged(name),
@@ -268,7 +279,7 @@ fn load_staged(
 
     let mut adopted = true;
     let mut replaced = Vec::new();
-    for name in [PROG_EGRESS, PROG_INGRESS] {
+    for name in PROGRAMS {
         if load_or_adopt(&mut ebpf, name, &pin_dir.join(name))? {
             continue;
         }
@@ -336,6 +347,31 @@ fn load_or_adopt(
     }
     debug!(program = name, "adopting pinned program");
     Ok(true)
+}
+
+/// Attaches the pinned anti-spoofing program in `pin_dir` to the TC ingress of the pod
+/// veth `interface`: for a process that has not loaded the datapath (the CNI plugin).
+pub fn attach_pinned_pod(pin_dir: &Path, interface: &str) -> Result<(), DatapathError> {
+    let mut program = open_pinned(PROG_POD, &pin_dir.join(PROG_POD))?;
+    attach_pod_program(&mut program, interface)
+}
+
+fn attach_pod_program(program: &mut SchedClassifier, interface: &str) -> Result<(), DatapathError> {
+    add_clsact(interface)?;
+    attach_one(program, PROG_POD, interface, TcAttachType::Ingress)
+}
+
+/// Adds the clsact qdisc to `interface`; one already there is fine.
+fn add_clsact(interface: &str) -> Result<(), DatapathError> {
+    match tc::qdisc_add_clsact(interface) {
+        Ok(()) => Ok(()),
+        // EEXIST is the normal case after a restart.
+        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(error) => Err(DatapathError::Interface {
+            interface: interface.to_owned(),
+            source: io::Error::other(error.to_string()),
+        }),
+    }
 }
 
 fn open_pinned(name: &'static str, pin: &Path) -> Result<SchedClassifier, DatapathError> {
@@ -408,7 +444,8 @@ pub fn remove_pins(pin_dir: &Path) -> Result<(), DatapathError> {
     pins::remove_staging(pin_dir)?;
     let names = MAP_NAMES
         .iter()
-        .chain([MAP_ABI, PROG_EGRESS, PROG_INGRESS].iter());
+        .chain([MAP_ABI].iter())
+        .chain(PROGRAMS.iter());
     for name in names {
         match std::fs::remove_file(pin_dir.join(name)) {
             Ok(()) => {}

@@ -18,6 +18,6 @@ pub mod task;
 pub use counters::Counters;
 pub use error::DatapathError;
 pub use gc::{GcReport, NatTimeouts};
-pub use loader::{Datapath, LoadOptions, detach_interface, remove_pins};
+pub use loader::{Datapath, LoadOptions, attach_pinned_pod, detach_interface, remove_pins};
 pub use maps::DatapathMaps;
 pub use state::{DatapathState, SyncReport, vnic_entry};

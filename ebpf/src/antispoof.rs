@@ -1,0 +1,63 @@
+//! A pod's host-side veth, on ingress (packets the pod sends): a packet passes only when
+//! the node's route back to its source address leaves through this very interface — the
+//! strict reverse-path check `rp_filter = 1` would make, enforced whatever the node's
+//! sysctls say. The CNI plugin routes each pod address (`/32`) through the pod's veth
+//! alone, so a pod can send only with its own address: it can neither ride another pod's
+//! NAT flows nor speak as the node.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{
+        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup,
+    },
+    helpers::bpf_fib_lookup as fib_lookup,
+    programs::TcContext,
+};
+use vcnpath_common::Reason;
+
+use crate::{
+    decision::{Decision, Step},
+    parse,
+};
+
+const AF_INET: u8 = 2;
+/// The size the helper is told `params` has.
+#[expect(
+    clippy::cast_possible_wrap,
+    clippy::cast_possible_truncation,
+    reason = "the struct is 64 bytes"
+)]
+const PARAMS_LEN: i32 = core::mem::size_of::<bpf_fib_lookup>() as i32;
+
+#[inline(always)]
+pub fn run(ctx: &TcContext) -> Step<Decision> {
+    // Not IPv4 (ARP to the gateway, IPv6) passes: vcnpath routes and translates IPv4 only.
+    let ip = parse::ipv4(ctx)?;
+    let ifindex = parse::ifindex(ctx);
+    if route_leaves_via(ctx, ip.src) == Some(ifindex) {
+        Ok(Decision::pass(Reason::PassPodSource))
+    } else {
+        Ok(Decision::drop(Reason::DropSpoofed))
+    }
+}
+
+/// The interface the node's route to `addr` leaves through, if it has a unicast route.
+#[inline(always)]
+fn route_leaves_via(ctx: &TcContext, addr: [u8; 4]) -> Option<u32> {
+    // SAFETY: an all-zero bpf_fib_lookup is valid (plain integers and unions of them).
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = AF_INET;
+    params.ifindex = parse::ifindex(ctx);
+    params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(addr);
+    // SAFETY: the helper reads and writes only `params`, sized by the third argument.
+    let rc = unsafe { fib_lookup(ctx.as_ptr(), &raw mut params, PARAMS_LEN, 0) };
+    // The route is resolved (and `ifindex` set to its device) before the neighbour and
+    // MTU checks; a missing neighbour or a large packet says nothing about the source.
+    let found = u32::try_from(rc).is_ok_and(|rc| {
+        rc == BPF_FIB_LKUP_RET_SUCCESS
+            || rc == BPF_FIB_LKUP_RET_NO_NEIGH
+            || rc == BPF_FIB_LKUP_RET_FRAG_NEEDED
+    });
+    found.then_some(params.ifindex)
+}
