@@ -40,6 +40,7 @@ pub fn run() -> anyhow::Result<()> {
     bpf_linker()?;
     bpffs()?;
     python_venv()?;
+    crate::runtime::fetch()?;
     eprintln!("setup: everything is in place");
     Ok(())
 }
