@@ -1,6 +1,7 @@
 """A tiny CRI client for the runtime tier: kubelet's calls, one per invocation, JSON out.
 
-usage: cri.py SOCKET STUBS_DIR run NAME          -> {"sandbox", "container", "ip"}
+usage: cri.py SOCKET STUBS_DIR run NAME [HOSTPORT] -> {"sandbox", "container", "ip"}
+       (with HOSTPORT the container answers "hello" on TCP 8080, mapped to HOSTPORT)
        cri.py SOCKET STUBS_DIR exec CID ARG...   -> {"exit", "stdout", "stderr"}
        cri.py SOCKET STUBS_DIR stop SANDBOX | remove SANDBOX | list | status
 """
@@ -21,13 +22,19 @@ def out(value):
     print(json.dumps(value))
 
 
-def run(name):
+def run(name, host_port=None):
     config = cri.PodSandboxConfig(
         metadata=cri.PodSandboxMetadata(name=name, uid=name, namespace="e2e"),
         hostname=name,
         log_directory="",
         linux=cri.LinuxPodSandboxConfig(),
+        port_mappings=[cri.PortMapping(protocol=cri.TCP, container_port=8080, host_port=int(host_port))]
+        if host_port
+        else [],
     )
+    command = ["/bin/sleep", "2147483647"]
+    if host_port:
+        command = ["/bin/sh", "-c", "while true; do echo hello | /bin/busybox nc -l -p 8080; done"]
     try:
         sandbox = rt.RunPodSandbox(cri.RunPodSandboxRequest(config=config), timeout=60).pod_sandbox_id
     except grpc.RpcError as e:
@@ -39,7 +46,7 @@ def run(name):
             config=cri.ContainerConfig(
                 metadata=cri.ContainerMetadata(name="main"),
                 image=cri.ImageSpec(image=IMAGE),
-                command=["/bin/sleep", "2147483647"],
+                command=command,
                 linux=cri.LinuxContainerConfig(),
             ),
             sandbox_config=config,
@@ -54,7 +61,7 @@ def run(name):
 def main():
     command, args = sys.argv[3], sys.argv[4:]
     if command == "run":
-        run(args[0])
+        run(*args)
     elif command == "exec":
         r = rt.ExecSync(cri.ExecSyncRequest(container_id=args[0], cmd=args[1:], timeout=20), timeout=30)
         out({"exit": r.exit_code, "stdout": r.stdout.decode(), "stderr": r.stderr.decode()})

@@ -4,6 +4,7 @@
 
 use std::{
     collections::BTreeSet,
+    io::Read as _,
     net::{Ipv4Addr, SocketAddr},
     time::Duration,
 };
@@ -11,7 +12,10 @@ use std::{
 use serde_json::Value;
 use vcnpath_tests::{
     containerd::{Containerd, available},
-    lab::{LabOptions, SimLab, lab_sim_config, traffic::TcpServer},
+    lab::{
+        LabOptions, SimLab, lab_sim_config,
+        traffic::{TcpServer, tcp_connect},
+    },
     node_agent::{IPS_PER_VNIC, NodeAgent},
 };
 
@@ -37,9 +41,15 @@ fn status_ips(agent: &NodeAgent) -> BTreeSet<Ipv4Addr> {
 
 /// RunPodSandbox, retried while the pool grows (kubelet retries the same way).
 fn run_pod(ctrd: &Containerd, name: &str) -> Value {
+    run_pod_with(ctrd, &["run", name])
+}
+
+/// `cri.py` `args` (a `run`), retried while the pool grows.
+fn run_pod_with(ctrd: &Containerd, args: &[&str]) -> Value {
+    let name = args[1];
     let deadline = std::time::Instant::now() + T;
     loop {
-        match ctrd.cri(&["run", name]) {
+        match ctrd.cri(args) {
             Ok(pod) => return pod,
             Err(e) if std::time::Instant::now() < deadline => {
                 eprintln!("{name}: {e:#}; retrying");
@@ -112,4 +122,37 @@ fn sandboxes_get_vcn_addresses_reach_the_peer_and_release_them() {
     }
     assert_eq!(ctrd.cri(&["list"]).expect("list"), serde_json::json!([]));
     assert_eq!(status_ips(&agent), BTreeSet::new(), "addresses still held");
+}
+
+#[test]
+fn host_port_from_the_vcn_peer_reaches_the_pod() {
+    if !available("host_port_from_the_vcn_peer_reaches_the_pod") {
+        return;
+    }
+    let lab = simlab();
+    let agent = NodeAgent::start(&lab, "rt-hostport").expect("agent");
+    let ctrd = Containerd::start(lab.lab().node(), &agent.socket()).expect("containerd");
+    let pod = run_pod_with(&ctrd, &["run", "web", "30080"]);
+    let to = SocketAddr::from((lab.lab().node_ip(), 30080));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let answer = loop {
+        let answer =
+            tcp_connect(lab.lab().peer(), None, to, Duration::from_secs(3)).and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                let mut text = String::new();
+                s.read_to_string(&mut text)?;
+                Ok(text)
+            });
+        match answer {
+            Ok(text) if !text.is_empty() => break text,
+            _ if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            other => panic!(
+                "hostPort {to} of {pod} never answered from the peer: {other:?}\ncontainerd log:\n{}",
+                ctrd.latest_log()
+            ),
+        }
+    };
+    assert_eq!(answer.trim(), "hello");
 }
