@@ -30,9 +30,9 @@ pub fn fetch() -> anyhow::Result<()> {
     let stamp = root.join(".unpacked");
     let wanted: String = PACKAGES
         .iter()
-        .map(|(p, _)| p)
-        .chain([&PROTO_PACKAGE])
-        .map(|p| format!("{p}\n"))
+        .map(|(p, _)| *p)
+        .chain([PROTO_PACKAGE])
+        .flat_map(|p| [p, "\n"])
         .collect();
     if fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
         return Ok(());
@@ -104,7 +104,7 @@ fn proto(base: &Path, root: &Path) -> anyhow::Result<()> {
     let plain: String = text
         .lines()
         .filter(|l| !l.contains("gogo"))
-        .map(|l| format!("{l}\n"))
+        .flat_map(|l| [l, "\n"])
         .collect();
     fs::create_dir_all(root.join("cri"))?;
     fs::write(root.join("cri/api.proto"), plain)?;
