@@ -39,7 +39,7 @@ fn status_ips(agent: &NodeAgent) -> BTreeSet<Ipv4Addr> {
         .collect()
 }
 
-/// RunPodSandbox, retried while the pool grows (kubelet retries the same way).
+/// `RunPodSandbox`, retried while the pool grows (kubelet retries the same way).
 fn run_pod(ctrd: &Containerd, name: &str) -> Value {
     run_pod_with(ctrd, &["run", name])
 }
