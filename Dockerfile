@@ -25,8 +25,13 @@ COPY . .
 RUN cargo build --release --locked -p vcnpath-agent --bins
 
 FROM debian:bookworm-slim
-RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends ca-certificates \
-    && rm -rf /var/lib/apt/lists/*
+# The reference CNI plugins the init step installs next to vcnpath-cni: portmap (the
+# conflist chains it for hostPort) and loopback (containerd runs it for every pod). Only
+# those two are kept.
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends ca-certificates containernetworking-plugins \
+    && mkdir -p /usr/local/lib/vcnpath/cni \
+    && cp /usr/lib/cni/portmap /usr/lib/cni/loopback /usr/local/lib/vcnpath/cni/ \
+    && apt-get purge -y -qq containernetworking-plugins && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/vcnpath /src/target/release/vcnpath-cni /usr/local/bin/
 COPY deploy/10-vcnpath.conflist /etc/vcnpath/10-vcnpath.conflist
 ENTRYPOINT ["/usr/local/bin/vcnpath"]

@@ -2,6 +2,7 @@
 //! network-namespace lab, the OCI simulator with its test kit, and the benchmarks.
 pub mod agent;
 pub mod bench;
+pub mod containerd;
 pub mod datapath_fixture;
 pub mod interrupt;
 pub mod lab;

@@ -51,3 +51,33 @@ fn deploy_manifests_validate_against_the_kubernetes_schemas() {
             .expect("conflist is JSON");
     assert_eq!(conflist["plugins"][0]["type"], "vcnpath-cni");
 }
+
+/// Every plugin the conflist chains, and `loopback` (containerd runs it for every pod), is
+/// shipped in the image and installed on the node by the init step.
+#[test]
+fn the_image_ships_and_the_init_step_installs_every_plugin_the_runtime_runs() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let conflist: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("deploy/10-vcnpath.conflist")).unwrap(),
+    )
+    .unwrap();
+    let mut plugins: Vec<String> = conflist["plugins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["type"].as_str().unwrap().to_owned())
+        .collect();
+    plugins.push("loopback".into());
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    let daemonset = std::fs::read_to_string(root.join("deploy/daemonset.yaml")).unwrap();
+    for plugin in plugins.iter().filter(|p| *p != "vcnpath-cni") {
+        assert!(
+            dockerfile.contains(&format!("/usr/lib/cni/{plugin}")),
+            "the image does not ship the {plugin} plugin"
+        );
+        assert!(
+            daemonset.contains(&format!("/host/opt/cni/bin/{plugin}")),
+            "the init step does not install the {plugin} plugin"
+        );
+    }
+}

@@ -40,6 +40,8 @@ pub fn run() -> anyhow::Result<()> {
     bpf_linker()?;
     bpffs()?;
     python_venv()?;
+    crate::runtime::fetch()?;
+    crate::runtime::stubs()?;
     eprintln!("setup: everything is in place");
     Ok(())
 }
@@ -150,8 +152,9 @@ fn python_venv() -> anyhow::Result<()> {
         cmd::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
     }
     cmd::run(
-        Command::new(venv.join("bin/pip"))
-            .args(["install", "-q", "-r"])
+        // `python -m pip`: the `pip` script's shebang names the venv's path at creation.
+        Command::new(venv.join("bin/python"))
+            .args(["-m", "pip", "install", "-q", "-r"])
             .arg(&requirements),
     )?;
     std::fs::write(stamp, wanted)?;

@@ -54,7 +54,7 @@ const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 /// apt with its own sources, lists and cache for `suite` (the host's apt setup is never read
 /// or changed).
-fn apt(base: &Path, suite: &str, tool: &str) -> anyhow::Result<Command> {
+pub(crate) fn apt(base: &Path, suite: &str, tool: &str) -> anyhow::Result<Command> {
     let dir = base.join("apt").join(suite);
     fs::create_dir_all(dir.join("lists/partial"))?;
     fs::create_dir_all(dir.join("cache/archives/partial"))?;

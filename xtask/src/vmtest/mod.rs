@@ -5,7 +5,7 @@
 //! results come back through a second, writable share under `target/vmtest/run/`.
 
 mod initramfs;
-mod kernel;
+pub(crate) mod kernel;
 mod qemu;
 
 use std::{

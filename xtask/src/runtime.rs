@@ -1,0 +1,129 @@
+//! The container runtime the runtime tier drives: Debian bookworm's containerd (1.6, with
+//! its CRI plugin), runc, the reference CNI plugins (`loopback`, `portmap`, the ones the
+//! image ships) and busybox-static for the test images. Downloaded with the private apt
+//! configuration of the VM tier and unpacked under `target/runtime/root`; the host's
+//! packages stay as they are.
+
+use std::{fs, path::Path, process::Command};
+
+use anyhow::Context as _;
+
+use crate::{cmd, vmtest::kernel::apt};
+
+const SUITE: &str = "bookworm";
+/// The CRI `runtime.v1` proto the tests' client is generated from (not in bookworm).
+const PROTO_SUITE: &str = "trixie";
+const PROTO_PACKAGE: &str = "golang-github-kubernetes-cri-api-dev";
+
+/// The packages, and one file each must leave behind (the check that it unpacked).
+const PACKAGES: &[(&str, &str)] = &[
+    ("containerd", "usr/bin/containerd"),
+    ("runc", "usr/sbin/runc"),
+    ("containernetworking-plugins", "usr/lib/cni/portmap"),
+    ("busybox-static", "bin/busybox"),
+];
+
+/// Makes sure `target/runtime/root` holds every package (a no-op when the stamp matches).
+pub fn fetch() -> anyhow::Result<()> {
+    let base = cmd::root().join("target/runtime");
+    let root = base.join("root");
+    let stamp = root.join(".unpacked");
+    let wanted: String = PACKAGES
+        .iter()
+        .map(|(p, _)| *p)
+        .chain([PROTO_PACKAGE])
+        .flat_map(|p| [p, "\n"])
+        .collect();
+    if fs::read_to_string(&stamp).is_ok_and(|have| have == wanted) {
+        return Ok(());
+    }
+    eprintln!("setup: fetching the runtime tier's packages from Debian {SUITE}");
+    cmd::run(apt(&base, SUITE, "apt-get")?.arg("update"))?;
+    let debs = base.join("debs");
+    let _ = fs::remove_dir_all(&debs);
+    fs::create_dir_all(&debs)?;
+    cmd::run(
+        apt(&base, SUITE, "apt-get")?
+            .arg("download")
+            .args(PACKAGES.iter().map(|(p, _)| p))
+            .current_dir(&debs),
+    )?;
+    let _ = fs::remove_dir_all(&root);
+    fs::create_dir_all(&root)?;
+    for deb in fs::read_dir(&debs)? {
+        let deb = deb?.path();
+        cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+    }
+    check(&root)?;
+    fs::remove_dir_all(&debs)?;
+    proto(&base, &root)?;
+    fs::write(stamp, wanted)?;
+    Ok(())
+}
+
+fn check(root: &Path) -> anyhow::Result<()> {
+    for (package, file) in PACKAGES {
+        let path = root.join(file);
+        fs::metadata(&path).with_context(|| {
+            format!(
+                "{package} unpacked without {}: the package's layout changed; update PACKAGES in xtask/src/runtime.rs",
+                path.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Unpacks the CRI `api.proto` from trixie's Go package into `root/cri/api.proto`.
+fn proto(base: &Path, root: &Path) -> anyhow::Result<()> {
+    cmd::run(apt(base, PROTO_SUITE, "apt-get")?.arg("update"))?;
+    let dir = base.join("proto");
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir)?;
+    cmd::run(
+        apt(base, PROTO_SUITE, "apt-get")?
+            .args(["download", PROTO_PACKAGE])
+            .current_dir(&dir),
+    )?;
+    let deb = fs::read_dir(&dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .with_context(|| format!("apt-get download {PROTO_PACKAGE} left no .deb"))?;
+    let unpacked = dir.join("unpacked");
+    cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    let found = cmd::output(
+        Command::new("find")
+            .arg(&unpacked)
+            .args(["-path", "*/runtime/v1/api.proto"]),
+    )
+    .and_then(|o| o.lines().next().map(str::to_owned))
+    .with_context(|| format!("{PROTO_PACKAGE} has no runtime/v1/api.proto"))?;
+    // The gogoproto options only steer Go code generation; without them the proto stands alone.
+    let text = fs::read_to_string(&found).with_context(|| format!("reading {found}"))?;
+    let plain: String = text
+        .lines()
+        .filter(|l| !l.contains("gogo"))
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    fs::create_dir_all(root.join("cri"))?;
+    fs::write(root.join("cri/api.proto"), plain)?;
+    fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+/// Python gRPC stubs for the CRI API (`api_pb2.py`, `api_pb2_grpc.py` next to the proto),
+/// generated with the venv's grpcio-tools.
+pub fn stubs() -> anyhow::Result<()> {
+    let root = cmd::root();
+    let cri = root.join("target/runtime/root/cri");
+    if cri.join("api_pb2_grpc.py").exists() {
+        return Ok(());
+    }
+    cmd::run(
+        Command::new(root.join("target/oci-venv/bin/python"))
+            .args(["-m", "grpc_tools.protoc", "-I."])
+            .args(["--python_out=.", "--grpc_python_out=.", "api.proto"])
+            .current_dir(&cri),
+    )
+}
