@@ -30,7 +30,12 @@ mount -t devpts devpts $R/dev/pts
 mount -t tmpfs tmpfs $R/dev/shm
 mount -t bpf bpf $R/sys/fs/bpf || fail "mounting bpffs"
 mount -t cgroup2 cgroup2 $R/sys/fs/cgroup 2>/dev/null
-for d in /tmp /run; do mount -t tmpfs tmpfs $R$d; done
+# Fresh /tmp and /run, unless the checkout itself lives there (a clone in /tmp): then the
+# overlay keeps the host's copy visible, and writable through its tmpfs upper layer.
+for d in /tmp /run; do
+    case "$OUT $MODULES $SCRIPT" in *"$d/"*) continue ;; esac
+    mount -t tmpfs tmpfs $R$d
+done
 mkdir -p "$R$OUT"
 mount -t 9p -o trans=virtio,version=9p2000.L,rw,msize=512000 out "$R$OUT" || fail "mounting the results directory"
 # modprobe (and the kernel's module autoload) find the booted kernel's modules.
