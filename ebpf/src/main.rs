@@ -47,11 +47,7 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
     reason = "the signature #[classifier] requires"
 )]
 pub fn vcnpath_egress(ctx: TcContext) -> i32 {
-    let decision = match egress::run(&ctx) {
-        Ok(decision) | Err(decision) => decision,
-    };
-    maps::count(decision.reason);
-    decision.action
+    finish(egress::run(&ctx))
 }
 
 #[cfg(target_arch = "bpf")]
@@ -61,11 +57,7 @@ pub fn vcnpath_egress(ctx: TcContext) -> i32 {
     reason = "the signature #[classifier] requires"
 )]
 pub fn vcnpath_ingress(ctx: TcContext) -> i32 {
-    let decision = match ingress::run(&ctx) {
-        Ok(decision) | Err(decision) => decision,
-    };
-    maps::count(decision.reason);
-    decision.action
+    finish(ingress::run(&ctx))
 }
 
 /// TC ingress of a pod's host-side veth: drops what the pod sends with an address not its own.
@@ -76,7 +68,15 @@ pub fn vcnpath_ingress(ctx: TcContext) -> i32 {
     reason = "the signature #[classifier] requires"
 )]
 pub fn vcnpath_pod(ctx: TcContext) -> i32 {
-    let decision = match antispoof::run(&ctx) {
+    finish(antispoof::run(&ctx))
+}
+
+/// Counts the reason of a program's decision (reached normally or by an early return) and
+/// returns its TC action.
+#[cfg(target_arch = "bpf")]
+#[inline(always)]
+fn finish(result: decision::Step<decision::Decision>) -> i32 {
+    let decision = match result {
         Ok(decision) | Err(decision) => decision,
     };
     maps::count(decision.reason);

@@ -2,6 +2,7 @@
 
 mod build_ebpf;
 mod cmd;
+mod debian;
 mod runtime;
 mod setup;
 mod test;

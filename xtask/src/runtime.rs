@@ -8,7 +8,7 @@ use std::{fs, path::Path, process::Command};
 
 use anyhow::Context as _;
 
-use crate::{cmd, vmtest::kernel::apt};
+use crate::{cmd, debian};
 
 const SUITE: &str = "bookworm";
 /// The CRI `runtime.v1` proto the tests' client is generated from (not in bookworm).
@@ -38,24 +38,11 @@ pub fn fetch() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("setup: fetching the runtime tier's packages from Debian {SUITE}");
-    cmd::run(apt(&base, SUITE, "apt-get")?.arg("update"))?;
-    let debs = base.join("debs");
-    let _ = fs::remove_dir_all(&debs);
-    fs::create_dir_all(&debs)?;
-    cmd::run(
-        apt(&base, SUITE, "apt-get")?
-            .arg("download")
-            .args(PACKAGES.iter().map(|(p, _)| p))
-            .current_dir(&debs),
-    )?;
+    debian::update(&base, SUITE)?;
     let _ = fs::remove_dir_all(&root);
-    fs::create_dir_all(&root)?;
-    for deb in fs::read_dir(&debs)? {
-        let deb = deb?.path();
-        cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
-    }
+    let packages: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).collect();
+    debian::fetch_unpacked(&base, SUITE, &packages, &root)?;
     check(&root)?;
-    fs::remove_dir_all(&debs)?;
     proto(&base, &root)?;
     fs::write(stamp, wanted)?;
     Ok(())
@@ -76,22 +63,11 @@ fn check(root: &Path) -> anyhow::Result<()> {
 
 /// Unpacks the CRI `api.proto` from trixie's Go package into `root/cri/api.proto`.
 fn proto(base: &Path, root: &Path) -> anyhow::Result<()> {
-    cmd::run(apt(base, PROTO_SUITE, "apt-get")?.arg("update"))?;
+    debian::update(base, PROTO_SUITE)?;
     let dir = base.join("proto");
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir)?;
-    cmd::run(
-        apt(base, PROTO_SUITE, "apt-get")?
-            .args(["download", PROTO_PACKAGE])
-            .current_dir(&dir),
-    )?;
-    let deb = fs::read_dir(&dir)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .with_context(|| format!("apt-get download {PROTO_PACKAGE} left no .deb"))?;
     let unpacked = dir.join("unpacked");
-    cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    let _ = fs::remove_dir_all(&dir);
+    debian::fetch_unpacked(base, PROTO_SUITE, &[PROTO_PACKAGE], &unpacked)?;
     let found = cmd::output(
         Command::new("find")
             .arg(&unpacked)

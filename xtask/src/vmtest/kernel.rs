@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::cmd;
+use crate::{cmd, debian};
 
 /// A kernel the VM tier boots: the kernel of a Debian release, close to what OCI nodes run
 /// (Oracle Linux UEK7 is 5.15, UEK8 6.12; Ubuntu 22.04/24.04 5.15/6.8).
@@ -50,36 +50,6 @@ pub struct Kernel {
     pub root: PathBuf,
 }
 
-const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
-
-/// apt with its own sources, lists and cache for `suite` (the host's apt setup is never read
-/// or changed).
-pub(crate) fn apt(base: &Path, suite: &str, tool: &str) -> anyhow::Result<Command> {
-    let dir = base.join("apt").join(suite);
-    fs::create_dir_all(dir.join("lists/partial"))?;
-    fs::create_dir_all(dir.join("cache/archives/partial"))?;
-    let sources = dir.join("sources.list");
-    fs::write(
-        &sources,
-        format!(
-            "deb [signed-by={KEYRING}] http://deb.debian.org/debian {suite} main\n\
-             deb [signed-by={KEYRING}] http://deb.debian.org/debian-security {suite}-security main\n"
-        ),
-    )?;
-    let mut c = Command::new(tool);
-    for (key, value) in [
-        ("Dir::Etc::SourceList", sources),
-        ("Dir::Etc::SourceParts", PathBuf::from("/dev/null")),
-        ("Dir::State::Lists", dir.join("lists")),
-        ("Dir::Cache", dir.join("cache")),
-    ] {
-        c.arg("-o").arg(format!("{key}={}", value.display()));
-    }
-    // Downloads land in a root-owned target/ that apt's sandbox user cannot write.
-    c.args(["-o", "APT::Sandbox::User=root", "-qq"]);
-    Ok(c)
-}
-
 /// Downloads (once) and unpacks the newest `linux-image` of the release's suite.
 pub fn fetch(base: &Path, release: Release) -> anyhow::Result<Kernel> {
     let dir = base.join("kernels").join(release.label);
@@ -103,9 +73,9 @@ fn download(base: &Path, dir: &Path, release: Release) -> anyhow::Result<()> {
         "vmtest: fetching Debian {}'s kernel ({})",
         release.suite, release.label
     );
-    cmd::run(apt(base, release.suite, "apt-get")?.arg("update"))?;
+    debian::update(base, release.suite)?;
     // linux-image-amd64 is a metapackage; the image it depends on is the real kernel.
-    let depends = cmd::output(apt(base, release.suite, "apt-cache")?.args([
+    let depends = cmd::output(debian::apt(base, release.suite, "apt-cache")?.args([
         "depends",
         "--no-recommends",
         "linux-image-amd64",
@@ -117,32 +87,9 @@ fn download(base: &Path, dir: &Path, release: Release) -> anyhow::Result<()> {
         .find(|p| p.starts_with("linux-image-") && p.ends_with("-amd64"))
         .with_context(|| format!("no linux-image-*-amd64 in {depends:?}"))?
         .to_owned();
-    let debs = dir.join("debs");
-    fs::create_dir_all(&debs)?;
-    cmd::run(
-        apt(base, release.suite, "apt-get")?
-            .args(["download", &image])
-            .current_dir(&debs),
-    )?;
-    let deb = fs::read_dir(&debs)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with(&image))
-                && p.extension().is_some_and(|e| e == "deb")
-        })
-        .with_context(|| {
-            format!(
-                "{image}: apt-get download left no .deb in {}",
-                debs.display()
-            )
-        })?;
     let root = dir.join("root");
     let _ = fs::remove_dir_all(&root);
-    fs::create_dir_all(&root)?;
-    cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+    debian::fetch_unpacked(base, release.suite, &[&image], &root)?;
     // Newer packages keep modules under usr/lib (merged /usr); depmod and modprobe -d look in lib/.
     if !root.join("lib/modules").exists() && root.join("usr/lib/modules").exists() {
         fs::create_dir_all(root.join("lib"))?;
@@ -150,7 +97,6 @@ fn download(base: &Path, dir: &Path, release: Release) -> anyhow::Result<()> {
     }
     let (version, _) = find_vmlinuz(&root)?;
     cmd::run(Command::new("depmod").arg("-b").arg(&root).arg(&version))?;
-    fs::remove_file(&deb)?;
     fs::write(root.join(".unpacked"), &image)?;
     Ok(())
 }
@@ -195,20 +141,10 @@ pub fn busybox(base: &Path) -> anyhow::Result<PathBuf> {
         return Ok(binary);
     }
     let suite = "bookworm";
-    cmd::run(apt(base, suite, "apt-get")?.arg("update"))?;
-    fs::create_dir_all(&dir)?;
-    cmd::run(
-        apt(base, suite, "apt-get")?
-            .args(["download", "busybox-static"])
-            .current_dir(&dir),
-    )?;
-    let deb = fs::read_dir(&dir)?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .context("apt-get download busybox-static left no .deb")?;
+    debian::update(base, suite)?;
     let unpacked = dir.join("unpacked");
-    cmd::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
+    let _ = fs::remove_dir_all(&unpacked);
+    debian::fetch_unpacked(base, suite, &["busybox-static"], &unpacked)?;
     let found = [
         unpacked.join("bin/busybox"),
         unpacked.join("usr/bin/busybox"),
