@@ -316,7 +316,7 @@ pub fn cni(
 ) -> Result<CniOutput> {
     let config = serde_json::json!({"cniVersion": "1.0.0", "name": "vcnpath", "type": "vcnpath-cni", "socketPath": socket, "mtu": 9000});
     let mut cmd = Command::new(cni_binary());
-    let _node_ns = enter_before_exec(&mut cmd, node)?;
+    enter_before_exec(&mut cmd, node);
     cmd.env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("CNI_COMMAND", command)

@@ -94,16 +94,20 @@ fn wire_node(parts: &Parts, vnics: &[Vnic]) -> Result<()> {
         )
         .with_context(|| format!("creating VNIC {} link", vnic.index))?;
         let cidr = |ip: Ipv4Addr| format!("{ip}/{}", vnic.prefix);
-        node.ip(&["addr", "add", &cidr(vnic.ip), "dev", vnic.ifname])?;
-        node.ip(&["link", "set", vnic.ifname, "up"])?;
-        router.ip(&[
-            "addr",
-            "add",
-            &cidr(vnic.router_ip),
-            "dev",
-            vnic.router_ifname,
+        node.ip_batch(&[
+            &["addr", "add", &cidr(vnic.ip), "dev", vnic.ifname],
+            &["link", "set", vnic.ifname, "up"],
         ])?;
-        router.ip(&["link", "set", vnic.router_ifname, "up"])?;
+        router.ip_batch(&[
+            &[
+                "addr",
+                "add",
+                &cidr(vnic.router_ip),
+                "dev",
+                vnic.router_ifname,
+            ],
+            &["link", "set", vnic.router_ifname, "up"],
+        ])?;
     }
     node.ip(&[
         "route",
@@ -152,11 +156,15 @@ fn wire_host(
             host.name(),
         ])
         .with_context(|| format!("creating link {link} to {}", host.name()))?;
-    router.ip(&["addr", "add", &format!("{gateway}/{prefix}"), "dev", link])?;
-    router.ip(&["link", "set", link, "up"])?;
-    host.ip(&["addr", "add", &format!("{host_ip}/{prefix}"), "dev", "eth0"])?;
-    host.ip(&["link", "set", "eth0", "up"])?;
-    host.ip(&["route", "add", "default", "via", &gateway.to_string()])?;
+    router.ip_batch(&[
+        &["addr", "add", &format!("{gateway}/{prefix}"), "dev", link],
+        &["link", "set", link, "up"],
+    ])?;
+    host.ip_batch(&[
+        &["addr", "add", &format!("{host_ip}/{prefix}"), "dev", "eth0"],
+        &["link", "set", "eth0", "up"],
+        &["route", "add", "default", "via", &gateway.to_string()],
+    ])?;
     Ok(())
 }
 

@@ -92,30 +92,29 @@ impl Pod {
             "eth0",
             &self.ns,
         )?;
-        node.ip(&["link", "set", &self.host_ifname, "up"])?;
-        node.ip(&[
-            "route",
-            "add",
-            &format!("{ip}/32"),
-            "dev",
-            &self.host_ifname,
+        let host_route = format!("{ip}/32");
+        node.ip_batch(&[
+            &["link", "set", &self.host_ifname, "up"],
+            &["route", "add", &host_route, "dev", &self.host_ifname],
         ])?;
 
-        let pod = &self.ns;
-        pod.ip(&["addr", "add", &format!("{ip}/32"), "dev", "eth0"])?;
-        pod.ip(&["link", "set", "eth0", "up"])?;
-        pod.ip(&["route", "add", &gateway, "dev", "eth0", "scope", "link"])?;
-        pod.ip(&["route", "add", "default", "via", &gateway, "dev", "eth0"])?;
-        pod.ip(&[
-            "neigh",
-            "add",
-            &gateway,
-            "lladdr",
-            &self.host_mac.to_string(),
-            "dev",
-            "eth0",
-            "nud",
-            "permanent",
+        let host_mac = self.host_mac.to_string();
+        self.ns.ip_batch(&[
+            &["addr", "add", &host_route, "dev", "eth0"],
+            &["link", "set", "eth0", "up"],
+            &["route", "add", &gateway, "dev", "eth0", "scope", "link"],
+            &["route", "add", "default", "via", &gateway, "dev", "eth0"],
+            &[
+                "neigh",
+                "add",
+                &gateway,
+                "lladdr",
+                &host_mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ],
         ])?;
 
         router::add_address(&self.lab.router, &self.vnic.into(), self.ip)?;

@@ -198,17 +198,19 @@ pub fn remove_port(router: &Netns, port: &Port) -> Result<()> {
 /// Points the router at `ip` through its port: a permanent neighbour entry, and a /32
 /// route so an address reaches its own VNIC even when two VNICs share a subnet.
 fn set_neighbour(router: &Netns, port: &Port, ip: Ipv4Addr) -> Result<()> {
-    router.ip(&["route", "replace", &format!("{ip}/32"), "dev", &port.ifname])?;
-    router.ip(&[
-        "neigh",
-        "replace",
-        &ip.to_string(),
-        "lladdr",
-        &port.mac.to_string(),
-        "dev",
-        &port.ifname,
-        "nud",
-        "permanent",
+    router.ip_batch(&[
+        &["route", "replace", &format!("{ip}/32"), "dev", &port.ifname],
+        &[
+            "neigh",
+            "replace",
+            &ip.to_string(),
+            "lladdr",
+            &port.mac.to_string(),
+            "dev",
+            &port.ifname,
+            "nud",
+            "permanent",
+        ],
     ])?;
     Ok(())
 }
@@ -236,8 +238,10 @@ pub fn remove_address(router: &Netns, port: &Port, ip: Ipv4Addr) -> Result<()> {
         &set_name(port.index),
         &format!("{{ {ip} }}"),
     ])?;
-    router.ip(&["neigh", "del", &ip.to_string(), "dev", &port.ifname])?;
-    router.ip(&["route", "del", &format!("{ip}/32"), "dev", &port.ifname])?;
+    router.ip_batch(&[
+        &["neigh", "del", &ip.to_string(), "dev", &port.ifname],
+        &["route", "del", &format!("{ip}/32"), "dev", &port.ifname],
+    ])?;
     Ok(())
 }
 

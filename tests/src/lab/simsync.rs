@@ -282,10 +282,12 @@ fn attach(lab: &LabInner, slot: u32, view: &VnicView) -> Result<()> {
             &rname,
             router,
         )?;
-        router.ip(&["link", "set", &rname, "mtu", &LINK_MTU.to_string()])?;
         let gateway = format!("{}/{}", view.router_ip, view.subnet.prefix_len());
-        router.ip(&["addr", "add", &gateway, "dev", &rname])?;
-        router.ip(&["link", "set", &rname, "up"])?;
+        router.ip_batch(&[
+            &["link", "set", &rname, "mtu", &LINK_MTU.to_string()],
+            &["addr", "add", &gateway, "dev", &rname],
+            &["link", "set", &rname, "up"],
+        ])?;
         let addrs: Vec<Ipv4Addr> = view.addrs.iter().copied().collect();
         router::add_port(router, &port(slot, view.mac), &addrs)
     })();
