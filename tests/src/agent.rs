@@ -100,7 +100,7 @@ impl Agent {
             config: config.to_owned(),
             dir,
         };
-        agent.wait_ready(Duration::from_secs(20))?;
+        agent.wait_ready(crate::scaled(Duration::from_secs(20)))?;
         Ok(agent)
     }
 

@@ -179,7 +179,7 @@ impl NodeAgent {
             .stderr(std::fs::File::create(self.log(self.starts))?);
         let spawned = Instant::now();
         self.child = Some(spawn_in(lab.lab().node(), cmd)?);
-        self.wait_ready(Duration::from_mins(1))?;
+        self.wait_ready(crate::scaled(Duration::from_mins(1)))?;
         self.started_in = spawned.elapsed();
         Ok(())
     }

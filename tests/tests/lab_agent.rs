@@ -518,7 +518,7 @@ fn lab_a_second_agent_on_the_node_exits_and_the_first_serves_on() {
     // "At once" is bounded generously: in an emulated VM starting the debug binary alone
     // takes seconds. What matters is that it exits, failing, with the checkpoint untouched.
     let (status, log) = agent
-        .run_second(&lab, Duration::from_mins(1))
+        .run_second(&lab, vcnpath_tests::scaled(Duration::from_mins(1)))
         .expect("the second agent exits");
     assert!(!status.success(), "the second agent must fail: {log}");
     assert!(
@@ -616,7 +616,7 @@ fn lab_a_restart_while_oci_fails_serves_restored_pods_and_converges() {
             );
         }
         assert!(
-            serving.elapsed() < Duration::from_secs(5),
+            serving.elapsed() < vcnpath_tests::scaled(Duration::from_secs(5)),
             "with OCI {what}, restored pods must be served within 5 s of start (took {:?}, start {:?})",
             serving.elapsed(),
             agent.started_in()

@@ -68,7 +68,12 @@ pub fn run() -> anyhow::Result<()> {
             "xtask test: no /dev/kvm on this machine, so the VM tier (5.10, 6.1, 6.12) is skipped"
         );
     } else {
-        vmtest::run(&vmtest::select("all")?, "all", Some(&host_kernel()))?;
+        vmtest::run(
+            &vmtest::select("all")?,
+            "all",
+            vmtest::Matrix::Test,
+            Some(&host_kernel()),
+        )?;
     }
     Ok(())
 }
@@ -84,7 +89,7 @@ pub fn vmtest(kernels: &[&str], tier: &str) -> anyhow::Result<()> {
         anyhow::bail!("cargo xtask vmtest boots VMs that load BPF programs: run it as root");
     }
     setup::run()?;
-    vmtest::run(kernels, tier, None)
+    vmtest::run(kernels, tier, vmtest::Matrix::Asked, None)
 }
 
 fn test_targets() -> anyhow::Result<Vec<String>> {

@@ -66,6 +66,16 @@ impl Accel {
         }
     }
 
+    /// How many times the tests' time budgets are stretched in these VMs: under emulation
+    /// a process start alone takes a tenth of a second and a lab test runs 20–30 times
+    /// slower than on the host, so budgets meant for a real node are multiplied by 4.
+    pub fn time_scale(&self) -> u32 {
+        match self {
+            Self::Kvm => 1,
+            Self::Tcg { .. } => 4,
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Self::Kvm => "KVM".into(),
