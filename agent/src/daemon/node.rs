@@ -213,6 +213,7 @@ impl Node {
     /// Brings up every VNIC IPAM knows whose interface has appeared, attaches the
     /// datapath to it and tells IPAM. Idempotent; run periodically.
     pub async fn setup_vnics(&self) {
+        let vanished = self.forget_vanished().await;
         let status = self.ipam.status().await;
         let known: BTreeSet<String> = self.vnics.lock().await.keys().cloned().collect();
         let mut managed_any = false;
@@ -246,10 +247,37 @@ impl Node {
                 managed_any = true;
             }
         }
-        if managed_any && let Err(error) = self.sync().await {
+        if (managed_any || vanished)
+            && let Err(error) = self.sync().await
+        {
             warn!(%error, "datapath sync after VNIC setup failed; the periodic sync retries");
         }
         self.refresh_router_macs().await;
+    }
+
+    /// Managed VNICs whose interface the kernel no longer has (hot-unplugged: detached
+    /// behind the agent's back) leave the managed set, and IPAM stops handing out their
+    /// addresses at once and reconciles; should the interface come back it is set up anew.
+    /// Returns whether any vanished.
+    async fn forget_vanished(&self) -> bool {
+        let managed: Vec<ManagedVnic> = self.vnics.lock().await.values().cloned().collect();
+        let Ok(links) = self.netlink.links().await else {
+            return false; // cannot tell: nothing is taken for gone
+        };
+        let mut vanished = false;
+        for vnic in managed {
+            let present = links
+                .iter()
+                .any(|l| l.mac == vnic.link.mac && l.index == vnic.link.index);
+            if present {
+                continue;
+            }
+            warn!(vnic = %vnic.vnic_id, interface = %vnic.link.name, "the VNIC's interface vanished");
+            self.vnics.lock().await.remove(&vnic.vnic_id);
+            self.ipam.vnic_vanished(&vnic.vnic_id).await;
+            vanished = true;
+        }
+        vanished
     }
 
     async fn manage(

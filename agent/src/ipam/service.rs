@@ -96,6 +96,7 @@ impl Ipam {
             state: Mutex::new(restore(restored, &cfg)),
             ops: Mutex::new(()),
             wake: Notify::new(),
+            reconcile_now: Notify::new(),
             tags,
             reconciled: watch::Sender::new(false),
             vnic_added: Notify::new(),
@@ -169,6 +170,27 @@ impl Ipam {
             .set_interface(mac, interface);
         self.inner.wake.notify_one();
         known
+    }
+
+    /// The host saw the VNIC's interface vanish (or something else says it is gone): its
+    /// addresses are handed out no more, from now, and a reconcile is run at once to learn
+    /// what OCI has (it quarantines the VNIC's pods if it was detached, or takes it back).
+    pub async fn vnic_vanished(&self, vnic_id: &str) {
+        let known = {
+            let mut state = self.inner.state.lock().await;
+            // Host setup finds the interface again (and says so) if it comes back.
+            if let Some(v) = state.pool.vnic_mut(vnic_id) {
+                v.info.interface = None;
+            }
+            state.pool.mark_suspect(vnic_id)
+        };
+        if known {
+            tracing::warn!(
+                vnic = vnic_id,
+                "the VNIC's interface vanished; its addresses are handed out no more until the reconcile has looked"
+            );
+            self.inner.reconcile_now.notify_one();
+        }
     }
 
     /// An address for `pod`, checkpointed before it is returned. The change runs in a task of
@@ -392,15 +414,15 @@ async fn release(inner: &Inner, pod: &PodRef) -> Result<Option<Allocation>, Allo
         released_at: wall_clock(),
     };
     if !state.pool.set_state(vnic_id, ip, cooling.clone()) {
-        // The reconcile dropped the slot (OCI did not list it): keep the address cooling.
-        state.pool.add_slot(
-            vnic_id,
-            ip,
-            Slot {
-                ocid: entry.ip_id.clone(),
-                state: cooling,
-            },
-        );
+        // The reconcile dropped the slot (OCI did not list it), or the VNIC itself is gone
+        // (a quarantined pod): keep the address cooling either way.
+        let slot = Slot {
+            ocid: entry.ip_id.clone(),
+            state: cooling,
+        };
+        if !state.pool.add_slot(vnic_id, ip, slot.clone()) {
+            state.pool.keep_cooling(vnic_id, ip, slot);
+        }
     }
     if let Err(error) = inner.save(&state).await {
         if let Some(previous) = previous {
@@ -444,7 +466,9 @@ fn restore(restored: Restored, cfg: &IpamConfig) -> State {
                 released_at: c.released_at(),
             },
         };
-        pool.add_slot(&c.vnic_id, c.ip, slot);
+        if !pool.add_slot(&c.vnic_id, c.ip, slot.clone()) {
+            pool.keep_cooling(&c.vnic_id, c.ip, slot);
+        }
     }
     State {
         pool,
