@@ -1185,3 +1185,66 @@ async fn a_cooling_address_of_a_detached_vnic_rests_out_its_cooldown_elsewhere()
         a.ip
     );
 }
+
+/// The host as the allocation GC sees it: the attachments whose veth exists.
+#[derive(Default)]
+struct FakeHost(std::sync::Mutex<BTreeSet<String>>);
+
+impl FakeHost {
+    fn add(&self, pod: &PodRef) {
+        self.0.lock().unwrap().insert(pod.container_id.clone());
+    }
+}
+
+impl vcnpath::ipam::gc::HostView for FakeHost {
+    fn attached(&self, pod: &PodRef) -> Option<bool> {
+        Some(self.0.lock().unwrap().contains(&pod.container_id))
+    }
+}
+
+/// A pod whose DEL never came (its sandbox was force-removed: the veth is gone) gets its
+/// address released once the veth has been missing for the grace period, into the cooldown;
+/// a pod whose veth exists and one whose ADD is recent (its plugin may still be creating the
+/// veth) keep theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allocation_whose_veth_is_gone_beyond_the_grace_is_released() {
+    let sim = sim(8, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = pool(&sim, 3);
+    p.cooldown = Duration::from_hours(1);
+    let mut cfg = config(&sim, dir.path(), p);
+    cfg.allocation_gc_grace = Duration::from_millis(400);
+    let ipam = start(&sim, cfg).await;
+    let host = FakeHost::default();
+    let gone = allocate(&ipam, &pod(0), Duration::from_secs(15)).await;
+    let kept = allocate(&ipam, &pod(1), Duration::from_secs(15)).await;
+    host.add(&pod(1));
+    assert!(
+        ipam.collect_unattached(&host).await.is_empty(),
+        "nothing is released before the grace period"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A pod being added now: no veth yet.
+    let adding = allocate(&ipam, &pod(2), Duration::from_secs(15)).await;
+    let released = ipam.collect_unattached(&host).await;
+    assert_eq!(
+        released
+            .iter()
+            .map(|p| p.container_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["container-000"],
+        "only the pod whose veth is gone beyond the grace is released"
+    );
+    assert_eq!(ipam.lookup(&pod(0)).await, None);
+    assert_eq!(ipam.lookup(&pod(1)).await, Some(kept));
+    assert_eq!(ipam.lookup(&pod(2)).await, Some(adding));
+    let status = ipam.status().await;
+    assert_eq!(status.gc_released, 1, "the release is counted");
+    let cooling: usize = status.vnics.iter().map(|v| v.cooldown).sum();
+    assert_eq!(cooling, 1, "{} rests in its cooldown", gone.ip);
+    for n in 3..6 {
+        let a = allocate(&ipam, &pod(n), Duration::from_secs(15)).await;
+        assert_ne!(a.ip, gone.ip, "{} reused within its cooldown", gone.ip);
+    }
+    assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}

@@ -255,6 +255,17 @@ impl Node {
         self.refresh_router_macs().await;
     }
 
+    /// One pass of the allocation GC over the pods' host veths; the datapath drops the
+    /// endpoints of what it released (counted in `vcnpath_ipam_gc_released_total`).
+    pub async fn collect_unattached(&self) {
+        let released = self.ipam.collect_unattached(&PodVeths).await;
+        if !released.is_empty()
+            && let Err(error) = self.sync().await
+        {
+            warn!(%error, "datapath sync after the allocation GC failed; the periodic sync retries");
+        }
+    }
+
     /// Managed VNICs whose interface the kernel no longer has (hot-unplugged: detached
     /// behind the agent's back) leave the managed set, and IPAM stops handing out their
     /// addresses at once and reconciles; should the interface come back it is set up anew.
@@ -374,6 +385,23 @@ impl Node {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) =
                     Some(format!("{}: {error}", link.name));
+            }
+        }
+    }
+}
+
+/// The pods' host veths, named from the attachment as the CNI plugin names them.
+struct PodVeths;
+
+impl crate::ipam::gc::HostView for PodVeths {
+    fn attached(&self, pod: &PodRef) -> Option<bool> {
+        let name = crate::cni::names::host_veth(&pod.container_id, &pod.ifname);
+        match crate::host::link::index(&name) {
+            Ok(_) => Some(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Some(false),
+            Err(error) => {
+                warn!(interface = %name, %error, "cannot tell whether a pod's host veth exists; its allocation is left alone");
+                None
             }
         }
     }

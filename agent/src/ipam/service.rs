@@ -21,7 +21,7 @@ use super::error::IpamError;
 use super::pool::{Pool, PoolConfig, Slot, SlotState, later};
 use super::state::{Inner, Quarantined, State, wall_clock};
 use super::types::{AllocError, Allocation, Allocator, BoxFuture, PodRef};
-use super::{grow, reconcile};
+use super::{gc, grow, reconcile};
 
 /// Per-VNIC numbers for `vcnpath status` and the metrics.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -53,6 +53,8 @@ pub struct IpamStatus {
     /// Pods whose address is on no VNIC of the node (detached or moved away behind the
     /// agent's back): their addresses go to nobody else while they live.
     pub quarantined: Vec<Quarantined>,
+    /// Allocations the GC released since the start because their host side was gone.
+    pub gc_released: u64,
 }
 
 /// The node's address manager. Dropping it stops its background tasks.
@@ -101,6 +103,9 @@ impl Ipam {
             reconciled: watch::Sender::new(false),
             vnic_added: Notify::new(),
             deleted: std::sync::Mutex::default(),
+            adds: std::sync::Mutex::default(),
+            missing: std::sync::Mutex::default(),
+            gc_released: std::sync::atomic::AtomicU64::new(0),
             cfg,
         });
         let background = tokio::spawn(background(inner.clone()));
@@ -170,6 +175,13 @@ impl Ipam {
             .set_interface(mac, interface);
         self.inner.wake.notify_one();
         known
+    }
+
+    /// One pass of the allocation GC against what `host` shows: an allocation whose host
+    /// side has been missing for [`IpamConfig::allocation_gc_grace`] is released (see
+    /// [`gc`](super::gc)). Returns the pods released.
+    pub async fn collect_unattached(&self, host: &dyn gc::HostView) -> Vec<PodRef> {
+        gc::collect(&self.inner, host).await
     }
 
     /// The host saw the VNIC's interface vanish (or something else says it is gone): its
@@ -264,6 +276,10 @@ impl Ipam {
             allocations: state.allocations.len(),
             vnics,
             quarantined: state.quarantined(),
+            gc_released: self
+                .inner
+                .gc_released
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }
@@ -308,6 +324,9 @@ fn tombstone(inner: &Inner, key: &checkpoint::Key) {
 
 async fn allocate(inner: &Inner, pod: &PodRef) -> Result<Allocation, AllocError> {
     let key = checkpoint::key(pod);
+    // Registered before anything else, so the allocation GC never takes an attachment whose
+    // ADD is running (or just answered: its plugin is still creating the veth).
+    let _add = gc::AddInProgress::start(inner, &key);
     if let Some(ago) = just_deleted(inner, &key) {
         tracing::warn!(
             ago_ms = ago.as_millis() as u64,
@@ -396,8 +415,18 @@ async fn allocate(inner: &Inner, pod: &PodRef) -> Result<Allocation, AllocError>
 }
 
 async fn release(inner: &Inner, pod: &PodRef) -> Result<Option<Allocation>, AllocError> {
-    let key = checkpoint::key(pod);
     let mut state = inner.state.lock().await;
+    release_locked(inner, &mut state, pod).await
+}
+
+/// The release path (tombstone, cooldown, checkpoint, rollback on a failed write) for a
+/// caller that holds the state lock: a DEL, or the allocation GC.
+pub(super) async fn release_locked(
+    inner: &Inner,
+    state: &mut State,
+    pod: &PodRef,
+) -> Result<Option<Allocation>, AllocError> {
+    let key = checkpoint::key(pod);
     tombstone(inner, &key);
     let Some(entry) = state.allocations.remove(&key) else {
         return Ok(None);
@@ -424,7 +453,7 @@ async fn release(inner: &Inner, pod: &PodRef) -> Result<Option<Allocation>, Allo
             state.pool.keep_cooling(vnic_id, ip, slot);
         }
     }
-    if let Err(error) = inner.save(&state).await {
+    if let Err(error) = inner.save(state).await {
         if let Some(previous) = previous {
             state.pool.set_state(vnic_id, ip, previous);
         }

@@ -145,6 +145,12 @@ pub(super) struct Inner {
     pub vnic_added: Notify,
     /// Containers whose DEL was just served, and when: a late ADD for one is refused.
     pub deleted: std::sync::Mutex<BTreeMap<Key, tokio::time::Instant>>,
+    /// Per attachment: ADDs running now, and when the latest began (for the allocation GC).
+    pub adds: std::sync::Mutex<BTreeMap<Key, (usize, tokio::time::Instant)>>,
+    /// Allocations whose host side the GC found missing, and since when.
+    pub missing: std::sync::Mutex<BTreeMap<Key, tokio::time::Instant>>,
+    /// Allocations the GC released.
+    pub gc_released: std::sync::atomic::AtomicU64,
 }
 
 impl Inner {
