@@ -391,7 +391,7 @@ impl Node {
 }
 
 /// The pods' host veths, named from the attachment as the CNI plugin names them.
-struct PodVeths;
+pub struct PodVeths;
 
 impl crate::ipam::gc::HostView for PodVeths {
     fn attached(&self, pod: &PodRef) -> Option<bool> {
