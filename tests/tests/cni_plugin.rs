@@ -897,3 +897,59 @@ fn three_concurrent_adds_of_one_container_hold_one_address() {
         fx.assert_clean(&format!("round {round}: after DEL"));
     }
 }
+
+/// What the agent's allocation GC sees of a pod's host side, asked from inside `ns` (the
+/// lookup follows the calling thread's network namespace).
+fn gc_sees(ns: &Netns, pod: &PodRef) -> Option<bool> {
+    let path = ns.path().to_owned();
+    let pod = pod.clone();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open the node netns");
+        // SAFETY: setns on a valid namespace fd, in a thread of our own that ends here.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        vcnpath::ipam::gc::HostView::attached(&vcnpath::daemon::node::PodVeths, &pod)
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// The allocation GC's view of the host follows the plugin's naming: the veth a real ADD
+/// made is seen, and once someone deletes it by hand it is seen gone.
+#[test]
+fn the_allocation_gc_sees_a_plugin_veth_and_its_removal() {
+    if !have_root("the_allocation_gc_sees_a_plugin_veth_and_its_removal") {
+        return;
+    }
+    let fx = Fixture::new("gcv");
+    let pod_ns = fx.pod_netns(0);
+    let netns = pod_ns.path().to_owned();
+    let add = fx.run(&fx.call("ADD", "gcveth01", Some(&netns)));
+    add.ok("ADD");
+    let host_veth = add.json()["interfaces"][0]["name"]
+        .as_str()
+        .expect("host veth name")
+        .to_owned();
+    let pod = PodRef {
+        container_id: "gcveth01".into(),
+        ifname: "eth0".into(),
+        namespace: None,
+        name: None,
+    };
+    assert_eq!(
+        gc_sees(&fx.node, &pod),
+        Some(true),
+        "the GC must see {host_veth}, which the ADD made"
+    );
+    fx.node
+        .ip(&["link", "del", &host_veth])
+        .expect("deleting the host veth by hand");
+    assert_eq!(
+        gc_sees(&fx.node, &pod),
+        Some(false),
+        "the GC must see {host_veth} gone"
+    );
+    fx.run(&fx.call("DEL", "gcveth01", Some(&netns)))
+        .ok("DEL after the veth was deleted");
+    fx.assert_clean("after DEL");
+}

@@ -1035,3 +1035,216 @@ async fn addresses_of_pods_on_a_vnic_detached_out_of_band_go_to_nobody_else() {
     assert_eq!(ipam.lookup(&pod(1)).await.map(|x| x.ip), Some(b.ip));
     assert_eq!(ipam.allocations().await.len(), 4);
 }
+
+/// The attachment of the VNIC that holds `vnic_id`, detached behind the agent's back; returns
+/// once OCI has freed its addresses.
+async fn detach_out_of_band(sim: &Simulator, ipam: &Ipam, vnic_id: &str, gone: Ipv4Addr) {
+    let attachment = sim.snapshot()["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["vnicId"] == vnic_id)
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let _still = ipam.quiesce().await;
+    admin(
+        sim,
+        reqwest::Method::DELETE,
+        &format!("vnicAttachments/{attachment}"),
+        serde_json::Value::Null,
+    )
+    .await;
+    wait_for("the detach", Duration::from_secs(5), async || {
+        !node_ips(sim).contains_key(&gone)
+    })
+    .await;
+}
+
+/// The addresses `vcnpath status` lists as quarantined.
+async fn quarantined(ipam: &Ipam) -> BTreeSet<Ipv4Addr> {
+    ipam.status()
+        .await
+        .quarantined
+        .iter()
+        .map(|q| q.ip)
+        .collect()
+}
+
+/// The node sees a VNIC's interface vanish (detached behind the agent's back): from that
+/// moment no ADD gets one of its free addresses, and the reconcile runs at once (it
+/// quarantines the VNIC's pods) rather than at the next interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_vnic_interface_stops_its_addresses_at_once() {
+    let sim = sim(4, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ipam = start(&sim, config(&sim, dir.path(), pool(&sim, 2))).await;
+    let a = allocate(&ipam, &pod(0), Duration::from_secs(20)).await;
+    wait_for("two warm addresses", Duration::from_secs(10), async || {
+        ipam.status()
+            .await
+            .vnics
+            .iter()
+            .map(|v| v.free)
+            .sum::<usize>()
+            >= 2
+    })
+    .await;
+    detach_out_of_band(&sim, &ipam, &a.vnic_id, a.ip).await;
+    ipam.vnic_vanished(&a.vnic_id).await;
+    let b = allocate(&ipam, &pod(1), Duration::from_secs(20)).await;
+    assert_held_in_oci(&sim, &b, &a.vnic_id);
+    wait_for(
+        "the reconcile the vanished interface asks for (it drops the VNIC)",
+        Duration::from_secs(10),
+        async || {
+            let vnics = ipam.status().await.vnics;
+            !vnics.iter().any(|v| v.vnic_id == a.vnic_id)
+        },
+    )
+    .await;
+}
+
+/// OCI answers 404 for a VNIC the grower creates an address on (detached behind the agent's
+/// back): its remaining free addresses go to nobody, and the reconcile runs at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_404_for_a_vnic_stops_its_addresses_at_once() {
+    let sim = sim(6, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ipam = start(&sim, config(&sim, dir.path(), pool(&sim, 2))).await;
+    let a = allocate(&ipam, &pod(0), Duration::from_secs(20)).await;
+    wait_for("two warm addresses", Duration::from_secs(10), async || {
+        ipam.status()
+            .await
+            .vnics
+            .iter()
+            .map(|v| v.free)
+            .sum::<usize>()
+            >= 2
+    })
+    .await;
+    detach_out_of_band(&sim, &ipam, &a.vnic_id, a.ip).await;
+    // The node has not noticed: this ADD still gets a free address of the gone VNIC, and
+    // the grower, topping up the warm pool there, hears 404.
+    let _ = allocate(&ipam, &pod(1), Duration::from_secs(20)).await;
+    wait_for(
+        "the 404 and the reconcile it asks for",
+        Duration::from_secs(10),
+        async || quarantined(&ipam).await.contains(&a.ip),
+    )
+    .await;
+    for n in 2..4 {
+        let b = allocate(&ipam, &pod(n), Duration::from_secs(20)).await;
+        assert_held_in_oci(&sim, &b, &a.vnic_id);
+    }
+}
+
+/// A new pod's address exists in OCI on the VNIC its allocation names, which is not the one
+/// that was detached: a pod given an address of a gone VNIC has no network.
+fn assert_held_in_oci(sim: &Simulator, b: &Allocation, gone_vnic: &str) {
+    assert!(
+        b.vnic_id != gone_vnic,
+        "{} handed out on the detached VNIC {gone_vnic}",
+        b.ip
+    );
+    assert_eq!(
+        node_ips(sim).get(&b.ip),
+        Some(&b.vnic_id),
+        "a new pod's {} must exist in OCI on its VNIC {}",
+        b.ip,
+        b.vnic_id
+    );
+}
+
+/// An address released into its cooldown on a VNIC that is then detached behind the agent's
+/// back: OCI frees it and may give it to the node's next VNIC; it still rests out its
+/// cooldown there before any pod gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cooling_address_of_a_detached_vnic_rests_out_its_cooldown_elsewhere() {
+    let sim = sim(2, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = pool(&sim, 0);
+    p.cooldown = Duration::from_hours(1);
+    let ipam = start(&sim, config(&sim, dir.path(), p.clone())).await;
+    let a = allocate(&ipam, &pod(0), Duration::from_secs(20)).await;
+    ipam.release(&pod(0)).await.expect("release");
+    detach_out_of_band(&sim, &ipam, &a.vnic_id, a.ip).await;
+    ipam.reconcile().await.expect("reconcile");
+    // A restart in between: the rest is checkpointed even with its VNIC gone.
+    drop(ipam);
+    let ipam = start(&sim, config(&sim, dir.path(), p)).await;
+    let mut given = BTreeSet::new();
+    for n in 1..4 {
+        given.insert(allocate(&ipam, &pod(n), Duration::from_secs(20)).await.ip);
+    }
+    let reused = node_ips(&sim).contains_key(&a.ip);
+    assert!(
+        !given.contains(&a.ip),
+        "{} handed out again within its cooldown (OCI gave it back to the node: {reused}); given {given:?}",
+        a.ip
+    );
+}
+
+/// The host as the allocation GC sees it: the attachments whose veth exists.
+#[derive(Default)]
+struct FakeHost(std::sync::Mutex<BTreeSet<String>>);
+
+impl FakeHost {
+    fn add(&self, pod: &PodRef) {
+        self.0.lock().unwrap().insert(pod.container_id.clone());
+    }
+}
+
+impl vcnpath::ipam::gc::HostView for FakeHost {
+    fn attached(&self, pod: &PodRef) -> Option<bool> {
+        Some(self.0.lock().unwrap().contains(&pod.container_id))
+    }
+}
+
+/// A pod whose DEL never came (its sandbox was force-removed: the veth is gone) gets its
+/// address released once the veth has been missing for the grace period, into the cooldown;
+/// a pod whose veth exists and one whose ADD is recent (its plugin may still be creating the
+/// veth) keep theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allocation_whose_veth_is_gone_beyond_the_grace_is_released() {
+    let sim = sim(8, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = pool(&sim, 3);
+    p.cooldown = Duration::from_hours(1);
+    let mut cfg = config(&sim, dir.path(), p);
+    cfg.allocation_gc_grace = Duration::from_millis(400);
+    let ipam = start(&sim, cfg).await;
+    let host = FakeHost::default();
+    let gone = allocate(&ipam, &pod(0), Duration::from_secs(15)).await;
+    let kept = allocate(&ipam, &pod(1), Duration::from_secs(15)).await;
+    host.add(&pod(1));
+    assert!(
+        ipam.collect_unattached(&host).await.is_empty(),
+        "nothing is released before the grace period"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A pod being added now: no veth yet.
+    let adding = allocate(&ipam, &pod(2), Duration::from_secs(15)).await;
+    let released = ipam.collect_unattached(&host).await;
+    assert_eq!(
+        released
+            .iter()
+            .map(|p| p.container_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["container-000"],
+        "only the pod whose veth is gone beyond the grace is released"
+    );
+    assert_eq!(ipam.lookup(&pod(0)).await, None);
+    assert_eq!(ipam.lookup(&pod(1)).await, Some(kept));
+    assert_eq!(ipam.lookup(&pod(2)).await, Some(adding));
+    let status = ipam.status().await;
+    assert_eq!(status.gc_released, 1, "the release is counted");
+    let cooling: usize = status.vnics.iter().map(|v| v.cooldown).sum();
+    assert_eq!(cooling, 1, "{} rests in its cooldown", gone.ip);
+    for n in 3..6 {
+        let a = allocate(&ipam, &pod(n), Duration::from_secs(15)).await;
+        assert_ne!(a.ip, gone.ip, "{} reused within its cooldown", gone.ip);
+    }
+    assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}

@@ -470,6 +470,7 @@ async fn supervise(
                     Err(error) => warn!(%error, "NAT garbage collection failed"),
                 }
                 node.ensure_sysctls().await;
+                node.collect_unattached().await;
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -513,6 +514,7 @@ fn start_ipam(
         })?;
     ipam_config.checkpoint_path = config.node.state_dir.join("ipam.json");
     ipam_config.mtu = config.datapath.mtu;
+    ipam_config.allocation_gc_grace = Duration::from_secs(config.ipam.allocation_gc_grace_secs);
     let cloud = OciCloud::new(
         client.clone(),
         instance.compartment_id.clone(),

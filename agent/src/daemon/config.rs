@@ -64,6 +64,9 @@ pub struct IpamSection {
     pub use_primary_vnic: bool,
     pub release_delay_secs: u64,
     pub cooldown_secs: u64,
+    /// How long a pod's host veth may be missing before its allocation is released (a DEL
+    /// that never came).
+    pub allocation_gc_grace_secs: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -119,6 +122,7 @@ impl Default for IpamSection {
             use_primary_vnic: pool.use_primary_vnic,
             release_delay_secs: pool.release_delay.as_secs(),
             cooldown_secs: pool.cooldown.as_secs(),
+            allocation_gc_grace_secs: DEFAULT_ALLOCATION_GC_GRACE_SECS,
         }
     }
 }
@@ -192,6 +196,8 @@ const MAX_VNICS: u64 = 256;
 const MAX_NODE_ADDRESSES: u64 = MAX_VNICS * MAX_IPS_PER_VNIC;
 const MAX_RELEASE_DELAY_SECS: u64 = 7 * 24 * 3600;
 const MAX_COOLDOWN_SECS: u64 = 24 * 3600;
+const DEFAULT_ALLOCATION_GC_GRACE_SECS: u64 = 300;
+const ALLOCATION_GC_GRACE_SECS: std::ops::RangeInclusive<u64> = 30..=24 * 3600;
 const MAX_GC_INTERVAL_SECS: u64 = 3600;
 const MAX_NAT_TIMEOUT_SECS: u64 = 30 * 24 * 3600;
 const MAX_NAT_ENTRIES: u64 = 1 << 24;
@@ -266,6 +272,12 @@ impl AgentConfig {
             ipam.cooldown_secs,
             0..=MAX_COOLDOWN_SECS,
             "longer than a day would keep every freed address from new pods for good",
+        )?;
+        within(
+            "ipam.allocation_gc_grace_secs",
+            ipam.allocation_gc_grace_secs,
+            ALLOCATION_GC_GRACE_SECS,
+            "a shorter grace could take the address of a pod whose plugin is still creating its veth, a longer one holds a leaked address for good",
         )?;
         within(
             "datapath.mtu",
@@ -485,6 +497,14 @@ mod tests {
             (
                 "[ipam]\ncooldown_secs = 9223372036854775807",
                 "ipam.cooldown_secs",
+            ),
+            (
+                "[ipam]\nallocation_gc_grace_secs = 5",
+                "ipam.allocation_gc_grace_secs",
+            ),
+            (
+                "[ipam]\nallocation_gc_grace_secs = 9223372036854775807",
+                "ipam.allocation_gc_grace_secs",
             ),
             (
                 "[ipam]\nrelease_delay_secs = 9223372036854775807",

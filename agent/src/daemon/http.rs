@@ -174,6 +174,11 @@ fn render(
     );
     let _ = writeln!(
         out,
+        "# HELP vcnpath_ipam_gc_released_total Allocations released because the pod's host veth was gone beyond allocation_gc_grace_secs (a DEL that never came).\n# TYPE vcnpath_ipam_gc_released_total counter\nvcnpath_ipam_gc_released_total {}",
+        pool.gc_released
+    );
+    let _ = writeln!(
+        out,
         "# HELP vcnpath_ipam_reconciled 1 once IPAM has reconciled with OCI since the agent started.\n# TYPE vcnpath_ipam_reconciled gauge\nvcnpath_ipam_reconciled {}",
         u8::from(pool.reconciled)
     );

@@ -213,6 +213,7 @@ impl Node {
     /// Brings up every VNIC IPAM knows whose interface has appeared, attaches the
     /// datapath to it and tells IPAM. Idempotent; run periodically.
     pub async fn setup_vnics(&self) {
+        let vanished = self.forget_vanished().await;
         let status = self.ipam.status().await;
         let known: BTreeSet<String> = self.vnics.lock().await.keys().cloned().collect();
         let mut managed_any = false;
@@ -246,10 +247,48 @@ impl Node {
                 managed_any = true;
             }
         }
-        if managed_any && let Err(error) = self.sync().await {
+        if (managed_any || vanished)
+            && let Err(error) = self.sync().await
+        {
             warn!(%error, "datapath sync after VNIC setup failed; the periodic sync retries");
         }
         self.refresh_router_macs().await;
+    }
+
+    /// One pass of the allocation GC over the pods' host veths; the datapath drops the
+    /// endpoints of what it released (counted in `vcnpath_ipam_gc_released_total`).
+    pub async fn collect_unattached(&self) {
+        let released = self.ipam.collect_unattached(&PodVeths).await;
+        if !released.is_empty()
+            && let Err(error) = self.sync().await
+        {
+            warn!(%error, "datapath sync after the allocation GC failed; the periodic sync retries");
+        }
+    }
+
+    /// Managed VNICs whose interface the kernel no longer has (hot-unplugged: detached
+    /// behind the agent's back) leave the managed set, and IPAM stops handing out their
+    /// addresses at once and reconciles; should the interface come back it is set up anew.
+    /// Returns whether any vanished.
+    async fn forget_vanished(&self) -> bool {
+        let managed: Vec<ManagedVnic> = self.vnics.lock().await.values().cloned().collect();
+        let Ok(links) = self.netlink.links().await else {
+            return false; // cannot tell: nothing is taken for gone
+        };
+        let mut vanished = false;
+        for vnic in managed {
+            let present = links
+                .iter()
+                .any(|l| l.mac == vnic.link.mac && l.index == vnic.link.index);
+            if present {
+                continue;
+            }
+            warn!(vnic = %vnic.vnic_id, interface = %vnic.link.name, "the VNIC's interface vanished");
+            self.vnics.lock().await.remove(&vnic.vnic_id);
+            self.ipam.vnic_vanished(&vnic.vnic_id).await;
+            vanished = true;
+        }
+        vanished
     }
 
     async fn manage(
@@ -346,6 +385,23 @@ impl Node {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner) =
                     Some(format!("{}: {error}", link.name));
+            }
+        }
+    }
+}
+
+/// The pods' host veths, named from the attachment as the CNI plugin names them.
+pub struct PodVeths;
+
+impl crate::ipam::gc::HostView for PodVeths {
+    fn attached(&self, pod: &PodRef) -> Option<bool> {
+        let name = crate::cni::names::host_veth(&pod.container_id, &pod.ifname);
+        match crate::host::link::index(&name) {
+            Ok(_) => Some(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Some(false),
+            Err(error) => {
+                warn!(interface = %name, %error, "cannot tell whether a pod's host veth exists; its allocation is left alone");
+                None
             }
         }
     }

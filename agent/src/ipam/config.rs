@@ -41,6 +41,10 @@ pub struct IpamConfig {
     /// The longest wait between retries of an operation that keeps failing for a transient
     /// reason; the wait doubles from `tick` with jitter (default 60 s).
     pub error_backoff_max: Duration,
+    /// How long an allocation's host side (its `vcn…` veth) may be missing before the
+    /// allocation GC releases it (default 5 min): a DEL that never came must not hold an
+    /// address until reboot, and an ADD still creating the veth must never lose it.
+    pub allocation_gc_grace: Duration,
 }
 
 impl IpamConfig {
@@ -59,6 +63,7 @@ impl IpamConfig {
             tombstone_grace: Duration::from_secs(10),
             denied_backoff: Duration::from_mins(5),
             error_backoff_max: Duration::from_mins(1),
+            allocation_gc_grace: Duration::from_mins(5),
         }
     }
 }

@@ -354,6 +354,14 @@ async fn create_ip(inner: &Inner, vnic: &str, token: String) -> Outcome {
             inner.state.lock().await.pool.mark_full(vnic);
             Outcome::Done
         }
+        Err(e) if e.is_not_found() => {
+            // The VNIC may have been detached behind the agent's back (or IAM denies the
+            // call): hand out none of its addresses until the reconcile has looked.
+            tracing::warn!(vnic, error = %e, "OCI does not know the VNIC (404); its addresses are handed out no more until the reconcile has looked");
+            inner.state.lock().await.pool.mark_suspect(vnic);
+            inner.reconcile_now.notify_one();
+            Outcome::failed(&e, token)
+        }
         Err(e) => {
             let outcome = Outcome::failed(&e, token);
             match &outcome {

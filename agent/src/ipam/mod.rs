@@ -5,6 +5,7 @@
 //! - `cloud`: the OCI operations IPAM uses, as a trait ([`Cloud`], [`OciCloud`]).
 //! - `pool`: VNICs, addresses and the pure policy deciding what to create or release.
 //! - `checkpoint`: the durable record of which pod holds which address.
+//! - `gc`: releases allocations whose host side is gone (a DEL that never came).
 //! - `state`: the pool and allocations under one lock, and the checkpoint write.
 //! - `service`: [`Ipam`], answering from the pool; `grow` and `reconcile` are its background work.
 
@@ -12,6 +13,7 @@ pub mod checkpoint;
 pub mod cloud;
 pub mod config;
 pub mod error;
+pub mod gc;
 mod grow;
 pub mod pool;
 mod reconcile;

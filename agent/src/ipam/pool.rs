@@ -138,6 +138,10 @@ pub struct PoolVnic {
     pub info: VnicInfo,
     /// OCI refused another IP (LimitExceeded): stop asking until the VNIC shrinks.
     pub full: bool,
+    /// The host lost its interface or OCI answered 404 for it: nothing is handed out from
+    /// it or created on it until the reconcile has looked (it clears this if OCI still has
+    /// the VNIC attached).
+    pub suspect: bool,
     pub ips: BTreeMap<Ipv4Addr, Slot>,
 }
 
@@ -199,6 +203,10 @@ pub struct Pool {
     /// Subnets for new VNICs learned after the start (from OCI), in place of
     /// [`PoolConfig::subnets`].
     pub subnets: Option<Vec<String>>,
+    /// Addresses still cooling down whose VNIC left the pool (detached behind the agent's
+    /// back), with that VNIC: OCI may hand such an address to another VNIC of the node, and
+    /// it must rest out its cooldown there too.
+    cooling_elsewhere: BTreeMap<Ipv4Addr, (String, Slot)>,
 }
 
 impl Pool {
@@ -224,6 +232,7 @@ impl Pool {
             self.vnics.push(PoolVnic {
                 info,
                 full: false,
+                suspect: false,
                 ips: BTreeMap::new(),
             });
         }
@@ -246,10 +255,50 @@ impl Pool {
         });
     }
 
-    /// Forgets a VNIC, returning it (with whatever its addresses held).
+    /// Forgets a VNIC, returning it (with whatever its addresses held). Its addresses in
+    /// cooldown are remembered until their rest ends, wherever they turn up again.
     pub fn remove_vnic(&mut self, id: &str) -> Option<PoolVnic> {
         let i = self.vnics.iter().position(|v| v.info.id == id)?;
-        Some(self.vnics.remove(i))
+        let v = self.vnics.remove(i);
+        for (ip, slot) in &v.ips {
+            if matches!(slot.state, SlotState::Cooldown { .. }) {
+                self.keep_cooling(id, *ip, slot.clone());
+            }
+        }
+        Some(v)
+    }
+
+    /// Remembers an address in cooldown that is on no VNIC of the pool.
+    pub fn keep_cooling(&mut self, vnic_id: &str, ip: Ipv4Addr, slot: Slot) {
+        self.cooling_elsewhere
+            .insert(ip, (vnic_id.to_owned(), slot));
+    }
+
+    /// The rest of an address that cooled on a VNIC the pool no longer has: it continues on
+    /// whichever VNIC the address turns up (and is forgotten here).
+    pub fn take_cooling(&mut self, ip: Ipv4Addr) -> Option<SlotState> {
+        self.cooling_elsewhere
+            .remove(&ip)
+            .map(|(_, slot)| slot.state)
+    }
+
+    /// Addresses cooling on no VNIC of the pool: (address, their last VNIC, slot).
+    pub fn cooling_elsewhere(&self) -> impl Iterator<Item = (Ipv4Addr, &str, &Slot)> {
+        self.cooling_elsewhere
+            .iter()
+            .map(|(ip, (vnic, slot))| (*ip, vnic.as_str(), slot))
+    }
+
+    /// Stops handing out (and creating) addresses of a VNIC the host or OCI says is gone,
+    /// until the reconcile has looked. Returns whether the pool has the VNIC.
+    pub fn mark_suspect(&mut self, id: &str) -> bool {
+        match self.vnic_mut(id) {
+            Some(v) => {
+                v.suspect = true;
+                true
+            }
+            None => false,
+        }
     }
 
     pub fn set_interface(&mut self, mac: &str, interface: &str) -> bool {
@@ -312,6 +361,9 @@ impl Pool {
                 slot.state = SlotState::Free { since: now };
             }
         }
+        self.cooling_elsewhere.retain(
+            |_, (_, slot)| !matches!(slot.state, SlotState::Cooldown { until, .. } if until <= now),
+        );
         self.exhausted.retain(|_, until| *until > now);
     }
 
@@ -320,7 +372,7 @@ impl Pool {
     pub fn pick_free(&self, need_interface: bool) -> Option<(&PoolVnic, Ipv4Addr)> {
         self.vnics
             .iter()
-            .filter(|v| !need_interface || v.info.interface.is_some())
+            .filter(|v| !v.suspect && (!need_interface || v.info.interface.is_some()))
             .find_map(|v| {
                 v.ips
                     .iter()
@@ -357,7 +409,7 @@ impl Pool {
         let room_on_vnics = self
             .vnics
             .iter()
-            .any(|v| !v.full && v.ips.len() < cfg.ips_per_vnic);
+            .any(|v| !v.full && !v.suspect && v.ips.len() < cfg.ips_per_vnic);
         !room_on_vnics && self.can_attach(cfg, now) == 0
     }
 
@@ -394,7 +446,7 @@ impl Pool {
             if need == 0 {
                 break;
             }
-            if v.full {
+            if v.full || v.suspect {
                 continue;
             }
             let take = cfg.ips_per_vnic.saturating_sub(v.ips.len()).min(need);

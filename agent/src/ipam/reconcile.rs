@@ -21,7 +21,12 @@ use super::state::{Inner, State, move_to};
 
 pub(super) async fn periodic(inner: Arc<Inner>) {
     loop {
-        tokio::time::sleep(inner.cfg.reconcile_interval).await;
+        tokio::select! {
+            () = tokio::time::sleep(inner.cfg.reconcile_interval) => {}
+            () = inner.reconcile_now.notified() => {
+                tracing::info!("reconcile asked for now: a VNIC may be gone");
+            }
+        }
         if let Err(e) = run(&inner).await {
             tracing::warn!(error = %e, "reconcile failed; retrying at the next interval");
         }
@@ -250,12 +255,10 @@ fn apply(inner: &Inner, state: &mut State, observed: Observed, checked: &Checked
     for (info, ips) in observed.vnics {
         let vnic_id = info.id.clone();
         state.pool.upsert_vnic(info);
-        state
-            .pool
-            .vnic_mut(&vnic_id)
-            .expect("just upserted")
-            .ips
-            .clear();
+        let v = state.pool.vnic_mut(&vnic_id).expect("just upserted");
+        v.ips.clear();
+        // OCI still has it attached: serve from it again (once host setup finds its interface).
+        v.suspect = false;
         for p in ips.into_iter().filter(|p| !p.is_primary) {
             let Ok(ip) = p.ip_address.parse::<Ipv4Addr>() else {
                 continue;
@@ -269,9 +272,14 @@ fn apply(inner: &Inner, state: &mut State, observed: Observed, checked: &Checked
                 (None, Some(s @ (SlotState::Free { .. } | SlotState::Cooldown { .. }))) => {
                     s.clone()
                 }
+                // It was cooling on a VNIC detached behind the agent's back.
                 (None, _) => {
-                    adopt.push((vnic_id.clone(), ip, p.id));
-                    continue;
+                    if let Some(cooling) = state.pool.take_cooling(ip) {
+                        cooling
+                    } else {
+                        adopt.push((vnic_id.clone(), ip, p.id));
+                        continue;
+                    }
                 }
             };
             state.pool.add_slot(

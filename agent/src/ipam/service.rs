@@ -21,7 +21,7 @@ use super::error::IpamError;
 use super::pool::{Pool, PoolConfig, Slot, SlotState, later};
 use super::state::{Inner, Quarantined, State, wall_clock};
 use super::types::{AllocError, Allocation, Allocator, BoxFuture, PodRef};
-use super::{grow, reconcile};
+use super::{gc, grow, reconcile};
 
 /// Per-VNIC numbers for `vcnpath status` and the metrics.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -53,6 +53,8 @@ pub struct IpamStatus {
     /// Pods whose address is on no VNIC of the node (detached or moved away behind the
     /// agent's back): their addresses go to nobody else while they live.
     pub quarantined: Vec<Quarantined>,
+    /// Allocations the GC released since the start because their host side was gone.
+    pub gc_released: u64,
 }
 
 /// The node's address manager. Dropping it stops its background tasks.
@@ -96,10 +98,14 @@ impl Ipam {
             state: Mutex::new(restore(restored, &cfg)),
             ops: Mutex::new(()),
             wake: Notify::new(),
+            reconcile_now: Notify::new(),
             tags,
             reconciled: watch::Sender::new(false),
             vnic_added: Notify::new(),
             deleted: std::sync::Mutex::default(),
+            adds: std::sync::Mutex::default(),
+            missing: std::sync::Mutex::default(),
+            gc_released: std::sync::atomic::AtomicU64::new(0),
             cfg,
         });
         let background = tokio::spawn(background(inner.clone()));
@@ -169,6 +175,34 @@ impl Ipam {
             .set_interface(mac, interface);
         self.inner.wake.notify_one();
         known
+    }
+
+    /// One pass of the allocation GC against what `host` shows: an allocation whose host
+    /// side has been missing for [`IpamConfig::allocation_gc_grace`] is released (see
+    /// [`gc`](super::gc)). Returns the pods released.
+    pub async fn collect_unattached(&self, host: &dyn gc::HostView) -> Vec<PodRef> {
+        gc::collect(&self.inner, host).await
+    }
+
+    /// The host saw the VNIC's interface vanish (or something else says it is gone): its
+    /// addresses are handed out no more, from now, and a reconcile is run at once to learn
+    /// what OCI has (it quarantines the VNIC's pods if it was detached, or takes it back).
+    pub async fn vnic_vanished(&self, vnic_id: &str) {
+        let known = {
+            let mut state = self.inner.state.lock().await;
+            // Host setup finds the interface again (and says so) if it comes back.
+            if let Some(v) = state.pool.vnic_mut(vnic_id) {
+                v.info.interface = None;
+            }
+            state.pool.mark_suspect(vnic_id)
+        };
+        if known {
+            tracing::warn!(
+                vnic = vnic_id,
+                "the VNIC's interface vanished; its addresses are handed out no more until the reconcile has looked"
+            );
+            self.inner.reconcile_now.notify_one();
+        }
     }
 
     /// An address for `pod`, checkpointed before it is returned. The change runs in a task of
@@ -242,6 +276,10 @@ impl Ipam {
             allocations: state.allocations.len(),
             vnics,
             quarantined: state.quarantined(),
+            gc_released: self
+                .inner
+                .gc_released
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 }
@@ -286,6 +324,9 @@ fn tombstone(inner: &Inner, key: &checkpoint::Key) {
 
 async fn allocate(inner: &Inner, pod: &PodRef) -> Result<Allocation, AllocError> {
     let key = checkpoint::key(pod);
+    // Registered before anything else, so the allocation GC never takes an attachment whose
+    // ADD is running (or just answered: its plugin is still creating the veth).
+    let _add = gc::AddInProgress::start(inner, &key);
     if let Some(ago) = just_deleted(inner, &key) {
         tracing::warn!(
             ago_ms = ago.as_millis() as u64,
@@ -374,8 +415,18 @@ async fn allocate(inner: &Inner, pod: &PodRef) -> Result<Allocation, AllocError>
 }
 
 async fn release(inner: &Inner, pod: &PodRef) -> Result<Option<Allocation>, AllocError> {
-    let key = checkpoint::key(pod);
     let mut state = inner.state.lock().await;
+    release_locked(inner, &mut state, pod).await
+}
+
+/// The release path (tombstone, cooldown, checkpoint, rollback on a failed write) for a
+/// caller that holds the state lock: a DEL, or the allocation GC.
+pub(super) async fn release_locked(
+    inner: &Inner,
+    state: &mut State,
+    pod: &PodRef,
+) -> Result<Option<Allocation>, AllocError> {
+    let key = checkpoint::key(pod);
     tombstone(inner, &key);
     let Some(entry) = state.allocations.remove(&key) else {
         return Ok(None);
@@ -392,17 +443,17 @@ async fn release(inner: &Inner, pod: &PodRef) -> Result<Option<Allocation>, Allo
         released_at: wall_clock(),
     };
     if !state.pool.set_state(vnic_id, ip, cooling.clone()) {
-        // The reconcile dropped the slot (OCI did not list it): keep the address cooling.
-        state.pool.add_slot(
-            vnic_id,
-            ip,
-            Slot {
-                ocid: entry.ip_id.clone(),
-                state: cooling,
-            },
-        );
+        // The reconcile dropped the slot (OCI did not list it), or the VNIC itself is gone
+        // (a quarantined pod): keep the address cooling either way.
+        let slot = Slot {
+            ocid: entry.ip_id.clone(),
+            state: cooling,
+        };
+        if !state.pool.add_slot(vnic_id, ip, slot.clone()) {
+            state.pool.keep_cooling(vnic_id, ip, slot);
+        }
     }
-    if let Err(error) = inner.save(&state).await {
+    if let Err(error) = inner.save(state).await {
         if let Some(previous) = previous {
             state.pool.set_state(vnic_id, ip, previous);
         }
@@ -444,7 +495,9 @@ fn restore(restored: Restored, cfg: &IpamConfig) -> State {
                 released_at: c.released_at(),
             },
         };
-        pool.add_slot(&c.vnic_id, c.ip, slot);
+        if !pool.add_slot(&c.vnic_id, c.ip, slot.clone()) {
+            pool.keep_cooling(&c.vnic_id, c.ip, slot);
+        }
     }
     State {
         pool,

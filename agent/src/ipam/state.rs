@@ -93,26 +93,34 @@ impl State {
                 entry.ip_id.clone_from(&ocid);
                 SlotState::Assigned(entry.pod.clone())
             }
-            _ => SlotState::Free { since: now },
+            // An address that was cooling on a VNIC detached behind the agent's back rests
+            // out its cooldown here.
+            _ => self
+                .pool
+                .take_cooling(ip)
+                .unwrap_or(SlotState::Free { since: now }),
         };
         self.pool.add_slot(vnic_id, ip, Slot { ocid, state });
     }
 
-    /// The addresses cooling down, with the wall-clock time each was released.
+    /// The addresses cooling down (on a VNIC of the pool or not), with the wall-clock time
+    /// each was released.
     fn cooling(&self) -> Vec<Cooling> {
-        self.pool
-            .vnics()
-            .iter()
-            .flat_map(|v| {
-                v.ips.iter().filter_map(|(ip, slot)| match slot.state {
-                    SlotState::Cooldown { released_at, .. } => Some(Cooling {
-                        ip: *ip,
-                        vnic_id: v.info.id.clone(),
-                        ip_id: slot.ocid.clone(),
-                        released_at_ms: Cooling::millis_since_epoch(released_at),
-                    }),
-                    _ => None,
-                })
+        let pooled = self.pool.vnics().iter().flat_map(|v| {
+            v.ips
+                .iter()
+                .map(|(ip, slot)| (*ip, v.info.id.as_str(), slot))
+        });
+        pooled
+            .chain(self.pool.cooling_elsewhere())
+            .filter_map(|(ip, vnic_id, slot)| match slot.state {
+                SlotState::Cooldown { released_at, .. } => Some(Cooling {
+                    ip,
+                    vnic_id: vnic_id.to_owned(),
+                    ip_id: slot.ocid.clone(),
+                    released_at_ms: Cooling::millis_since_epoch(released_at),
+                }),
+                _ => None,
             })
             .collect()
     }
@@ -127,6 +135,9 @@ pub(super) struct Inner {
     /// made while another one is half applied.
     pub ops: Mutex<()>,
     pub wake: Notify,
+    /// Asks for a reconcile now rather than at the next interval (a VNIC's interface
+    /// vanished, or OCI answered 404 for it).
+    pub reconcile_now: Notify,
     pub tags: Tags,
     /// Turns true once the first reconcile with OCI has built the pool.
     pub reconciled: watch::Sender<bool>,
@@ -134,6 +145,12 @@ pub(super) struct Inner {
     pub vnic_added: Notify,
     /// Containers whose DEL was just served, and when: a late ADD for one is refused.
     pub deleted: std::sync::Mutex<BTreeMap<Key, tokio::time::Instant>>,
+    /// Per attachment: ADDs running now, and when the latest began (for the allocation GC).
+    pub adds: std::sync::Mutex<BTreeMap<Key, (usize, tokio::time::Instant)>>,
+    /// Allocations whose host side the GC found missing, and since when.
+    pub missing: std::sync::Mutex<BTreeMap<Key, tokio::time::Instant>>,
+    /// Allocations the GC released.
+    pub gc_released: std::sync::atomic::AtomicU64,
 }
 
 impl Inner {

@@ -1,0 +1,120 @@
+//! Allocation GC: an allocation whose host side (the pod's `vcn…` veth) has been gone for
+//! the grace period is released through the normal release path (tombstone, cooldown,
+//! checkpoint). That is a DEL that never came: a sandbox force-removed while the agent was
+//! down, or a DEL that raced ahead of a slow ADD. An attachment whose ADD is running, or
+//! began within the grace period, is never taken: its plugin may still be creating the veth.
+use tokio::time::Instant;
+
+use super::checkpoint::{self, Key};
+use super::service::release_locked;
+use super::state::Inner;
+use super::types::PodRef;
+
+/// What the host shows of a pod attachment.
+pub trait HostView: Send + Sync {
+    /// `Some(true)` the attachment's host side exists, `Some(false)` it is gone, `None` the
+    /// host cannot tell (then nothing is collected for it).
+    fn attached(&self, pod: &PodRef) -> Option<bool>;
+}
+
+/// Marks an ADD of `key` as running while it lives.
+pub(super) struct AddInProgress<'a> {
+    inner: &'a Inner,
+    key: Key,
+}
+
+impl<'a> AddInProgress<'a> {
+    pub fn start(inner: &'a Inner, key: &Key) -> Self {
+        let mut adds = lock(&inner.adds);
+        let entry = adds.entry(key.clone()).or_insert((0, Instant::now()));
+        entry.0 += 1;
+        entry.1 = Instant::now();
+        Self {
+            inner,
+            key: key.clone(),
+        }
+    }
+}
+
+impl Drop for AddInProgress<'_> {
+    fn drop(&mut self) {
+        let mut adds = lock(&self.inner.adds);
+        if let Some(entry) = adds.get_mut(&self.key) {
+            entry.0 = entry.0.saturating_sub(1);
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One pass: looks at every allocation's host side, releases those gone for the grace.
+pub(super) async fn collect(inner: &Inner, host: &dyn HostView) -> Vec<PodRef> {
+    let grace = inner.cfg.allocation_gc_grace;
+    let pods: Vec<PodRef> = {
+        let state = inner.state.lock().await;
+        state.allocations.values().map(|e| e.pod.clone()).collect()
+    };
+    let seen: Vec<(PodRef, Option<bool>)> = pods
+        .into_iter()
+        .map(|pod| {
+            let attached = host.attached(&pod);
+            (pod, attached)
+        })
+        .collect();
+    let now = Instant::now();
+    let mut due = Vec::new();
+    {
+        let mut missing = lock(&inner.missing);
+        missing.retain(|key, _| seen.iter().any(|(p, _)| checkpoint::key(p) == *key));
+        for (pod, attached) in seen {
+            let key = checkpoint::key(&pod);
+            match attached {
+                Some(true) => {
+                    missing.remove(&key);
+                }
+                Some(false) => {
+                    let since = *missing.entry(key).or_insert(now);
+                    if now.saturating_duration_since(since) >= grace {
+                        due.push(pod);
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+    let mut released = Vec::new();
+    let mut state = inner.state.lock().await;
+    for pod in due {
+        let key = checkpoint::key(&pod);
+        // Under the state lock, so no ADD of this attachment can slip in between the check
+        // and the release (an ADD registers itself before it takes the lock).
+        let busy = lock(&inner.adds).get(&key).is_some_and(|(running, began)| {
+            *running > 0 || now.saturating_duration_since(*began) < grace
+        });
+        if busy {
+            continue;
+        }
+        match release_locked(inner, &mut state, &pod).await {
+            Ok(Some(a)) => {
+                lock(&inner.missing).remove(&key);
+                inner
+                    .gc_released
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(ip = %a.ip, vnic = %a.vnic_id, container_id = %pod.container_id, ifname = %pod.ifname, grace_secs = grace.as_secs(), "the pod's host veth is gone beyond the grace period; its address is released (a DEL that never came)");
+                released.push(pod);
+            }
+            Ok(None) => {
+                lock(&inner.missing).remove(&key);
+            }
+            Err(error) => {
+                tracing::error!(container_id = %pod.container_id, %error, "cannot release an allocation whose host side is gone; the next pass retries");
+            }
+        }
+    }
+    lock(&inner.adds).retain(|_, (running, began)| {
+        *running > 0 || now.saturating_duration_since(*began) < grace
+    });
+    released
+}
