@@ -33,7 +33,7 @@ enum Task {
         /// `5.10`, `6.1`, `6.12`, a comma-separated list, or `all`.
         #[arg(long, default_value = "all")]
         kernel: String,
-        /// `packet`, `lab` or `all`.
+        /// `packet`, `lab`, `baremetal` or `all`.
         #[arg(long, default_value = "all")]
         tier: String,
     },
