@@ -558,7 +558,11 @@ async fn a_bm_shape_has_two_nics_honours_nic_index_and_tags_each_vnic() {
 
     let imds = ImdsClient::new(&sim.imds_url(), reqwest::Client::new()).expect("IMDS");
     let listed = imds.vnics().await.expect("IMDS vnics");
-    assert_eq!(listed.len(), 4, "the primary and three secondaries: {listed:?}");
+    assert_eq!(
+        listed.len(),
+        4,
+        "the primary and three secondaries: {listed:?}"
+    );
     assert_eq!(
         (listed[0].vlan_tag, listed[0].nic_index),
         (0, 0),
@@ -578,6 +582,9 @@ async fn a_bm_shape_has_two_nics_honours_nic_index_and_tags_each_vnic() {
             (1..=4094).contains(&entry.vlan_tag),
             "a secondary VNIC of a BM instance arrives tagged: {entry:?}"
         );
-        assert!(tags.insert(entry.vlan_tag), "VLAN tags are distinct: {listed:?}");
+        assert!(
+            tags.insert(entry.vlan_tag),
+            "VLAN tags are distinct: {listed:?}"
+        );
     }
 }
