@@ -116,8 +116,16 @@ fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
 
 /// Parses Ethernet + IPv4. Non-IPv4 frames and truncated or invalid IPv4 headers end
 /// the program with a pass: they are not ours to judge and are never rewritten.
+///
+/// An 802.1Q-tagged frame counts as not IPv4 here, whether the tag is in the header
+/// (ethertype 0x8100) or, offloaded, in the skb: on a bare-metal node's physical NIC it
+/// carries a secondary VNIC, whose VLAN interface on top runs its own programs. Judged
+/// here too, a pod's packet would be redirected back to that interface, in a loop.
 #[inline(always)]
 pub fn ipv4(ctx: &TcContext) -> Step<Ipv4> {
+    if vlan_tagged(ctx) {
+        return Err(Decision::pass(Reason::PassNotIpv4));
+    }
     let Some(ethertype) = load::<[u8; 2]>(ctx, 12) else {
         return Err(Decision::pass(Reason::PassMalformed));
     };
@@ -248,6 +256,13 @@ pub const fn is_icmp_error(icmp_type: u8) -> bool {
 #[inline(always)]
 pub const fn is_icmp_echo(icmp_type: u8) -> bool {
     matches!(icmp_type, ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY)
+}
+
+/// Whether the skb carries an offloaded VLAN tag (`skb->vlan_present`).
+#[inline(always)]
+fn vlan_tagged(ctx: &TcContext) -> bool {
+    // SAFETY: the context pointer is valid for the whole program run.
+    unsafe { (*ctx.skb.skb).vlan_present != 0 }
 }
 
 /// Ingress interface index of the skb (for egress programs: the device it leaves).

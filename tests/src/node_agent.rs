@@ -86,8 +86,18 @@ pub struct NodeAgent {
 }
 
 impl NodeAgent {
-    /// The agent's configuration file.
-    fn config(&self) -> String {
+    /// The agent's configuration file. On a bare-metal lab it names the node's physical
+    /// NICs in `nicIndex` order, as a deployer who knows the shape's interfaces does.
+    fn config(&self, lab: &SimLab) -> String {
+        let nics = if lab.is_bare_metal() {
+            let names: Vec<String> = crate::lab::BM_NICS
+                .iter()
+                .map(|n| format!("{:?}", n.ifname))
+                .collect();
+            format!("physical_nics = [{}]\n", names.join(", "))
+        } else {
+            String::new()
+        };
         let AgentOptions {
             ips_per_vnic,
             warm_ips,
@@ -97,7 +107,7 @@ impl NodeAgent {
         format!(
             "[ipam]\nips_per_vnic = {ips_per_vnic}\nwarm_ips = {warm_ips}\ncooldown_secs = {cooldown_secs}\nrelease_delay_secs = 600\n\
              [datapath]\npin_dir = {:?}\ngc_interval_secs = 2\n\
-             [node]\nstate_dir = {:?}\nsocket = {:?}\nlisten = \"127.0.0.1:19965\"\n",
+             [node]\nstate_dir = {:?}\nsocket = {:?}\nlisten = \"127.0.0.1:19965\"\n{nics}",
             self.pins.path.display().to_string(),
             self.dir.path().join("state").display().to_string(),
             self.socket().display().to_string(),
@@ -163,7 +173,7 @@ impl NodeAgent {
     fn spawn(&mut self, lab: &SimLab) -> Result<()> {
         self.starts += 1;
         let config = self.dir.path().join("config.toml");
-        std::fs::write(&config, self.config())?;
+        std::fs::write(&config, self.config(lab))?;
         let endpoints = lab.agent_endpoints();
         let mut cmd = Command::new(binary());
         cmd.args(["run", "--config"])

@@ -12,6 +12,22 @@ pub fn have_root(test: &str) -> bool {
     root
 }
 
+/// True when the kernel can make 802.1Q VLAN interfaces (bare-metal labs need them). Prints
+/// why a test is skipped otherwise: the host kernel of some development machines is built
+/// without `CONFIG_VLAN_8021Q`; `cargo xtask vmtest` runs these tests on Debian's kernels.
+pub fn have_vlan(test: &str) -> bool {
+    match crate::lab::kernel_has_vlan() {
+        Ok(true) => true,
+        Ok(false) => {
+            eprintln!(
+                "skipping {test}: this kernel has no 802.1Q VLAN support (CONFIG_VLAN_8021Q); run it in the VM tier (cargo xtask vmtest)"
+            );
+            false
+        }
+        Err(error) => panic!("probing for VLAN support: {error:#}"),
+    }
+}
+
 /// A unique bpffs pin directory for one test, removed (with its pins) on drop.
 pub struct PinDir {
     pub path: std::path::PathBuf,

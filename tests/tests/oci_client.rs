@@ -508,3 +508,83 @@ async fn a_vm_shape_puts_every_vnic_on_nic_0_and_imds_lists_the_primary_first() 
         "configured like cloud-init's VM fixture, without nicIndex: {first:?}"
     );
 }
+
+/// A bare-metal shape (`BM.*`): two physical NICs, an attachment lands on the NIC it asks
+/// for (0 when it names none, as the API reference says), a NIC beyond the second is
+/// refused, and each VNIC gets its own VLAN tag (0 for the primary, as in cloud-init's BM
+/// fixture). IMDS lists `vlanTag` and `nicIndex` on every entry, primary first.
+#[tokio::test]
+async fn a_bm_shape_has_two_nics_honours_nic_index_and_tags_each_vnic() {
+    let sim = sim(SimConfig {
+        shape: "BM.Standard.E4.128".into(),
+        max_vnic_attachments: 4,
+        attach_delay_ms: 50,
+        ..SimConfig::default()
+    })
+    .await;
+    let (client, _auth) = instance_principal_client(&sim, fast_retries());
+    let cfg = sim.config();
+    let details = |nic_index| AttachVnicDetails {
+        instance_id: cfg.instance_id.clone(),
+        create_vnic_details: CreateVnicDetails {
+            subnet_id: cfg.subnets[1].id.clone(),
+            ..Default::default()
+        },
+        display_name: None,
+        nic_index,
+    };
+    let mut attached = Vec::new();
+    for (asked, expected) in [(Some(1), 1), (None, 0), (Some(1), 1)] {
+        let a = client
+            .attach_vnic(&details(asked), &new_retry_token())
+            .await
+            .expect("AttachVnic on either physical NIC of a BM shape");
+        let a = client
+            .wait_attached(&a.id, Duration::from_secs(5))
+            .await
+            .expect("ATTACHED");
+        assert_eq!(
+            a.nic_index,
+            Some(expected),
+            "asked for {asked:?}, the attachment is on NIC {expected}: {a:?}"
+        );
+        attached.push((a.vnic_id.clone().expect("vnicId"), expected, a.vlan_tag));
+    }
+    let err = client
+        .attach_vnic(&details(Some(2)), &new_retry_token())
+        .await
+        .expect_err("a BM shape has physical NICs 0 and 1 only");
+    assert_eq!(err.status(), Some(400), "{err}");
+
+    let imds = ImdsClient::new(&sim.imds_url(), reqwest::Client::new()).expect("IMDS");
+    let listed = imds.vnics().await.expect("IMDS vnics");
+    assert_eq!(
+        listed.len(),
+        4,
+        "the primary and three secondaries: {listed:?}"
+    );
+    assert_eq!(
+        (listed[0].vlan_tag, listed[0].nic_index),
+        (0, 0),
+        "the primary is untagged on NIC 0: {:?}",
+        listed[0]
+    );
+    let mut tags = std::collections::BTreeSet::new();
+    for (entry, (vnic_id, nic, tag)) in listed[1..].iter().zip(&attached) {
+        assert_eq!(&entry.vnic_id, vnic_id, "secondaries in attach order");
+        assert_eq!(entry.nic_index, *nic, "IMDS nicIndex of {vnic_id}");
+        assert_eq!(
+            Some(entry.vlan_tag),
+            *tag,
+            "IMDS and the attachment agree on {vnic_id}'s VLAN tag"
+        );
+        assert!(
+            (1..=4094).contains(&entry.vlan_tag),
+            "a secondary VNIC of a BM instance arrives tagged: {entry:?}"
+        );
+        assert!(
+            tags.insert(entry.vlan_tag),
+            "VLAN tags are distinct: {listed:?}"
+        );
+    }
+}

@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::{
     api,
     daemon::{
-        AgentConfig, AuthMode, Node, NodeSettings, StateLock,
+        AgentConfig, AuthMode, BareMetal, Node, NodeSettings, StateLock,
         config::select_subnets,
         health::{Health, dir_writable},
         http::{self, Introspection},
@@ -291,13 +291,15 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         parse_mac(&primary.mac_addr).with_context(|| format!("IMDS MAC {:?}", primary.mac_addr))?;
     let primary_link = netlink.link_by_mac(primary_mac).await?;
     datapath.attach(&primary_link.name)?;
+    let bare_metal = bare_metal(&config, &instance, &primary_link.name);
     let (datapath, datapath_task) = datapath::task::spawn(datapath, config.datapath.nat_timeouts);
     enable_forwarding();
 
     // IPAM: restore the checkpoint; it reconciles with OCI and grows the pool in the
     // background. The datapath already carries the existing pods' traffic, and the restored
     // pods are served before OCI is asked, so an unreachable OCI is waited out, not fatal.
-    let ipam = start_ipam(&config, &instance, known.as_ref(), &client)?;
+    let physical_nics = bare_metal.as_ref().map_or(1, |b| b.nics.len());
+    let ipam = start_ipam(&config, &instance, known.as_ref(), &client, physical_nics)?;
     if !ipam.knows_every_pods_vnic().await {
         // A checkpoint from an older agent lists the pods but not their VNICs: publishing a
         // datapath state before OCI names them would stop steering those pods.
@@ -316,24 +318,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .virtual_router_ip
         .parse()
         .context("IMDS virtualRouterIp")?;
-    let node = Arc::new(Node::new(
-        ipam.clone(),
-        datapath.clone(),
-        netlink,
-        NodeSettings {
-            masq_vnic_id: primary.vnic_id.clone(),
-            nonmasq_cidrs: config
-                .datapath
-                .nonmasq_cidrs
-                .iter()
-                .map(Ipv4Net::trunc)
-                .collect(),
-            port_min: config.datapath.nat_port_min,
-            port_max: config.datapath.nat_port_max,
-            mtu: config.datapath.mtu,
-        },
-        initial_vcn_cidrs(known.as_ref(), &imds_vnics),
-    ));
+    let node = Arc::new(
+        Node::new(
+            ipam.clone(),
+            datapath.clone(),
+            netlink,
+            node_settings(&config, &primary.vnic_id),
+            initial_vcn_cidrs(known.as_ref(), &imds_vnics),
+        )
+        .with_bare_metal(bare_metal),
+    );
     node.add_primary(
         &primary.vnic_id,
         primary_mac,
@@ -378,6 +372,37 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     drop(datapath);
     let _ = datapath_task.await;
     Ok(())
+}
+
+/// The datapath settings that do not change while running; the primary VNIC masquerades.
+fn node_settings(config: &AgentConfig, primary_vnic_id: &str) -> NodeSettings {
+    NodeSettings {
+        masq_vnic_id: primary_vnic_id.to_owned(),
+        nonmasq_cidrs: config
+            .datapath
+            .nonmasq_cidrs
+            .iter()
+            .map(Ipv4Net::trunc)
+            .collect(),
+        port_min: config.datapath.nat_port_min,
+        port_max: config.datapath.nat_port_max,
+        mtu: config.datapath.mtu,
+    }
+}
+
+/// On a bare-metal shape (oci-utils' test, `network_interface.py`: the shape starts with
+/// `BM`) secondary VNICs are VLANs on the physical NICs, which the agent builds.
+fn bare_metal(
+    config: &AgentConfig,
+    instance: &crate::oci::imds::Instance,
+    primary_interface: &str,
+) -> Option<BareMetal> {
+    let bare_metal = instance
+        .shape
+        .starts_with("BM")
+        .then(|| BareMetal::new(&config.node.physical_nics, primary_interface))?;
+    info!(nics = ?bare_metal.nics, "bare-metal shape: secondary VNICs become macvlan + VLAN interfaces on these NICs");
+    Some(bare_metal)
 }
 
 /// Serves the CNI plugin's API (and `/v1/status`) on the socket and introspection over
@@ -487,6 +512,7 @@ fn start_ipam(
     instance: &crate::oci::imds::Instance,
     known: Option<&VcnFacts>,
     client: &Arc<CoreClient>,
+    physical_nics: usize,
 ) -> anyhow::Result<Arc<Ipam>> {
     let subnets = if config.ipam.subnets.is_empty() {
         known.map(|k| k.subnets.clone()).unwrap_or_default()
@@ -515,6 +541,7 @@ fn start_ipam(
     ipam_config.checkpoint_path = config.node.state_dir.join("ipam.json");
     ipam_config.mtu = config.datapath.mtu;
     ipam_config.allocation_gc_grace = Duration::from_secs(config.ipam.allocation_gc_grace_secs);
+    ipam_config.pool.physical_nics = u32::try_from(physical_nics).unwrap_or(1).max(1);
     let cloud = OciCloud::new(
         client.clone(),
         instance.compartment_id.clone(),

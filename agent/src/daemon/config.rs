@@ -94,6 +94,10 @@ pub struct NodeSection {
     pub socket: PathBuf,
     /// `/metrics`, `/healthz`, `/readyz`.
     pub listen: SocketAddr,
+    /// Bare-metal shapes only: the interfaces of the physical NICs, in `nicIndex` order
+    /// (e.g. `["ens2f0", "ens2f1"]`). New VNICs are spread over them. Empty: NIC 0 only,
+    /// the interface carrying the primary VNIC (OCI does not say which interface is NIC 1).
+    pub physical_nics: Vec<String>,
 }
 
 impl Default for OciSection {
@@ -148,6 +152,7 @@ impl Default for NodeSection {
             state_dir: PathBuf::from("/run/vcnpath"),
             socket: PathBuf::from("/run/vcnpath/vcnpath.sock"),
             listen: SocketAddr::from(([127, 0, 0, 1], 9965)),
+            physical_nics: Vec::new(),
         }
     }
 }

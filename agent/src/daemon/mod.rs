@@ -8,5 +8,5 @@ pub mod node;
 pub mod state_lock;
 
 pub use config::{AgentConfig, AuthMode, ConfigError};
-pub use node::{Node, NodeSettings};
+pub use node::{BareMetal, Node, NodeSettings};
 pub use state_lock::{StateLock, StateLockError};

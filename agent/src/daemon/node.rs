@@ -23,6 +23,7 @@ use crate::{
     host::{
         netlink::{Link, Netlink, parse_mac},
         sysctl,
+        vlan::VlanVnic,
     },
     ipam::{AllocError, Allocation, Allocator, BoxFuture, Ipam, PodRef},
 };
@@ -36,6 +37,25 @@ pub struct ManagedVnic {
     pub subnet: Ipv4Net,
     pub router_ip: Ipv4Addr,
     pub router_mac: Option<[u8; 6]>,
+}
+
+/// A bare-metal node's physical NICs: the interface of each `nicIndex`, where the VLANs of
+/// its secondary VNICs are built (see [`crate::host::vlan`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BareMetal {
+    pub nics: Vec<String>,
+}
+
+impl BareMetal {
+    /// NIC 0 is the one carrying the primary VNIC untagged (`primary`) unless `configured`
+    /// names it; the others only as configured (OCI does not say which interface is NIC 1).
+    pub fn new(configured: &[String], primary: &str) -> Self {
+        let mut nics = configured.to_vec();
+        if nics.is_empty() {
+            nics.push(primary.to_owned());
+        }
+        Self { nics }
+    }
 }
 
 /// Settings the datapath state is built from that do not change while running.
@@ -76,6 +96,7 @@ pub struct Node {
     sync_lock: Mutex<()>,
     pub counters: AllocationCounters,
     pub sysctls: SysctlHealth,
+    bare_metal: Option<BareMetal>,
 }
 
 /// The virtual router of an OCI subnet is its first host address.
@@ -101,7 +122,16 @@ impl Node {
             sync_lock: Mutex::new(()),
             counters: AllocationCounters::default(),
             sysctls: SysctlHealth::default(),
+            bare_metal: None,
         }
+    }
+
+    /// On a bare-metal shape: secondary VNICs get a macvlan + VLAN on the NIC of their
+    /// `nicIndex` instead of a link of their own.
+    #[must_use]
+    pub fn with_bare_metal(mut self, bare_metal: Option<BareMetal>) -> Self {
+        self.bare_metal = bare_metal;
+        self
     }
 
     /// The managed VNICs, by OCID.
@@ -217,7 +247,7 @@ impl Node {
         let status = self.ipam.status().await;
         let known: BTreeSet<String> = self.vnics.lock().await.keys().cloned().collect();
         let mut managed_any = false;
-        for vnic in status.vnics {
+        for vnic in &status.vnics {
             if known.contains(&vnic.vnic_id) {
                 continue;
             }
@@ -225,8 +255,19 @@ impl Node {
                 warn!(vnic = %vnic.vnic_id, mac = %vnic.mac, "OCI reported a MAC that does not parse");
                 continue;
             };
-            let Ok(link) = self.netlink.link_by_mac(mac).await else {
-                continue; // not visible yet: OCI says ATTACHED before the kernel shows the NIC
+            let link = match &self.bare_metal {
+                Some(bare_metal) if !vnic.is_primary => {
+                    match self.vlan_link(bare_metal, vnic, mac).await {
+                        Some(link) => link,
+                        None => continue,
+                    }
+                }
+                _ => {
+                    let Ok(link) = self.netlink.link_by_mac(mac).await else {
+                        continue; // not visible yet: OCI says ATTACHED before the kernel shows the NIC
+                    };
+                    link
+                }
             };
             let router = router_of(vnic.subnet);
             // OCI's `isPrimary`, never `nicIndex`: on a VM every VNIC is on NIC 0.
@@ -246,6 +287,12 @@ impl Node {
             } else {
                 managed_any = true;
             }
+        }
+        // Only once OCI has answered: before, the checkpoint may not list every VNIC.
+        if let Some(bare_metal) = &self.bare_metal
+            && status.reconciled
+        {
+            managed_any |= self.prune_vlan_vnics(bare_metal, &status.vnics).await;
         }
         if (managed_any || vanished)
             && let Err(error) = self.sync().await
@@ -289,6 +336,101 @@ impl Node {
             vanished = true;
         }
         vanished
+    }
+
+    /// Bare metal: the VLAN interface of a secondary VNIC, built (or adopted) on the NIC of
+    /// its `nicIndex`; `None` (logged) while it cannot be yet.
+    async fn vlan_link(
+        &self,
+        bare_metal: &BareMetal,
+        vnic: &crate::ipam::VnicStatus,
+        mac: [u8; 6],
+    ) -> Option<Link> {
+        let tag = match u16::try_from(vnic.vlan_tag) {
+            Ok(0) => {
+                debug!(vnic = %vnic.vnic_id, "the VNIC's VLAN tag is not known yet (waiting for the reconcile with OCI)");
+                return None;
+            }
+            Ok(tag) if tag < 4095 => tag,
+            _ => {
+                warn!(vnic = %vnic.vnic_id, vlan_tag = vnic.vlan_tag, "OCI reported a VLAN tag outside 1-4094");
+                return None;
+            }
+        };
+        let Some(nic_name) = bare_metal.nics.get(vnic.nic_index as usize) else {
+            warn!(vnic = %vnic.vnic_id, nic_index = vnic.nic_index, nics = ?bare_metal.nics,
+                "the VNIC is on a physical NIC node.physical_nics does not name; name its interface there");
+            return None;
+        };
+        let nic = match self.netlink.links().await {
+            Ok(links) => links.into_iter().find(|l| &l.name == nic_name)?,
+            Err(error) => {
+                warn!(%error, "listing links for a bare-metal VNIC failed; retrying");
+                return None;
+            }
+        };
+        match self
+            .netlink
+            .ensure_vlan_vnic(&nic, mac, tag, self.settings.mtu)
+            .await
+        {
+            Ok(VlanVnic { vlan, macvlan, .. }) => {
+                info!(vnic = %vnic.vnic_id, nic = %nic.name, macvlan = %macvlan.name, vlan = %vlan.name, tag,
+                    "the bare-metal VNIC's macvlan and VLAN are in place");
+                Some(vlan)
+            }
+            Err(error) => {
+                warn!(vnic = %vnic.vnic_id, nic = %nic.name, tag, %error,
+                    "building the bare-metal VNIC's macvlan and VLAN failed; retrying");
+                None
+            }
+        }
+    }
+
+    /// Bare metal: removes the macvlan + VLAN of every VNIC that is gone (detached) and
+    /// forgets it; true when something was forgotten (the datapath must follow).
+    async fn prune_vlan_vnics(
+        &self,
+        bare_metal: &BareMetal,
+        vnics: &[crate::ipam::VnicStatus],
+    ) -> bool {
+        let present: BTreeSet<[u8; 6]> = vnics
+            .iter()
+            .filter(|v| !v.is_primary)
+            .filter_map(|v| parse_mac(&v.mac))
+            .collect();
+        let nics: Vec<Link> = match self.netlink.links().await {
+            Ok(links) => links
+                .into_iter()
+                .filter(|l| bare_metal.nics.contains(&l.name))
+                .collect(),
+            Err(error) => {
+                warn!(%error, "listing links to prune bare-metal VNICs failed");
+                return false;
+            }
+        };
+        let pairs = match self.netlink.vlan_vnics(&nics).await {
+            Ok(pairs) => pairs,
+            Err(error) => {
+                warn!(%error, "listing bare-metal VNIC interfaces failed");
+                return false;
+            }
+        };
+        for pair in pairs.iter().filter(|p| !present.contains(&p.macvlan.mac)) {
+            match self.netlink.remove_vlan_vnic(pair).await {
+                Ok(()) => {
+                    info!(macvlan = %pair.macvlan.name, vlan = %pair.vlan.name, "removed the interfaces of a detached bare-metal VNIC");
+                }
+                Err(error) => {
+                    warn!(macvlan = %pair.macvlan.name, %error, "removing a detached bare-metal VNIC's interfaces failed; retrying");
+                }
+            }
+        }
+        let ids: BTreeSet<&str> = vnics.iter().map(|v| v.vnic_id.as_str()).collect();
+        let mut managed = self.vnics.lock().await;
+        let before = managed.len();
+        managed.retain(|id, _| ids.contains(id.as_str()) || *id == self.settings.masq_vnic_id);
+        managed.len() != before
     }
 
     async fn manage(

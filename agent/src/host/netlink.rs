@@ -30,6 +30,8 @@ pub enum HostError {
         "no interface has MAC {mac}; the VNIC may still be attaching (OCI reported it, the kernel has not shown it yet)"
     )]
     NoSuchMac { mac: String },
+    #[error("no interface is named {interface}")]
+    NoSuchLink { interface: String },
 }
 
 /// A link as the kernel reports it.
@@ -74,7 +76,7 @@ impl LinkEvents {
 /// An rtnetlink connection.
 #[derive(Clone)]
 pub struct Netlink {
-    handle: Handle,
+    pub(super) handle: Handle,
 }
 
 /// Formats a MAC the way OCI and `ip` do.
@@ -95,7 +97,7 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(mac)
 }
 
-fn link_of(message: &LinkMessage) -> Option<Link> {
+pub(super) fn link_of(message: &LinkMessage) -> Option<Link> {
     let mut link = Link {
         index: message.header.index,
         name: String::new(),
@@ -123,7 +125,7 @@ impl Netlink {
         Ok(Self { handle })
     }
 
-    fn error(
+    pub(super) fn error(
         operation: &'static str,
         interface: &str,
     ) -> impl FnOnce(rtnetlink::Error) -> HostError {

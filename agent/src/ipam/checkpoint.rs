@@ -402,6 +402,7 @@ mod tests {
             id: "vnic-1".into(),
             attachment_id: "attachment-1".into(),
             nic_index: 0,
+            vlan_tag: 0,
             attached_at: "2026-01-01T00:00:01.000Z".into(),
             mac: "02:00:17:00:00:01".into(),
             interface: Some("eth1".into()),

@@ -34,10 +34,12 @@ pub trait Cloud: Send + Sync + 'static {
     /// One private IP as OCI has it now (a list may lag; a get answers from the present).
     fn get_private_ip<'a>(&'a self, ip_id: &'a str) -> BoxFuture<'a, Result<PrivateIp, OciError>>;
     fn delete_private_ip<'a>(&'a self, ip_id: &'a str) -> BoxFuture<'a, Result<(), OciError>>;
-    /// Attaches a new VNIC in `subnet_id` and returns once it is ATTACHED.
+    /// Attaches a new VNIC in `subnet_id` (on physical NIC `nic_index`, or OCI's default 0)
+    /// and returns once it is ATTACHED.
     fn attach_vnic<'a>(
         &'a self,
         subnet_id: &'a str,
+        nic_index: Option<u32>,
         tags: &'a Tags,
         retry_token: &'a str,
     ) -> BoxFuture<'a, Result<VnicAttachment, OciError>>;
@@ -130,6 +132,7 @@ impl Cloud for OciCloud {
     fn attach_vnic<'a>(
         &'a self,
         subnet_id: &'a str,
+        nic_index: Option<u32>,
         tags: &'a Tags,
         retry_token: &'a str,
     ) -> BoxFuture<'a, Result<VnicAttachment, OciError>> {
@@ -144,7 +147,7 @@ impl Cloud for OciCloud {
                     ..CreateVnicDetails::default()
                 },
                 display_name: Some("vcnpath-pods".into()),
-                nic_index: None,
+                nic_index,
             };
             let attachment = self.client.attach_vnic(&details, retry_token).await?;
             if attachment.lifecycle_state == AttachmentState::Attached {

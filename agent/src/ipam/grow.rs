@@ -380,7 +380,22 @@ async fn create_ip(inner: &Inner, vnic: &str, token: String) -> Outcome {
 }
 
 async fn attach_vnic(inner: &Inner, subnet: &str, token: String) -> Outcome {
-    let attachment = match inner.cloud.attach_vnic(subnet, &inner.tags, &token).await {
+    let nic_index = {
+        let state = inner.state.lock().await;
+        let vnics = state.pool.vnics();
+        // The primary VNIC is on NIC 0 (untagged there: cloud-init's BM fixture) and is
+        // in the pool only with `use_primary_vnic`.
+        let primary = (!vnics.iter().any(|v| v.info.is_primary)).then_some(0);
+        least_used_nic(
+            inner.cfg.pool.physical_nics,
+            vnics.iter().map(|v| v.info.nic_index).chain(primary),
+        )
+    };
+    let attachment = match inner
+        .cloud
+        .attach_vnic(subnet, nic_index, &inner.tags, &token)
+        .await
+    {
         Ok(a) => a,
         Err(e) if e.is_limit_exceeded() => {
             // The attachments were just counted, so this is the subnet running out of
@@ -453,5 +468,51 @@ async fn detach_vnic(inner: &Inner, vnic: &str, attachment: &str) -> bool {
             tracing::warn!(vnic, attachment, error = %e, "cannot detach a VNIC; the reconcile re-adopts it");
             false
         }
+    }
+}
+
+/// The physical NIC for a new VNIC: the one carrying the fewest of the node's VNICs (the
+/// primary included), the lowest on a tie. `None` with one NIC: the attachment names none,
+/// as on every VM. A retry of a lost answer asks the same again: the pool has not changed.
+fn least_used_nic(physical_nics: u32, in_use: impl Iterator<Item = u32>) -> Option<u32> {
+    if physical_nics <= 1 {
+        return None;
+    }
+    let mut counts = vec![0_usize; physical_nics as usize];
+    for nic in in_use {
+        if let Some(count) = counts.get_mut(nic as usize) {
+            *count += 1;
+        }
+    }
+    (0..physical_nics).min_by_key(|&nic| counts[nic as usize])
+}
+
+#[cfg(test)]
+mod nic_tests {
+    use super::least_used_nic;
+
+    #[test]
+    fn new_vnics_go_to_the_least_used_physical_nic() {
+        assert_eq!(
+            least_used_nic(1, [0, 0].into_iter()),
+            None,
+            "a VM names no NIC"
+        );
+        assert_eq!(
+            least_used_nic(2, [0].into_iter()),
+            Some(1),
+            "the primary is on NIC 0"
+        );
+        assert_eq!(
+            least_used_nic(2, [0, 1].into_iter()),
+            Some(0),
+            "a tie: the lowest"
+        );
+        assert_eq!(least_used_nic(2, [0, 0, 1].into_iter()), Some(1));
+        assert_eq!(
+            least_used_nic(2, [0, 5].into_iter()),
+            Some(1),
+            "an unknown NIC is ignored"
+        );
     }
 }

@@ -36,6 +36,9 @@ pub struct PoolConfig {
     pub cooldown: Duration,
     /// How long an exhausted subnet is skipped before it is tried again (default 10 min).
     pub subnet_retry: Duration,
+    /// Active physical NICs new VNICs are spread over (`nicIndex` 0..n): 1 on a VM (the
+    /// attachment names none), 2 on a bare-metal shape with two active NICs.
+    pub physical_nics: u32,
 }
 
 impl Default for PoolConfig {
@@ -51,6 +54,7 @@ impl Default for PoolConfig {
             release_delay: Duration::from_mins(5),
             cooldown: Duration::from_secs(30),
             subnet_retry: Duration::from_mins(10),
+            physical_nics: 1,
         }
     }
 }
@@ -116,6 +120,10 @@ pub struct VnicInfo {
     pub attachment_id: String,
     /// The physical NIC (0 for every VNIC of a VM); not an identity, not an order.
     pub nic_index: u32,
+    /// The attachment's VLAN tag: on bare metal, what carries a secondary VNIC on its
+    /// physical NIC (0 until the reconcile has read it; checkpoints before it was recorded).
+    #[serde(default)]
+    pub vlan_tag: u32,
     /// The attachment's `timeCreated` (RFC 3339 as OCI sends it): the pool uses VNICs in
     /// the order they were attached. Empty in checkpoints written before it was recorded
     /// (such VNICs sort first, by attachment id, until the reconcile refreshes them).

@@ -16,6 +16,7 @@ fn cfg() -> PoolConfig {
         release_delay: Duration::from_mins(1),
         cooldown: Duration::from_secs(10),
         subnet_retry: Duration::from_mins(10),
+        physical_nics: 1,
     }
 }
 
@@ -25,6 +26,7 @@ fn info(n: u32) -> VnicInfo {
         attachment_id: format!("att-{n}"),
         // Every VNIC of a VM is on NIC 0; the attach time orders them.
         nic_index: 0,
+        vlan_tag: 0,
         attached_at: format!("2026-01-01T00:00:{n:02}.000Z"),
         mac: format!("02:00:00:00:00:0{n}"),
         interface: None,

@@ -160,6 +160,7 @@ fn info_from(
         id: vnic.id.clone(),
         attachment_id: attachment.id.clone(),
         nic_index: attachment.nic_index.unwrap_or_default(),
+        vlan_tag: attachment.vlan_tag.unwrap_or_default(),
         attached_at: attachment.time_created.clone().unwrap_or_default(),
         mac: vnic.mac_address.clone().unwrap_or_default(),
         interface: None,

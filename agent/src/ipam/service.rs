@@ -32,6 +32,8 @@ pub struct VnicStatus {
     pub is_primary: bool,
     /// The physical NIC (0 for every VNIC of a VM).
     pub nic_index: u32,
+    /// The attachment's VLAN tag (on bare metal, the VLAN carrying the VNIC on its NIC).
+    pub vlan_tag: u32,
     pub mac: String,
     pub interface: Option<String>,
     pub subnet: Ipv4Net,
@@ -260,6 +262,7 @@ impl Ipam {
                 vnic_id: v.info.id.clone(),
                 is_primary: v.info.is_primary,
                 nic_index: v.info.nic_index,
+                vlan_tag: v.info.vlan_tag,
                 mac: v.info.mac.clone(),
                 interface: v.info.interface.clone(),
                 subnet: v.info.subnet,

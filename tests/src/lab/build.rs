@@ -9,7 +9,8 @@ use super::LabOptions;
 use super::netns::{NETNS_DIR, Netns};
 use super::router;
 use super::topology::{
-    INET_IP, INET_PREFIX, INET_ROUTER_IP, LINK_MTU, PEER_IP, PEER_PREFIX, PEER_ROUTER_IP, Vnic,
+    INET_IP, INET_PREFIX, INET_ROUTER_IP, LINK_MTU, PEER_IP, PEER_PREFIX, PEER_ROUTER_IP,
+    PhysicalNic, Vnic,
 };
 
 pub(super) struct Parts {
@@ -125,6 +126,24 @@ fn wire_node(parts: &Parts, vnics: &[Vnic]) -> Result<()> {
     for vnic in vnics {
         node.sysctl(&format!("net/ipv4/conf/{}/rp_filter", vnic.ifname), "2")?;
     }
+    Ok(())
+}
+
+/// A bare-metal node's second physical NIC: up at the jumbo MTU, no address (no VNIC is
+/// untagged on it); the router's end is up without an address too, each VNIC tagged on it
+/// gets its own VLAN interface there.
+pub(super) fn wire_second_nic(node: &Netns, router: &Netns, nic: &PhysicalNic) -> Result<()> {
+    node.add_veth_into(
+        nic.ifname,
+        &nic.mac.to_string(),
+        LINK_MTU,
+        nic.router_ifname,
+        router,
+    )
+    .with_context(|| format!("creating physical NIC {} ({})", nic.nic_index, nic.ifname))?;
+    node.ip(&["link", "set", nic.ifname, "up"])?;
+    node.sysctl(&format!("net/ipv4/conf/{}/rp_filter", nic.ifname), "2")?;
+    router.ip(&["link", "set", nic.router_ifname, "up"])?;
     Ok(())
 }
 

@@ -29,6 +29,11 @@
 //!   never named after its `nicIndex` (0 for every VNIC of a VM); the router's sets follow
 //!   the simulator's private IPs, and the simulator listens on the node's loopback, where
 //!   an agent spawned in the node finds it.
+//! - With a `BM.*` shape [`SimLab`] builds a bare-metal node instead: two physical NICs
+//!   (`ens2f0` with the primary VNIC untagged, `ens2f1`) and no link per secondary VNIC; the
+//!   router terminates each secondary's VLAN `vlanTag` on its end of the NIC of its
+//!   `nicIndex`, so only a guest that builds the macvlan + VLAN reaches it. Needs 802.1Q in
+//!   the kernel ([`kernel_has_vlan`]).
 
 mod build;
 pub mod netns;
@@ -51,8 +56,29 @@ pub use netns::{Netns, cmd_in, enter_before_exec, run_in, spawn_in};
 pub use pod::Pod;
 pub use process::ChildGuard;
 pub use router::RouterDrops;
-pub use simlab::{AgentEndpoints, SimLab, VnicLink, lab_sim_config};
-pub use topology::{INET_IP, PEER_IP, VNICS, Vnic};
+pub use simlab::{AgentEndpoints, SimLab, VlanCarrier, VnicLink, lab_sim_config};
+pub use topology::{BM_NICS, INET_IP, PEER_IP, PhysicalNic, VNICS, Vnic};
+
+/// Whether this kernel has 802.1Q VLAN interfaces (`CONFIG_VLAN_8021Q`), which a bare-metal
+/// lab needs: tried in a throwaway namespace (the module loads on first use if it exists).
+/// Some development kernels are built without it; the VM tier's Debian kernels have it.
+pub fn kernel_has_vlan() -> Result<bool> {
+    static NEXT_PROBE: AtomicU32 = AtomicU32::new(0);
+    build::sweep_stale(NAME_PREFIX);
+    let ns = Netns::create(&format!(
+        "{NAME_PREFIX}{}xvlanprobe{}",
+        std::process::id(),
+        NEXT_PROBE.fetch_add(1, Ordering::Relaxed)
+    ))?;
+    ns.ip(&[
+        "link", "add", "name", "vp0", "type", "veth", "peer", "name", "vp1",
+    ])?;
+    Ok(ns
+        .ip(&[
+            "link", "add", "link", "vp0", "name", "vp0.5", "type", "vlan", "id", "5",
+        ])
+        .is_ok())
+}
 
 /// Choices a test can make about the lab.
 #[derive(Clone, Debug, Default)]
@@ -99,6 +125,16 @@ impl Lab {
     /// `ens4`, `ens5`, … when the simulator attaches one.
     pub fn primary_only(options: LabOptions) -> Result<Self> {
         Self::build(options, &topology::GUEST_PRIMARY)
+    }
+
+    /// A bare-metal node just launched: its two physical NICs (`ens2f0` with the primary
+    /// VNIC untagged and addressed, `ens2f1` up without an address), as the image leaves
+    /// them. Secondary VNICs never get a link of their own: [`SimLab`] carries each as
+    /// VLAN-tagged frames on the NIC of its `nicIndex`.
+    pub fn bare_metal(options: LabOptions) -> Result<Self> {
+        let lab = Self::build(options, &topology::BM_PRIMARY)?;
+        build::wire_second_nic(&lab.inner.node, &lab.inner.router, &topology::BM_NICS[1])?;
+        Ok(lab)
     }
 
     fn build(options: LabOptions, vnics: &'static [Vnic]) -> Result<Self> {

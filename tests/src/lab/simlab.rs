@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use super::simsync::{self, SimSync, Slots, VnicView, node_ifname};
-use super::topology::{GUEST_PRIMARY, Mac};
+use super::simsync::{self, SimSync, Slots, VnicView, Wiring, node_ifname};
+use super::topology::{BM_NICS, GUEST_PRIMARY, Mac};
 use super::{Lab, LabOptions, RouterDrops, run_in};
 use crate::ocisim::{SimConfig, Simulator, SubnetConfig};
 
@@ -62,6 +62,20 @@ pub struct VnicLink {
     pub slot: usize,
 }
 
+/// How a bare-metal lab carries a secondary VNIC: VLAN `vlan_tag` on the node's physical
+/// NIC `nic` (no link of its own; the guest builds a macvlan with `mac` and the VLAN).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VlanCarrier {
+    /// The node's physical NIC (`ens2f0` for `nicIndex` 0, `ens2f1` for 1).
+    pub nic: String,
+    pub nic_index: u32,
+    pub vlan_tag: u16,
+    /// The VNIC's MAC, which the guest's macvlan must carry.
+    pub mac: Mac,
+    /// The router's counters' index ([`SimLab::router_drops`]).
+    pub slot: usize,
+}
+
 /// Where a `vcnpath` running in the node namespace finds the simulator, and the flags'
 /// values: instance-principal auth through IMDS and the federation endpoint (the default).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -82,14 +96,25 @@ pub struct SimLab {
     slots: Slots,
     sim: Arc<Simulator>,
     runtime: Option<tokio::runtime::Runtime>,
+    wiring: Wiring,
     lab: Lab,
 }
 
 impl SimLab {
     /// Builds a primary-only lab and starts the simulator with `config` (normally
     /// [`lab_sim_config`], perhaps with other limits or faults) on the node's loopback.
+    /// A `BM.*` shape in `config` builds a bare-metal node ([`Lab::bare_metal`]): two
+    /// physical NICs, secondary VNICs carried as VLANs on them.
     pub fn new(options: LabOptions, config: SimConfig) -> Result<Self> {
-        let lab = Lab::primary_only(options)?;
+        let wiring = if config.is_bare_metal() {
+            Wiring::BareMetal
+        } else {
+            Wiring::Vm
+        };
+        let lab = match wiring {
+            Wiring::Vm => Lab::primary_only(options)?,
+            Wiring::BareMetal => Lab::bare_metal(options)?,
+        };
         let runtime = node_runtime(&lab)?;
         let sim = Arc::new(start_simulator(&runtime, config)?);
         check_listener_in_node(&lab, &sim)?;
@@ -101,12 +126,14 @@ impl SimLab {
             runtime.handle().clone(),
             primary,
             Arc::clone(&slots),
+            wiring,
         )?;
         Ok(Self {
             sync: Some(sync),
             slots,
             sim,
             runtime: Some(runtime),
+            wiring,
             lab,
         })
     }
@@ -156,6 +183,9 @@ impl SimLab {
     /// Waits until the VNIC `vnic_id` has its interface in the node namespace (with the
     /// MAC the simulator reported) and says where it is.
     pub fn wait_for_vnic(&self, vnic_id: &str, timeout: Duration) -> Result<VnicLink> {
+        if self.wiring == Wiring::BareMetal {
+            bail!("VNIC {vnic_id}: a bare-metal node gets no link per VNIC; use wait_for_vlan");
+        }
         self.wait(
             timeout,
             &format!("VNIC {vnic_id}'s interface to appear"),
@@ -171,6 +201,41 @@ impl SimLab {
                 }))
             },
         )
+    }
+
+    /// Bare metal: waits until the lab carries VNIC `vnic_id` (VLAN-tagged on its physical
+    /// NIC, terminated in the router) and says how.
+    pub fn wait_for_vlan(&self, vnic_id: &str, timeout: Duration) -> Result<VlanCarrier> {
+        if self.wiring != Wiring::BareMetal {
+            bail!("VNIC {vnic_id}: only a bare-metal lab carries VNICs as VLANs");
+        }
+        self.wait(timeout, &format!("VNIC {vnic_id}'s VLAN"), || {
+            let Some(slot) = self.slot_of(vnic_id) else {
+                return Ok(None);
+            };
+            let view = simsync::attached_vnics(&self.sim.snapshot())?
+                .into_iter()
+                .find(|v| v.vnic_id == vnic_id);
+            let Some(view) = view else {
+                return Ok(None);
+            };
+            let nic = BM_NICS
+                .iter()
+                .find(|n| n.nic_index == view.nic_index)
+                .with_context(|| format!("no physical NIC {}", view.nic_index))?;
+            Ok(Some(VlanCarrier {
+                nic: nic.ifname.to_owned(),
+                nic_index: view.nic_index,
+                vlan_tag: view.vlan_tag,
+                mac: view.mac,
+                slot: slot as usize,
+            }))
+        })
+    }
+
+    /// Whether the node is bare metal (a `BM.*` shape).
+    pub fn is_bare_metal(&self) -> bool {
+        self.wiring == Wiring::BareMetal
     }
 
     /// Waits until the VNIC `vnic_id`'s interface is gone from the node namespace.

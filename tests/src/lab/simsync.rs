@@ -21,7 +21,7 @@ use tokio::sync::watch;
 
 use super::LabInner;
 use super::router::{self, Port};
-use super::topology::{LINK_MTU, Mac};
+use super::topology::{BM_NICS, LINK_MTU, Mac};
 use crate::ocisim::Simulator;
 
 /// How often the simulator's private IPs are compared with the router's sets.
@@ -37,6 +37,21 @@ pub(super) struct VnicView {
     pub router_ip: Ipv4Addr,
     /// The primary private IP and every secondary one.
     pub addrs: BTreeSet<Ipv4Addr>,
+    /// The attachment's physical NIC (0 on a VM).
+    pub nic_index: u32,
+    /// The attachment's VLAN tag: what carries the VNIC on a bare-metal NIC (0 untagged).
+    pub vlan_tag: u16,
+}
+
+/// How the lab carries a VNIC to the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Wiring {
+    /// A VM: each VNIC is a NIC of its own (a new `ensN` link with the VNIC's MAC).
+    Vm,
+    /// Bare metal: a secondary VNIC is VLAN `vlanTag` on physical NIC `nicIndex`; the node
+    /// gets no link for it (oci-utils' `network_interface.py`: the guest makes the macvlan
+    /// and VLAN itself).
+    BareMetal,
 }
 
 /// Where the lab put a VNIC: its slot (0 is the primary; each new VNIC takes the lowest
@@ -96,6 +111,7 @@ pub(super) fn attached_vnics(snapshot: &Value) -> Result<Vec<VnicView>> {
             .filter(|p| p["vnicId"] == vnic_id)
             .map(|p| field(p, "ipAddress")?.parse().context("private IP"))
             .collect::<Result<_>>()?;
+        let vlan_tag = attachment["vlanTag"].as_u64().unwrap_or_default();
         let order = (
             field(attachment, "timeCreated")?.to_owned(),
             field(attachment, "id")?.to_owned(),
@@ -111,6 +127,12 @@ pub(super) fn attached_vnics(snapshot: &Value) -> Result<Vec<VnicView>> {
                     .parse()
                     .context("virtual router IP")?,
                 addrs,
+                nic_index: attachment["nicIndex"]
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .unwrap_or_default(),
+                vlan_tag: u16::try_from(vlan_tag)
+                    .with_context(|| format!("simulator snapshot: VLAN tag {vlan_tag}"))?,
             },
         ));
     }
@@ -134,6 +156,7 @@ impl SimSync {
         runtime: tokio::runtime::Handle,
         primary: VnicView,
         slots: Slots,
+        wiring: Wiring,
     ) -> Result<Self> {
         let (stop, mut stopped) = watch::channel(false);
         let errors = Arc::new(Mutex::new(Vec::new()));
@@ -143,6 +166,7 @@ impl SimSync {
             vnics: BTreeMap::from([(primary.vnic_id.clone(), (0, primary))]),
             slots,
             errors: Arc::clone(&errors),
+            wiring,
         };
         let mut events = sim.subscribe();
         let thread = std::thread::Builder::new()
@@ -199,6 +223,7 @@ struct Applied {
     vnics: BTreeMap<String, (u32, VnicView)>,
     slots: Slots,
     errors: Arc<Mutex<Vec<String>>>,
+    wiring: Wiring,
 }
 
 impl Applied {
@@ -235,7 +260,10 @@ impl Applied {
                     let slot = (0..=u32::try_from(used.len()).expect("few VNICs"))
                         .find(|s| !used.contains(s))
                         .expect("a free slot");
-                    attach(&self.lab, slot, &want)?;
+                    match self.wiring {
+                        Wiring::Vm => attach(&self.lab, slot, &want)?,
+                        Wiring::BareMetal => attach_vlan(&self.lab, slot, &want)?,
+                    }
                     lock(&self.slots).insert(want.vnic_id.clone(), slot);
                     self.vnics.insert(want.vnic_id.clone(), (slot, want));
                 }
@@ -252,6 +280,16 @@ impl Applied {
         // Unhook the check before the link goes, then delete the node end (which takes the
         // router end, its address, routes and neighbour entries with it).
         router::remove_port(&self.lab.router, &port(slot, view.mac))?;
+        if self.wiring == Wiring::BareMetal {
+            // The VNIC's VLAN ends in the router; the node's macvlan and VLAN (the guest's
+            // own) stay, carrying nothing, until the guest removes them.
+            let rname = router_ifname(slot);
+            self.lab
+                .router
+                .ip(&["link", "del", "dev", &rname])
+                .with_context(|| format!("removing VNIC {}'s VLAN ({rname})", view.vnic_id))?;
+            return Ok(());
+        }
         let ifname = node_ifname(slot);
         self.lab
             .node
@@ -295,6 +333,65 @@ fn attach(lab: &LabInner, slot: u32, view: &VnicView) -> Result<()> {
         // Leave nothing half-built: the next tick starts this VNIC again from scratch.
         let _ = router::remove_port(router, &port(slot, view.mac));
         let _ = node.ip(&["link", "del", "dev", &ifname]);
+        return Err(error).with_context(what);
+    }
+    Ok(())
+}
+
+/// Carries a new secondary VNIC of a bare-metal node as OCI does: frames tagged with its
+/// `vlanTag` on the physical NIC of its `nicIndex`. The router terminates that VLAN on its
+/// end of the NIC's cable (its own VLAN interface, configured as the subnet's virtual
+/// router and added to the check), so only a guest that builds the macvlan with the VNIC's
+/// MAC and the VLAN on top reaches it; the node gets nothing.
+fn attach_vlan(lab: &LabInner, slot: u32, view: &VnicView) -> Result<()> {
+    let router = &lab.router;
+    let rname = router_ifname(slot);
+    let what = || {
+        format!(
+            "carrying VNIC {} as VLAN {} on NIC {}",
+            view.vnic_id, view.vlan_tag, view.nic_index
+        )
+    };
+    let nic = BM_NICS
+        .iter()
+        .find(|n| n.nic_index == view.nic_index)
+        .with_context(|| {
+            format!(
+                "the lab's bare-metal node has no physical NIC {}",
+                view.nic_index
+            )
+        })
+        .with_context(what)?;
+    if view.vlan_tag == 0 {
+        return Err(anyhow::anyhow!(
+            "a secondary VNIC of a bare-metal instance must be tagged (vlanTag 0)"
+        ))
+        .with_context(what);
+    }
+    let configured = (|| -> Result<()> {
+        router.ip(&[
+            "link",
+            "add",
+            "link",
+            nic.router_ifname,
+            "name",
+            &rname,
+            "mtu",
+            &LINK_MTU.to_string(),
+            "type",
+            "vlan",
+            "id",
+            &view.vlan_tag.to_string(),
+        ])?;
+        let gateway = format!("{}/{}", view.router_ip, view.subnet.prefix_len());
+        router.ip(&["addr", "add", &gateway, "dev", &rname])?;
+        router.ip(&["link", "set", &rname, "up"])?;
+        let addrs: Vec<Ipv4Addr> = view.addrs.iter().copied().collect();
+        router::add_port(router, &port(slot, view.mac), &addrs)
+    })();
+    if let Err(error) = configured {
+        let _ = router::remove_port(router, &port(slot, view.mac));
+        let _ = router.ip(&["link", "del", "dev", &rname]);
         return Err(error).with_context(what);
     }
     Ok(())

@@ -123,6 +123,43 @@ pub static GUEST_PRIMARY: [Vnic; 1] = [Vnic {
     ..VNICS[0]
 }];
 
+/// The primary VNIC of a bare-metal node: untagged on physical NIC 0, whose MAC it has (in
+/// cloud-init's BM fixture the primary's MAC is the NIC's own, `90:e2:ba:…`). The names
+/// `ens2f0`/`ens2f1` (two ports of one PCI card) are the lab's model, not a documented rule.
+pub static BM_PRIMARY: [Vnic; 1] = [Vnic {
+    ifname: "ens2f0",
+    ..VNICS[0]
+}];
+
+/// One physical NIC of a bare-metal node: its interface in the node, the router's end of
+/// its cable, and its own MAC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PhysicalNic {
+    /// OCI's `nicIndex`.
+    pub nic_index: u32,
+    pub ifname: &'static str,
+    pub router_ifname: &'static str,
+    pub mac: Mac,
+}
+
+/// The two physical NICs of a bare-metal node (`BM.*` shapes with two active NICs). NIC 0
+/// also carries the primary VNIC untagged, so its router end is the primary's port `r0`;
+/// NIC 1 carries only VLAN-tagged secondary VNICs.
+pub const BM_NICS: [PhysicalNic; 2] = [
+    PhysicalNic {
+        nic_index: 0,
+        ifname: "ens2f0",
+        router_ifname: "r0",
+        mac: VNICS[0].mac,
+    },
+    PhysicalNic {
+        nic_index: 1,
+        ifname: "ens2f1",
+        router_ifname: "rnic1",
+        mac: Mac([0x02, 0x00, 0x0a, 0x00, 0xff, 0x01]),
+    },
+];
+
 /// The VNIC at `index`, or an error naming the valid range.
 pub fn vnic(index: usize) -> anyhow::Result<&'static Vnic> {
     VNICS
