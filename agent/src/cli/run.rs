@@ -39,9 +39,6 @@ use crate::{
 
 /// How long an attachment may stay ATTACHING before IPAM gives up on it.
 const ATTACH_TIMEOUT: Duration = Duration::from_mins(2);
-/// How often VNIC interfaces are looked for (besides on link notifications) and the
-/// datapath re-synced.
-const HOST_TICK: Duration = Duration::from_secs(1);
 /// How often the VCN's CIDR blocks are re-read.
 const VCN_REFRESH: Duration = Duration::from_mins(5);
 
@@ -346,6 +343,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     .context("setting up the primary VNIC")?;
     node.setup_vnics().await;
     let report = node.sync().await?;
+    // Pod veths made before this agent (an upgrade that introduced or replaced the
+    // anti-spoofing program) are covered before serving.
+    if let Err(error) = node.repair().await {
+        warn!(%error, "the first repair pass failed; the periodic pass retries");
+    }
     info!(adopted, ?report, "datapath ready");
 
     let introspection = Arc::new(Introspection {
@@ -425,7 +427,11 @@ async fn supervise(
 ) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut host_tick = tokio::time::interval(HOST_TICK);
+    // VNIC interfaces are looked for (besides on link notifications), the maps re-synced
+    // and what others removed repaired once per period.
+    let mut host_tick = tokio::time::interval(Duration::from_secs(
+        config.datapath.sync_interval_secs.max(1),
+    ));
     let mut gc_tick =
         tokio::time::interval(Duration::from_secs(config.datapath.gc_interval_secs.max(1)));
     // A VNIC's interface is set up as soon as the kernel announces it; the tick is the
@@ -455,6 +461,9 @@ async fn supervise(
                 let synced = node.sync().await;
                 if let Err(error) = &synced {
                     warn!(%error, "periodic datapath sync failed");
+                }
+                if let Err(error) = node.repair().await {
+                    warn!(%error, "periodic datapath repair failed");
                 }
                 let usable = node.ipam.status().await.vnics.iter().any(|v| v.interface.is_some());
                 let health = &introspection.health;

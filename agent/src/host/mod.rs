@@ -4,3 +4,4 @@
 pub mod link;
 pub mod netlink;
 pub mod sysctl;
+pub mod tc;
