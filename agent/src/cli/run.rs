@@ -341,13 +341,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     .await
     .map_err(anyhow::Error::msg)
     .context("setting up the primary VNIC")?;
-    node.setup_vnics().await;
-    let report = node.sync().await?;
-    // Pod veths made before this agent (an upgrade that introduced or replaced the
-    // anti-spoofing program) are covered before serving.
-    if let Err(error) = node.repair().await {
-        warn!(%error, "the first repair pass failed; the periodic pass retries");
-    }
+    let report = first_sync(&node).await?;
     info!(adopted, ?report, "datapath ready");
 
     let introspection = Arc::new(Introspection {
@@ -380,6 +374,18 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     drop(datapath);
     let _ = datapath_task.await;
     Ok(())
+}
+
+/// Sets up the visible VNICs and fills the maps; then pod veths made before this agent
+/// (an upgrade that introduced or replaced the anti-spoofing program) are covered, all
+/// before serving.
+async fn first_sync(node: &Node) -> anyhow::Result<datapath::SyncReport> {
+    node.setup_vnics().await;
+    let report = node.sync().await?;
+    if let Err(error) = node.repair().await {
+        warn!(%error, "the first repair pass failed; the periodic pass retries");
+    }
+    Ok(report)
 }
 
 /// Serves the CNI plugin's API (and `/v1/status`) on the socket and introspection over
