@@ -498,3 +498,191 @@ fn lab_a_pod_cannot_send_as_another_pod_even_with_rp_filter_off() {
     );
     s.assert_no_router_drops();
 }
+
+/// Runs `tc ARGS` in the node namespace; returns its output.
+fn tc(s: &Setup, args: &[&str]) -> String {
+    let out = vcnpath_tests::lab::cmd_in(s.lab.node(), "tc")
+        .args(args)
+        .output()
+        .expect("running tc");
+    assert!(
+        out.status.success(),
+        "tc {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether vcnpath's `program` is attached on the `hook` of `interface` (node namespace).
+fn attached(s: &Setup, interface: &str, hook: &str, program: &str) -> bool {
+    tc(s, &["filter", "show", "dev", interface, hook]).contains(program)
+}
+
+/// Waits up to `within` for `done`; tells whether it came.
+fn eventually(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if done() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The repair pass's period in the lab configuration (`sync_interval_secs`, default 1 s),
+/// with a margin for a loaded machine.
+const REPAIR_WITHIN: Duration = Duration::from_secs(3);
+
+/// Filters deleted by hand on both VNICs during a pod flow, and pins deleted, come back
+/// within one repair period; the flow recovers and new connections leave with the right
+/// source address.
+#[test]
+fn lab_filters_and_pins_deleted_by_hand_are_repaired_within_a_period() {
+    if !have_root("lab_repair") {
+        return;
+    }
+    let s = setup("repair", LabOptions::default());
+    let server = TcpServer::start(s.lab.inet(), SocketAddr::from((s.lab.inet_ip(), 8080))).unwrap();
+    let peer = TcpServer::start(s.lab.peer(), SocketAddr::from((s.lab.peer_ip(), 8080))).unwrap();
+    let mut conn = TcpConn::connect(s.pod(POD_B).ns(), None, server.addr(), T).unwrap();
+    conn.roundtrip(b"before", T).unwrap();
+
+    for interface in ["eth0", "eth1"] {
+        for hook in ["egress", "ingress"] {
+            tc(&s, &["filter", "del", "dev", interface, hook]);
+        }
+    }
+    assert!(
+        !attached(&s, "eth1", "egress", vcnpath_common::PROG_EGRESS),
+        "the filter was deleted"
+    );
+    for pin in [vcnpath_common::PROG_POD, MAP_STATS] {
+        std::fs::remove_file(s.pins.path.join(pin)).expect("deleting a pin");
+    }
+
+    let repaired = eventually(REPAIR_WITHIN, || {
+        ["eth0", "eth1"].iter().all(|i| {
+            attached(&s, i, "egress", vcnpath_common::PROG_EGRESS)
+                && attached(&s, i, "ingress", vcnpath_common::PROG_INGRESS)
+        }) && [vcnpath_common::PROG_POD, MAP_STATS]
+            .iter()
+            .all(|p| s.pins.path.join(p).exists())
+    });
+    assert!(
+        repaired,
+        "within {REPAIR_WITHIN:?} the filters on eth0 and eth1 and the deleted pins must be back:\n{}\n{}\nagent log:\n{}",
+        tc(&s, &["filter", "show", "dev", "eth1", "egress"]),
+        tc(&s, &["filter", "show", "dev", "eth1", "ingress"]),
+        s.agent.log()
+    );
+    let log = s.agent.log();
+    assert!(
+        log.contains("interface=eth0")
+            && log.contains("interface=eth1")
+            && log.contains("attached again"),
+        "each repaired interface must be logged by name:\n{log}"
+    );
+
+    conn.roundtrip(b"after", T)
+        .expect("the pod's flow recovers once the filters are back");
+    let before = s.counters().get(Reason::SnatNew);
+    let report = tcp_bulk(s.pod(POD_B).ns(), None, server.addr(), MB, T)
+        .expect("a new pod connection to the internet");
+    assert_eq!(
+        report.peer_seen.ip(),
+        std::net::IpAddr::V4(MASQ),
+        "the internet sees the masquerade address"
+    );
+    let report = tcp_bulk(s.pod(POD_B).ns(), None, peer.addr(), MB, T)
+        .expect("a new pod connection to the VCN peer");
+    assert_eq!(
+        report.peer_seen.ip(),
+        std::net::IpAddr::V4(POD_B),
+        "the VCN peer sees the pod's own address"
+    );
+    assert!(
+        s.counters().get(Reason::SnatNew) > before,
+        "the re-pinned stats map is the one the attached programs count into"
+    );
+}
+
+/// Pod veths without the anti-spoofing check — made before the agent started (an
+/// upgrade that introduced the program), or whose filter was deleted — are covered by the
+/// agent, and what a pod sends as another pod is dropped and counted.
+#[test]
+fn lab_pod_veths_without_the_antispoofing_check_are_covered_by_the_agent() {
+    if !have_root("lab_spoof_repair") {
+        return;
+    }
+    let mut s = setup("spoofrep", LabOptions::default());
+    let node = s.lab.node();
+    let mut scopes = vec!["all".to_owned(), "default".to_owned()];
+    scopes.extend((0..2).map(|v| s.lab.vnic(v).expect("vnic").ifname.to_owned()));
+    scopes.extend(s.pods.iter().map(|p| p.host_ifname().to_owned()));
+    for scope in &scopes {
+        node.sysctl(&format!("net/ipv4/conf/{scope}/rp_filter"), "0")
+            .expect("rp_filter off");
+    }
+    s.pod(POD_A)
+        .ns()
+        .ip(&["addr", "add", &format!("{POD_B}/32"), "dev", "eth0"])
+        .expect("second address in pod A");
+    let echo =
+        UdpEchoServer::start(s.lab.inet(), SocketAddr::from((s.lab.inet_ip(), 5353))).unwrap();
+    let veth = s.pod(POD_A).host_ifname().to_owned();
+    let spoof_is_dropped = |s: &Setup, when: &str| {
+        let before = s.counters().get(Reason::DropSpoofed);
+        let answered = echo.peers().len();
+        spoofed_request(s, POD_B, &echo);
+        assert_eq!(
+            echo.peers().len(),
+            answered,
+            "{when}: a datagram pod A sent as pod B reached the internet (seen from {:?})\nagent log:\n{}",
+            echo.peers(),
+            s.agent.log()
+        );
+        assert!(
+            s.counters().get(Reason::DropSpoofed) > before,
+            "{when}: the spoofed datagram must be counted as dropped-spoofed-source\n{}",
+            s.counters()
+        );
+        assert!(
+            spoofed_request(s, POD_A, &echo),
+            "{when}: pod A's own datagram must still get its answer"
+        );
+    };
+
+    // The pods' veths existed before the agent started; nothing attached the check.
+    spoof_is_dropped(&s, "after the agent started");
+
+    tc(&s, &["filter", "del", "dev", &veth, "ingress"]);
+    assert!(
+        eventually(REPAIR_WITHIN, || attached(
+            &s,
+            &veth,
+            "ingress",
+            vcnpath_common::PROG_POD
+        )),
+        "within {REPAIR_WITHIN:?} the check must be back on {veth}\nagent log:\n{}",
+        s.agent.log()
+    );
+    assert!(
+        s.agent.log().contains(&format!("interface={veth}")),
+        "the repaired pod veth must be logged by name:\n{}",
+        s.agent.log()
+    );
+    spoof_is_dropped(&s, "after the filter was deleted by hand");
+
+    s.agent.kill9().unwrap();
+    tc(&s, &["filter", "del", "dev", &veth, "ingress"]);
+    s.agent.restart(&s.lab).expect("restart");
+    assert!(
+        attached(&s, &veth, "ingress", vcnpath_common::PROG_POD),
+        "the restarted agent covers {veth} before it is ready"
+    );
+    spoof_is_dropped(&s, "after a restart");
+    s.assert_no_router_drops();
+}

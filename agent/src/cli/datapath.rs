@@ -18,7 +18,10 @@ use vcnpath_common::{
 };
 
 use crate::{
-    daemon::config::{FileError, read_toml},
+    daemon::{
+        config::{FileError, read_toml},
+        repair::{self, RepairCounters},
+    },
     datapath::{self, Datapath, DatapathState, LoadOptions, NatTimeouts, vnic_entry},
     host,
 };
@@ -48,6 +51,10 @@ pub struct StaticConfig {
     /// Seconds between NAT garbage collections (and `rp_filter` checks).
     #[serde(default = "default_gc_interval")]
     pub gc_interval_secs: u64,
+    /// Seconds between repair passes: a filter deleted by hand, a deleted pin, a pod veth
+    /// without the anti-spoofing check are put back within this period (1–300).
+    #[serde(default = "default_sync_interval")]
+    pub sync_interval_secs: u64,
     #[serde(default)]
     pub nat_timeouts: NatTimeouts,
     /// The managed VNICs.
@@ -83,6 +90,11 @@ const fn default_port_max() -> u16 {
 const fn default_gc_interval() -> u64 {
     10
 }
+const fn default_sync_interval() -> u64 {
+    1
+}
+/// The longest `sync_interval_secs`: a deleted filter is an outage until the next pass.
+const MAX_SYNC_INTERVAL_SECS: u64 = 300;
 
 /// A configuration that cannot be used, and why.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +103,10 @@ pub enum ConfigError {
     File(#[from] FileError),
     #[error("masquerade_interface {0:?} is not one of the [[vnic]] interfaces")]
     MasqueradeInterface(String),
+    #[error(
+        "sync_interval_secs ({0}) must be between 1 and 300: 0 would spin, and a filter deleted by hand is an outage until the next pass"
+    )]
+    SyncInterval(u64),
     #[error("nat_port_min ({min}) must be between 1 and nat_port_max ({max})")]
     PortRange { min: u16, max: u16 },
     #[error("vnic {interface}: pod address {pod} is outside its subnet {subnet}")]
@@ -123,6 +139,9 @@ impl StaticConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=MAX_SYNC_INTERVAL_SECS).contains(&self.sync_interval_secs) {
+            return Err(ConfigError::SyncInterval(self.sync_interval_secs));
+        }
         if self.nat_port_min == 0 || self.nat_port_min > self.nat_port_max {
             return Err(ConfigError::PortRange {
                 min: self.nat_port_min,
@@ -251,6 +270,14 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let (handle, task) = datapath::task::spawn(datapath, config.nat_timeouts);
     let report = handle.sync(config.desired_state()?).await?;
     ensure_rp_filter(&config).await;
+    // The VNICs by ifindex, which a rename does not change.
+    let mut vnics = vnic_indices(&config)?;
+    let netlink = host::netlink::Netlink::connect()?;
+    let repairs = RepairCounters::default();
+    // Pod veths made before this start are covered before "ready".
+    if let Err(error) = repair::pass(&handle, &netlink, &vnics, &repairs).await {
+        warn!(%error, "the first repair pass failed; the periodic pass retries");
+    }
     info!(
         adopted,
         ?report,
@@ -262,12 +289,21 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(config.gc_interval_secs.max(1)));
+    let mut repair_tick = tokio::time::interval(Duration::from_secs(config.sync_interval_secs));
     loop {
         tokio::select! {
             _ = hup.recv() => {
                 match reload(config_path, &handle).await {
-                    Ok(new) => config = new,
+                    Ok(new) => {
+                        config = new;
+                        vnics = vnic_indices(&config)?;
+                    }
                     Err(error) => warn!(%error, "reload failed; keeping the previous configuration"),
+                }
+            }
+            _ = repair_tick.tick() => {
+                if let Err(error) = repair::pass(&handle, &netlink, &vnics, &repairs).await {
+                    warn!(%error, "datapath repair failed");
                 }
             }
             _ = tick.tick() => {
@@ -285,6 +321,19 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     drop(handle);
     task.await?;
     Ok(())
+}
+
+fn vnic_indices(config: &StaticConfig) -> Result<Vec<u32>, ConfigError> {
+    config
+        .vnics
+        .iter()
+        .map(|vnic| {
+            host::link::index(&vnic.interface).map_err(|source| ConfigError::Interface {
+                interface: vnic.interface.clone(),
+                source,
+            })
+        })
+        .collect()
 }
 
 async fn reload(

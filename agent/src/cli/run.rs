@@ -39,9 +39,6 @@ use crate::{
 
 /// How long an attachment may stay ATTACHING before IPAM gives up on it.
 const ATTACH_TIMEOUT: Duration = Duration::from_mins(2);
-/// How often VNIC interfaces are looked for (besides on link notifications) and the
-/// datapath re-synced.
-const HOST_TICK: Duration = Duration::from_secs(1);
 /// How often the VCN's CIDR blocks are re-read.
 const VCN_REFRESH: Duration = Duration::from_mins(5);
 
@@ -338,8 +335,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     .await
     .map_err(anyhow::Error::msg)
     .context("setting up the primary VNIC")?;
-    node.setup_vnics().await;
-    let report = node.sync().await?;
+    let report = first_sync(&node).await?;
     info!(adopted, ?report, "datapath ready");
 
     let introspection = Arc::new(Introspection {
@@ -405,6 +401,18 @@ fn bare_metal(
     Some(bare_metal)
 }
 
+/// Sets up the visible VNICs and fills the maps; then pod veths made before this agent
+/// (an upgrade that introduced or replaced the anti-spoofing program) are covered, all
+/// before serving.
+async fn first_sync(node: &Node) -> anyhow::Result<datapath::SyncReport> {
+    node.setup_vnics().await;
+    let report = node.sync().await?;
+    if let Err(error) = node.repair().await {
+        warn!(%error, "the first repair pass failed; the periodic pass retries");
+    }
+    Ok(report)
+}
+
 /// Serves the CNI plugin's API (and `/v1/status`) on the socket and introspection over
 /// HTTP, until `stop` turns true.
 async fn serve(
@@ -450,7 +458,11 @@ async fn supervise(
 ) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut host_tick = tokio::time::interval(HOST_TICK);
+    // VNIC interfaces are looked for (besides on link notifications), the maps re-synced
+    // and what others removed repaired once per period.
+    let mut host_tick = tokio::time::interval(Duration::from_secs(
+        config.datapath.sync_interval_secs.max(1),
+    ));
     let mut gc_tick =
         tokio::time::interval(Duration::from_secs(config.datapath.gc_interval_secs.max(1)));
     // A VNIC's interface is set up as soon as the kernel announces it; the tick is the
@@ -480,6 +492,9 @@ async fn supervise(
                 let synced = node.sync().await;
                 if let Err(error) = &synced {
                     warn!(%error, "periodic datapath sync failed");
+                }
+                if let Err(error) = node.repair().await {
+                    warn!(%error, "periodic datapath repair failed");
                 }
                 let usable = node.ipam.status().await.vnics.iter().any(|v| v.interface.is_some());
                 let health = &introspection.health;

@@ -25,9 +25,34 @@ pub fn host_veth(container_id: &str, ifname: &str) -> String {
     name
 }
 
+/// Whether `name` is a host-side pod veth as [`host_veth`] names them: the prefix and
+/// exactly 12 lowercase hex digits, so no other interface is mistaken for a pod's.
+pub fn is_host_veth(name: &str) -> bool {
+    name.strip_prefix(HOST_VETH_PREFIX).is_some_and(|hex| {
+        hex.len() == 12
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_names_the_plugin_makes_are_pod_veths() {
+        assert!(is_host_veth(&host_veth("0123456789abcdef", "eth0")));
+        for other in [
+            "vcn0",
+            "vcnpath",
+            "vcn0123456789ab0",
+            "vcn0123456789AB",
+            "eth0",
+        ] {
+            assert!(!is_host_veth(other), "{other} is not a pod veth");
+        }
+    }
 
     #[test]
     fn names_are_short_stable_and_distinct() {

@@ -81,6 +81,10 @@ pub struct DatapathSection {
     pub nat_port_max: u16,
     pub nat_max_entries: Option<u32>,
     pub gc_interval_secs: u64,
+    /// Seconds between datapath syncs and repair passes: a VNIC's interface, a filter
+    /// deleted by hand, a deleted pin or a pod veth without the anti-spoofing check are
+    /// set up or put back within this period.
+    pub sync_interval_secs: u64,
     pub nat_timeouts: NatTimeouts,
 }
 
@@ -141,6 +145,7 @@ impl Default for DatapathSection {
             nat_port_max: 65535,
             nat_max_entries: None,
             gc_interval_secs: 10,
+            sync_interval_secs: 1,
             nat_timeouts: NatTimeouts::default(),
         }
     }
@@ -204,6 +209,7 @@ const MAX_COOLDOWN_SECS: u64 = 24 * 3600;
 const DEFAULT_ALLOCATION_GC_GRACE_SECS: u64 = 300;
 const ALLOCATION_GC_GRACE_SECS: std::ops::RangeInclusive<u64> = 30..=24 * 3600;
 const MAX_GC_INTERVAL_SECS: u64 = 3600;
+const MAX_SYNC_INTERVAL_SECS: u64 = 300;
 const MAX_NAT_TIMEOUT_SECS: u64 = 30 * 24 * 3600;
 const MAX_NAT_ENTRIES: u64 = 1 << 24;
 
@@ -309,6 +315,12 @@ impl AgentConfig {
             dp.gc_interval_secs,
             1..=MAX_GC_INTERVAL_SECS,
             "0 would spin, and expired NAT entries would hold ports for over an hour",
+        )?;
+        within(
+            "datapath.sync_interval_secs",
+            dp.sync_interval_secs,
+            1..=MAX_SYNC_INTERVAL_SECS,
+            "0 would spin, and a filter deleted by hand is an outage until the next pass",
         )?;
         let t = &dp.nat_timeouts;
         for (field, value) in [
@@ -533,6 +545,14 @@ mod tests {
             (
                 "[datapath]\ngc_interval_secs = 9223372036854775807",
                 "datapath.gc_interval_secs",
+            ),
+            (
+                "[datapath]\nsync_interval_secs = 0",
+                "datapath.sync_interval_secs",
+            ),
+            (
+                "[datapath]\nsync_interval_secs = 301",
+                "datapath.sync_interval_secs",
             ),
             ("[datapath]\nnat_port_min = 0", "datapath.nat_port_min"),
             (

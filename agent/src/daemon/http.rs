@@ -204,6 +204,12 @@ fn render(
     );
     let _ = writeln!(
         out,
+        "# HELP vcnpath_datapath_repairs_total Filters (per interface) and pins put back after something removed them.\n# TYPE vcnpath_datapath_repairs_total counter\nvcnpath_datapath_repairs_total{{what=\"filter\"}} {}\nvcnpath_datapath_repairs_total{{what=\"pin\"}} {}",
+        node.repairs.filters.load(Ordering::Relaxed),
+        node.repairs.pins.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
         "# HELP vcnpath_datapath_packets_total Packets by datapath decision.\n# TYPE vcnpath_datapath_packets_total counter"
     );
     for (reason, n) in &counters.0 {

@@ -5,6 +5,7 @@ pub mod config;
 pub mod health;
 pub mod http;
 pub mod node;
+pub mod repair;
 pub mod state_lock;
 
 pub use config::{AgentConfig, AuthMode, ConfigError};

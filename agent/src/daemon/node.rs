@@ -18,6 +18,7 @@ use vcnpath_common::{
     CONFIG_F_ENABLED, Config, ENDPOINT_KIND_POD, ENDPOINT_KIND_PRIMARY, Endpoint,
 };
 
+use super::repair::{self, RepairCounters, RepairError};
 use crate::{
     datapath::{DatapathError, DatapathState, SyncReport, task::DatapathHandle, vnic_entry},
     host::{
@@ -97,6 +98,7 @@ pub struct Node {
     pub counters: AllocationCounters,
     pub sysctls: SysctlHealth,
     bare_metal: Option<BareMetal>,
+    pub repairs: RepairCounters,
 }
 
 /// The virtual router of an OCI subnet is its first host address.
@@ -123,6 +125,7 @@ impl Node {
             counters: AllocationCounters::default(),
             sysctls: SysctlHealth::default(),
             bare_metal: None,
+            repairs: RepairCounters::default(),
         }
     }
 
@@ -477,6 +480,42 @@ impl Node {
         }
         .instrument(span)
         .await
+    }
+
+    /// Puts back the filters and pins someone removed (see [`repair::pass`]), and follows
+    /// a managed VNIC's interface through a rename: the datapath knows it by ifindex, IPAM
+    /// and the pods' endpoints by name.
+    pub async fn repair(&self) -> Result<(), RepairError> {
+        let vnics: Vec<u32> = self
+            .vnics
+            .lock()
+            .await
+            .values()
+            .map(|v| v.link.index)
+            .collect();
+        let (observed, _) =
+            repair::pass(&self.datapath, &self.netlink, &vnics, &self.repairs).await?;
+        let mut renamed = Vec::new();
+        for vnic in self.vnics.lock().await.values_mut() {
+            if let Some(now) = observed.iter().find(|o| o.ifindex == vnic.link.index)
+                && now.name != vnic.link.name
+            {
+                info!(vnic = %vnic.vnic_id, from = %vnic.link.name, to = %now.name, "VNIC interface renamed; following it");
+                vnic.link.name.clone_from(&now.name);
+                renamed.push(vnic.link.clone());
+            }
+        }
+        for link in &renamed {
+            self.ipam
+                .set_interface(&crate::host::netlink::format_mac(&link.mac), &link.name)
+                .await;
+        }
+        if !renamed.is_empty()
+            && let Err(error) = self.sync().await
+        {
+            warn!(%error, "datapath sync after an interface rename failed; the periodic sync retries");
+        }
+        Ok(())
     }
 
     /// Fills in routers' MACs once the kernel has resolved them (faster redirects).

@@ -30,9 +30,11 @@ use super::{
 };
 
 /// Priority of vcnpath's filters on the clsact hooks (lower runs first).
-const TC_PRIORITY: u16 = 1;
+pub const TC_PRIORITY: u16 = 1;
 /// Handle of vcnpath's filters; with the priority it identifies them for replacement.
 const TC_HANDLE: TcHandle = TcHandle::new(0, 1);
+/// [`TC_HANDLE`] as the kernel reports it (`tcm_handle`).
+pub const TC_HANDLE_RAW: u32 = 1;
 
 /// Where and how to load.
 #[derive(Clone, Debug)]
@@ -44,22 +46,22 @@ pub struct LoadOptions {
 }
 
 /// Every program, in the order the agent loads and pins them.
-const PROGRAMS: [&str; 3] = [PROG_EGRESS, PROG_INGRESS, PROG_POD];
+pub(super) const PROGRAMS: [&str; 3] = [PROG_EGRESS, PROG_INGRESS, PROG_POD];
 
 /// The loaded datapath: its maps and the programs, ready to attach.
 pub struct Datapath {
     pub maps: DatapathMaps,
-    egress: SchedClassifier,
-    ingress: SchedClassifier,
+    pub(super) egress: SchedClassifier,
+    pub(super) ingress: SchedClassifier,
     /// The anti-spoofing check on each pod's host-side veth.
-    pod: SchedClassifier,
+    pub(super) pod: SchedClassifier,
     /// True when every program was adopted from its pin unchanged.
     pub adopted: bool,
     /// `Some` while attachments are held back: some map was replaced by an empty one, so
     /// the new programs would run without the state the attached ones still have. Holds the
     /// interfaces to attach once the first [`Datapath::sync`] has filled the maps.
-    held: Option<Vec<String>>,
-    pin_dir: PathBuf,
+    pub(super) held: Option<Vec<String>>,
+    pub(super) pin_dir: PathBuf,
 }
 
 impl Datapath {

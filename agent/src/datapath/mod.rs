@@ -12,12 +12,17 @@ mod maps;
 mod object;
 mod pins;
 pub mod probe;
+pub mod repair;
 mod state;
 pub mod task;
 
 pub use counters::Counters;
 pub use error::DatapathError;
 pub use gc::{GcReport, NatTimeouts};
-pub use loader::{Datapath, LoadOptions, attach_pinned_pod, detach_interface, remove_pins};
+pub use loader::{
+    Datapath, LoadOptions, TC_HANDLE_RAW, TC_PRIORITY, attach_pinned_pod, detach_interface,
+    remove_pins,
+};
 pub use maps::DatapathMaps;
+pub use repair::{Observed, RepairReport, Role};
 pub use state::{DatapathState, SyncReport, vnic_entry};

@@ -4,7 +4,10 @@
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info_span};
 
-use super::{Counters, Datapath, DatapathError, DatapathState, GcReport, NatTimeouts, SyncReport};
+use super::{
+    Counters, Datapath, DatapathError, DatapathState, GcReport, NatTimeouts, Observed,
+    RepairReport, SyncReport,
+};
 
 enum Intent {
     Sync(
@@ -12,6 +15,10 @@ enum Intent {
         oneshot::Sender<Result<SyncReport, DatapathError>>,
     ),
     Attach(String, oneshot::Sender<Result<(), DatapathError>>),
+    Repair(
+        Vec<Observed>,
+        oneshot::Sender<Result<RepairReport, DatapathError>>,
+    ),
     CollectNat(oneshot::Sender<Result<GcReport, DatapathError>>),
     Counters(oneshot::Sender<Result<Counters, DatapathError>>),
     NatEntries(oneshot::Sender<usize>),
@@ -42,6 +49,10 @@ pub fn spawn(
                 }
                 Intent::Attach(interface, reply) => {
                     let _ = reply.send(datapath.attach(&interface));
+                }
+                Intent::Repair(observed, reply) => {
+                    let _span = info_span!("datapath_repair").entered();
+                    let _ = reply.send(datapath.repair(&observed));
                 }
                 Intent::CollectNat(reply) => {
                     let _ = reply.send(datapath.maps.collect_nat(&timeouts));
@@ -80,6 +91,11 @@ impl DatapathHandle {
     pub async fn attach(&self, interface: &str) -> Result<(), DatapathError> {
         self.ask(|r| Intent::Attach(interface.to_owned(), r))
             .await?
+    }
+
+    /// Puts back missing pins and the filters `observed` shows missing or foreign.
+    pub async fn repair(&self, observed: Vec<Observed>) -> Result<RepairReport, DatapathError> {
+        self.ask(|r| Intent::Repair(observed, r)).await?
     }
 
     /// Runs one NAT garbage collection.

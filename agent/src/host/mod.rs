@@ -4,4 +4,5 @@
 pub mod link;
 pub mod netlink;
 pub mod sysctl;
+pub mod tc;
 pub mod vlan;

@@ -9,6 +9,7 @@ use rtnetlink::{
     packet_route::{
         link::{AfSpecInet, AfSpecUnspec, InetDevConf, LinkAttribute, LinkFlags, LinkMessage},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+        tc::{TcAttribute, TcFilterBpfOption, TcMessage, TcOption},
     },
 };
 
@@ -276,6 +277,62 @@ impl Netlink {
         }
         Ok(None)
     }
+
+    /// The id of the BPF program the TC filter at `priority`/`handle` on the clsact
+    /// `hook` of `ifindex` runs; `None` when there is no such filter (or no clsact qdisc,
+    /// or no such interface any more).
+    pub async fn tc_bpf_program(
+        &self,
+        ifindex: u32,
+        hook: TcHook,
+        priority: u16,
+        handle: u32,
+    ) -> Result<Option<u32>, HostError> {
+        let index = i32::try_from(ifindex).unwrap_or(i32::MAX);
+        let request = self.handle.clone().traffic_filter(index).get();
+        let request = match hook {
+            TcHook::Ingress => request.ingress(),
+            TcHook::Egress => request.egress(),
+        };
+        let messages: Vec<TcMessage> = match request.execute().try_collect().await {
+            Ok(messages) => messages,
+            // No clsact qdisc (EINVAL) or the interface went (ENODEV): no filter.
+            Err(rtnetlink::Error::NetlinkError(e))
+                if matches!(
+                    e.raw_code().abs(),
+                    libc::EINVAL | libc::ENODEV | libc::ENOENT
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(Self::error("tc filter dump", &ifindex.to_string())(e)),
+        };
+        for message in &messages {
+            // tcm_info carries the priority in its upper 16 bits.
+            if (message.header.info >> 16) as u16 != priority
+                || u32::from(message.header.handle) != handle
+            {
+                continue;
+            }
+            for attribute in &message.attributes {
+                if let TcAttribute::Options(options) = attribute {
+                    for option in options {
+                        if let TcOption::Bpf(TcFilterBpfOption::ProgId(id)) = option {
+                            return Ok(Some(*id));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// A clsact hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcHook {
+    Ingress,
+    Egress,
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! internet, all in namespaces this process creates and deletes.
 //!
 //! ```text
-//!   pod ns ── vpXXXXXXXX ┐                       ┌─ rpeer ── eth0  peer ns  10.0.2.50
+//!   pod ns ── vcnXXXXXXXXXXXX ┐                  ┌─ rpeer ── eth0  peer ns  10.0.2.50
 //!                        node ns                  router ns
 //!   10.0.0.10 eth0 ──────────────── r0 10.0.0.1 ─┤
 //!   10.0.1.10 eth1 ──────────────── r1 10.0.1.1 ─┤

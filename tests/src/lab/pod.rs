@@ -35,9 +35,20 @@ fn fnv1a(bytes: &[u8]) -> u32 {
     })
 }
 
-/// `vp` + 8 hex digits: 10 characters, within the kernel's 15.
+/// 64-bit FNV-1a, for the 48 bits of a host interface name.
+fn fnv1a_64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// `vcn` + 12 hex digits, the shape of the names the CNI plugin gives host veths (so
+/// the agent treats lab pods as the pods it covers): 15 characters, the kernel's limit.
 pub fn host_ifname(pod_name: &str) -> String {
-    format!("vp{:08x}", fnv1a(pod_name.as_bytes()))
+    format!(
+        "vcn{:012x}",
+        fnv1a_64(pod_name.as_bytes()) & 0xffff_ffff_ffff
+    )
 }
 
 /// A locally administered unicast MAC derived from the pod name.
