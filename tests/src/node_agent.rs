@@ -385,3 +385,54 @@ pub fn checkpointed(path: &Path) -> Result<Vec<Allocation>> {
         .map(|e| serde_json::from_value(e["allocation"].clone()).context("checkpoint entry"))
         .collect()
 }
+
+/// A pod the tests added through the real plugin: its container id, namespace, address and
+/// the node interface (VNIC) `vcnpath status` puts it on.
+pub struct CniPod {
+    pub id: String,
+    pub ns: Netns,
+    pub ip: std::net::Ipv4Addr,
+    pub interface: String,
+}
+
+/// Adds `n` pods named `<prefix>000`… with the real plugin (each retried while the pool
+/// grows, for at most `timeout`); panics, with the agent's log, when one fails.
+pub fn add_pods(
+    lab: &SimLab,
+    agent: &NodeAgent,
+    prefix: &str,
+    n: usize,
+    timeout: Duration,
+) -> Vec<CniPod> {
+    (0..n)
+        .map(|i| {
+            let id = format!("{prefix}{i:03}");
+            let ns = lab.lab().add_pod_netns(&id).expect("pod netns");
+            let out = cni_add(lab.lab().node(), &agent.socket(), &id, ns.path(), timeout)
+                .expect("vcnpath-cni runs");
+            assert!(
+                out.ok,
+                "ADD {id} failed: {}\nagent log:\n{}",
+                out.json,
+                agent.latest_log()
+            );
+            let ip = out.ip().expect("result has an address");
+            let status = agent.status().expect("status");
+            let interface = status["pods"]
+                .as_array()
+                .expect("status lists pods")
+                .iter()
+                .find(|p| p["container_id"] == id.as_str())
+                .expect("pod in status")["interface"]
+                .as_str()
+                .expect("pod has an interface")
+                .to_owned();
+            CniPod {
+                id,
+                ns,
+                ip,
+                interface,
+            }
+        })
+        .collect()
+}

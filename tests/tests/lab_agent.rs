@@ -13,7 +13,7 @@ use vcnpath_tests::{
         LabOptions, Netns, SimLab, lab_sim_config,
         traffic::{TcpConn, TcpServer, tcp_connect},
     },
-    node_agent::{AgentOptions, IPS_PER_VNIC, NodeAgent, checkpointed, cni, cni_add},
+    node_agent::{AgentOptions, IPS_PER_VNIC, NodeAgent, add_pods, checkpointed, cni, cni_add},
     ocisim::Faults,
     privileged::have_root,
 };
@@ -69,47 +69,6 @@ fn assert_consistent(lab: &SimLab, agent: &NodeAgent) {
     }
 }
 
-struct PodNs {
-    id: String,
-    ns: Netns,
-    ip: Ipv4Addr,
-    interface: String,
-}
-
-fn add_pods(lab: &SimLab, agent: &NodeAgent, prefix: &str, n: usize) -> Vec<PodNs> {
-    (0..n)
-        .map(|i| {
-            let id = format!("{prefix}{i:03}");
-            let ns = lab.lab().add_pod_netns(&id).expect("pod netns");
-            let out = cni_add(lab.lab().node(), &agent.socket(), &id, ns.path(), T)
-                .expect("vcnpath-cni runs");
-            assert!(
-                out.ok,
-                "ADD {id} failed: {}\nagent log:\n{}",
-                out.json,
-                agent.latest_log()
-            );
-            let ip = out.ip().expect("result has an address");
-            let status = agent.status().expect("status");
-            let interface = status["pods"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|p| p["container_id"] == id.as_str())
-                .expect("pod in status")["interface"]
-                .as_str()
-                .unwrap()
-                .to_owned();
-            PodNs {
-                id,
-                ns,
-                ip,
-                interface,
-            }
-        })
-        .collect()
-}
-
 /// What an operator scrapes: pool per VNIC, allocations, OCI calls, datapath counters.
 fn assert_metrics_and_readiness(lab: &SimLab) {
     let metrics = vcnpath_tests::lab::process::run(
@@ -147,7 +106,7 @@ fn lab_forty_pods_across_two_vnics_reach_the_vcn_and_the_internet_and_addresses_
     }
     let lab = simlab();
     let agent = NodeAgent::start(&lab, "e2e").expect("vcnpath run");
-    let pods = add_pods(&lab, &agent, "pod", 40);
+    let pods = add_pods(&lab, &agent, "pod", 40, T);
 
     let addresses: BTreeSet<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
     assert_eq!(addresses.len(), 40, "40 distinct addresses");
@@ -232,7 +191,7 @@ fn lab_forty_pods_across_two_vnics_reach_the_vcn_and_the_internet_and_addresses_
         assert!(out.ok, "DEL {}: {}", pod.id, out.json);
     }
     std::thread::sleep(Duration::from_secs(4));
-    let again = add_pods(&lab, &agent, "new", 10);
+    let again = add_pods(&lab, &agent, "new", 10, T);
     let reused = again.iter().filter(|p| freed.contains(&p.ip)).count();
     assert!(
         reused > 0,
@@ -311,7 +270,7 @@ fn lab_a_vm_node_grows_to_three_vnics_and_the_pods_on_each_reach_the_vcn() {
     )
     .expect("vcnpath run");
     // More pods than one secondary VNIC holds: the pool attaches a second and a third VNIC.
-    let pods = add_pods(&lab, &agent, "vm", PER_VNIC as usize + 2);
+    let pods = add_pods(&lab, &agent, "vm", PER_VNIC as usize + 2, T);
 
     let snapshot = lab.sim().snapshot();
     let attachments = snapshot["attachments"].as_array().expect("attachments");
@@ -413,7 +372,7 @@ fn lab_kill_9_during_a_burst_and_a_fault_storm_loses_nothing() {
     }
     let lab = simlab();
     let mut agent = NodeAgent::start(&lab, "crash").expect("vcnpath run");
-    let first = add_pods(&lab, &agent, "a", 4);
+    let first = add_pods(&lab, &agent, "a", 4, T);
     let inet = TcpServer::start(
         lab.lab().inet(),
         SocketAddr::from((lab.lab().inet_ip(), 8080)),
@@ -513,7 +472,7 @@ fn lab_a_second_agent_on_the_node_exits_and_the_first_serves_on() {
     }
     let lab = simlab();
     let agent = NodeAgent::start(&lab, "second").expect("vcnpath run");
-    let pods = add_pods(&lab, &agent, "first", 3);
+    let pods = add_pods(&lab, &agent, "first", 3, T);
     let before = std::fs::read(agent.checkpoint()).expect("checkpoint");
     // "At once" is bounded generously: in an emulated VM starting the debug binary alone
     // takes seconds. What matters is that it exits, failing, with the checkpoint untouched.
@@ -530,7 +489,7 @@ fn lab_a_second_agent_on_the_node_exits_and_the_first_serves_on() {
         before,
         "the checkpoint is untouched"
     );
-    let more = add_pods(&lab, &agent, "after", 1);
+    let more = add_pods(&lab, &agent, "after", 1, T);
     let held: BTreeSet<Ipv4Addr> = pods.iter().chain(&more).map(|p| p.ip).collect();
     assert_eq!(
         held.len(),
@@ -584,7 +543,7 @@ fn lab_a_restart_while_oci_fails_serves_restored_pods_and_converges() {
     }
     let lab = simlab();
     let mut agent = NodeAgent::start(&lab, "nooci").expect("vcnpath run");
-    let pods = add_pods(&lab, &agent, "r", 2);
+    let pods = add_pods(&lab, &agent, "r", 2, T);
     let node = lab.lab().node();
     let outages = [
         ("answering 503", oci_fails(FaultKind::Status)),

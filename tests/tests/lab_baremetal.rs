@@ -13,8 +13,8 @@ use vcnpath::oci::models::{AttachVnicDetails, CreateVnicDetails};
 use vcnpath::oci::{CoreClient, new_retry_token};
 use vcnpath_tests::lab::process::output;
 use vcnpath_tests::lab::traffic::{TcpConn, TcpServer};
-use vcnpath_tests::lab::{LabOptions, Netns, PEER_IP, SimLab, cmd_in, lab_sim_config};
-use vcnpath_tests::node_agent::{AgentOptions, NodeAgent, cni_add};
+use vcnpath_tests::lab::{LabOptions, PEER_IP, SimLab, cmd_in, lab_sim_config};
+use vcnpath_tests::node_agent::{AgentOptions, CniPod, NodeAgent, add_pods};
 use vcnpath_tests::ocikit::{fast_retries, instance_principal_client};
 use vcnpath_tests::ocisim::SimConfig;
 use vcnpath_tests::privileged::{have_root, have_vlan};
@@ -228,47 +228,6 @@ fn a_bare_metal_node_reaches_a_secondary_vnic_only_through_a_vlan_on_its_physica
 const PER_VNIC: u32 = 6;
 const T: Duration = Duration::from_mins(1);
 
-struct PodNs {
-    id: String,
-    ns: Netns,
-    ip: Ipv4Addr,
-    interface: String,
-}
-
-fn add_pods(lab: &SimLab, agent: &NodeAgent, prefix: &str, n: usize) -> Vec<PodNs> {
-    (0..n)
-        .map(|i| {
-            let id = format!("{prefix}{i:03}");
-            let ns = lab.lab().add_pod_netns(&id).expect("pod netns");
-            let out = cni_add(lab.lab().node(), &agent.socket(), &id, ns.path(), T)
-                .expect("vcnpath-cni runs");
-            assert!(
-                out.ok,
-                "ADD {id} failed: {}\nagent log:\n{}",
-                out.json,
-                agent.latest_log()
-            );
-            let ip = out.ip().expect("result has an address");
-            let status = agent.status().expect("status");
-            let interface = status["pods"]
-                .as_array()
-                .expect("pods")
-                .iter()
-                .find(|p| p["container_id"] == id.as_str())
-                .expect("pod in status")["interface"]
-                .as_str()
-                .expect("interface")
-                .to_owned();
-            PodNs {
-                id,
-                ns,
-                ip,
-                interface,
-            }
-        })
-        .collect()
-}
-
 /// `ip -d link show dev NAME`, one line.
 fn link_detail(lab: &SimLab, name: &str) -> String {
     lab.lab()
@@ -278,7 +237,7 @@ fn link_detail(lab: &SimLab, name: &str) -> String {
 }
 
 /// Each pod opens a TCP connection to the VCN peer; the peer must see each pod's own address.
-fn assert_pods_reach_the_peer(lab: &SimLab, agent: &NodeAgent, pods: &[PodNs], port: u16) {
+fn assert_pods_reach_the_peer(lab: &SimLab, agent: &NodeAgent, pods: &[CniPod], port: u16) {
     let peer = TcpServer::start(
         lab.lab().peer(),
         SocketAddr::from((lab.lab().peer_ip(), port)),
@@ -344,7 +303,7 @@ fn lab_a_bare_metal_node_grows_to_a_secondary_vnic_and_its_pods_reach_the_peer_t
         },
     )
     .expect("vcnpath run");
-    let pods = add_pods(&lab, &agent, "bm", 3);
+    let pods = add_pods(&lab, &agent, "bm", 3, T);
 
     let snapshot = lab.sim().snapshot();
     let secondaries: Vec<serde_json::Value> = snapshot["attachments"]
@@ -438,7 +397,7 @@ fn lab_a_bare_metal_node_grows_to_a_secondary_vnic_and_its_pods_reach_the_peer_t
 }
 
 /// The VNIC the pods' addresses are on (they all fit one).
-fn pods_vnic(agent: &NodeAgent, pods: &[PodNs]) -> String {
+fn pods_vnic(agent: &NodeAgent, pods: &[CniPod]) -> String {
     let status = agent.status().expect("status");
     let vnics: BTreeSet<String> = status["pods"]
         .as_array()
