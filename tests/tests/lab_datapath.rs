@@ -533,8 +533,10 @@ fn eventually(within: Duration, mut done: impl FnMut() -> bool) -> bool {
 }
 
 /// The repair pass's period in the lab configuration (`sync_interval_secs`, default 1 s),
-/// with a margin for a loaded machine.
-const REPAIR_WITHIN: Duration = Duration::from_secs(3);
+/// with a margin for a loaded machine (stretched under emulation, `vcnpath_tests::scaled`).
+fn repair_within() -> Duration {
+    vcnpath_tests::scaled(Duration::from_secs(3))
+}
 
 /// Filters deleted by hand on both VNICs during a pod flow, and pins deleted, come back
 /// within one repair period; the flow recovers and new connections leave with the right
@@ -555,15 +557,14 @@ fn lab_filters_and_pins_deleted_by_hand_are_repaired_within_a_period() {
             tc(&s, &["filter", "del", "dev", interface, hook]);
         }
     }
-    assert!(
-        !attached(&s, "eth1", "egress", vcnpath_common::PROG_EGRESS),
-        "the filter was deleted"
-    );
+    // No check that they are gone now: with a 1 s period the agent may already have put
+    // them back (under emulation each `tc` takes a third of a second). The log lines
+    // asserted below prove both the deletion and the repair.
     for pin in [vcnpath_common::PROG_POD, MAP_STATS] {
         std::fs::remove_file(s.pins.path.join(pin)).expect("deleting a pin");
     }
 
-    let repaired = eventually(REPAIR_WITHIN, || {
+    let repaired = eventually(repair_within(), || {
         ["eth0", "eth1"].iter().all(|i| {
             attached(&s, i, "egress", vcnpath_common::PROG_EGRESS)
                 && attached(&s, i, "ingress", vcnpath_common::PROG_INGRESS)
@@ -573,7 +574,8 @@ fn lab_filters_and_pins_deleted_by_hand_are_repaired_within_a_period() {
     });
     assert!(
         repaired,
-        "within {REPAIR_WITHIN:?} the filters on eth0 and eth1 and the deleted pins must be back:\n{}\n{}\nagent log:\n{}",
+        "within {:?} the filters on eth0 and eth1 and the deleted pins must be back:\n{}\n{}\nagent log:\n{}",
+        repair_within(),
         tc(&s, &["filter", "show", "dev", "eth1", "egress"]),
         tc(&s, &["filter", "show", "dev", "eth1", "ingress"]),
         s.agent.log()
@@ -660,13 +662,14 @@ fn lab_pod_veths_without_the_antispoofing_check_are_covered_by_the_agent() {
 
     tc(&s, &["filter", "del", "dev", &veth, "ingress"]);
     assert!(
-        eventually(REPAIR_WITHIN, || attached(
+        eventually(repair_within(), || attached(
             &s,
             &veth,
             "ingress",
             vcnpath_common::PROG_POD
         )),
-        "within {REPAIR_WITHIN:?} the check must be back on {veth}\nagent log:\n{}",
+        "within {:?} the check must be back on {veth}\nagent log:\n{}",
+        repair_within(),
         s.agent.log()
     );
     assert!(
