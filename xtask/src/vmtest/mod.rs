@@ -54,8 +54,8 @@ pub enum Matrix {
 ///
 /// The packet tier (the verifier, the helpers, every program path) runs on every kernel.
 /// The lab tier runs on the two kernels that bound what OCI nodes boot — 5.10, older than
-/// UEK7's 5.15, and 6.12, UEK8's own — and not on 6.1 between them, where it would add a
-/// quarter of an hour of emulation for no kernel interface the other two leave untried.
+/// UEK7's 5.15, and 6.12, UEK8's own — and not on 6.1 between them, where it would add
+/// ten minutes of emulation for no kernel interface the other two leave untried.
 const TIERS: [Tier; 2] = [
     Tier {
         name: "lab",
