@@ -315,6 +315,11 @@ fn cni_binary() -> PathBuf {
     binary().with_file_name("vcnpath-cni")
 }
 
+/// The configuration the lab's runtime hands `vcnpath-cni` (CNI 1.1.0).
+fn cni_config(socket: &Path) -> Value {
+    serde_json::json!({"cniVersion": "1.1.0", "name": "vcnpath", "type": "vcnpath-cni", "socketPath": socket, "mtu": 9000})
+}
+
 /// Runs `vcnpath-cni` in the node namespace like a container runtime does: one process,
 /// exec'd with the CNI environment and the configuration on stdin.
 pub fn cni(
@@ -324,25 +329,54 @@ pub fn cni(
     container: &str,
     netns: Option<&Path>,
 ) -> Result<CniOutput> {
-    let config = serde_json::json!({"cniVersion": "1.0.0", "name": "vcnpath", "type": "vcnpath-cni", "socketPath": socket, "mtu": 9000});
     let mut cmd = Command::new(cni_binary());
-    enter_before_exec(&mut cmd, node);
-    cmd.env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", container)
+    cmd.env("CNI_CONTAINERID", container)
         .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/opt/cni/bin")
         .env(
             "CNI_ARGS",
             format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=e2e;K8S_POD_NAME={container}"),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        );
     if let Some(netns) = netns {
         cmd.env("CNI_NETNS", netns);
     }
+    exec_cni(node, cmd, command, &cni_config(socket))
+}
+
+/// CNI GC as the runtime runs it: the attachments (container ids, `eth0`) it still holds.
+pub fn cni_gc(node: &Netns, socket: &Path, valid: &[&str]) -> Result<CniOutput> {
+    let mut config = cni_config(socket);
+    config["cni.dev/valid-attachments"] = valid
+        .iter()
+        .map(|id| serde_json::json!({"containerID": id, "ifname": "eth0"}))
+        .collect();
+    exec_cni(node, Command::new(cni_binary()), "GC", &config)
+}
+
+/// CNI STATUS as the runtime runs it.
+pub fn cni_status(node: &Netns, socket: &Path) -> Result<CniOutput> {
+    exec_cni(
+        node,
+        Command::new(cni_binary()),
+        "STATUS",
+        &cni_config(socket),
+    )
+}
+
+/// `cmd` (the plugin, with the attachment's variables set) run in `node` with `command`.
+fn exec_cni(node: &Netns, mut cmd: Command, command: &str, config: &Value) -> Result<CniOutput> {
+    let attachment: Vec<(std::ffi::OsString, std::ffi::OsString)> = cmd
+        .get_envs()
+        .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
+        .collect();
+    enter_before_exec(&mut cmd, node);
+    cmd.env_clear()
+        .envs(attachment)
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("CNI_COMMAND", command)
+        .env("CNI_PATH", "/opt/cni/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().context("spawning vcnpath-cni")?;
     child
         .stdin

@@ -126,6 +126,47 @@ impl Allocator for FakeAllocator {
                 .cloned()
         })
     }
+
+    fn collect_not_listed<'a>(
+        &'a self,
+        valid: &'a std::collections::BTreeSet<(String, String)>,
+    ) -> BoxFuture<'a, Vec<(PodRef, Allocation)>> {
+        Box::pin(async move {
+            let mut state = self.state.lock().unwrap();
+            let unlisted: Vec<_> = state
+                .pods
+                .keys()
+                .filter(|key| !valid.contains(*key))
+                .cloned()
+                .collect();
+            let mut released = Vec::new();
+            for (container_id, ifname) in unlisted {
+                let a = state
+                    .pods
+                    .remove(&(container_id.clone(), ifname.clone()))
+                    .expect("listed above");
+                state.free.push_back(a.ip);
+                let pod = PodRef {
+                    container_id,
+                    ifname,
+                    namespace: None,
+                    name: None,
+                };
+                released.push((pod, a));
+            }
+            released
+        })
+    }
+}
+
+/// What the agent answers to STATUS: the reasons it is not ready (none: ready).
+#[derive(Default)]
+struct FakeReadiness(Mutex<Vec<String>>);
+
+impl api::Readiness for FakeReadiness {
+    fn not_ready(&self) -> BoxFuture<'_, Vec<String>> {
+        Box::pin(async move { self.0.lock().unwrap().clone() })
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -134,6 +175,7 @@ impl Allocator for FakeAllocator {
 struct Fixture {
     tag: String,
     fake: Arc<FakeAllocator>,
+    readiness: Arc<FakeReadiness>,
     socket: PathBuf,
     // Field order is drop order: the server stops, then the temp dir and the node go.
     _runtime: tokio::runtime::Runtime,
@@ -247,11 +289,13 @@ impl Fixture {
         let listener = runtime
             .block_on(async { api::bind(&socket) })
             .expect("binding the API socket");
-        let app = api::router(fake.clone());
+        let readiness = Arc::new(FakeReadiness::default());
+        let app = api::router(fake.clone()).merge(api::status_router(readiness.clone()));
         runtime.spawn(api::serve(listener, app, std::future::pending()));
         Self {
             tag,
             fake,
+            readiness,
             socket,
             _runtime: runtime,
             _dir: dir,
@@ -754,6 +798,138 @@ fn temporary_conditions_are_try_again_later() {
     })
     .err("ADD while the pool is empty", 11);
     fx.assert_clean("after ADD with an empty pool");
+}
+
+/// A network-wide command (GC, STATUS) as the runtime runs it: only `CNI_COMMAND` and
+/// `CNI_PATH` name it, and the 1.1.0 configuration carries `extra` keys.
+fn network_call<'a>(fx: &Fixture, command: &'a str, extra: &[(&str, Value)]) -> Call<'a> {
+    let mut conf: Value = serde_json::from_str(&fx.config("1.1.0")).unwrap();
+    for (key, value) in extra {
+        conf[*key] = value.clone();
+    }
+    Call {
+        container: "",
+        ifname: "",
+        config: conf.to_string(),
+        ..fx.call(command, "", None)
+    }
+}
+
+/// CNI GC (1.1.0): the attachment the runtime no longer lists loses its address and its
+/// host veth (with the node's /32 route); the listed one keeps both and its traffic; a GC
+/// without `cni.dev/valid-attachments` releases nothing; GC under a 1.0.0 configuration is
+/// refused as a version mismatch.
+#[test]
+fn gc_releases_what_the_runtime_no_longer_lists() {
+    if !have_root("gc_releases_what_the_runtime_no_longer_lists") {
+        return;
+    }
+    let fx = Fixture::new("gc");
+    let kept_ns = fx.pod_netns(0);
+    let stale_ns = fx.pod_netns(1);
+    fx.run(&fx.call("ADD", "kept01", Some(kept_ns.path())))
+        .ok("ADD kept01");
+    let stale = fx.run(&fx.call("ADD", "stale01", Some(stale_ns.path())));
+    let stale_veth = stale.json()["interfaces"][0]["name"]
+        .as_str()
+        .expect("host veth")
+        .to_owned();
+    let stale_ip = stale.json()["ips"][0]["address"]
+        .as_str()
+        .expect("address")
+        .trim_end_matches("/32")
+        .to_owned();
+    assert_eq!(fx.host_veths().len(), 2);
+
+    fx.run(&network_call(&fx, "GC", &[]))
+        .ok("GC without valid-attachments");
+    assert_eq!(fx.fake.held().len(), 2, "a GC listing nothing said nothing");
+    let mut old = network_call(
+        &fx,
+        "GC",
+        &[("cni.dev/valid-attachments", serde_json::json!([]))],
+    );
+    let mut conf: Value = serde_json::from_str(&old.config).unwrap();
+    conf["cniVersion"] = Value::from("1.0.0");
+    old.config = conf.to_string();
+    fx.run(&old).err("GC under a 1.0.0 configuration", 1);
+    assert_eq!(fx.fake.held().len(), 2, "a refused GC released something");
+
+    let valid = serde_json::json!([{"containerID": "kept01", "ifname": "eth0"}]);
+    fx.run(&network_call(
+        &fx,
+        "GC",
+        &[("cni.dev/valid-attachments", valid)],
+    ))
+    .ok("GC listing kept01");
+    let held: Vec<String> = fx.fake.held().into_keys().map(|(c, _)| c).collect();
+    assert_eq!(
+        held,
+        vec!["kept01".to_owned()],
+        "only the listed pod keeps its address"
+    );
+    assert!(
+        !fx.host_veths().contains(&stale_veth),
+        "the unlisted pod's host veth {stale_veth} is left: {:?}",
+        fx.host_veths()
+    );
+    let routes = fx.node.ip(&["-4", "route", "show"]).expect("node routes");
+    assert!(
+        !routes.contains(&format!("{stale_ip} ")),
+        "the unlisted pod's route is left: {routes}"
+    );
+    let ping = cmd_in(&kept_ns, "ping")
+        .args(["-c", "1", "-W", "2", NODE_IP])
+        .output()
+        .expect("ping");
+    assert!(ping.status.success(), "the listed pod lost its traffic");
+
+    fx.run(&fx.call("DEL", "kept01", Some(kept_ns.path())))
+        .ok("DEL kept01");
+    fx.assert_clean("at the end");
+}
+
+/// CNI STATUS (1.1.0): success while the agent is ready; code 50 naming each reason while
+/// it is not, and naming the `DaemonSet` when it is not running; refused under 1.0.0.
+#[test]
+fn status_tells_whether_adds_can_be_served() {
+    if !have_root("status_tells_whether_adds_can_be_served") {
+        return;
+    }
+    let fx = Fixture::new("stat");
+    fx.run(&network_call(&fx, "STATUS", &[]))
+        .ok("STATUS while ready");
+    *fx.readiness.0.lock().unwrap() = vec![
+        "IPAM has not reconciled with OCI yet".to_owned(),
+        "no VNIC that serves pods is set up".to_owned(),
+    ];
+    let error = fx
+        .run(&network_call(&fx, "STATUS", &[]))
+        .err("STATUS while not ready", 50);
+    let details = error["details"].as_str().unwrap_or_default();
+    assert!(
+        details.contains("has not reconciled") && details.contains("no VNIC"),
+        "STATUS should name every reason: {error}"
+    );
+    let absent = network_call(
+        &fx,
+        "STATUS",
+        &[(
+            "socketPath",
+            Value::from("/run/vcnpath-test-absent/vcnpath.sock"),
+        )],
+    );
+    let error = fx.run(&absent).err("STATUS with no agent", 50);
+    assert!(
+        error["details"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("DaemonSet"),
+        "STATUS without an agent should point at the DaemonSet: {error}"
+    );
+    let mut old = network_call(&fx, "STATUS", &[]);
+    old.config = fx.config("1.0.0");
+    fx.run(&old).err("STATUS under a 1.0.0 configuration", 1);
 }
 
 /// Pods created at once in the burst test (the issue asks for at least 50).

@@ -1248,3 +1248,54 @@ async fn an_allocation_whose_veth_is_gone_beyond_the_grace_is_released() {
     }
     assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
 }
+
+/// The runtime's CNI GC lists the attachments it still holds: every other allocation is
+/// released into the cooldown, except one whose ADD is recent (the runtime's list may have
+/// been taken before it); a listed one keeps its address; a GC that lists everything
+/// releases nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runtimes_gc_releases_only_unlisted_attachments_past_their_add() {
+    let sim = sim(8, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = pool(&sim, 3);
+    p.cooldown = Duration::from_hours(1);
+    let mut cfg = config(&sim, dir.path(), p);
+    cfg.allocation_gc_grace = Duration::from_millis(400);
+    let ipam = start(&sim, cfg).await;
+    let key = |p: &PodRef| (p.container_id.clone(), p.ifname.clone());
+    let stale = allocate(&ipam, &pod(0), Duration::from_secs(15)).await;
+    let listed = allocate(&ipam, &pod(1), Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let adding = allocate(&ipam, &pod(2), Duration::from_secs(15)).await;
+    let everything: BTreeSet<_> = (0..3).map(|n| key(&pod(n))).collect();
+    assert!(
+        ipam.collect_not_listed(&everything).await.is_empty(),
+        "a GC that lists every attachment releases nothing"
+    );
+    let valid: BTreeSet<_> = [key(&pod(1))].into();
+    let released = ipam.collect_not_listed(&valid).await;
+    assert_eq!(
+        released
+            .iter()
+            .map(|(p, a)| (p.container_id.as_str(), a.ip))
+            .collect::<Vec<_>>(),
+        vec![("container-000", stale.ip)],
+        "only the unlisted attachment past its ADD's grace is released"
+    );
+    assert_eq!(ipam.lookup(&pod(0)).await, None);
+    assert_eq!(ipam.lookup(&pod(1)).await, Some(listed));
+    assert_eq!(
+        ipam.lookup(&pod(2)).await,
+        Some(adding),
+        "a recent ADD is kept"
+    );
+    let status = ipam.status().await;
+    assert_eq!(status.cni_gc_released, 1, "the release is counted");
+    let cooling: usize = status.vnics.iter().map(|v| v.cooldown).sum();
+    assert_eq!(cooling, 1, "{} rests in its cooldown", stale.ip);
+    for n in 3..6 {
+        let a = allocate(&ipam, &pod(n), Duration::from_secs(15)).await;
+        assert_ne!(a.ip, stale.ip, "{} reused within its cooldown", stale.ip);
+    }
+    assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}

@@ -17,7 +17,10 @@ use hyper_util::rt::TokioIo;
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::net::UnixStream;
 
-use super::types::{AllocateResponse, ErrorBody, LookupResponse, ReleaseResponse, VersionResponse};
+use super::types::{
+    AllocateResponse, CniStatusResponse, ErrorBody, GcRequest, GcResponse, LookupResponse,
+    ReleaseResponse, VersionResponse,
+};
 use crate::ipam::{AllocError, Allocation, PodRef};
 
 /// Why a call to the agent did not produce an answer.
@@ -111,6 +114,20 @@ impl Client {
             .call(Method::POST, "/v1/lookup", "lookup", Some(pod))
             .await?;
         Ok(answer.allocation)
+    }
+
+    /// CNI GC: releases every allocation not in `valid`; returns the attachments released.
+    pub async fn gc(&self, valid: Vec<PodRef>) -> Result<Vec<PodRef>, ClientError> {
+        let answer: GcResponse = self
+            .call(Method::POST, "/v1/gc", "gc", Some(&GcRequest { valid }))
+            .await?;
+        Ok(answer.released)
+    }
+
+    /// CNI STATUS: whether the agent can serve ADDs now, and if not, why.
+    pub async fn cni_status(&self) -> Result<CniStatusResponse, ClientError> {
+        self.call(Method::GET, "/v1/cni-status", "status", None::<&()>)
+            .await
     }
 
     /// The node's state (`vcnpath status`), as served by the running agent.

@@ -15,6 +15,8 @@
 //! - `POST /v1/allocate` [`PodRef`] → [`AllocateResponse`]
 //! - `POST /v1/release`  [`PodRef`] → [`ReleaseResponse`]
 //! - `POST /v1/lookup`   [`PodRef`] → [`LookupResponse`]
+//! - `POST /v1/gc`       [`GcRequest`] → [`GcResponse`] (CNI GC)
+//! - `GET  /v1/cni-status` → [`CniStatusResponse`] (CNI STATUS; served by [`status_router`])
 //!
 //! Every failure is an [`ErrorBody`] carrying the typed [`AllocError`].
 //!
@@ -28,9 +30,10 @@ pub mod types;
 
 pub use client::{Client, ClientError};
 pub use listen::Limits;
-pub use server::{ServeError, bind, router, serve};
+pub use server::{Readiness, ServeError, bind, router, serve, status_router};
 pub use types::{
-    API_VERSION, AllocateResponse, ErrorBody, LookupResponse, ReleaseResponse, VersionResponse,
+    API_VERSION, AllocateResponse, CniStatusResponse, ErrorBody, GcRequest, GcResponse,
+    LookupResponse, ReleaseResponse, VersionResponse,
 };
 
 /// Where the agent listens unless configured otherwise; the conflist names it too.

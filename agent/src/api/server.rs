@@ -20,9 +20,16 @@ use tokio::net::UnixListener;
 use tracing::{info, warn};
 
 use super::types::{
-    API_VERSION, AllocateResponse, ErrorBody, LookupResponse, ReleaseResponse, VersionResponse,
+    API_VERSION, AllocateResponse, CniStatusResponse, ErrorBody, GcRequest, GcResponse,
+    LookupResponse, ReleaseResponse, VersionResponse,
 };
-use crate::ipam::{AllocError, Allocator, PodRef};
+use crate::ipam::{AllocError, Allocator, BoxFuture, PodRef};
+
+/// What CNI STATUS asks: whether the agent can serve ADDs now.
+pub trait Readiness: Send + Sync + 'static {
+    /// What keeps the agent from serving ADDs; empty when it can.
+    fn not_ready(&self) -> BoxFuture<'_, Vec<String>>;
+}
 
 /// Why the API could not be set up or stopped serving.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +123,7 @@ pub fn router(allocator: Arc<dyn Allocator>) -> Router {
         .route("/v1/allocate", post(allocate))
         .route("/v1/release", post(release))
         .route("/v1/lookup", post(lookup))
+        .route("/v1/gc", post(gc))
         .fallback(unknown_route)
         .with_state(allocator)
 }
@@ -163,6 +171,42 @@ async fn lookup(
     let pod = body?.0;
     Ok(Json(LookupResponse {
         allocation: allocator.lookup(&pod).await,
+    }))
+}
+
+/// `/v1/cni-status` over `readiness`, merged into the local API.
+pub fn status_router(readiness: Arc<dyn Readiness>) -> Router {
+    Router::new()
+        .route("/v1/cni-status", get(cni_status))
+        .with_state(readiness)
+}
+
+async fn cni_status(State(readiness): State<Arc<dyn Readiness>>) -> Json<CniStatusResponse> {
+    let problems = readiness.not_ready().await;
+    Json(CniStatusResponse {
+        ready: problems.is_empty(),
+        problems,
+    })
+}
+
+async fn gc(
+    State(allocator): State<Arc<dyn Allocator>>,
+    body: Result<Json<GcRequest>, JsonRejection>,
+) -> Result<Json<GcResponse>, ApiError> {
+    let valid: std::collections::BTreeSet<(String, String)> = body?
+        .0
+        .valid
+        .into_iter()
+        .map(|p| (p.container_id, p.ifname))
+        .collect();
+    let released = allocator.collect_not_listed(&valid).await;
+    info!(
+        valid = valid.len(),
+        released = released.len(),
+        "CNI GC done"
+    );
+    Ok(Json(GcResponse {
+        released: released.into_iter().map(|(pod, _)| pod).collect(),
     }))
 }
 

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ipam::{AllocError, Allocation};
+use crate::ipam::{AllocError, Allocation, PodRef};
 
 /// The API generation served under `/v1/`.
 pub const API_VERSION: &str = "v1";
@@ -35,6 +35,27 @@ pub struct ReleaseResponse {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LookupResponse {
     pub allocation: Option<Allocation>,
+}
+
+/// `POST /v1/gc` (CNI GC): the runtime's valid attachments; every other allocation is
+/// released unless its ADD is running or recent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcRequest {
+    pub valid: Vec<PodRef>,
+}
+
+/// What a `POST /v1/gc` released.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcResponse {
+    pub released: Vec<PodRef>,
+}
+
+/// `GET /v1/cni-status` (CNI STATUS): whether the agent can serve ADDs now, and if not,
+/// why (each reason a sentence an operator can act on).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CniStatusResponse {
+    pub ready: bool,
+    pub problems: Vec<String>,
 }
 
 /// The body of every non-2xx answer: the typed error for programs, and its text for people.

@@ -429,7 +429,9 @@ async fn serve(
     };
     let stop_rx = stop;
     let listener = api::bind(&config.node.socket)?;
-    let api_router = api::router(node.clone()).merge(http::status_router(introspection.clone()));
+    let api_router = api::router(node.clone())
+        .merge(http::status_router(introspection.clone()))
+        .merge(api::status_router(introspection.clone()));
     let api_server = tokio::spawn(api::serve(listener, api_router, stopped(stop_rx.clone())));
     let tcp = tokio::net::TcpListener::bind(config.node.listen)
         .await

@@ -9,9 +9,10 @@ use super::error::{CniError, ErrorCode};
 use crate::api::DEFAULT_SOCKET;
 use crate::ipam::PodRef;
 
-/// The CNI versions whose configurations and results this plugin speaks. 1.0.0 is the
-/// native one; the 0.3/0.4 results differ only by the `version` field on each IP.
-pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0"];
+/// The CNI versions whose configurations and results this plugin speaks. 1.1.0 adds GC
+/// and STATUS to 1.0.0 with the same result; the 0.3/0.4 results differ only by the
+/// `version` field on each IP.
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 /// The plugin's `type`, and the binary's name in the CNI bin directory.
 pub const PLUGIN_TYPE: &str = "vcnpath-cni";
@@ -30,6 +31,17 @@ pub enum Command {
     Del,
     Check,
     Version,
+    /// CNI 1.1.0: release what the runtime's valid attachments do not list.
+    Gc,
+    /// CNI 1.1.0: whether ADDs can be served now.
+    Status,
+}
+
+impl Command {
+    /// The commands that name no attachment: only `CNI_COMMAND` (and `CNI_PATH`) is set.
+    fn is_network_wide(self) -> bool {
+        matches!(self, Self::Version | Self::Gc | Self::Status)
+    }
 }
 
 /// The `CNI_*` environment of one invocation.
@@ -46,14 +58,14 @@ pub struct Environment {
 
 impl Environment {
     /// Reads and validates the variables through `var` (`std::env::var` in the binary).
-    /// VERSION needs only `CNI_COMMAND`; every other command needs a container id and an
+    /// VERSION, GC and STATUS need only `CNI_COMMAND`; every other command needs a container id and an
     /// interface name, and ADD/CHECK a netns.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, CniError> {
         let invalid = |name: &str, why: &str| {
             CniError::new(
                 ErrorCode::InvalidEnvironment,
                 format!("invalid environment variable {name}: {why}"),
-                "the container runtime sets CNI_COMMAND, CNI_CONTAINERID, CNI_NETNS and CNI_IFNAME (CNI spec 1.0.0, section 'Parameters')",
+                "the container runtime sets CNI_COMMAND, CNI_CONTAINERID, CNI_NETNS and CNI_IFNAME (CNI spec 1.1.0, section 'Parameters'; GC, STATUS and VERSION need only CNI_COMMAND)",
             )
         };
         let non_empty = |name: &str| var(name).filter(|v| !v.is_empty());
@@ -62,15 +74,17 @@ impl Environment {
             Some("DEL") => Command::Del,
             Some("CHECK") => Command::Check,
             Some("VERSION") => Command::Version,
+            Some("GC") => Command::Gc,
+            Some("STATUS") => Command::Status,
             Some(other) => {
                 return Err(invalid(
                     "CNI_COMMAND",
-                    &format!("{other:?} is not one of ADD, DEL, CHECK, VERSION"),
+                    &format!("{other:?} is not one of ADD, DEL, CHECK, GC, STATUS, VERSION"),
                 ));
             }
             None => return Err(invalid("CNI_COMMAND", "missing")),
         };
-        if command == Command::Version {
+        if command.is_network_wide() {
             return Ok(Self {
                 command,
                 container_id: String::new(),
@@ -175,6 +189,18 @@ pub struct NetConf {
     /// The previous plugin's result in a chain (required by CHECK in 1.0.0).
     #[serde(default)]
     pub prev_result: Option<serde_json::Value>,
+    /// GC (1.1.0): the attachments still valid on this network; absent on other commands.
+    #[serde(default, rename = "cni.dev/valid-attachments")]
+    pub valid_attachments: Option<Vec<ValidAttachment>>,
+}
+
+/// One entry of `cni.dev/valid-attachments`: the `CNI_CONTAINERID` and `CNI_IFNAME` of an
+/// ADD the runtime still holds.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ValidAttachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
 }
 
 impl NetConf {
@@ -244,6 +270,11 @@ impl NetConf {
     pub fn timeout(&self) -> Duration {
         self.timeout_seconds
             .map_or(DEFAULT_TIMEOUT, Duration::from_secs)
+    }
+
+    /// True for 1.1.0 and later, the versions that have GC and STATUS.
+    pub fn has_gc_and_status(&self) -> bool {
+        !self.cni_version.starts_with("0.") && self.cni_version != "1.0.0"
     }
 
     /// True for versions before 1.0.0, whose results carry `"version": "4"` on each IP.

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-/// The error codes of CNI spec 1.0.0 ("Error" section), plus this plugin's own in the
+/// The error codes of CNI spec 1.1.0 ("Error" section), plus this plugin's own in the
 /// 100+ range the spec reserves for plugins.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorCode {
@@ -24,6 +24,8 @@ pub enum ErrorCode {
     InvalidConfig,
     /// 11: a temporary condition (pool empty, agent starting or unreachable): retry.
     TryAgainLater,
+    /// 50 (STATUS): the plugin cannot serve ADDs now; running pods are not affected.
+    PluginNotAvailable,
     /// 100: the agent refused for a reason retrying will not fix (node full, checkpoint
     /// or datapath failure).
     AgentRefused,
@@ -47,6 +49,7 @@ impl ErrorCode {
             ErrorCode::Decode => 6,
             ErrorCode::InvalidConfig => 7,
             ErrorCode::TryAgainLater => 11,
+            ErrorCode::PluginNotAvailable => 50,
             ErrorCode::AgentRefused => 100,
             ErrorCode::InterfaceSetup => 101,
             ErrorCode::CheckFailed => 102,

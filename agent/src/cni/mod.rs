@@ -1,7 +1,8 @@
-//! The CNI plugin `vcnpath-cni` (spec 1.0.0; 0.3.x/0.4.0 configurations accepted): ADD
-//! asks the agent for a VCN address over its local API and wires the pod to the node
-//! with a veth pair; DEL undoes it idempotently; CHECK verifies it; VERSION reports
-//! what it speaks. The binary is a thin shell over [`run`].
+//! The CNI plugin `vcnpath-cni` (spec 1.1.0; 0.3.x/0.4.0/1.0.0 configurations accepted):
+//! ADD asks the agent for a VCN address over its local API and wires the pod to the node
+//! with a veth pair; DEL undoes it idempotently; CHECK verifies it; GC releases what the
+//! runtime no longer holds; STATUS says whether ADDs can be served; VERSION reports what
+//! it speaks. The binary is a thin shell over [`run`].
 //!
 //! The pod's view: `eth0` with its VCN address /32, a scope-link route to the
 //! link-local gateway 169.254.1.1, a default route via it, and a permanent neighbour
@@ -13,11 +14,13 @@
 mod check;
 pub mod config;
 pub mod error;
+mod gc;
 pub mod names;
 pub mod netlink;
 pub mod plugin;
 pub mod result;
 mod serialize;
+mod status;
 
 use serde::Serialize;
 
@@ -67,6 +70,13 @@ async fn invoke(
     }
     let conf = NetConf::parse(&stdin)?;
     version.clone_from(&conf.cni_version);
+    if matches!(env.command, Command::Gc | Command::Status) && !conf.has_gc_and_status() {
+        return Err(CniError::new(
+            ErrorCode::IncompatibleVersion,
+            format!("CNI version {} has no GC or STATUS", conf.cni_version),
+            "GC and STATUS exist since CNI 1.1.0; list \"1.1.0\" in the conflist's cniVersions",
+        ));
+    }
     match env.command {
         Command::Add => {
             let result = plugin::add(&env, &conf).await?;
@@ -80,6 +90,8 @@ async fn invoke(
         }
         Command::Del => plugin::del(&env, &conf).await.map(|()| String::new()),
         Command::Check => plugin::check(&env, &conf).await.map(|()| String::new()),
+        Command::Gc => gc::gc(&conf).await.map(|()| String::new()),
+        Command::Status => status::status(&conf).await.map(|()| String::new()),
         Command::Version => unreachable!("answered above"),
     }
 }

@@ -41,6 +41,19 @@ impl Introspection {
     }
 }
 
+/// CNI STATUS is readiness: an agent that is not ready is one ADD cannot rely on.
+impl crate::api::Readiness for Introspection {
+    fn not_ready(&self) -> crate::ipam::BoxFuture<'_, Vec<String>> {
+        Box::pin(async move {
+            self.not_ready()
+                .await
+                .into_iter()
+                .map(str::to_owned)
+                .collect()
+        })
+    }
+}
+
 /// `/metrics`, `/healthz`, `/readyz`.
 pub fn router(state: Arc<Introspection>) -> Router {
     Router::new()
@@ -176,6 +189,11 @@ fn render(
         out,
         "# HELP vcnpath_ipam_gc_released_total Allocations released because the pod's host veth was gone beyond allocation_gc_grace_secs (a DEL that never came).\n# TYPE vcnpath_ipam_gc_released_total counter\nvcnpath_ipam_gc_released_total {}",
         pool.gc_released
+    );
+    let _ = writeln!(
+        out,
+        "# HELP vcnpath_ipam_cni_gc_released_total Allocations released by the runtime's CNI GC because its valid attachments did not list them.\n# TYPE vcnpath_ipam_cni_gc_released_total counter\nvcnpath_ipam_cni_gc_released_total {}",
+        pool.cni_gc_released
     );
     let _ = writeln!(
         out,

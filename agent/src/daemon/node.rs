@@ -631,6 +631,24 @@ impl Allocator for Node {
     fn lookup<'a>(&'a self, pod: &'a PodRef) -> BoxFuture<'a, Option<Allocation>> {
         Box::pin(self.ipam.lookup(pod))
     }
+
+    fn collect_not_listed<'a>(
+        &'a self,
+        valid: &'a std::collections::BTreeSet<(String, String)>,
+    ) -> BoxFuture<'a, Vec<(PodRef, Allocation)>> {
+        Box::pin(async move {
+            let released = self.ipam.collect_not_listed(valid).await;
+            if !released.is_empty() {
+                self.counters
+                    .released
+                    .fetch_add(released.len() as u64, Ordering::Relaxed);
+                if let Err(error) = self.sync().await {
+                    warn!(%error, "datapath sync after CNI GC failed; will retry");
+                }
+            }
+            released
+        })
+    }
 }
 
 #[cfg(test)]

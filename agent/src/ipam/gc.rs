@@ -3,12 +3,18 @@
 //! checkpoint). That is a DEL that never came: a sandbox force-removed while the agent was
 //! down, or a DEL that raced ahead of a slow ADD. An attachment whose ADD is running, or
 //! began within the grace period, is never taken: its plugin may still be creating the veth.
+//!
+//! The runtime's CNI GC (spec 1.1.0) takes the same path with another test: an allocation
+//! whose attachment is not in the runtime's valid attachments is released, under the same
+//! rule for ADDs running or recent (the runtime's list was taken before such an ADD).
+use std::collections::BTreeSet;
+
 use tokio::time::Instant;
 
 use super::checkpoint::{self, Key};
 use super::service::release_locked;
 use super::state::Inner;
-use super::types::PodRef;
+use super::types::{Allocation, PodRef};
 
 /// What the host shows of a pod attachment.
 pub trait HostView: Send + Sync {
@@ -116,5 +122,49 @@ pub(super) async fn collect(inner: &Inner, host: &dyn HostView) -> Vec<PodRef> {
     lock(&inner.adds).retain(|_, (running, began)| {
         *running > 0 || now.saturating_duration_since(*began) < grace
     });
+    released
+}
+
+/// A runtime's CNI GC: releases every allocation whose (container id, interface) is not in
+/// `valid`, except one whose ADD is running or began within the grace period.
+pub(super) async fn collect_not_listed(
+    inner: &Inner,
+    valid: &BTreeSet<Key>,
+) -> Vec<(PodRef, Allocation)> {
+    let grace = inner.cfg.allocation_gc_grace;
+    let now = Instant::now();
+    let mut state = inner.state.lock().await;
+    let unlisted: Vec<PodRef> = state
+        .allocations
+        .values()
+        .map(|e| e.pod.clone())
+        .filter(|pod| !valid.contains(&checkpoint::key(pod)))
+        .collect();
+    let mut released = Vec::new();
+    for pod in unlisted {
+        let key = checkpoint::key(&pod);
+        // Under the state lock, as in `collect`: an ADD registers itself before it takes it.
+        let busy = lock(&inner.adds).get(&key).is_some_and(|(running, began)| {
+            *running > 0 || now.saturating_duration_since(*began) < grace
+        });
+        if busy {
+            tracing::info!(container_id = %pod.container_id, ifname = %pod.ifname, grace_secs = grace.as_secs(), "CNI GC keeps an allocation the runtime did not list: its ADD is running or recent");
+            continue;
+        }
+        match release_locked(inner, &mut state, &pod).await {
+            Ok(Some(a)) => {
+                lock(&inner.missing).remove(&key);
+                inner
+                    .cni_gc_released
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(ip = %a.ip, vnic = %a.vnic_id, container_id = %pod.container_id, ifname = %pod.ifname, "the runtime's CNI GC does not list this attachment; its address is released");
+                released.push((pod, a));
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::error!(container_id = %pod.container_id, %error, "CNI GC cannot release an allocation the runtime did not list; the next GC retries");
+            }
+        }
+    }
     released
 }

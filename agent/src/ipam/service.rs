@@ -57,6 +57,9 @@ pub struct IpamStatus {
     pub quarantined: Vec<Quarantined>,
     /// Allocations the GC released since the start because their host side was gone.
     pub gc_released: u64,
+    /// Allocations released since the start by a runtime's CNI GC (not in its valid
+    /// attachments).
+    pub cni_gc_released: u64,
 }
 
 /// The node's address manager. Dropping it stops its background tasks.
@@ -108,6 +111,7 @@ impl Ipam {
             adds: std::sync::Mutex::default(),
             missing: std::sync::Mutex::default(),
             gc_released: std::sync::atomic::AtomicU64::new(0),
+            cni_gc_released: std::sync::atomic::AtomicU64::new(0),
             cfg,
         });
         let background = tokio::spawn(background(inner.clone()));
@@ -184,6 +188,29 @@ impl Ipam {
     /// [`gc`](super::gc)). Returns the pods released.
     pub async fn collect_unattached(&self, host: &dyn gc::HostView) -> Vec<PodRef> {
         gc::collect(&self.inner, host).await
+    }
+
+    /// A runtime's CNI GC: releases every allocation whose attachment (container id,
+    /// interface) is not in `valid`, except one whose ADD is running or began within
+    /// [`IpamConfig::allocation_gc_grace`] (see [`gc`](super::gc)). Returns what it released.
+    pub async fn collect_not_listed(
+        &self,
+        valid: &std::collections::BTreeSet<checkpoint::Key>,
+    ) -> Vec<(PodRef, Allocation)> {
+        let span = tracing::info_span!("cni_gc", valid = valid.len());
+        let (inner, valid) = (self.inner.clone(), valid.clone());
+        // To completion in a task of its own, like a release.
+        match tokio::spawn(
+            async move { gc::collect_not_listed(&inner, &valid).await }.instrument(span),
+        )
+        .await
+        {
+            Ok(released) => released,
+            Err(error) => {
+                tracing::error!(%error, "the CNI GC task failed");
+                Vec::new()
+            }
+        }
     }
 
     /// The host saw the VNIC's interface vanish (or something else says it is gone): its
@@ -282,6 +309,10 @@ impl Ipam {
             gc_released: self
                 .inner
                 .gc_released
+                .load(std::sync::atomic::Ordering::Relaxed),
+            cni_gc_released: self
+                .inner
+                .cni_gc_released
                 .load(std::sync::atomic::Ordering::Relaxed),
         }
     }

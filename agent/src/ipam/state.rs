@@ -151,6 +151,8 @@ pub(super) struct Inner {
     pub missing: std::sync::Mutex<BTreeMap<Key, tokio::time::Instant>>,
     /// Allocations the GC released.
     pub gc_released: std::sync::atomic::AtomicU64,
+    /// Allocations a runtime's CNI GC released (not in its valid attachments).
+    pub cni_gc_released: std::sync::atomic::AtomicU64,
 }
 
 impl Inner {

@@ -104,4 +104,14 @@ pub trait Allocator: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<Allocation>, AllocError>>;
     /// The current allocation of `pod`, if any (for CNI CHECK).
     fn lookup<'a>(&'a self, pod: &'a PodRef) -> BoxFuture<'a, Option<Allocation>>;
+    /// CNI GC: releases every allocation whose (container id, interface) is not in `valid`,
+    /// except those whose ADD is running or recent; returns what it released. An allocator
+    /// that keeps nothing worth collecting releases nothing.
+    fn collect_not_listed<'a>(
+        &'a self,
+        valid: &'a std::collections::BTreeSet<(String, String)>,
+    ) -> BoxFuture<'a, Vec<(PodRef, Allocation)>> {
+        let _ = valid;
+        Box::pin(async { Vec::new() })
+    }
 }
