@@ -559,6 +559,48 @@ fn del_after_the_netns_is_gone_releases_the_address() {
     fx.assert_clean("after DEL");
 }
 
+/// DEL with the agent not running (crashed, being upgraded) removes the pod's host side and
+/// succeeds, so the runtime can remove the sandbox; the address stays held until the
+/// agent's allocation GC sees the veth gone (shown in `ipam_sim`).
+#[test]
+fn del_with_the_agent_down_removes_the_host_side_and_succeeds() {
+    if !have_root("del_with_the_agent_down_removes_the_host_side_and_succeeds") {
+        return;
+    }
+    let fx = Fixture::new("down");
+    let pod_ns = fx.pod_netns(0);
+    fx.run(&fx.call("ADD", "down01", Some(pod_ns.path())))
+        .ok("ADD");
+    let mut del = fx.call("DEL", "down01", Some(pod_ns.path()));
+    let mut conf: Value = serde_json::from_str(&del.config).unwrap();
+    conf["socketPath"] = Value::from("/run/vcnpath-test-absent/vcnpath.sock");
+    del.config = conf.to_string();
+    let run = fx.run(&del);
+    run.ok("DEL with the agent not running");
+    assert!(
+        run.stderr.contains("releases the address"),
+        "DEL should say who releases the address: {}",
+        run.stderr
+    );
+    assert_eq!(
+        fx.host_veths(),
+        Vec::<String>::new(),
+        "the host veth is left"
+    );
+    assert!(
+        !links(&pod_ns).contains(&"eth0".to_owned()),
+        "eth0 left in the pod"
+    );
+    assert_eq!(
+        fx.fake.held().len(),
+        1,
+        "only the agent releases an address"
+    );
+    fx.run(&fx.call("DEL", "down01", Some(pod_ns.path())))
+        .ok("DEL once the agent answers");
+    fx.assert_clean("at the end");
+}
+
 #[test]
 fn legacy_040_config_gets_a_040_result() {
     if !have_root("legacy_040_config_gets_a_040_result") {

@@ -156,3 +156,138 @@ fn host_port_from_the_vcn_peer_reaches_the_pod() {
     };
     assert_eq!(answer.trim(), "hello");
 }
+
+/// The host-side pod veths in the lab's node namespace.
+fn host_veths(lab: &SimLab) -> BTreeSet<String> {
+    let json: Value = serde_json::from_str(
+        &lab.lab()
+            .node()
+            .ip(&["-j", "link", "show"])
+            .expect("ip link"),
+    )
+    .expect("ip -j link");
+    json.as_array()
+        .expect("links")
+        .iter()
+        .filter_map(|l| l["ifname"].as_str())
+        .filter(|name| name.starts_with("vcn"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The sandboxes containerd lists (in no particular order).
+fn sandboxes(ctrd: &Containerd) -> BTreeSet<String> {
+    ctrd.cri(&["list"])
+        .expect("list")
+        .as_array()
+        .expect("sandbox ids")
+        .iter()
+        .filter_map(|id| Some(id.as_str()?.to_owned()))
+        .collect()
+}
+
+/// The peer addresses `server` has seen after `n` connections.
+fn seen_by(server: &TcpServer, n: usize) -> BTreeSet<Ipv4Addr> {
+    server
+        .wait_connections(n, T)
+        .expect("connections")
+        .iter()
+        .filter_map(|c| match c.peer.ip() {
+            std::net::IpAddr::V4(ip) => Some(ip),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .collect()
+}
+
+/// Pods reach the internet as the node's address; containerd killed and started again with
+/// them running changes nothing: the same sandboxes, addresses and traffic.
+#[test]
+fn containerd_restarted_with_pods_running_changes_nothing() {
+    if !available("containerd_restarted_with_pods_running_changes_nothing") {
+        return;
+    }
+    let lab = simlab();
+    let agent = NodeAgent::start(&lab, "rt-restart").expect("agent");
+    let mut ctrd = Containerd::start(lab.lab().node(), &agent.socket()).expect("containerd");
+    let inet = TcpServer::start(
+        lab.lab().inet(),
+        SocketAddr::from((lab.lab().inet_ip(), 8080)),
+    )
+    .expect("server");
+    let pods: Vec<Value> = (0..2)
+        .map(|i| run_pod(&ctrd, &format!("keep{i}")))
+        .collect();
+    for pod in &pods {
+        let out = connect_from(&ctrd, pod["container"].as_str().unwrap(), inet.addr());
+        assert_eq!(out["exit"], 0, "nc from {pod} to the internet: {out}");
+    }
+    assert_eq!(
+        seen_by(&inet, 2),
+        BTreeSet::from([lab.lab().node_ip()]),
+        "the internet sees only the node's address"
+    );
+    let (running, ips, veths) = (sandboxes(&ctrd), status_ips(&agent), host_veths(&lab));
+
+    ctrd.restart(lab.lab().node()).expect("containerd restarts");
+    assert_eq!(sandboxes(&ctrd), running);
+    assert_eq!(
+        status_ips(&agent),
+        ips,
+        "addresses changed over the restart"
+    );
+    assert_eq!(
+        host_veths(&lab),
+        veths,
+        "host veths changed over the restart"
+    );
+    for pod in &pods {
+        let out = connect_from(&ctrd, pod["container"].as_str().unwrap(), inet.addr());
+        assert_eq!(out["exit"], 0, "nc from {pod} after the restart: {out}");
+    }
+    assert_eq!(seen_by(&inet, 4), BTreeSet::from([lab.lab().node_ip()]));
+}
+
+/// kill -9 of the agent: running pods keep their traffic (the datapath stays pinned); a
+/// sandbox asked for meanwhile fails with the plugin's retryable error and leaves no
+/// sandbox, veth or address behind; once the agent is back new sandboxes work.
+#[test]
+fn an_agent_kill_keeps_pods_and_a_sandbox_while_it_is_down_fails_cleanly() {
+    if !available("an_agent_kill_keeps_pods_and_a_sandbox_while_it_is_down_fails_cleanly") {
+        return;
+    }
+    let lab = simlab();
+    let mut agent = NodeAgent::start(&lab, "rt-kill").expect("agent");
+    let ctrd = Containerd::start(lab.lab().node(), &agent.socket()).expect("containerd");
+    let peer = TcpServer::start(
+        lab.lab().peer(),
+        SocketAddr::from((lab.lab().peer_ip(), 8080)),
+    )
+    .expect("server");
+    let pod = run_pod(&ctrd, "before");
+    let ip: Ipv4Addr = pod["ip"].as_str().unwrap().parse().unwrap();
+    let container = pod["container"].as_str().unwrap();
+    let (running, veths) = (sandboxes(&ctrd), host_veths(&lab));
+
+    agent.kill9().expect("kill -9");
+    let out = connect_from(&ctrd, container, peer.addr());
+    assert_eq!(out["exit"], 0, "nc from {pod} with the agent down: {out}");
+    assert_eq!(seen_by(&peer, 1), BTreeSet::from([ip]));
+    let refused = ctrd
+        .cri(&["run", "during"])
+        .expect_err("a sandbox cannot get an address while the agent is down");
+    assert!(
+        format!("{refused:#}").contains("is the vcnpath DaemonSet running on this node?"),
+        "the runtime should show the plugin's retryable error: {refused:#}"
+    );
+    assert_eq!(sandboxes(&ctrd), running, "a failed sandbox is left");
+    assert_eq!(host_veths(&lab), veths, "a failed sandbox left a veth");
+
+    agent.restart(&lab).expect("agent restarts");
+    let after = run_pod(&ctrd, "after");
+    let after_ip: Ipv4Addr = after["ip"].as_str().unwrap().parse().unwrap();
+    assert_ne!(after_ip, ip, "a new sandbox got the running pod's address");
+    assert_eq!(status_ips(&agent), BTreeSet::from([ip, after_ip]));
+    let out = connect_from(&ctrd, after["container"].as_str().unwrap(), peer.addr());
+    assert_eq!(out["exit"], 0, "nc from {after}: {out}");
+    assert_eq!(seen_by(&peer, 2), BTreeSet::from([ip, after_ip]));
+}

@@ -96,11 +96,20 @@ pub async fn del(env: &Environment, conf: &NetConf) -> Result<(), CniError> {
         )
     })?;
     let client = Client::new(conf.socket(), conf.timeout());
-    client
-        .release(&env.pod_ref())
-        .await
-        .map_err(|e| from_client(&e))?;
-    Ok(())
+    match client.release(&env.pod_ref()).await {
+        Ok(_) => Ok(()),
+        // With the host veth gone the agent's allocation GC releases the address once it
+        // is back (after `allocation_gc_grace_secs`, into the cooldown); failing here would
+        // only leave the runtime a sandbox it cannot remove until the agent returns.
+        Err(error @ ClientError::NotRunning { .. }) => {
+            eprintln!(
+                "vcnpath-cni: {error}; {host_veth} is removed and the agent releases the address of container {} when it is back",
+                env.container_id
+            );
+            Ok(())
+        }
+        Err(error) => Err(from_client(&error)),
+    }
 }
 
 /// CHECK: the agent still holds the address, and the pod and host sides are as ADD left
