@@ -33,6 +33,5 @@ RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends ca-cert
     && cp /usr/lib/cni/portmap /usr/lib/cni/loopback /usr/local/lib/vcnpath/cni/ \
     && apt-get purge -y -qq containernetworking-plugins && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/vcnpath /src/target/release/vcnpath-cni /usr/local/bin/
-COPY deploy/10-vcnpath.conflist /etc/vcnpath/10-vcnpath.conflist
 ENTRYPOINT ["/usr/local/bin/vcnpath"]
 CMD ["run", "--config", "/etc/vcnpath/config.toml"]

@@ -59,6 +59,12 @@ impl Containerd {
     /// the plugin and the reference plugins the image ships), starts containerd in `node`
     /// and imports the image.
     pub fn start(node: &Netns, socket: &Path) -> Result<Self> {
+        Self::start_with(node, Some(socket))
+    }
+
+    /// [`Self::start`]; with `socket` `None` the CNI conf dir is left empty (for the agent to
+    /// fill, [`Self::cni_conf_dir`]).
+    pub fn start_with(node: &Netns, socket: Option<&Path>) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("vcnpath-ctrd").tempdir()?;
         let d = dir.path();
         let cni_bin = d.join("cni/bin");
@@ -75,9 +81,12 @@ impl Containerd {
                 cni_bin.join(plugin),
             )?;
         }
-        let shipped = std::fs::read_to_string(workspace().join("deploy/10-vcnpath.conflist"))?;
-        let conflist = shipped.replace("/run/vcnpath/vcnpath.sock", &socket.display().to_string());
-        std::fs::write(cni_conf.join("10-vcnpath.conflist"), conflist)?;
+        if let Some(socket) = socket {
+            let shipped = std::fs::read_to_string(workspace().join("deploy/10-vcnpath.conflist"))?;
+            let conflist =
+                shipped.replace("/run/vcnpath/vcnpath.sock", &socket.display().to_string());
+            std::fs::write(cni_conf.join("10-vcnpath.conflist"), conflist)?;
+        }
         let runc = runtime_root().join("usr/sbin/runc");
         let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
         let config = format!(
@@ -111,6 +120,18 @@ impl Containerd {
 
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("containerd.sock")
+    }
+
+    /// Where containerd looks for CNI network configurations.
+    pub fn cni_conf_dir(&self) -> PathBuf {
+        self.dir.path().join("cni/conf")
+    }
+
+    /// CRI's `NetworkReady` condition.
+    pub fn network_ready(&self) -> Result<bool> {
+        self.cri(&["status"])?["NetworkReady"]
+            .as_bool()
+            .context("CRI status has no NetworkReady condition")
     }
 
     fn log(&self) -> PathBuf {

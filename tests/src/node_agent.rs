@@ -23,7 +23,7 @@ pub const IPS_PER_VNIC: u32 = 24;
 
 /// The agent's pool settings; the default is the end-to-end tests' fast pool growth and
 /// short cooldown, the control-plane benchmark sizes the pool for 110 pods.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct AgentOptions {
     pub ips_per_vnic: u32,
     pub warm_ips: u32,
@@ -31,6 +31,8 @@ pub struct AgentOptions {
     /// Keep the state directory on a tmpfs, as the default `/run/vcnpath` is on a node
     /// (the tests keep it on disk, where every checkpoint write is a real fsync).
     pub state_on_tmpfs: bool,
+    /// The runtime's CNI configuration directory the agent installs its conflist in.
+    pub cni_conf_dir: Option<PathBuf>,
 }
 
 impl Default for AgentOptions {
@@ -40,6 +42,7 @@ impl Default for AgentOptions {
             warm_ips: 6,
             cooldown_secs: 3,
             state_on_tmpfs: false,
+            cni_conf_dir: None,
         }
     }
 }
@@ -104,14 +107,21 @@ impl NodeAgent {
             cooldown_secs,
             ..
         } = self.options;
-        format!(
+        let cni = self
+            .options
+            .cni_conf_dir
+            .as_ref()
+            .map(|dir| format!("[cni]\nconf_dir = {:?}\n", dir.display().to_string()))
+            .unwrap_or_default();
+        let config = format!(
             "[ipam]\nips_per_vnic = {ips_per_vnic}\nwarm_ips = {warm_ips}\ncooldown_secs = {cooldown_secs}\nrelease_delay_secs = 600\n\
              [datapath]\npin_dir = {:?}\ngc_interval_secs = 2\n\
              [node]\nstate_dir = {:?}\nsocket = {:?}\nlisten = \"127.0.0.1:19965\"\n{nics}",
             self.pins.path.display().to_string(),
             self.dir.path().join("state").display().to_string(),
             self.socket().display().to_string(),
-        )
+        );
+        config + &cni
     }
 
     /// Starts the agent and waits until it serves the CNI socket.

@@ -16,7 +16,7 @@ use vcnpath_tests::{
         LabOptions, SimLab, lab_sim_config,
         traffic::{TcpServer, tcp_connect},
     },
-    node_agent::{IPS_PER_VNIC, NodeAgent},
+    node_agent::{AgentOptions, IPS_PER_VNIC, NodeAgent},
 };
 
 const T: Duration = Duration::from_mins(1);
@@ -290,4 +290,36 @@ fn an_agent_kill_keeps_pods_and_a_sandbox_while_it_is_down_fails_cleanly() {
     let out = connect_from(&ctrd, after["container"].as_str().unwrap(), peer.addr());
     assert_eq!(out["exit"], 0, "nc from {after}: {out}");
     assert_eq!(seen_by(&peer, 2), BTreeSet::from([ip, after_ip]));
+}
+
+/// The agent installs the conflist once it serves: until then containerd reports the
+/// network not ready (kubelet starts no pod on it); then it is ready and pods start.
+#[test]
+fn the_network_is_ready_only_once_the_agent_serves() {
+    if !available("the_network_is_ready_only_once_the_agent_serves") {
+        return;
+    }
+    let lab = simlab();
+    let ctrd = Containerd::start_with(lab.lab().node(), None).expect("containerd");
+    assert!(
+        !ctrd.network_ready().expect("CRI status"),
+        "NetworkReady before any agent ran"
+    );
+    let options = AgentOptions {
+        cni_conf_dir: Some(ctrd.cni_conf_dir()),
+        ..AgentOptions::default()
+    };
+    let agent = NodeAgent::start_with(&lab, "rt-ready", options).expect("agent");
+    let deadline = std::time::Instant::now() + T;
+    while !ctrd.network_ready().expect("CRI status") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "NetworkReady never came once the agent served; agent log:\n{}",
+            agent.latest_log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let pod = run_pod(&ctrd, "ready");
+    let ip: Ipv4Addr = pod["ip"].as_str().expect("ip").parse().expect("IPv4");
+    assert_eq!(status_ips(&agent), BTreeSet::from([ip]));
 }

@@ -25,6 +25,7 @@ use crate::{
     daemon::{
         AgentConfig, AuthMode, BareMetal, Node, NodeSettings, StateLock,
         config::select_subnets,
+        conflist::Conflist,
         health::{Health, dir_writable},
         http::{self, Introspection},
     },
@@ -450,6 +451,25 @@ async fn serve(
     Ok((api_server, http_server))
 }
 
+/// Installs the CNI configuration once the agent is ready, and puts it back should someone
+/// remove or change it.
+async fn install_when_ready(conflist: &Conflist, introspection: &Introspection) {
+    if !introspection.not_ready().await.is_empty() {
+        return;
+    }
+    let installing = conflist.clone();
+    match tokio::task::spawn_blocking(move || installing.install()).await {
+        Ok(Ok(true)) => {
+            info!(path = %conflist.path().display(), "CNI configuration installed: the runtime reports the network ready");
+        }
+        Ok(Ok(false)) => {}
+        Ok(Err(error)) => {
+            warn!(%error, "installing the CNI configuration failed; the next sync retries");
+        }
+        Err(error) => warn!(%error, "the CNI configuration task failed; the next sync retries"),
+    }
+}
+
 /// The agent's periodic work, until SIGTERM or SIGINT: VNIC interfaces and datapath sync,
 /// NAT garbage collection and sysctls, the VCN's CIDR blocks.
 async fn supervise(
@@ -458,6 +478,11 @@ async fn supervise(
     datapath: &datapath::task::DatapathHandle,
     introspection: &Introspection,
 ) -> anyhow::Result<()> {
+    let conflist = config
+        .cni
+        .conf_dir
+        .as_deref()
+        .map(|dir| Conflist::new(dir, &config.node.socket));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     // VNIC interfaces are looked for (besides on link notifications), the maps re-synced
@@ -504,6 +529,9 @@ async fn supervise(
                 health.usable_vnic.store(usable, Ordering::Release);
                 health.state_dir_writable.store(dir_writable(&health.state_dir), Ordering::Release);
                 health.beat();
+                if let Some(conflist) = &conflist {
+                    install_when_ready(conflist, introspection).await;
+                }
             }
             _ = gc_tick.tick() => {
                 match datapath.collect_nat().await {
@@ -516,6 +544,14 @@ async fn supervise(
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
+        }
+    }
+    if let Some(conflist) = conflist.filter(|_| config.cni.uninstall) {
+        match conflist.remove() {
+            Ok(()) => {
+                info!(path = %conflist.path().display(), "CNI configuration removed (cni.uninstall): the runtime reports the network not ready");
+            }
+            Err(error) => warn!(%error, "uninstalling the CNI configuration failed"),
         }
     }
     Ok(())

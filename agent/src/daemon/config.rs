@@ -28,6 +28,19 @@ pub struct AgentConfig {
     pub ipam: IpamSection,
     pub datapath: DatapathSection,
     pub node: NodeSection,
+    pub cni: CniSection,
+}
+
+/// The CNI network configuration the agent installs once it can serve pods.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CniSection {
+    /// The runtime's CNI configuration directory (the `DaemonSet` mounts the node's
+    /// `/etc/cni/net.d` at `/host/etc/cni/net.d`); unset: the agent writes no conflist.
+    pub conf_dir: Option<PathBuf>,
+    /// Remove the conflist when the agent stops (uninstalling vcnpath from the node). Off by
+    /// default: during a rolling update the node would report `NetworkNotReady`.
+    pub uninstall: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]

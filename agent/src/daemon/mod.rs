@@ -1,7 +1,8 @@
-//! The running agent's parts: configuration, the one-agent-per-node lock, the node (VNIC interfaces, datapath state,
+//! The running agent's parts: configuration, the CNI configuration it installs, the one-agent-per-node lock, the node (VNIC interfaces, datapath state,
 //! the allocator the CNI plugin reaches), and introspection over HTTP.
 
 pub mod config;
+pub mod conflist;
 pub mod health;
 pub mod http;
 pub mod node;

@@ -16,10 +16,9 @@
 //! `/run/vcnpath`, is a tmpfs on nodes, where the same holds by construction and the fsync
 //! before every ADD costs nothing.
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File};
-use std::io::{self, Write as _};
+use std::fs;
+use std::io;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -208,9 +207,6 @@ fn validate(entries: &BTreeMap<Key, Entry>, vnics: &[VnicInfo]) -> Result<(), In
     Ok(())
 }
 
-/// Temp files end so; a crash between write and rename leaves one, which load ignores.
-const TEMP_SUFFIX: &str = ".tmp";
-
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     path: PathBuf,
@@ -338,42 +334,20 @@ impl Checkpoint {
             boot_id: self.boot_id.clone(),
         };
         let text = serde_json::to_vec_pretty(&file).expect("allocations serialise");
-        let write_error = |source| CheckpointError::Write {
-            path: self.path.clone(),
-            source,
-        };
-        let dir = self
-            .path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let mut prefix = self.path.file_name().unwrap_or_default().to_os_string();
-        prefix.push(".");
         // It names every pod on the node: root only, whatever the umask.
-        let mut out = tempfile::Builder::new()
-            .prefix(&prefix)
-            .suffix(TEMP_SUFFIX)
-            .permissions(fs::Permissions::from_mode(0o600))
-            .tempfile_in(dir)
-            .map_err(write_error)?;
-        out.write_all(&text).map_err(write_error)?;
-        out.as_file().sync_all().map_err(write_error)?;
-        // On failure the temp file is removed when `out` drops.
-        out.persist(&self.path)
-            .map_err(|e| CheckpointError::Write {
+        crate::host::file::replace(&self.path, &text, 0o600).map_err(|source| {
+            CheckpointError::Write {
                 path: self.path.clone(),
-                source: e.error,
-            })?;
-        // The rename is durable only once the directory entry is.
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(write_error)
+                source,
+            }
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
+    use std::os::unix::fs::PermissionsExt as _;
 
     use super::*;
 

@@ -223,6 +223,7 @@ pub fn run(churn_pods: usize) -> Result<Control> {
         warm_ips: 10,
         cooldown_secs: COOLDOWN_SECS,
         state_on_tmpfs: true,
+        cni_conf_dir: None,
     };
     let mut agent = NodeAgent::start_with(&lab, "benchcp", options)?;
     std::thread::sleep(Duration::from_secs(1));
