@@ -348,13 +348,18 @@ impl Pool {
         self.exhausted.insert(subnet_id.to_owned(), until);
     }
 
+    /// What the pool can serve: a suspect VNIC's free and cooling addresses serve nobody
+    /// until the reconcile clears it, so of a suspect VNIC only its pods count.
     pub fn counts(&self) -> Counts {
         let mut c = Counts::default();
-        for slot in self.vnics.iter().flat_map(|v| v.ips.values()) {
-            match slot.state {
-                SlotState::Free { .. } => c.free += 1,
-                SlotState::Assigned(_) => c.assigned += 1,
-                SlotState::Cooldown { .. } => c.cooldown += 1,
+        for v in &self.vnics {
+            for slot in v.ips.values() {
+                match slot.state {
+                    SlotState::Assigned(_) => c.assigned += 1,
+                    _ if v.suspect => {}
+                    SlotState::Free { .. } => c.free += 1,
+                    SlotState::Cooldown { .. } => c.cooldown += 1,
+                }
             }
         }
         c
@@ -465,7 +470,7 @@ impl Pool {
         let empty = self
             .vnics
             .iter()
-            .filter(|v| !v.info.is_primary && v.is_empty_of_pods(pods_on))
+            .filter(|v| !v.info.is_primary && !v.suspect && v.is_empty_of_pods(pods_on))
             .count();
         let attach = need
             .div_ceil(cfg.ips_per_vnic.max(1))
@@ -492,8 +497,10 @@ impl Pool {
         plan: &mut Plan,
     ) {
         let mut held = c.assigned + c.free + c.cooldown;
+        // A suspect VNIC is left as it is until the reconcile has read it again.
+        let settled = || self.vnics.iter().rev().filter(|v| !v.suspect);
         // Highest VNICs first: emptying them lets them be detached.
-        for v in self.vnics.iter().rev() {
+        for v in settled() {
             for (ip, slot) in &v.ips {
                 if held <= target {
                     break;
@@ -507,7 +514,7 @@ impl Pool {
                 }
             }
         }
-        for v in self.vnics.iter().rev() {
+        for v in settled() {
             if v.info.is_primary || !v.is_empty_of_pods(pods_on) || empty <= cfg.warm_vnics {
                 continue;
             }

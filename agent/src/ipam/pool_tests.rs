@@ -405,3 +405,41 @@ fn cooldown_is_not_exhaustion() {
         "the address comes back after its cooldown"
     );
 }
+
+#[test]
+fn a_suspect_vnics_free_addresses_do_not_hold_back_growth() {
+    let now = Instant::now();
+    let mut pool = pool_with(now, 4, 2);
+    assert!(
+        pool.plan(&cfg(), now, &NO_PODS).is_empty(),
+        "4 warm: {pool:?}"
+    );
+    pool.mark_suspect("vnic-1");
+    assert!(
+        pool.pick_free(false).is_none(),
+        "a suspect VNIC hands out nothing"
+    );
+    let plan = pool.plan(&cfg(), now, &NO_PODS);
+    assert_eq!(
+        plan.attach,
+        vec!["subnet-a".to_string()],
+        "its 4 free addresses serve nobody: another VNIC brings the warm target ({plan:?})"
+    );
+}
+
+#[test]
+fn a_suspect_vnic_is_neither_shrunk_nor_detached() {
+    let now = Instant::now();
+    let mut pool = pool_with(now, 8, 0);
+    pool.mark_suspect("vnic-1");
+    let cfg = PoolConfig {
+        warm_ips: 0,
+        ..cfg()
+    };
+    let later = now + Duration::from_secs(61);
+    let plan = pool.plan(&cfg, later, &NO_PODS);
+    assert!(
+        plan.release.is_empty() && plan.detach.is_empty(),
+        "nothing is done to a VNIC the reconcile could not read: {plan:?}"
+    );
+}
