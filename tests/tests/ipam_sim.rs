@@ -1448,3 +1448,45 @@ async fn a_404_for_an_attached_vnic_keeps_its_pods_and_serves_no_new_one() {
     all.extend([new, next]);
     assert_pods_keep_their_addresses(&ipam, &all).await;
 }
+
+/// A bare-metal node on which someone else attached two VNICs to physical NIC 1: the agent's
+/// first VNIC goes to NIC 0, which carries only the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_bare_metal_a_new_vnic_goes_to_the_nic_other_actors_left_free() {
+    let sim = Simulator::start(
+        SimConfig {
+            shape: "BM.Standard.E4.128".into(),
+            ips_per_vnic: 4,
+            max_vnic_attachments: 5,
+            attach_delay_ms: 100,
+            ..SimConfig::default()
+        },
+        "127.0.0.1:0",
+    )
+    .await
+    .expect("simulator starts");
+    for _ in 0..2 {
+        let body = serde_json::json!({"subnetId": PODS_SUBNET, "nicIndex": 1});
+        admin(&sim, reqwest::Method::POST, "vnicAttachments", body).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pool = PoolConfig {
+        physical_nics: 2,
+        ..pool(&sim, 0)
+    };
+    let ipam = start(&sim, config(&sim, dir.path(), pool)).await;
+    let a = allocate(&ipam, &pod(0), Duration::from_secs(20)).await;
+    let snapshot = sim.snapshot();
+    let attachments = snapshot["attachments"].as_array().unwrap();
+    let nic_of = |vnic: &str| {
+        attachments
+            .iter()
+            .find(|x| x["vnicId"] == vnic)
+            .and_then(|x| x["nicIndex"].as_u64())
+    };
+    assert_eq!(
+        nic_of(&a.vnic_id),
+        Some(0),
+        "NIC 0 carries the primary, NIC 1 two VNICs of another actor: {attachments:#?}"
+    );
+}

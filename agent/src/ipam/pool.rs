@@ -200,9 +200,10 @@ pub struct Counts {
 pub struct Pool {
     /// VNICs serving pods, in attach order (see [`Pool::sort`]).
     vnics: Vec<PoolVnic>,
-    /// Attachments of the instance the pool does not use (the primary VNIC unless it serves
-    /// pods, VNICs not tagged for this node, attachments in flux); they count against the limit.
-    pub other_attachments: usize,
+    /// The physical NIC (`nicIndex`) of each attachment of the instance the pool does not use
+    /// (the primary VNIC unless it serves pods, VNICs not tagged for this node, attachments in
+    /// flux): they count against the shape's limit, and on bare metal against their NIC.
+    pub other_attachments: Vec<u32>,
     /// Subnet → until when it is skipped.
     exhausted: BTreeMap<String, Instant>,
     /// Pods refused for want of a free address since the last plan: with a warm target of 0
@@ -440,7 +441,7 @@ impl Pool {
             return 0;
         }
         cfg.max_vnics
-            .saturating_sub(self.vnics.len() + self.other_attachments)
+            .saturating_sub(self.vnics.len() + self.other_attachments.len())
     }
 
     /// Decides the next step towards the targets. Growth and shrinking never mix in one plan.

@@ -51,7 +51,7 @@ fn pod(n: usize) -> PodRef {
 /// `assigned` assigned addresses.
 fn pool_with(now: Instant, free: usize, assigned: usize) -> Pool {
     let mut pool = Pool {
-        other_attachments: 1,
+        other_attachments: vec![0],
         ..Pool::default()
     };
     pool.upsert_vnic(info(1));
@@ -113,7 +113,7 @@ fn max_pods_leaves_out_the_primary_vnic_unless_it_serves_pods() {
 fn an_empty_pool_attaches_a_vnic_in_the_first_subnet() {
     let now = Instant::now();
     let pool = Pool {
-        other_attachments: 1,
+        other_attachments: vec![0],
         ..Pool::default()
     };
     let plan = pool.plan(&cfg(), now, &NO_PODS);
@@ -190,7 +190,7 @@ fn exhausted_subnet_spills_to_the_next_then_comes_back() {
 fn vnic_limit_of_the_shape_is_respected() {
     let now = Instant::now();
     let mut pool = pool_with(now, 0, 8);
-    pool.other_attachments = 2; // primary + a VNIC someone else attached
+    pool.other_attachments = vec![0, 0]; // primary + a VNIC someone else attached
     assert!(pool.plan(&cfg(), now, &NO_PODS).is_empty());
     assert!(pool.is_exhausted(&cfg(), now));
 }

@@ -57,7 +57,8 @@ struct Observed {
     vnics: Vec<(VnicInfo, Vec<PrivateIp>)>,
     /// Attached VNICs that could not be read this round: the pool keeps what it knew of them.
     unread: Vec<Unread>,
-    other_attachments: usize,
+    /// The physical NIC of each attachment the pool does not use.
+    other_attachments: Vec<u32>,
 }
 
 impl Observed {
@@ -84,6 +85,8 @@ impl Observed {
 /// such VNIC never stops the reconcile of the others, and never frees its pods' addresses.
 struct Unread {
     vnic_id: String,
+    /// The physical NIC its attachment names.
+    nic_index: u32,
     /// OCI answered 404 for the VNIC or its addresses: it is being detached or was deleted
     /// since the attachments were listed, or IAM hides it. Nothing is handed out from it
     /// until a reconcile reads it again (or finds it detached and quarantines its pods).
@@ -91,12 +94,13 @@ struct Unread {
 }
 
 impl Unread {
-    fn new(vnic_id: &str, error: &IpamError) -> Self {
+    fn new(attachment: &VnicAttachment, vnic_id: &str, error: &IpamError) -> Self {
         let vanished = error.oci().is_some_and(|e| {
             e.is_not_found() && matches!(e.operation(), "GetVnic" | "ListPrivateIps")
         });
         Self {
             vnic_id: vnic_id.to_owned(),
+            nic_index: attachment.nic_index.unwrap_or_default(),
             vanished,
         }
     }
@@ -138,21 +142,22 @@ async fn observe(inner: &Inner) -> Result<Observed, IpamError> {
     let mut subnets = HashMap::new();
     let mut observed = Observed::default();
     for attachment in attachments {
+        let nic = attachment.nic_index.unwrap_or_default();
         match (attachment.lifecycle_state, &attachment.vnic_id) {
             (AttachmentState::Detached, _) => {}
             (AttachmentState::Attached, Some(vnic_id)) => {
                 match read_vnic(inner, &attachment, vnic_id, &mut subnets).await {
                     Ok(Some(read)) => observed.vnics.push(read),
-                    Ok(None) => observed.other_attachments += 1,
+                    Ok(None) => observed.other_attachments.push(nic),
                     Err(e) => {
-                        let unread = Unread::new(vnic_id, &e);
+                        let unread = Unread::new(&attachment, vnic_id, &e);
                         unread.log(&e);
                         observed.unread.push(unread);
                     }
                 }
             }
             // Attaching or detaching: it holds a slot of the shape's limit; adopted once settled.
-            _ => observed.other_attachments += 1,
+            _ => observed.other_attachments.push(nic),
         }
     }
     Ok(observed)
@@ -322,8 +327,13 @@ fn apply(inner: &Inner, state: &mut State, observed: Observed, checked: &Checked
         .unread
         .iter()
         .filter(|u| state.pool.vnic(&u.vnic_id).is_none())
-        .count();
-    state.pool.other_attachments = observed.other_attachments + unknown;
+        .map(|u| u.nic_index);
+    state.pool.other_attachments = observed
+        .other_attachments
+        .iter()
+        .copied()
+        .chain(unknown)
+        .collect();
     let mut before: BTreeMap<Ipv4Addr, (String, Slot)> = BTreeMap::new();
     for v in state.pool.vnics() {
         for (ip, slot) in &v.ips {

@@ -530,6 +530,7 @@ async fn admin_attach(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
         "instanceId": instance,
         "displayName": request["displayName"].as_str().unwrap_or("attached by someone else"),
         "createVnicDetails": {"subnetId": request["subnetId"]},
+        "nicIndex": request["nicIndex"],
     });
     s.remember(&lock(&s.cloud));
     answer(super::core::attach(&s, details.to_string().as_bytes()))
