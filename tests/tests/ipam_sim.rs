@@ -1300,12 +1300,12 @@ async fn the_runtimes_gc_releases_only_unlisted_attachments_past_their_add() {
     assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
 }
 
-/// Every `GetVnic` of `vnic_id` answers `status`/`code` (past the client's retries); every
-/// other request is answered.
-fn fault_get_vnic(sim: &Simulator, vnic_id: &str, status: u16, code: &str) {
+/// Every `op` request naming `vnic_id` answers `status`/`code` (past the client's retries);
+/// every other request is answered.
+fn fault_one_vnic(sim: &Simulator, op: &str, vnic_id: &str, status: u16, code: &str) {
     sim.set_faults(Faults {
         rules: vec![FaultRule {
-            op: "GetVnic".into(),
+            op: op.into(),
             status,
             code: code.into(),
             resource: Some(vnic_id.to_owned()),
@@ -1369,7 +1369,7 @@ async fn one_vnics_read_failing_does_not_stop_the_others_reconciling() {
         .create_private_ip(&details, &new_retry_token())
         .await
         .expect("the out-of-band address is created");
-    fault_get_vnic(&sim, &failing, 500, "InternalServerError");
+    fault_one_vnic(&sim, "GetVnic", &failing, 500, "InternalServerError");
     if let Err(e) = ipam.reconcile().await {
         panic!("one unreadable VNIC ({failing}) stopped the reconcile of the others: {e}");
     }
@@ -1398,6 +1398,16 @@ async fn one_vnics_read_failing_does_not_stop_the_others_reconciling() {
 /// pod until a reconcile reads it again, and then it serves again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_404_for_an_attached_vnic_keeps_its_pods_and_serves_no_new_one() {
+    a_404_on_one_vnic_keeps_its_pods("GetVnic").await;
+}
+
+/// As above, with the 404 on the VNIC's `ListPrivateIps` (its `GetVnic` still answers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_404_listing_one_vnics_addresses_keeps_its_pods_and_serves_no_new_one() {
+    a_404_on_one_vnic_keeps_its_pods("ListPrivateIps").await;
+}
+
+async fn a_404_on_one_vnic_keeps_its_pods(op: &str) {
     let sim = sim(3, 3).await;
     let dir = tempfile::tempdir().unwrap();
     let ipam = start(&sim, config(&sim, dir.path(), pool(&sim, 1))).await;
@@ -1416,13 +1426,13 @@ async fn a_404_for_an_attached_vnic_keeps_its_pods_and_serves_no_new_one() {
         },
     )
     .await;
-    fault_get_vnic(&sim, &vanishing, 404, "NotAuthorizedOrNotFound");
+    fault_one_vnic(&sim, op, &vanishing, 404, "NotAuthorizedOrNotFound");
     let reconciled = ipam.reconcile().await;
-    tracing::info!(?reconciled, "reconcile with one VNIC answering 404");
+    tracing::info!(?reconciled, op, "reconcile with one VNIC answering 404");
     let new = allocate(&ipam, &pod(2), Duration::from_secs(20)).await;
     assert_ne!(
         new.vnic_id, vanishing,
-        "{} handed to a new pod from VNIC {vanishing}, which OCI answers 404 for",
+        "{} handed to a new pod from VNIC {vanishing}, for which OCI answers {op} with 404",
         new.ip
     );
     assert_held_in_oci(&sim, &new, &vanishing);
