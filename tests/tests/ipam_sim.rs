@@ -12,7 +12,7 @@ use vcnpath::ipam::{
 };
 use vcnpath::oci::CoreClient;
 use vcnpath_tests::ocikit::{fast_retries, instance_principal_client};
-use vcnpath_tests::ocisim::{Faults, SimConfig, Simulator};
+use vcnpath_tests::ocisim::{FaultRule, Faults, SimConfig, Simulator};
 
 const PODS_SUBNET: &str = "ocid1.subnet.oc1.iad.simpods";
 
@@ -1298,4 +1298,205 @@ async fn the_runtimes_gc_releases_only_unlisted_attachments_past_their_add() {
         assert_ne!(a.ip, stale.ip, "{} reused within its cooldown", stale.ip);
     }
     assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}
+
+/// Every `op` request naming `vnic_id` answers `status`/`code` (past the client's retries);
+/// every other request is answered.
+fn fault_one_vnic(sim: &Simulator, op: &str, vnic_id: &str, status: u16, code: &str) {
+    sim.set_faults(Faults {
+        rules: vec![FaultRule {
+            op: op.into(),
+            status,
+            code: code.into(),
+            resource: Some(vnic_id.to_owned()),
+            ..FaultRule::default()
+        }],
+        ..Faults::default()
+    });
+}
+
+/// Pods `0..n` allocated one after another, with what they got.
+async fn allocate_pods(ipam: &Ipam, n: usize) -> Vec<Allocation> {
+    let mut held = Vec::new();
+    for i in 0..n {
+        held.push(allocate(ipam, &pod(i), Duration::from_secs(20)).await);
+    }
+    held
+}
+
+/// Each pod still holds the address it was given, and no address is held twice.
+async fn assert_pods_keep_their_addresses(ipam: &Ipam, pods: &[Allocation]) {
+    for (n, a) in pods.iter().enumerate() {
+        assert_eq!(
+            ipam.lookup(&pod(n)).await.map(|x| (x.ip, x.vnic_id)),
+            Some((a.ip, a.vnic_id.clone())),
+            "{} must keep {} on {}",
+            pod(n).container_id,
+            a.ip,
+            a.vnic_id
+        );
+    }
+    let all = ipam.allocations().await;
+    let distinct: BTreeSet<Ipv4Addr> = all.iter().map(|(_, a)| a.ip).collect();
+    assert_eq!(
+        distinct.len(),
+        all.len(),
+        "an address is held twice: {all:?}"
+    );
+}
+
+/// OCI keeps failing the reads of one VNIC (a 5xx that outlasts the retries): the reconcile
+/// still reads the other VNICs and adopts what changed there, and the unreadable VNIC's pods
+/// keep their addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_vnics_read_failing_does_not_stop_the_others_reconciling() {
+    use vcnpath::oci::models::CreatePrivateIpDetails;
+    use vcnpath::oci::new_retry_token;
+    let sim = sim(2, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ipam = start(&sim, config(&sim, dir.path(), pool(&sim, 0))).await;
+    let pods = allocate_pods(&ipam, 3).await;
+    let (failing, healthy) = (pods[0].vnic_id.clone(), pods[2].vnic_id.clone());
+    assert_ne!(failing, healthy, "3 pods on 2-address VNICs: {pods:?}");
+    // Someone adds an address tagged for this node on the healthy VNIC.
+    let tags = [(NODE_TAG.to_owned(), sim.config().instance_id)].into();
+    let details = CreatePrivateIpDetails {
+        vnic_id: healthy.clone(),
+        freeform_tags: tags,
+        ..Default::default()
+    };
+    let added = client(&sim)
+        .create_private_ip(&details, &new_retry_token())
+        .await
+        .expect("the out-of-band address is created");
+    fault_one_vnic(&sim, "GetVnic", &failing, 500, "InternalServerError");
+    if let Err(e) = ipam.reconcile().await {
+        panic!("one unreadable VNIC ({failing}) stopped the reconcile of the others: {e}");
+    }
+    let status = ipam.status().await;
+    let on = |id: &str| status.vnics.iter().find(|v| v.vnic_id == id).cloned();
+    let healthy_now = on(&healthy).expect("the healthy VNIC stays in the pool");
+    assert_eq!(
+        (healthy_now.assigned, healthy_now.free),
+        (1, 1),
+        "{} added on {healthy} is adopted as free next to its pod",
+        added.ip_address
+    );
+    let failing_now = on(&failing).expect("the unreadable VNIC stays in the pool");
+    assert_eq!(
+        failing_now.assigned, 2,
+        "the unreadable VNIC's pods keep their addresses"
+    );
+    assert_pods_keep_their_addresses(&ipam, &pods).await;
+    assert!(quarantined(&ipam).await.is_empty(), "nothing quarantined");
+    sim.set_faults(Faults::default());
+    assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}
+
+/// OCI answers 404 for one attached VNIC with pods (another actor is detaching it, or IAM
+/// hides it): its pods keep their addresses, each held once; no address of it goes to a new
+/// pod until a reconcile reads it again, and then it serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_404_for_an_attached_vnic_keeps_its_pods_and_serves_no_new_one() {
+    a_404_on_one_vnic_keeps_its_pods("GetVnic").await;
+}
+
+/// As above, with the 404 on the VNIC's `ListPrivateIps` (its `GetVnic` still answers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_404_listing_one_vnics_addresses_keeps_its_pods_and_serves_no_new_one() {
+    a_404_on_one_vnic_keeps_its_pods("ListPrivateIps").await;
+}
+
+async fn a_404_on_one_vnic_keeps_its_pods(op: &str) {
+    let sim = sim(3, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ipam = start(&sim, config(&sim, dir.path(), pool(&sim, 1))).await;
+    let pods = allocate_pods(&ipam, 2).await;
+    let vanishing = pods[0].vnic_id.clone();
+    assert_eq!(pods[1].vnic_id, vanishing, "both pods on the first VNIC");
+    wait_for(
+        "a warm address beside them",
+        Duration::from_secs(10),
+        async || {
+            ipam.status()
+                .await
+                .vnics
+                .iter()
+                .any(|v| v.vnic_id == vanishing && v.free == 1)
+        },
+    )
+    .await;
+    fault_one_vnic(&sim, op, &vanishing, 404, "NotAuthorizedOrNotFound");
+    let reconciled = ipam.reconcile().await;
+    tracing::info!(?reconciled, op, "reconcile with one VNIC answering 404");
+    let new = allocate(&ipam, &pod(2), Duration::from_secs(20)).await;
+    assert_ne!(
+        new.vnic_id, vanishing,
+        "{} handed to a new pod from VNIC {vanishing}, for which OCI answers {op} with 404",
+        new.ip
+    );
+    assert_held_in_oci(&sim, &new, &vanishing);
+    assert_pods_keep_their_addresses(&ipam, &pods).await;
+    let in_oci = node_ips(&sim);
+    for a in &pods {
+        assert_eq!(
+            in_oci.get(&a.ip),
+            Some(&vanishing),
+            "{} stays in OCI on its VNIC",
+            a.ip
+        );
+    }
+    // OCI answers for the VNIC again: the next reconcile reads it and it serves again.
+    sim.set_faults(Faults::default());
+    ipam.reconcile().await.expect("reconcile");
+    let next = allocate(&ipam, &pod(3), Duration::from_secs(20)).await;
+    assert_eq!(
+        next.vnic_id, vanishing,
+        "once read again, the first VNIC's free address serves the next pod"
+    );
+    let mut all = pods;
+    all.extend([new, next]);
+    assert_pods_keep_their_addresses(&ipam, &all).await;
+}
+
+/// A bare-metal node on which someone else attached two VNICs to physical NIC 1: the agent's
+/// first VNIC goes to NIC 0, which carries only the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_bare_metal_a_new_vnic_goes_to_the_nic_other_actors_left_free() {
+    let sim = Simulator::start(
+        SimConfig {
+            shape: "BM.Standard.E4.128".into(),
+            ips_per_vnic: 4,
+            max_vnic_attachments: 5,
+            attach_delay_ms: 100,
+            ..SimConfig::default()
+        },
+        "127.0.0.1:0",
+    )
+    .await
+    .expect("simulator starts");
+    for _ in 0..2 {
+        let body = serde_json::json!({"subnetId": PODS_SUBNET, "nicIndex": 1});
+        admin(&sim, reqwest::Method::POST, "vnicAttachments", body).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pool = PoolConfig {
+        physical_nics: 2,
+        ..pool(&sim, 0)
+    };
+    let ipam = start(&sim, config(&sim, dir.path(), pool)).await;
+    let a = allocate(&ipam, &pod(0), Duration::from_secs(20)).await;
+    let snapshot = sim.snapshot();
+    let attachments = snapshot["attachments"].as_array().unwrap();
+    let nic_of = |vnic: &str| {
+        attachments
+            .iter()
+            .find(|x| x["vnicId"] == vnic)
+            .and_then(|x| x["nicIndex"].as_u64())
+    };
+    assert_eq!(
+        nic_of(&a.vnic_id),
+        Some(0),
+        "NIC 0 carries the primary, NIC 1 two VNICs of another actor: {attachments:#?}"
+    );
 }

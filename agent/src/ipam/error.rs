@@ -33,4 +33,12 @@ impl IpamError {
             source: Box::new(source),
         }
     }
+
+    /// The OCI call that failed, if a call failed.
+    pub(crate) fn oci(&self) -> Option<&OciError> {
+        match self {
+            IpamError::Cloud { source, .. } => Some(source),
+            _ => None,
+        }
+    }
 }

@@ -13,7 +13,7 @@ use tracing::Instrument as _;
 use crate::oci::models::AttachmentState;
 use crate::oci::{OciError, new_retry_token};
 
-use super::pool::{Plan, later};
+use super::pool::{Plan, Pool, later};
 use super::reconcile::vnic_info;
 use super::state::Inner;
 
@@ -380,17 +380,7 @@ async fn create_ip(inner: &Inner, vnic: &str, token: String) -> Outcome {
 }
 
 async fn attach_vnic(inner: &Inner, subnet: &str, token: String) -> Outcome {
-    let nic_index = {
-        let state = inner.state.lock().await;
-        let vnics = state.pool.vnics();
-        // The primary VNIC is on NIC 0 (untagged there: cloud-init's BM fixture) and is
-        // in the pool only with `use_primary_vnic`.
-        let primary = (!vnics.iter().any(|v| v.info.is_primary)).then_some(0);
-        least_used_nic(
-            inner.cfg.pool.physical_nics,
-            vnics.iter().map(|v| v.info.nic_index).chain(primary),
-        )
-    };
+    let nic_index = nic_for_new_vnic(&inner.state.lock().await.pool, inner.cfg.pool.physical_nics);
     let attachment = match inner
         .cloud
         .attach_vnic(subnet, nic_index, &inner.tags, &token)
@@ -471,9 +461,21 @@ async fn detach_vnic(inner: &Inner, vnic: &str, attachment: &str) -> bool {
     }
 }
 
+/// The physical NIC a new VNIC is attached to, counting every VNIC of the instance on
+/// each: the pool's own and the attachments it does not use (the primary unless it serves
+/// pods, VNICs other actors attached, attachments in flux), each on the NIC its attachment names.
+fn nic_for_new_vnic(pool: &Pool, physical_nics: u32) -> Option<u32> {
+    let own = pool.vnics().iter().map(|v| v.info.nic_index);
+    least_used_nic(
+        physical_nics,
+        own.chain(pool.other_attachments.iter().copied()),
+    )
+}
+
 /// The physical NIC for a new VNIC: the one carrying the fewest of the node's VNICs (the
 /// primary included), the lowest on a tie. `None` with one NIC: the attachment names none,
-/// as on every VM. A retry of a lost answer asks the same again: the pool has not changed.
+/// as on every VM. A retry of a lost answer asks the same again unless a reconcile ran in
+/// between and changed the counts.
 fn least_used_nic(physical_nics: u32, in_use: impl Iterator<Item = u32>) -> Option<u32> {
     if physical_nics <= 1 {
         return None;
@@ -489,7 +491,41 @@ fn least_used_nic(physical_nics: u32, in_use: impl Iterator<Item = u32>) -> Opti
 
 #[cfg(test)]
 mod nic_tests {
-    use super::least_used_nic;
+    use super::super::pool::{Pool, VnicInfo};
+    use super::{least_used_nic, nic_for_new_vnic};
+
+    fn vnic_on(nic_index: u32) -> VnicInfo {
+        VnicInfo {
+            id: format!("vnic-on-{nic_index}"),
+            attachment_id: format!("att-on-{nic_index}"),
+            nic_index,
+            vlan_tag: 100 + nic_index,
+            attached_at: String::new(),
+            mac: "02:00:00:00:00:01".into(),
+            interface: None,
+            subnet_id: "subnet-a".into(),
+            subnet: "10.0.16.0/20".parse().unwrap(),
+            router_ip: std::net::Ipv4Addr::new(10, 0, 16, 1),
+            primary_ip: std::net::Ipv4Addr::new(10, 0, 16, 2),
+            is_primary: false,
+        }
+    }
+
+    /// On bare metal the VNICs other actors attached (and the primary) load their NIC as
+    /// the pool's own do: `ListVnicAttachments` names the NIC of each.
+    #[test]
+    fn vnics_other_actors_attached_count_on_their_nic() {
+        let mut pool = Pool::default();
+        // The primary on NIC 0; three VNICs someone else put on NIC 1.
+        pool.other_attachments = vec![0, 1, 1, 1];
+        pool.upsert_vnic(vnic_on(0));
+        assert_eq!(
+            nic_for_new_vnic(&pool, 2),
+            Some(0),
+            "NIC 0 carries 2 VNICs, NIC 1 carries 3"
+        );
+        assert_eq!(nic_for_new_vnic(&pool, 1), None, "a VM names no NIC");
+    }
 
     #[test]
     fn new_vnics_go_to_the_least_used_physical_nic() {

@@ -200,9 +200,10 @@ pub struct Counts {
 pub struct Pool {
     /// VNICs serving pods, in attach order (see [`Pool::sort`]).
     vnics: Vec<PoolVnic>,
-    /// Attachments of the instance the pool does not use (the primary VNIC unless it serves
-    /// pods, VNICs not tagged for this node, attachments in flux); they count against the limit.
-    pub other_attachments: usize,
+    /// The physical NIC (`nicIndex`) of each attachment of the instance the pool does not use
+    /// (the primary VNIC unless it serves pods, VNICs not tagged for this node, attachments in
+    /// flux): they count against the shape's limit, and on bare metal against their NIC.
+    pub other_attachments: Vec<u32>,
     /// Subnet → until when it is skipped.
     exhausted: BTreeMap<String, Instant>,
     /// Pods refused for want of a free address since the last plan: with a warm target of 0
@@ -348,13 +349,18 @@ impl Pool {
         self.exhausted.insert(subnet_id.to_owned(), until);
     }
 
+    /// What the pool can serve: a suspect VNIC's free and cooling addresses serve nobody
+    /// until the reconcile clears it, so of a suspect VNIC only its pods count.
     pub fn counts(&self) -> Counts {
         let mut c = Counts::default();
-        for slot in self.vnics.iter().flat_map(|v| v.ips.values()) {
-            match slot.state {
-                SlotState::Free { .. } => c.free += 1,
-                SlotState::Assigned(_) => c.assigned += 1,
-                SlotState::Cooldown { .. } => c.cooldown += 1,
+        for v in &self.vnics {
+            for slot in v.ips.values() {
+                match slot.state {
+                    SlotState::Assigned(_) => c.assigned += 1,
+                    _ if v.suspect => {}
+                    SlotState::Free { .. } => c.free += 1,
+                    SlotState::Cooldown { .. } => c.cooldown += 1,
+                }
             }
         }
         c
@@ -435,7 +441,7 @@ impl Pool {
             return 0;
         }
         cfg.max_vnics
-            .saturating_sub(self.vnics.len() + self.other_attachments)
+            .saturating_sub(self.vnics.len() + self.other_attachments.len())
     }
 
     /// Decides the next step towards the targets. Growth and shrinking never mix in one plan.
@@ -465,7 +471,7 @@ impl Pool {
         let empty = self
             .vnics
             .iter()
-            .filter(|v| !v.info.is_primary && v.is_empty_of_pods(pods_on))
+            .filter(|v| !v.info.is_primary && !v.suspect && v.is_empty_of_pods(pods_on))
             .count();
         let attach = need
             .div_ceil(cfg.ips_per_vnic.max(1))
@@ -492,8 +498,10 @@ impl Pool {
         plan: &mut Plan,
     ) {
         let mut held = c.assigned + c.free + c.cooldown;
+        // A suspect VNIC is left as it is until the reconcile has read it again.
+        let settled = || self.vnics.iter().rev().filter(|v| !v.suspect);
         // Highest VNICs first: emptying them lets them be detached.
-        for v in self.vnics.iter().rev() {
+        for v in settled() {
             for (ip, slot) in &v.ips {
                 if held <= target {
                     break;
@@ -507,7 +515,7 @@ impl Pool {
                 }
             }
         }
-        for v in self.vnics.iter().rev() {
+        for v in settled() {
             if v.info.is_primary || !v.is_empty_of_pods(pods_on) || empty <= cfg.warm_vnics {
                 continue;
             }

@@ -51,7 +51,7 @@ fn pod(n: usize) -> PodRef {
 /// `assigned` assigned addresses.
 fn pool_with(now: Instant, free: usize, assigned: usize) -> Pool {
     let mut pool = Pool {
-        other_attachments: 1,
+        other_attachments: vec![0],
         ..Pool::default()
     };
     pool.upsert_vnic(info(1));
@@ -113,7 +113,7 @@ fn max_pods_leaves_out_the_primary_vnic_unless_it_serves_pods() {
 fn an_empty_pool_attaches_a_vnic_in_the_first_subnet() {
     let now = Instant::now();
     let pool = Pool {
-        other_attachments: 1,
+        other_attachments: vec![0],
         ..Pool::default()
     };
     let plan = pool.plan(&cfg(), now, &NO_PODS);
@@ -190,7 +190,7 @@ fn exhausted_subnet_spills_to_the_next_then_comes_back() {
 fn vnic_limit_of_the_shape_is_respected() {
     let now = Instant::now();
     let mut pool = pool_with(now, 0, 8);
-    pool.other_attachments = 2; // primary + a VNIC someone else attached
+    pool.other_attachments = vec![0, 0]; // primary + a VNIC someone else attached
     assert!(pool.plan(&cfg(), now, &NO_PODS).is_empty());
     assert!(pool.is_exhausted(&cfg(), now));
 }
@@ -403,5 +403,43 @@ fn cooldown_is_not_exhaustion() {
     assert!(
         !pool.is_exhausted(&cfg, now),
         "the address comes back after its cooldown"
+    );
+}
+
+#[test]
+fn a_suspect_vnics_free_addresses_do_not_hold_back_growth() {
+    let now = Instant::now();
+    let mut pool = pool_with(now, 4, 2);
+    assert!(
+        pool.plan(&cfg(), now, &NO_PODS).is_empty(),
+        "4 warm: {pool:?}"
+    );
+    pool.mark_suspect("vnic-1");
+    assert!(
+        pool.pick_free(false).is_none(),
+        "a suspect VNIC hands out nothing"
+    );
+    let plan = pool.plan(&cfg(), now, &NO_PODS);
+    assert_eq!(
+        plan.attach,
+        vec!["subnet-a".to_string()],
+        "its 4 free addresses serve nobody: another VNIC brings the warm target ({plan:?})"
+    );
+}
+
+#[test]
+fn a_suspect_vnic_is_neither_shrunk_nor_detached() {
+    let now = Instant::now();
+    let mut pool = pool_with(now, 8, 0);
+    pool.mark_suspect("vnic-1");
+    let cfg = PoolConfig {
+        warm_ips: 0,
+        ..cfg()
+    };
+    let later = now + Duration::from_secs(61);
+    let plan = pool.plan(&cfg, later, &NO_PODS);
+    assert!(
+        plan.release.is_empty() && plan.detach.is_empty(),
+        "nothing is done to a VNIC the reconcile could not read: {plan:?}"
     );
 }

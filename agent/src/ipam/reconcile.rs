@@ -2,7 +2,7 @@
 //! with the pool and the checkpoint, and repair. Runs at start (it builds the pool) and
 //! periodically. Only addresses and VNICs tagged for this node are ever adopted or deleted, and
 //! an address a checkpointed pod holds is never deleted: if OCI lost it, it is recreated.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, hash_map};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use crate::oci::models::{AttachmentState, PrivateIp, Subnet, Tags, Vnic, VnicAttachment};
-use crate::oci::new_retry_token;
+use crate::oci::{OciError, new_retry_token};
 
 use super::checkpoint::Key;
 use super::config::NODE_TAG;
@@ -51,9 +51,72 @@ pub(super) async fn run(inner: &Inner) -> Result<(), IpamError> {
     .await
 }
 
+#[derive(Default)]
 struct Observed {
+    /// The attached VNICs the pool manages, as OCI has them now, with their private IPs.
     vnics: Vec<(VnicInfo, Vec<PrivateIp>)>,
-    other_attachments: usize,
+    /// Attached VNICs that could not be read this round: the pool keeps what it knew of them.
+    unread: Vec<Unread>,
+    /// The physical NIC of each attachment the pool does not use.
+    other_attachments: Vec<u32>,
+}
+
+impl Observed {
+    /// Whether OCI has the VNIC attached: read this round, or attached but unreadable.
+    fn has(&self, vnic_id: &str) -> bool {
+        self.vnics.iter().any(|(info, _)| info.id == vnic_id) || self.is_unread(vnic_id)
+    }
+
+    fn is_unread(&self, vnic_id: &str) -> bool {
+        self.unread.iter().any(|u| u.vnic_id == vnic_id)
+    }
+
+    /// The addresses the lists of the VNICs read this round show.
+    fn listed(&self) -> BTreeSet<Ipv4Addr> {
+        self.vnics
+            .iter()
+            .flat_map(|(_, ips)| ips.iter())
+            .filter_map(|p| p.ip_address.parse().ok())
+            .collect()
+    }
+}
+
+/// An attached VNIC whose `GetVnic`, `GetSubnet` or `ListPrivateIps` failed this round. One
+/// such VNIC never stops the reconcile of the others, and never frees its pods' addresses.
+struct Unread {
+    vnic_id: String,
+    /// The physical NIC its attachment names.
+    nic_index: u32,
+    /// OCI answered 404 for the VNIC or its addresses: it is being detached or was deleted
+    /// since the attachments were listed, or IAM hides it. Nothing is handed out from it
+    /// until a reconcile reads it again (or finds it detached and quarantines its pods).
+    vanished: bool,
+}
+
+impl Unread {
+    fn new(attachment: &VnicAttachment, vnic_id: &str, error: &IpamError) -> Self {
+        let vanished = error.oci().is_some_and(|e| {
+            e.is_not_found() && matches!(e.operation(), "GetVnic" | "ListPrivateIps")
+        });
+        Self {
+            vnic_id: vnic_id.to_owned(),
+            nic_index: attachment.nic_index.unwrap_or_default(),
+            vanished,
+        }
+    }
+
+    fn log(&self, error: &IpamError) {
+        let oci = error.oci();
+        let operation = oci.map_or("-", OciError::operation);
+        let status = oci.and_then(OciError::status);
+        let code = oci.and_then(OciError::code).unwrap_or("-");
+        let request_id = oci.and_then(OciError::request_id).unwrap_or("-");
+        if self.vanished {
+            tracing::warn!(vnic = %self.vnic_id, operation, ?status, code, request_id, %error, "OCI answers 404 for an attached VNIC (detached or deleted meanwhile, or hidden by IAM): its addresses are handed out no more and its pods keep theirs until a later reconcile reads it");
+        } else {
+            tracing::warn!(vnic = %self.vnic_id, operation, ?status, code, request_id, %error, "cannot read an attached VNIC this round; keeping what the pool knew of it and reconciling the others");
+        }
+    }
 }
 
 #[derive(Default)]
@@ -68,58 +131,77 @@ fn tagged_for(tags: &Tags, instance_id: &str) -> bool {
     tags.get(NODE_TAG).is_some_and(|v| v == instance_id)
 }
 
+/// What OCI has attached to the node. Only a failing `ListVnicAttachments` fails it (then
+/// nothing is known); a VNIC that cannot be read is noted as [`Unread`] and the rest are read.
 async fn observe(inner: &Inner) -> Result<Observed, IpamError> {
-    let cloud = &inner.cloud;
-    let attachments = cloud
+    let attachments = inner
+        .cloud
         .list_vnic_attachments()
         .await
         .map_err(IpamError::cloud("list the node's VNIC attachments", None))?;
     let mut subnets = HashMap::new();
-    let mut observed = Observed {
-        vnics: Vec::new(),
-        other_attachments: 0,
-    };
+    let mut observed = Observed::default();
     for attachment in attachments {
+        let nic = attachment.nic_index.unwrap_or_default();
         match (attachment.lifecycle_state, &attachment.vnic_id) {
             (AttachmentState::Detached, _) => {}
             (AttachmentState::Attached, Some(vnic_id)) => {
-                let vnic = cloud
-                    .get_vnic(vnic_id)
-                    .await
-                    .map_err(IpamError::cloud("read a VNIC", Some(vnic_id)))?;
-                let managed = if vnic.is_primary {
-                    inner.cfg.pool.use_primary_vnic
-                } else {
-                    tagged_for(&vnic.freeform_tags, &inner.cfg.instance_id)
-                };
-                if !managed {
-                    observed.other_attachments += 1;
-                    continue;
+                match read_vnic(inner, &attachment, vnic_id, &mut subnets).await {
+                    Ok(Some(read)) => observed.vnics.push(read),
+                    Ok(None) => observed.other_attachments.push(nic),
+                    Err(e) => {
+                        let unread = Unread::new(&attachment, vnic_id, &e);
+                        unread.log(&e);
+                        observed.unread.push(unread);
+                    }
                 }
-                let subnet = if let Some(s) = subnets.get(&vnic.subnet_id) {
-                    s
-                } else {
-                    let s = cloud
-                        .get_subnet(&vnic.subnet_id)
-                        .await
-                        .map_err(IpamError::cloud("read the subnet of VNIC", Some(vnic_id)))?;
-                    subnets.entry(vnic.subnet_id.clone()).or_insert(s)
-                };
-                let info = info_from(&attachment, &vnic, subnet)?;
-                let ips = cloud
-                    .list_private_ips(vnic_id)
-                    .await
-                    .map_err(IpamError::cloud(
-                        "list the private IPs of VNIC",
-                        Some(vnic_id),
-                    ))?;
-                observed.vnics.push((info, ips));
             }
             // Attaching or detaching: it holds a slot of the shape's limit; adopted once settled.
-            _ => observed.other_attachments += 1,
+            _ => observed.other_attachments.push(nic),
         }
     }
     Ok(observed)
+}
+
+/// One attached VNIC and its private IPs as OCI has them; `None` if the pool does not manage
+/// it (the primary unless it serves pods, a VNIC not tagged for this node).
+async fn read_vnic(
+    inner: &Inner,
+    attachment: &VnicAttachment,
+    vnic_id: &str,
+    subnets: &mut HashMap<String, Subnet>,
+) -> Result<Option<(VnicInfo, Vec<PrivateIp>)>, IpamError> {
+    let cloud = &inner.cloud;
+    let vnic = cloud
+        .get_vnic(vnic_id)
+        .await
+        .map_err(IpamError::cloud("read a VNIC", Some(vnic_id)))?;
+    let managed = if vnic.is_primary {
+        inner.cfg.pool.use_primary_vnic
+    } else {
+        tagged_for(&vnic.freeform_tags, &inner.cfg.instance_id)
+    };
+    if !managed {
+        return Ok(None);
+    }
+    let subnet = match subnets.entry(vnic.subnet_id.clone()) {
+        hash_map::Entry::Occupied(known) => known.into_mut(),
+        hash_map::Entry::Vacant(slot) => slot.insert(
+            cloud
+                .get_subnet(&vnic.subnet_id)
+                .await
+                .map_err(IpamError::cloud("read the subnet of VNIC", Some(vnic_id)))?,
+        ),
+    };
+    let info = info_from(attachment, &vnic, subnet)?;
+    let ips = cloud
+        .list_private_ips(vnic_id)
+        .await
+        .map_err(IpamError::cloud(
+            "list the private IPs of VNIC",
+            Some(vnic_id),
+        ))?;
+    Ok(Some((info, ips)))
 }
 
 /// The pool's view of a freshly attached VNIC.
@@ -185,21 +267,22 @@ fn info_from(
 type Checked = BTreeMap<Ipv4Addr, Option<PrivateIp>>;
 
 /// Addresses a pod holds or that cool down which no list shows (on any VNIC, tagged or not),
-/// with the OCID to ask for.
+/// with the OCID to ask for. Those of an unread VNIC are kept as they were, unasked.
 fn unlisted(state: &State, observed: &Observed) -> Vec<(Ipv4Addr, String)> {
-    let listed: BTreeSet<Ipv4Addr> = observed
-        .vnics
+    let listed = observed.listed();
+    let slots = state
+        .pool
+        .vnics()
         .iter()
-        .flat_map(|(_, ips)| ips.iter())
-        .filter_map(|p| p.ip_address.parse().ok())
-        .collect();
-    let slots = state.pool.vnics().iter().flat_map(|v| v.ips.iter());
+        .filter(|v| !observed.is_unread(&v.info.id))
+        .flat_map(|v| v.ips.iter());
     let busy = slots
         .filter(|(_, slot)| !matches!(slot.state, SlotState::Free { .. }))
         .map(|(ip, slot)| (*ip, slot.ocid.clone()));
     let held = state
         .allocations
         .values()
+        .filter(|e| !observed.is_unread(&e.allocation.vnic_id))
         .map(|e| (e.allocation.ip, e.ip_id.clone()));
     let mut ask: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
     for (ip, ocid) in busy.chain(held) {
@@ -239,7 +322,18 @@ fn apply(inner: &Inner, state: &mut State, observed: Observed, checked: &Checked
     let now = Instant::now();
     let cfg = &inner.cfg;
     let mut repairs = Repairs::default();
-    state.pool.other_attachments = observed.other_attachments;
+    // An unreadable VNIC the pool does not know may be anyone's; it holds a slot of the limit.
+    let unknown = observed
+        .unread
+        .iter()
+        .filter(|u| state.pool.vnic(&u.vnic_id).is_none())
+        .map(|u| u.nic_index);
+    state.pool.other_attachments = observed
+        .other_attachments
+        .iter()
+        .copied()
+        .chain(unknown)
+        .collect();
     let mut before: BTreeMap<Ipv4Addr, (String, Slot)> = BTreeMap::new();
     for v in state.pool.vnics() {
         for (ip, slot) in &v.ips {
@@ -247,6 +341,7 @@ fn apply(inner: &Inner, state: &mut State, observed: Observed, checked: &Checked
         }
     }
     drop_gone(state, &observed);
+    keep_unread(state, &observed);
     let held: HashMap<Ipv4Addr, Key> = state
         .allocations
         .iter()
@@ -319,7 +414,7 @@ fn drop_gone(state: &mut State, observed: &Observed) {
         .vnics()
         .iter()
         .map(|v| v.info.id.clone())
-        .filter(|id| !observed.vnics.iter().any(|(info, _)| info.id == *id))
+        .filter(|id| !observed.has(id))
         .collect();
     for id in gone {
         let pods = state.pods_of(&id);
@@ -330,6 +425,22 @@ fn drop_gone(state: &mut State, observed: &Observed) {
         }
         if let Some(v) = state.pool.remove_vnic(&id) {
             state.remember_gone(v.info);
+        }
+    }
+}
+
+/// An unread VNIC keeps its slots as the pool knew them, but not an address the list of
+/// another VNIC shows (it was moved; the list wins). One OCI answered 404 for serves no new
+/// pod until a reconcile reads it again.
+fn keep_unread(state: &mut State, observed: &Observed) {
+    let listed = observed.listed();
+    for unread in &observed.unread {
+        let Some(v) = state.pool.vnic_mut(&unread.vnic_id) else {
+            continue;
+        };
+        v.ips.retain(|ip, _| !listed.contains(ip));
+        if unread.vanished {
+            v.suspect = true;
         }
     }
 }

@@ -130,6 +130,11 @@ pub struct FaultRule {
     /// Fire at most this many times (`None`: no limit). Counts down as it fires.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub times: Option<u32>,
+    /// Only requests naming this OCID, as a path segment (`GetVnic` of that VNIC) or a query
+    /// value (`ListPrivateIps?vnicId=`), get the fault (`None`: every request of `op`). A test
+    /// device to fault one resource; OCI has no such selector (docs/oci.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +159,7 @@ impl Default for FaultRule {
             rate: 1.0,
             after_commit: false,
             times: None,
+            resource: None,
         }
     }
 }

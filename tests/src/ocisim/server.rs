@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use rsa::RsaPublicKey;
@@ -392,7 +392,8 @@ async fn fault_rules(
     }
     let op = super::core::operation(request.method(), request.uri().path());
     *lock(&s.calls).entry(op.to_owned()).or_default() += 1;
-    if let Some(rule) = fire(&s, op, false) {
+    let uri = request.uri().clone();
+    if let Some(rule) = fire(&s, op, &uri, false) {
         return match rule.kind {
             FaultKind::Hang => std::future::pending().await,
             FaultKind::Status => fault_status(&rule),
@@ -404,7 +405,7 @@ async fn fault_rules(
     if !response.status().is_success() {
         return response;
     }
-    let Some(rule) = fire(&s, op, true) else {
+    let Some(rule) = fire(&s, op, &uri, true) else {
         return response;
     };
     tracing::info!(op, kind = ?rule.kind, "losing the answer of a committed request (injected)");
@@ -426,10 +427,13 @@ async fn fault_rules(
 }
 
 /// The first rule for `op` in this phase that fires (rolling its rate, counting down `times`).
-fn fire(s: &Shared, op: &str, after_commit: bool) -> Option<FaultRule> {
+fn fire(s: &Shared, op: &str, uri: &Uri, after_commit: bool) -> Option<FaultRule> {
     let mut faults = lock(&s.faults);
     for rule in &mut faults.rules {
         if rule.after_commit != after_commit || (rule.op != "*" && rule.op != op) {
+            continue;
+        }
+        if rule.resource.as_deref().is_some_and(|id| !names(uri, id)) {
             continue;
         }
         if rule.times == Some(0) {
@@ -444,6 +448,14 @@ fn fire(s: &Shared, op: &str, after_commit: bool) -> Option<FaultRule> {
         return Some(rule.clone());
     }
     None
+}
+
+/// Whether the request names the resource `id`: a path segment, or a query parameter's value.
+fn names(uri: &Uri, id: &str) -> bool {
+    let in_path = uri.path().split('/').any(|segment| segment == id);
+    let query: Option<Query<HashMap<String, String>>> = Query::try_from_uri(uri).ok();
+    let in_query = query.is_some_and(|q| q.values().any(|value| value == id));
+    in_path || in_query
 }
 
 fn fault_status(rule: &FaultRule) -> Response {
@@ -518,6 +530,7 @@ async fn admin_attach(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
         "instanceId": instance,
         "displayName": request["displayName"].as_str().unwrap_or("attached by someone else"),
         "createVnicDetails": {"subnetId": request["subnetId"]},
+        "nicIndex": request["nicIndex"],
     });
     s.remember(&lock(&s.cloud));
     answer(super::core::attach(&s, details.to_string().as_bytes()))
