@@ -198,8 +198,24 @@ async fn lost_create_private_ip_answers_leave_no_orphan_and_no_duplicate() {
     // One grower step (the tick is 100 ms), far below the reconcile interval.
     wait_pool_equals_oci(&sim, &ipam, Duration::from_secs(5)).await;
     let a = allocate(&ipam, &pod(1), Duration::from_secs(10)).await;
+    // One pod and three warm: the pool grows back to four addresses, through lost answers.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node_ips(&sim).len() < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the pool never grew back to 4 addresses"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     wait_pool_equals_oci(&sim, &ipam, Duration::from_secs(5)).await;
-    assert_eq!(node_ips(&sim).len(), 3, "warm pool of 3, no extra address");
+    // Several grower ticks with the target met: a lost answer retried twice would show now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_pool_equals_oci(&sim, &ipam, Duration::from_secs(5)).await;
+    assert_eq!(
+        node_ips(&sim).len(),
+        4,
+        "one pod and a warm pool of 3, no extra address"
+    );
     assert_checkpoint_in_oci(&sim, dir.path(), &a);
 }
 
