@@ -10,7 +10,9 @@ use crate::{
     decision::{Decision, Step},
     icmp, maps, nat,
     nat::Side,
-    parse::{self, IP_SRC_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, Malformed},
+    parse::{
+        self, Header, IP_SRC_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, L4Head, Malformed,
+    },
     redirect,
 };
 
@@ -19,21 +21,17 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
     let Some(config) = maps::config() else {
         return Ok(Decision::pass(Reason::PassUnconfigured));
     };
-    let ip = parse::ipv4(ctx)?;
-    let Some(owner) = maps::endpoint(ip.src).filter(|o| o.kind == ENDPOINT_KIND_POD) else {
-        if ip.bad_length {
-            return Ok(Decision::pass(Reason::PassBadLength));
-        }
-        return Ok(Decision::pass(Reason::PassNotEndpoint));
+    let hdr = parse::ipv4(ctx)?;
+    let Some(owner) = maps::endpoint(hdr.src).filter(|o| o.kind == ENDPOINT_KIND_POD) else {
+        return Ok(parse::pass_untouched(ctx, &hdr, Reason::PassNotEndpoint));
     };
-    if ip.bad_length {
-        // Whether it needs translation cannot be told from headers that lie.
-        return Ok(Decision::drop(Reason::DropBadLength));
-    }
-    let l4 = if ip.later_fragment {
+    // The L4 fields are read from the frame here and judged against the total length
+    // only on the paths that rewrite the packet (`sound`): traffic inside the VCN, which
+    // is never translated, does not pay for that.
+    let l4 = if hdr.later_fragment {
         L4::Fragment
     } else {
-        classify(ctx, &ip)
+        classify(ctx, &hdr)
     };
 
     // Fast path: a packet of a flow already in the NAT table skips the CIDR lookups.
@@ -44,9 +42,15 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
         sport,
         seen,
         opens,
+        ..
     } = &l4
         && let Some(entry) = nat::lookup(key)
     {
+        // A malformed packet neither rides nor changes the flow its ports name.
+        let Some(ip) = hdr.bounded(ctx) else {
+            return Ok(Decision::drop(Reason::DropBadLength));
+        };
+        sound(&ip, &l4)?;
         // SAFETY: pointer from a lookup in this run.
         let (flags, addr, port) = unsafe { ((*entry).flags, (*entry).addr, (*entry).port) };
         if flags & NAT_F_INBOUND != 0 {
@@ -70,9 +74,20 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
         nat::forget(key);
     }
 
-    if maps::is_nonmasq(ip.dst) {
-        return redirect::via_owner(ctx, owner.ifindex, ip.dst, Reason::PassVcn);
+    if maps::is_nonmasq(hdr.dst) {
+        // Never translated: only the length is judged (a pod packet whose length lies is
+        // dropped on every path); the L4 header of a packet that stays inside the VCN is
+        // not read, and a redirect rewrites only the Ethernet header.
+        if hdr.bounded(ctx).is_none() {
+            return Ok(Decision::drop(Reason::DropBadLength));
+        }
+        return redirect::via_owner(ctx, owner.ifindex, hdr.dst, Reason::PassVcn);
     }
+    let Some(ip) = hdr.bounded(ctx) else {
+        // Whether it needs translation cannot be told from headers that lie.
+        return Ok(Decision::drop(Reason::DropBadLength));
+    };
+    sound(&ip, &l4)?;
     let (key, sport, seen) = match l4 {
         L4::Flow {
             key, sport, seen, ..
@@ -93,54 +108,78 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
     leave_via_masquerade(ctx, &config, ip.dst, reason)
 }
 
-/// What the L4 header says about a pod packet.
+/// What the L4 header says about a pod packet, read from the frame before the packet is
+/// judged: only [`sound`] makes these fields safe to act on.
 enum L4 {
     /// A TCP, UDP or ICMP echo flow: its NAT key, source port (or id), TCP flags seen,
-    /// and whether it is a TCP SYN opening a connection.
+    /// whether it is a TCP SYN opening a connection, and the TCP data offset in bytes
+    /// (0 for the others).
     Flow {
         key: NatKey,
         sport: u16,
         seen: u8,
         opens: bool,
+        tcp_doff: usize,
     },
     /// An ICMP error, translated according to the packet it quotes.
     IcmpError,
     /// A fragment other than the first (no L4 header).
     Fragment,
-    /// The L4 header is truncated or invalid.
+    /// The L4 header is not in the frame.
     Malformed(Malformed),
     /// A protocol that cannot be masqueraded.
     Unsupported,
 }
 
 #[inline(always)]
-fn classify(ctx: &TcContext, ip: &Ipv4) -> L4 {
-    let l4 = match parse::l4_head(ctx, ip) {
-        Ok(l4) => l4,
-        Err(bad) => return L4::Malformed(bad),
+fn classify(ctx: &TcContext, hdr: &Header) -> L4 {
+    let Some(l4) = parse::load::<L4Head>(ctx, hdr.l4_off) else {
+        return L4::Malformed(Malformed::Truncated);
     };
-    let (seen, opens) = match ip.proto {
-        IPPROTO_TCP => match parse::tcp_flags(ctx, ip) {
-            Ok(flags) => (nat::tcp_seen(flags), nat::opens(flags)),
-            Err(bad) => return L4::Malformed(bad),
+    let (seen, opens, tcp_doff) = match hdr.proto {
+        IPPROTO_TCP => match parse::tcp_head(ctx, hdr.l4_off) {
+            Some(tcp) => (nat::tcp_seen(tcp.flags), nat::opens(tcp.flags), tcp.doff),
+            None => return L4::Malformed(Malformed::Truncated),
         },
-        IPPROTO_UDP => (0, false),
-        IPPROTO_ICMP if parse::is_icmp_echo(l4.icmp_type()) => (0, false),
+        IPPROTO_UDP => (0, false, 0),
+        IPPROTO_ICMP if parse::is_icmp_echo(l4.icmp_type()) => (0, false, 0),
         IPPROTO_ICMP if parse::is_icmp_error(l4.icmp_type()) => return L4::IcmpError,
         _ => return L4::Unsupported,
     };
-    let sport = u16::from_be_bytes(l4.port_or_id(ip.proto));
-    let dport = if ip.proto == IPPROTO_ICMP {
+    let sport = u16::from_be_bytes(l4.port_or_id(hdr.proto));
+    let dport = if hdr.proto == IPPROTO_ICMP {
         0
     } else {
         u16::from_be_bytes(l4.dport())
     };
     L4::Flow {
-        key: nat::egress_key(ip.proto, ip.src, ip.dst, sport, dport),
+        key: nat::egress_key(hdr.proto, hdr.src, hdr.dst, sport, dport),
         sport,
         seen,
         opens,
+        tcp_doff,
     }
+}
+
+/// Rule 6 for a pod packet about to be translated or to change NAT state, once its
+/// total length is known to agree with the frame ([`Header::bounded`]): the L4 header it
+/// was classified by must lie inside the total length. Otherwise it is dropped, counted
+/// by its class, and never rewritten.
+///
+/// verifier: takes the packet rather than returning it: an `Ipv4` moved through a
+/// `Result` is stored with its L4 offset narrowed to a byte and reloaded as a word, which
+/// reaches the verifier unbounded.
+#[inline(always)]
+fn sound(ip: &Ipv4, l4: &L4) -> Step<()> {
+    let sound = match *l4 {
+        L4::Flow { tcp_doff, .. } if ip.proto == IPPROTO_TCP => {
+            parse::head_within(ip).and_then(|()| parse::tcp_within(ip, tcp_doff))
+        }
+        L4::Flow { .. } | L4::IcmpError | L4::Unsupported => parse::head_within(ip),
+        L4::Malformed(bad) => Err(bad),
+        L4::Fragment => Ok(()),
+    };
+    sound.map_err(Malformed::drop)
 }
 
 /// Source-NATs the packet to `new_addr` and `new_port`.

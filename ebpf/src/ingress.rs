@@ -12,7 +12,7 @@ use crate::{
     maps::{self, NAT},
     nat::{self, Side},
     parse::{
-        self, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_DST_OFF, IPPROTO_ICMP, IPPROTO_TCP,
+        self, Header, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_DST_OFF, IPPROTO_ICMP, IPPROTO_TCP,
         IPPROTO_UDP, Ipv4,
     },
 };
@@ -22,15 +22,15 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
     let Some(config) = maps::config() else {
         return Ok(Decision::pass(Reason::PassUnconfigured));
     };
-    let ip = parse::ipv4(ctx)?;
-    if ip.bad_length {
-        // Not ours to judge: the kernel's IP input drops it. Never rewritten.
-        return Ok(Decision::pass(Reason::PassBadLength));
-    }
-    if ip.dst == config.masq_ip {
+    let hdr = parse::ipv4(ctx)?;
+    if hdr.dst == config.masq_ip {
+        let Some(ip) = hdr.bounded(ctx) else {
+            // Not ours to judge: the kernel's IP input drops it. Never rewritten.
+            return Ok(Decision::pass(Reason::PassBadLength));
+        };
         return reverse(ctx, &config, &ip);
     }
-    Ok(inbound(ctx, &ip))
+    Ok(inbound(ctx, &hdr))
 }
 
 /// Translates a reply for a masqueraded flow back to the pod.
@@ -83,27 +83,28 @@ fn reverse(ctx: &TcContext, config: &Config, ip: &Ipv4) -> Step<Decision> {
 
 /// Records a flow that a host outside the VCN opened towards a pod address.
 #[inline(always)]
-fn inbound(ctx: &TcContext, ip: &Ipv4) -> Decision {
-    let Some(owner) = maps::endpoint(ip.dst) else {
-        return Decision::pass(Reason::PassNotEndpoint);
+fn inbound(ctx: &TcContext, hdr: &Header) -> Decision {
+    if maps::endpoint(hdr.dst).is_none_or(|owner| owner.kind != ENDPOINT_KIND_POD) {
+        return parse::pass_untouched(ctx, hdr, Reason::PassNotEndpoint);
+    }
+    if maps::is_nonmasq(hdr.src) {
+        return parse::pass_untouched(ctx, hdr, Reason::PassVcn);
+    }
+    let Some(ip) = hdr.bounded(ctx) else {
+        // Not ours to judge: the kernel's IP input drops it. Never recorded.
+        return Decision::pass(Reason::PassBadLength);
     };
-    if owner.kind != ENDPOINT_KIND_POD {
-        return Decision::pass(Reason::PassNotEndpoint);
-    }
-    if maps::is_nonmasq(ip.src) {
-        return Decision::pass(Reason::PassVcn);
-    }
     if ip.later_fragment {
         return Decision::pass(Reason::PassFragment);
     }
-    let l4 = match parse::l4_head(ctx, ip) {
+    let l4 = match parse::l4_head(ctx, &ip) {
         Ok(l4) => l4,
         Err(bad) => return bad.pass(),
     };
     // The key is the one the pod's answers will carry on egress.
     let (pod_port, remote_port, seen, opens) = match ip.proto {
         IPPROTO_TCP => {
-            let flags = match parse::tcp_flags(ctx, ip) {
+            let flags = match parse::tcp_flags(ctx, &ip) {
                 Ok(flags) => flags,
                 Err(bad) => return bad.pass(),
             };

@@ -9,6 +9,8 @@ pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 /// Offset of the IPv4 header checksum.
 pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+/// Offset of the IPv4 total length.
+const IP_TOT_LEN_OFF: usize = ETH_HLEN + 2;
 /// Offset of the IPv4 source address.
 pub const IP_SRC_OFF: usize = ETH_HLEN + 12;
 /// Offset of the IPv4 destination address.
@@ -35,7 +37,23 @@ pub struct Ipv4Hdr {
     pub dst: [u8; 4],
 }
 
-/// The part of an IPv4 packet every decision needs.
+/// The fixed IPv4 header as found: enough to decide whether a packet is vcnpath's to act
+/// on (its addresses, protocol, fragment offset). Its total length is not judged yet:
+/// nothing is rewritten or recorded until [`Header::bounded`] has made it an [`Ipv4`],
+/// which happens after the lookups that tell what the packet is, on the path it takes.
+#[derive(Clone, Copy)]
+pub struct Header {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub proto: u8,
+    /// Offset of the L4 header (from the IHL, so options are honoured).
+    pub l4_off: usize,
+    /// A fragment other than the first: carries no L4 header.
+    pub later_fragment: bool,
+}
+
+/// An IPv4 packet whose total length agrees with its frame: the only kind whose L4
+/// header is read or whose bytes are rewritten.
 #[derive(Clone, Copy)]
 pub struct Ipv4 {
     pub src: [u8; 4],
@@ -48,9 +66,49 @@ pub struct Ipv4 {
     /// End of the IP packet in the frame (from the total length): anything after it is
     /// link-layer padding, and no header may reach past it.
     pub end: usize,
-    /// The total length disagrees with the frame (longer than it, or shorter than the
-    /// header with its options): no header can be trusted, nothing is rewritten.
-    pub bad_length: bool,
+}
+
+impl Header {
+    /// The packet with its total length checked against the frame, or `None` when they
+    /// disagree (longer than the frame, or shorter than the header with its options): no
+    /// header past the IP header can be trusted then, and nothing is rewritten.
+    ///
+    /// The total length is read again here rather than carried from [`ipv4`]: a value
+    /// kept alive across the map lookups that decide whether a packet is ours takes one
+    /// of BPF's few callee-saved registers or a stack slot, on every packet.
+    #[inline(always)]
+    pub fn bounded(self, ctx: &TcContext) -> Option<Ipv4> {
+        let tot_len = load::<[u8; 2]>(ctx, IP_TOT_LEN_OFF)?;
+        let frame_ip_len = (ctx.len() as usize).saturating_sub(ETH_HLEN);
+        let mut tot_len = usize::from(u16::from_be_bytes(tot_len));
+        if tot_len == 0 && frame_ip_len > usize::from(u16::MAX) {
+            // BIG TCP: a GSO packet over 64 KiB carries total length 0 and the skb's
+            // length stands for it (the kernel's `skb_ip_totlen`).
+            tot_len = frame_ip_len;
+        }
+        if tot_len > frame_ip_len || ETH_HLEN + tot_len < self.l4_off {
+            return None;
+        }
+        Some(Ipv4 {
+            src: self.src,
+            dst: self.dst,
+            proto: self.proto,
+            l4_off: self.l4_off,
+            later_fragment: self.later_fragment,
+            end: ETH_HLEN + tot_len,
+        })
+    }
+}
+
+/// The decision for a packet vcnpath passes on its addresses alone, untouched: counted as
+/// `reason`, or as [`Reason::PassBadLength`] when its total length disagrees with the
+/// frame. Judged in the branch that passes it, so the paths that rewrite do not carry it.
+#[inline(always)]
+pub fn pass_untouched(ctx: &TcContext, hdr: &Header, reason: Reason) -> Decision {
+    if hdr.bounded(ctx).is_none() {
+        return Decision::pass(Reason::PassBadLength);
+    }
+    Decision::pass(reason)
 }
 
 /// Why the L4 header of a packet cannot be used. Such a packet is never rewritten: a pod
@@ -115,14 +173,15 @@ fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
 }
 
 /// Parses Ethernet + IPv4. Non-IPv4 frames and truncated or invalid IPv4 headers end
-/// the program with a pass: they are not ours to judge and are never rewritten.
+/// the program with a pass: they are not ours to judge and are never rewritten. The total
+/// length is judged later, by [`Header::bounded`], and only for packets that need it.
 ///
 /// An 802.1Q-tagged frame counts as not IPv4 here, whether the tag is in the header
 /// (ethertype 0x8100) or, offloaded, in the skb: on a bare-metal node's physical NIC it
 /// carries a secondary VNIC, whose VLAN interface on top runs its own programs. Judged
 /// here too, a pod's packet would be redirected back to that interface, in a loop.
 #[inline(always)]
-pub fn ipv4(ctx: &TcContext) -> Step<Ipv4> {
+pub fn ipv4(ctx: &TcContext) -> Step<Header> {
     if vlan_tagged(ctx) {
         return Err(Decision::pass(Reason::PassNotIpv4));
     }
@@ -140,31 +199,29 @@ pub fn ipv4(ctx: &TcContext) -> Step<Ipv4> {
         return Err(Decision::pass(Reason::PassMalformed));
     }
     let frag_off = u16::from_be_bytes(ip.frag_off) & 0x1fff;
-    let frame_ip_len = (ctx.len() as usize).saturating_sub(ETH_HLEN);
-    let mut tot_len = u16::from_be_bytes(ip.tot_len) as usize;
-    if tot_len == 0 && frame_ip_len > usize::from(u16::MAX) {
-        // BIG TCP: a GSO packet over 64 KiB carries total length 0 and the skb's length
-        // stands for it (the kernel's `skb_ip_totlen`).
-        tot_len = frame_ip_len;
-    }
-    Ok(Ipv4 {
+    Ok(Header {
         src: ip.src,
         dst: ip.dst,
         proto: ip.proto,
         l4_off: ETH_HLEN + ihl * 4,
         later_fragment: frag_off != 0,
-        end: ETH_HLEN + tot_len,
-        bad_length: tot_len > frame_ip_len || tot_len < ihl * 4,
     })
 }
 
 /// The first 8 bytes of the L4 header, when they lie inside the IP total length.
 #[inline(always)]
 pub fn l4_head(ctx: &TcContext, ip: &Ipv4) -> Result<L4Head, Malformed> {
+    head_within(ip)?;
+    load::<L4Head>(ctx, ip.l4_off).ok_or(Malformed::Truncated)
+}
+
+/// Whether the first 8 bytes of the L4 header lie inside the IP total length.
+#[inline(always)]
+pub fn head_within(ip: &Ipv4) -> Result<(), Malformed> {
     if ip.l4_off + core::mem::size_of::<L4Head>() > ip.end {
         return Err(Malformed::Truncated);
     }
-    load::<L4Head>(ctx, ip.l4_off).ok_or(Malformed::Truncated)
+    Ok(())
 }
 
 /// Size of the TCP header without options.
@@ -177,17 +234,44 @@ const TCP_OFF_DOFF: usize = 12;
 /// nothing is rewritten otherwise.
 #[inline(always)]
 pub fn tcp_flags(ctx: &TcContext, ip: &Ipv4) -> Result<u8, Malformed> {
+    let tcp = tcp_head(ctx, ip.l4_off).ok_or(Malformed::Truncated)?;
+    tcp_within(ip, tcp.doff)?;
+    Ok(tcp.flags)
+}
+
+/// The TCP data offset and flags, as found in the frame: not judged yet.
+#[derive(Clone, Copy)]
+pub struct TcpHead {
+    /// Data offset in bytes.
+    pub doff: usize,
+    pub flags: u8,
+}
+
+/// The data offset and flags of the TCP header at `l4_off`, read from the frame without
+/// judging them against the total length ([`tcp_within`] does).
+#[inline(always)]
+pub fn tcp_head(ctx: &TcContext, l4_off: usize) -> Option<TcpHead> {
+    // verifier: reading 8 bytes also avoids a 1-byte read, which compiles to
+    // `pkt + 0 < pkt_end`, a comparison the verifier derives no range from.
+    let tail = load::<[u8; 8]>(ctx, l4_off + TCP_OFF_DOFF)?;
+    Some(TcpHead {
+        doff: usize::from(tail[0] >> 4) * 4,
+        flags: tail[1],
+    })
+}
+
+/// Whether a TCP header with data offset `doff` (bytes) is sane in `ip`: the 20-byte
+/// header inside the total length, and the data offset at least 5 words and ending
+/// inside it too.
+#[inline(always)]
+pub fn tcp_within(ip: &Ipv4, doff: usize) -> Result<(), Malformed> {
     if ip.l4_off + TCP_HLEN > ip.end {
         return Err(Malformed::Truncated);
     }
-    // verifier: reading 8 bytes also avoids a 1-byte read, which compiles to
-    // `pkt + 0 < pkt_end`, a comparison the verifier derives no range from.
-    let tail = load::<[u8; 8]>(ctx, ip.l4_off + TCP_OFF_DOFF).ok_or(Malformed::Truncated)?;
-    let doff = usize::from(tail[0] >> 4) * 4;
     if doff < TCP_HLEN || ip.l4_off + doff > ip.end {
         return Err(Malformed::TcpOffset);
     }
-    Ok(tail[1])
+    Ok(())
 }
 
 /// The first 8 bytes of an L4 header: ports for TCP/UDP, type/code/csum/id for ICMP.

@@ -50,66 +50,125 @@ fn with_tcp_offset(mut frame: Vec<u8>, words: u8) -> Vec<u8> {
     frame
 }
 
-/// One malformed class: its pod packet (egress, needs translation), its reply-shaped
-/// packet (ingress, to the masquerade address) and the reasons each is counted under.
+/// The packets of one flow a malformed class is tried on: the pod's packet out (needs
+/// translation), the reply to the masquerade address, and a packet from outside opening a
+/// flow to the pod (rule 4).
+struct Flow {
+    out: Spec,
+    back: Spec,
+    inbound: Spec,
+}
+
+fn tcp_flow(port: u16) -> Flow {
+    Flow {
+        out: Spec::tcp(POD0, port, REMOTE, 443),
+        back: Spec::tcp(REMOTE, 443, MASQ, port),
+        inbound: Spec::tcp(REMOTE, 443, POD0, port),
+    }
+}
+
+fn udp_flow(port: u16) -> Flow {
+    Flow {
+        out: Spec::udp(POD0, port, REMOTE, 53),
+        back: Spec::udp(REMOTE, 53, MASQ, port),
+        inbound: Spec::udp(REMOTE, 53, POD0, port),
+    }
+}
+
+fn echo_flow(id: u16) -> Flow {
+    Flow {
+        out: Spec::echo(POD0, REMOTE, 8, id),
+        back: Spec::echo(REMOTE, MASQ, 0, id),
+        inbound: Spec::echo(REMOTE, POD0, 8, id),
+    }
+}
+
+/// One malformed class: the flow it is tried on, how a well-formed frame is made
+/// malformed, and the reasons a dropped and a passed packet are counted under.
 struct Class {
     what: &'static str,
-    pod: Vec<u8>,
-    reply: Vec<u8>,
+    flow: Flow,
+    malform: fn(Vec<u8>) -> Vec<u8>,
     drop: Reason,
     pass: Reason,
 }
 
+impl Class {
+    /// The well-formed packet of the flow from the pod, which would be translated.
+    fn good_pod(&self) -> Vec<u8> {
+        build(&self.flow.out)
+    }
+    fn pod(&self) -> Vec<u8> {
+        (self.malform)(build(&self.flow.out))
+    }
+    fn reply(&self) -> Vec<u8> {
+        (self.malform)(build(&self.flow.back))
+    }
+    fn inbound(&self) -> Vec<u8> {
+        (self.malform)(build(&self.flow.inbound))
+    }
+}
+
 fn classes() -> Vec<Class> {
-    let out_tcp = build(&Spec::tcp(POD0, 40000, REMOTE, 443));
-    let back_tcp = build(&Spec::tcp(REMOTE, 443, MASQ, 40000));
-    let out_udp = build(&Spec::udp(POD0, 5000, REMOTE, 53));
-    let back_udp = build(&Spec::udp(REMOTE, 53, MASQ, 5000));
-    let mut opts_out = Spec::tcp(POD0, 40001, REMOTE, 443);
-    opts_out.options = vec![1, 1, 1, 1, 0x44, 8, 5, 0];
-    let mut opts_back = Spec::tcp(REMOTE, 443, MASQ, 40001);
-    opts_back.options.clone_from(&opts_out.options);
-    let longer = |f: &Vec<u8>| with_total_length(f.clone(), total_length(f) + 10);
+    let options = vec![1, 1, 1, 1, 0x44, 8, 5, 0];
+    let mut with_options = tcp_flow(40001);
+    for spec in [
+        &mut with_options.out,
+        &mut with_options.back,
+        &mut with_options.inbound,
+    ] {
+        spec.options.clone_from(&options);
+    }
     vec![
         Class {
             what: "total length beyond the frame",
-            pod: longer(&out_tcp),
-            reply: longer(&back_tcp),
+            flow: tcp_flow(40000),
+            malform: |f| {
+                let longer = total_length(&f) + 10;
+                with_total_length(f, longer)
+            },
             drop: Reason::DropBadLength,
             pass: Reason::PassBadLength,
         },
         Class {
             what: "IP options beyond the total length",
-            pod: with_total_length(build(&opts_out), 24),
-            reply: with_total_length(build(&opts_back), 24),
+            flow: with_options,
+            malform: |f| with_total_length(f, 24),
             drop: Reason::DropBadLength,
             pass: Reason::PassBadLength,
         },
         Class {
             what: "UDP header beyond the total length",
-            pod: with_total_length(out_udp, 20 + 4),
-            reply: with_total_length(back_udp, 20 + 4),
+            flow: udp_flow(5000),
+            malform: |f| with_total_length(f, 20 + 4),
             drop: Reason::DropMalformed,
             pass: Reason::PassMalformed,
         },
         Class {
             what: "TCP header beyond the total length",
-            pod: with_total_length(out_tcp.clone(), 20 + 12),
-            reply: with_total_length(back_tcp.clone(), 20 + 12),
+            flow: tcp_flow(40000),
+            malform: |f| with_total_length(f, 20 + 12),
+            drop: Reason::DropMalformed,
+            pass: Reason::PassMalformed,
+        },
+        Class {
+            what: "ICMP echo header beyond the total length",
+            flow: echo_flow(77),
+            malform: |f| with_total_length(f, 20 + 4),
             drop: Reason::DropMalformed,
             pass: Reason::PassMalformed,
         },
         Class {
             what: "TCP data offset below 5",
-            pod: with_tcp_offset(out_tcp.clone(), 4),
-            reply: with_tcp_offset(back_tcp.clone(), 4),
+            flow: tcp_flow(40000),
+            malform: |f| with_tcp_offset(f, 4),
             drop: Reason::DropBadTcpOffset,
             pass: Reason::PassBadTcpOffset,
         },
         Class {
             what: "TCP data offset beyond the total length",
-            pod: with_tcp_offset(out_tcp, 15),
-            reply: with_tcp_offset(back_tcp, 15),
+            flow: tcp_flow(40000),
+            malform: |f| with_tcp_offset(f, 15),
             drop: Reason::DropBadTcpOffset,
             pass: Reason::PassBadTcpOffset,
         },
@@ -122,14 +181,15 @@ fn malformed_pod_packets_are_dropped_untouched_and_counted_by_class() {
     let mut wrong = vec![];
     for class in classes() {
         let fx = Fixture::new("malout", 1024, 65535);
-        let (verdict, out) = fx.egress(&class.pod);
+        let pod = class.pod();
+        let (verdict, out) = fx.egress(&pod);
         let c = fx.counters();
         let created = fx.datapath.maps.nat.keys().next().is_some();
-        if (verdict, &out) != (TC_ACT_SHOT, &class.pod) || c.get(class.drop) != 1 || created {
+        if (verdict, &out) != (TC_ACT_SHOT, &pod) || c.get(class.drop) != 1 || created {
             wrong.push(format!(
                 "{}: verdict {verdict}, rewritten {}, NAT entry created {created}, {} {}, {} {}",
                 class.what,
-                out != class.pod,
+                out != pod,
                 class.drop.name(),
                 c.get(class.drop),
                 Reason::SnatNew.name(),
@@ -144,6 +204,46 @@ fn malformed_pod_packets_are_dropped_untouched_and_counted_by_class() {
     );
 }
 
+/// The established-flow fast path looks the flow up before anything else is decided: a
+/// malformed packet of a flow that exists must not ride it.
+#[test]
+fn malformed_packets_of_an_established_flow_are_dropped_untouched() {
+    root_or_skip!("malformed_established");
+    let mut wrong = vec![];
+    for class in classes() {
+        let fx = Fixture::new("malest", 1024, 65535);
+        let (verdict, _) = fx.egress(&class.good_pod());
+        assert_eq!(
+            (verdict, fx.count(Reason::SnatNew)),
+            (TC_ACT_OK, 1),
+            "{}: the well-formed packet must open the flow",
+            class.what
+        );
+        let pod = class.pod();
+        let (verdict, out) = fx.egress(&pod);
+        let c = fx.counters();
+        if (verdict, &out) != (TC_ACT_SHOT, &pod)
+            || c.get(class.drop) != 1
+            || c.get(Reason::SnatEstablished) != 0
+        {
+            wrong.push(format!(
+                "{}: verdict {verdict}, rewritten {}, {} {}, {} {}",
+                class.what,
+                out != pod,
+                class.drop.name(),
+                c.get(class.drop),
+                Reason::SnatEstablished.name(),
+                c.get(Reason::SnatEstablished),
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "a malformed packet of an established flow must be dropped, never rewritten, counted by its class:\n{}",
+        wrong.join("\n")
+    );
+}
+
 #[test]
 fn malformed_replies_and_host_packets_pass_untouched_and_counted_by_class() {
     root_or_skip!("malformed_ingress");
@@ -151,21 +251,15 @@ fn malformed_replies_and_host_packets_pass_untouched_and_counted_by_class() {
     for class in classes() {
         let fx = Fixture::new("malin", 1024, 65535);
         // The flow exists, so a well-formed reply would be translated.
-        let port = view(&class.reply).dport;
-        let sport = view(&class.reply).sport;
-        let good = if view(&class.reply).proto == 17 {
-            build(&Spec::udp(POD0, port, REMOTE, sport))
-        } else {
-            build(&Spec::tcp(POD0, port, REMOTE, sport))
-        };
-        fx.egress(&good);
-        let (verdict, out) = fx.ingress(&class.reply);
+        fx.egress(&class.good_pod());
+        let reply = class.reply();
+        let (verdict, out) = fx.ingress(&reply);
         let c = fx.counters();
-        if (verdict, &out) != (TC_ACT_OK, &class.reply) || c.get(class.pass) != 1 {
+        if (verdict, &out) != (TC_ACT_OK, &reply) || c.get(class.pass) != 1 {
             wrong.push(format!(
                 "{}: verdict {verdict}, rewritten {}, {} {}, {} {}",
                 class.what,
-                out != class.reply,
+                out != reply,
                 class.pass.name(),
                 c.get(class.pass),
                 Reason::ReverseNat.name(),
@@ -184,6 +278,37 @@ fn malformed_replies_and_host_packets_pass_untouched_and_counted_by_class() {
     let host = with_total_length(host.clone(), total_length(&host) + 10);
     assert_eq!(fx.egress(&host), (TC_ACT_OK, host));
     assert_eq!(fx.count(Reason::PassBadLength), 1);
+}
+
+/// Rule 4 records a flow opened from outside towards a pod: a malformed packet records
+/// nothing (its ports cannot be trusted) and passes untouched, counted by its class.
+#[test]
+fn malformed_packets_from_outside_to_a_pod_pass_untouched_and_record_nothing() {
+    root_or_skip!("malformed_inbound");
+    let mut wrong = vec![];
+    for class in classes() {
+        let fx = Fixture::new("malrec", 1024, 65535);
+        let inbound = class.inbound();
+        let (verdict, out) = fx.ingress(&inbound);
+        let c = fx.counters();
+        let recorded = fx.datapath.maps.nat.keys().next().is_some();
+        if (verdict, &out) != (TC_ACT_OK, &inbound) || c.get(class.pass) != 1 || recorded {
+            wrong.push(format!(
+                "{}: verdict {verdict}, rewritten {}, recorded {recorded}, {} {}, {} {}",
+                class.what,
+                out != inbound,
+                class.pass.name(),
+                c.get(class.pass),
+                Reason::PassInbound.name(),
+                c.get(Reason::PassInbound),
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "a malformed packet from outside to a pod must pass unmodified, record no flow, be counted by its class:\n{}",
+        wrong.join("\n")
+    );
 }
 
 #[test]
