@@ -16,9 +16,10 @@ use vcnpath_tests::{
 };
 
 const S: u64 = 1_000_000_000;
-/// The time unit of the shapes and timeouts below. Two seconds, so a live entry outlives
-/// its timeout by at least 6 s: inserting 10,500 entries takes seconds on a slow VM.
-const UNIT: u64 = 2 * S;
+/// The time unit of the shapes and timeouts below. Three seconds, so a live entry outlives
+/// its timeout by at least 9 s: inserting 10,500 entries took over 6 s in an emulated VM on
+/// a loaded host.
+const UNIT: u64 = 3 * S;
 const TCP: u8 = 6;
 const UDP: u8 = 17;
 const ICMP: u8 = 1;
@@ -180,7 +181,7 @@ fn entries(n: u32, shape: Shape, now_ns: u64) -> Vec<(NatKey, NatEntry)> {
         port,
         flags: 0,
         tcp_seen: seen,
-        created_ns: now_ns - 130 * S,
+        created_ns: now_ns - 190 * S,
     };
     match shape {
         Shape::Both {
@@ -210,14 +211,14 @@ fn collection_removes_exactly_the_expired_flows_of_a_table_larger_than_a_batch()
     if !have_root("nat_gc_batches") {
         return;
     }
-    // Entries are stamped up to 130 s in the past and CLOCK_MONOTONIC starts at boot: on a
+    // Entries are stamped up to 190 s in the past and CLOCK_MONOTONIC starts at boot: on a
     // machine booted moments ago (the VM tier) wait until the past exists.
-    let wanted = 140 * S;
+    let wanted = 200 * S;
     let since_boot = monotonic_now_ns();
     if since_boot < wanted {
         let wait = Duration::from_nanos(wanted - since_boot);
         eprintln!(
-            "nat_gc_batches: the machine booted {} s ago; waiting {} s so entries can be stamped 130 s in the past",
+            "nat_gc_batches: the machine booted {} s ago; waiting {} s so entries can be stamped 190 s in the past",
             since_boot / S,
             wait.as_secs()
         );

@@ -81,3 +81,23 @@ fn the_image_ships_and_the_init_step_installs_every_plugin_the_runtime_runs() {
         );
     }
 }
+
+/// The agent resolves OCI's endpoints before any pod can get an address, `CoreDNS` included:
+/// it must use the node's resolver, not cluster DNS.
+#[test]
+fn the_agent_resolves_through_the_nodes_resolver() {
+    let daemonset = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml"),
+    )
+    .unwrap();
+    let policies: Vec<&str> = daemonset
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("dnsPolicy:"))
+        .map(str::trim)
+        .collect();
+    assert_eq!(
+        policies,
+        vec!["Default"],
+        "the DaemonSet must set dnsPolicy: Default (the node's resolv.conf)"
+    );
+}

@@ -370,6 +370,36 @@ async fn each_missing_permission_is_named_and_its_calls_back_off() {
     }
 }
 
+/// The instance certificate rotates (OCI replaces it in IMDS): once the old one no longer
+/// federates, the next token refresh must read the new one from IMDS, and calls go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_instance_certificate_is_read_anew_at_the_next_federation() {
+    let sim = Simulator::start(
+        SimConfig {
+            token_lifetime_s: 2,
+            superseded_leaf_valid: false,
+            ..SimConfig::default()
+        },
+        "127.0.0.1:0",
+    )
+    .await
+    .expect("simulator starts");
+    let (client, auth) = instance_principal_client(&sim, fast_retries());
+    let vcn = sim.config().vcn.id;
+    client.get_vcn(&vcn).await.expect("a first call federates");
+    let before = auth.refreshes();
+    sim.rotate_leaf().await.expect("the certificate rotates");
+    tokio::time::sleep(Duration::from_millis(2500)).await; // the token has expired
+    client
+        .get_vcn(&vcn)
+        .await
+        .expect("after the rotation the next federation uses the certificate IMDS serves now");
+    assert!(
+        auth.refreshes() > before,
+        "the call must have federated again"
+    );
+}
+
 /// The token expires while the federation endpoint hangs: a call fails within its retry
 /// budget (it does not wait out three 10 s federation attempts), and once `/v1/x509` answers
 /// again the next call federates and succeeds.

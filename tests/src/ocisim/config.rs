@@ -33,6 +33,10 @@ pub struct SimConfig {
     pub page_size: usize,
     /// Lifetime of the session tokens issued by `/v1/x509`.
     pub token_lifetime_s: u64,
+    /// Whether `/v1/x509` accepts an instance certificate IMDS no longer serves (after
+    /// `rotate_leaf`). OCI accepts the old one until its own expiry, which no source puts a
+    /// figure on; `false` models that expiry, to show a client reads IMDS anew.
+    pub superseded_leaf_valid: bool,
     pub vcn: VcnConfig,
     /// The first subnet holds the primary VNIC.
     pub subnets: Vec<SubnetConfig>,
@@ -200,6 +204,7 @@ impl Default for SimConfig {
             attach_delay_ms: 300,
             page_size: 10,
             token_lifetime_s: 3600,
+            superseded_leaf_valid: true,
             vcn: VcnConfig {
                 id: "ocid1.vcn.oc1.iad.simvcn".into(),
                 display_name: "vcnpath-sim".into(),

@@ -49,6 +49,10 @@ pub(super) async fn x509(
     if !s.pki.verify_chain(&leaf, &intermediate) {
         return unauthenticated("the certificate chain does not lead to a trusted root");
     }
+    let superseded_valid = lock(&s.cloud).cfg.superseded_leaf_valid;
+    if !superseded_valid && !s.pki.is_current_leaf(&leaf_der) {
+        return unauthenticated("the certificate has expired (it was rotated away)");
+    }
     // keyId = <tenancy>/fed-x509-sha256/<colon-hex SHA-256 of the leaf>.
     let fingerprint: String = Sha256::digest(&leaf_der)
         .iter()

@@ -163,6 +163,15 @@ impl Pki {
         Ok(new)
     }
 
+    /// Whether `der` is the certificate IMDS serves now (not one rotated away).
+    pub fn is_current_leaf(&self, der: &[u8]) -> bool {
+        use x509_cert::der::DecodePem as _;
+        Certificate::from_pem(self.leaf().cert_pem.as_bytes())
+            .ok()
+            .and_then(|c| c.to_der().ok())
+            .is_some_and(|current| current == der)
+    }
+
     /// Checks that `intermediate` was issued by the root and `leaf` by `intermediate`.
     pub fn verify_chain(&self, leaf: &Certificate, intermediate: &Certificate) -> bool {
         issued_by(intermediate, &self.root) && issued_by(leaf, intermediate)
