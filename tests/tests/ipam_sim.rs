@@ -1437,6 +1437,19 @@ async fn a_404_on_one_vnic_keeps_its_pods(op: &str) {
     );
     assert_held_in_oci(&sim, &new, &vanishing);
     assert_pods_keep_their_addresses(&ipam, &pods).await;
+    let suspect = |status: &vcnpath::ipam::IpamStatus| {
+        status
+            .vnics
+            .iter()
+            .filter(|v| v.suspect)
+            .map(|v| v.vnic_id.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        suspect(&ipam.status().await),
+        vec![vanishing.clone()],
+        "the status shows which VNIC serves no new pod"
+    );
     let in_oci = node_ips(&sim);
     for a in &pods {
         assert_eq!(
@@ -1449,6 +1462,7 @@ async fn a_404_on_one_vnic_keeps_its_pods(op: &str) {
     // OCI answers for the VNIC again: the next reconcile reads it and it serves again.
     sim.set_faults(Faults::default());
     ipam.reconcile().await.expect("reconcile");
+    assert!(suspect(&ipam.status().await).is_empty());
     let next = allocate(&ipam, &pod(3), Duration::from_secs(20)).await;
     assert_eq!(
         next.vnic_id, vanishing,

@@ -39,7 +39,11 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
             s(&v["free"]),
             s(&v["assigned"]),
             s(&v["cooldown"]),
-            if v["full"] == true { "  full" } else { "" }
+            match (v["full"] == true, v["suspect"] == true) {
+                (_, true) => "  suspect: OCI answered 404 at the last reconcile; serves no new pod",
+                (true, false) => "  full",
+                (false, false) => "",
+            }
         );
     }
     println!(

@@ -42,6 +42,10 @@ pub struct VnicStatus {
     pub assigned: usize,
     pub cooldown: usize,
     pub full: bool,
+    /// OCI answered 404 for the VNIC at the last reconcile (detached, or not visible to the
+    /// node's policy): its pods keep their addresses, but it serves no new pod until a
+    /// reconcile reads it again.
+    pub suspect: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -298,6 +302,7 @@ impl Ipam {
                 assigned: v.count(|s| matches!(s, SlotState::Assigned(_))),
                 cooldown: v.count(|s| matches!(s, SlotState::Cooldown { .. })),
                 full: v.full,
+                suspect: v.suspect,
             })
             .collect();
         IpamStatus {
