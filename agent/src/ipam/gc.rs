@@ -51,6 +51,15 @@ impl Drop for AddInProgress<'_> {
     }
 }
 
+/// Whether an ADD of `key` is running or began within the grace period (its plugin may
+/// still be creating the veth; a runtime's list may predate it).
+fn add_running_or_recent(inner: &Inner, key: &Key, now: Instant) -> bool {
+    let grace = inner.cfg.allocation_gc_grace;
+    lock(&inner.adds).get(key).is_some_and(|(running, began)| {
+        *running > 0 || now.saturating_duration_since(*began) < grace
+    })
+}
+
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
@@ -96,10 +105,7 @@ pub(super) async fn collect(inner: &Inner, host: &dyn HostView) -> Vec<PodRef> {
         let key = checkpoint::key(&pod);
         // Under the state lock, so no ADD of this attachment can slip in between the check
         // and the release (an ADD registers itself before it takes the lock).
-        let busy = lock(&inner.adds).get(&key).is_some_and(|(running, began)| {
-            *running > 0 || now.saturating_duration_since(*began) < grace
-        });
-        if busy {
+        if add_running_or_recent(inner, &key, now) {
             continue;
         }
         match release_locked(inner, &mut state, &pod).await {
@@ -144,10 +150,7 @@ pub(super) async fn collect_not_listed(
     for pod in unlisted {
         let key = checkpoint::key(&pod);
         // Under the state lock, as in `collect`: an ADD registers itself before it takes it.
-        let busy = lock(&inner.adds).get(&key).is_some_and(|(running, began)| {
-            *running > 0 || now.saturating_duration_since(*began) < grace
-        });
-        if busy {
+        if add_running_or_recent(inner, &key, now) {
             tracing::info!(container_id = %pod.container_id, ifname = %pod.ifname, grace_secs = grace.as_secs(), "CNI GC keeps an allocation the runtime did not list: its ADD is running or recent");
             continue;
         }
