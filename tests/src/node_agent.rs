@@ -339,17 +339,18 @@ pub fn cni(
     container: &str,
     netns: Option<&Path>,
 ) -> Result<CniOutput> {
-    let mut cmd = Command::new(cni_binary());
-    cmd.env("CNI_CONTAINERID", container)
-        .env("CNI_IFNAME", "eth0")
-        .env(
+    let mut attachment = vec![
+        ("CNI_CONTAINERID", container.into()),
+        ("CNI_IFNAME", "eth0".into()),
+        (
             "CNI_ARGS",
-            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=e2e;K8S_POD_NAME={container}"),
-        );
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=e2e;K8S_POD_NAME={container}").into(),
+        ),
+    ];
     if let Some(netns) = netns {
-        cmd.env("CNI_NETNS", netns);
+        attachment.push(("CNI_NETNS", netns.into()));
     }
-    exec_cni(node, cmd, command, &cni_config(socket))
+    exec_cni(node, command, &attachment, &cni_config(socket))
 }
 
 /// CNI GC as the runtime runs it: the attachments (container ids, `eth0`) it still holds.
@@ -359,28 +360,26 @@ pub fn cni_gc(node: &Netns, socket: &Path, valid: &[&str]) -> Result<CniOutput> 
         .iter()
         .map(|id| serde_json::json!({"containerID": id, "ifname": "eth0"}))
         .collect();
-    exec_cni(node, Command::new(cni_binary()), "GC", &config)
+    exec_cni(node, "GC", &[], &config)
 }
 
 /// CNI STATUS as the runtime runs it.
 pub fn cni_status(node: &Netns, socket: &Path) -> Result<CniOutput> {
-    exec_cni(
-        node,
-        Command::new(cni_binary()),
-        "STATUS",
-        &cni_config(socket),
-    )
+    exec_cni(node, "STATUS", &[], &cni_config(socket))
 }
 
-/// `cmd` (the plugin, with the attachment's variables set) run in `node` with `command`.
-fn exec_cni(node: &Netns, mut cmd: Command, command: &str, config: &Value) -> Result<CniOutput> {
-    let attachment: Vec<(std::ffi::OsString, std::ffi::OsString)> = cmd
-        .get_envs()
-        .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
-        .collect();
+/// The plugin run in `node` with `command`, the attachment's variables (none for GC and
+/// STATUS) and `config` on stdin.
+fn exec_cni(
+    node: &Netns,
+    command: &str,
+    attachment: &[(&str, std::ffi::OsString)],
+    config: &Value,
+) -> Result<CniOutput> {
+    let mut cmd = Command::new(cni_binary());
     enter_before_exec(&mut cmd, node);
     cmd.env_clear()
-        .envs(attachment)
+        .envs(attachment.iter().map(|(k, v)| (k, v)))
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("CNI_COMMAND", command)
         .env("CNI_PATH", "/opt/cni/bin")
