@@ -114,8 +114,8 @@ impl Cloud for OciCloud {
             let details = CreatePrivateIpDetails {
                 vnic_id: vnic_id.to_owned(),
                 ip_address: ip.map(|ip| ip.to_string()),
-                display_name: None,
                 freeform_tags: tags.clone(),
+                ..CreatePrivateIpDetails::default()
             };
             self.client.create_private_ip(&details, retry_token).await
         })

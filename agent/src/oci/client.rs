@@ -11,8 +11,8 @@ use tokio::time::Instant;
 use super::auth::AuthProvider;
 use super::error::{AuthError, OciError};
 use super::models::{
-    AttachVnicDetails, AttachmentState, CreatePrivateIpDetails, PrivateIp, PrivateIpFilter, Subnet,
-    Vcn, Vnic, VnicAttachment,
+    AttachVnicDetails, AttachmentState, BulkCreatePrivateIpsDetails, BulkDeletePrivateIpsDetails,
+    CreatePrivateIpDetails, PrivateIp, PrivateIpFilter, Subnet, Vcn, Vnic, VnicAttachment,
 };
 use super::retry::{RateLimit, RateLimiter, RetryPolicy};
 
@@ -204,6 +204,36 @@ impl CoreClient {
             .await
     }
 
+    /// `BulkCreatePrivateIps`: OCI answers headers only, so the caller reads the result back
+    /// with [`Self::list_private_ips`].
+    pub async fn bulk_create_private_ips(
+        &self,
+        details: &BulkCreatePrivateIpsDetails,
+        retry_token: &str,
+    ) -> Result<(), OciError> {
+        self.post_action(
+            "BulkCreatePrivateIps",
+            "privateIps/actions/bulkCreatePrivateIps",
+            details,
+            retry_token,
+        )
+        .await
+    }
+
+    pub async fn bulk_delete_private_ips(
+        &self,
+        details: &BulkDeletePrivateIpsDetails,
+        retry_token: &str,
+    ) -> Result<(), OciError> {
+        self.post_action(
+            "BulkDeletePrivateIps",
+            "privateIps/actions/bulkDeletePrivateIps",
+            details,
+            retry_token,
+        )
+        .await
+    }
+
     pub async fn list_private_ips(
         &self,
         filter: &PrivateIpFilter,
@@ -300,6 +330,26 @@ impl CoreClient {
         };
         let answer = self.execute(&call).await?;
         decode(operation, &answer)
+    }
+
+    /// A POST whose answer carries no body (OCI's `actions/…` calls).
+    async fn post_action<B: Serialize>(
+        &self,
+        operation: &'static str,
+        path: &str,
+        body: &B,
+        retry_token: &str,
+    ) -> Result<(), OciError> {
+        let body = serde_json::to_vec(body).expect("request models serialise");
+        let call = Call {
+            operation,
+            method: Method::POST,
+            path,
+            query: Vec::new(),
+            body: Some(body),
+            retry_token: Some(retry_token),
+        };
+        self.execute(&call).await.map(drop)
     }
 
     /// Follows `opc-next-page` until the last page.

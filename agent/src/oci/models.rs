@@ -66,6 +66,13 @@ pub struct PrivateIp {
     pub compartment_id: Option<String>,
     pub display_name: Option<String>,
     pub ip_address: String,
+    /// Set when the object is an IP CIDR block (`ipAddress` is then its first address); absent
+    /// for a single address (`PrivateIp.cidrPrefixLength`, oci-go-sdk `core/private_ip.go`).
+    #[serde(default)]
+    pub cidr_prefix_length: Option<u8>,
+    /// The subnet CIDR the object was drawn from, for subnets with several IPv4 CIDRs.
+    #[serde(default)]
+    pub ipv4_subnet_cidr_at_creation: Option<String>,
     #[serde(default)]
     pub is_primary: bool,
     pub subnet_id: String,
@@ -135,10 +142,56 @@ pub struct CreatePrivateIpDetails {
     pub vnic_id: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ip_address: Option<String>,
+    /// Asks for a block of `2^(32 - n)` addresses as one private-IP object instead of one
+    /// address (`CreatePrivateIpDetails.cidrPrefixLength`); with `ip_address` it names the block.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cidr_prefix_length: Option<u8>,
+    /// One of the subnet's IPv4 CIDRs to draw from (`ipv4SubnetCidrAtCreation`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv4_subnet_cidr_at_creation: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub display_name: Option<String>,
     #[serde(skip_serializing_if = "Tags::is_empty")]
     pub freeform_tags: Tags,
+}
+
+/// `BulkCreatePrivateIps` (`POST /privateIps/actions/bulkCreatePrivateIps`): several secondary
+/// addresses or blocks for one VNIC in one call. OCI answers with headers only (an
+/// `opc-work-request-id`), not the created objects; read them back with `ListPrivateIps`.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BulkCreatePrivateIpsDetails {
+    pub vnic_id: String,
+    pub bulk_create_private_ip_item: Vec<BulkCreatePrivateIpItem>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BulkCreatePrivateIpItem {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_address: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cidr_prefix_length: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ipv4_subnet_cidr_at_creation: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    #[serde(skip_serializing_if = "Tags::is_empty")]
+    pub freeform_tags: Tags,
+}
+
+/// `BulkDeletePrivateIps` (`POST /privateIps/actions/bulkDeletePrivateIps`).
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BulkDeletePrivateIpsDetails {
+    pub vnic_id: String,
+    pub bulk_delete_private_ip_item: Vec<BulkDeletePrivateIpItem>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BulkDeletePrivateIpItem {
+    pub private_ip_id: String,
 }
 
 /// `ListPrivateIps` takes either a VNIC, or a subnet (optionally with one address).
