@@ -203,3 +203,50 @@ pub enum PrivateIpFilter {
         ip_address: Option<String>,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wire names are OCI's (oci-go-sdk `core/private_ip.go`, `core/bulk_*` details).
+    #[test]
+    fn block_fields_use_ocis_names() {
+        let block: PrivateIp = serde_json::from_str(
+            r#"{"id":"ocid1.privateip.x","ipAddress":"10.0.16.16","cidrPrefixLength":28,
+                "ipv4SubnetCidrAtCreation":"10.0.16.0/20","subnetId":"s","vnicId":"v"}"#,
+        )
+        .expect("a block decodes");
+        assert_eq!(block.cidr_prefix_length, Some(28));
+        assert_eq!(
+            block.ipv4_subnet_cidr_at_creation.as_deref(),
+            Some("10.0.16.0/20")
+        );
+        let single: PrivateIp =
+            serde_json::from_str(r#"{"id":"i","ipAddress":"10.0.16.2","subnetId":"s"}"#)
+                .expect("a single address decodes");
+        assert_eq!(
+            single.cidr_prefix_length, None,
+            "a single address has no prefix"
+        );
+
+        let create = CreatePrivateIpDetails {
+            vnic_id: "v".into(),
+            cidr_prefix_length: Some(28),
+            ..CreatePrivateIpDetails::default()
+        };
+        assert_eq!(
+            serde_json::to_value(&create).expect("serialises"),
+            serde_json::json!({"vnicId": "v", "cidrPrefixLength": 28})
+        );
+        let bulk = BulkDeletePrivateIpsDetails {
+            vnic_id: "v".into(),
+            bulk_delete_private_ip_item: vec![BulkDeletePrivateIpItem {
+                private_ip_id: "p".into(),
+            }],
+        };
+        assert_eq!(
+            serde_json::to_value(&bulk).expect("serialises"),
+            serde_json::json!({"vnicId": "v", "bulkDeletePrivateIpItem": [{"privateIpId": "p"}]})
+        );
+    }
+}
