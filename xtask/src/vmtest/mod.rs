@@ -29,8 +29,8 @@ struct Tier {
     /// anyway); otherwise one process per target with two test threads.
     one_by_one: bool,
     /// Tests of the tier left to the host tiers: their assertions are about OCI's faults,
-    /// the state lock or the checkpoint, which no kernel changes, and under emulation each
-    /// costs minutes.
+    /// the state lock, the checkpoint or the IPAM at scale, which no kernel changes, and
+    /// under emulation each costs minutes.
     host_only: &'static [&'static str],
     /// The kernels `cargo xtask test` runs the tier on (`vmtest --kernel` runs what it is
     /// asked).
@@ -67,6 +67,10 @@ const TIERS: [Tier; 2] = [
             "lab_a_restart_while_oci_fails_serves_restored_pods_and_converges",
             "lab_a_second_agent_on_the_node_exits_and_the_first_serves_on",
             "lab_kill_9_during_a_burst_and_a_fault_storm_loses_nothing",
+            // Forty pods exercise the agent's IPAM and the plugin at scale; the kernel paths
+            // they take (two VNICs, the VCN and the internet) are the datapath tests' own.
+            // Under emulation it alone took four to five minutes per kernel.
+            "lab_forty_pods_across_two_vnics_reach_the_vcn_and_the_internet_and_addresses_come_back",
         ],
         kernels: &["5.10", "6.12"],
     },
