@@ -742,15 +742,38 @@ fn lab_a_vnic_interface_deleted_on_the_host_serves_no_new_pod() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    // One ADD each, as the kubelet makes it: the answer may be "try again" (the VNIC's free
-    // addresses are unusable) or an address elsewhere, never one of the vanished VNIC.
+    let status = agent.status().expect("status");
+    assert!(
+        status["vnics"]
+            .as_array()
+            .expect("vnics")
+            .iter()
+            .any(|v| v["vnic_id"] == vnic.as_str() && v["link"] == "lost"),
+        "status shows VNIC {vnic}'s interface as lost: {}",
+        status["vnics"]
+    );
+    // Each pod's ADD is retried as the kubelet retries it: the pool must grow past the VNIC
+    // whose interface is gone (its free addresses serve nobody) and give every pod an address
+    // elsewhere, never one of the vanished VNIC.
     let mut got = Vec::new();
+    let grow = vcnpath_tests::scaled(Duration::from_secs(30));
+    let deadline = std::time::Instant::now() + grow;
     for i in 0..3 {
         let id = format!("after{i}");
         let ns = lab.lab().add_pod_netns(&id).expect("pod netns");
-        let out = cni(node, &agent.socket(), "ADD", &id, Some(ns.path())).expect("cni runs");
-        if let Some(ip) = out.ip().filter(|_| out.ok) {
-            got.push((id, ip));
+        loop {
+            let out = cni(node, &agent.socket(), "ADD", &id, Some(ns.path())).expect("cni runs");
+            if let Some(ip) = out.ip().filter(|_| out.ok) {
+                got.push((id, ip));
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pod {id} got no address within {grow:?} after the interface {interface} of VNIC {vnic} was deleted (the pool must grow past it): {}\n{}",
+                out.json,
+                agent.latest_log()
+            );
+            std::thread::sleep(Duration::from_millis(500));
         }
     }
     let cloud = cloud_ips(&lab);

@@ -39,10 +39,12 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
             s(&v["free"]),
             s(&v["assigned"]),
             s(&v["cooldown"]),
-            match (v["full"] == true, v["suspect"] == true) {
-                (_, true) => "  suspect: OCI answered 404 at the last reconcile; serves no new pod",
-                (true, false) => "  full",
-                (false, false) => "",
+            match (v["full"] == true, v["suspect"] == true, v["link"] == "lost") {
+                (_, _, true) => "  interface lost on the host; serves no new pod until it is back",
+                (_, true, false) =>
+                    "  suspect: OCI answered 404 or the interface vanished; serves no new pod until the next reconcile",
+                (true, false, false) => "  full",
+                (false, false, false) => "",
             }
         );
     }

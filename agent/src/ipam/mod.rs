@@ -25,6 +25,6 @@ pub use cloud::{Cloud, OciCloud};
 pub use config::{IpamConfig, NODE_TAG};
 pub use error::IpamError;
 pub use pool::{PoolConfig, max_pods};
-pub use service::{Ipam, IpamStatus, VnicStatus};
+pub use service::{Ipam, IpamStatus, LinkState, VnicStatus};
 pub use state::Quarantined;
 pub use types::{AllocError, Allocation, Allocator, BoxFuture, PodRef};

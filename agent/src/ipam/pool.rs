@@ -150,10 +150,20 @@ pub struct PoolVnic {
     /// it or created on it until the reconcile has looked (it clears this if OCI still has
     /// the VNIC attached).
     pub suspect: bool,
+    /// The host had this VNIC's interface and lost it (deleted by hand, a driver reset). OCI
+    /// may still list the VNIC attached, so the reconcile does not clear this; only host
+    /// setup finding the interface again does. Until then its free and cooling addresses
+    /// serve nobody and count for nothing, so the pool grows past it.
+    pub interface_lost: bool,
     pub ips: BTreeMap<Ipv4Addr, Slot>,
 }
 
 impl PoolVnic {
+    /// Nothing can be handed out from (or created on) this VNIC now.
+    fn unusable(&self) -> bool {
+        self.suspect || self.interface_lost
+    }
+
     pub fn count(&self, f: impl Fn(&SlotState) -> bool) -> usize {
         self.ips.values().filter(|s| f(&s.state)).count()
     }
@@ -242,6 +252,7 @@ impl Pool {
                 info,
                 full: false,
                 suspect: false,
+                interface_lost: false,
                 ips: BTreeMap::new(),
             });
         }
@@ -319,6 +330,7 @@ impl Pool {
             return false;
         };
         v.info.interface = Some(interface.to_owned());
+        v.interface_lost = false;
         true
     }
 
@@ -350,14 +362,15 @@ impl Pool {
     }
 
     /// What the pool can serve: a suspect VNIC's free and cooling addresses serve nobody
-    /// until the reconcile clears it, so of a suspect VNIC only its pods count.
+    /// until the reconcile clears it, nor do those of a VNIC whose interface was lost until
+    /// the host finds it again, so of such a VNIC only its pods count.
     pub fn counts(&self) -> Counts {
         let mut c = Counts::default();
         for v in &self.vnics {
             for slot in v.ips.values() {
                 match slot.state {
                     SlotState::Assigned(_) => c.assigned += 1,
-                    _ if v.suspect => {}
+                    _ if v.unusable() => {}
                     SlotState::Free { .. } => c.free += 1,
                     SlotState::Cooldown { .. } => c.cooldown += 1,
                 }
@@ -386,7 +399,7 @@ impl Pool {
     pub fn pick_free(&self, need_interface: bool) -> Option<(&PoolVnic, Ipv4Addr)> {
         self.vnics
             .iter()
-            .filter(|v| !v.suspect && (!need_interface || v.info.interface.is_some()))
+            .filter(|v| !v.unusable() && (!need_interface || v.info.interface.is_some()))
             .find_map(|v| {
                 v.ips
                     .iter()
@@ -423,7 +436,7 @@ impl Pool {
         let room_on_vnics = self
             .vnics
             .iter()
-            .any(|v| !v.full && !v.suspect && v.ips.len() < cfg.ips_per_vnic);
+            .any(|v| !v.full && !v.unusable() && v.ips.len() < cfg.ips_per_vnic);
         !room_on_vnics && self.can_attach(cfg, now) == 0
     }
 
@@ -460,7 +473,7 @@ impl Pool {
             if need == 0 {
                 break;
             }
-            if v.full || v.suspect {
+            if v.full || v.unusable() {
                 continue;
             }
             let take = cfg.ips_per_vnic.saturating_sub(v.ips.len()).min(need);
@@ -471,7 +484,7 @@ impl Pool {
         let empty = self
             .vnics
             .iter()
-            .filter(|v| !v.info.is_primary && !v.suspect && v.is_empty_of_pods(pods_on))
+            .filter(|v| !v.info.is_primary && !v.unusable() && v.is_empty_of_pods(pods_on))
             .count();
         let attach = need
             .div_ceil(cfg.ips_per_vnic.max(1))
@@ -498,8 +511,9 @@ impl Pool {
         plan: &mut Plan,
     ) {
         let mut held = c.assigned + c.free + c.cooldown;
-        // A suspect VNIC is left as it is until the reconcile has read it again.
-        let settled = || self.vnics.iter().rev().filter(|v| !v.suspect);
+        // A suspect VNIC is left as it is until the reconcile has read it again, one whose
+        // interface was lost until the host finds it again.
+        let settled = || self.vnics.iter().rev().filter(|v| !v.unusable());
         // Highest VNICs first: emptying them lets them be detached.
         for v in settled() {
             for (ip, slot) in &v.ips {

@@ -443,3 +443,26 @@ fn a_suspect_vnic_is_neither_shrunk_nor_detached() {
         "nothing is done to a VNIC the reconcile could not read: {plan:?}"
     );
 }
+
+#[test]
+fn a_vnic_whose_interface_was_lost_stays_out_of_the_pool_after_the_reconcile_clears_it() {
+    // OCI still lists the VNIC attached, so the reconcile clears `suspect`; the interface is
+    // still gone, so its free addresses must neither serve a pod nor hold back growth.
+    let now = Instant::now();
+    let mut pool = pool_with(now, 4, 2);
+    pool.vnic_mut("vnic-1").unwrap().interface_lost = true;
+    assert!(
+        pool.pick_free(false).is_none(),
+        "an interface-less VNIC hands out nothing"
+    );
+    let plan = pool.plan(&cfg(), now, &NO_PODS);
+    assert!(
+        plan.attach == vec!["subnet-a".to_string()] && plan.create.is_empty(),
+        "its free addresses count for nothing, nothing is created on it: another VNIC ({plan:?})"
+    );
+    assert!(pool.set_interface("02:00:00:00:00:01", "ens4"));
+    assert!(
+        pool.pick_free(true).is_some(),
+        "found again, it serves again"
+    );
+}

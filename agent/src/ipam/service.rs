@@ -43,9 +43,24 @@ pub struct VnicStatus {
     pub cooldown: usize,
     pub full: bool,
     /// OCI answered 404 for the VNIC at the last reconcile (detached, or not visible to the
-    /// node's policy): its pods keep their addresses, but it serves no new pod until a
-    /// reconcile reads it again.
+    /// node's policy), or its interface has just vanished: its pods keep their addresses,
+    /// but it serves no new pod until a reconcile reads it again.
     pub suspect: bool,
+    /// Where the VNIC's interface stands on the host.
+    pub link: LinkState,
+}
+
+/// A VNIC's interface on the host, as the pool sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkState {
+    /// Set up; the VNIC serves pods.
+    Up,
+    /// Not found yet (a VNIC just attached): host setup is looking for it.
+    Awaited,
+    /// The host had it and lost it: the VNIC serves no new pod, and its free addresses do
+    /// not count towards the pool's targets, until the interface is found again.
+    Lost,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -226,6 +241,7 @@ impl Ipam {
             // Host setup finds the interface again (and says so) if it comes back.
             if let Some(v) = state.pool.vnic_mut(vnic_id) {
                 v.info.interface = None;
+                v.interface_lost = true;
             }
             state.pool.mark_suspect(vnic_id)
         };
@@ -303,6 +319,11 @@ impl Ipam {
                 cooldown: v.count(|s| matches!(s, SlotState::Cooldown { .. })),
                 full: v.full,
                 suspect: v.suspect,
+                link: match (&v.info.interface, v.interface_lost) {
+                    (Some(_), _) => LinkState::Up,
+                    (None, true) => LinkState::Lost,
+                    (None, false) => LinkState::Awaited,
+                },
             })
             .collect();
         IpamStatus {
