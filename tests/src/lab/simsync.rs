@@ -239,6 +239,8 @@ impl Applied {
         }
     }
 
+    /// One VNIC failing (its router side gone with a link deleted by a test, say) does not
+    /// hold back the others: every VNIC is tried, and the failures are reported together.
     fn try_reconcile(&mut self, sim: &Simulator) -> Result<()> {
         let desired = attached_vnics(&sim.snapshot())?;
         let gone: Vec<String> = self
@@ -247,30 +249,42 @@ impl Applied {
             .filter(|id| !desired.iter().any(|d| d.vnic_id == **id))
             .cloned()
             .collect();
+        let mut failures = Vec::new();
         for vnic_id in gone {
             let (slot, view) = self.vnics.remove(&vnic_id).expect("listed above");
             lock(&self.slots).remove(&vnic_id);
-            self.detach(slot, &view)?;
+            if let Err(error) = self.detach(slot, &view) {
+                failures.push(format!("{error:#}"));
+            }
         }
         for want in desired {
-            match self.vnics.get_mut(&want.vnic_id) {
+            let result = match self.vnics.get_mut(&want.vnic_id) {
                 None => {
                     let used: BTreeSet<u32> = self.vnics.values().map(|(slot, _)| *slot).collect();
                     // One more slot than VNICs held: one of them is free.
                     let slot = (0..=u32::try_from(used.len()).expect("few VNICs"))
                         .find(|s| !used.contains(s))
                         .expect("a free slot");
-                    match self.wiring {
-                        Wiring::Vm => attach(&self.lab, slot, &want)?,
-                        Wiring::BareMetal => attach_vlan(&self.lab, slot, &want)?,
-                    }
-                    lock(&self.slots).insert(want.vnic_id.clone(), slot);
-                    self.vnics.insert(want.vnic_id.clone(), (slot, want));
+                    let wired = match self.wiring {
+                        Wiring::Vm => attach(&self.lab, slot, &want),
+                        Wiring::BareMetal => attach_vlan(&self.lab, slot, &want),
+                    };
+                    wired.map(|()| {
+                        lock(&self.slots).insert(want.vnic_id.clone(), slot);
+                        self.vnics.insert(want.vnic_id.clone(), (slot, want));
+                    })
                 }
-                Some((slot, have)) => sync_addresses(&self.lab, *slot, have, &want.addrs)?,
+                Some((slot, have)) => sync_addresses(&self.lab, *slot, have, &want.addrs),
+            };
+            if let Err(error) = result {
+                failures.push(format!("{error:#}"));
             }
         }
-        Ok(())
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            bail!("{}", failures.join("; "))
+        }
     }
 
     fn detach(&self, slot: u32, view: &VnicView) -> Result<()> {
