@@ -67,6 +67,7 @@ impl Allocator for FakeAllocator {
                 Some("empty") => {
                     return Err(AllocError::PoolEmpty {
                         retry_after_ms: 500,
+                        cause: None,
                     });
                 }
                 Some("datapath") => {

@@ -271,7 +271,7 @@ async fn empty_pool_says_try_later_then_serves_after_growth() {
     let dir = tempfile::tempdir().unwrap();
     let ipam = start(&sim, config(&sim, dir.path(), pool(&sim, 0))).await;
     match ipam.allocate(&pod(0)).await {
-        Err(AllocError::PoolEmpty { retry_after_ms }) => assert_eq!(retry_after_ms, 100),
+        Err(AllocError::PoolEmpty { retry_after_ms, .. }) => assert_eq!(retry_after_ms, 100),
         other => panic!("an empty pool must answer PoolEmpty, got {other:?}"),
     }
     let a = allocate(&ipam, &pod(0), Duration::from_secs(15)).await;

@@ -10,7 +10,7 @@ use vcnpath::ipam::checkpoint::Checkpoint;
 use vcnpath::ipam::{
     AllocError, Allocation, Ipam, IpamConfig, NODE_TAG, OciCloud, PodRef, PoolConfig,
 };
-use vcnpath::oci::CoreClient;
+use vcnpath::oci::{CoreClient, ErrorClass};
 use vcnpath_tests::ocikit::{fast_retries, instance_principal_client};
 use vcnpath_tests::ocisim::{FaultKind, FaultRule, Faults, SimConfig, Simulator};
 
@@ -333,10 +333,27 @@ async fn each_missing_permission_is_named_and_its_calls_back_off() {
         // Pods keep asking (the kubelet repeats ADD) while the node cannot grow.
         let window = Duration::from_secs(12);
         let until = Instant::now() + window;
+        let mut last = None;
         while Instant::now() < until {
-            let _ = ipam.allocate(&pod(1)).await;
+            last = ipam.allocate(&pod(1)).await.err();
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // The pod is told what holds the pool back, and `vcnpath status` says it too.
+        let told = last.map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            told.contains("404 NotAuthorizedOrNotFound") && told.contains("the policy must grant"),
+            "without `{missing}` the try-again answer names the denied call: {told:?}"
+        );
+        let status = ipam.status().await;
+        assert!(
+            status.oci.iter().any(|t| t.class == ErrorClass::Permission
+                && t.retry_in_ms <= 30_000
+                && t.needs
+                    .iter()
+                    .any(|p| vcnpath::oci::iam::implies(missing, p))),
+            "without `{missing}` status shows the denial, what it needs and the next try: {:#?}",
+            status.oci
+        );
         let denied: u64 = sim.denied().values().sum();
         let calls: u64 = sim.calls().values().sum();
         let metrics = {
@@ -368,6 +385,60 @@ async fn each_missing_permission_is_named_and_its_calls_back_off() {
             sim.calls()
         );
     }
+}
+
+/// A tenancy's service limit (400 `LimitExceeded` "The following service limits were exceeded")
+/// is not one full VNIC: the agent must not attach VNIC after VNIC chasing it, and it says
+/// which limit to raise in status and in the answer a waiting pod gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenancy_limit_is_reported_and_attaches_no_vnic_to_chase_it() {
+    let sim = sim(4, 3, None).await;
+    sim.set_faults(Faults {
+        rules: vec![FaultRule {
+            op: "CreatePrivateIp".into(),
+            status: 400,
+            code: "LimitExceeded".into(),
+            message: Some("The following service limits were exceeded: private-ip-count. Request a service limit increase from the service limits page in the console.".into()),
+            ..FaultRule::default()
+        }],
+        ..Faults::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let (ipam, _client) = start(&sim, config(&sim, dir.path(), 4));
+    ipam.reconciled().await;
+    let window = Duration::from_secs(6);
+    let until = Instant::now() + window;
+    let mut last = None;
+    while Instant::now() < until {
+        last = ipam.allocate(&pod(1)).await.err();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let calls = sim.calls();
+    // The first secondary VNIC is attached before any address is asked for; no more after.
+    assert!(
+        calls.get("AttachVnic").copied().unwrap_or(0) <= 1 && node_vnics(&sim).len() <= 1,
+        "a tenancy limit must not make the pool attach VNICs to chase it: {calls:?}, VNICs {:?}",
+        node_vnics(&sim)
+    );
+    assert!(
+        calls.get("CreatePrivateIp").copied().unwrap_or(0) <= 4,
+        "a tenancy limit waits out the long backoff: {calls:?}"
+    );
+    let told = last.map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        told.contains("CreatePrivateIp") && told.contains("400 LimitExceeded"),
+        "the try-again answer names the call and OCI's answer: {told:?}"
+    );
+    let status = ipam.status().await;
+    let trouble = status
+        .oci
+        .iter()
+        .find(|t| t.class == ErrorClass::ServiceLimit)
+        .unwrap_or_else(|| panic!("status shows the tenancy limit: {:#?}", status.oci));
+    assert!(
+        trouble.error.contains("private-ip-count") && trouble.retry_in_ms <= 5_000,
+        "{trouble:#?}"
+    );
 }
 
 /// The instance certificate rotates (OCI replaces it in IMDS): once the old one no longer

@@ -24,6 +24,7 @@ impl Allocator for Fake {
             if pod.name.as_deref() == Some("empty") {
                 return Err(AllocError::PoolEmpty {
                     retry_after_ms: 1500,
+                    cause: None,
                 });
             }
             let mut pods = self.pods.lock().unwrap();
@@ -109,6 +110,7 @@ async fn typed_errors_cross_the_socket() {
     match client.allocate(&pod("c2", "empty")).await {
         Err(ClientError::Agent(AllocError::PoolEmpty {
             retry_after_ms: 1500,
+            ..
         })) => {}
         other => panic!("expected PoolEmpty from the agent, got {other:?}"),
     }

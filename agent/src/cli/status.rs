@@ -58,6 +58,9 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
             ""
         }
     );
+    for line in oci_lines(&status["oci"]) {
+        println!("{line}");
+    }
     let sysctl_failures = status["sysctls"]["failures"].as_u64().unwrap_or(0);
     if sysctl_failures > 0 {
         println!(
@@ -92,6 +95,54 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What holds the pool back at OCI, one paragraph per failing piece of work: the operation and
+/// its answer, when it is tried next, and what to do; then what the IAM policy lacks.
+fn oci_lines(oci: &Value) -> Vec<String> {
+    let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    let mut out = Vec::new();
+    let troubles = oci["trouble"].as_array().map_or(&[][..], Vec::as_slice);
+    if !troubles.is_empty() {
+        out.push(
+            "
+OCI calls failing:"
+                .to_owned(),
+        );
+    }
+    for t in troubles {
+        let answer = match (t["status"].as_u64(), t["code"].as_str()) {
+            (Some(status), Some(code)) => format!("{status} {code}"),
+            _ => "no answer".to_owned(),
+        };
+        out.push(format!(
+            "  {} for {}: {answer} ({}), {} in a row, next try in {:.1} s",
+            s(&t["operation"]),
+            s(&t["target"]),
+            s(&t["class"]),
+            t["failures"],
+            Duration::from_millis(t["retry_in_ms"].as_u64().unwrap_or(0)).as_secs_f64()
+        ));
+        let needs: Vec<String> = t["needs"].as_array().into_iter().flatten().map(s).collect();
+        if !needs.is_empty() {
+            out.push(format!("    the operation needs: {}", needs.join(", ")));
+        }
+        out.push(format!("    to do: {}", s(&t["remedy"])));
+    }
+    let missing: Vec<String> = oci["missing_permissions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(s)
+        .collect();
+    if !missing.is_empty() {
+        out.push(format!(
+            "
+IAM: the node's policy most likely lacks: {} (docs/oci.md lists the policy)",
+            missing.join(", ")
+        ));
+    }
+    out
+}
+
 /// The pod capacity of this shape with the agent's configuration, for kubelet's
 /// `--max-pods`, at most `cap`.
 pub async fn max_pods_for(
@@ -105,4 +156,34 @@ pub async fn max_pods_for(
         .context("reading the shape from IMDS")?;
     let capacity = config.max_pods(instance.shape_config.max_vnic_attachments as usize);
     Ok(capacity.min(cap))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::oci_lines;
+
+    #[test]
+    fn oci_trouble_reads_as_operation_answer_next_try_and_what_to_do() {
+        let oci = json!({
+            "trouble": [{
+                "operation": "AttachVnic", "target": "ocid1.subnet.a", "class": "permission",
+                "status": 404, "code": "NotAuthorizedOrNotFound", "failures": 2,
+                "retry_in_ms": 299_500, "needs": ["manage instances", "use subnets"],
+                "remedy": "grant it",
+            }],
+            "missing_permissions": ["manage instances"],
+        });
+        let text = oci_lines(&oci).join("\n");
+        for wanted in [
+            "AttachVnic for ocid1.subnet.a: 404 NotAuthorizedOrNotFound (permission), 2 in a row, next try in 299.5 s",
+            "needs: manage instances, use subnets",
+            "to do: grant it",
+            "lacks: manage instances",
+        ] {
+            assert!(text.contains(wanted), "{wanted:?} in:\n{text}");
+        }
+        assert!(oci_lines(&json!({"trouble": [], "missing_permissions": []})).is_empty());
+    }
 }

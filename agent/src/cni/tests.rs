@@ -154,7 +154,8 @@ fn agent_answers_map_to_cni_codes() {
     assert!(cni.msg.contains("DaemonSet"), "{cni}");
     assert_eq!(
         code(ClientError::Agent(AllocError::PoolEmpty {
-            retry_after_ms: 1
+            retry_after_ms: 1,
+            cause: None,
         })),
         ErrorCode::TryAgainLater
     );

@@ -131,6 +131,10 @@ pub async fn status_json(state: &Introspection) -> Value {
             "failures": node.sysctls.failures.load(Ordering::Relaxed),
             "last_error": node.sysctls.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
         },
+        "oci": {
+            "trouble": pool.oci,
+            "missing_permissions": state.oci.missing_permissions(),
+        },
         "pool": {"capacity": pool.capacity, "allocations": pool.allocations, "reconciled": pool.reconciled, "quarantined": pool.quarantined},
         "pods": pods,
         "datapath": {

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use crate::oci::models::AttachmentState;
-use crate::oci::{OciError, new_retry_token};
+use crate::oci::{ErrorClass, OciError, new_retry_token};
 
 use super::pool::{Plan, Pool, later};
 use super::reconcile::vnic_info;
@@ -40,21 +40,27 @@ enum Target {
     CountAttachments,
 }
 
-/// Why a call failed, as far as the grower's next move is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Failure {
-    /// OCI refused it in a way retrying will not fix soon: IAM (404 `NotAuthorizedOrNotFound`),
-    /// authentication or a request OCI finds invalid, a tenancy quota.
-    Denied,
-    /// Anything else: throttling, 5xx, a lost connection.
-    Transient,
+impl Target {
+    /// The kind of work and what it is about, as [`Troubles`] files it.
+    fn key(&self) -> (&'static str, &str) {
+        match self {
+            Target::CreateIp(vnic) => ("create private IP", vnic),
+            Target::Attach(subnet) => ("attach VNIC", subnet),
+            Target::CountAttachments => ("count attachments", "instance"),
+        }
+    }
 }
 
-fn classify(error: &OciError) -> Failure {
-    match (error.status(), error.code()) {
-        (Some(404 | 401 | 400), _) | (_, Some("QuotaExceeded")) => Failure::Denied,
-        _ => Failure::Transient,
-    }
+/// Errors retrying soon will not fix: IAM, authentication, a request OCI finds wrong, a tenancy
+/// limit or quota. The work waits `denied_backoff` and status says what to change.
+fn needs_operator(class: ErrorClass) -> bool {
+    matches!(
+        class,
+        ErrorClass::Permission
+            | ErrorClass::Authentication
+            | ErrorClass::Request
+            | ErrorClass::ServiceLimit
+    )
 }
 
 #[derive(Debug)]
@@ -69,6 +75,9 @@ struct Backoff {
 struct Memory {
     backoff: HashMap<Target, Backoff>,
     tokens: HashMap<Target, Vec<String>>,
+    /// The physical NIC each attach token asked for: a retry with the token asks the same, or
+    /// OCI would refuse the token for a different body (409 `InvalidatedRetryToken`).
+    nics: HashMap<String, Option<u32>>,
 }
 
 impl Memory {
@@ -84,34 +93,75 @@ impl Memory {
             .unwrap_or_else(new_retry_token)
     }
 
-    fn record(&mut self, cfg: &super::IpamConfig, target: Target, outcome: Outcome) {
-        match outcome {
-            Outcome::Done => {
-                self.backoff.remove(&target);
-            }
-            Outcome::Failed { error, token } => {
-                if let Some(token) = token {
-                    self.tokens.entry(target.clone()).or_default().push(token);
-                }
-                let failures = self.backoff.get(&target).map_or(0, |b| b.failures) + 1;
-                let wait = match error {
-                    // A lost answer is asked again at once, with the same token; if OCI
-                    // keeps failing, as any other transient failure.
-                    None if failures == 1 => Duration::ZERO,
-                    None | Some(Failure::Transient) => {
-                        jittered(cfg.tick, failures, cfg.error_backoff_max)
-                    }
-                    Some(Failure::Denied) => cfg.denied_backoff,
-                };
-                self.backoff.insert(
-                    target,
-                    Backoff {
-                        failures,
-                        until: Instant::now() + wait,
-                    },
-                );
-            }
+    /// The NIC an attach with `token` asks for: the one its first try asked, else `fresh`.
+    fn nic(&mut self, token: &str, fresh: Option<u32>) -> Option<u32> {
+        *self.nics.entry(token.to_owned()).or_insert(fresh)
+    }
+
+    /// Forgets the NICs of tokens that will not be used again.
+    fn forget_spent(&mut self) {
+        let live: std::collections::HashSet<&String> = self.tokens.values().flatten().collect();
+        self.nics.retain(|token, _| live.contains(token));
+    }
+
+    /// Books how a call ended: its backoff, its token, its entry in `vcnpath status`, its log.
+    fn record(&mut self, inner: &Inner, target: Target, outcome: &Outcome) {
+        let (work, about) = target.key();
+        let cfg = &inner.cfg;
+        if matches!(outcome, Outcome::Done) {
+            self.backoff.remove(&target);
+            inner.troubles.cleared(work, about);
+            return;
         }
+        let failures = self.backoff.get(&target).map_or(0, |b| b.failures) + 1;
+        let transient = jittered(cfg.tick, failures, cfg.error_backoff_max);
+        let wait = match outcome {
+            Outcome::Done => unreachable!("handled above"),
+            // A lost answer is asked again at once with the same token; if OCI keeps
+            // failing, as any other transient failure.
+            Outcome::Failed {
+                token: Some(token),
+                error,
+            } => {
+                tracing::warn!(work, about, error = %error, "the answer was lost; asking again with the same retry token");
+                self.tokens
+                    .entry(target.clone())
+                    .or_default()
+                    .push(token.clone());
+                if failures == 1 {
+                    Duration::ZERO
+                } else {
+                    transient
+                }
+            }
+            Outcome::Failed { token: None, error } if needs_operator(error.class()) => {
+                report_needs_operator(error, cfg.denied_backoff);
+                cfg.denied_backoff
+            }
+            Outcome::Failed { token: None, error } => {
+                tracing::warn!(work, about, error = %error, class = ?error.class(), retry_in = ?transient, "OCI call failed; will retry");
+                transient
+            }
+            Outcome::Again { token, why } => {
+                tracing::warn!(
+                    work,
+                    about,
+                    why,
+                    "not usable yet; asking again with the same retry token"
+                );
+                self.tokens
+                    .entry(target.clone())
+                    .or_default()
+                    .push(token.clone());
+                transient
+            }
+            Outcome::Unusable => cfg.denied_backoff,
+        };
+        let until = Instant::now() + wait;
+        if let Outcome::Failed { error, .. } = outcome {
+            inner.troubles.failed(work, about, error, failures, until);
+        }
+        self.backoff.insert(target, Backoff { failures, until });
     }
 }
 
@@ -130,40 +180,48 @@ fn jittered(base: Duration, failures: u32, cap: Duration) -> Duration {
 #[derive(Debug)]
 enum Outcome {
     Done,
-    /// `error` is `None` when the answer was lost and `token` must be reused.
+    /// The call failed; `token` is kept when the call may have taken effect (its answer was
+    /// lost), so the next try is answered with what the first one made.
     Failed {
-        error: Option<Failure>,
+        error: OciError,
         token: Option<String>,
     },
+    /// The call went through but its result cannot be used yet (an attached VNIC not readable);
+    /// the same token answers the same resource next time.
+    Again {
+        token: String,
+        why: String,
+    },
+    /// OCI answered something the agent cannot use; left to the reconcile, not retried soon.
+    Unusable,
 }
 
 impl Outcome {
-    fn failed(error: &OciError, token: String) -> Self {
-        if error.may_have_committed() {
-            Self::Failed {
-                error: None,
-                token: Some(token),
-            }
-        } else {
-            Self::Failed {
-                error: Some(classify(error)),
-                token: None,
-            }
-        }
+    fn failed(error: OciError, token: String) -> Self {
+        let token = error.may_have_committed().then_some(token);
+        Self::Failed { error, token }
     }
 }
 
-/// Logs a denial once per backoff with what the node's policy must grant.
-fn report_denied(error: &OciError, retry_in: Duration) {
+/// Logs, once per backoff, a failure only an operator can fix, with what to change; for an
+/// IAM denial, what the node's policy must grant.
+fn report_needs_operator(error: &OciError, retry_in: Duration) {
     let operation = error.operation();
-    let needs = crate::oci::iam::needs(operation).join(", ");
+    let class = error.class();
+    let needs = if class == ErrorClass::Permission {
+        crate::oci::iam::needs(operation).join(", ")
+    } else {
+        String::new()
+    };
     tracing::error!(
         operation,
+        ?class,
         needs = %needs,
         code = error.code().unwrap_or("-"),
         ?retry_in,
         error = %error,
-        "OCI refused the call: the node's IAM policy must grant {needs} (see docs/oci.md), or the subnet or compartment is wrong; not retrying before the backoff"
+        "OCI refused the call and retrying soon will not help: {}; not retrying before the backoff",
+        class.remedy()
     );
 }
 
@@ -229,19 +287,12 @@ async fn execute(inner: &Arc<Inner>, plan: Plan, memory: &mut Memory) -> bool {
     } = plan;
     let attach = match allowed_attaches(inner, attach).await {
         Ok(attach) => {
-            memory.record(&inner.cfg, Target::CountAttachments, Outcome::Done);
+            memory.record(inner, Target::CountAttachments, &Outcome::Done);
             attach
         }
         Err(error) => {
-            let failure = classify(&error);
-            if failure == Failure::Denied {
-                report_denied(&error, inner.cfg.denied_backoff);
-            }
-            let outcome = Outcome::Failed {
-                error: Some(failure),
-                token: None,
-            };
-            memory.record(&inner.cfg, Target::CountAttachments, outcome);
+            let outcome = Outcome::Failed { error, token: None };
+            memory.record(inner, Target::CountAttachments, &outcome);
             Vec::new()
         }
     };
@@ -256,13 +307,19 @@ async fn execute(inner: &Arc<Inner>, plan: Plan, memory: &mut Memory) -> bool {
             (target, outcome)
         });
     }
+    let fresh_nic = if attach.is_empty() {
+        None
+    } else {
+        nic_for_new_vnic(&inner.state.lock().await.pool, inner.cfg.pool.physical_nics)
+    };
     for subnet in attach {
         let (inner, limit) = (inner.clone(), limit.clone());
         let target = Target::Attach(subnet.clone());
         let token = memory.token(&target);
+        let nic_index = memory.nic(&token, fresh_nic);
         calls.spawn(async move {
             let _permit = limit.acquire().await;
-            let outcome = attach_vnic(&inner, &subnet, token).await;
+            let outcome = attach_vnic(&inner, &subnet, nic_index, token).await;
             (target, outcome)
         });
     }
@@ -286,8 +343,9 @@ async fn execute(inner: &Arc<Inner>, plan: Plan, memory: &mut Memory) -> bool {
             continue;
         };
         progressed |= matches!(outcome, Outcome::Done);
-        memory.record(&inner.cfg, target, outcome);
+        memory.record(inner, target, &outcome);
     }
+    memory.forget_spent();
     while let Some(done) = tasks.join_next().await {
         progressed |= done.unwrap_or(false);
     }
@@ -337,10 +395,7 @@ async fn create_ip(inner: &Inner, vnic: &str, token: String) -> Outcome {
         Ok(created) => {
             let Ok(ip) = created.ip_address.parse::<Ipv4Addr>() else {
                 tracing::error!(address = %created.ip_address, id = %created.id, "OCI returned a private IP that is not IPv4; leaving it to the reconcile");
-                return Outcome::Failed {
-                    error: Some(Failure::Denied),
-                    token: None,
-                };
+                return Outcome::Unusable;
             };
             // The VNIC cannot have left the pool: detaches happen under the same ops lock.
             inner.state.lock().await.add_created(vnic, ip, created.id);
@@ -360,27 +415,19 @@ async fn create_ip(inner: &Inner, vnic: &str, token: String) -> Outcome {
             tracing::warn!(vnic, error = %e, "OCI does not know the VNIC (404); its addresses are handed out no more until the reconcile has looked");
             inner.state.lock().await.pool.mark_suspect(vnic);
             inner.reconcile_now.notify_one();
-            Outcome::failed(&e, token)
+            Outcome::failed(e, token)
         }
-        Err(e) => {
-            let outcome = Outcome::failed(&e, token);
-            match &outcome {
-                Outcome::Failed { error: None, .. } => {
-                    tracing::warn!(vnic, error = %e, "the answer to CreatePrivateIp was lost; asking again with the same retry token");
-                }
-                Outcome::Failed {
-                    error: Some(Failure::Denied),
-                    ..
-                } => report_denied(&e, inner.cfg.denied_backoff),
-                _ => tracing::warn!(vnic, error = %e, "cannot create a private IP; will retry"),
-            }
-            outcome
-        }
+        Err(e) => Outcome::failed(e, token),
     }
 }
 
-async fn attach_vnic(inner: &Inner, subnet: &str, token: String) -> Outcome {
-    let nic_index = nic_for_new_vnic(&inner.state.lock().await.pool, inner.cfg.pool.physical_nics);
+/// Attaches a VNIC in `subnet` on physical NIC `nic_index` (`None` on a VM) with `token`.
+async fn attach_vnic(
+    inner: &Inner,
+    subnet: &str,
+    nic_index: Option<u32>,
+    token: String,
+) -> Outcome {
     let attachment = match inner
         .cloud
         .attach_vnic(subnet, nic_index, &inner.tags, &token)
@@ -400,20 +447,7 @@ async fn attach_vnic(inner: &Inner, subnet: &str, token: String) -> Outcome {
                 .mark_subnet_exhausted(subnet, until);
             return Outcome::Done;
         }
-        Err(e) => {
-            let outcome = Outcome::failed(&e, token);
-            match &outcome {
-                Outcome::Failed { error: None, .. } => {
-                    tracing::warn!(subnet, error = %e, "the answer to AttachVnic was lost; asking again with the same retry token");
-                }
-                Outcome::Failed {
-                    error: Some(Failure::Denied),
-                    ..
-                } => report_denied(&e, inner.cfg.denied_backoff),
-                _ => tracing::warn!(subnet, error = %e, "cannot attach a VNIC; will retry"),
-            }
-            return outcome;
-        }
+        Err(e) => return Outcome::failed(e, token),
     };
     match vnic_info(inner, &attachment).await {
         Ok(info) => {
@@ -424,10 +458,9 @@ async fn attach_vnic(inner: &Inner, subnet: &str, token: String) -> Outcome {
         }
         Err(e) => {
             // The same token answers this attachment again, so the next try adopts it.
-            tracing::warn!(attachment = %attachment.id, error = %e, "VNIC attached but not readable yet; asking again with the same retry token");
-            Outcome::Failed {
-                error: None,
-                token: Some(token),
+            Outcome::Again {
+                token,
+                why: format!("VNIC attachment {} not readable yet: {e}", attachment.id),
             }
         }
     }
@@ -474,8 +507,8 @@ fn nic_for_new_vnic(pool: &Pool, physical_nics: u32) -> Option<u32> {
 
 /// The physical NIC for a new VNIC: the one carrying the fewest of the node's VNICs (the
 /// primary included), the lowest on a tie. `None` with one NIC: the attachment names none,
-/// as on every VM. A retry of a lost answer asks the same again unless a reconcile ran in
-/// between and changed the counts.
+/// as on every VM. A retry of a lost answer asks for the NIC its first try asked for
+/// ([`Memory::nic`]).
 fn least_used_nic(physical_nics: u32, in_use: impl Iterator<Item = u32>) -> Option<u32> {
     if physical_nics <= 1 {
         return None;

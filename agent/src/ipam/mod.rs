@@ -6,6 +6,7 @@
 //! - `pool`: VNICs, addresses and the pure policy deciding what to create or release.
 //! - `checkpoint`: the durable record of which pod holds which address.
 //! - `gc`: releases allocations whose host side is gone (a DEL that never came).
+//! - `trouble`: the OCI calls that keep failing, for status and the "try again" answer.
 //! - `state`: the pool and allocations under one lock, and the checkpoint write.
 //! - `service`: [`Ipam`], answering from the pool; `grow` and `reconcile` are its background work.
 
@@ -19,6 +20,7 @@ pub mod pool;
 mod reconcile;
 pub mod service;
 mod state;
+pub mod trouble;
 pub mod types;
 
 pub use cloud::{Cloud, OciCloud};
@@ -27,4 +29,5 @@ pub use error::IpamError;
 pub use pool::{PoolConfig, max_pods};
 pub use service::{Ipam, IpamStatus, LinkState, VnicStatus};
 pub use state::Quarantined;
+pub use trouble::OciTrouble;
 pub use types::{AllocError, Allocation, Allocator, BoxFuture, PodRef};

@@ -430,6 +430,12 @@ impl Pool {
         if c.cooldown > 0 {
             return false; // an address comes back when its cooldown ends
         }
+        if self.vnics.iter().any(PoolVnic::unusable) {
+            // Suspect (OCI answered 404, which IAM denials also answer) or its interface
+            // lost: it may serve again, so the node is not full; the pod is told what holds
+            // the pool back instead.
+            return false;
+        }
         if self.subnets.is_none() && cfg.subnets.is_empty() {
             return false; // the subnets for new VNICs are not known yet (OCI has not named them)
         }

@@ -20,6 +20,7 @@ use super::pool::{Slot, SlotState, VnicInfo};
 use super::state::{Inner, State, move_to};
 
 pub(super) async fn periodic(inner: Arc<Inner>) {
+    let mut failures = 0;
     loop {
         tokio::select! {
             () = tokio::time::sleep(inner.cfg.reconcile_interval) => {}
@@ -27,11 +28,30 @@ pub(super) async fn periodic(inner: Arc<Inner>) {
                 tracing::info!("reconcile asked for now: a VNIC may be gone");
             }
         }
-        if let Err(e) = run(&inner).await {
-            tracing::warn!(error = %e, "reconcile failed; retrying at the next interval");
+        match run(&inner).await {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(error = %e, "reconcile failed; retrying at the next interval");
+                book(&inner, &e, failures, inner.cfg.reconcile_interval);
+            }
         }
     }
 }
+
+/// Files a failed reconcile's OCI error in the node's troubles, next try after `retry_in`;
+/// a successful reconcile clears it (in [`run`]).
+pub(super) fn book(inner: &Inner, error: &IpamError, failures: u32, retry_in: std::time::Duration) {
+    if let Some(oci) = error.oci() {
+        let until = Instant::now() + retry_in;
+        inner
+            .troubles
+            .failed(RECONCILE, "node", oci, failures, until);
+    }
+}
+
+/// How a reconcile is filed in the troubles.
+const RECONCILE: &str = "reconcile";
 
 pub(super) async fn run(inner: &Inner) -> Result<(), IpamError> {
     async {
@@ -44,6 +64,7 @@ pub(super) async fn run(inner: &Inner) -> Result<(), IpamError> {
             apply(inner, &mut state, observed, &checked)
         };
         repair(inner, repairs).await;
+        inner.troubles.cleared(RECONCILE, "node");
         inner.wake.notify_one();
         Ok(())
     }

@@ -20,6 +20,7 @@ use super::config::{IpamConfig, NODE_TAG};
 use super::error::IpamError;
 use super::pool::{Pool, PoolConfig, Slot, SlotState, later};
 use super::state::{Inner, Quarantined, State, wall_clock};
+use super::trouble::OciTrouble;
 use super::types::{AllocError, Allocation, Allocator, BoxFuture, PodRef};
 use super::{gc, grow, reconcile};
 
@@ -79,6 +80,8 @@ pub struct IpamStatus {
     /// Allocations released since the start by a runtime's CNI GC (not in its valid
     /// attachments).
     pub cni_gc_released: u64,
+    /// The OCI calls that keep failing now, those an operator must act on first.
+    pub oci: Vec<OciTrouble>,
 }
 
 /// The node's address manager. Dropping it stops its background tasks.
@@ -131,6 +134,7 @@ impl Ipam {
             missing: std::sync::Mutex::default(),
             gc_released: std::sync::atomic::AtomicU64::new(0),
             cni_gc_released: std::sync::atomic::AtomicU64::new(0),
+            troubles: super::trouble::Troubles::default(),
             cfg,
         });
         let background = tokio::spawn(background(inner.clone()));
@@ -340,6 +344,7 @@ impl Ipam {
                 .inner
                 .cni_gc_released
                 .load(std::sync::atomic::Ordering::Relaxed),
+            oci: self.inner.troubles.list(Instant::now()),
         }
     }
 }
@@ -413,6 +418,7 @@ async fn allocate(inner: &Inner, pod: &PodRef) -> Result<Allocation, AllocError>
             tracing::info!("IPAM has not reconciled with OCI yet; the pod is asked to retry");
             return Err(AllocError::PoolEmpty {
                 retry_after_ms: inner.cfg.retry_after.as_millis() as u64,
+                cause: inner.troubles.summary(Instant::now()),
             });
         }
     }
@@ -455,6 +461,7 @@ async fn allocate(inner: &Inner, pod: &PodRef) -> Result<Allocation, AllocError>
         } else {
             AllocError::PoolEmpty {
                 retry_after_ms: inner.cfg.retry_after.as_millis() as u64,
+                cause: inner.troubles.summary(Instant::now()),
             }
         };
         tracing::info!(%error, "no address for the pod");
@@ -573,8 +580,11 @@ async fn background(inner: Arc<Inner>) {
         .cfg
         .retry_after
         .max(std::time::Duration::from_millis(100));
+    let mut failures = 0;
     while let Err(error) = reconcile::run(&inner).await {
+        failures += 1;
         tracing::warn!(%error, retry_in = ?delay, "the first reconcile with OCI failed; the checkpointed pods are served meanwhile");
+        reconcile::book(&inner, &error, failures, delay);
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(FIRST_RECONCILE_MAX_BACKOFF);
     }

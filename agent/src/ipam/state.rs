@@ -153,6 +153,8 @@ pub(super) struct Inner {
     pub gc_released: std::sync::atomic::AtomicU64,
     /// Allocations a runtime's CNI GC released (not in its valid attachments).
     pub cni_gc_released: std::sync::atomic::AtomicU64,
+    /// The OCI calls the grower and the reconcile cannot get through now.
+    pub troubles: super::trouble::Troubles,
 }
 
 impl Inner {

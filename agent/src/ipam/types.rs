@@ -46,11 +46,17 @@ pub struct Allocation {
 /// Why an allocation or release failed. The CNI plugin maps these to CNI error codes.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AllocError {
-    /// No free address right now; the pool is growing in the background.
+    /// No free address right now; the pool is growing in the background. `cause` says what
+    /// holds it back when OCI does (the operation, its answer, the next try).
     #[error(
-        "no free address on this node right now; the pool is growing, try again in {retry_after_ms} ms"
+        "no free address on this node right now; the pool is growing, try again in {retry_after_ms} ms{}",
+        .cause.as_deref().map(|c| format!("; held back: {c}")).unwrap_or_default()
     )]
-    PoolEmpty { retry_after_ms: u64 },
+    PoolEmpty {
+        retry_after_ms: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cause: Option<String>,
+    },
     /// No free address and no room to grow: the only addresses left are resting after their
     /// pods left (so stale flows cannot reach a new pod); the first is free in `retry_after_ms`.
     #[error(
@@ -81,7 +87,7 @@ impl AllocError {
     /// Suggested wait before retrying, for errors that are temporary.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            AllocError::PoolEmpty { retry_after_ms }
+            AllocError::PoolEmpty { retry_after_ms, .. }
             | AllocError::CoolingDown { retry_after_ms, .. } => {
                 Some(Duration::from_millis(*retry_after_ms))
             }

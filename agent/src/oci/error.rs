@@ -172,9 +172,10 @@ impl OciError {
         }
     }
 
-    /// The VNIC has as many private IPs as it may hold (or the subnet is out of addresses).
+    /// One resource is full: the VNIC has as many private IPs as it may hold, the shape as
+    /// many VNICs, or the subnet is out of addresses (not a tenancy service limit).
     pub fn is_limit_exceeded(&self) -> bool {
-        self.code() == Some("LimitExceeded")
+        self.class() == super::ErrorClass::Capacity
     }
 
     pub fn is_not_found(&self) -> bool {

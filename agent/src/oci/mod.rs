@@ -1,6 +1,7 @@
 //! Talking to Oracle Cloud: instance metadata, request signing, authentication and the Core
 //! Services API calls the agent needs.
 pub mod auth;
+pub mod class;
 pub mod client;
 pub mod error;
 pub mod iam;
@@ -12,6 +13,7 @@ pub mod signer;
 pub mod transport;
 
 pub use auth::{AuthProvider, ConfigFileAuth, InstancePrincipalAuth};
+pub use class::ErrorClass;
 pub use client::{CoreClient, Endpoints, new_retry_token};
 pub use error::{AuthError, ImdsError, OciError};
 pub use imds::ImdsClient;

@@ -127,6 +127,10 @@ pub struct FaultRule {
     pub status: u16,
     /// OCI error code of a `status` fault (default `InternalServerError`).
     pub code: String,
+    /// The `message` of a `status` fault's body (`None`: "injected fault"). OCI tells some
+    /// causes that share a code apart only by the message (a tenancy's `LimitExceeded`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     /// Fraction (0–1) of matching requests that get the fault.
     pub rate: f64,
     /// Apply after the operation took effect instead of before.
@@ -160,6 +164,7 @@ impl Default for FaultRule {
             kind: FaultKind::Status,
             status: 500,
             code: "InternalServerError".into(),
+            message: None,
             rate: 1.0,
             after_commit: false,
             times: None,

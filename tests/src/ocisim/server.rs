@@ -462,7 +462,7 @@ fn fault_status(rule: &FaultRule) -> Response {
     let status = StatusCode::from_u16(rule.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (
         status,
-        axum::Json(json!({"code": rule.code, "message": "injected fault"})),
+        axum::Json(json!({"code": rule.code, "message": rule.message.as_deref().unwrap_or("injected fault")})),
     )
         .into_response()
 }
