@@ -153,21 +153,12 @@ impl Cloud for OciCloud {
             if attachment.lifecycle_state == AttachmentState::Attached {
                 return Ok(attachment);
             }
-            match self
-                .client
+            // A wait that runs out leaves the attachment alone: OCI takes tens of seconds, and
+            // the grower asks again with the same retry token, which answers this attachment,
+            // so it is adopted once attached rather than torn down and made again.
+            self.client
                 .wait_attached(&attachment.id, self.attach_timeout)
                 .await
-            {
-                Ok(attached) => Ok(attached),
-                Err(error) => {
-                    // A VNIC stuck ATTACHING holds a slot of the shape's limit: give it back now
-                    // rather than waiting for the sweep.
-                    if let Err(detach) = self.client.detach_vnic(&attachment.id).await {
-                        tracing::warn!(attachment = %attachment.id, error = %detach, "cannot detach a VNIC that did not attach; the reconcile sweep will retry");
-                    }
-                    Err(error)
-                }
-            }
         })
     }
 
