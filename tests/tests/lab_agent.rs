@@ -629,7 +629,8 @@ fn lab_a_restart_while_oci_fails_serves_restored_pods_and_converges() {
             out.json
         );
         assert!(
-            out.json.to_string().contains("try again"),
+            out.json.to_string().contains("try again")
+                && out.json.to_string().contains("held back: "),
             "the answer says why: {}",
             out.json
         );

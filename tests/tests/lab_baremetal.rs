@@ -273,7 +273,8 @@ fn assert_pods_reach_the_peer(lab: &SimLab, agent: &NodeAgent, pods: &[CniPod], 
 /// with fewer VNICs (NIC 1: the primary is on NIC 0); the agent builds the macvlan (the
 /// VNIC's MAC) on `ens2f1` and the VLAN `vlanTag` on it, addressed, up at MTU 9000; the pods
 /// on that VNIC reach the VCN peer with their own address through it, also after an
-/// agent restart, which adopts the same interfaces.
+/// agent restart, which adopts the same interfaces, and after the VLAN is deleted by hand,
+/// which the agent builds again.
 #[test]
 #[expect(
     clippy::too_many_lines,
@@ -394,6 +395,31 @@ fn lab_a_bare_metal_node_grows_to_a_secondary_vnic_and_its_pods_reach_the_peer_t
         agent.latest_log()
     );
     assert_pods_reach_the_peer(&lab, &agent, &pods, 8081);
+
+    // Someone deletes the VLAN by hand (or a network service flushes it): the agent builds it
+    // again on the same macvlan and the pods reach the peer again through it.
+    lab.lab()
+        .node()
+        .ip(&["link", "del", &vlan])
+        .expect("delete the agent's VLAN");
+    let rebuilt = wait_until(vcnpath_tests::scaled(Duration::from_secs(20)), || {
+        lab.lab()
+            .node()
+            .ip(&["-o", "-4", "addr", "show", "dev", &vlan])
+            .is_ok_and(|a| a.contains(&format!("inet {primary_ip}/24")))
+            && link_detail(&lab, &vlan).contains(",UP")
+    });
+    assert!(
+        rebuilt,
+        "the agent rebuilds the deleted VLAN {vlan}, up and addressed\nagent log:\n{}",
+        agent.latest_log()
+    );
+    assert_ne!(
+        link_detail(&lab, &vlan).split(':').next().expect("ifindex"),
+        ifindex_after,
+        "{vlan} is a new link"
+    );
+    assert_pods_reach_the_peer(&lab, &agent, &pods, 8082);
 }
 
 /// The VNIC the pods' addresses are on (they all fit one).

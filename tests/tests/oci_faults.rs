@@ -471,6 +471,32 @@ async fn a_rotated_instance_certificate_is_read_anew_at_the_next_federation() {
     );
 }
 
+/// The session token is revoked before it expires (401 on the next call): the client federates
+/// once more and the call goes through; the calls after it use the new token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_session_token_is_replaced_by_one_new_federation() {
+    let sim = Simulator::start(SimConfig::default(), "127.0.0.1:0")
+        .await
+        .expect("simulator starts");
+    let (client, _auth) = instance_principal_client(&sim, fast_retries());
+    let vcn = sim.config().vcn.id;
+    client.get_vcn(&vcn).await.expect("a first call federates");
+    let first = sim.federations();
+    sim.revoke_tokens();
+    client
+        .get_vcn(&vcn)
+        .await
+        .expect("a call with a revoked token federates again and goes through");
+    for _ in 0..3 {
+        client.get_vcn(&vcn).await.expect("the new token serves");
+    }
+    assert_eq!(
+        sim.federations(),
+        first + 1,
+        "one new federation for the revoked token, none after"
+    );
+}
+
 /// The token expires while the federation endpoint hangs: a call fails within its retry
 /// budget (it does not wait out three 10 s federation attempts), and once `/v1/x509` answers
 /// again the next call federates and succeeds.

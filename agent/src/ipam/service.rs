@@ -416,9 +416,14 @@ async fn allocate(inner: &Inner, pod: &PodRef) -> Result<Allocation, AllocError>
         let waited = tokio::time::timeout(inner.cfg.startup_wait, rx.wait_for(|done| *done));
         if waited.await.is_err() {
             tracing::info!("IPAM has not reconciled with OCI yet; the pod is asked to retry");
+            // Until a reconcile attempt has failed (a call retries within its budget first),
+            // the reason is that the first one is still running.
+            let cause = inner.troubles.summary(Instant::now()).unwrap_or_else(|| {
+                "the first reconcile with OCI has not finished yet (`vcnpath status` shows what fails)".to_owned()
+            });
             return Err(AllocError::PoolEmpty {
                 retry_after_ms: inner.cfg.retry_after.as_millis() as u64,
-                cause: inner.troubles.summary(Instant::now()),
+                cause: Some(cause),
             });
         }
     }

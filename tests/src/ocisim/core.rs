@@ -245,6 +245,9 @@ fn authenticate(
             .pki
             .verify_token(token)
             .ok_or("the session token is invalid or expired")?;
+        if s.is_revoked(&claims.jti) {
+            return Err("the session token is invalid or expired".into());
+        }
         let der = B64
             .decode(&claims.spki)
             .map_err(|_| "the session token's key is invalid")?;

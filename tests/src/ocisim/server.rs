@@ -78,6 +78,9 @@ pub(super) struct Shared {
     pub events_tx: broadcast::Sender<VnicEvent>,
     pub events: Mutex<Vec<VnicEvent>>,
     pub federations: Mutex<u64>,
+    /// Session tokens of federations numbered up to this one are revoked (`POST
+    /// /admin/revoke-tokens`): they answer 401 as expired ones do.
+    pub revoked_through: Mutex<u64>,
     /// `None` allows every operation.
     pub policy: Mutex<Option<Policy>>,
     /// Requests per operation (as [`super::core::operation`] names them), faulted or not.
@@ -94,6 +97,24 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
+    fn revoke_tokens(&self) {
+        let issued = *lock(&self.federations);
+        *lock(&self.revoked_through) = issued;
+        tracing::info!(
+            issued,
+            "every session token issued so far is revoked (admin)"
+        );
+    }
+
+    /// Whether the token with this `jti` (`sim-token-N`) was revoked.
+    pub fn is_revoked(&self, jti: &str) -> bool {
+        let n = jti
+            .strip_prefix("sim-token-")
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        n <= *lock(&self.revoked_through)
+    }
+
     /// The simulator's clock: the real one moved by [`Faults::clock_skew_s`].
     pub fn clock(&self) -> std::time::SystemTime {
         let skew = lock(&self.faults).clock_skew_s;
@@ -229,6 +250,7 @@ impl Simulator {
             events_tx: broadcast::channel(256).0,
             events: Mutex::new(Vec::new()),
             federations: Mutex::new(0),
+            revoked_through: Mutex::new(0),
             policy: Mutex::new(policy),
             calls: Mutex::new(BTreeMap::new()),
             denied: Mutex::new(BTreeMap::new()),
@@ -315,6 +337,10 @@ impl Simulator {
     pub fn federations(&self) -> u64 {
         *lock(&self.shared.federations)
     }
+    /// Revokes every session token issued so far (as `POST /admin/revoke-tokens`).
+    pub fn revoke_tokens(&self) {
+        self.shared.revoke_tokens();
+    }
     /// The state as the admin endpoint shows it.
     pub fn snapshot(&self) -> Value {
         snapshot(&self.shared)
@@ -362,6 +388,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/admin/policy", get(get_policy).put(put_policy))
         .route("/admin/calls", get(admin_calls).delete(reset_calls))
         .route("/admin/rotate-leaf", post(admin_rotate_leaf))
+        .route("/admin/revoke-tokens", post(admin_revoke_tokens))
         .route("/admin/vnicAttachments", post(admin_attach))
         .route(
             "/admin/vnicAttachments/{id}",
@@ -493,6 +520,11 @@ async fn admin_calls(State(s): State<Arc<Shared>>) -> Response {
 async fn reset_calls(State(s): State<Arc<Shared>>) -> Response {
     lock(&s.calls).clear();
     lock(&s.denied).clear();
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn admin_revoke_tokens(State(s): State<Arc<Shared>>) -> Response {
+    s.revoke_tokens();
     StatusCode::NO_CONTENT.into_response()
 }
 
