@@ -54,9 +54,24 @@ pub struct Endpoint {
     pub ifindex: u32,
     /// [`ENDPOINT_KIND_PRIMARY`] or [`ENDPOINT_KIND_POD`].
     pub kind: u8,
+    /// [`ENDPOINT_F_IMDS`]. Was padding (always zero) before it existed, and zero keeps its
+    /// meaning (no flag set), so pins from earlier releases need no conversion.
+    pub flags: u8,
     /// Explicit padding; always zero.
-    pub pad: [u8; 3],
+    pub pad: [u8; 2],
 }
+
+/// The pod may reach the instance metadata service ([`IMDS_ADDR`] TCP [`IMDS_PORT`]); without
+/// it the pod's veth drops such packets (`dropped-pod-imds`), since IMDS hands out the node's
+/// instance-principal credentials.
+pub const ENDPOINT_F_IMDS: u8 = 1;
+
+/// OCI's instance metadata service (`http://169.254.169.254/opc/v2/`). The same address
+/// also answers DNS (the VCN resolver) and NTP, which pods keep reaching: only TCP to
+/// [`IMDS_PORT`] is the metadata service.
+pub const IMDS_ADDR: [u8; 4] = [169, 254, 169, 254];
+/// The metadata service's port (HTTP).
+pub const IMDS_PORT: u16 = 80;
 
 /// The address is a VNIC's primary IP: the host's own traffic, never touched.
 pub const ENDPOINT_KIND_PRIMARY: u8 = 1;

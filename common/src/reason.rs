@@ -63,10 +63,13 @@ pub enum Reason {
     DropSpoofed = 25,
     /// Packet from a pod with its own address, checked at the pod's veth: passed.
     PassPodSource = 26,
+    /// Packet from a pod to the instance metadata service, which the pod's namespace may not
+    /// reach (`datapath.pod_imds`): dropped at the pod's veth.
+    DropPodImds = 27,
 }
 
 /// Number of reason codes (size of the `stats` map).
-pub const REASON_COUNT: u32 = 27;
+pub const REASON_COUNT: u32 = 28;
 
 impl Reason {
     /// Every reason, in index order.
@@ -98,6 +101,7 @@ impl Reason {
         Reason::PassBadTcpOffset,
         Reason::DropSpoofed,
         Reason::PassPodSource,
+        Reason::DropPodImds,
     ];
 
     /// The name operators see in `vcnpath` output and metrics.
@@ -130,6 +134,7 @@ impl Reason {
             Reason::PassBadTcpOffset => "passed-bad-tcp-offset",
             Reason::DropSpoofed => "dropped-spoofed-source",
             Reason::PassPodSource => "passed-pod-own-source",
+            Reason::DropPodImds => "dropped-pod-imds",
         }
     }
 
@@ -146,6 +151,7 @@ impl Reason {
                 | Reason::DropBadLength
                 | Reason::DropBadTcpOffset
                 | Reason::DropSpoofed
+                | Reason::DropPodImds
         )
     }
 }

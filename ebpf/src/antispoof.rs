@@ -4,6 +4,9 @@
 //! sysctls say. The CNI plugin routes each pod address (`/32`) through the pod's veth
 //! alone, so a pod can send only with its own address: it can neither ride another pod's
 //! NAT flows nor speak as the node.
+//!
+//! A pod may reach the instance metadata service only when its endpoint carries
+//! [`ENDPOINT_F_IMDS`]: IMDS serves the node's instance-principal credentials to whoever asks.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -14,11 +17,11 @@ use aya_ebpf::{
     helpers::bpf_fib_lookup as fib_lookup,
     programs::TcContext,
 };
-use vcnpath_common::Reason;
+use vcnpath_common::{ENDPOINT_F_IMDS, IMDS_ADDR, IMDS_PORT, Reason};
 
 use crate::{
     decision::{Decision, Step},
-    parse,
+    maps, parse,
 };
 
 const AF_INET: u8 = 2;
@@ -35,10 +38,31 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
     // Not IPv4 (ARP to the gateway, IPv6) passes: vcnpath routes and translates IPv4 only.
     let ip = parse::ipv4(ctx)?;
     let ifindex = parse::ifindex(ctx);
-    if route_leaves_via(ctx, ip.src) == Some(ifindex) {
-        Ok(Decision::pass(Reason::PassPodSource))
-    } else {
-        Ok(Decision::drop(Reason::DropSpoofed))
+    if route_leaves_via(ctx, ip.src) != Some(ifindex) {
+        return Ok(Decision::drop(Reason::DropSpoofed));
+    }
+    if ip.dst == IMDS_ADDR && ip.proto == parse::IPPROTO_TCP && !may_reach_imds(ctx, &ip, ip.src) {
+        return Ok(Decision::drop(Reason::DropPodImds));
+    }
+    Ok(Decision::pass(Reason::PassPodSource))
+}
+
+/// Whether a TCP packet to the metadata address may pass: to another port (the address also
+/// serves DNS and NTP), or from a pod whose endpoint is allowed. A header too short to name
+/// the port is refused, as is a later fragment of a pod not allowed (it has no port).
+#[inline(always)]
+fn may_reach_imds(ctx: &TcContext, header: &parse::Header, src: [u8; 4]) -> bool {
+    let allowed = || maps::endpoint(src).is_some_and(|e| e.flags & ENDPOINT_F_IMDS != 0);
+    let Some(ip) = header.bounded(ctx) else {
+        return false;
+    };
+    if ip.later_fragment {
+        return allowed();
+    }
+    match parse::l4_head(ctx, &ip) {
+        Ok(l4) if u16::from_be_bytes(l4.dport()) != IMDS_PORT => true,
+        Ok(_) => allowed(),
+        Err(_) => false,
     }
 }
 

@@ -60,7 +60,8 @@ pub fn state(port_min: u16, port_max: u16) -> DatapathState {
     let ep = |ifindex, kind| Endpoint {
         ifindex,
         kind,
-        pad: [0; 3],
+        flags: 0,
+        pad: [0; 2],
     };
     DatapathState {
         vnics: [

@@ -292,7 +292,8 @@ fn exhaustion_drops_with_a_counter_and_never_corrupts() {
         vcnpath_common::Endpoint {
             ifindex: ETH0,
             kind: vcnpath_common::ENDPOINT_KIND_POD,
-            pad: [0; 3],
+            flags: 0,
+            pad: [0; 2],
         },
     );
     let mut fx = fx;

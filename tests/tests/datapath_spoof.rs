@@ -104,3 +104,69 @@ fn a_pod_may_send_only_with_its_own_address() {
         assert_eq!(fx.pod(&arp).0, TC_ACT_OK, "ARP must pass");
     });
 }
+
+/// The instance metadata service hands out the node's instance-principal credentials: a
+/// pod reaches it (169.254.169.254 TCP 80) only when its endpoint is allowed, while DNS and
+/// NTP at the same address stay reachable for every pod.
+#[test]
+fn a_pod_reaches_the_metadata_service_only_when_allowed() {
+    if !have_root("a_pod_reaches_the_metadata_service_only_when_allowed") {
+        return;
+    }
+    in_own_netns(|| {
+        sh(&["ip", "link", "set", "lo", "up"]);
+        sh(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        route(POD0, "lo");
+        let imds = Ipv4Addr::from(vcnpath_common::IMDS_ADDR);
+        let mut fx = Fixture::new("imds", 1024, 65535);
+        let metadata = build(&Spec::tcp(POD0, 40000, imds, 80));
+        assert_eq!(
+            fx.pod(&metadata).0,
+            TC_ACT_SHOT,
+            "a pod not allowed must not reach IMDS"
+        );
+        assert_eq!(
+            fx.count(Reason::DropPodImds),
+            1,
+            "refused as IMDS, counted: {:?}",
+            fx.counters()
+        );
+        for other in [
+            build(&Spec::udp(POD0, 5000, imds, 53)),
+            build(&Spec::tcp(POD0, 40001, imds, 53)),
+            build(&Spec::udp(POD0, 5001, imds, 123)),
+            build(&Spec::tcp(POD0, 40002, REMOTE, 80)),
+        ] {
+            assert_eq!(
+                fx.pod(&other).0,
+                TC_ACT_OK,
+                "DNS, NTP and other destinations stay reachable: {:?}",
+                fx.counters()
+            );
+        }
+        assert_eq!(
+            fx.count(Reason::DropPodImds),
+            1,
+            "only the IMDS packet refused"
+        );
+        assert_eq!(
+            fx.count(Reason::DropSpoofed),
+            0,
+            "the pod used its own address"
+        );
+
+        let mut allowed = state(1024, 65535);
+        allowed
+            .endpoints
+            .get_mut(&POD0)
+            .expect("POD0 is an endpoint")
+            .flags = vcnpath_common::ENDPOINT_F_IMDS;
+        fx.datapath.sync(&allowed).expect("map sync");
+        let (verdict, out) = fx.pod(&metadata);
+        assert_eq!(
+            (verdict, out),
+            (TC_ACT_OK, metadata),
+            "an allowed pod reaches IMDS, untouched"
+        );
+    });
+}

@@ -213,7 +213,8 @@ impl StaticConfig {
             let endpoint = |kind| Endpoint {
                 ifindex,
                 kind,
-                pad: [0; 3],
+                flags: 0,
+                pad: [0; 2],
             };
             state
                 .endpoints

@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::{
     api,
     daemon::{
-        AgentConfig, AuthMode, BareMetal, Node, NodeSettings, StateLock,
+        AgentConfig, AuthMode, BareMetal, ImdsPolicy, Node, NodeSettings, PodImds, StateLock,
         config::select_subnets,
         conflist::Conflist,
         health::{Health, dir_writable},
@@ -384,6 +384,15 @@ fn node_settings(config: &AgentConfig, primary_vnic_id: &str) -> NodeSettings {
         port_min: config.datapath.nat_port_min,
         port_max: config.datapath.nat_port_max,
         mtu: config.datapath.mtu,
+        imds: ImdsPolicy {
+            all: config.datapath.pod_imds == PodImds::Allow,
+            namespaces: config
+                .datapath
+                .pod_imds_allow_namespaces
+                .iter()
+                .cloned()
+                .collect(),
+        },
     }
 }
 

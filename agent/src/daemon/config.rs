@@ -99,6 +99,23 @@ pub struct DatapathSection {
     /// set up or put back within this period.
     pub sync_interval_secs: u64,
     pub nat_timeouts: NatTimeouts,
+    /// Whether pods may reach the instance metadata service (169.254.169.254, TCP 80), which
+    /// hands out the node's instance-principal credentials. DNS and NTP at that address
+    /// stay reachable either way.
+    pub pod_imds: PodImds,
+    /// Namespaces whose pods may reach it although `pod_imds = "deny"`.
+    pub pod_imds_allow_namespaces: Vec<String>,
+}
+
+/// `datapath.pod_imds`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PodImds {
+    /// Only pods of `pod_imds_allow_namespaces` (default).
+    #[default]
+    Deny,
+    /// Every pod.
+    Allow,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -160,6 +177,8 @@ impl Default for DatapathSection {
             gc_interval_secs: 10,
             sync_interval_secs: 1,
             nat_timeouts: NatTimeouts::default(),
+            pod_imds: PodImds::Deny,
+            pod_imds_allow_namespaces: Vec::new(),
         }
     }
 }
@@ -500,6 +519,24 @@ mod tests {
             toml::from_str(&body).expect("the ConfigMap's config.toml is valid");
         config.validate().expect("and passes validation");
         assert_eq!(config.node.listen.port(), 9965);
+    }
+
+    #[test]
+    fn pods_are_kept_from_the_metadata_service_unless_allowed() {
+        let config: AgentConfig = toml::from_str("").expect("valid config");
+        assert_eq!(config.datapath.pod_imds, PodImds::Deny, "denied by default");
+        let config: AgentConfig = toml::from_str(
+            "[datapath]\npod_imds = \"deny\"\npod_imds_allow_namespaces = [\"kube-system\"]",
+        )
+        .expect("valid config");
+        assert_eq!(config.datapath.pod_imds_allow_namespaces, ["kube-system"]);
+        let config: AgentConfig =
+            toml::from_str("[datapath]\npod_imds = \"allow\"").expect("valid config");
+        assert_eq!(config.datapath.pod_imds, PodImds::Allow);
+        let err = toml::from_str::<AgentConfig>("[datapath]\npod_imds = \"maybe\"")
+            .expect_err("an unknown policy is refused")
+            .to_string();
+        assert!(err.contains("pod_imds") && err.contains("allow"), "{err}");
     }
 
     #[test]

@@ -9,6 +9,6 @@ pub mod node;
 pub mod repair;
 pub mod state_lock;
 
-pub use config::{AgentConfig, AuthMode, ConfigError};
-pub use node::{BareMetal, Node, NodeSettings};
+pub use config::{AgentConfig, AuthMode, ConfigError, PodImds};
+pub use node::{BareMetal, ImdsPolicy, Node, NodeSettings};
 pub use state_lock::{StateLock, StateLockError};

@@ -15,7 +15,7 @@ use ipnet::Ipv4Net;
 use tokio::sync::Mutex;
 use tracing::{Instrument as _, debug, info, info_span, warn};
 use vcnpath_common::{
-    CONFIG_F_ENABLED, Config, ENDPOINT_KIND_POD, ENDPOINT_KIND_PRIMARY, Endpoint,
+    CONFIG_F_ENABLED, Config, ENDPOINT_F_IMDS, ENDPOINT_KIND_POD, ENDPOINT_KIND_PRIMARY, Endpoint,
 };
 
 use super::repair::{self, RepairCounters, RepairError};
@@ -67,6 +67,24 @@ pub struct NodeSettings {
     pub port_min: u16,
     pub port_max: u16,
     pub mtu: u32,
+    pub imds: ImdsPolicy,
+}
+
+/// Which pods may reach the instance metadata service (`datapath.pod_imds`).
+#[derive(Clone, Debug, Default)]
+pub struct ImdsPolicy {
+    /// Every pod may (`pod_imds = "allow"`).
+    pub all: bool,
+    /// Pods of these namespaces may.
+    pub namespaces: BTreeSet<String>,
+}
+
+impl ImdsPolicy {
+    /// The endpoint flags of a pod in `namespace` (unknown when the runtime did not say).
+    pub fn flags(&self, namespace: Option<&str>) -> u8 {
+        let allowed = self.all || namespace.is_some_and(|ns| self.namespaces.contains(ns));
+        if allowed { ENDPOINT_F_IMDS } else { 0 }
+    }
 }
 
 /// Allocation outcomes, for `/metrics`.
@@ -178,7 +196,8 @@ impl Node {
                 Endpoint {
                     ifindex,
                     kind: ENDPOINT_KIND_PRIMARY,
-                    pad: [0; 3],
+                    flags: 0,
+                    pad: [0; 2],
                 },
             );
             if vnic.vnic_id == self.settings.masq_vnic_id {
@@ -205,7 +224,8 @@ impl Node {
                         Endpoint {
                             ifindex,
                             kind: ENDPOINT_KIND_POD,
-                            pad: [0; 3],
+                            flags: self.settings.imds.flags(pod.namespace.as_deref()),
+                            pad: [0; 2],
                         },
                     );
                 }
@@ -665,5 +685,28 @@ mod tests {
             router_of("10.0.0.0/16".parse().unwrap()),
             Ipv4Addr::new(10, 0, 0, 1)
         );
+    }
+}
+
+#[cfg(test)]
+mod imds_tests {
+    use vcnpath_common::ENDPOINT_F_IMDS;
+
+    use super::ImdsPolicy;
+
+    #[test]
+    fn a_pod_reaches_imds_by_policy_or_by_its_namespace() {
+        let deny = ImdsPolicy {
+            all: false,
+            namespaces: ["kube-system".to_owned()].into(),
+        };
+        assert_eq!(deny.flags(Some("kube-system")), ENDPOINT_F_IMDS);
+        assert_eq!(deny.flags(Some("default")), 0);
+        assert_eq!(deny.flags(None), 0, "a pod of unknown namespace is denied");
+        let allow = ImdsPolicy {
+            all: true,
+            ..ImdsPolicy::default()
+        };
+        assert_eq!(allow.flags(None), ENDPOINT_F_IMDS);
     }
 }

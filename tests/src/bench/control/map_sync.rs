@@ -32,7 +32,8 @@ fn pod(i: u32) -> (Ipv4Addr, Endpoint) {
         Endpoint {
             ifindex: ETH1,
             kind: ENDPOINT_KIND_POD,
-            pad: [0; 3],
+            flags: 0,
+            pad: [0; 2],
         },
     )
 }
