@@ -33,6 +33,8 @@ pub struct AgentOptions {
     pub state_on_tmpfs: bool,
     /// The runtime's CNI configuration directory the agent installs its conflist in.
     pub cni_conf_dir: Option<PathBuf>,
+    /// `datapath.pod_imds_allow_namespaces`.
+    pub pod_imds_allow_namespaces: Vec<String>,
 }
 
 impl Default for AgentOptions {
@@ -43,6 +45,7 @@ impl Default for AgentOptions {
             cooldown_secs: 3,
             state_on_tmpfs: false,
             cni_conf_dir: None,
+            pod_imds_allow_namespaces: Vec::new(),
         }
     }
 }
@@ -105,6 +108,7 @@ impl NodeAgent {
             ips_per_vnic,
             warm_ips,
             cooldown_secs,
+            ref pod_imds_allow_namespaces,
             ..
         } = self.options;
         let cni = self
@@ -115,7 +119,7 @@ impl NodeAgent {
             .unwrap_or_default();
         let config = format!(
             "[ipam]\nips_per_vnic = {ips_per_vnic}\nwarm_ips = {warm_ips}\ncooldown_secs = {cooldown_secs}\nrelease_delay_secs = 600\n\
-             [datapath]\npin_dir = {:?}\ngc_interval_secs = 2\n\
+             [datapath]\npin_dir = {:?}\ngc_interval_secs = 2\npod_imds_allow_namespaces = {pod_imds_allow_namespaces:?}\n\
              [node]\nstate_dir = {:?}\nsocket = {:?}\nlisten = \"127.0.0.1:19965\"\n{nics}",
             self.pins.path.display().to_string(),
             self.dir.path().join("state").display().to_string(),
@@ -326,8 +330,15 @@ fn cni_binary() -> PathBuf {
 }
 
 /// The configuration the lab's runtime hands `vcnpath-cni` (CNI 1.1.0).
+/// Points the plugin at the agent's socket and pin directory, as the conflist the agent
+/// installs does; the pin directory is read from the agent's configuration beside the socket.
 fn cni_config(socket: &Path) -> Value {
-    serde_json::json!({"cniVersion": "1.1.0", "name": "vcnpath", "type": "vcnpath-cni", "socketPath": socket, "mtu": 9000})
+    let mut config = serde_json::json!({"cniVersion": "1.1.0", "name": "vcnpath", "type": "vcnpath-cni", "socketPath": socket, "mtu": 9000});
+    let agent = vcnpath::daemon::AgentConfig::load(Some(&socket.with_file_name("config.toml")));
+    if let Ok(agent) = agent {
+        config["pinDir"] = Value::from(agent.datapath.pin_dir.display().to_string());
+    }
+    config
 }
 
 /// Runs `vcnpath-cni` in the node namespace like a container runtime does: one process,
@@ -339,12 +350,28 @@ pub fn cni(
     container: &str,
     netns: Option<&Path>,
 ) -> Result<CniOutput> {
+    cni_in(node, socket, command, container, netns, POD_NAMESPACE)
+}
+
+/// The Kubernetes namespace the lab's pods are in, unless a test names another.
+pub const POD_NAMESPACE: &str = "e2e";
+
+/// [`cni`] for a pod of Kubernetes namespace `namespace` (`K8S_POD_NAMESPACE`).
+pub fn cni_in(
+    node: &Netns,
+    socket: &Path,
+    command: &str,
+    container: &str,
+    netns: Option<&Path>,
+    namespace: &str,
+) -> Result<CniOutput> {
     let mut attachment = vec![
         ("CNI_CONTAINERID", container.into()),
         ("CNI_IFNAME", "eth0".into()),
         (
             "CNI_ARGS",
-            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=e2e;K8S_POD_NAME={container}").into(),
+            format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={container}")
+                .into(),
         ),
     ];
     if let Some(netns) = netns {
@@ -408,9 +435,21 @@ pub fn cni_add(
     netns: &Path,
     timeout: Duration,
 ) -> Result<CniOutput> {
+    cni_add_in(node, socket, container, netns, POD_NAMESPACE, timeout)
+}
+
+/// [`cni_add`] for a pod of Kubernetes namespace `namespace`.
+pub fn cni_add_in(
+    node: &Netns,
+    socket: &Path,
+    container: &str,
+    netns: &Path,
+    namespace: &str,
+    timeout: Duration,
+) -> Result<CniOutput> {
     let deadline = Instant::now() + timeout;
     loop {
-        let out = cni(node, socket, "ADD", container, Some(netns))?;
+        let out = cni_in(node, socket, "ADD", container, Some(netns), namespace)?;
         if out.code() != Some(11) || Instant::now() > deadline {
             return Ok(out);
         }
@@ -447,11 +486,24 @@ pub fn add_pods(
     n: usize,
     timeout: Duration,
 ) -> Vec<CniPod> {
+    add_pods_in(lab, agent, prefix, n, POD_NAMESPACE, timeout)
+}
+
+/// [`add_pods`] in Kubernetes namespace `namespace`.
+pub fn add_pods_in(
+    lab: &SimLab,
+    agent: &NodeAgent,
+    prefix: &str,
+    n: usize,
+    namespace: &str,
+    timeout: Duration,
+) -> Vec<CniPod> {
     (0..n)
         .map(|i| {
             let id = format!("{prefix}{i:03}");
             let ns = lab.lab().add_pod_netns(&id).expect("pod netns");
-            let out = cni_add(lab.lab().node(), &agent.socket(), &id, ns.path(), timeout)
+            let node = lab.lab().node();
+            let out = cni_add_in(node, &agent.socket(), &id, ns.path(), namespace, timeout)
                 .expect("vcnpath-cni runs");
             assert!(
                 out.ok,

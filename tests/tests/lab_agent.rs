@@ -14,8 +14,8 @@ use vcnpath_tests::{
         traffic::{TcpConn, TcpServer, tcp_connect},
     },
     node_agent::{
-        AgentOptions, CniPod, IPS_PER_VNIC, NodeAgent, add_pods, checkpointed, cni, cni_add,
-        cni_gc, cni_status,
+        AgentOptions, CniPod, IPS_PER_VNIC, NodeAgent, add_pods, add_pods_in, checkpointed, cni,
+        cni_add, cni_gc, cni_status,
     },
     ocisim::Faults,
     privileged::have_root,
@@ -786,5 +786,83 @@ fn lab_a_vnic_interface_deleted_on_the_host_serves_no_new_pod() {
     assert!(
         wrong.is_empty(),
         "no new pod may get an address of VNIC {vnic}, whose interface {interface} was deleted: {wrong:?}"
+    );
+}
+
+/// Issue 11, item 9: IMDS hands the node's instance-principal key to any caller, so a pod
+/// reaches it only when its Kubernetes namespace is allowed (`pod_imds_allow_namespaces`);
+/// DNS at the same address (OCI's VCN resolver) stays open to every pod. A stand-in for IMDS
+/// listens on the internet host, routed there as OCI routes the link-local address.
+#[test]
+fn lab_pods_reach_the_metadata_service_only_from_an_allowed_namespace() {
+    if !have_root("lab_pods_reach_the_metadata_service_only_from_an_allowed_namespace") {
+        return;
+    }
+    let lab = simlab();
+    let imds = Ipv4Addr::from(vcnpath_common::IMDS_ADDR);
+    lab.lab()
+        .inet()
+        .ip(&["addr", "add", &format!("{imds}/32"), "dev", "eth0"])
+        .expect("IMDS stand-in address");
+    lab.lab()
+        .router()
+        .ip(&[
+            "route",
+            "add",
+            &format!("{imds}/32"),
+            "via",
+            &lab.lab().inet_ip().to_string(),
+        ])
+        .expect("route to the stand-in");
+    let agent = NodeAgent::start_with(
+        &lab,
+        "imds",
+        AgentOptions {
+            pod_imds_allow_namespaces: vec!["kube-system".into()],
+            ..AgentOptions::default()
+        },
+    )
+    .expect("vcnpath run");
+    let app = add_pods(&lab, &agent, "app", 1, T).remove(0);
+    let system = add_pods_in(&lab, &agent, "sys", 1, "kube-system", T).remove(0);
+    let metadata = TcpServer::start(lab.lab().inet(), SocketAddr::from((imds, 80))).unwrap();
+    let dns = TcpServer::start(lab.lab().inet(), SocketAddr::from((imds, 53))).unwrap();
+
+    assert!(
+        TcpConn::connect(&app.ns, None, metadata.addr(), Duration::from_secs(3)).is_err(),
+        "a pod of namespace e2e must not reach the metadata service"
+    );
+    TcpConn::connect(&app.ns, None, dns.addr(), Duration::from_secs(5))
+        .expect("every pod reaches DNS at the same address")
+        .roundtrip(b"dns", T)
+        .expect("DNS echo");
+    TcpConn::connect(&system.ns, None, metadata.addr(), Duration::from_secs(5))
+        .unwrap_or_else(|e| {
+            panic!(
+                "a kube-system pod reaches the metadata service: {e:#}\n{}",
+                agent.latest_log()
+            )
+        })
+        .roundtrip(b"imds", T)
+        .expect("IMDS echo");
+    let seen: Vec<IpAddr> = metadata
+        .wait_connections(1, T)
+        .expect("the allowed connection")
+        .iter()
+        .map(|r| r.peer.ip())
+        .collect();
+    assert_eq!(
+        seen,
+        [IpAddr::V4(MASQ)],
+        "only the allowed pod got through, masqueraded as the node"
+    );
+    let status = agent.status().expect("status");
+    let dropped = status["datapath"]["counters"]["dropped-pod-imds"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        dropped >= 1,
+        "the refusal is counted: {}",
+        status["datapath"]["counters"]
     );
 }

@@ -491,7 +491,7 @@ async fn supervise(
         .cni
         .conf_dir
         .as_deref()
-        .map(|dir| Conflist::new(dir, &config.node.socket));
+        .map(|dir| Conflist::new(dir, &config.node.socket, &config.datapath.pin_dir));
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     // VNIC interfaces are looked for (besides on link notifications), the maps re-synced

@@ -43,7 +43,11 @@ pub struct Conflist {
 }
 
 impl Conflist {
-    pub fn new(dir: &Path, socket: &Path) -> Self {
+    /// The shipped conflist, its vcnpath plugin pointed at the agent's `socket` and at the
+    /// `pin_dir` holding the pod program, so the plugin attaches the pod check at ADD (with
+    /// another directory than the default it would find none, and a pod's first packets
+    /// would go unchecked until the repair pass covers its veth).
+    pub fn new(dir: &Path, socket: &Path, pin_dir: &Path) -> Self {
         let mut conflist: Value =
             serde_json::from_str(SHIPPED).expect("deploy/10-vcnpath.conflist is JSON");
         if let Some(plugins) = conflist["plugins"].as_array_mut() {
@@ -52,6 +56,7 @@ impl Conflist {
                 .filter(|p| p["type"].as_str() == Some(PLUGIN_TYPE))
             {
                 plugin["socketPath"] = Value::from(socket.display().to_string());
+                plugin["pinDir"] = Value::from(pin_dir.display().to_string());
             }
         }
         let mut text = serde_json::to_string_pretty(&conflist).expect("JSON serialises");
@@ -99,7 +104,11 @@ mod tests {
     #[test]
     fn install_names_the_socket_writes_once_and_remove_is_idempotent() {
         let dir = tempfile::tempdir().unwrap();
-        let conflist = Conflist::new(dir.path(), Path::new("/run/other/vcnpath.sock"));
+        let conflist = Conflist::new(
+            dir.path(),
+            Path::new("/run/other/vcnpath.sock"),
+            Path::new("/sys/fs/bpf/other"),
+        );
         assert!(conflist.install().unwrap(), "first install writes");
         assert!(!conflist.install().unwrap(), "same content: no rewrite");
         let written: Value =
@@ -108,6 +117,10 @@ mod tests {
         assert_eq!(
             written["plugins"][0]["socketPath"],
             "/run/other/vcnpath.sock"
+        );
+        assert_eq!(
+            written["plugins"][0]["pinDir"], "/sys/fs/bpf/other",
+            "the plugin finds the pod program where the agent pinned it"
         );
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),

@@ -224,6 +224,7 @@ pub fn run(churn_pods: usize) -> Result<Control> {
         cooldown_secs: COOLDOWN_SECS,
         state_on_tmpfs: true,
         cni_conf_dir: None,
+        pod_imds_allow_namespaces: Vec::new(),
     };
     let mut agent = NodeAgent::start_with(&lab, "benchcp", options)?;
     std::thread::sleep(Duration::from_secs(1));

@@ -71,6 +71,9 @@ const TIERS: [Tier; 2] = [
             // they take (two VNICs, the VCN and the internet) are the datapath tests' own.
             // Under emulation it alone took four to five minutes per kernel.
             "lab_forty_pods_across_two_vnics_reach_the_vcn_and_the_internet_and_addresses_come_back",
+            // The metadata-service check is the pod program's, run on every kernel by the
+            // packet tier (`datapath_spoof`); this shows the namespace policy end to end.
+            "lab_pods_reach_the_metadata_service_only_from_an_allowed_namespace",
         ],
         kernels: &["5.10", "6.12"],
     },
