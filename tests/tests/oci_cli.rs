@@ -98,7 +98,7 @@ async fn the_official_oci_cli_works_against_the_simulator() {
             "subnet",
             "list",
             "--compartment-id",
-            &cfg.compartment_id,
+            &cfg.network_compartment_id,
             "--vcn-id",
             &cfg.vcn.id,
             "--all",

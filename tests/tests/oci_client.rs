@@ -229,7 +229,7 @@ async fn vnic_cycle(sim: &Simulator, client: &CoreClient) {
     );
 
     let subnets = client
-        .list_subnets(&cfg.compartment_id, Some(&cfg.vcn.id))
+        .list_subnets(&cfg.network_compartment_id, Some(&cfg.vcn.id))
         .await
         .expect("ListSubnets");
     assert_eq!(subnets.len(), cfg.subnets.len(), "all subnets across pages");

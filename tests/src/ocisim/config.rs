@@ -6,7 +6,11 @@ use serde::{Deserialize, Serialize};
 #[serde(default, deny_unknown_fields)]
 pub struct SimConfig {
     pub tenancy_id: String,
+    /// The instance's compartment: its VNIC attachments, VNICs and private IPs.
     pub compartment_id: String,
+    /// The VCN's and its subnets' compartment. Usually not the instance's (a network team
+    /// owns the VCN), so the default differs; `ListSubnets` answers only for it.
+    pub network_compartment_id: String,
     pub instance_id: String,
     /// Canonical region name, e.g. `us-ashburn-1`.
     pub region: String,
@@ -196,6 +200,7 @@ impl Default for SimConfig {
         Self {
             tenancy_id: "ocid1.tenancy.oc1..simtenancy".into(),
             compartment_id: "ocid1.compartment.oc1..simcompartment".into(),
+            network_compartment_id: "ocid1.compartment.oc1..simnetwork".into(),
             instance_id: "ocid1.instance.oc1.iad.siminstance".into(),
             region: "us-ashburn-1".into(),
             region_short: "iad".into(),

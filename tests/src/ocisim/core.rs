@@ -387,13 +387,19 @@ fn require<'a>(query: &'a HashMap<String, String>, name: &str) -> Result<&'a str
         .ok_or_else(|| ApiError::new(400, "MissingParameter", format!("{name} is required")))
 }
 
-fn compartment(cloud: &Cloud, query: &HashMap<String, String>) -> Result<(), ApiError> {
+/// The list call's `compartmentId` must be `expected`: OCI lists a compartment's resources,
+/// and one named that holds none of them answers an empty list or 404, never another's.
+fn in_compartment(query: &HashMap<String, String>, expected: &str) -> Result<(), ApiError> {
     let c = require(query, "compartmentId")?;
-    if c == cloud.cfg.compartment_id {
+    if c == expected {
         Ok(())
     } else {
         Err(ApiError::not_found("compartment", c))
     }
+}
+
+fn compartment(cloud: &Cloud, query: &HashMap<String, String>) -> Result<(), ApiError> {
+    in_compartment(query, &cloud.cfg.compartment_id)
 }
 
 fn list_attachments(cloud: &Cloud, query: &HashMap<String, String>) -> Answer {
@@ -437,7 +443,7 @@ fn list_ips(cloud: &Cloud, query: &HashMap<String, String>) -> Answer {
 }
 
 fn list_subnets(cloud: &Cloud, query: &HashMap<String, String>) -> Answer {
-    compartment(cloud, query)?;
+    in_compartment(query, &cloud.cfg.network_compartment_id)?;
     let items = cloud
         .subnets
         .iter()

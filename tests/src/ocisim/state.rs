@@ -590,7 +590,7 @@ impl Cloud {
 
     pub fn subnet_json(&self, s: &Subnet) -> Value {
         json!({
-            "id": s.id, "cidrBlock": s.cidr.to_string(), "compartmentId": self.cfg.compartment_id,
+            "id": s.id, "cidrBlock": s.cidr.to_string(), "compartmentId": self.cfg.network_compartment_id,
             "displayName": s.display_name, "vcnId": self.cfg.vcn.id, "virtualRouterIp": s.router_ip().to_string(),
             "virtualRouterMac": s.router_mac, "prohibitPublicIpOnVnic": true, "lifecycleState": "AVAILABLE",
             "availabilityDomain": null, "freeformTags": {}, "definedTags": {}, "timeCreated": "2024-01-01T00:00:00.000Z",
@@ -601,7 +601,7 @@ impl Cloud {
         let v = &self.cfg.vcn;
         json!({
             "id": v.id, "cidrBlock": v.cidr_blocks.first(), "cidrBlocks": v.cidr_blocks,
-            "compartmentId": self.cfg.compartment_id, "displayName": v.display_name, "lifecycleState": "AVAILABLE",
+            "compartmentId": self.cfg.network_compartment_id, "displayName": v.display_name, "lifecycleState": "AVAILABLE",
             "freeformTags": {}, "definedTags": {}, "timeCreated": "2024-01-01T00:00:00.000Z",
         })
     }
