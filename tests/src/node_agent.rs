@@ -35,6 +35,8 @@ pub struct AgentOptions {
     pub cni_conf_dir: Option<PathBuf>,
     /// `datapath.pod_imds_allow_namespaces`.
     pub pod_imds_allow_namespaces: Vec<String>,
+    /// `ipam.subnet_tag`.
+    pub subnet_tag: Option<String>,
 }
 
 impl Default for AgentOptions {
@@ -46,6 +48,7 @@ impl Default for AgentOptions {
             state_on_tmpfs: false,
             cni_conf_dir: None,
             pod_imds_allow_namespaces: Vec::new(),
+            subnet_tag: None,
         }
     }
 }
@@ -109,8 +112,13 @@ impl NodeAgent {
             warm_ips,
             cooldown_secs,
             ref pod_imds_allow_namespaces,
+            ref subnet_tag,
             ..
         } = self.options;
+        let subnet_tag = subnet_tag
+            .as_ref()
+            .map(|tag| format!("subnet_tag = {tag:?}\n"))
+            .unwrap_or_default();
         let cni = self
             .options
             .cni_conf_dir
@@ -118,7 +126,7 @@ impl NodeAgent {
             .map(|dir| format!("[cni]\nconf_dir = {:?}\n", dir.display().to_string()))
             .unwrap_or_default();
         let config = format!(
-            "[ipam]\nips_per_vnic = {ips_per_vnic}\nwarm_ips = {warm_ips}\ncooldown_secs = {cooldown_secs}\nrelease_delay_secs = 600\n\
+            "[ipam]\nips_per_vnic = {ips_per_vnic}\nwarm_ips = {warm_ips}\ncooldown_secs = {cooldown_secs}\nrelease_delay_secs = 600\n{subnet_tag}\
              [datapath]\npin_dir = {:?}\ngc_interval_secs = 2\npod_imds_allow_namespaces = {pod_imds_allow_namespaces:?}\n\
              [node]\nstate_dir = {:?}\nsocket = {:?}\nlisten = \"127.0.0.1:19965\"\n{nics}",
             self.pins.path.display().to_string(),

@@ -866,3 +866,49 @@ fn lab_pods_reach_the_metadata_service_only_from_an_allowed_namespace() {
         status["datapath"]["counters"]
     );
 }
+
+/// Issue 9: `ipam.subnet_tag` finds the pod subnet where OCI keeps it, in the VCN's
+/// compartment (the simulator's network compartment, not the instance's), and the pool's
+/// VNICs are attached there.
+#[test]
+fn lab_subnet_tag_finds_the_pod_subnet_in_the_vcns_compartment() {
+    if !have_root("lab_subnet_tag_finds_the_pod_subnet_in_the_vcns_compartment") {
+        return;
+    }
+    let mut config = vcnpath_tests::ocisim::SimConfig {
+        ips_per_vnic: IPS_PER_VNIC,
+        attach_delay_ms: 300,
+        ..lab_sim_config()
+    };
+    let tagged = config
+        .subnets
+        .iter_mut()
+        .find(|s| s.cidr_block == "10.0.3.0/24")
+        .expect("the lab's subnet C");
+    tagged.freeform_tags.insert("vcnpath".into(), "pods".into());
+    assert_ne!(
+        config.network_compartment_id, config.compartment_id,
+        "the lab's VCN is in a compartment of its own"
+    );
+    let lab = SimLab::new(LabOptions::default(), config).expect("simulator-driven lab");
+    let agent = NodeAgent::start_with(
+        &lab,
+        "subnettag",
+        AgentOptions {
+            subnet_tag: Some("vcnpath=pods".into()),
+            ..AgentOptions::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("vcnpath run with ipam.subnet_tag: {e:#}"));
+    let pods = add_pods(&lab, &agent, "tag", 2, T);
+    let subnet_c: ipnet::Ipv4Net = "10.0.3.0/24".parse().unwrap();
+    for pod in &pods {
+        assert!(
+            subnet_c.contains(&pod.ip),
+            "pod {} got {}, not an address of the tagged subnet {subnet_c}\n{}",
+            pod.id,
+            pod.ip,
+            agent.latest_log()
+        );
+    }
+}

@@ -177,8 +177,13 @@ async fn learn_vcn(
     let vcn_cidrs = parse_cidrs(&vcn.cidr_blocks)?;
     // The VCN's subnets live in the VCN's compartment, usually not the instance's.
     let vcn_subnets = if config.ipam.subnets.is_empty() && config.ipam.subnet_tag.is_some() {
+        let compartment = config
+            .ipam
+            .subnet_compartment_id
+            .as_deref()
+            .unwrap_or(&vcn.compartment_id);
         client
-            .list_subnets(&vcn.compartment_id, Some(&vcn.id))
+            .list_subnets(compartment, Some(&vcn.id))
             .await
             .context("ListSubnets for ipam.subnet_tag")?
     } else {

@@ -69,6 +69,9 @@ pub struct IpamSection {
     /// Select the subnets for new VNICs by freeform tag, `key` or `key=value` (used when
     /// `subnets` is empty): every matching subnet of the VCN, in display-name order.
     pub subnet_tag: Option<String>,
+    /// The compartment `subnet_tag` searches; default the VCN's (from GetVcn), which is
+    /// usually not the instance's.
+    pub subnet_compartment_id: Option<String>,
     pub ips_per_vnic: usize,
     pub warm_ips: usize,
     pub min_ips: usize,
@@ -153,6 +156,7 @@ impl Default for IpamSection {
         Self {
             subnets: Vec::new(),
             subnet_tag: None,
+            subnet_compartment_id: None,
             ips_per_vnic: pool.ips_per_vnic,
             warm_ips: pool.warm_ips,
             min_ips: pool.min_ips,

@@ -33,6 +33,7 @@ pub fn lab_sim_config() -> SimConfig {
         id: format!("ocid1.subnet.oc1.iad.lab{name}"),
         display_name: format!("lab-{name}"),
         cidr_block: cidr.into(),
+        freeform_tags: std::collections::BTreeMap::new(),
     };
     let primary = &GUEST_PRIMARY[0];
     SimConfig {

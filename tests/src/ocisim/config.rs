@@ -76,6 +76,9 @@ pub struct SubnetConfig {
     pub id: String,
     pub display_name: String,
     pub cidr_block: String,
+    /// The subnet's freeform tags (what `ipam.subnet_tag` selects by).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub freeform_tags: std::collections::BTreeMap<String, String>,
 }
 
 /// An API key: `key_id` is `<tenancy>/<user>/<fingerprint>`, the key a PEM public key
@@ -196,6 +199,7 @@ impl Default for SimConfig {
             id: format!("ocid1.subnet.oc1.iad.sim{n}"),
             display_name: name.into(),
             cidr_block: cidr.into(),
+            freeform_tags: std::collections::BTreeMap::new(),
         };
         Self {
             tenancy_id: "ocid1.tenancy.oc1..simtenancy".into(),

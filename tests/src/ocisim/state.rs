@@ -50,6 +50,7 @@ pub struct Subnet {
     pub cidr: Ipv4Net,
     pub router_mac: String,
     pub used: BTreeSet<Ipv4Addr>,
+    pub freeform_tags: std::collections::BTreeMap<String, String>,
 }
 
 impl Subnet {
@@ -155,6 +156,7 @@ impl Cloud {
                 cidr: cidr.trunc(),
                 router_mac: format!("00:00:17:00:{:02X}:01", i + 1),
                 used: BTreeSet::new(),
+                freeform_tags: s.freeform_tags.clone(),
             });
         }
         if subnets.is_empty() {
@@ -593,7 +595,7 @@ impl Cloud {
             "id": s.id, "cidrBlock": s.cidr.to_string(), "compartmentId": self.cfg.network_compartment_id,
             "displayName": s.display_name, "vcnId": self.cfg.vcn.id, "virtualRouterIp": s.router_ip().to_string(),
             "virtualRouterMac": s.router_mac, "prohibitPublicIpOnVnic": true, "lifecycleState": "AVAILABLE",
-            "availabilityDomain": null, "freeformTags": {}, "definedTags": {}, "timeCreated": "2024-01-01T00:00:00.000Z",
+            "availabilityDomain": null, "freeformTags": s.freeform_tags, "definedTags": {}, "timeCreated": "2024-01-01T00:00:00.000Z",
         })
     }
 

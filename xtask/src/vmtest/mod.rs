@@ -74,6 +74,8 @@ const TIERS: [Tier; 2] = [
             // The metadata-service check is the pod program's, run on every kernel by the
             // packet tier (`datapath_spoof`); this shows the namespace policy end to end.
             "lab_pods_reach_the_metadata_service_only_from_an_allowed_namespace",
+            // Which subnet the agent picks is an OCI question, not a kernel one.
+            "lab_subnet_tag_finds_the_pod_subnet_in_the_vcns_compartment",
         ],
         kernels: &["5.10", "6.12"],
     },
