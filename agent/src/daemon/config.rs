@@ -69,7 +69,7 @@ pub struct IpamSection {
     /// Select the subnets for new VNICs by freeform tag, `key` or `key=value` (used when
     /// `subnets` is empty): every matching subnet of the VCN, in display-name order.
     pub subnet_tag: Option<String>,
-    /// The compartment `subnet_tag` searches; default the VCN's (from GetVcn), which is
+    /// The compartment `subnet_tag` searches; default the VCN's (from `GetVcn`), which is
     /// usually not the instance's.
     pub subnet_compartment_id: Option<String>,
     pub ips_per_vnic: usize,
