@@ -1565,3 +1565,70 @@ async fn a_vnic_slower_to_attach_than_the_wait_is_attached_once() {
         "{polls} polls of an attachment that took 12 s (1 s doubling to 5 s): {calls:?}"
     );
 }
+
+/// A VNIC whose creates keep failing is detached behind the agent's back: once the reconcile
+/// has dropped it from the pool, `vcnpath status` no longer lists its failing creates (nothing
+/// retries them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trouble_of_a_vnic_that_left_the_pool_is_forgotten() {
+    let sim = sim(8, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ipam = start(&sim, config(&sim, dir.path(), pool(&sim, 1))).await;
+    let a = allocate(&ipam, &pod(0), Duration::from_secs(20)).await;
+    sim.set_faults(Faults {
+        rules: vec![FaultRule {
+            op: "CreatePrivateIp".into(),
+            ..FaultRule::default()
+        }],
+        ..Faults::default()
+    });
+    // A second pod takes the warm address (if it is there yet); the refill on the pod's
+    // VNIC fails.
+    let _ = ipam.allocate(&pod(1)).await;
+    wait_for(
+        "the failing create in status",
+        Duration::from_secs(10),
+        async || {
+            ipam.status()
+                .await
+                .oci
+                .iter()
+                .any(|t| t.target == a.vnic_id)
+        },
+    )
+    .await;
+    let attachment = sim.snapshot()["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["vnicId"] == a.vnic_id.as_str())
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    admin(
+        &sim,
+        reqwest::Method::DELETE,
+        &format!("vnicAttachments/{attachment}"),
+        serde_json::Value::Null,
+    )
+    .await;
+    wait_for("the detach", Duration::from_secs(5), async || {
+        !node_ips(&sim).contains_key(&a.ip)
+    })
+    .await;
+    ipam.reconcile().await.expect("reconcile");
+    wait_for(
+        "the gone VNIC's trouble to leave status",
+        Duration::from_secs(5),
+        async || {
+            !ipam
+                .status()
+                .await
+                .oci
+                .iter()
+                .any(|t| t.target == a.vnic_id)
+        },
+    )
+    .await;
+}

@@ -98,6 +98,23 @@ impl Memory {
         *self.nics.entry(token.to_owned()).or_insert(fresh)
     }
 
+    /// Forgets the backoff and the trouble of creates on VNICs that left the pool (detached,
+    /// by the agent or behind its back): nothing retries them, and status must not show them.
+    fn forget_gone_vnics(&mut self, inner: &Inner, in_pool: impl Fn(&str) -> bool) {
+        let gone: Vec<Target> = self
+            .backoff
+            .keys()
+            .filter(|t| matches!(t, Target::CreateIp(vnic) if !in_pool(vnic)))
+            .cloned()
+            .collect();
+        for target in gone {
+            let (work, about) = target.key();
+            inner.troubles.cleared(work, about);
+            self.backoff.remove(&target);
+            self.tokens.remove(&target);
+        }
+    }
+
     /// Forgets the NICs of tokens that will not be used again.
     fn forget_spent(&mut self) {
         let live: std::collections::HashSet<&String> = self.tokens.values().flatten().collect();
@@ -248,6 +265,7 @@ async fn step(inner: &Arc<Inner>, memory: &mut Memory) -> bool {
         for (vnic, _) in &plan.detach {
             state.pool.remove_vnic(vnic);
         }
+        memory.forget_gone_vnics(inner, |vnic| state.pool.vnic(vnic).is_some());
         plan
     };
     let mut plan = plan;
