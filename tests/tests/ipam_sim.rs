@@ -1597,26 +1597,7 @@ async fn the_trouble_of_a_vnic_that_left_the_pool_is_forgotten() {
         },
     )
     .await;
-    let attachment = sim.snapshot()["attachments"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|x| x["vnicId"] == a.vnic_id.as_str())
-        .unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    admin(
-        &sim,
-        reqwest::Method::DELETE,
-        &format!("vnicAttachments/{attachment}"),
-        serde_json::Value::Null,
-    )
-    .await;
-    wait_for("the detach", Duration::from_secs(5), async || {
-        !node_ips(&sim).contains_key(&a.ip)
-    })
-    .await;
+    detach_out_of_band(&sim, &ipam, &a.vnic_id, a.ip).await;
     ipam.reconcile().await.expect("reconcile");
     wait_for(
         "the gone VNIC's trouble to leave status",

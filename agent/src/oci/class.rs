@@ -93,7 +93,8 @@ impl OciError {
             OciError::Url { .. } => ErrorClass::Request,
             OciError::ClockSkew { .. } => ErrorClass::Authentication,
             OciError::Auth { source, .. } => auth_class(source),
-            OciError::RetriesExhausted { .. } => unreachable!("root() looks through retries"),
+            // `root()` has looked through these already; the last attempt decides.
+            OciError::RetriesExhausted { last, .. } => last.class(),
         }
     }
 }
