@@ -52,7 +52,22 @@ pub struct Containerd {
     child: Option<ChildGuard>,
     pub dir: tempfile::TempDir,
     starts: u32,
+    /// Run as on a node ([`Self::start_as_node`]): in a mount namespace of its own.
+    as_node: bool,
 }
+
+/// Run by `unshare --mount`: overlays the node's `/etc`, `/opt` and `/run` with directories
+/// of the test (so `/etc/cni/net.d`, `/opt/cni/bin` and `/run/vcnpath` are the test's own),
+/// mounts a bpffs of its own on `/sys/fs/bpf`, then execs containerd ("$@").
+const NODE_SETUP: &str = r#"set -e
+d=$1; shift
+for top in etc opt run; do
+  mkdir -p "$d/$top/upper" "$d/$top/work"
+  mount -t overlay overlay -o "lowerdir=/$top,upperdir=$d/$top/upper,workdir=$d/$top/work" "/$top"
+done
+mkdir -p /etc/cni/net.d /opt/cni/bin
+mount -t bpf bpf /sys/fs/bpf
+exec "$@""#;
 
 impl Containerd {
     /// Writes the config, the CNI conf and bin dirs (the shipped conflist with `socket`,
@@ -81,6 +96,41 @@ impl Containerd {
                 cni_bin.join(plugin),
             )?;
         }
+        Self::configured(node, dir, &cni_bin, &cni_conf, socket, false)
+    }
+
+    /// containerd as on a node, for running the shipped daemon set: in a mount namespace of its own
+    /// where the node's `/etc`, `/opt` and `/run` are overlaid with the test's directories
+    /// and `/sys/fs/bpf` is a bpffs of its own, with the CNI directories at the usual
+    /// `/opt/cni/bin` and `/etc/cni/net.d`, both empty (the daemon set fills them).
+    /// [`Self::node_path`] reaches that view from the test.
+    pub fn start_as_node(node: &Netns) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("vcnpath-ctrd").tempdir()?;
+        Self::configured(
+            node,
+            dir,
+            Path::new("/opt/cni/bin"),
+            Path::new("/etc/cni/net.d"),
+            None,
+            true,
+        )
+    }
+
+    /// A path of the node as containerd (and what it runs) sees it.
+    pub fn node_path(&self, path: &str) -> PathBuf {
+        let pid = self.child.as_ref().expect("running").id();
+        PathBuf::from(format!("/proc/{pid}/root")).join(path.trim_start_matches('/'))
+    }
+
+    fn configured(
+        node: &Netns,
+        dir: tempfile::TempDir,
+        cni_bin: &Path,
+        cni_conf: &Path,
+        socket: Option<&Path>,
+        as_node: bool,
+    ) -> Result<Self> {
+        let d = dir.path();
         if let Some(socket) = socket {
             let shipped = std::fs::read_to_string(workspace().join("deploy/10-vcnpath.conflist"))?;
             let conflist =
@@ -112,6 +162,7 @@ impl Containerd {
             child: None,
             dir,
             starts: 0,
+            as_node,
         };
         this.spawn(node)?;
         this.import_image()?;
@@ -153,7 +204,24 @@ impl Containerd {
             bin.display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let mut cmd = Command::new(bin.join("containerd"));
+        let mut cmd = if self.as_node {
+            let mut cmd = Command::new("unshare");
+            cmd.args([
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+                "sh",
+                "-c",
+                NODE_SETUP,
+                "sh",
+            ])
+            .arg(self.dir.path().join("node"))
+            .arg(bin.join("containerd"));
+            cmd
+        } else {
+            Command::new(bin.join("containerd"))
+        };
         cmd.arg("--config")
             .arg(self.dir.path().join("config.toml"))
             .env("PATH", path)
@@ -175,41 +243,82 @@ impl Containerd {
 
     /// Kills containerd (SIGKILL; its shims and containers live on) and starts it again.
     pub fn restart(&mut self, node: &Netns) -> Result<()> {
+        if self.as_node {
+            bail!("a containerd started as on a node cannot restart: its node view would be new");
+        }
         self.child.as_mut().expect("running").kill9()?;
         self.spawn(node)
     }
 
-    /// A docker-archive of one layer (busybox-static as `/bin/busybox`, `sleep`, `sh`),
-    /// imported into the `k8s.io` namespace.
+    /// The test image: busybox-static as `/bin/busybox`, `sleep`, `sh`.
     fn import_image(&self) -> Result<()> {
-        let d = self.dir.path().join("image");
-        let rootfs = d.join("rootfs/bin");
-        std::fs::create_dir_all(&rootfs)?;
-        std::fs::copy(runtime_root().join("bin/busybox"), rootfs.join("busybox"))?;
-        for applet in ["sleep", "sh"] {
-            std::os::unix::fs::symlink("busybox", rootfs.join(applet))?;
+        let rootfs = self.dir.path().join("image/rootfs");
+        busybox_into(&rootfs, &["sleep", "sh"])?;
+        let config = serde_json::json!({"Cmd": ["/bin/sleep", "2147483647"]});
+        self.import(IMAGE, &rootfs, &config)
+    }
+
+    /// The node image the `Dockerfile` builds, made here from the same binaries and Debian
+    /// packages (no registry is reachable), tagged `tag` (the manifest's image): the agent
+    /// and the plugin in `/usr/local/bin`, the reference plugins the init step installs,
+    /// bookworm's libc6 and libgcc-s1 for the binaries, and busybox-static for the init
+    /// step's `sh`, `cp` and `mv` (in the Dockerfile's bookworm-slim base, dash and
+    /// coreutils). `ENTRYPOINT` and `CMD` are the Dockerfile's own.
+    pub fn import_node_image(&self, tag: &str) -> Result<()> {
+        let rootfs = self.dir.path().join("node-image/rootfs");
+        busybox_into(&rootfs, &["sh", "cp", "mv"])?;
+        let bin = rootfs.join("usr/local/bin");
+        std::fs::create_dir_all(&bin)?;
+        for name in ["vcnpath", "vcnpath-cni"] {
+            std::fs::copy(binary().with_file_name(name), bin.join(name))?;
         }
+        let plugins = rootfs.join("usr/local/lib/vcnpath/cni");
+        std::fs::create_dir_all(&plugins)?;
+        for plugin in ["portmap", "loopback"] {
+            std::fs::copy(
+                runtime_root().join("usr/lib/cni").join(plugin),
+                plugins.join(plugin),
+            )?;
+        }
+        for libs in ["lib", "lib64"] {
+            run(Command::new("cp")
+                .arg("-a")
+                .arg(runtime_root().join(libs))
+                .arg(&rootfs))?;
+        }
+        let dockerfile = std::fs::read_to_string(workspace().join("Dockerfile"))?;
+        let config = serde_json::json!({
+            "Entrypoint": dockerfile_exec_form(&dockerfile, "ENTRYPOINT")?,
+            "Cmd": dockerfile_exec_form(&dockerfile, "CMD")?,
+        });
+        self.import(tag, &rootfs, &config)
+    }
+
+    /// A docker-archive of one layer (`rootfs`, owned by root) with `config` as the image's
+    /// config, imported into the `k8s.io` namespace as `tag`.
+    fn import(&self, tag: &str, rootfs: &Path, config: &Value) -> Result<()> {
+        let d = rootfs.parent().context("a rootfs has a parent")?;
         run(Command::new("tar")
             .args(["--numeric-owner", "--owner=0", "--group=0", "-cf"])
             .arg(d.join("layer.tar"))
             .arg("-C")
-            .arg(d.join("rootfs"))
-            .arg("bin"))?;
+            .arg(rootfs)
+            .arg("."))?;
         let digest = run(Command::new("sha256sum").arg(d.join("layer.tar")))?;
         let digest = digest.split_whitespace().next().context("sha256sum")?;
         let config = serde_json::json!({
             "architecture": "amd64", "os": "linux",
-            "config": {"Cmd": ["/bin/sleep", "2147483647"]},
+            "config": config,
             "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{digest}")]},
         });
         std::fs::write(d.join("config.json"), config.to_string())?;
-        let manifest = serde_json::json!([{"Config": "config.json", "RepoTags": [IMAGE], "Layers": ["layer.tar"]}]);
+        let manifest = serde_json::json!([{"Config": "config.json", "RepoTags": [tag], "Layers": ["layer.tar"]}]);
         std::fs::write(d.join("manifest.json"), manifest.to_string())?;
         run(Command::new("tar")
             .arg("-cf")
             .arg(d.join("image.tar"))
             .arg("-C")
-            .arg(&d)
+            .arg(d)
             .args(["manifest.json", "config.json", "layer.tar"]))?;
         run(Command::new(runtime_root().join("usr/bin/ctr"))
             .arg("--address")
@@ -255,6 +364,29 @@ impl Drop for Containerd {
             .arg(self.dir.path().join("state"))
             .status();
     }
+}
+
+/// busybox-static as `rootfs/bin/busybox`, with `applets` linked to it.
+fn busybox_into(rootfs: &Path, applets: &[&str]) -> Result<()> {
+    let bin = rootfs.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    std::fs::copy(runtime_root().join("bin/busybox"), bin.join("busybox"))?;
+    for applet in applets {
+        std::os::unix::fs::symlink("busybox", bin.join(applet))?;
+    }
+    Ok(())
+}
+
+/// The exec-form (JSON array) argument of the last `instruction` in `dockerfile` (the final
+/// stage's).
+fn dockerfile_exec_form(dockerfile: &str, instruction: &str) -> Result<Value> {
+    let line = dockerfile
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix(instruction)?.strip_prefix(' '))
+        .with_context(|| format!("the Dockerfile has no {instruction}"))?;
+    serde_json::from_str(line.trim())
+        .with_context(|| format!("the Dockerfile's {instruction} is not in exec form: {line}"))
 }
 
 fn run(cmd: &mut Command) -> Result<String> {

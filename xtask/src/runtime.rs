@@ -2,7 +2,8 @@
 //! its CRI plugin), runc, the reference CNI plugins (`loopback`, `portmap`, the ones the
 //! image ships) and busybox-static for the test images. Downloaded with the private apt
 //! configuration of the VM tier and unpacked under `target/runtime/root`; the host's
-//! packages stay as they are.
+//! packages stay as they are. libc6 and libgcc-s1 join them for the node image the tier
+//! builds to run the shipped daemon set.
 
 use std::{fs, path::Path, process::Command};
 
@@ -21,6 +22,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("runc", "usr/sbin/runc"),
     ("containernetworking-plugins", "usr/lib/cni/portmap"),
     ("busybox-static", "bin/busybox"),
+    // The node image's libraries: what the agent and the plugin link (the Dockerfile's
+    // bookworm-slim base has them).
+    ("libc6", "lib/x86_64-linux-gnu/libc.so.6"),
+    ("libgcc-s1", "lib/x86_64-linux-gnu/libgcc_s.so.1"),
 ];
 
 /// Makes sure `target/runtime/root` holds every package (a no-op when the stamp matches).
