@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use vcnpath::ipam::checkpoint::Checkpoint;
 use vcnpath::ipam::{
-    AllocError, Allocation, Cloud, Ipam, IpamConfig, NODE_TAG, OciCloud, PodRef, PoolConfig,
+    AllocError, Allocation, Cloud, HostHolder, Ipam, IpamConfig, NODE_TAG, OciCloud, PodRef,
+    PoolConfig,
 };
 use vcnpath::oci::CoreClient;
 use vcnpath_tests::ocikit::{fast_retries, instance_principal_client};
@@ -1612,4 +1613,75 @@ async fn the_trouble_of_a_vnic_that_left_the_pool_is_forgotten() {
         },
     )
     .await;
+}
+
+/// A lost checkpoint (issue 10, item 3): the addresses the node shows in use — a pod veth
+/// with its /32 route — are held at start for their unknown pods; no new pod gets one; the
+/// runtime's CNI GC cannot release one (no list can name an unknown attachment); the one
+/// whose veth is gone beyond the grace period is released into its cooldown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addresses_the_node_shows_in_use_are_held_when_the_checkpoint_is_lost() {
+    let sim = sim(8, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = pool(&sim, 3);
+    p.cooldown = Duration::from_hours(1);
+    let config = || {
+        let mut cfg = config(&sim, dir.path(), p.clone());
+        cfg.allocation_gc_grace = Duration::from_millis(400);
+        cfg
+    };
+    let first = start(&sim, config()).await;
+    let mut running = Vec::new();
+    for n in 0..3 {
+        running.push(allocate(&first, &pod(n), Duration::from_secs(15)).await);
+    }
+    drop(first);
+    std::fs::remove_file(dir.path().join("ipam.json")).expect("lose the checkpoint");
+
+    let holders: Vec<HostHolder> = running
+        .iter()
+        .enumerate()
+        .map(|(n, a)| HostHolder {
+            ip: a.ip,
+            veth: Some(format!("vcnlost{n}")),
+            interface: None,
+        })
+        .collect();
+    let ipam = Ipam::start_with_host(cloud(&sim), config(), &holders).expect("IPAM starts");
+    ipam.reconciled().await;
+    assert_eq!(ipam.status().await.recovered, 3);
+    let held: BTreeSet<Ipv4Addr> = running.iter().map(|a| a.ip).collect();
+    let host = FakeHost::default();
+    let mut valid = BTreeSet::new();
+    // Five more fill the node (8 addresses): every free one, none of the held.
+    for n in 3..8 {
+        let a = allocate(&ipam, &pod(n), Duration::from_secs(15)).await;
+        assert!(
+            !held.contains(&a.ip),
+            "a new pod got {}, a running pod's",
+            a.ip
+        );
+        host.add(&pod(n));
+        valid.insert((pod(n).container_id, pod(n).ifname));
+    }
+    assert!(
+        ipam.collect_not_listed(&valid).await.is_empty(),
+        "the runtime's GC released an address held for an unknown pod"
+    );
+    for holder in &holders[1..] {
+        host.add(&vcnpath::ipam::holders::recovered_pod(holder));
+    }
+    assert!(ipam.collect_unattached(&host).await.is_empty());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let released = ipam.collect_unattached(&host).await;
+    assert_eq!(
+        released,
+        vec![vcnpath::ipam::holders::recovered_pod(&holders[0])],
+        "only the held address whose veth is gone is released"
+    );
+    let status = ipam.status().await;
+    assert_eq!(status.recovered, 2);
+    let cooling: usize = status.vnics.iter().map(|v| v.cooldown).sum();
+    assert_eq!(cooling, 1, "{} rests in its cooldown", running[0].ip);
+    assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
 }

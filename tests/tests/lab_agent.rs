@@ -658,14 +658,10 @@ fn lab_a_restart_while_oci_fails_serves_restored_pods_and_converges() {
 
 /// Issue 10, item 1: a lost checkpoint must not turn the running pods' addresses free. Their
 /// veths, /32 routes and `endpoints` entries are still on the node, and OCI still lists the
-/// addresses tagged for it; an agent started without the file must hand none of those
-/// addresses to a new pod.
-///
-/// Fails today: the first reconcile adopts every tagged private IP as free, so the new pods
-/// get the running pods' addresses. Ignored until the agent builds its truth at start from
-/// every source (checkpoint, host veths and routes, pinned `endpoints`, OCI).
+/// addresses tagged for it; an agent started without the file holds those addresses for
+/// the running pods (which keep their traffic), hands none of them to a new pod, and lets one
+/// go when its pod's DEL comes.
 #[test]
-#[ignore = "issue 10 item 1: a lost checkpoint frees running pods' addresses (fails today)"]
 fn lab_a_lost_checkpoint_never_hands_a_running_pods_address_to_a_new_pod() {
     if !have_root("lab_a_lost_checkpoint_never_hands_a_running_pods_address_to_a_new_pod") {
         return;
@@ -679,6 +675,11 @@ fn lab_a_lost_checkpoint_never_hands_a_running_pods_address_to_a_new_pod() {
     agent
         .restart(&lab)
         .unwrap_or_else(|e| panic!("vcnpath run must start without a checkpoint: {e:#}"));
+    let status = agent.status().expect("status");
+    assert_eq!(
+        status["pool"]["recovered"], 3,
+        "the running pods' addresses are held for them: {status}"
+    );
     // More new pods than the pool held free, so a free-looking running address is reached.
     let new = add_pods(&lab, &agent, "new", 6, T);
     let reused: Vec<String> = new
@@ -692,6 +693,51 @@ fn lab_a_lost_checkpoint_never_hands_a_running_pods_address_to_a_new_pod() {
         reused.is_empty(),
         "with the checkpoint deleted, no new pod may get a running pod's address (its veth, /32 route and endpoints entry are still there): {reused:?}\n{}",
         agent.latest_log()
+    );
+    let peer = TcpServer::start(
+        lab.lab().peer(),
+        SocketAddr::from((lab.lab().peer_ip(), 8080)),
+    )
+    .expect("server");
+    for pod in &running {
+        let mut c = TcpConn::connect(&pod.ns, None, peer.addr(), T)
+            .unwrap_or_else(|e| panic!("running pod {} ({}) → VCN peer: {e:#}", pod.id, pod.ip));
+        c.roundtrip(b"vcn", T).expect("peer echo");
+    }
+    let seen: BTreeSet<IpAddr> = peer
+        .wait_connections(running.len(), T)
+        .expect("connections")
+        .iter()
+        .map(|r| r.peer.ip())
+        .collect();
+    assert_eq!(
+        seen,
+        running.iter().map(|p| IpAddr::V4(p.ip)).collect(),
+        "the running pods keep their own addresses on the wire"
+    );
+
+    // The runtime's DEL of a running pod lets its address go (to cooldown), not leak.
+    let gone = &running[0];
+    let out = cni(
+        lab.lab().node(),
+        &agent.socket(),
+        "DEL",
+        &gone.id,
+        Some(gone.ns.path()),
+    )
+    .expect("vcnpath-cni runs");
+    assert!(out.ok, "DEL {}: {}", gone.id, out.json);
+    let status = agent.status().expect("status");
+    assert_eq!(status["pool"]["recovered"], 2, "{status}");
+    let listed: BTreeSet<&str> = status["pods"]
+        .as_array()
+        .expect("pods")
+        .iter()
+        .filter_map(|p| p["ip"].as_str())
+        .collect();
+    assert!(
+        !listed.contains(gone.ip.to_string().as_str()),
+        "the deleted pod's address is still held: {status}"
     );
 }
 

@@ -295,22 +295,24 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let primary_link = netlink.link_by_mac(primary_mac).await?;
     datapath.attach(&primary_link.name)?;
     let bare_metal = bare_metal(&config, &instance, &primary_link.name);
+
+    // IPAM: restore the checkpoint, and hold what the node shows in use that it lacks; it
+    // reconciles with OCI and grows the pool in the background. The datapath already carries
+    // the existing pods' traffic, and the restored pods are served before OCI is asked, so an
+    // unreachable OCI is waited out, not fatal.
+    let physical_nics = bare_metal.as_ref().map_or(1, |b| b.nics.len());
+    let running = running_pods(&datapath, &netlink).await;
     let (datapath, datapath_task) = datapath::task::spawn(datapath, config.datapath.nat_timeouts);
     enable_forwarding();
-
-    // IPAM: restore the checkpoint; it reconciles with OCI and grows the pool in the
-    // background. The datapath already carries the existing pods' traffic, and the restored
-    // pods are served before OCI is asked, so an unreachable OCI is waited out, not fatal.
-    let physical_nics = bare_metal.as_ref().map_or(1, |b| b.nics.len());
-    let ipam = start_ipam(&config, &instance, known.as_ref(), &client, physical_nics)?;
-    if !ipam.knows_every_pods_vnic().await {
-        // A checkpoint from an older agent lists the pods but not their VNICs: publishing a
-        // datapath state before OCI names them would stop steering those pods.
-        info!(
-            "the checkpoint does not list every pod's VNIC; waiting for OCI before the first sync"
-        );
-        ipam.reconciled().await;
-    }
+    let ipam = start_ipam(
+        &config,
+        &instance,
+        known.as_ref(),
+        &client,
+        physical_nics,
+        &running,
+    )?;
+    wait_for_every_pods_vnic(&ipam).await;
 
     let primary_subnet: Ipv4Net = primary
         .subnet_cidr_block
@@ -574,12 +576,41 @@ async fn supervise(
 /// Restores IPAM from its checkpoint; it reconciles with OCI and grows the pool in the
 /// background. The subnets for new VNICs are the configured ones, else the last known ones,
 /// else none until OCI names them.
+/// A checkpoint from an older agent lists the pods but not their VNICs, and a pod held from
+/// what the node shows has none until OCI names it: publishing a datapath state before would
+/// stop steering those pods.
+async fn wait_for_every_pods_vnic(ipam: &Ipam) {
+    if !ipam.knows_every_pods_vnic().await {
+        info!(
+            "the checkpoint does not name every pod's VNIC; waiting for OCI before the first sync"
+        );
+        ipam.reconciled().await;
+    }
+}
+
+/// The pod addresses the node shows in use (veths with /32 routes, the pinned `endpoints`
+/// map): IPAM holds those the checkpoint lacks. A failed read is logged, not fatal: the
+/// checkpoint is then the only record, as before.
+async fn running_pods(datapath: &Datapath, netlink: &Netlink) -> Vec<crate::ipam::HostHolder> {
+    let endpoints = datapath.maps.pod_endpoints().unwrap_or_else(|error| {
+        warn!(%error, "cannot read the pinned endpoints map; only the host's routes show running pods");
+        std::collections::BTreeMap::new()
+    });
+    crate::host::pods::scan(netlink, &endpoints)
+        .await
+        .unwrap_or_else(|error| {
+            warn!(error = format!("{error:#}"), "cannot read the node's pod veths and routes; only the checkpoint shows running pods");
+            Vec::new()
+        })
+}
+
 fn start_ipam(
     config: &AgentConfig,
     instance: &crate::oci::imds::Instance,
     known: Option<&VcnFacts>,
     client: &Arc<CoreClient>,
     physical_nics: usize,
+    running: &[crate::ipam::HostHolder],
 ) -> anyhow::Result<Arc<Ipam>> {
     let subnets = if config.ipam.subnets.is_empty() {
         known.map(|k| k.subnets.clone()).unwrap_or_default()
@@ -615,7 +646,11 @@ fn start_ipam(
         instance.id.clone(),
         ATTACH_TIMEOUT,
     );
-    Ok(Arc::new(Ipam::start(Arc::new(cloud), ipam_config)?))
+    Ok(Arc::new(Ipam::start_with_host(
+        Arc::new(cloud),
+        ipam_config,
+        running,
+    )?))
 }
 
 fn parse_cidrs(blocks: &[String]) -> anyhow::Result<BTreeSet<Ipv4Net>> {

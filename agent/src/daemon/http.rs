@@ -135,7 +135,7 @@ pub async fn status_json(state: &Introspection) -> Value {
             "trouble": pool.oci,
             "missing_permissions": state.oci.missing_permissions(),
         },
-        "pool": {"capacity": pool.capacity, "allocations": pool.allocations, "reconciled": pool.reconciled, "quarantined": pool.quarantined},
+        "pool": {"capacity": pool.capacity, "allocations": pool.allocations, "reconciled": pool.reconciled, "quarantined": pool.quarantined, "recovered": pool.recovered},
         "pods": pods,
         "datapath": {
             "nat_entries": nat_entries,
@@ -189,6 +189,11 @@ fn render(
         out,
         "# HELP vcnpath_ipam_quarantined_addresses Addresses of live pods on no VNIC of the node (detached or moved away behind the agent's back), handed to nobody else.\n# TYPE vcnpath_ipam_quarantined_addresses gauge\nvcnpath_ipam_quarantined_addresses {}",
         pool.quarantined.len()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP vcnpath_ipam_recovered_addresses Addresses held for pods the node runs (their veths, routes, endpoints entries) but the checkpoint did not list; released when their veths are gone.\n# TYPE vcnpath_ipam_recovered_addresses gauge\nvcnpath_ipam_recovered_addresses {}",
+        pool.recovered
     );
     let _ = writeln!(
         out,

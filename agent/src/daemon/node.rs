@@ -26,7 +26,7 @@ use crate::{
         sysctl,
         vlan::VlanVnic,
     },
-    ipam::{AllocError, Allocation, Allocator, BoxFuture, Ipam, PodRef},
+    ipam::{AllocError, Allocation, Allocator, BoxFuture, Ipam, PodRef, holders},
 };
 
 /// A VNIC whose interface is up and managed.
@@ -596,7 +596,16 @@ pub struct PodVeths;
 
 impl crate::ipam::gc::HostView for PodVeths {
     fn attached(&self, pod: &PodRef) -> Option<bool> {
-        let name = crate::cni::names::host_veth(&pod.container_id, &pod.ifname);
+        let name = if holders::is_recovered(pod) {
+            // Held for a pod the checkpoint lacked: its veth is the evidence (none known,
+            // only the endpoints map showed it: gone unless a veth appears).
+            match holders::recovered_veth(pod) {
+                Some(veth) => veth.to_owned(),
+                None => return Some(false),
+            }
+        } else {
+            crate::cni::names::host_veth(&pod.container_id, &pod.ifname)
+        };
         match crate::host::link::index(&name) {
             Ok(_) => Some(true),
             Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Some(false),
@@ -636,7 +645,13 @@ impl Allocator for Node {
         pod: &'a PodRef,
     ) -> BoxFuture<'a, Result<Option<Allocation>, AllocError>> {
         Box::pin(async move {
-            let released = self.ipam.release(pod).await?;
+            let mut released = self.ipam.release(pod).await?;
+            if released.is_none() {
+                // A pod the checkpoint lacked is held under its veth's name: this DEL is
+                // its runtime saying it is gone.
+                let veth = crate::cni::names::host_veth(&pod.container_id, &pod.ifname);
+                released = self.ipam.release_recovered(&veth).await?;
+            }
             if released.is_some() {
                 self.counters.released.fetch_add(1, Ordering::Relaxed);
                 if let Err(error) = self.sync().await {

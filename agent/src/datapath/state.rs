@@ -16,9 +16,9 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use vcnpath_common::{
-    CidrValue, Config, Endpoint, EndpointKey, MAP_CONFIG, MAP_ENDPOINTS, MAP_NAT,
-    MAP_NONMASQ_CIDRS, MAP_VCN_CIDRS, MAP_VNICS, NAT_DIR_EGRESS, NAT_F_INBOUND, NatEntry, NatKey,
-    VNIC_F_ROUTER_MAC, Vnic,
+    CidrValue, Config, ENDPOINT_KIND_POD, Endpoint, EndpointKey, MAP_CONFIG, MAP_ENDPOINTS,
+    MAP_NAT, MAP_NONMASQ_CIDRS, MAP_VCN_CIDRS, MAP_VNICS, NAT_DIR_EGRESS, NAT_F_INBOUND, NatEntry,
+    NatKey, VNIC_F_ROUTER_MAC, Vnic,
 };
 
 use super::{
@@ -104,6 +104,16 @@ pub fn diff<K: Ord + Clone, V: PartialEq + Clone>(
 }
 
 impl DatapathMaps {
+    /// The pod addresses in the `endpoints` map and the ifindex each is steered out of:
+    /// what the datapath knows of running pods, whatever the checkpoint says.
+    pub fn pod_endpoints(&self) -> Result<BTreeMap<Ipv4Addr, u32>, DatapathError> {
+        Ok(read_all(&self.endpoints, MAP_ENDPOINTS)?
+            .into_iter()
+            .filter(|(_, v): &(EndpointKey, Endpoint)| v.kind == ENDPOINT_KIND_POD)
+            .map(|(k, v)| (Ipv4Addr::from(k.addr), v.ifindex))
+            .collect())
+    }
+
     /// Makes the maps equal to `desired`, touching only what differs. Removed pod
     /// addresses also lose their NAT entries.
     pub fn sync(&mut self, desired: &DatapathState) -> Result<SyncReport, DatapathError> {

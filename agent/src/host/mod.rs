@@ -4,6 +4,7 @@
 pub mod file;
 pub mod link;
 pub mod netlink;
+pub mod pods;
 pub mod sysctl;
 pub mod tc;
 pub mod vlan;

@@ -178,7 +178,9 @@ fn validate(entries: &BTreeMap<Key, Entry>, vnics: &[VnicInfo]) -> Result<(), In
                 second: container_id.clone(),
             });
         }
-        if vnics.is_empty() {
+        // A recovered allocation names its VNIC once the reconcile has found its address.
+        let unplaced = super::holders::is_recovered(&entry.pod) && a.vnic_id.is_empty();
+        if vnics.is_empty() || unplaced {
             continue;
         }
         let Some(vnic) = vnics.iter().find(|v| v.id == a.vnic_id) else {
@@ -616,6 +618,27 @@ mod tests {
             "left untouched"
         );
         err
+    }
+
+    #[test]
+    fn an_address_held_for_an_unknown_pod_loads_before_its_vnic_is_known() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ipam.json");
+        let mut held = entry(12);
+        held.pod = super::super::holders::recovered_pod(&super::super::holders::HostHolder {
+            ip: held.allocation.ip,
+            veth: Some("vcn0123456789ab".into()),
+            interface: None,
+        });
+        held.allocation.vnic_id = String::new();
+        Checkpoint::new(&path)
+            .save([entry(10), held.clone()].iter(), [vnic()].iter())
+            .unwrap();
+        let loaded = Checkpoint::new(&path).load().expect("loads");
+        assert!(loaded.allocations.values().any(|e| *e == held));
+        // Any other pod on no VNIC is still refused.
+        let err = inconsistent(|e, _| e[0].allocation.vnic_id = String::new());
+        assert!(matches!(err, CheckpointError::Inconsistent { .. }), "{err}");
     }
 
     #[test]

@@ -144,7 +144,9 @@ pub(super) async fn collect_not_listed(
         .allocations
         .values()
         .map(|e| e.pod.clone())
-        .filter(|pod| !valid.contains(&checkpoint::key(pod)))
+        // A recovered allocation's attachment is unknown, so no list can name it: only its
+        // veth's absence releases it (`collect`).
+        .filter(|pod| !valid.contains(&checkpoint::key(pod)) && !super::holders::is_recovered(pod))
         .collect();
     let mut released = Vec::new();
     for pod in unlisted {

@@ -6,6 +6,7 @@
 //! - `pool`: VNICs, addresses and the pure policy deciding what to create or release.
 //! - `checkpoint`: the durable record of which pod holds which address.
 //! - `gc`: releases allocations whose host side is gone (a DEL that never came).
+//! - `holders`: addresses the node shows in use that the checkpoint does not hold.
 //! - `trouble`: the OCI calls that keep failing, for status and the "try again" answer.
 //! - `state`: the pool and allocations under one lock, and the checkpoint write.
 //! - `service`: [`Ipam`], answering from the pool; `grow` and `reconcile` are its background work.
@@ -16,6 +17,7 @@ pub mod config;
 pub mod error;
 pub mod gc;
 mod grow;
+pub mod holders;
 pub mod pool;
 mod reconcile;
 pub mod service;
@@ -26,6 +28,7 @@ pub mod types;
 pub use cloud::{Cloud, OciCloud};
 pub use config::{IpamConfig, NODE_TAG};
 pub use error::IpamError;
+pub use holders::HostHolder;
 pub use pool::{PoolConfig, max_pods};
 pub use service::{Ipam, IpamStatus, LinkState, VnicStatus};
 pub use state::Quarantined;

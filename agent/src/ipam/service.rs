@@ -18,6 +18,7 @@ use super::checkpoint::{self, Checkpoint, Entry, Restored};
 use super::cloud::Cloud;
 use super::config::{IpamConfig, NODE_TAG};
 use super::error::IpamError;
+use super::holders::{self, HostHolder};
 use super::pool::{Pool, PoolConfig, Slot, SlotState, later};
 use super::state::{Inner, Quarantined, State, wall_clock};
 use super::trouble::OciTrouble;
@@ -82,6 +83,10 @@ pub struct IpamStatus {
     pub cni_gc_released: u64,
     /// The OCI calls that keep failing now, those an operator must act on first.
     pub oci: Vec<OciTrouble>,
+    /// Addresses held for pods the node runs but the checkpoint did not list (recovered
+    /// from their veths and the pinned `endpoints` map at start; named `recovered:<ip>`
+    /// among the pods).
+    pub recovered: usize,
 }
 
 /// The node's address manager. Dropping it stops its background tasks.
@@ -104,6 +109,16 @@ impl Ipam {
     /// grower and the periodic reconcile. A corrupt checkpoint stops the start: it is the only
     /// record of which pod holds which address.
     pub fn start(cloud: Arc<dyn Cloud>, cfg: IpamConfig) -> Result<Self, IpamError> {
+        Self::start_with_host(cloud, cfg, &[])
+    }
+
+    /// [`Self::start`], holding first every address `host` shows in use that the checkpoint
+    /// does not (a lost or stale checkpoint): see [`holders`](super::holders).
+    pub fn start_with_host(
+        cloud: Arc<dyn Cloud>,
+        cfg: IpamConfig,
+        host: &[HostHolder],
+    ) -> Result<Self, IpamError> {
         if cfg.pool.ips_per_vnic == 0 || cfg.parallel_calls == 0 {
             return Err(IpamError::Config {
                 reason: "ips_per_vnic and parallel_calls must be at least 1".into(),
@@ -118,11 +133,20 @@ impl Ipam {
                 "the node rebooted since the checkpoint was written: its pods are gone, their addresses return to the pool"
             );
         }
+        let mut state = restore(restored, &cfg);
+        let recovered = holders::hold(&mut state, host, cfg.mtu);
+        if !recovered.is_empty() {
+            tracing::warn!(
+                addresses = recovered.len(),
+                checkpoint = %cfg.checkpoint_path.display(),
+                "the checkpoint lacks pods the node runs (lost, deleted or stale): their addresses are held for them until their veths are gone"
+            );
+        }
         let tags = Tags::from([(NODE_TAG.to_owned(), cfg.instance_id.clone())]);
         let inner = Arc::new(Inner {
             cloud,
             checkpoint,
-            state: Mutex::new(restore(restored, &cfg)),
+            state: Mutex::new(state),
             ops: Mutex::new(()),
             wake: Notify::new(),
             reconcile_now: Notify::new(),
@@ -194,14 +218,25 @@ impl Ipam {
     }
 
     /// Host setup found the VNIC with this MAC as `interface`; its addresses become usable.
+    /// Its pods' allocations name the interface too (an allocation that followed its
+    /// address to this VNIC, or was recovered, may have known none).
     pub async fn set_interface(&self, mac: &str, interface: &str) -> bool {
-        let known = self
-            .inner
-            .state
-            .lock()
-            .await
+        let mut state = self.inner.state.lock().await;
+        let known = state.pool.set_interface(mac, interface);
+        let vnic_id = state
             .pool
-            .set_interface(mac, interface);
+            .vnics()
+            .iter()
+            .find(|v| v.info.mac.eq_ignore_ascii_case(mac))
+            .map(|v| v.info.id.clone());
+        if let Some(vnic_id) = vnic_id {
+            for entry in state.allocations.values_mut() {
+                if entry.allocation.vnic_id == vnic_id && entry.allocation.interface != interface {
+                    interface.clone_into(&mut entry.allocation.interface);
+                }
+            }
+        }
+        drop(state);
         self.inner.wake.notify_one();
         known
     }
@@ -289,6 +324,27 @@ impl Ipam {
         .await
     }
 
+    /// A DEL for an attachment the checkpoint did not list, whose host veth is `veth`:
+    /// releases the recovered allocation routed through that veth, if there is one (the
+    /// runtime says that pod is gone).
+    pub async fn release_recovered(&self, veth: &str) -> Result<Option<Allocation>, AllocError> {
+        let inner = self.inner.clone();
+        let veth = veth.to_owned();
+        owned(tokio::spawn(async move {
+            let mut state = inner.state.lock().await;
+            let pod = state
+                .allocations
+                .values()
+                .find(|e| holders::recovered_veth(&e.pod) == Some(veth.as_str()))
+                .map(|e| e.pod.clone());
+            match pod {
+                Some(pod) => release_locked(&inner, &mut state, &pod).await,
+                None => Ok(None),
+            }
+        }))
+        .await
+    }
+
     pub async fn lookup(&self, pod: &PodRef) -> Option<Allocation> {
         lookup(&self.inner, pod).await
     }
@@ -345,6 +401,11 @@ impl Ipam {
                 .cni_gc_released
                 .load(std::sync::atomic::Ordering::Relaxed),
             oci: self.inner.troubles.list(Instant::now()),
+            recovered: state
+                .allocations
+                .values()
+                .filter(|e| holders::is_recovered(&e.pod))
+                .count(),
         }
     }
 }
