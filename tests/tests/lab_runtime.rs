@@ -304,6 +304,20 @@ fn an_agent_kill_keeps_pods_and_a_sandbox_while_it_is_down_fails_cleanly() {
     assert_eq!(seen_by(&peer, 2), BTreeSet::from([ip, after_ip]));
 }
 
+/// Waits (at most [`T`]) for containerd's `NetworkReady`; panics with `agent_log` if it
+/// never comes.
+fn wait_network_ready(ctrd: &Containerd, agent_log: impl Fn() -> String) {
+    let deadline = std::time::Instant::now() + T;
+    while !ctrd.network_ready().expect("CRI status") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "NetworkReady never came once the agent served; agent log:\n{}",
+            agent_log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 /// The agent installs the conflist once it serves: until then containerd reports the
 /// network not ready (kubelet starts no pod on it); then it is ready and pods start.
 #[test]
@@ -322,15 +336,7 @@ fn the_network_is_ready_only_once_the_agent_serves() {
         ..AgentOptions::default()
     };
     let agent = NodeAgent::start_with(&lab, "rt-ready", options).expect("agent");
-    let deadline = std::time::Instant::now() + T;
-    while !ctrd.network_ready().expect("CRI status") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "NetworkReady never came once the agent served; agent log:\n{}",
-            agent.latest_log()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_network_ready(&ctrd, || agent.latest_log());
     let pod = run_pod(&ctrd, "ready");
     let ip: Ipv4Addr = pod["ip"].as_str().expect("ip").parse().expect("IPv4");
     assert_eq!(status_ips(&agent), BTreeSet::from([ip]));
@@ -471,15 +477,7 @@ fn run_shipped_daemonset(lab: &SimLab, ctrd: &Containerd) -> DaemonSetPod {
 /// `/etc/cni/net.d`) and for the readiness probe the manifest declares to answer 200 on
 /// the node's address.
 fn wait_agent_ready(lab: &SimLab, ctrd: &Containerd, ds: &DaemonSetPod) {
-    let deadline = std::time::Instant::now() + T;
-    while !ctrd.network_ready().expect("CRI status") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "NetworkReady never came; the agent container's log:\n{}",
-            ds.agent_log()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_network_ready(ctrd, || ds.agent_log());
     let conflist = std::fs::read_to_string(ctrd.node_path("/etc/cni/net.d/10-vcnpath.conflist"))
         .expect("the agent installed its conflist in the node's /etc/cni/net.d");
     assert!(conflist.contains("/run/vcnpath/vcnpath.sock"), "{conflist}");

@@ -45,6 +45,20 @@ pub struct Link {
     pub up: bool,
 }
 
+#[cfg(test)]
+impl Link {
+    /// An up link with no MAC, for tests of what is derived from links.
+    pub fn for_test(index: u32, name: &str) -> Self {
+        Self {
+            index,
+            name: name.into(),
+            mac: [0; 6],
+            mtu: 9000,
+            up: true,
+        }
+    }
+}
+
 /// Notifications of link changes in this network namespace (an interface appearing,
 /// going, being renamed or changing state): the kernel's `RTNLGRP_LINK` multicast group.
 pub struct LinkEvents {

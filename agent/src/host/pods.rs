@@ -71,13 +71,7 @@ mod tests {
     use super::*;
 
     fn link(index: u32, name: &str) -> Link {
-        Link {
-            index,
-            name: name.into(),
-            mac: [0; 6],
-            mtu: 9000,
-            up: true,
-        }
+        Link::for_test(index, name)
     }
 
     #[test]

@@ -249,13 +249,7 @@ mod tests {
     use super::*;
 
     fn nic(name: &str, index: u32) -> Link {
-        Link {
-            index,
-            name: name.into(),
-            mac: [0; 6],
-            mtu: 9000,
-            up: true,
-        }
+        Link::for_test(index, name)
     }
 
     #[test]
