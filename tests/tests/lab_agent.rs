@@ -716,6 +716,27 @@ fn lab_a_lost_checkpoint_never_hands_a_running_pods_address_to_a_new_pod() {
         "the running pods keep their own addresses on the wire"
     );
 
+    // The runtime's ADD again for a running pod (as after a failed CHECK) gives it back
+    // its own address.
+    let again = &running[1];
+    let out = cni_add(
+        lab.lab().node(),
+        &agent.socket(),
+        &again.id,
+        again.ns.path(),
+        T,
+    )
+    .expect("vcnpath-cni runs");
+    assert_eq!(
+        out.ip(),
+        Some(again.ip),
+        "ADD again of {}: {}",
+        again.id,
+        out.json
+    );
+    let status = agent.status().expect("status");
+    assert_eq!(status["pool"]["recovered"], 2, "{status}");
+
     // The runtime's DEL of a running pod lets its address go (to cooldown), not leak.
     let gone = &running[0];
     let out = cni(
@@ -728,7 +749,7 @@ fn lab_a_lost_checkpoint_never_hands_a_running_pods_address_to_a_new_pod() {
     .expect("vcnpath-cni runs");
     assert!(out.ok, "DEL {}: {}", gone.id, out.json);
     let status = agent.status().expect("status");
-    assert_eq!(status["pool"]["recovered"], 2, "{status}");
+    assert_eq!(status["pool"]["recovered"], 1, "{status}");
     let listed: BTreeSet<&str> = status["pods"]
         .as_array()
         .expect("pods")

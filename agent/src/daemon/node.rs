@@ -620,6 +620,11 @@ impl crate::ipam::gc::HostView for PodVeths {
 impl Allocator for Node {
     fn allocate<'a>(&'a self, pod: &'a PodRef) -> BoxFuture<'a, Result<Allocation, AllocError>> {
         Box::pin(async move {
+            let veth = crate::cni::names::host_veth(&pod.container_id, &pod.ifname);
+            if let Err(error) = self.ipam.adopt_recovered(&veth, pod).await {
+                self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                return Err(error);
+            }
             let allocation = match self.ipam.allocate(pod).await {
                 Ok(a) => a,
                 Err(error) => {

@@ -5,7 +5,8 @@
 //! another pod. The reconcile moves it to the VNIC OCI shows it on, like any allocation; it
 //! is checkpointed like any other, and released only by evidence that the pod is gone: its
 //! veth gone for the GC's grace period (see [`gc`](super::gc)), or a DEL of the attachment
-//! whose veth it is.
+//! whose veth it is. An ADD of that attachment (the runtime asking again) adopts it: the pod
+//! gets its own address back, as it would from the checkpoint.
 use std::net::Ipv4Addr;
 
 use super::checkpoint::{self, Entry};
@@ -106,4 +107,32 @@ pub(super) fn hold(state: &mut State, holders: &[HostHolder], mtu: u32) -> Vec<I
         held.push(ip);
     }
     held
+}
+
+/// Hands the recovered allocation routed through `veth` to `pod`, whose veth it is (the
+/// name is derived from the attachment): the address is the pod's again. Nothing changes
+/// when `pod` already has an allocation or no recovered one has that veth. Returns whether
+/// it was adopted.
+pub(super) fn adopt(state: &mut State, veth: &str, pod: &PodRef) -> bool {
+    let key = checkpoint::key(pod);
+    if state.allocations.contains_key(&key) {
+        return false;
+    }
+    let Some(recovered) = state
+        .allocations
+        .iter()
+        .find(|(_, e)| recovered_veth(&e.pod) == Some(veth))
+        .map(|(k, _)| k.clone())
+    else {
+        return false;
+    };
+    let mut entry = state.allocations.remove(&recovered).expect("just found");
+    entry.pod = pod.clone();
+    let (vnic_id, ip) = (entry.allocation.vnic_id.clone(), entry.allocation.ip);
+    state
+        .pool
+        .set_state(&vnic_id, ip, SlotState::Assigned(pod.clone()));
+    tracing::info!(%ip, veth, container_id = %pod.container_id, "the pod the node routes this held address to asked for it: it is the pod's again");
+    state.allocations.insert(key, entry);
+    true
 }

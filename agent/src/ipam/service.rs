@@ -345,6 +345,22 @@ impl Ipam {
         .await
     }
 
+    /// An ADD of the attachment whose host veth is `veth`: a recovered allocation routed
+    /// through it becomes `pod`'s (see [`holders`](super::holders)), so the ADD answers with
+    /// the address the pod already has.
+    pub async fn adopt_recovered(&self, veth: &str, pod: &PodRef) -> Result<(), AllocError> {
+        let inner = self.inner.clone();
+        let (veth, pod) = (veth.to_owned(), pod.clone());
+        owned(tokio::spawn(async move {
+            let mut state = inner.state.lock().await;
+            if holders::adopt(&mut state, &veth, &pod) {
+                inner.save(&state).await?;
+            }
+            Ok(())
+        }))
+        .await
+    }
+
     pub async fn lookup(&self, pod: &PodRef) -> Option<Allocation> {
         lookup(&self.inner, pod).await
     }
