@@ -37,6 +37,8 @@ pub struct AgentOptions {
     pub pod_imds_allow_namespaces: Vec<String>,
     /// `ipam.subnet_tag`.
     pub subnet_tag: Option<String>,
+    /// `ipam.allocation_gc_grace_secs` (`None`: the agent's default).
+    pub allocation_gc_grace_secs: Option<u64>,
 }
 
 impl Default for AgentOptions {
@@ -49,6 +51,7 @@ impl Default for AgentOptions {
             cni_conf_dir: None,
             pod_imds_allow_namespaces: Vec::new(),
             subnet_tag: None,
+            allocation_gc_grace_secs: None,
         }
     }
 }
@@ -113,8 +116,12 @@ impl NodeAgent {
             cooldown_secs,
             ref pod_imds_allow_namespaces,
             ref subnet_tag,
+            allocation_gc_grace_secs,
             ..
         } = self.options;
+        let gc_grace = allocation_gc_grace_secs
+            .map(|s| format!("allocation_gc_grace_secs = {s}\n"))
+            .unwrap_or_default();
         let subnet_tag = subnet_tag
             .as_ref()
             .map(|tag| format!("subnet_tag = {tag:?}\n"))
@@ -126,7 +133,7 @@ impl NodeAgent {
             .map(|dir| format!("[cni]\nconf_dir = {:?}\n", dir.display().to_string()))
             .unwrap_or_default();
         let config = format!(
-            "[ipam]\nips_per_vnic = {ips_per_vnic}\nwarm_ips = {warm_ips}\ncooldown_secs = {cooldown_secs}\nrelease_delay_secs = 600\n{subnet_tag}\
+            "[ipam]\nips_per_vnic = {ips_per_vnic}\nwarm_ips = {warm_ips}\ncooldown_secs = {cooldown_secs}\nrelease_delay_secs = 600\n{subnet_tag}{gc_grace}\
              [datapath]\npin_dir = {:?}\ngc_interval_secs = 2\npod_imds_allow_namespaces = {pod_imds_allow_namespaces:?}\n\
              [node]\nstate_dir = {:?}\nsocket = {:?}\nlisten = \"127.0.0.1:19965\"\n{nics}",
             self.pins.path.display().to_string(),
@@ -463,6 +470,23 @@ pub fn cni_add_in(
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// The simulator's secondary private IPs, by address → VNIC.
+pub fn cloud_ips(lab: &SimLab) -> std::collections::BTreeMap<std::net::Ipv4Addr, String> {
+    let snapshot = lab.sim().snapshot();
+    snapshot["privateIps"]
+        .as_array()
+        .expect("privateIps")
+        .iter()
+        .filter(|p| p["isPrimary"] != true)
+        .filter_map(|p| {
+            Some((
+                p["ipAddress"].as_str()?.parse().ok()?,
+                p["vnicId"].as_str()?.to_owned(),
+            ))
+        })
+        .collect()
 }
 
 /// The checkpointed allocations (what a restart restores).

@@ -14,8 +14,8 @@ use vcnpath_tests::{
         traffic::{TcpConn, TcpServer, tcp_connect},
     },
     node_agent::{
-        AgentOptions, CniPod, IPS_PER_VNIC, NodeAgent, add_pods, add_pods_in, checkpointed, cni,
-        cni_add, cni_gc, cni_status,
+        AgentOptions, CniPod, IPS_PER_VNIC, NodeAgent, add_pods, add_pods_in, checkpointed,
+        cloud_ips, cni, cni_add, cni_gc, cni_status,
     },
     ocisim::Faults,
     privileged::have_root,
@@ -31,23 +31,6 @@ fn simlab() -> SimLab {
         ..lab_sim_config()
     };
     SimLab::new(LabOptions::default(), config).expect("simulator-driven lab")
-}
-
-/// The simulator's secondary private IPs, by address → VNIC.
-fn cloud_ips(lab: &SimLab) -> BTreeMap<Ipv4Addr, String> {
-    let snapshot = lab.sim().snapshot();
-    snapshot["privateIps"]
-        .as_array()
-        .expect("privateIps")
-        .iter()
-        .filter(|p| p["isPrimary"] != true)
-        .filter_map(|p| {
-            Some((
-                p["ipAddress"].as_str()?.parse().ok()?,
-                p["vnicId"].as_str()?.to_owned(),
-            ))
-        })
-        .collect()
 }
 
 /// Every checkpointed pod address exists in OCI on the VNIC the checkpoint says, and no

@@ -223,9 +223,7 @@ pub fn run(churn_pods: usize) -> Result<Control> {
         warm_ips: 10,
         cooldown_secs: COOLDOWN_SECS,
         state_on_tmpfs: true,
-        cni_conf_dir: None,
-        pod_imds_allow_namespaces: Vec::new(),
-        subnet_tag: None,
+        ..AgentOptions::default()
     };
     let mut agent = NodeAgent::start_with(&lab, "benchcp", options)?;
     std::thread::sleep(Duration::from_secs(1));

@@ -1,0 +1,598 @@
+//! The address-safety fault suite: the real agent and plugin against the OCI simulator in
+//! the namespace lab, killed (`kill -9`) at a random point of a burst of ADDs and DELs, round
+//! after round, with one kind of trouble per case: faults after commit on `CreatePrivateIp`
+//! and `AttachVnic`, stale list reads, the checkpoint deleted, truncated or made
+//! inconsistent between restarts, a second agent started, concurrent ADDs of one container.
+//! After each round the invariants are checked from outside, against every source:
+//!
+//! - every live pod holds exactly one address, the one its ADD returned, and no address has
+//!   two holders (`vcnpath status`);
+//! - the node routes exactly the live pods' addresses through `vcn…` veths, and the pinned
+//!   `endpoints` map steers exactly the held addresses;
+//! - OCI has every held address on the VNIC the agent says (no VNIC with a live pod was
+//!   detached, no held address deleted);
+//! - nothing is held for a pod that is gone (no leak);
+//! - no address freed by a DEL is handed out again before its cooldown.
+//!
+//! Each case prints its figures (rounds, kill points, pods, violations) and fails on any
+//! violation. `VCNPATH_FAULT_SEED` replays a run's kill points.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
+
+use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
+use serde_json::Value;
+use vcnpath_tests::{
+    lab::{LabOptions, Netns, SimLab, lab_sim_config},
+    node_agent::{AgentOptions, IPS_PER_VNIC, NodeAgent, cloud_ips, cni, cni_add},
+    ocisim::{FaultRule, Faults},
+    privileged::have_root,
+};
+
+/// Rounds per case: each one kill -9 at a random point of a burst.
+const ROUNDS: usize = 20;
+/// New pods and DELs of live pods per burst.
+const ADDS: usize = 3;
+const DELS: usize = 2;
+/// Live pods kept at most (the lab's two secondary VNICs hold 48 addresses).
+const MAX_LIVE: usize = 18;
+/// The agent's cooldown in the lab (`AgentOptions::default`).
+const COOLDOWN: Duration = Duration::from_secs(3);
+const T: Duration = Duration::from_mins(1);
+/// The allocation GC's grace in the suite (the shortest the agent accepts): an address held
+/// for a pod that is gone must be free again after it.
+const GC_GRACE: Duration = Duration::from_secs(30);
+
+/// The kind of trouble a case adds to the kill -9 of every round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trouble {
+    /// Answers lost after the operation took effect, plus 429s and 5xx.
+    FaultsAfterCommit,
+    /// List calls answer what OCI held a moment ago.
+    StaleLists,
+    /// The checkpoint is deleted while the agent is down.
+    CheckpointDeleted,
+    /// The checkpoint is truncated, or two pods are given one address, while the agent is
+    /// down: the agent must refuse to start from it and change nothing; the file is then
+    /// put back.
+    CheckpointBroken,
+    /// A second agent is started on the node during the burst.
+    SecondAgent,
+    /// Each burst also sends three concurrent ADDs of one container.
+    SameContainerAdds,
+}
+
+struct Pod {
+    ns: Netns,
+    ip: Ipv4Addr,
+}
+
+/// One case's lab, agent, the pods the runtime believes in, and what was seen.
+struct Suite {
+    trouble: Trouble,
+    lab: SimLab,
+    agent: NodeAgent,
+    rng: StdRng,
+    live: BTreeMap<String, Pod>,
+    /// Addresses DELs freed, and when: none may come back before the cooldown.
+    freed: BTreeMap<Ipv4Addr, Instant>,
+    next: usize,
+    kill_points_ms: Vec<u64>,
+    /// The most addresses held at once, within the GC's grace, for pods that were gone.
+    pending_seen: usize,
+    adds: usize,
+    dels: usize,
+    violations: Vec<String>,
+}
+
+impl Suite {
+    fn new(trouble: Trouble, tag: &str) -> Self {
+        let config = vcnpath_tests::ocisim::SimConfig {
+            ips_per_vnic: IPS_PER_VNIC,
+            attach_delay_ms: 300,
+            ..lab_sim_config()
+        };
+        let lab = SimLab::new(LabOptions::default(), config).expect("simulator-driven lab");
+        let options = AgentOptions {
+            allocation_gc_grace_secs: Some(GC_GRACE.as_secs()),
+            ..AgentOptions::default()
+        };
+        let agent = NodeAgent::start_with(&lab, tag, options).expect("vcnpath run");
+        let seed = std::env::var("VCNPATH_FAULT_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random);
+        eprintln!("{trouble:?}: seed {seed} (VCNPATH_FAULT_SEED replays it)");
+        Self {
+            trouble,
+            lab,
+            agent,
+            rng: StdRng::seed_from_u64(seed),
+            live: BTreeMap::new(),
+            freed: BTreeMap::new(),
+            next: 0,
+            kill_points_ms: Vec::new(),
+            pending_seen: 0,
+            adds: 0,
+            dels: 0,
+            violations: Vec::new(),
+        }
+    }
+
+    fn violation(&mut self, round: usize, what: String) {
+        self.violations.push(format!("round {round}: {what}"));
+    }
+
+    /// An ADD answered `ip` at `answered`: a violation if a DEL sent less than the cooldown
+    /// before freed it (the agent released it after the DEL was sent and allocated it before
+    /// the ADD answered, so this never blames the agent for the test's own delays). Not
+    /// counted where the cooldown's record was deleted with the checkpoint.
+    fn check_reuse(&mut self, round: usize, id: &str, ip: Ipv4Addr, answered: Instant) {
+        if let Some(sent) = self.freed.remove(&ip)
+            && answered.saturating_duration_since(sent) < COOLDOWN
+            && self.trouble != Trouble::CheckpointDeleted
+        {
+            let ms = answered.saturating_duration_since(sent).as_millis();
+            self.violation(
+                round,
+                format!("{id} got {ip} {ms} ms after its DEL was sent"),
+            );
+        }
+    }
+
+    fn round(&mut self, round: usize) {
+        let socket = self.agent.socket();
+        let mut adds: Vec<(String, Netns)> = Vec::new();
+        if self.live.len() + ADDS <= MAX_LIVE {
+            for _ in 0..ADDS {
+                let id = format!("p{:04}", self.next);
+                self.next += 1;
+                let ns = self.lab.lab().add_pod_netns(&id).expect("pod netns");
+                adds.push((id, ns));
+            }
+        }
+        let dels: Vec<String> = self.live.keys().take(DELS).cloned().collect();
+        // Two more ADDs of the first new container, at once with its own.
+        let same = self.trouble == Trouble::SameContainerAdds && !adds.is_empty();
+        if self.trouble == Trouble::FaultsAfterCommit {
+            self.lab.sim().set_faults(Faults {
+                rate_429: 0.1,
+                rate_5xx: 0.1,
+                rules: ["CreatePrivateIp", "AttachVnic"]
+                    .into_iter()
+                    .map(|op| FaultRule {
+                        op: op.into(),
+                        status: 503,
+                        code: "ServiceUnavailable".into(),
+                        rate: 0.3,
+                        after_commit: true,
+                        ..FaultRule::default()
+                    })
+                    .collect(),
+                ..Faults::default()
+            });
+        }
+        if self.trouble == Trouble::StaleLists {
+            self.lab.sim().set_faults(Faults {
+                stale_read_ms: 1500,
+                ..Faults::default()
+            });
+        }
+        let kill_at = Duration::from_millis(self.rng.gen_range(0..400));
+        self.kill_points_ms.push(kill_at.as_millis() as u64);
+        let (lab, agent, live) = (&self.lab, &mut self.agent, &self.live);
+        let node = lab.lab().node();
+        let second_agent = self.trouble == Trouble::SecondAgent;
+        let sent = Instant::now();
+        let (added, deleted, second) = std::thread::scope(|scope| {
+            let add_threads: Vec<_> = adds
+                .iter()
+                .map(|(id, ns)| {
+                    let socket = &socket;
+                    scope.spawn(move || {
+                        let out = cni(node, socket, "ADD", id, Some(ns.path()));
+                        (id.clone(), out, Instant::now())
+                    })
+                })
+                .collect();
+            let same_threads: Vec<_> = adds
+                .iter()
+                .take(usize::from(same))
+                .flat_map(|pod| [pod, pod])
+                .map(|(id, ns)| {
+                    let socket = &socket;
+                    scope.spawn(move || cni(node, socket, "ADD", id, Some(ns.path())))
+                })
+                .collect();
+            let del_threads: Vec<_> = dels
+                .iter()
+                .map(|id| {
+                    let (socket, ns) = (&socket, live[id].ns.path());
+                    scope.spawn(move || (id.clone(), cni(node, socket, "DEL", id, Some(ns))))
+                })
+                .collect();
+            let second = second_agent.then(|| agent.run_second(lab, Duration::from_secs(20)));
+            std::thread::sleep(kill_at);
+            agent.kill9().expect("kill -9");
+            let added: Vec<_> = add_threads
+                .into_iter()
+                .map(|h| h.join().expect("ADD"))
+                .collect();
+            for h in same_threads {
+                let _ = h.join();
+            }
+            let deleted: Vec<_> = del_threads
+                .into_iter()
+                .map(|h| h.join().expect("DEL"))
+                .collect();
+            (added, deleted, second)
+        });
+        if let Some(second) = second {
+            match second {
+                Ok((status, _)) if !status.success() => {}
+                Ok((status, log)) => {
+                    self.violation(round, format!("a second agent ran on ({status}): {log}"));
+                }
+                Err(e) => self.violation(round, format!("a second agent did not exit: {e:#}")),
+            }
+        }
+        for (id, out) in &deleted {
+            if out.as_ref().is_ok_and(|o| o.ok)
+                && let Some(pod) = self.live.remove(id)
+            {
+                self.freed.insert(pod.ip, sent);
+                self.dels += 1;
+            }
+        }
+        let mut pending_adds: Vec<(String, Netns)> = Vec::new();
+        for ((id, out, answered), (_, ns)) in added.into_iter().zip(adds) {
+            match out.ok().filter(|o| o.ok).and_then(|o| o.ip()) {
+                Some(ip) => {
+                    self.check_reuse(round, &id, ip, answered);
+                    self.live.insert(id, Pod { ns, ip });
+                    self.adds += 1;
+                }
+                None => pending_adds.push((id, ns)),
+            }
+        }
+
+        self.perturb_and_restart(round);
+
+        // The runtime retries what failed: DELs of pods still live, then the ADDs.
+        let again: Vec<String> = dels
+            .into_iter()
+            .filter(|id| self.live.contains_key(id))
+            .collect();
+        for id in again {
+            let ns = self.live[&id].ns.path().to_owned();
+            let sent = Instant::now();
+            let out = cni(
+                self.lab.lab().node(),
+                &self.agent.socket(),
+                "DEL",
+                &id,
+                Some(&ns),
+            );
+            match out {
+                Ok(o) if o.ok => {
+                    let pod = self.live.remove(&id).expect("live");
+                    self.freed.insert(pod.ip, sent);
+                    self.dels += 1;
+                }
+                other => self.violation(round, format!("DEL {id} again failed: {other:?}")),
+            }
+        }
+        for (id, ns) in pending_adds {
+            let out = cni_add(
+                self.lab.lab().node(),
+                &self.agent.socket(),
+                &id,
+                ns.path(),
+                T,
+            );
+            let answered = Instant::now();
+            match out {
+                Ok(o) if o.ok => {
+                    let ip = o.ip().expect("an ADD result has an address");
+                    self.check_reuse(round, &id, ip, answered);
+                    self.live.insert(id, Pod { ns, ip });
+                    self.adds += 1;
+                }
+                other => self.violation(round, format!("ADD {id} again failed: {other:?}")),
+            }
+        }
+        self.lab.sim().set_faults(Faults::default());
+        self.check(round);
+    }
+
+    /// The case's trouble while the agent is down, then the restart.
+    fn perturb_and_restart(&mut self, round: usize) {
+        let path = self.agent.checkpoint();
+        match self.trouble {
+            Trouble::CheckpointDeleted => {
+                // None yet before the first ADD was served.
+                let _ = std::fs::remove_file(&path);
+            }
+            Trouble::CheckpointBroken if path.exists() => {
+                let good = std::fs::read(&path).expect("the checkpoint");
+                let bad = if round % 2 == 0 {
+                    good[..good.len() / 2].to_vec()
+                } else {
+                    two_pods_on_one_address(&good)
+                        .unwrap_or_else(|| good[..good.len() / 2].to_vec())
+                };
+                std::fs::write(&path, &bad).expect("break the checkpoint");
+                let calls = self.lab.sim().calls();
+                match self.agent.restart(&self.lab) {
+                    Ok(()) => {
+                        self.violation(round, "the agent started from a broken checkpoint".into());
+                        self.agent.kill9().expect("kill -9");
+                    }
+                    Err(e) if !format!("{e:#}").contains("keep the file") => {
+                        self.violation(round, format!("the refusal gives no advice: {e:#}"));
+                    }
+                    Err(_) => {}
+                }
+                if std::fs::read(&path).ok().as_deref() != Some(bad.as_slice()) {
+                    self.violation(round, "the refused checkpoint was changed".into());
+                }
+                let mutating: Vec<_> = self
+                    .lab
+                    .sim()
+                    .calls()
+                    .into_iter()
+                    .filter(|(op, n)| mutates(op) && calls.get(op) != Some(n))
+                    .collect();
+                if !mutating.is_empty() {
+                    self.violation(
+                        round,
+                        format!("the refusing agent changed OCI: {mutating:?}"),
+                    );
+                }
+                std::fs::write(&path, &good).expect("put the checkpoint back");
+            }
+            _ => {}
+        }
+        if let Err(e) = self.agent.restart(&self.lab) {
+            panic!("round {round}: the agent must start again: {e:#}");
+        }
+    }
+
+    /// The invariants, from outside, allowing addresses still held for pods that are gone
+    /// (see `check_holders`): `final_check`, after the GC's grace, allows none.
+    fn check(&mut self, round: usize) {
+        self.check_holders(round, false);
+    }
+
+    /// After the GC's grace: the invariants with no leak allowed.
+    fn final_check(&mut self) {
+        let deadline = Instant::now() + GC_GRACE + Duration::from_secs(15);
+        while Instant::now() < deadline && self.pending() > 0 {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        self.check_holders(ROUNDS, true);
+    }
+
+    /// Addresses held for no live pod: what the GC must release within its grace.
+    fn pending(&self) -> usize {
+        let status = self.agent.status().expect("status");
+        let live: BTreeSet<Ipv4Addr> = self.live.values().map(|p| p.ip).collect();
+        status["pods"]
+            .as_array()
+            .expect("pods")
+            .iter()
+            .filter_map(|p| p["ip"].as_str()?.parse::<Ipv4Addr>().ok())
+            .filter(|ip| !live.contains(ip))
+            .count()
+    }
+
+    fn check_holders(&mut self, round: usize, after_grace: bool) {
+        let status = self.agent.status().expect("status");
+        let mut holders: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
+        let mut vnic_of: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+        for p in status["pods"].as_array().expect("pods") {
+            let ip: Ipv4Addr = p["ip"].as_str().and_then(|s| s.parse().ok()).expect("ip");
+            holders.entry(ip).or_default().push(format!(
+                "{}{}",
+                p["container_id"].as_str().unwrap_or_default(),
+                p["ifname"]
+                    .as_str()
+                    .filter(|i| !i.is_empty() && *i != "eth0")
+                    .map(|i| format!(" via {i}"))
+                    .unwrap_or_default()
+            ));
+            vnic_of.insert(ip, p["vnic"].as_str().unwrap_or_default().to_owned());
+        }
+        let mut found = Vec::new();
+        for (ip, who) in &holders {
+            if who.len() > 1 {
+                found.push(format!("{ip} is held by {who:?}"));
+            }
+        }
+        let live_ips: BTreeMap<Ipv4Addr, &str> = self
+            .live
+            .iter()
+            .map(|(id, p)| (p.ip, id.as_str()))
+            .collect();
+        for (id, pod) in &self.live {
+            let recovered = format!("recovered:{}", pod.ip);
+            match holders.get(&pod.ip) {
+                Some(who) if who.iter().any(|w| w == id || w.starts_with(&recovered)) => {}
+                other => found.push(format!("live pod {id} ({}) is held by {other:?}", pod.ip)),
+            }
+        }
+        // Before the grace has passed, an address may still be held for a pod that is gone:
+        // one whose DEL the plugin completed while the agent was down (it removes the host
+        // side; the GC releases the address), or one only the `endpoints` map showed at start
+        // (an ADD the kill cut off).
+        let within_grace = |_: &[String]| !after_grace;
+        let mut pending = 0;
+        for (ip, who) in &holders {
+            if live_ips.contains_key(ip) {
+                continue;
+            }
+            if within_grace(who) {
+                pending += 1;
+            } else {
+                found.push(format!(
+                    "{ip} is held by {who:?}, a pod that is gone (a leak)"
+                ));
+            }
+        }
+        self.pending_seen = self.pending_seen.max(pending);
+        let routed = routed_pod_ips(self.lab.lab().node());
+        let live_set: BTreeSet<Ipv4Addr> = live_ips.keys().copied().collect();
+        if routed != live_set {
+            found.push(format!(
+                "the node routes {routed:?} to pods; live are {live_set:?}"
+            ));
+        }
+        let mapped: BTreeSet<Ipv4Addr> =
+            vcnpath::datapath::DatapathMaps::from_pins(&self.agent.pins.path)
+                .and_then(|m| m.pod_endpoints())
+                .map(|e| e.into_keys().collect())
+                .unwrap_or_default();
+        let held: BTreeSet<Ipv4Addr> = holders.keys().copied().collect();
+        if mapped != held {
+            found.push(format!(
+                "the endpoints map has {mapped:?}; held are {held:?}"
+            ));
+        }
+        let cloud = cloud_ips(&self.lab);
+        for (ip, vnic) in &vnic_of {
+            if cloud.get(ip) != Some(vnic) {
+                found.push(format!(
+                    "{ip} is held on {vnic} but OCI has it on {:?}",
+                    cloud.get(ip)
+                ));
+            }
+        }
+        for what in found {
+            self.violation(round, what);
+        }
+    }
+
+    fn report(&self) {
+        let kills = &self.kill_points_ms;
+        eprintln!(
+            "fault suite {:?}: {} rounds, {} kill -9 points ({}..{} ms into the burst), {} ADDs and {} DELs served, {} pods live at the end, at most {} addresses held within the GC grace for pods gone, violations: {}",
+            self.trouble,
+            ROUNDS,
+            kills.len(),
+            kills.iter().min().unwrap_or(&0),
+            kills.iter().max().unwrap_or(&0),
+            self.adds,
+            self.dels,
+            self.live.len(),
+            self.pending_seen,
+            self.violations.len()
+        );
+        assert!(
+            self.violations.is_empty(),
+            "{:?}: {} violations:\n{}\nagent log:\n{}",
+            self.trouble,
+            self.violations.len(),
+            self.violations.join("\n"),
+            self.agent.latest_log()
+        );
+    }
+}
+
+/// Whether a Core API operation changes OCI.
+fn mutates(op: &str) -> bool {
+    ["Create", "Delete", "Attach", "Detach", "Update", "Bulk"]
+        .iter()
+        .any(|verb| op.starts_with(verb))
+}
+
+/// The pod addresses the node routes through `vcn…` veths (`ip -j route`).
+fn routed_pod_ips(node: &Netns) -> BTreeSet<Ipv4Addr> {
+    let json: Value =
+        serde_json::from_str(&node.ip(&["-j", "route", "show"]).expect("ip route")).expect("json");
+    json.as_array()
+        .expect("routes")
+        .iter()
+        .filter(|r| r["dev"].as_str().is_some_and(|d| d.starts_with("vcn")))
+        .filter_map(|r| r["dst"].as_str()?.parse().ok())
+        .collect()
+}
+
+/// The checkpoint with its second pod given the first pod's address, if it has two.
+fn two_pods_on_one_address(good: &[u8]) -> Option<Vec<u8>> {
+    let mut file: Value = serde_json::from_slice(good).ok()?;
+    let allocations = file["allocations"].as_array_mut()?;
+    if allocations.len() < 2 {
+        return None;
+    }
+    let first = allocations[0]["allocation"]["ip"].clone();
+    allocations[1]["allocation"]["ip"] = first;
+    serde_json::to_vec(&file).ok()
+}
+
+fn run(trouble: Trouble, tag: &str, test: &str) {
+    if !have_root(test) {
+        return;
+    }
+    let mut suite = Suite::new(trouble, tag);
+    for round in 0..ROUNDS {
+        suite.round(round);
+    }
+    suite.final_check();
+    suite.report();
+}
+
+#[test]
+fn faults_lab_faults_after_commit_and_kill_9_lose_and_duplicate_nothing() {
+    run(
+        Trouble::FaultsAfterCommit,
+        "flt-commit",
+        "faults_lab_faults_after_commit_and_kill_9_lose_and_duplicate_nothing",
+    );
+}
+
+#[test]
+fn faults_lab_stale_lists_and_kill_9_lose_and_duplicate_nothing() {
+    run(
+        Trouble::StaleLists,
+        "flt-stale",
+        "faults_lab_stale_lists_and_kill_9_lose_and_duplicate_nothing",
+    );
+}
+
+#[test]
+fn faults_lab_a_deleted_checkpoint_and_kill_9_lose_and_duplicate_nothing() {
+    run(
+        Trouble::CheckpointDeleted,
+        "flt-ckdel",
+        "faults_lab_a_deleted_checkpoint_and_kill_9_lose_and_duplicate_nothing",
+    );
+}
+
+#[test]
+fn faults_lab_a_broken_checkpoint_is_refused_and_kill_9_loses_nothing() {
+    run(
+        Trouble::CheckpointBroken,
+        "flt-ckbad",
+        "faults_lab_a_broken_checkpoint_is_refused_and_kill_9_loses_nothing",
+    );
+}
+
+#[test]
+fn faults_lab_a_second_agent_and_kill_9_lose_and_duplicate_nothing() {
+    run(
+        Trouble::SecondAgent,
+        "flt-second",
+        "faults_lab_a_second_agent_and_kill_9_lose_and_duplicate_nothing",
+    );
+}
+
+#[test]
+fn faults_lab_concurrent_adds_of_one_container_and_kill_9_lose_nothing() {
+    run(
+        Trouble::SameContainerAdds,
+        "flt-same",
+        "faults_lab_concurrent_adds_of_one_container_and_kill_9_lose_nothing",
+    );
+}
