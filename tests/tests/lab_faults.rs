@@ -121,7 +121,7 @@ impl Suite {
         }
     }
 
-    fn violation(&mut self, round: usize, what: String) {
+    fn violation(&mut self, round: usize, what: &str) {
         self.violations.push(format!("round {round}: {what}"));
     }
 
@@ -137,25 +137,13 @@ impl Suite {
             let ms = answered.saturating_duration_since(sent).as_millis();
             self.violation(
                 round,
-                format!("{id} got {ip} {ms} ms after its DEL was sent"),
+                &format!("{id} got {ip} {ms} ms after its DEL was sent"),
             );
         }
     }
 
-    fn round(&mut self, round: usize) {
-        let socket = self.agent.socket();
-        let mut adds: Vec<(String, Netns)> = Vec::new();
-        if self.live.len() + ADDS <= MAX_LIVE {
-            for _ in 0..ADDS {
-                let id = format!("p{:04}", self.next);
-                self.next += 1;
-                let ns = self.lab.lab().add_pod_netns(&id).expect("pod netns");
-                adds.push((id, ns));
-            }
-        }
-        let dels: Vec<String> = self.live.keys().take(DELS).cloned().collect();
-        // Two more ADDs of the first new container, at once with its own.
-        let same = self.trouble == Trouble::SameContainerAdds && !adds.is_empty();
+    /// The case's trouble in the cloud, for this round's burst and restart.
+    fn cloud_trouble(&self) {
         if self.trouble == Trouble::FaultsAfterCommit {
             self.lab.sim().set_faults(Faults {
                 rate_429: 0.1,
@@ -180,6 +168,23 @@ impl Suite {
                 ..Faults::default()
             });
         }
+    }
+
+    fn round(&mut self, round: usize) {
+        let socket = self.agent.socket();
+        let mut adds: Vec<(String, Netns)> = Vec::new();
+        if self.live.len() + ADDS <= MAX_LIVE {
+            for _ in 0..ADDS {
+                let id = format!("p{:04}", self.next);
+                self.next += 1;
+                let ns = self.lab.lab().add_pod_netns(&id).expect("pod netns");
+                adds.push((id, ns));
+            }
+        }
+        let dels: Vec<String> = self.live.keys().take(DELS).cloned().collect();
+        // Two more ADDs of the first new container, at once with its own.
+        let same = self.trouble == Trouble::SameContainerAdds && !adds.is_empty();
+        self.cloud_trouble();
         let kill_at = Duration::from_millis(self.rng.gen_range(0..400));
         self.kill_points_ms.push(kill_at.as_millis() as u64);
         let (lab, agent, live) = (&self.lab, &mut self.agent, &self.live);
@@ -233,9 +238,9 @@ impl Suite {
             match second {
                 Ok((status, _)) if !status.success() => {}
                 Ok((status, log)) => {
-                    self.violation(round, format!("a second agent ran on ({status}): {log}"));
+                    self.violation(round, &format!("a second agent ran on ({status}): {log}"));
                 }
-                Err(e) => self.violation(round, format!("a second agent did not exit: {e:#}")),
+                Err(e) => self.violation(round, &format!("a second agent did not exit: {e:#}")),
             }
         }
         for (id, out) in &deleted {
@@ -260,7 +265,13 @@ impl Suite {
 
         self.perturb_and_restart(round);
 
-        // The runtime retries what failed: DELs of pods still live, then the ADDs.
+        self.retry(round, dels, pending_adds);
+        self.lab.sim().set_faults(Faults::default());
+        self.check(round);
+    }
+
+    /// The runtime retries what failed: DELs of pods still live, then the ADDs.
+    fn retry(&mut self, round: usize, dels: Vec<String>, pending_adds: Vec<(String, Netns)>) {
         let again: Vec<String> = dels
             .into_iter()
             .filter(|id| self.live.contains_key(id))
@@ -281,7 +292,7 @@ impl Suite {
                     self.freed.insert(pod.ip, sent);
                     self.dels += 1;
                 }
-                other => self.violation(round, format!("DEL {id} again failed: {other:?}")),
+                other => self.violation(round, &format!("DEL {id} again failed: {other:?}")),
             }
         }
         for (id, ns) in pending_adds {
@@ -300,11 +311,9 @@ impl Suite {
                     self.live.insert(id, Pod { ns, ip });
                     self.adds += 1;
                 }
-                other => self.violation(round, format!("ADD {id} again failed: {other:?}")),
+                other => self.violation(round, &format!("ADD {id} again failed: {other:?}")),
             }
         }
-        self.lab.sim().set_faults(Faults::default());
-        self.check(round);
     }
 
     /// The case's trouble while the agent is down, then the restart.
@@ -317,7 +326,7 @@ impl Suite {
             }
             Trouble::CheckpointBroken if path.exists() => {
                 let good = std::fs::read(&path).expect("the checkpoint");
-                let bad = if round % 2 == 0 {
+                let bad = if round.is_multiple_of(2) {
                     good[..good.len() / 2].to_vec()
                 } else {
                     two_pods_on_one_address(&good)
@@ -327,16 +336,16 @@ impl Suite {
                 let calls = self.lab.sim().calls();
                 match self.agent.restart(&self.lab) {
                     Ok(()) => {
-                        self.violation(round, "the agent started from a broken checkpoint".into());
+                        self.violation(round, "the agent started from a broken checkpoint");
                         self.agent.kill9().expect("kill -9");
                     }
                     Err(e) if !format!("{e:#}").contains("keep the file") => {
-                        self.violation(round, format!("the refusal gives no advice: {e:#}"));
+                        self.violation(round, &format!("the refusal gives no advice: {e:#}"));
                     }
                     Err(_) => {}
                 }
                 if std::fs::read(&path).ok().as_deref() != Some(bad.as_slice()) {
-                    self.violation(round, "the refused checkpoint was changed".into());
+                    self.violation(round, "the refused checkpoint was changed");
                 }
                 let mutating: Vec<_> = self
                     .lab
@@ -348,7 +357,7 @@ impl Suite {
                 if !mutating.is_empty() {
                     self.violation(
                         round,
-                        format!("the refusing agent changed OCI: {mutating:?}"),
+                        &format!("the refusing agent changed OCI: {mutating:?}"),
                     );
                 }
                 std::fs::write(&path, &good).expect("put the checkpoint back");
@@ -470,13 +479,13 @@ impl Suite {
             }
         }
         for what in found {
-            self.violation(round, what);
+            self.violation(round, &what);
         }
     }
 
     fn report(&self) {
         let kills = &self.kill_points_ms;
-        eprintln!(
+        let line = format!(
             "fault suite {:?}: {} rounds, {} kill -9 points ({}..{} ms into the burst), {} ADDs and {} DELs served, {} pods live at the end, at most {} addresses held within the GC grace for pods gone, violations: {}",
             self.trouble,
             ROUNDS,
@@ -489,6 +498,16 @@ impl Suite {
             self.pending_seen,
             self.violations.len()
         );
+        eprintln!("{line}");
+        // `cargo xtask test` prints these after the lab tier (a passing test's output is
+        // captured).
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fault-suite");
+        let _ = std::fs::create_dir_all(&dir).and_then(|()| {
+            std::fs::write(
+                dir.join(format!("{:?}.txt", self.trouble)),
+                format!("{line}\n"),
+            )
+        });
         assert!(
             self.violations.is_empty(),
             "{:?}: {} violations:\n{}\nagent log:\n{}",

@@ -49,6 +49,8 @@ pub fn run() -> anyhow::Result<()> {
 
     // Tier 3: namespace tests with real traffic, one at a time (they share CPU and timing).
     if !lab_tests.is_empty() {
+        let figures = cmd::root().join("target/fault-suite");
+        let _ = std::fs::remove_dir_all(&figures);
         let mut lab = Command::new("cargo");
         lab.args(["test", "-p", "vcnpath-tests"]);
         for target in &lab_tests {
@@ -56,6 +58,7 @@ pub fn run() -> anyhow::Result<()> {
         }
         lab.args(["--", "--test-threads=1"]);
         cmd::run(&mut lab)?;
+        print_figures(&figures);
     }
 
     // Tier 4: the packet and lab tiers again, in VMs booting the kernels OCI nodes run.
@@ -76,6 +79,20 @@ pub fn run() -> anyhow::Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// The fault suite's figures (`tests/tests/lab_faults.rs` writes one line per case).
+fn print_figures(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut files: Vec<_> = entries.filter_map(Result::ok).map(|e| e.path()).collect();
+    files.sort();
+    for file in files {
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            eprint!("{text}");
+        }
+    }
 }
 
 /// `uname -r` of the machine the host tiers ran on.
