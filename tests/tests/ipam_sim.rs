@@ -1685,3 +1685,41 @@ async fn addresses_the_node_shows_in_use_are_held_when_the_checkpoint_is_lost() 
     assert_eq!(cooling, 1, "{} rests in its cooldown", running[0].ip);
     assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
 }
+
+/// The periodic host scan: an address the node routes to a pod veth while the pool has it
+/// free (a veth made behind the agent's back) is held from then on, once, and no pod gets
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_address_the_node_routes_while_free_is_held_from_then_on() {
+    let sim = sim(8, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ipam = start(&sim, config(&sim, dir.path(), pool(&sim, 3))).await;
+    let first = allocate(&ipam, &pod(0), Duration::from_secs(15)).await;
+    let routed = *node_ips(&sim)
+        .keys()
+        .find(|ip| **ip != first.ip)
+        .expect("a free address in the pool");
+    let holder = HostHolder {
+        ip: routed,
+        veth: Some("vcnbyhand".into()),
+        interface: None,
+    };
+    assert_eq!(ipam.hold_host(std::slice::from_ref(&holder)).await, Ok(1));
+    assert_eq!(
+        ipam.hold_host(std::slice::from_ref(&holder)).await,
+        Ok(0),
+        "held once"
+    );
+    // The node's other seven addresses, none of them the routed one.
+    for n in 1..7 {
+        let a = allocate(&ipam, &pod(n), Duration::from_secs(15)).await;
+        assert_ne!(
+            a.ip,
+            routed,
+            "{} got the address the node routes to a veth",
+            pod(n).container_id
+        );
+    }
+    assert_eq!(ipam.status().await.recovered, 1);
+    assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}

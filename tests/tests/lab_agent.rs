@@ -962,3 +962,56 @@ fn lab_subnet_tag_finds_the_pod_subnet_in_the_vcns_compartment() {
         );
     }
 }
+
+/// Issue 10: the node's routes are read again periodically, not only at start: a pod veth
+/// with a /32 route to an address the pool has free (made behind the agent's back) gets
+/// that address held within a GC pass, so no new pod is handed it.
+#[test]
+fn lab_an_address_routed_to_a_veth_behind_the_agents_back_is_held() {
+    if !have_root("lab_an_address_routed_to_a_veth_behind_the_agents_back_is_held") {
+        return;
+    }
+    let lab = simlab();
+    let agent = NodeAgent::start(&lab, "byhand").expect("vcnpath run");
+    let pods = add_pods(&lab, &agent, "p", 1, T);
+    let free = *cloud_ips(&lab)
+        .keys()
+        .find(|ip| **ip != pods[0].ip)
+        .expect("a free address in the pool");
+    let node = lab.lab().node();
+    for args in [
+        vec![
+            "link",
+            "add",
+            "vcnbyhand0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "byhand0p",
+        ],
+        vec!["link", "set", "vcnbyhand0", "up"],
+        vec!["route", "add", &format!("{free}/32"), "dev", "vcnbyhand0"],
+    ] {
+        node.ip(&args).expect("ip");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = agent.status().expect("status");
+        if status["pool"]["recovered"] == 1 {
+            let held = status["pods"]
+                .as_array()
+                .expect("pods")
+                .iter()
+                .any(|p| p["ip"] == free.to_string().as_str() && p["ifname"] == "vcnbyhand0");
+            assert!(held, "{free} is held for the veth: {status}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{free}, routed to a veth, is not held: {status}\n{}",
+            agent.latest_log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}

@@ -556,6 +556,7 @@ async fn supervise(
                     Err(error) => warn!(%error, "NAT garbage collection failed"),
                 }
                 node.ensure_sysctls().await;
+                node.hold_routed().await;
                 node.collect_unattached().await;
             }
             _ = term.recv() => break,

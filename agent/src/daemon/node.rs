@@ -325,6 +325,26 @@ impl Node {
         self.refresh_router_macs().await;
     }
 
+    /// Holds every pod address the node routes through a `vcn…` veth that no allocation
+    /// holds (a veth and route made behind the agent's back, or left over a lost record):
+    /// the start's scan (see [`crate::ipam::holders`]), run again periodically. A failed
+    /// scan is logged; the next one retries.
+    pub async fn hold_routed(&self) {
+        match crate::host::pods::scan(&self.netlink, &BTreeMap::new()).await {
+            Ok(routed) => {
+                if let Err(error) = self.ipam.hold_host(&routed).await {
+                    warn!(%error, "cannot hold the addresses the node routes to unknown pods; the next pass retries");
+                }
+            }
+            Err(error) => {
+                warn!(
+                    error = format!("{error:#}"),
+                    "cannot read the node's pod veths and routes; the next pass retries"
+                );
+            }
+        }
+    }
+
     /// One pass of the allocation GC over the pods' host veths; the datapath drops the
     /// endpoints of what it released (counted in `vcnpath_ipam_gc_released_total`).
     pub async fn collect_unattached(&self) {

@@ -345,6 +345,22 @@ impl Ipam {
         .await
     }
 
+    /// Holds, as at start, every address of `host` no allocation holds (see
+    /// [`holders`](super::holders)); the checkpoint records them. Returns how many.
+    pub async fn hold_host(&self, host: &[HostHolder]) -> Result<usize, AllocError> {
+        let inner = self.inner.clone();
+        let host = host.to_vec();
+        owned(tokio::spawn(async move {
+            let mut state = inner.state.lock().await;
+            let held = holders::hold(&mut state, &host, inner.cfg.mtu);
+            if !held.is_empty() {
+                inner.save(&state).await?;
+            }
+            Ok(held.len())
+        }))
+        .await
+    }
+
     /// An ADD of the attachment whose host veth is `veth`: a recovered allocation routed
     /// through it becomes `pod`'s (see [`holders`](super::holders)), so the ADD answers with
     /// the address the pod already has.

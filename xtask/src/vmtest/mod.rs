@@ -76,6 +76,9 @@ const TIERS: [Tier; 2] = [
             "lab_pods_reach_the_metadata_service_only_from_an_allowed_namespace",
             // Which subnet the agent picks is an OCI question, not a kernel one.
             "lab_subnet_tag_finds_the_pod_subnet_in_the_vcns_compartment",
+            // Which addresses IPAM holds is the agent's question; the kernel only lists routes.
+            "lab_an_address_routed_to_a_veth_behind_the_agents_back_is_held",
+            "lab_a_lost_checkpoint_never_hands_a_running_pods_address_to_a_new_pod",
         ],
         kernels: &["5.10", "6.12"],
     },
