@@ -1,8 +1,9 @@
 //! The address-safety fault suite: the real agent and plugin against the OCI simulator in
 //! the namespace lab, killed (`kill -9`) at a random point of a burst of ADDs and DELs, round
 //! after round, with one kind of trouble per case: faults after commit on `CreatePrivateIp`
-//! and `AttachVnic`, stale list reads, the checkpoint deleted, truncated or made
-//! inconsistent between restarts, a second agent started, concurrent ADDs of one container.
+//! and `AttachVnic`, stale list reads, the node tag stripped from pods' private IPs, the
+//! checkpoint deleted, truncated or made inconsistent between restarts, a second agent
+//! started, concurrent ADDs of one container.
 //! After each round the invariants are checked from outside, against every source:
 //!
 //! - every live pod holds exactly one address, the one its ADD returned, and no address has
@@ -62,6 +63,9 @@ enum Trouble {
     SecondAgent,
     /// Each burst also sends three concurrent ADDs of one container.
     SameContainerAdds,
+    /// The `vcnpath-node` tag is stripped from live pods' private IPs while the agent is
+    /// down (Terraform drift, a person).
+    TagsStripped,
 }
 
 struct Pod {
@@ -362,6 +366,13 @@ impl Suite {
                 }
                 std::fs::write(&path, &good).expect("put the checkpoint back");
             }
+            Trouble::TagsStripped => {
+                let ips: Vec<Ipv4Addr> = self.live.values().map(|p| p.ip).collect();
+                for _ in 0..2.min(ips.len()) {
+                    let ip = ips[self.rng.gen_range(0..ips.len())];
+                    strip_tags(&self.lab, ip);
+                }
+            }
             _ => {}
         }
         if let Err(e) = self.agent.restart(&self.lab) {
@@ -519,6 +530,32 @@ impl Suite {
     }
 }
 
+/// Removes every freeform tag of the private IP with address `ip`, through the simulator's
+/// admin API (what a person or Terraform drift does through the console).
+fn strip_tags(lab: &SimLab, ip: Ipv4Addr) {
+    let id = lab.sim().snapshot()["privateIps"]
+        .as_array()
+        .expect("privateIps")
+        .iter()
+        .find(|p| p["ipAddress"] == ip.to_string().as_str())
+        .and_then(|p| p["id"].as_str())
+        .unwrap_or_else(|| panic!("{ip} exists in OCI"))
+        .to_owned();
+    let url = format!("{}/admin/privateIps/{id}", lab.sim().base_url());
+    let status = lab.block_on(async move {
+        reqwest::Client::new()
+            .put(url)
+            .json(&serde_json::json!({"freeformTags": {}}))
+            .send()
+            .await
+            .map(|r| r.status())
+    });
+    assert!(
+        status.as_ref().is_ok_and(reqwest::StatusCode::is_success),
+        "stripping the tags of {ip}: {status:?}"
+    );
+}
+
 /// Whether a Core API operation changes OCI.
 fn mutates(op: &str) -> bool {
     ["Create", "Delete", "Attach", "Detach", "Update", "Bulk"]
@@ -604,6 +641,15 @@ fn faults_lab_a_second_agent_and_kill_9_lose_and_duplicate_nothing() {
         Trouble::SecondAgent,
         "flt-second",
         "faults_lab_a_second_agent_and_kill_9_lose_and_duplicate_nothing",
+    );
+}
+
+#[test]
+fn faults_lab_stripped_tags_and_kill_9_lose_and_duplicate_nothing() {
+    run(
+        Trouble::TagsStripped,
+        "flt-tags",
+        "faults_lab_stripped_tags_and_kill_9_lose_and_duplicate_nothing",
     );
 }
 

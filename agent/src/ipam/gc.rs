@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use tokio::time::Instant;
 
 use super::checkpoint::{self, Key};
-use super::service::release_locked;
+use super::release::release_locked;
 use super::state::Inner;
 use super::types::{Allocation, PodRef};
 

@@ -9,6 +9,7 @@
 //! - `holders`: addresses the node shows in use that the checkpoint does not hold.
 //! - `trouble`: the OCI calls that keep failing, for status and the "try again" answer.
 //! - `state`: the pool and allocations under one lock, and the checkpoint write.
+//! - `release`: the release path a DEL and the GC share (tombstone, cooldown, checkpoint).
 //! - `service`: [`Ipam`], answering from the pool; `grow` and `reconcile` are its background work.
 
 pub mod checkpoint;
@@ -20,6 +21,7 @@ mod grow;
 pub mod holders;
 pub mod pool;
 mod reconcile;
+mod release;
 pub mod service;
 mod state;
 pub mod trouble;
