@@ -66,6 +66,9 @@ enum Trouble {
     /// The `vcnpath-node` tag is stripped from live pods' private IPs while the agent is
     /// down (Terraform drift, a person).
     TagsStripped,
+    /// Every fifth round a secondary VNIC with live pods is detached behind the agent's back
+    /// while it is down; the runtime then deletes the pods that lost their network.
+    VnicDetached,
 }
 
 struct Pod {
@@ -84,6 +87,9 @@ struct Suite {
     freed: BTreeMap<Ipv4Addr, Instant>,
     next: usize,
     kill_points_ms: Vec<u64>,
+    /// Live pods whose VNIC was detached behind the agent's back: the runtime deletes them
+    /// in the next round (they have lost their network); until then they are quarantined.
+    stranded: Vec<String>,
     /// The most addresses held at once, within the GC's grace, for pods that were gone.
     pending_seen: usize,
     adds: usize,
@@ -119,6 +125,7 @@ impl Suite {
             next: 0,
             kill_points_ms: Vec::new(),
             pending_seen: 0,
+            stranded: Vec::new(),
             adds: 0,
             dels: 0,
             violations: Vec::new(),
@@ -144,6 +151,21 @@ impl Suite {
                 &format!("{id} got {ip} {ms} ms after its DEL was sent"),
             );
         }
+    }
+
+    /// The round's DELs: the pods stranded by a detach (the runtime deletes what lost its
+    /// network), then the oldest live pods.
+    fn pick_dels(&mut self) -> Vec<String> {
+        let mut dels: Vec<String> = std::mem::take(&mut self.stranded);
+        let oldest: Vec<String> = self
+            .live
+            .keys()
+            .filter(|id| !dels.contains(id))
+            .take(DELS)
+            .cloned()
+            .collect();
+        dels.extend(oldest);
+        dels
     }
 
     /// The case's trouble in the cloud, for this round's burst and restart.
@@ -185,7 +207,7 @@ impl Suite {
                 adds.push((id, ns));
             }
         }
-        let dels: Vec<String> = self.live.keys().take(DELS).cloned().collect();
+        let dels = self.pick_dels();
         // Two more ADDs of the first new container, at once with its own.
         let same = self.trouble == Trouble::SameContainerAdds && !adds.is_empty();
         self.cloud_trouble();
@@ -366,6 +388,17 @@ impl Suite {
                 }
                 std::fs::write(&path, &good).expect("put the checkpoint back");
             }
+            Trouble::VnicDetached if round % 5 == 4 => {
+                if let Some(vnic) = self.busiest_secondary_vnic() {
+                    detach(&self.lab, &vnic);
+                    self.stranded = self
+                        .live
+                        .iter()
+                        .filter(|(_, p)| !cloud_ips(&self.lab).contains_key(&p.ip))
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                }
+            }
             Trouble::TagsStripped => {
                 let ips: Vec<Ipv4Addr> = self.live.values().map(|p| p.ip).collect();
                 for _ in 0..2.min(ips.len()) {
@@ -474,14 +507,27 @@ impl Suite {
                 .and_then(|m| m.pod_endpoints())
                 .map(|e| e.into_keys().collect())
                 .unwrap_or_default();
-        let held: BTreeSet<Ipv4Addr> = holders.keys().copied().collect();
+        // A quarantined pod (its VNIC detached behind the agent's back) has no VNIC to be
+        // steered out of, and its address is no longer in OCI: held, but on no VNIC.
+        let quarantined: BTreeSet<Ipv4Addr> = status["pool"]["quarantined"]
+            .as_array()
+            .expect("quarantined")
+            .iter()
+            .filter_map(|q| q["ip"].as_str()?.parse().ok())
+            .collect();
+        let held: BTreeSet<Ipv4Addr> = holders
+            .keys()
+            .filter(|ip| !quarantined.contains(ip))
+            .copied()
+            .collect();
+        let mapped: BTreeSet<Ipv4Addr> = mapped.difference(&quarantined).copied().collect();
         if mapped != held {
             found.push(format!(
                 "the endpoints map has {mapped:?}; held are {held:?}"
             ));
         }
         let cloud = cloud_ips(&self.lab);
-        for (ip, vnic) in &vnic_of {
+        for (ip, vnic) in vnic_of.iter().filter(|(ip, _)| !quarantined.contains(ip)) {
             if cloud.get(ip) != Some(vnic) {
                 found.push(format!(
                     "{ip} is held on {vnic} but OCI has it on {:?}",
@@ -527,6 +573,60 @@ impl Suite {
             self.violations.join("\n"),
             self.agent.latest_log()
         );
+    }
+}
+
+impl Suite {
+    /// The secondary VNIC (by OCI's view) holding the most live pods' addresses.
+    fn busiest_secondary_vnic(&self) -> Option<String> {
+        let cloud = cloud_ips(&self.lab);
+        let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+        for pod in self.live.values() {
+            if let Some(vnic) = cloud.get(&pod.ip) {
+                *count.entry(vnic.as_str()).or_default() += 1;
+            }
+        }
+        count
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .map(|(vnic, _)| vnic.to_owned())
+    }
+}
+
+/// Detaches `vnic_id` behind the agent's back (the simulator's admin API, as the console
+/// would) and waits until its addresses are gone from OCI.
+fn detach(lab: &SimLab, vnic_id: &str) {
+    let snapshot = lab.sim().snapshot();
+    let attachment = snapshot["attachments"]
+        .as_array()
+        .expect("attachments")
+        .iter()
+        .find(|a| a["vnicId"] == vnic_id)
+        .and_then(|a| a["id"].as_str())
+        .unwrap_or_else(|| panic!("{vnic_id} is attached"))
+        .to_owned();
+    let url = format!(
+        "{}/admin/vnicAttachments/{attachment}",
+        lab.sim().base_url()
+    );
+    let status = lab.block_on(async move {
+        reqwest::Client::new()
+            .delete(url)
+            .send()
+            .await
+            .map(|r| r.status())
+    });
+    assert!(
+        status.as_ref().is_ok_and(reqwest::StatusCode::is_success),
+        "detaching {vnic_id}: {status:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cloud_ips(lab).values().any(|v| v == vnic_id) {
+        assert!(
+            Instant::now() < deadline,
+            "{vnic_id} keeps its addresses after the detach"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -650,6 +750,15 @@ fn faults_lab_stripped_tags_and_kill_9_lose_and_duplicate_nothing() {
         Trouble::TagsStripped,
         "flt-tags",
         "faults_lab_stripped_tags_and_kill_9_lose_and_duplicate_nothing",
+    );
+}
+
+#[test]
+fn faults_lab_a_vnic_detached_behind_the_agents_back_and_kill_9_lose_and_duplicate_nothing() {
+    run(
+        Trouble::VnicDetached,
+        "flt-detach",
+        "faults_lab_a_vnic_detached_behind_the_agents_back_and_kill_9_lose_and_duplicate_nothing",
     );
 }
 
