@@ -442,7 +442,16 @@ impl Suite {
     }
 
     fn check_holders(&mut self, round: usize, after_grace: bool) {
-        let status = self.agent.status().expect("status");
+        // The invariants are the agent's view once it has reconciled with OCI since its
+        // restart (before that it cannot know of a VNIC detached while it was down).
+        let deadline = Instant::now() + T;
+        let status = loop {
+            let status = self.agent.status().expect("status");
+            if status["pool"]["reconciled"] == true || Instant::now() > deadline {
+                break status;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
         let mut holders: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
         let mut vnic_of: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
         for p in status["pods"].as_array().expect("pods") {
