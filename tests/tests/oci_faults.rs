@@ -420,8 +420,11 @@ async fn a_tenancy_limit_is_reported_and_attaches_no_vnic_to_chase_it() {
         "a tenancy limit must not make the pool attach VNICs to chase it: {calls:?}, VNICs {:?}",
         node_vnics(&sim)
     );
+    // One batch of creates meets the limit, and the long backoff follows. Under load a
+    // second create can leave before the first answers set the backoff (seen once: 5 calls).
+    // A pool that retried on its short backoff would make dozens in the window.
     assert!(
-        calls.get("CreatePrivateIp").copied().unwrap_or(0) <= 4,
+        calls.get("CreatePrivateIp").copied().unwrap_or(0) <= 8,
         "a tenancy limit waits out the long backoff: {calls:?}"
     );
     let told = last.map(|e| e.to_string()).unwrap_or_default();
