@@ -614,20 +614,11 @@ fn detach(lab: &SimLab, vnic_id: &str) {
         .and_then(|a| a["id"].as_str())
         .unwrap_or_else(|| panic!("{vnic_id} is attached"))
         .to_owned();
-    let url = format!(
-        "{}/admin/vnicAttachments/{attachment}",
-        lab.sim().base_url()
-    );
-    let status = lab.block_on(async move {
-        reqwest::Client::new()
-            .delete(url)
-            .send()
-            .await
-            .map(|r| r.status())
-    });
-    assert!(
-        status.as_ref().is_ok_and(reqwest::StatusCode::is_success),
-        "detaching {vnic_id}: {status:?}"
+    admin(
+        lab,
+        reqwest::Method::DELETE,
+        &format!("vnicAttachments/{attachment}"),
+        Value::Null,
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while cloud_ips(lab).values().any(|v| v == vnic_id) {
@@ -650,18 +641,30 @@ fn strip_tags(lab: &SimLab, ip: Ipv4Addr) {
         .and_then(|p| p["id"].as_str())
         .unwrap_or_else(|| panic!("{ip} exists in OCI"))
         .to_owned();
-    let url = format!("{}/admin/privateIps/{id}", lab.sim().base_url());
+    admin(
+        lab,
+        reqwest::Method::PUT,
+        &format!("privateIps/{id}"),
+        serde_json::json!({"freeformTags": {}}),
+    );
+}
+
+/// One call of the simulator's admin API (`/admin/<path>`), from the lab's node namespace;
+/// panics unless it succeeds.
+fn admin(lab: &SimLab, method: reqwest::Method, path: &str, body: Value) {
+    let url = format!("{}/admin/{path}", lab.sim().base_url());
     let status = lab.block_on(async move {
-        reqwest::Client::new()
-            .put(url)
-            .json(&serde_json::json!({"freeformTags": {}}))
-            .send()
-            .await
-            .map(|r| r.status())
+        let request = reqwest::Client::new().request(method, url);
+        let request = if body.is_null() {
+            request
+        } else {
+            request.json(&body)
+        };
+        request.send().await.map(|r| r.status())
     });
     assert!(
         status.as_ref().is_ok_and(reqwest::StatusCode::is_success),
-        "stripping the tags of {ip}: {status:?}"
+        "admin {path}: {status:?}"
     );
 }
 
