@@ -11,7 +11,13 @@ pub struct SimConfig {
     /// The VCN's and its subnets' compartment. Usually not the instance's (a network team
     /// owns the VCN), so the default differs; `ListSubnets` answers only for it.
     pub network_compartment_id: String,
+    /// The first instance; with `instance_count` > 1 the others are `<instance_id>-<n>`
+    /// (n = 1, 2, …), each with its own primary VNIC in the first subnet.
     pub instance_id: String,
+    /// Instances in the one simulated tenancy (1). Each has its own VNICs and its IMDS at
+    /// `/instances/<n>/opc/v2/` (the first also at `/opc/v2/`); they share the subnets, the
+    /// API keys, the faults and the tenancy-wide rate limit. See [`SimConfig::instance_ids`].
+    pub instance_count: u32,
     /// Canonical region name, e.g. `us-ashburn-1`.
     pub region: String,
     /// IMDS `region` (OCI answers a short code such as `iad` in older regions).
@@ -41,6 +47,14 @@ pub struct SimConfig {
     /// `rotate_leaf`). OCI accepts the old one until its own expiry, which no source puts a
     /// figure on; `false` models that expiry, to show a client reads IMDS anew.
     pub superseded_leaf_valid: bool,
+    /// How IP CIDR blocks (`CreatePrivateIp` with `cidrPrefixLength`) behave.
+    pub cidr: CidrConfig,
+    /// `BulkCreatePrivateIps` / `BulkDeletePrivateIps` and their work requests.
+    pub bulk: BulkConfig,
+    /// The tenancy-wide request budget of the Core API across every instance (`None`: no
+    /// limit). OCI throttles with 429 `TooManyRequests` and publishes no figure (docs/oci.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenancy_rate_limit: Option<RateLimit>,
     pub vcn: VcnConfig,
     /// The first subnet holds the primary VNIC.
     pub subnets: Vec<SubnetConfig>,
@@ -60,6 +74,113 @@ pub struct SimConfig {
     /// `NotAuthorizedOrNotFound`, as OCI does.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<Vec<String>>,
+}
+
+/// IP CIDR blocks: one private-IP object for an aligned power-of-two block of the subnet.
+/// Where OCI's sources are silent the behaviour is a knob (docs/oci.md, "IP CIDR blocks").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CidrConfig {
+    /// The largest block, as the shortest prefix length: /18 (16,384 addresses) in OCI's
+    /// announcement of IP CIDR addresses.
+    pub largest_prefix: u8,
+    /// The smallest block, as the longest prefix length. No source read confirms one; /30.
+    pub smallest_prefix: u8,
+    /// How a block counts against [`SimConfig::ips_per_vnic`]. No source says.
+    pub limit_counts: LimitCount,
+    /// Whether a create with `cidrPrefixLength` but no `ipAddress` gets a block OCI picks
+    /// (`true`) or 400 `MissingParameter`. The SDK documents the prefix only "combined with
+    /// the ipAddress field".
+    pub pick_block_without_address: bool,
+    /// `cidrPrefixLength` of a single address in answers: `None` (null, the field absent
+    /// as in answers from before blocks existed) or `Some(32)`. No source shows either.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub single_ip_prefix: Option<u8>,
+    /// The answer when the subnet holds enough free addresses but no free aligned block of
+    /// the size asked (fragmentation). No source gives OCI's code.
+    pub fragmented: ErrorAnswer,
+}
+
+/// How a block weighs against the per-VNIC private-IP limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitCount {
+    /// One private-IP object, whatever its size (a /18, which OCI allows, could never fit
+    /// a limit of 31–64 addresses otherwise).
+    #[default]
+    Objects,
+    /// Each address of the block counts.
+    Addresses,
+}
+
+/// An OCI error answer chosen by configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorAnswer {
+    pub status: u16,
+    pub code: String,
+}
+
+impl Default for CidrConfig {
+    fn default() -> Self {
+        Self {
+            largest_prefix: 18,
+            smallest_prefix: 30,
+            limit_counts: LimitCount::Objects,
+            pick_block_without_address: true,
+            single_ip_prefix: None,
+            fragmented: ErrorAnswer {
+                status: 400,
+                code: "LimitExceeded".into(),
+            },
+        }
+    }
+}
+
+/// The bulk private-IP calls, asynchronous work requests in OCI's SDKs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BulkConfig {
+    /// Most items one bulk call takes (`None`: no limit); beyond it 400 `InvalidParameter`.
+    /// No source gives OCI's limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_items: Option<usize>,
+    /// HTTP status of an accepted bulk call (the SDK reads only headers: 200 or 202).
+    pub status: u16,
+    /// How long the work request stays ACCEPTED before it runs (0: done when answered).
+    pub work_request_ms: u64,
+}
+
+impl Default for BulkConfig {
+    fn default() -> Self {
+        Self {
+            max_items: None,
+            status: 200,
+            work_request_ms: 0,
+        }
+    }
+}
+
+/// A token bucket over every Core API request of the tenancy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimit {
+    /// Sustained requests per second.
+    pub per_second: f64,
+    /// Requests admitted at once above the sustained rate.
+    pub burst: u32,
+    /// The 429's `message` (observed answers name the user or the tenant).
+    pub message: String,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self {
+            per_second: 20.0,
+            burst: 5,
+            message: "Too many requests for the tenant".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -191,6 +312,19 @@ impl SimConfig {
     pub fn physical_nics(&self) -> u32 {
         if self.is_bare_metal() { 2 } else { 1 }
     }
+
+    /// Every instance's OCID, the first being [`SimConfig::instance_id`].
+    pub fn instance_ids(&self) -> Vec<String> {
+        (0..self.instance_count.max(1))
+            .map(|n| {
+                if n == 0 {
+                    self.instance_id.clone()
+                } else {
+                    format!("{}-{n}", self.instance_id)
+                }
+            })
+            .collect()
+    }
 }
 
 impl Default for SimConfig {
@@ -206,6 +340,7 @@ impl Default for SimConfig {
             compartment_id: "ocid1.compartment.oc1..simcompartment".into(),
             network_compartment_id: "ocid1.compartment.oc1..simnetwork".into(),
             instance_id: "ocid1.instance.oc1.iad.siminstance".into(),
+            instance_count: 1,
             region: "us-ashburn-1".into(),
             region_short: "iad".into(),
             realm_domain: "oraclecloud.com".into(),
@@ -219,6 +354,9 @@ impl Default for SimConfig {
             page_size: 10,
             token_lifetime_s: 3600,
             superseded_leaf_valid: true,
+            cidr: CidrConfig::default(),
+            bulk: BulkConfig::default(),
+            tenancy_rate_limit: None,
             vcn: VcnConfig {
                 id: "ocid1.vcn.oc1.iad.simvcn".into(),
                 display_name: "vcnpath-sim".into(),

@@ -15,8 +15,9 @@ use rsa::pkcs8::DecodePublicKey as _;
 use serde_json::{Value, json};
 
 use super::server::{EventKind, Shared, error_response, lock};
-use super::state::{ApiError, AttachmentState, Cloud};
+use super::state::{ApiError, AttachmentState, Cloud, NewVnic};
 use super::verify;
+use super::workreq::{self, Bulk, WorkRequest};
 
 type Answer = Result<(StatusCode, Value, Option<String>), ApiError>;
 
@@ -31,6 +32,9 @@ pub(super) async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(response) = throttle(&s, &method, &uri) {
+        return response;
+    }
     if let Some(response) = inject_faults(&s, &method, &uri).await {
         return response;
     }
@@ -71,7 +75,27 @@ pub(super) async fn handle(
         Some(past) => f(past),
         None => f(&lock(&s.cloud)),
     };
+    let bulk = match (method.clone(), segments.as_slice()) {
+        (Method::POST, ["privateIps", "actions", "bulkCreatePrivateIps"]) => Some(Bulk::Create),
+        (Method::POST, ["privateIps", "actions", "bulkDeletePrivateIps"]) => Some(Bulk::Delete),
+        _ => None,
+    };
+    if let Some(kind) = bulk {
+        return bulk_call(&s, kind, retry_token, &body);
+    }
     let answer = match (method.clone(), segments.as_slice()) {
+        (Method::GET, ["workRequests", id]) => lock(&s.work_requests)
+            .get(*id)
+            .map(|w| ok(w.json()))
+            .ok_or_else(|| ApiError::not_found("work request", id)),
+        (Method::GET, ["workRequests", id, "errors"]) => match lock(&s.work_requests).get(*id) {
+            Some(w) => paginate(
+                w.errors_json().as_array().cloned().unwrap_or_default(),
+                &query,
+                lock(&s.cloud).cfg.page_size,
+            ),
+            None => Err(ApiError::not_found("work request", id)),
+        },
         (Method::POST, ["vnicAttachments"]) => {
             idempotent(&s, "AttachVnic", retry_token, &body, || attach(&s, &body))
         }
@@ -152,7 +176,7 @@ pub(super) async fn handle(
 /// The API reference's name of the operation a request makes: what faults and IAM key on.
 /// `Imds` and `X509` name the metadata service and the federation endpoint.
 pub(super) fn operation(method: &Method, path: &str) -> &'static str {
-    if path.starts_with("/opc/") {
+    if path.starts_with("/opc/") || (path.starts_with("/instances/") && path.contains("/opc/")) {
         return "Imds";
     }
     if path.starts_with("/v1/x509") {
@@ -172,6 +196,10 @@ pub(super) fn operation(method: &Method, path: &str) -> &'static str {
         ("GET", ["privateIps", _]) => "GetPrivateIp",
         ("PUT", ["privateIps", _]) => "UpdatePrivateIp",
         ("DELETE", ["privateIps", _]) => "DeletePrivateIp",
+        ("POST", ["privateIps", "actions", "bulkCreatePrivateIps"]) => "BulkCreatePrivateIps",
+        ("POST", ["privateIps", "actions", "bulkDeletePrivateIps"]) => "BulkDeletePrivateIps",
+        ("GET", ["workRequests", _]) => "GetWorkRequest",
+        ("GET", ["workRequests", _, "errors"]) => "ListWorkRequestErrors",
         ("GET", ["subnets", _]) => "GetSubnet",
         ("GET", ["subnets"]) => "ListSubnets",
         ("GET", ["vcns", _]) => "GetVcn",
@@ -195,6 +223,73 @@ fn ok(value: Value) -> (StatusCode, Value, Option<String>) {
 
 fn no_content() -> (StatusCode, Value, Option<String>) {
     (StatusCode::NO_CONTENT, Value::Null, None)
+}
+
+/// The tenancy-wide budget: beyond it 429 `TooManyRequests`, whichever instance asks.
+fn throttle(s: &Shared, method: &Method, uri: &Uri) -> Option<Response> {
+    let mut bucket = lock(&s.throttle);
+    let bucket = bucket.as_mut()?;
+    if bucket.admit(std::time::Instant::now()) {
+        return None;
+    }
+    let op = operation(method, uri.path());
+    *lock(&s.throttled).entry(op.to_owned()).or_default() += 1;
+    Some(error_response(&ApiError::new(
+        429,
+        "TooManyRequests",
+        bucket.message().to_owned(),
+    )))
+}
+
+/// A bulk call: checked at once, then run as a work request; the answer carries only
+/// `opc-work-request-id` (and `opc-request-id`), as the SDK's response type reads it.
+fn bulk_call(s: &Arc<Shared>, kind: Bulk, token: Option<String>, body: &Bytes) -> Response {
+    let answer = idempotent(s, kind.operation(), token, body, || {
+        start_bulk(s, kind, body)
+    });
+    match answer {
+        Ok((_, accepted, _)) => {
+            let status =
+                StatusCode::from_u16(lock(&s.cloud).cfg.bulk.status).unwrap_or(StatusCode::OK);
+            let mut response = status.into_response();
+            let id = accepted["workRequestId"].as_str().unwrap_or_default();
+            response.headers_mut().insert(
+                "opc-work-request-id",
+                HeaderValue::from_str(id).expect("OCIDs are ASCII"),
+            );
+            response
+        }
+        Err(e) => error_response(&e),
+    }
+}
+
+fn start_bulk(s: &Arc<Shared>, kind: Bulk, body: &[u8]) -> Answer {
+    let body = json_body(body)?;
+    let mut cloud = lock(&s.cloud);
+    let job = workreq::accept(&cloud, kind, &body, cloud.cfg.bulk.max_items)?;
+    let id = cloud.id("workrequest");
+    let delay = Duration::from_millis(cloud.cfg.bulk.work_request_ms);
+    let request = WorkRequest::accepted(id.clone(), kind, cloud.cfg.compartment_id.clone());
+    lock(&s.work_requests).insert(id.clone(), request);
+    if delay.is_zero() {
+        let outcome = workreq::run(&mut cloud, &job);
+        if let Some(w) = lock(&s.work_requests).get_mut(&id) {
+            w.finish(outcome);
+        }
+    } else {
+        drop(cloud);
+        let (shared, id) = (s.clone(), id.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let mut cloud = lock(&shared.cloud);
+            shared.remember(&cloud);
+            let outcome = workreq::run(&mut cloud, &job);
+            if let Some(w) = lock(&shared.work_requests).get_mut(&id) {
+                w.finish(outcome);
+            }
+        });
+    }
+    Ok(ok(json!({ "workRequestId": id })))
 }
 
 async fn inject_faults(s: &Shared, method: &Method, uri: &Uri) -> Option<Response> {
@@ -301,7 +396,7 @@ pub(super) fn attach(s: &Arc<Shared>, body: &[u8]) -> Answer {
     let body = json_body(body)?;
     let mut cloud = lock(&s.cloud);
     let instance = body["instanceId"].as_str().unwrap_or_default();
-    if instance != cloud.cfg.instance_id {
+    if !cloud.has_instance(instance) {
         return Err(ApiError::not_found("instance", instance));
     }
     let details = &body["createVnicDetails"];
@@ -321,7 +416,14 @@ pub(super) fn attach(s: &Arc<Shared>, body: &[u8]) -> Answer {
         .get("freeformTags")
         .cloned()
         .unwrap_or_else(|| json!({}));
-    let (id, vnic_id) = cloud.create_vnic(subnet, nic_index, display_name, false, tags)?;
+    let new = NewVnic {
+        instance_id: instance,
+        subnet_id: subnet,
+        nic_index,
+        display_name,
+        is_primary: false,
+    };
+    let (id, vnic_id) = cloud.create_vnic(&new, tags)?;
     if let Some(vnic) = cloud.vnics.get_mut(&vnic_id) {
         vnic.skip_source_dest_check = details["skipSourceDestCheck"].as_bool().unwrap_or(false);
     }
@@ -407,11 +509,7 @@ fn list_attachments(cloud: &Cloud, query: &HashMap<String, String>) -> Answer {
     let items = cloud
         .attachments
         .values()
-        .filter(|_| {
-            query
-                .get("instanceId")
-                .is_none_or(|i| *i == cloud.cfg.instance_id)
-        })
+        .filter(|a| query.get("instanceId").is_none_or(|i| *i == a.instance_id))
         .filter(|a| query.get("vnicId").is_none_or(|v| *v == a.vnic_id))
         .map(|a| cloud.attachment_json(a))
         .collect();

@@ -106,7 +106,7 @@ pub fn required(operation: &str) -> &'static [(Verb, &'static str)] {
     use Verb::{Inspect, Manage, Use};
     match operation {
         "AttachVnic" | "DetachVnic" => &[(Manage, "instances"), (Use, "subnets"), (Use, "vnics")],
-        "CreatePrivateIp" | "DeletePrivateIp" => {
+        "CreatePrivateIp" | "DeletePrivateIp" | "BulkCreatePrivateIps" | "BulkDeletePrivateIps" => {
             &[(Use, "private-ips"), (Use, "subnets"), (Use, "vnics")]
         }
         "UpdatePrivateIp" => &[(Use, "private-ips"), (Use, "vnics")],

@@ -10,6 +10,7 @@
 //! println!("IMDS at {}, Core API at {}", sim.imds_url(), sim.core_url());
 //! # }
 //! ```
+mod cidr;
 mod config;
 mod core;
 mod federation;
@@ -17,9 +18,14 @@ mod iam;
 mod pki;
 mod server;
 mod state;
+mod throttle;
 mod verify;
+mod workreq;
 
-pub use config::{ApiKeyConfig, FaultKind, FaultRule, Faults, SimConfig, SubnetConfig, VcnConfig};
+pub use config::{
+    ApiKeyConfig, BulkConfig, CidrConfig, ErrorAnswer, FaultKind, FaultRule, Faults, LimitCount,
+    RateLimit, SimConfig, SubnetConfig, VcnConfig,
+};
 pub use iam::Policy;
 pub use server::{EventKind, SimError, Simulator, VnicEvent};
 pub use state::ApiError;

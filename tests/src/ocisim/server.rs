@@ -17,10 +17,12 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use super::config::{FaultKind, FaultRule, Faults, SimConfig};
+use super::config::{FaultKind, FaultRule, Faults, RateLimit, SimConfig};
 use super::iam::Policy;
 use super::pki::{Pki, PkiError};
 use super::state::{ApiError, Cloud};
+use super::throttle::Bucket;
+use super::workreq::WorkRequest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SimError {
@@ -56,6 +58,8 @@ pub enum EventKind {
 pub struct VnicEvent {
     pub seq: u64,
     pub kind: EventKind,
+    /// The instance the VNIC is attached to (several share one simulator).
+    pub instance_id: String,
     pub attachment_id: String,
     pub vnic_id: String,
     pub nic_index: u32,
@@ -89,6 +93,12 @@ pub(super) struct Shared {
     pub denied: Mutex<BTreeMap<String, u64>>,
     /// States before each change, for the stale-read mode.
     pub history: Mutex<VecDeque<(Instant, Cloud)>>,
+    /// The tenancy-wide request budget (`None`: unlimited).
+    pub throttle: Mutex<Option<Bucket>>,
+    /// Requests per operation answered 429 by the tenancy-wide budget.
+    pub throttled: Mutex<BTreeMap<String, u64>>,
+    /// Work requests of the bulk calls, by OCID.
+    pub work_requests: Mutex<BTreeMap<String, WorkRequest>>,
 }
 
 /// Locks ignoring poison: a panicking handler must not take the whole simulator down.
@@ -164,6 +174,7 @@ impl Shared {
         let event = VnicEvent {
             seq: events.len() as u64 + 1,
             kind,
+            instance_id: a.instance_id.clone(),
             attachment_id: a.id.clone(),
             vnic_id: a.vnic_id.clone(),
             nic_index: a.nic_index,
@@ -234,6 +245,7 @@ impl Simulator {
                 .expect("key generation does not panic")?
         };
         let faults = config.faults.clone();
+        let throttle = config.tenancy_rate_limit.clone().map(Bucket::new);
         let policy = config
             .policy
             .as_deref()
@@ -255,6 +267,9 @@ impl Simulator {
             calls: Mutex::new(BTreeMap::new()),
             denied: Mutex::new(BTreeMap::new()),
             history: Mutex::new(VecDeque::new()),
+            throttle: Mutex::new(throttle),
+            throttled: Mutex::new(BTreeMap::new()),
+            work_requests: Mutex::new(BTreeMap::new()),
         });
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -287,6 +302,22 @@ impl Simulator {
     pub fn imds_url(&self) -> String {
         format!("http://{}/opc/v2/", self.addr)
     }
+    /// IMDS v2 base of instance `n` (0 is the first, also at [`Simulator::imds_url`]).
+    pub fn imds_url_of(&self, n: u32) -> String {
+        format!("http://{}/instances/{n}/opc/v2/", self.addr)
+    }
+    /// Every instance's OCID, in the order [`Simulator::imds_url_of`] numbers them.
+    pub fn instance_ids(&self) -> Vec<String> {
+        lock(&self.shared.cloud).cfg.instance_ids()
+    }
+    /// Sets (or with `None` lifts) the tenancy-wide request budget; the bucket starts full.
+    pub fn set_rate_limit(&self, limit: Option<RateLimit>) {
+        *lock(&self.shared.throttle) = limit.map(Bucket::new);
+    }
+    /// Requests per operation the tenancy-wide budget answered 429.
+    pub fn throttled(&self) -> BTreeMap<String, u64> {
+        lock(&self.shared.throttled).clone()
+    }
     /// Core API base, `…/20160918/`.
     pub fn core_url(&self) -> String {
         format!("http://{}/20160918/", self.addr)
@@ -317,6 +348,7 @@ impl Simulator {
     pub fn reset_calls(&self) {
         lock(&self.shared.calls).clear();
         lock(&self.shared.denied).clear();
+        lock(&self.shared.throttled).clear();
     }
     /// A new instance certificate and key in IMDS (OCI rotates them); sessions federated with
     /// the old one keep working until their tokens expire.
@@ -379,6 +411,15 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/opc/v2/vnics", get(imds_vnics))
         .route("/opc/v2/vnics/", get(imds_vnics))
         .route("/opc/v2/identity/{file}", get(imds_identity))
+        .route("/instances/{n}/opc/v2/instance", get(imds_instance_of))
+        .route("/instances/{n}/opc/v2/instance/", get(imds_instance_of))
+        .route("/instances/{n}/opc/v2/instance/region", get(imds_region))
+        .route("/instances/{n}/opc/v2/vnics", get(imds_vnics_of))
+        .route("/instances/{n}/opc/v2/vnics/", get(imds_vnics_of))
+        .route(
+            "/instances/{n}/opc/v2/identity/{file}",
+            get(imds_identity_of),
+        )
         .route("/v1/x509", post(super::federation::x509))
         .route("/20160918/{*path}", any(super::core::handle))
         .route("/admin/faults", get(get_faults).put(put_faults))
@@ -514,12 +555,14 @@ async fn put_policy(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
 }
 
 async fn admin_calls(State(s): State<Arc<Shared>>) -> Response {
-    axum::Json(json!({"calls": *lock(&s.calls), "denied": *lock(&s.denied)})).into_response()
+    axum::Json(json!({"calls": *lock(&s.calls), "denied": *lock(&s.denied), "throttled": *lock(&s.throttled)}))
+        .into_response()
 }
 
 async fn reset_calls(State(s): State<Arc<Shared>>) -> Response {
     lock(&s.calls).clear();
     lock(&s.denied).clear();
+    lock(&s.throttled).clear();
     StatusCode::NO_CONTENT.into_response()
 }
 
@@ -557,7 +600,9 @@ async fn admin_attach(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
             "expected {subnetId}",
         ));
     };
-    let instance = lock(&s.cloud).cfg.instance_id.clone();
+    let instance = request["instanceId"]
+        .as_str()
+        .map_or_else(|| lock(&s.cloud).cfg.instance_id.clone(), str::to_owned);
     let details = json!({
         "instanceId": instance,
         "displayName": request["displayName"].as_str().unwrap_or("attached by someone else"),
@@ -645,13 +690,41 @@ fn imds_guard(headers: &HeaderMap) -> Result<(), Box<Response>> {
 }
 
 async fn imds_instance(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Err(r) = imds_guard(&headers) {
+    instance_document(&s, &headers, 0)
+}
+
+async fn imds_instance_of(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    axum::extract::Path(n): axum::extract::Path<usize>,
+) -> Response {
+    instance_document(&s, &headers, n)
+}
+
+/// The instance's OCID for IMDS path number `n`, or the 404 IMDS answers for no instance.
+fn instance_of(cloud: &Cloud, n: usize) -> Result<String, Box<Response>> {
+    cloud.cfg.instance_ids().into_iter().nth(n).ok_or_else(|| {
+        Box::new((StatusCode::NOT_FOUND, format!("no instance {n}")).into_response())
+    })
+}
+
+fn instance_document(s: &Shared, headers: &HeaderMap, n: usize) -> Response {
+    if let Err(r) = imds_guard(headers) {
         return *r;
     }
     let cloud = lock(&s.cloud);
+    let id = match instance_of(&cloud, n) {
+        Ok(id) => id,
+        Err(r) => return *r,
+    };
+    let name = if n == 0 {
+        "vcnpath-sim-node".to_owned()
+    } else {
+        format!("vcnpath-sim-node-{n}")
+    };
     let c = &cloud.cfg;
     axum::Json(json!({
-        "id": c.instance_id, "displayName": "vcnpath-sim-node", "compartmentId": c.compartment_id,
+        "id": id, "displayName": name, "compartmentId": c.compartment_id,
         "availabilityDomain": c.availability_domain, "faultDomain": "FAULT-DOMAIN-1", "region": c.region_short,
         "canonicalRegionName": c.region,
         "regionInfo": {"realmKey": "oc1", "realmDomainComponent": c.realm_domain, "regionKey": c.region_short.to_uppercase(), "regionIdentifier": c.region},
@@ -670,17 +743,33 @@ async fn imds_region(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Respon
 }
 
 async fn imds_vnics(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Response {
-    if let Err(r) = imds_guard(&headers) {
+    vnics_document(&s, &headers, 0)
+}
+
+async fn imds_vnics_of(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    axum::extract::Path(n): axum::extract::Path<usize>,
+) -> Response {
+    vnics_document(&s, &headers, n)
+}
+
+fn vnics_document(s: &Shared, headers: &HeaderMap, n: usize) -> Response {
+    if let Err(r) = imds_guard(headers) {
         return *r;
     }
     let cloud = lock(&s.cloud);
+    let instance = match instance_of(&cloud, n) {
+        Ok(id) => id,
+        Err(r) => return *r,
+    };
     // The primary VNIC first (cloud-init configures `vnics[0]` as the primary), then the
     // others in the order they were attached; ids come from one counter, so id order is
     // creation order.
     let mut attached: Vec<_> = cloud
         .attachments
         .values()
-        .filter(|a| a.state == super::state::AttachmentState::Attached)
+        .filter(|a| a.instance_id == instance && a.state == super::state::AttachmentState::Attached)
         .collect();
     attached.sort_by_key(|a| {
         (
@@ -705,6 +794,26 @@ async fn imds_vnics(State(s): State<Arc<Shared>>, headers: HeaderMap) -> Respons
         })
         .collect();
     axum::Json(vnics).into_response()
+}
+
+/// Only the first instance has an identity (one leaf certificate): the others' identity
+/// paths answer 404, so a fleet of instances signs with API keys (docs/oci.md).
+async fn imds_identity_of(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    axum::extract::Path((n, file)): axum::extract::Path<(usize, String)>,
+) -> Response {
+    if n == 0 {
+        return imds_identity(State(s), headers, axum::extract::Path(file)).await;
+    }
+    if let Err(r) = imds_guard(&headers) {
+        return *r;
+    }
+    (
+        StatusCode::NOT_FOUND,
+        "the simulator gives instance principals to its first instance only",
+    )
+        .into_response()
 }
 
 async fn imds_identity(

@@ -7,21 +7,26 @@ use ipnet::Ipv4Net;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::config::SimConfig;
+use super::cidr::Want;
+use super::config::{LimitCount, SimConfig};
 
 /// An OCI error answer: HTTP status, `code` and `message`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
     pub status: u16,
-    pub code: &'static str,
+    pub code: std::borrow::Cow<'static, str>,
     pub message: String,
 }
 
 impl ApiError {
-    pub fn new(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(
+        status: u16,
+        code: impl Into<std::borrow::Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             status,
-            code,
+            code: code.into(),
             message: message.into(),
         }
     }
@@ -60,39 +65,45 @@ impl Subnet {
 
     /// The lowest free address; OCI reserves the first two (network, router) and the last.
     fn allocate(&mut self) -> Option<Ipv4Addr> {
-        let first = u32::from(self.cidr.network()) + 2;
-        let last = u32::from(self.cidr.broadcast()).checked_sub(1)?;
-        let ip = (first..=last)
-            .map(Ipv4Addr::from)
-            .find(|ip| !self.used.contains(ip))?;
-        self.used.insert(ip);
-        Some(ip)
+        let single = Want {
+            at: None,
+            prefix: 32,
+        };
+        let none = ApiError::new(400, "LimitExceeded", "");
+        self.take(single, &none).ok().map(|block| block.network())
     }
 
     fn claim(&mut self, ip: Ipv4Addr) -> Result<(), ApiError> {
-        let reserved =
-            ip == self.cidr.network() || ip == self.router_ip() || ip == self.cidr.broadcast();
-        if !self.cidr.contains(&ip) || reserved {
-            return Err(ApiError::new(
-                400,
-                "InvalidParameter",
-                format!("{ip} is not a usable address of {}", self.cidr),
-            ));
-        }
-        if !self.used.insert(ip) {
-            return Err(ApiError::new(
-                409,
-                "Conflict",
-                format!("{ip} is already assigned in subnet {}", self.id),
-            ));
-        }
-        Ok(())
+        let single = Want {
+            at: Some(ip),
+            prefix: 32,
+        };
+        let none = ApiError::new(400, "LimitExceeded", "");
+        self.take(single, &none).map(|_| ())
     }
+}
+
+impl PrivateIp {
+    /// The addresses the object holds: its block, or its one address as a /32.
+    pub fn block(&self) -> Ipv4Net {
+        Ipv4Net::new(self.ip, self.prefix.unwrap_or(32)).expect("prefix at most 32")
+    }
+}
+
+/// What `create_vnic` is asked for: whose VNIC, where, and whether it is a primary.
+#[derive(Debug, Clone)]
+pub struct NewVnic<'a> {
+    pub instance_id: &'a str,
+    pub subnet_id: &'a str,
+    pub nic_index: Option<u32>,
+    pub display_name: Option<String>,
+    pub is_primary: bool,
 }
 
 #[derive(Debug, Clone)]
 pub struct Attachment {
     pub id: String,
+    pub instance_id: String,
     pub display_name: Option<String>,
     pub subnet_id: String,
     pub nic_index: u32,
@@ -119,7 +130,12 @@ pub struct PrivateIp {
     pub id: String,
     pub vnic_id: String,
     pub subnet_id: String,
+    /// The address, or the first address of a block.
     pub ip: Ipv4Addr,
+    /// `Some` for an IP CIDR block (`cidrPrefixLength`), `None` for one address.
+    pub prefix: Option<u8>,
+    /// `ipv4SubnetCidrAtCreation` as the create named it.
+    pub subnet_cidr_at_creation: Option<String>,
     pub is_primary: bool,
     pub display_name: Option<String>,
     pub freeform_tags: Value,
@@ -171,15 +187,26 @@ impl Cloud {
             next: 0,
         };
         let primary_subnet = cloud.subnets[0].id.clone();
-        let (attachment, vnic_id) = cloud
-            .create_vnic(&primary_subnet, Some(0), None, true, json!({}))
-            .map_err(|e| e.message)?;
-        cloud.configure_primary(&vnic_id)?;
-        cloud
-            .attachments
-            .get_mut(&attachment)
-            .expect("just created")
-            .state = AttachmentState::Attached;
+        for (n, instance) in cloud.cfg.instance_ids().into_iter().enumerate() {
+            let new = NewVnic {
+                instance_id: &instance,
+                subnet_id: &primary_subnet,
+                nic_index: Some(0),
+                display_name: None,
+                is_primary: true,
+            };
+            let (attachment, vnic_id) = cloud
+                .create_vnic(&new, json!({}))
+                .map_err(|e| format!("primary VNIC of instance {instance}: {}", e.message))?;
+            if n == 0 {
+                cloud.configure_primary(&vnic_id)?;
+            }
+            cloud
+                .attachments
+                .get_mut(&attachment)
+                .expect("just created")
+                .state = AttachmentState::Attached;
+        }
         Ok(cloud)
     }
 
@@ -208,7 +235,7 @@ impl Cloud {
             .map_err(|e| format!("primary_ip {text}: {}", e.message))
     }
 
-    fn id(&mut self, kind: &str) -> String {
+    pub fn id(&mut self, kind: &str) -> String {
         self.next += 1;
         format!("ocid1.{kind}.oc1.iad.sim{:06}", self.next)
     }
@@ -220,24 +247,40 @@ impl Cloud {
             .ok_or_else(|| ApiError::not_found("subnet", id))
     }
 
-    fn live_attachments(&self) -> impl Iterator<Item = &Attachment> {
+    /// The instance's attachments that are not yet detached.
+    fn live_attachments<'a>(&'a self, instance: &'a str) -> impl Iterator<Item = &'a Attachment> {
         self.attachments
             .values()
-            .filter(|a| a.state != AttachmentState::Detached)
+            .filter(move |a| a.instance_id == instance && a.state != AttachmentState::Detached)
+    }
+
+    /// Whether `id` names one of the simulated instances.
+    pub fn has_instance(&self, id: &str) -> bool {
+        id == self.cfg.instance_id
+            || id
+                .strip_prefix(&self.cfg.instance_id)
+                .and_then(|n| n.strip_prefix('-'))
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|n| n > 0 && n < self.cfg.instance_count)
     }
 
     /// `AttachVnic`: a new VNIC with a primary IP, ATTACHING until the caller settles it.
     /// Returns the attachment and VNIC ids.
     pub fn create_vnic(
         &mut self,
-        subnet_id: &str,
-        nic_index: Option<u32>,
-        display_name: Option<String>,
-        is_primary: bool,
+        new: &NewVnic<'_>,
         freeform_tags: Value,
     ) -> Result<(String, String), ApiError> {
+        let NewVnic {
+            instance_id,
+            subnet_id,
+            nic_index,
+            is_primary,
+            ..
+        } = *new;
+        let display_name = new.display_name.clone();
         self.subnet(subnet_id)?;
-        let live = self.live_attachments().count() as u32;
+        let live = self.live_attachments(instance_id).count() as u32;
         if live >= self.cfg.max_vnic_attachments {
             return Err(ApiError::new(
                 400,
@@ -262,7 +305,7 @@ impl Cloud {
                 ),
             ));
         }
-        let vlan_tag = self.vlan_tag(is_primary);
+        let vlan_tag = self.vlan_tag(instance_id, is_primary);
         let subnet = self
             .subnets
             .iter_mut()
@@ -305,6 +348,8 @@ impl Cloud {
                 vnic_id: vnic_id.clone(),
                 subnet_id: subnet_id.into(),
                 ip,
+                prefix: None,
+                subnet_cidr_at_creation: None,
                 is_primary: true,
                 display_name: None,
                 freeform_tags,
@@ -315,6 +360,7 @@ impl Cloud {
             attachment_id.clone(),
             Attachment {
                 id: attachment_id.clone(),
+                instance_id: instance_id.into(),
                 display_name,
                 subnet_id: subnet_id.into(),
                 nic_index,
@@ -331,8 +377,11 @@ impl Cloud {
     /// network and never seen by the guest (cloud-init's VM fixture shows 1039 and 1041);
     /// on bare metal the primary is untagged (0) and each secondary VNIC arrives tagged on
     /// its physical NIC (1, 2, … in cloud-init's and OCI's examples).
-    fn vlan_tag(&self, is_primary: bool) -> u32 {
-        let used: BTreeSet<u32> = self.live_attachments().map(|a| a.vlan_tag).collect();
+    fn vlan_tag(&self, instance: &str, is_primary: bool) -> u32 {
+        let used: BTreeSet<u32> = self
+            .live_attachments(instance)
+            .map(|a| a.vlan_tag)
+            .collect();
         let first = match (self.cfg.is_bare_metal(), is_primary) {
             (true, true) => return 0,
             (true, false) => 1,
@@ -399,7 +448,15 @@ impl Cloud {
     fn release_ip(&mut self, ip: &PrivateIp) {
         self.private_ips.remove(&ip.id);
         if let Some(subnet) = self.subnets.iter_mut().find(|s| s.id == ip.subnet_id) {
-            subnet.used.remove(&ip.ip);
+            subnet.give_back(ip.block());
+        }
+    }
+
+    /// What `ip` weighs against the VNIC's limit ([`super::config::CidrConfig::limit_counts`]).
+    fn weight(&self, prefix: Option<u8>) -> u64 {
+        match (prefix, self.cfg.cidr.limit_counts) {
+            (Some(p), LimitCount::Addresses) => 1 << (32 - u32::from(p)),
+            _ => 1,
         }
     }
 
@@ -423,12 +480,16 @@ impl Cloud {
                 format!("VNIC {vnic_id} is being detached"),
             ));
         }
-        let secondary = self
+        let want = Want::parse(body, &self.cfg.cidr)?;
+        let held: u64 = self
             .private_ips
             .values()
             .filter(|p| p.vnic_id == vnic_id && !p.is_primary)
-            .count() as u32;
-        if secondary >= self.cfg.ips_per_vnic {
+            .map(|p| self.weight(p.prefix))
+            .sum();
+        let prefix = want.is_block().then_some(want.prefix);
+        let limit = u64::from(self.cfg.ips_per_vnic);
+        if held + self.weight(prefix) > limit {
             return Err(ApiError::new(
                 400,
                 "LimitExceeded",
@@ -438,27 +499,33 @@ impl Cloud {
                 ),
             ));
         }
+        let at_creation = body["ipv4SubnetCidrAtCreation"].as_str().map(str::to_owned);
+        let fragmented = ApiError::new(
+            self.cfg.cidr.fragmented.status,
+            self.cfg.cidr.fragmented.code.clone(),
+            format!(
+                "subnet {} has free addresses but no free aligned /{} block",
+                vnic.subnet_id, want.prefix
+            ),
+        );
         let subnet = self
             .subnets
             .iter_mut()
             .find(|s| s.id == vnic.subnet_id)
             .expect("a VNIC's subnet exists");
-        let ip = match body["ipAddress"].as_str() {
-            Some(text) => {
-                let ip: Ipv4Addr = text.parse().map_err(|_| {
-                    ApiError::new(400, "InvalidParameter", format!("invalid ipAddress {text}"))
-                })?;
-                subnet.claim(ip)?;
-                ip
-            }
-            None => subnet.allocate().ok_or_else(|| {
-                ApiError::new(
-                    400,
-                    "LimitExceeded",
-                    format!("subnet {} has no free private IP addresses", vnic.subnet_id),
-                )
-            })?,
-        };
+        if let Some(cidr) = &at_creation
+            && cidr.parse::<Ipv4Net>().ok() != Some(subnet.cidr)
+        {
+            return Err(ApiError::new(
+                400,
+                "InvalidParameter",
+                format!(
+                    "ipv4SubnetCidrAtCreation {cidr} is not an IPv4 CIDR of subnet {}",
+                    subnet.id
+                ),
+            ));
+        }
+        let ip = subnet.take(want, &fragmented)?.network();
         let id = self.id("privateip");
         self.private_ips.insert(
             id.clone(),
@@ -467,6 +534,8 @@ impl Cloud {
                 vnic_id: vnic_id.into(),
                 subnet_id: vnic.subnet_id.clone(),
                 ip,
+                prefix,
+                subnet_cidr_at_creation: at_creation,
                 is_primary: false,
                 display_name: body["displayName"].as_str().map(str::to_owned),
                 freeform_tags: body
@@ -556,7 +625,7 @@ impl Cloud {
         );
         let mut v = json!({
             "id": a.id, "availabilityDomain": self.cfg.availability_domain, "compartmentId": self.cfg.compartment_id,
-            "displayName": a.display_name, "instanceId": self.cfg.instance_id, "lifecycleState": a.state,
+            "displayName": a.display_name, "instanceId": a.instance_id, "lifecycleState": a.state,
             "nicIndex": a.nic_index, "subnetId": a.subnet_id, "timeCreated": rfc3339(&a.time_created),
         });
         // OCI reports the VNIC and VLAN tag only once the attachment is made.
@@ -582,9 +651,12 @@ impl Cloud {
     }
 
     pub fn private_ip_json(&self, p: &PrivateIp) -> Value {
+        let prefix = p.prefix.or(self.cfg.cidr.single_ip_prefix);
         json!({
             "id": p.id, "availabilityDomain": self.cfg.availability_domain, "compartmentId": self.cfg.compartment_id,
             "displayName": p.display_name, "hostnameLabel": null, "ipAddress": p.ip.to_string(), "isPrimary": p.is_primary,
+            "cidrPrefixLength": prefix, "ipv4SubnetCidrAtCreation": p.subnet_cidr_at_creation,
+            "ipState": "ASSIGNED", "lifetime": "EPHEMERAL",
             "subnetId": p.subnet_id, "vnicId": p.vnic_id, "freeformTags": p.freeform_tags, "definedTags": {},
             "timeCreated": rfc3339(&p.time_created),
         })
@@ -610,7 +682,7 @@ impl Cloud {
 }
 
 /// OCI's `timeCreated` is RFC 3339; the SDKs parse it, so keep it well-formed.
-fn rfc3339(http_date: &str) -> String {
+pub fn rfc3339(http_date: &str) -> String {
     let t = httpdate::parse_http_date(http_date).unwrap_or(std::time::UNIX_EPOCH);
     let secs = t
         .duration_since(std::time::UNIX_EPOCH)
