@@ -45,6 +45,191 @@ fn ok(cli: &PathBuf, key: &ApiKey, endpoint: &str, args: &[&str]) -> Value {
     json
 }
 
+/// The prefix length the CLI printed for a private IP, and the block it names.
+fn prefix_of(ip: &Value) -> (u64, ipnet::Ipv4Net) {
+    let prefix = ip["cidr-prefix-length"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("a block has cidr-prefix-length: {ip}"));
+    let at: std::net::Ipv4Addr = ip["ip-address"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("ip-address: {ip}"));
+    let block = ipnet::Ipv4Net::new(at, u8::try_from(prefix).expect("prefix")).expect("prefix");
+    assert_eq!(
+        block.network(),
+        at,
+        "a block starts on its own boundary: {ip}"
+    );
+    (prefix, block)
+}
+
+/// IP CIDR blocks as the CLI (and the Python SDK under it) creates, reads, lists and
+/// deletes them, one at a time and in bulk calls it waits on as work requests.
+#[expect(clippy::too_many_lines, reason = "one walk through the block commands")]
+fn cidr_blocks(run: &dyn Fn(&[&str]) -> Value, vnic_id: &str) {
+    let created = run(&[
+        "network",
+        "private-ip",
+        "create",
+        "--vnic-id",
+        vnic_id,
+        "--cidr-prefix-length",
+        "28",
+    ]);
+    let (prefix, block) = prefix_of(&created["data"]);
+    assert_eq!(prefix, 28);
+    let block_id = created["data"]["id"].as_str().expect("block id").to_owned();
+    let got = run(&["network", "private-ip", "get", "--private-ip-id", &block_id]);
+    assert_eq!(
+        prefix_of(&got["data"]),
+        (28, block),
+        "GetPrivateIp reads the block back"
+    );
+
+    // oci-cli's own extended command: a chosen block, read back with GetPrivateIp.
+    let assigned = run(&[
+        "network",
+        "vnic",
+        "assign-private-ip",
+        "--vnic-id",
+        vnic_id,
+        "--ip-address",
+        "10.0.0.128",
+        "--cidr-prefix-length",
+        "27",
+    ]);
+    assert_eq!(
+        prefix_of(&assigned["data"]),
+        (27, "10.0.0.128/27".parse().expect("CIDR"))
+    );
+
+    let listed = run(&[
+        "network",
+        "private-ip",
+        "list",
+        "--vnic-id",
+        vnic_id,
+        "--all",
+    ]);
+    let items = listed["data"].as_array().expect("list");
+    let blocks: Vec<u64> = items
+        .iter()
+        .filter_map(|p| p["cidr-prefix-length"].as_u64())
+        .collect();
+    assert_eq!(
+        blocks.len(),
+        2,
+        "both blocks listed with their prefix: {listed}"
+    );
+    assert!(blocks.contains(&28) && blocks.contains(&27), "{listed}");
+
+    // Bulk: the CLI waits on the work request (Work Requests' GetWorkRequest).
+    let bulk = run(&[
+        "network",
+        "private-ip",
+        "bulk-create",
+        "--vnic-id",
+        vnic_id,
+        "--bulk-create-private-ip-item",
+        r#"[{"cidrPrefixLength": 29}, {"cidrPrefixLength": 30}]"#,
+        "--wait-for-state",
+        "SUCCEEDED",
+        "--wait-interval-seconds",
+        "1",
+        "--max-wait-seconds",
+        "20",
+    ]);
+    assert_eq!(bulk["data"]["status"], "SUCCEEDED", "{bulk}");
+    let made: Vec<String> = bulk["data"]["resources"]
+        .as_array()
+        .expect("resources")
+        .iter()
+        .map(|r| {
+            assert_eq!(r["action-type"], "CREATED", "{r}");
+            r["identifier"].as_str().expect("identifier").to_owned()
+        })
+        .collect();
+    assert_eq!(made.len(), 2, "one resource per item: {bulk}");
+    let mut sizes: Vec<u64> = made
+        .iter()
+        .map(|id| {
+            prefix_of(&run(&["network", "private-ip", "get", "--private-ip-id", id])["data"]).0
+        })
+        .collect();
+    sizes.sort_unstable();
+    assert_eq!(sizes, [29, 30]);
+    // With one item the CLI fetches the resource the work request names.
+    let one = run(&[
+        "network",
+        "private-ip",
+        "bulk-create",
+        "--vnic-id",
+        vnic_id,
+        "--bulk-create-private-ip-item",
+        r#"[{"cidrPrefixLength": 28}]"#,
+        "--wait-for-state",
+        "SUCCEEDED",
+        "--wait-interval-seconds",
+        "1",
+        "--max-wait-seconds",
+        "20",
+    ]);
+    assert_eq!(
+        prefix_of(&one["data"]).0,
+        28,
+        "the created block itself: {one}"
+    );
+    let one_id = one["data"]["id"].as_str().expect("id").to_owned();
+
+    let items: Vec<Value> = made
+        .iter()
+        .chain([&one_id])
+        .map(|id| serde_json::json!({ "privateIpId": id }))
+        .collect();
+    let deleted = run(&[
+        "network",
+        "private-ip",
+        "bulk-delete",
+        "--vnic-id",
+        vnic_id,
+        "--bulk-delete-private-ip-item",
+        &Value::Array(items).to_string(),
+        "--wait-for-state",
+        "SUCCEEDED",
+        "--wait-interval-seconds",
+        "1",
+        "--max-wait-seconds",
+        "20",
+    ]);
+    assert_eq!(deleted["data"]["status"], "SUCCEEDED", "{deleted}");
+    for id in [&block_id, assigned["data"]["id"].as_str().expect("id")] {
+        run(&[
+            "network",
+            "private-ip",
+            "delete",
+            "--private-ip-id",
+            id,
+            "--force",
+        ]);
+    }
+    let left = run(&[
+        "network",
+        "private-ip",
+        "list",
+        "--vnic-id",
+        vnic_id,
+        "--all",
+    ]);
+    assert!(
+        left["data"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .all(|p| p["cidr-prefix-length"].is_null()),
+        "every block is gone: {left}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[expect(
     clippy::too_many_lines,
@@ -195,6 +380,11 @@ async fn the_official_oci_cli_works_against_the_simulator() {
         );
         let got_ip = run(&["network", "private-ip", "get", "--private-ip-id", &ip_id]);
         assert_eq!(got_ip["data"]["ip-address"], address.as_str());
+        assert!(
+            got_ip["data"]["cidr-prefix-length"].is_null(),
+            "a single address has no prefix: {got_ip}"
+        );
+        cidr_blocks(&run, &vnic_id);
         run(&[
             "network",
             "private-ip",

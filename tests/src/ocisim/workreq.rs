@@ -204,13 +204,15 @@ impl WorkRequest {
         }
     }
 
+    /// `entityType` is `private_ip`: OCI documents no value, and oci-cli, waiting on a work
+    /// request that names one resource, reads it back with the client's `get_<entityType>`.
     pub fn json(&self) -> Value {
         let done = self.finished.is_some();
         json!({
             "id": self.id, "operationType": self.operation, "status": self.status,
             "compartmentId": self.compartment_id,
             "resources": self.resources.iter().map(|(action, id)| json!({
-                "actionType": action, "entityType": "PrivateIp", "identifier": id,
+                "actionType": action, "entityType": "private_ip", "identifier": id,
                 "entityUri": format!("/20160918/privateIps/{id}"),
             })).collect::<Vec<_>>(),
             "percentComplete": if done { 100.0 } else { 0.0 },
