@@ -622,3 +622,29 @@ async fn one_tenancy_wide_limit_throttles_every_instance_together() {
     );
     assert_eq!(on0.len(), 1, "instance 0 keeps only its primary: {on0:?}");
 }
+
+#[tokio::test]
+async fn two_hundred_instances_share_one_simulator_each_with_its_own_imds() {
+    let config = SimConfig {
+        instance_count: 200,
+        ..SimConfig::default()
+    };
+    let sim = Simulator::start(config, "127.0.0.1:0")
+        .await
+        .expect("a simulator with 200 instances starts");
+    let instances = sim.instance_ids();
+    assert_eq!(instances.len(), 200);
+    let http = reqwest::Client::new();
+    let mut primaries = std::collections::BTreeSet::new();
+    for n in [0_u32, 1, 117, 199] {
+        let imds = ImdsClient::new(&sim.imds_url_of(n), http.clone()).expect("IMDS URL");
+        let instance = imds.instance().await.expect("IMDS instance");
+        assert_eq!(instance.id, instances[n as usize], "IMDS {n} names its own instance");
+        let vnics = imds.vnics().await.expect("IMDS vnics");
+        assert_eq!(vnics.len(), 1, "instance {n} has only its primary VNIC");
+        primaries.insert(vnics[0].vnic_id.clone());
+    }
+    assert_eq!(primaries.len(), 4, "no two instances share a primary VNIC");
+    let past = ImdsClient::new(&sim.imds_url_of(200), http).expect("IMDS URL");
+    assert!(past.instance().await.is_err(), "there is no instance 200");
+}

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Parser;
-use vcnpath_tests::ocisim::{ApiKeyConfig, SimConfig, Simulator};
+use vcnpath_tests::ocisim::{ApiKeyConfig, RateLimit, SimConfig, Simulator};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,6 +46,15 @@ struct Args {
     /// Fraction of Core API requests left hanging.
     #[arg(long)]
     rate_hang: Option<f64>,
+    /// Instances in the simulated tenancy, each with its IMDS at `/instances/<n>/opc/v2/`.
+    #[arg(long)]
+    instances: Option<u32>,
+    /// Tenancy-wide Core API budget in requests/s (429 beyond it; burst from `--tenancy-burst`).
+    #[arg(long)]
+    tenancy_rps: Option<f64>,
+    /// Requests admitted at once above `--tenancy-rps` (5, as Oracle's controllers budget).
+    #[arg(long, default_value_t = 5)]
+    tenancy_burst: u32,
 }
 
 fn load(path: &PathBuf) -> anyhow::Result<SimConfig> {
@@ -75,7 +84,15 @@ async fn main() -> anyhow::Result<()> {
     }
     set!(max_vnics => max_vnic_attachments, ips_per_vnic => ips_per_vnic, attach_delay_ms => attach_delay_ms,
          page_size => page_size, token_lifetime_s => token_lifetime_s, latency_ms => faults.latency_ms,
-         rate_429 => faults.rate_429, rate_5xx => faults.rate_5xx, rate_hang => faults.rate_hang);
+         rate_429 => faults.rate_429, rate_5xx => faults.rate_5xx, rate_hang => faults.rate_hang,
+         instances => instance_count);
+    if let Some(per_second) = args.tenancy_rps {
+        config.tenancy_rate_limit = Some(RateLimit {
+            per_second,
+            burst: args.tenancy_burst,
+            ..RateLimit::default()
+        });
+    }
     for spec in &args.api_keys {
         let (key_id, file) = spec
             .split_once('=')

@@ -428,6 +428,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/admin/api-keys", post(admin_api_key))
         .route("/admin/policy", get(get_policy).put(put_policy))
         .route("/admin/calls", get(admin_calls).delete(reset_calls))
+        .route("/admin/rate-limit", axum::routing::put(put_rate_limit))
         .route("/admin/rotate-leaf", post(admin_rotate_leaf))
         .route("/admin/revoke-tokens", post(admin_revoke_tokens))
         .route("/admin/vnicAttachments", post(admin_attach))
@@ -564,6 +565,18 @@ async fn reset_calls(State(s): State<Arc<Shared>>) -> Response {
     lock(&s.denied).clear();
     lock(&s.throttled).clear();
     StatusCode::NO_CONTENT.into_response()
+}
+
+/// `PUT /admin/rate-limit` with `{per_second, burst, message?}`, or `null` to lift it.
+async fn put_rate_limit(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
+    match serde_json::from_slice::<Option<RateLimit>>(&body) {
+        Ok(limit) => {
+            tracing::info!(?limit, "tenancy-wide rate limit changed");
+            *lock(&s.throttle) = limit.map(Bucket::new);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => error_response(&ApiError::new(400, "InvalidParameter", e.to_string())),
+    }
 }
 
 async fn admin_revoke_tokens(State(s): State<Arc<Shared>>) -> Response {
