@@ -639,7 +639,10 @@ async fn two_hundred_instances_share_one_simulator_each_with_its_own_imds() {
     for n in [0_u32, 1, 117, 199] {
         let imds = ImdsClient::new(&sim.imds_url_of(n), http.clone()).expect("IMDS URL");
         let instance = imds.instance().await.expect("IMDS instance");
-        assert_eq!(instance.id, instances[n as usize], "IMDS {n} names its own instance");
+        assert_eq!(
+            instance.id, instances[n as usize],
+            "IMDS {n} names its own instance"
+        );
         let vnics = imds.vnics().await.expect("IMDS vnics");
         assert_eq!(vnics.len(), 1, "instance {n} has only its primary VNIC");
         primaries.insert(vnics[0].vnic_id.clone());

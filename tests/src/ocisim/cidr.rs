@@ -118,10 +118,18 @@ impl Subnet {
             ));
         }
         if !self.cidr.contains(&block) || self.reserved().iter().any(|r| block.contains(r)) {
+            let what = if prefix == 32 {
+                format!("{at} is not a usable address")
+            } else {
+                format!("{block} is not a usable range")
+            };
             return Err(ApiError::new(
                 400,
                 "InvalidParameter",
-                format!("{block} is not a usable range of {}", self.cidr),
+                format!(
+                    "{what} of {} (its network, router and broadcast addresses are reserved)",
+                    self.cidr
+                ),
             ));
         }
         if !self.is_free(block) {

@@ -535,6 +535,9 @@ fn list_ips(cloud: &Cloud, query: &HashMap<String, String>) -> Answer {
                 .get("ipAddress")
                 .is_none_or(|ip| *ip == p.ip.to_string())
         })
+        // Every simulated address is assigned to a VNIC and ephemeral (no reserved IPs).
+        .filter(|_| query.get("ipState").is_none_or(|v| v == "ASSIGNED"))
+        .filter(|_| query.get("lifetime").is_none_or(|v| v == "EPHEMERAL"))
         .map(|p| cloud.private_ip_json(p))
         .collect();
     paginate(items, query, cloud.cfg.page_size)
