@@ -106,6 +106,13 @@ async fn main() -> anyhow::Result<()> {
     let sim = Simulator::start(config, &args.listen).await?;
     println!("vcnpath-ocisim listening on {}", sim.base_url());
     println!("  IMDS:     {}", sim.imds_url());
+    let instances = sim.instance_ids().len();
+    if instances > 1 {
+        println!(
+            "  {instances} instances, IMDS of instance n at {}",
+            sim.imds_url_of(0).replace("/0/", "/<n>/")
+        );
+    }
     println!("  Core API: {}", sim.core_url());
     println!(
         "  admin:    {}/admin/{{state,faults,events,api-keys}}",
