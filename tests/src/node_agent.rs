@@ -137,7 +137,7 @@ impl NodeAgent {
              [datapath]\npin_dir = {:?}\ngc_interval_secs = 2\npod_imds_allow_namespaces = {pod_imds_allow_namespaces:?}\n\
              [node]\nstate_dir = {:?}\nsocket = {:?}\nlisten = \"127.0.0.1:19965\"\n{nics}",
             self.pins.path.display().to_string(),
-            self.dir.path().join("state").display().to_string(),
+            self.state_dir().display().to_string(),
             self.socket().display().to_string(),
         );
         config + &cni
@@ -185,9 +185,14 @@ impl NodeAgent {
         self.dir.path().join("vcnpath.sock")
     }
 
+    /// The state directory (`node.state_dir`).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
     /// The IPAM checkpoint.
     pub fn checkpoint(&self) -> PathBuf {
-        self.dir.path().join("state/ipam.json")
+        self.state_dir().join("ipam.json")
     }
 
     fn log(&self, n: u32) -> PathBuf {

@@ -9,7 +9,7 @@ use std::{
     collections::BTreeSet,
     fs::Permissions,
     net::Ipv4Addr,
-    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    os::unix::fs::PermissionsExt as _,
     path::PathBuf,
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -624,16 +624,20 @@ fn start_ipam(
         config.pool(instance.shape_config.max_vnic_attachments as usize, subnets),
     );
     // The checkpoint names every pod on the node: root only (a hostPath directory is
-    // created 0755, so the mode is set even when it exists).
+    // created 0755, so the mode is set even when it exists). The state lock created it; a
+    // directory already 0700 is left alone, so a read-only one does not stop the agent.
     let state_dir = &config.node.state_dir;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(state_dir)
-        .and_then(|()| std::fs::set_permissions(state_dir, Permissions::from_mode(0o700)))
+    std::fs::metadata(state_dir)
+        .and_then(|meta| {
+            if meta.permissions().mode() & 0o777 == 0o700 {
+                Ok(())
+            } else {
+                std::fs::set_permissions(state_dir, Permissions::from_mode(0o700))
+            }
+        })
         .with_context(|| {
             format!(
-                "creating the state directory {} (0700)",
+                "making the state directory {} private (mode 0700)",
                 state_dir.display()
             )
         })?;

@@ -18,7 +18,9 @@ pub enum StateLockError {
         #[source]
         source: io::Error,
     },
-    #[error("cannot open the agent lock {path}: {source}")]
+    #[error(
+        "cannot open the agent lock {path}: {source}; node.state_dir must be a directory the agent can write"
+    )]
     Open {
         path: PathBuf,
         #[source]
@@ -56,16 +58,25 @@ impl StateLock {
                 source,
             })?;
         let path = state_dir.join(LOCK_FILE);
-        let mut file = OpenOptions::new()
+        let opened = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(&path)
-            .map_err(|source| StateLockError::Open {
-                path: path.clone(),
-                source,
-            })?;
+            .open(&path);
+        let (mut file, writable) = match opened {
+            Ok(file) => (file, true),
+            // `flock` needs no write access: on a read-only state directory that already has
+            // the lock file the agent still locks it, then serves, not ready, refusing new
+            // pods until the directory takes writes again (its pods keep their addresses).
+            Err(source) if source.kind() == io::ErrorKind::ReadOnlyFilesystem => {
+                match File::open(&path) {
+                    Ok(file) => (file, false),
+                    Err(_) => return Err(StateLockError::Open { path, source }),
+                }
+            }
+            Err(source) => return Err(StateLockError::Open { path, source }),
+        };
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
@@ -80,6 +91,10 @@ impl StateLock {
             Err(fs::TryLockError::Error(source)) => {
                 return Err(StateLockError::Lock { path, source });
             }
+        }
+        if !writable {
+            tracing::warn!(path = %path.display(), "the state directory is read-only: locked, but no allocation can be checkpointed until it takes writes");
+            return Ok(Self { _file: file, path });
         }
         // Best effort: the pid is for people, the lock is the flock.
         let _ = file

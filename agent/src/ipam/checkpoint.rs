@@ -126,7 +126,9 @@ pub enum CheckpointError {
         path: PathBuf,
         problem: Inconsistency,
     },
-    #[error("cannot write the IPAM checkpoint {path}: {source}")]
+    #[error(
+        "cannot write the IPAM checkpoint {path}: {source}; no new pod gets an address until the state directory (node.state_dir) takes writes again (free space, or remount it read-write); running pods keep theirs"
+    )]
     Write {
         path: PathBuf,
         #[source]

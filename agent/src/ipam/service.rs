@@ -160,6 +160,7 @@ impl Ipam {
             gc_released: std::sync::atomic::AtomicU64::new(0),
             cni_gc_released: std::sync::atomic::AtomicU64::new(0),
             troubles: super::trouble::Troubles::default(),
+            checkpoint_failing: std::sync::Mutex::new(None),
             cfg,
         });
         let background = tokio::spawn(background(inner.clone()));
@@ -545,6 +546,12 @@ async fn allocate(inner: &Inner, pod: &PodRef) -> Result<Allocation, AllocError>
             AllocError::Exhausted {
                 capacity: inner.cfg.pool.capacity(),
             }
+        } else if inner.checkpoint_failing().is_some()
+            && let Err(error) = inner.save(&state).await
+        {
+            // The latest write failed and this one too: that, not the pool, is what the
+            // runtime must hear (the pool may well grow meanwhile).
+            error
         } else if let Some(error) = cooling_only(&state, &inner.cfg.pool) {
             error
         } else {

@@ -155,6 +155,11 @@ pub(super) struct Inner {
     pub cni_gc_released: std::sync::atomic::AtomicU64,
     /// The OCI calls the grower and the reconcile cannot get through now.
     pub troubles: super::trouble::Troubles,
+    /// Why the latest checkpoint write failed; none once one succeeds. While set, an ADD the
+    /// pool cannot serve at once tries a write, and if that fails too is refused with its
+    /// reason: the pool may grow, but no new pod can be given an address until the state
+    /// directory takes writes again.
+    pub checkpoint_failing: std::sync::Mutex<Option<String>>,
 }
 
 impl Inner {
@@ -170,18 +175,28 @@ impl Inner {
             checkpoint.save_with_cooling(entries.iter(), vnics.iter(), cooling.iter())
         })
         .await;
-        match result {
+        let result = match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "checkpoint write failed");
-                Err(AllocError::Checkpoint {
-                    reason: e.to_string(),
-                })
+                Err(e.to_string())
             }
-            Err(join) => Err(AllocError::Checkpoint {
-                reason: format!("the checkpoint writer failed: {join}"),
-            }),
-        }
+            Err(join) => Err(format!("the checkpoint writer failed: {join}")),
+        };
+        let mut failing = self
+            .checkpoint_failing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        failing.clone_from(&result.as_ref().err().cloned());
+        result.map_err(|reason| AllocError::Checkpoint { reason })
+    }
+
+    /// Why checkpoint writes fail now, if they do.
+    pub fn checkpoint_failing(&self) -> Option<String> {
+        self.checkpoint_failing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
