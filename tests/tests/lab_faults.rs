@@ -203,15 +203,11 @@ impl Suite {
 
     fn round(&mut self, round: usize) {
         let socket = self.agent.socket();
-        let mut adds: Vec<(String, Netns)> = Vec::new();
-        if self.live.len() + ADDS <= MAX_LIVE {
-            for _ in 0..ADDS {
-                let id = format!("p{:04}", self.next);
-                self.next += 1;
-                let ns = self.lab.lab().add_pod_netns(&id).expect("pod netns");
-                adds.push((id, ns));
-            }
-        }
+        let adds = if self.live.len() + ADDS <= MAX_LIVE {
+            (0..ADDS).map(|_| self.new_pod()).collect()
+        } else {
+            Vec::new()
+        };
         let dels = self.pick_dels();
         // Two more ADDs of the first new container, at once with its own.
         let same = self.trouble == Trouble::SameContainerAdds && !adds.is_empty();
@@ -252,13 +248,13 @@ impl Suite {
                 })
                 .collect();
             let second = second_agent.then(|| agent.run_second(lab, Duration::from_secs(20)));
+            // The state directory's trouble starts halfway to the kill point.
+            let halfway = kill_at / 2;
+            std::thread::sleep(halfway);
             if let Some(trouble) = &unwritable {
-                std::thread::sleep(kill_at / 2);
                 trouble.start();
-                std::thread::sleep(kill_at - kill_at / 2);
-            } else {
-                std::thread::sleep(kill_at);
             }
+            std::thread::sleep(kill_at.saturating_sub(halfway));
             agent.kill9().expect("kill -9");
             let added: Vec<_> = add_threads
                 .into_iter()
@@ -274,13 +270,7 @@ impl Suite {
             (added, deleted, second)
         });
         if let Some(second) = second {
-            match second {
-                Ok((status, _)) if !status.success() => {}
-                Ok((status, log)) => {
-                    self.violation(round, &format!("a second agent ran on ({status}): {log}"));
-                }
-                Err(e) => self.violation(round, &format!("a second agent did not exit: {e:#}")),
-            }
+            self.second_agent_exited(round, second);
         }
         for (id, out) in &deleted {
             if out.as_ref().is_ok_and(|o| o.ok)
@@ -312,6 +302,29 @@ impl Suite {
         self.retry(round, dels, pending_adds);
         self.lab.sim().set_faults(Faults::default());
         self.check(round);
+    }
+
+    /// The second agent must have exited, and failed, while the first one served.
+    fn second_agent_exited(
+        &mut self,
+        round: usize,
+        second: anyhow::Result<(std::process::ExitStatus, String)>,
+    ) {
+        match second {
+            Ok((status, _)) if !status.success() => {}
+            Ok((status, log)) => {
+                self.violation(round, &format!("a second agent ran on ({status}): {log}"));
+            }
+            Err(e) => self.violation(round, &format!("a second agent did not exit: {e:#}")),
+        }
+    }
+
+    /// A new pod's id and network namespace.
+    fn new_pod(&mut self) -> (String, Netns) {
+        let id = format!("p{:04}", self.next);
+        self.next += 1;
+        let ns = self.lab.lab().add_pod_netns(&id).expect("pod netns");
+        (id, ns)
     }
 
     /// The runtime retries what failed: DELs of pods still live, then the ADDs.
@@ -612,17 +625,16 @@ impl Suite {
         let deadline = Instant::now() + Duration::from_secs(15);
         let status = loop {
             let status = self.agent.status().expect("status");
-            let says = status["not_ready"]
-                .as_array()
-                .is_some_and(|p| p.iter().any(|p| p.as_str().is_some_and(|p| p.starts_with(reason))));
+            let says = status["not_ready"].as_array().is_some_and(|p| {
+                p.iter()
+                    .any(|p| p.as_str().is_some_and(|p| p.starts_with(reason)))
+            });
             if says || Instant::now() > deadline {
                 break status;
             }
             std::thread::sleep(Duration::from_millis(200));
         };
-        if status["ready"] != false
-            || !status["not_ready"].to_string().contains(reason)
-        {
+        if status["ready"] != false || !status["not_ready"].to_string().contains(reason) {
             self.violation(
                 round,
                 &format!(
@@ -633,9 +645,7 @@ impl Suite {
                 ),
             );
         }
-        let id = format!("p{:04}", self.next);
-        self.next += 1;
-        let ns = self.lab.lab().add_pod_netns(&id).expect("pod netns");
+        let (id, ns) = self.new_pod();
         let out = cni(
             self.lab.lab().node(),
             &self.agent.socket(),
@@ -661,15 +671,15 @@ impl Suite {
             Ok(o) => {
                 let msg = o.json.to_string();
                 if !msg.contains(trouble.cause()) || !msg.contains("state") {
-                    self.violation(
-                        round,
-                        &format!("the refused ADD does not say why: {msg}"),
-                    );
+                    self.violation(round, &format!("the refused ADD does not say why: {msg}"));
                 }
             }
             Err(e) => self.violation(round, &format!("ADD {id}: {e:#}")),
         }
-        if ns.ip(&["-j", "addr", "show"]).is_ok_and(|a| a.contains("\"eth0\"")) {
+        if ns
+            .ip(&["-j", "addr", "show"])
+            .is_ok_and(|a| a.contains("\"eth0\""))
+        {
             self.violation(round, &format!("the refused ADD left eth0 in {id}"));
         }
     }
@@ -685,7 +695,10 @@ impl Suite {
             if Instant::now() > deadline {
                 self.violation(
                     round,
-                    &format!("still not ready once the state directory is writable: {}", status["not_ready"]),
+                    &format!(
+                        "still not ready once the state directory is writable: {}",
+                        status["not_ready"]
+                    ),
                 );
                 return;
             }
@@ -765,8 +778,15 @@ impl StateDirTrouble {
             Self::ReadOnly(dir) => {
                 // Lazily: the agent holds its lock file open through this mount (the same
                 // file, so the lock stays held).
-                let status = std::process::Command::new("umount").arg("-l").arg(dir).status();
-                assert!(status.is_ok_and(|s| s.success()), "umount {}", dir.display());
+                let status = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(dir)
+                    .status();
+                assert!(
+                    status.is_ok_and(|s| s.success()),
+                    "umount {}",
+                    dir.display()
+                );
             }
         }
     }

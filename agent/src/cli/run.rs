@@ -271,7 +271,7 @@ fn initial_vcn_cidrs(
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // First of all: one agent per node. A second one stops here, before any OCI call or
     // file write; the lock lives until this function returns.
-    let _state_lock = StateLock::acquire(&config.node.state_dir)?;
+    let state_lock = StateLock::acquire(&config.node.state_dir)?;
     // The datapath: adopt what a previous agent left pinned and attached, or load it; done
     // while IMDS and OCI are asked, since it needs neither.
     let load_options = LoadOptions {
@@ -311,6 +311,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         &client,
         physical_nics,
         &running,
+        state_lock.earlier_agent_this_boot(),
     )?;
     wait_for_every_pods_vnic(&ipam).await;
 
@@ -612,6 +613,7 @@ fn start_ipam(
     client: &Arc<CoreClient>,
     physical_nics: usize,
     running: &[crate::ipam::HostHolder],
+    earlier_agent_this_boot: bool,
 ) -> anyhow::Result<Arc<Ipam>> {
     let subnets = if config.ipam.subnets.is_empty() {
         known.map(|k| k.subnets.clone()).unwrap_or_default()
@@ -645,6 +647,7 @@ fn start_ipam(
     ipam_config.mtu = config.datapath.mtu;
     ipam_config.allocation_gc_grace = Duration::from_secs(config.ipam.allocation_gc_grace_secs);
     ipam_config.pool.physical_nics = u32::try_from(physical_nics).unwrap_or(1).max(1);
+    ipam_config.earlier_agent_this_boot = earlier_agent_this_boot;
     let cloud = OciCloud::new(
         client.clone(),
         instance.compartment_id.clone(),

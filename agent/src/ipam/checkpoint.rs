@@ -91,6 +91,8 @@ pub struct Restored {
     pub cooling: Vec<Cooling>,
     /// Pods the checkpoint listed that are forgotten because the node rebooted since.
     pub dropped_by_reboot: usize,
+    /// Whether there was a file at all.
+    pub found: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,19 +220,11 @@ pub struct Checkpoint {
     boot_id: Option<String>,
 }
 
-/// The kernel's id of the current boot.
-fn current_boot_id() -> Option<String> {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .ok()
-        .map(|id| id.trim().to_owned())
-        .filter(|id| !id.is_empty())
-}
-
 impl Checkpoint {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
-            boot_id: current_boot_id(),
+            boot_id: crate::host::boot::id(),
         }
     }
 
@@ -280,6 +274,7 @@ impl Checkpoint {
                 // Cooldowns protect pods that are gone with the reboot too.
                 cooling: Vec::new(),
                 dropped_by_reboot: file.allocations.len(),
+                found: true,
             });
         }
         let mut entries = BTreeMap::new();
@@ -309,6 +304,7 @@ impl Checkpoint {
             vnics: file.vnics,
             cooling,
             dropped_by_reboot: 0,
+            found: true,
         })
     }
 

@@ -21,6 +21,10 @@ pub(super) struct State {
     /// VNICs detached behind the agent's back while pods were on them: still checkpointed,
     /// so the record of those pods stays readable, until the last of them is deleted.
     pub gone: BTreeMap<String, VnicInfo>,
+    /// Set when the checkpoint, the record of cooldowns, was lost: until then a free address
+    /// the reconcile finds cools down as if released at the start (it may have been, a moment
+    /// before the crash), with this wall-clock time of release.
+    pub unrecorded_release: Option<(tokio::time::Instant, SystemTime)>,
 }
 
 /// A pod whose address is on no VNIC of the pool (its VNIC was detached, or the address moved
@@ -75,6 +79,15 @@ impl State {
                 ifname: e.pod.ifname.clone(),
             })
             .collect()
+    }
+
+    /// The state of a free address of this node that no record names: cooling till the end
+    /// of [`State::unrecorded_release`], else free.
+    pub fn unrecorded(&self, now: tokio::time::Instant) -> SlotState {
+        match self.unrecorded_release {
+            Some((until, released_at)) if until > now => SlotState::Cooldown { until, released_at },
+            _ => SlotState::Free { since: now },
+        }
     }
 
     /// A private IP the grower just created joins the pool: free, unless a pod holds that
