@@ -1710,6 +1710,7 @@ async fn addresses_the_node_shows_in_use_are_held_when_the_checkpoint_is_lost() 
             ip: a.ip,
             veth: Some(format!("vcnlost{n}")),
             interface: None,
+            imds: false,
         })
         .collect();
     let ipam = Ipam::start_with_host(cloud(&sim), config(), &holders).expect("IPAM starts");
@@ -1768,6 +1769,7 @@ async fn an_address_the_node_routes_while_free_is_held_from_then_on() {
         ip: routed,
         veth: Some("vcnbyhand".into()),
         interface: None,
+        imds: false,
     };
     assert_eq!(ipam.hold_host(std::slice::from_ref(&holder)).await, Ok(1));
     assert_eq!(

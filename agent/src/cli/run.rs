@@ -302,6 +302,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // unreachable OCI is waited out, not fatal.
     let physical_nics = bare_metal.as_ref().map_or(1, |b| b.nics.len());
     let running = running_pods(&datapath, &netlink).await;
+    let recovered_imds = running.iter().filter(|h| h.imds).map(|h| h.ip).collect();
     let (datapath, datapath_task) = datapath::task::spawn(datapath, config.datapath.nat_timeouts);
     enable_forwarding();
     let ipam = start_ipam(
@@ -329,7 +330,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             ipam.clone(),
             datapath.clone(),
             netlink,
-            node_settings(&config, &primary.vnic_id),
+            node_settings(&config, &primary.vnic_id, recovered_imds),
             initial_vcn_cidrs(known.as_ref(), &imds_vnics),
         )
         .with_bare_metal(bare_metal),
@@ -380,7 +381,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 }
 
 /// The datapath settings that do not change while running; the primary VNIC masquerades.
-fn node_settings(config: &AgentConfig, primary_vnic_id: &str) -> NodeSettings {
+fn node_settings(
+    config: &AgentConfig,
+    primary_vnic_id: &str,
+    recovered_imds: BTreeSet<std::net::Ipv4Addr>,
+) -> NodeSettings {
     NodeSettings {
         masq_vnic_id: primary_vnic_id.to_owned(),
         nonmasq_cidrs: config
@@ -401,6 +406,7 @@ fn node_settings(config: &AgentConfig, primary_vnic_id: &str) -> NodeSettings {
                 .cloned()
                 .collect(),
         },
+        recovered_imds,
     }
 }
 

@@ -627,6 +627,7 @@ mod tests {
             ip: held.allocation.ip,
             veth: Some("vcn0123456789ab".into()),
             interface: None,
+            imds: false,
         });
         held.allocation.vnic_id = String::new();
         Checkpoint::new(&path)
