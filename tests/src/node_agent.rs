@@ -289,6 +289,17 @@ impl NodeAgent {
         }
     }
 
+    /// `vcnpath <args> --config <this agent's configuration>` in the node's namespace, as an
+    /// operator on the node would run it; its output.
+    pub fn run_cli(&self, lab: &SimLab, args: &[&str]) -> Result<std::process::Output> {
+        let mut cmd = crate::lab::cmd_in(lab.lab().node(), &binary().to_string_lossy());
+        cmd.args(args)
+            .arg("--config")
+            .arg(self.dir.path().join("config.toml"));
+        cmd.output()
+            .with_context(|| format!("vcnpath {}", args.join(" ")))
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill9(&mut self) -> Result<()> {
         self.child.as_mut().expect("running").kill9().map(|_| ())

@@ -57,7 +57,8 @@ enum Trouble {
     CheckpointDeleted,
     /// The checkpoint is truncated, or two pods are given one address, while the agent is
     /// down: the agent must refuse to start from it and change nothing; the file is then
-    /// put back.
+    /// put back, or every fourth round `vcnpath checkpoint rebuild` keeps it aside and the
+    /// agent rebuilds the record from the node.
     CheckpointBroken,
     /// A second agent is started on the node during the burst.
     SecondAgent,
@@ -319,6 +320,43 @@ impl Suite {
         }
     }
 
+    /// `vcnpath checkpoint rebuild` on the refused checkpoint `path` (content `bad`): it must
+    /// keep the file aside, unchanged, and leave no checkpoint for the next start.
+    fn rebuild(&mut self, round: usize, path: &std::path::Path, bad: &[u8]) {
+        let out = self
+            .agent
+            .run_cli(&self.lab, &["checkpoint", "rebuild"])
+            .expect("vcnpath checkpoint rebuild");
+        let said = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        let kept: Vec<_> = std::fs::read_dir(path.parent().expect("state dir"))
+            .expect("state dir")
+            .filter_map(Result::ok)
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("ipam.json.refused-")
+            })
+            .map(|e| e.path())
+            .collect();
+        let kept_intact = kept
+            .iter()
+            .any(|k| std::fs::read(k).ok().as_deref() == Some(bad));
+        if !out.status.success() || path.exists() || !kept_intact || !said.contains("kept as") {
+            self.violation(
+                round,
+                &format!(
+                    "checkpoint rebuild ({}): checkpoint left {}, kept {kept:?} intact {kept_intact}: {said}",
+                    out.status,
+                    path.exists()
+                ),
+            );
+        }
+        for k in kept {
+            let _ = std::fs::remove_file(k);
+        }
+    }
+
     /// A new pod's id and network namespace.
     fn new_pod(&mut self) -> (String, Netns) {
         let id = format!("p{:04}", self.next);
@@ -417,7 +455,13 @@ impl Suite {
                         &format!("the refusing agent changed OCI: {mutating:?}"),
                     );
                 }
-                std::fs::write(&path, &good).expect("put the checkpoint back");
+                if round % 4 == 3 {
+                    // The operator's way out: the refused file kept aside, the record rebuilt
+                    // from the node at the next start.
+                    self.rebuild(round, &path, &bad);
+                } else {
+                    std::fs::write(&path, &good).expect("put the checkpoint back");
+                }
             }
             Trouble::VnicDetached if round % 5 == 4 => {
                 if let Some(vnic) = self.busiest_secondary_vnic() {

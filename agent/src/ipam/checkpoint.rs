@@ -104,7 +104,7 @@ pub enum CheckpointError {
         source: io::Error,
     },
     #[error(
-        "the IPAM checkpoint {path} is corrupt ({source}); it is the only record of which running pod holds which address, so the agent does not start without it: keep the file, repair it by hand or restore it from a copy, then start the agent again"
+        "the IPAM checkpoint {path} is corrupt ({source}); it is the only record of which running pod holds which address, so the agent does not start without it: keep the file, repair it by hand, restore it from a copy or, with the agent stopped, run `vcnpath checkpoint rebuild`, which keeps it aside and has the next start hold every address the node shows in use, then start the agent again"
     )]
     Corrupt {
         path: PathBuf,
@@ -115,14 +115,16 @@ pub enum CheckpointError {
         "the IPAM checkpoint {path} has version {found}; this agent reads versions {OLDEST_READABLE} to {VERSION}: keep the file and run the agent version that wrote it"
     )]
     Version { path: PathBuf, found: u32 },
-    #[error("the IPAM checkpoint {path} lists {container_id}/{ifname} twice")]
+    #[error(
+        "the IPAM checkpoint {path} lists {container_id}/{ifname} twice: keep the file, remove one of the two by hand or, with the agent stopped, run `vcnpath checkpoint rebuild`, which keeps it aside and has the next start hold every address the node shows in use, then start the agent again"
+    )]
     Duplicate {
         path: PathBuf,
         container_id: String,
         ifname: String,
     },
     #[error(
-        "the IPAM checkpoint {path} is inconsistent: {problem}; it is the only record of which running pod holds which address, so the agent does not start from it: keep the file, correct that entry by hand (the pods, their veths and /32 routes on this node tell the truth), then start the agent again"
+        "the IPAM checkpoint {path} is inconsistent: {problem}; it is the only record of which running pod holds which address, so the agent does not start from it: keep the file, correct that entry by hand (the pods, their veths and /32 routes on this node tell the truth) or, with the agent stopped, run `vcnpath checkpoint rebuild`, which keeps it aside and has the next start hold every address the node shows in use, then start the agent again"
     )]
     Inconsistent {
         path: PathBuf,
@@ -306,6 +308,24 @@ impl Checkpoint {
             dropped_by_reboot: 0,
             found: true,
         })
+    }
+
+    /// Moves a refused file aside, kept as `<name>.refused-<unix seconds>` beside it, so the
+    /// next start rebuilds the record from the node (see [`holders`](super::holders)).
+    /// Returns where it now is; `None` if there was no file. Blocking.
+    pub fn set_aside(&self) -> io::Result<Option<PathBuf>> {
+        if !self.path.exists() {
+            return Ok(None);
+        }
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let mut name = self.path.file_name().unwrap_or_default().to_owned();
+        name.push(format!(".refused-{secs}"));
+        let kept = self.path.with_file_name(name);
+        crate::host::file::rename_durably(&self.path, &kept)?;
+        Ok(Some(kept))
     }
 
     /// Replaces the file with `entries` and `vnics`. Blocking: call it from `spawn_blocking`.
