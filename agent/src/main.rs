@@ -74,8 +74,30 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR, env = "VCNPATH_PIN_DIR")]
         pin_dir: PathBuf,
     },
+    /// The IPAM checkpoint (`node.state_dir/ipam.json`).
+    Checkpoint {
+        #[command(subcommand)]
+        action: CheckpointAction,
+    },
     /// Print the version.
     Version,
+}
+
+#[derive(Subcommand)]
+enum CheckpointAction {
+    /// With the agent stopped, keep a refused checkpoint aside so the next start rebuilds it
+    /// from the node (its veths, routes and pinned endpoints map).
+    Rebuild {
+        /// The agent's TOML configuration, as given to `run`.
+        #[arg(long, short, env = "VCNPATH_CONFIG")]
+        config: Option<PathBuf>,
+        /// Overrides `node.state_dir`.
+        #[arg(long, env = "VCNPATH_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+        /// Overrides `datapath.pin_dir`.
+        #[arg(long, env = "VCNPATH_PIN_DIR")]
+        pin_dir: Option<PathBuf>,
+    },
 }
 
 /// `vcnpath run` options; each overrides the configuration file.
@@ -188,6 +210,23 @@ fn main() -> anyhow::Result<()> {
             .block_on(cli::datapath::run(&config)),
         Command::Counters { pin_dir } => cli::inspect::counters(&pin_dir),
         Command::Nat { pin_dir } => cli::inspect::nat(&pin_dir),
+        Command::Checkpoint {
+            action:
+                CheckpointAction::Rebuild {
+                    config,
+                    state_dir,
+                    pin_dir,
+                },
+        } => {
+            let mut config = vcnpath::daemon::AgentConfig::load(config.as_deref())?;
+            if let Some(v) = state_dir {
+                config.node.state_dir = v;
+            }
+            if let Some(v) = pin_dir {
+                config.datapath.pin_dir = v;
+            }
+            runtime()?.block_on(cli::checkpoint::rebuild(&config))
+        }
         Command::Version => {
             println!("vcnpath {}", env!("CARGO_PKG_VERSION"));
             Ok(())

@@ -137,7 +137,7 @@ impl NodeAgent {
              [datapath]\npin_dir = {:?}\ngc_interval_secs = 2\npod_imds_allow_namespaces = {pod_imds_allow_namespaces:?}\n\
              [node]\nstate_dir = {:?}\nsocket = {:?}\nlisten = \"127.0.0.1:19965\"\n{nics}",
             self.pins.path.display().to_string(),
-            self.dir.path().join("state").display().to_string(),
+            self.state_dir().display().to_string(),
             self.socket().display().to_string(),
         );
         config + &cni
@@ -185,9 +185,14 @@ impl NodeAgent {
         self.dir.path().join("vcnpath.sock")
     }
 
+    /// The state directory (`node.state_dir`).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
     /// The IPAM checkpoint.
     pub fn checkpoint(&self) -> PathBuf {
-        self.dir.path().join("state/ipam.json")
+        self.state_dir().join("ipam.json")
     }
 
     fn log(&self, n: u32) -> PathBuf {
@@ -282,6 +287,17 @@ impl NodeAgent {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// `vcnpath <args> --config <this agent's configuration>` in the node's namespace, as an
+    /// operator on the node would run it; its output.
+    pub fn run_cli(&self, lab: &SimLab, args: &[&str]) -> Result<std::process::Output> {
+        let mut cmd = crate::lab::cmd_in(lab.lab().node(), &binary().to_string_lossy());
+        cmd.args(args)
+            .arg("--config")
+            .arg(self.dir.path().join("config.toml"));
+        cmd.output()
+            .with_context(|| format!("vcnpath {}", args.join(" ")))
     }
 
     /// SIGKILL, as a crash would.

@@ -756,6 +756,71 @@ async fn cooldown_survives_a_restart() {
     assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
 }
 
+/// A checkpoint deleted while the agent is down takes the record of cooldowns with it: if an
+/// agent ran earlier in this boot, every free address rests a whole cooldown; after a reboot
+/// (no agent before in this boot) nothing from before runs, and the address is served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_checkpoint_cools_every_free_address_unless_the_node_rebooted() {
+    for earlier_agent_this_boot in [true, false] {
+        // Capacity 1: one pod VNIC of 1 address.
+        let sim = sim(1, 2).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cooldown = Duration::from_secs(3);
+        let cfg = IpamConfig {
+            earlier_agent_this_boot,
+            ..config(
+                &sim,
+                dir.path(),
+                PoolConfig {
+                    cooldown,
+                    ..pool(&sim, 1)
+                },
+            )
+        };
+        let ipam = start(&sim, cfg.clone()).await;
+        let a = allocate(&ipam, &pod(0), Duration::from_secs(15)).await;
+        let released = Instant::now();
+        assert_eq!(ipam.release(&pod(0)).await, Ok(Some(a.clone())));
+        drop(ipam);
+        std::fs::remove_file(dir.path().join("ipam.json")).unwrap();
+
+        let ipam = start(&sim, cfg).await;
+        let first = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match ipam.allocate(&pod(1)).await {
+                    Err(AllocError::PoolEmpty { .. }) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    other => return other,
+                }
+            }
+        })
+        .await
+        .expect("the reconcile finds the address");
+        if earlier_agent_this_boot {
+            assert!(
+                matches!(first, Err(AllocError::CoolingDown { .. })),
+                "{} was released {:?} ago and the checkpoint lost: it must cool down, got {first:?}",
+                a.ip,
+                released.elapsed()
+            );
+            let b = allocate(&ipam, &pod(1), Duration::from_secs(10)).await;
+            assert!(
+                released.elapsed() >= cooldown,
+                "reused after {:?}",
+                released.elapsed()
+            );
+            assert_eq!(b.ip, a.ip);
+        } else {
+            assert_eq!(
+                first.map(|b| b.ip),
+                Ok(a.ip),
+                "after a reboot the address is served at once"
+            );
+        }
+    }
+}
+
 /// Durations near their limits (a configuration that slipped past validation, a test) never
 /// panic a handler: a DEL with a cooldown of `u64::MAX` seconds releases the address, which then
 /// stays out of reach, also across a restart.
@@ -1645,6 +1710,7 @@ async fn addresses_the_node_shows_in_use_are_held_when_the_checkpoint_is_lost() 
             ip: a.ip,
             veth: Some(format!("vcnlost{n}")),
             interface: None,
+            imds: false,
         })
         .collect();
     let ipam = Ipam::start_with_host(cloud(&sim), config(), &holders).expect("IPAM starts");
@@ -1703,6 +1769,7 @@ async fn an_address_the_node_routes_while_free_is_held_from_then_on() {
         ip: routed,
         veth: Some("vcnbyhand".into()),
         interface: None,
+        imds: false,
     };
     assert_eq!(ipam.hold_host(std::slice::from_ref(&holder)).await, Ok(1));
     assert_eq!(

@@ -864,7 +864,7 @@ fn lab_pods_reach_the_metadata_service_only_from_an_allowed_namespace() {
             &lab.lab().inet_ip().to_string(),
         ])
         .expect("route to the stand-in");
-    let agent = NodeAgent::start_with(
+    let mut agent = NodeAgent::start_with(
         &lab,
         "imds",
         AgentOptions {
@@ -914,6 +914,31 @@ fn lab_pods_reach_the_metadata_service_only_from_an_allowed_namespace() {
         dropped >= 1,
         "the refusal is counted: {}",
         status["datapath"]["counters"]
+    );
+
+    // Issue 10: with the checkpoint lost, both pods are held as recovered (their namespaces
+    // unknown): each keeps the access its pinned endpoint had, no more and no less.
+    agent.kill9().expect("kill -9");
+    std::fs::remove_file(agent.checkpoint()).expect("delete the checkpoint");
+    agent
+        .restart(&lab)
+        .expect("vcnpath run without a checkpoint");
+    let status = agent.status().expect("status");
+    assert_eq!(status["pool"]["recovered"], 2, "{status}");
+    // After the first datapath sync of the new agent.
+    std::thread::sleep(Duration::from_secs(3));
+    TcpConn::connect(&system.ns, None, metadata.addr(), Duration::from_secs(5))
+        .unwrap_or_else(|e| {
+            panic!(
+                "the recovered kube-system pod keeps its access to the metadata service: {e:#}\n{}",
+                agent.latest_log()
+            )
+        })
+        .roundtrip(b"imds", T)
+        .expect("IMDS echo");
+    assert!(
+        TcpConn::connect(&app.ns, None, metadata.addr(), Duration::from_secs(3)).is_err(),
+        "the recovered pod of namespace e2e still must not reach the metadata service"
     );
 }
 

@@ -3,7 +3,7 @@
 //! after round, with one kind of trouble per case: faults after commit on `CreatePrivateIp`
 //! and `AttachVnic`, stale list reads, the node tag stripped from pods' private IPs, the
 //! checkpoint deleted, truncated or made inconsistent between restarts, a second agent
-//! started, concurrent ADDs of one container.
+//! started, concurrent ADDs of one container, the state directory full or read-only.
 //! After each round the invariants are checked from outside, against every source:
 //!
 //! - every live pod holds exactly one address, the one its ADD returned, and no address has
@@ -57,7 +57,8 @@ enum Trouble {
     CheckpointDeleted,
     /// The checkpoint is truncated, or two pods are given one address, while the agent is
     /// down: the agent must refuse to start from it and change nothing; the file is then
-    /// put back.
+    /// put back, or every fourth round `vcnpath checkpoint rebuild` keeps it aside and the
+    /// agent rebuilds the record from the node.
     CheckpointBroken,
     /// A second agent is started on the node during the burst.
     SecondAgent,
@@ -69,6 +70,11 @@ enum Trouble {
     /// Every fifth round a secondary VNIC with live pods is detached behind the agent's back
     /// while it is down; the runtime then deletes the pods that lost their network.
     VnicDetached,
+    /// The state directory (a tmpfs, as `/run` is on a node) fills up, on odd rounds is
+    /// remounted read-only, in the middle of the burst, and stays so across the restart: the
+    /// agent must serve, say it is not ready and why, refuse new pods with that reason, and
+    /// lose nothing once the directory takes writes again.
+    StateDirUnwritable,
 }
 
 struct Pod {
@@ -107,6 +113,7 @@ impl Suite {
         let lab = SimLab::new(LabOptions::default(), config).expect("simulator-driven lab");
         let options = AgentOptions {
             allocation_gc_grace_secs: Some(GC_GRACE.as_secs()),
+            state_on_tmpfs: trouble == Trouble::StateDirUnwritable,
             ..AgentOptions::default()
         };
         let agent = NodeAgent::start_with(&lab, tag, options).expect("vcnpath run");
@@ -138,12 +145,11 @@ impl Suite {
 
     /// An ADD answered `ip` at `answered`: a violation if a DEL sent less than the cooldown
     /// before freed it (the agent released it after the DEL was sent and allocated it before
-    /// the ADD answered, so this never blames the agent for the test's own delays). Not
-    /// counted where the cooldown's record was deleted with the checkpoint.
+    /// the ADD answered, so this never blames the agent for the test's own delays). This
+    /// holds where the checkpoint, the cooldowns' record, was deleted too.
     fn check_reuse(&mut self, round: usize, id: &str, ip: Ipv4Addr, answered: Instant) {
         if let Some(sent) = self.freed.remove(&ip)
             && answered.saturating_duration_since(sent) < COOLDOWN
-            && self.trouble != Trouble::CheckpointDeleted
         {
             let ms = answered.saturating_duration_since(sent).as_millis();
             self.violation(
@@ -198,15 +204,11 @@ impl Suite {
 
     fn round(&mut self, round: usize) {
         let socket = self.agent.socket();
-        let mut adds: Vec<(String, Netns)> = Vec::new();
-        if self.live.len() + ADDS <= MAX_LIVE {
-            for _ in 0..ADDS {
-                let id = format!("p{:04}", self.next);
-                self.next += 1;
-                let ns = self.lab.lab().add_pod_netns(&id).expect("pod netns");
-                adds.push((id, ns));
-            }
-        }
+        let adds = if self.live.len() + ADDS <= MAX_LIVE {
+            (0..ADDS).map(|_| self.new_pod()).collect()
+        } else {
+            Vec::new()
+        };
         let dels = self.pick_dels();
         // Two more ADDs of the first new container, at once with its own.
         let same = self.trouble == Trouble::SameContainerAdds && !adds.is_empty();
@@ -216,6 +218,8 @@ impl Suite {
         let (lab, agent, live) = (&self.lab, &mut self.agent, &self.live);
         let node = lab.lab().node();
         let second_agent = self.trouble == Trouble::SecondAgent;
+        let unwritable = (self.trouble == Trouble::StateDirUnwritable)
+            .then(|| StateDirTrouble::for_round(agent.state_dir(), round));
         let sent = Instant::now();
         let (added, deleted, second) = std::thread::scope(|scope| {
             let add_threads: Vec<_> = adds
@@ -245,7 +249,13 @@ impl Suite {
                 })
                 .collect();
             let second = second_agent.then(|| agent.run_second(lab, Duration::from_secs(20)));
-            std::thread::sleep(kill_at);
+            // The state directory's trouble starts halfway to the kill point.
+            let halfway = kill_at / 2;
+            std::thread::sleep(halfway);
+            if let Some(trouble) = &unwritable {
+                trouble.start();
+            }
+            std::thread::sleep(kill_at.saturating_sub(halfway));
             agent.kill9().expect("kill -9");
             let added: Vec<_> = add_threads
                 .into_iter()
@@ -261,13 +271,7 @@ impl Suite {
             (added, deleted, second)
         });
         if let Some(second) = second {
-            match second {
-                Ok((status, _)) if !status.success() => {}
-                Ok((status, log)) => {
-                    self.violation(round, &format!("a second agent ran on ({status}): {log}"));
-                }
-                Err(e) => self.violation(round, &format!("a second agent did not exit: {e:#}")),
-            }
+            self.second_agent_exited(round, second);
         }
         for (id, out) in &deleted {
             if out.as_ref().is_ok_and(|o| o.ok)
@@ -290,10 +294,75 @@ impl Suite {
         }
 
         self.perturb_and_restart(round);
+        if let Some(trouble) = unwritable {
+            self.while_unwritable(round, &trouble);
+            trouble.end();
+            self.wait_writable(round);
+        }
 
         self.retry(round, dels, pending_adds);
         self.lab.sim().set_faults(Faults::default());
         self.check(round);
+    }
+
+    /// The second agent must have exited, and failed, while the first one served.
+    fn second_agent_exited(
+        &mut self,
+        round: usize,
+        second: anyhow::Result<(std::process::ExitStatus, String)>,
+    ) {
+        match second {
+            Ok((status, _)) if !status.success() => {}
+            Ok((status, log)) => {
+                self.violation(round, &format!("a second agent ran on ({status}): {log}"));
+            }
+            Err(e) => self.violation(round, &format!("a second agent did not exit: {e:#}")),
+        }
+    }
+
+    /// `vcnpath checkpoint rebuild` on the refused checkpoint `path` (content `bad`): it must
+    /// keep the file aside, unchanged, and leave no checkpoint for the next start.
+    fn rebuild(&mut self, round: usize, path: &std::path::Path, bad: &[u8]) {
+        let out = self
+            .agent
+            .run_cli(&self.lab, &["checkpoint", "rebuild"])
+            .expect("vcnpath checkpoint rebuild");
+        let said = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        let kept: Vec<_> = std::fs::read_dir(path.parent().expect("state dir"))
+            .expect("state dir")
+            .filter_map(Result::ok)
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("ipam.json.refused-")
+            })
+            .map(|e| e.path())
+            .collect();
+        let kept_intact = kept
+            .iter()
+            .any(|k| std::fs::read(k).ok().as_deref() == Some(bad));
+        if !out.status.success() || path.exists() || !kept_intact || !said.contains("kept as") {
+            self.violation(
+                round,
+                &format!(
+                    "checkpoint rebuild ({}): checkpoint left {}, kept {kept:?} intact {kept_intact}: {said}",
+                    out.status,
+                    path.exists()
+                ),
+            );
+        }
+        for k in kept {
+            let _ = std::fs::remove_file(k);
+        }
+    }
+
+    /// A new pod's id and network namespace.
+    fn new_pod(&mut self) -> (String, Netns) {
+        let id = format!("p{:04}", self.next);
+        self.next += 1;
+        let ns = self.lab.lab().add_pod_netns(&id).expect("pod netns");
+        (id, ns)
     }
 
     /// The runtime retries what failed: DELs of pods still live, then the ADDs.
@@ -386,7 +455,13 @@ impl Suite {
                         &format!("the refusing agent changed OCI: {mutating:?}"),
                     );
                 }
-                std::fs::write(&path, &good).expect("put the checkpoint back");
+                if round % 4 == 3 {
+                    // The operator's way out: the refused file kept aside, the record rebuilt
+                    // from the node at the next start.
+                    self.rebuild(round, &path, &bad);
+                } else {
+                    std::fs::write(&path, &good).expect("put the checkpoint back");
+                }
             }
             Trouble::VnicDetached if round % 5 == 4 => {
                 if let Some(vnic) = self.busiest_secondary_vnic() {
@@ -586,6 +661,95 @@ impl Suite {
 }
 
 impl Suite {
+    /// With the state directory still unwritable after the restart: the agent serves, says
+    /// it is not ready and why, and refuses a new pod with the reason, leaving the pod's
+    /// namespace as it was and holding nothing for it.
+    fn while_unwritable(&mut self, round: usize, trouble: &StateDirTrouble) {
+        let reason = "the state directory is not writable";
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            let status = self.agent.status().expect("status");
+            let says = status["not_ready"].as_array().is_some_and(|p| {
+                p.iter()
+                    .any(|p| p.as_str().is_some_and(|p| p.starts_with(reason)))
+            });
+            if says || Instant::now() > deadline {
+                break status;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        if status["ready"] != false || !status["not_ready"].to_string().contains(reason) {
+            self.violation(
+                round,
+                &format!(
+                    "with the state directory {}, status says ready {} / {}",
+                    trouble.what(),
+                    status["ready"],
+                    status["not_ready"]
+                ),
+            );
+        }
+        let (id, ns) = self.new_pod();
+        let out = cni(
+            self.lab.lab().node(),
+            &self.agent.socket(),
+            "ADD",
+            &id,
+            Some(ns.path()),
+        );
+        match out {
+            Ok(o) if o.ok => {
+                self.violation(
+                    round,
+                    &format!(
+                        "ADD {id} succeeded with the state directory {}: {}",
+                        trouble.what(),
+                        o.json
+                    ),
+                );
+                if let Some(ip) = o.ip() {
+                    self.live.insert(id, Pod { ns, ip });
+                }
+                return;
+            }
+            Ok(o) => {
+                let msg = o.json.to_string();
+                if !msg.contains(trouble.cause()) || !msg.contains("state") {
+                    self.violation(round, &format!("the refused ADD does not say why: {msg}"));
+                }
+            }
+            Err(e) => self.violation(round, &format!("ADD {id}: {e:#}")),
+        }
+        if ns
+            .ip(&["-j", "addr", "show"])
+            .is_ok_and(|a| a.contains("\"eth0\""))
+        {
+            self.violation(round, &format!("the refused ADD left eth0 in {id}"));
+        }
+    }
+
+    /// Once the state directory takes writes again the agent says so within a few seconds.
+    fn wait_writable(&mut self, round: usize) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let status = self.agent.status().expect("status");
+            if !status["not_ready"].to_string().contains("state directory") {
+                return;
+            }
+            if Instant::now() > deadline {
+                self.violation(
+                    round,
+                    &format!(
+                        "still not ready once the state directory is writable: {}",
+                        status["not_ready"]
+                    ),
+                );
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// The secondary VNIC (by OCI's view) holding the most live pods' addresses.
     fn busiest_secondary_vnic(&self) -> Option<String> {
         let cloud = cloud_ips(&self.lab);
@@ -600,6 +764,85 @@ impl Suite {
             .max_by_key(|(_, n)| *n)
             .map(|(vnic, _)| vnic.to_owned())
     }
+}
+
+/// What happens to the state directory in a round of [`Trouble::StateDirUnwritable`].
+enum StateDirTrouble {
+    /// A file fills the tmpfs.
+    Full(std::path::PathBuf),
+    /// A read-only bind mount of the directory over itself (a superblock remount is refused
+    /// while the agent holds its lock file open for writing).
+    ReadOnly(std::path::PathBuf),
+}
+
+impl StateDirTrouble {
+    fn for_round(dir: std::path::PathBuf, round: usize) -> Self {
+        if round.is_multiple_of(2) {
+            Self::Full(dir)
+        } else {
+            Self::ReadOnly(dir)
+        }
+    }
+
+    fn what(&self) -> &'static str {
+        match self {
+            Self::Full(_) => "full",
+            Self::ReadOnly(_) => "read-only",
+        }
+    }
+
+    /// The OS error a write then meets, as the agent must report it.
+    fn cause(&self) -> &'static str {
+        match self {
+            Self::Full(_) => "No space left on device",
+            Self::ReadOnly(_) => "Read-only file system",
+        }
+    }
+
+    fn start(&self) {
+        match self {
+            Self::Full(dir) => {
+                use std::io::Write as _;
+                let mut file = std::fs::File::create(dir.join("filler")).expect("filler");
+                let chunk = vec![0u8; 64 * 1024];
+                while file.write_all(&chunk).is_ok() {}
+                // The last partial page too.
+                while file.write_all(&[0]).is_ok() {}
+            }
+            Self::ReadOnly(dir) => {
+                mount(&["--bind"], &[dir, dir]);
+                mount(&["-o", "remount,bind,ro"], &[dir]);
+            }
+        }
+    }
+
+    fn end(&self) {
+        match self {
+            Self::Full(dir) => std::fs::remove_file(dir.join("filler")).expect("remove filler"),
+            Self::ReadOnly(dir) => {
+                // Lazily: the agent holds its lock file open through this mount (the same
+                // file, so the lock stays held).
+                let status = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(dir)
+                    .status();
+                assert!(
+                    status.is_ok_and(|s| s.success()),
+                    "umount {}",
+                    dir.display()
+                );
+            }
+        }
+    }
+}
+
+fn mount(args: &[&str], paths: &[&std::path::Path]) {
+    let status = std::process::Command::new("mount")
+        .args(args)
+        .args(paths)
+        .status()
+        .expect("mount");
+    assert!(status.success(), "mount {args:?} {paths:?}: {status}");
 }
 
 /// Detaches `vnic_id` behind the agent's back (the simulator's admin API, as the console
@@ -780,5 +1023,14 @@ fn faults_lab_concurrent_adds_of_one_container_and_kill_9_lose_nothing() {
         Trouble::SameContainerAdds,
         "flt-same",
         "faults_lab_concurrent_adds_of_one_container_and_kill_9_lose_nothing",
+    );
+}
+
+#[test]
+fn faults_lab_a_full_or_read_only_state_dir_and_kill_9_lose_and_duplicate_nothing() {
+    run(
+        Trouble::StateDirUnwritable,
+        "flt-state",
+        "faults_lab_a_full_or_read_only_state_dir_and_kill_9_lose_and_duplicate_nothing",
     );
 }

@@ -9,7 +9,7 @@ use std::{
     collections::BTreeSet,
     fs::Permissions,
     net::Ipv4Addr,
-    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    os::unix::fs::PermissionsExt as _,
     path::PathBuf,
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -271,7 +271,7 @@ fn initial_vcn_cidrs(
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // First of all: one agent per node. A second one stops here, before any OCI call or
     // file write; the lock lives until this function returns.
-    let _state_lock = StateLock::acquire(&config.node.state_dir)?;
+    let state_lock = StateLock::acquire(&config.node.state_dir)?;
     // The datapath: adopt what a previous agent left pinned and attached, or load it; done
     // while IMDS and OCI are asked, since it needs neither.
     let load_options = LoadOptions {
@@ -302,6 +302,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     // unreachable OCI is waited out, not fatal.
     let physical_nics = bare_metal.as_ref().map_or(1, |b| b.nics.len());
     let running = running_pods(&datapath, &netlink).await;
+    let recovered_imds = running.iter().filter(|h| h.imds).map(|h| h.ip).collect();
     let (datapath, datapath_task) = datapath::task::spawn(datapath, config.datapath.nat_timeouts);
     enable_forwarding();
     let ipam = start_ipam(
@@ -311,6 +312,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         &client,
         physical_nics,
         &running,
+        state_lock.earlier_agent_this_boot(),
     )?;
     wait_for_every_pods_vnic(&ipam).await;
 
@@ -328,7 +330,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             ipam.clone(),
             datapath.clone(),
             netlink,
-            node_settings(&config, &primary.vnic_id),
+            node_settings(&config, &primary.vnic_id, recovered_imds),
             initial_vcn_cidrs(known.as_ref(), &imds_vnics),
         )
         .with_bare_metal(bare_metal),
@@ -379,7 +381,11 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
 }
 
 /// The datapath settings that do not change while running; the primary VNIC masquerades.
-fn node_settings(config: &AgentConfig, primary_vnic_id: &str) -> NodeSettings {
+fn node_settings(
+    config: &AgentConfig,
+    primary_vnic_id: &str,
+    recovered_imds: BTreeSet<std::net::Ipv4Addr>,
+) -> NodeSettings {
     NodeSettings {
         masq_vnic_id: primary_vnic_id.to_owned(),
         nonmasq_cidrs: config
@@ -400,6 +406,7 @@ fn node_settings(config: &AgentConfig, primary_vnic_id: &str) -> NodeSettings {
                 .cloned()
                 .collect(),
         },
+        recovered_imds,
     }
 }
 
@@ -612,6 +619,7 @@ fn start_ipam(
     client: &Arc<CoreClient>,
     physical_nics: usize,
     running: &[crate::ipam::HostHolder],
+    earlier_agent_this_boot: bool,
 ) -> anyhow::Result<Arc<Ipam>> {
     let subnets = if config.ipam.subnets.is_empty() {
         known.map(|k| k.subnets.clone()).unwrap_or_default()
@@ -624,16 +632,20 @@ fn start_ipam(
         config.pool(instance.shape_config.max_vnic_attachments as usize, subnets),
     );
     // The checkpoint names every pod on the node: root only (a hostPath directory is
-    // created 0755, so the mode is set even when it exists).
+    // created 0755, so the mode is set even when it exists). The state lock created it; a
+    // directory already 0700 is left alone, so a read-only one does not stop the agent.
     let state_dir = &config.node.state_dir;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(state_dir)
-        .and_then(|()| std::fs::set_permissions(state_dir, Permissions::from_mode(0o700)))
+    std::fs::metadata(state_dir)
+        .and_then(|meta| {
+            if meta.permissions().mode() & 0o777 == 0o700 {
+                Ok(())
+            } else {
+                std::fs::set_permissions(state_dir, Permissions::from_mode(0o700))
+            }
+        })
         .with_context(|| {
             format!(
-                "creating the state directory {} (0700)",
+                "making the state directory {} private (mode 0700)",
                 state_dir.display()
             )
         })?;
@@ -641,6 +653,7 @@ fn start_ipam(
     ipam_config.mtu = config.datapath.mtu;
     ipam_config.allocation_gc_grace = Duration::from_secs(config.ipam.allocation_gc_grace_secs);
     ipam_config.pool.physical_nics = u32::try_from(physical_nics).unwrap_or(1).max(1);
+    ipam_config.earlier_agent_this_boot = earlier_agent_this_boot;
     let cloud = OciCloud::new(
         client.clone(),
         instance.compartment_id.clone(),

@@ -68,6 +68,10 @@ pub struct NodeSettings {
     pub port_max: u16,
     pub mtu: u32,
     pub imds: ImdsPolicy,
+    /// The addresses whose pinned `endpoints` entry let them reach IMDS at start. A
+    /// recovered pod (see `ipam::holders`) keeps that: its namespace, which the policy is
+    /// decided by, is unknown until the runtime asks for it again.
+    pub recovered_imds: BTreeSet<Ipv4Addr>,
 }
 
 /// Which pods may reach the instance metadata service (`datapath.pod_imds`).
@@ -224,7 +228,7 @@ impl Node {
                         Endpoint {
                             ifindex,
                             kind: ENDPOINT_KIND_POD,
-                            flags: self.settings.imds.flags(pod.namespace.as_deref()),
+                            flags: self.imds_flags(&pod, allocation.ip),
                             pad: [0; 2],
                         },
                     );
@@ -329,6 +333,16 @@ impl Node {
     /// holds (a veth and route made behind the agent's back, or left over a lost record):
     /// the start's scan (see [`crate::ipam::holders`]), run again periodically. A failed
     /// scan is logged; the next one retries.
+    /// A pod's endpoint flags: by the IMDS policy for its namespace, or, for a recovered pod
+    /// (namespace unknown), what its pinned entry had at start.
+    fn imds_flags(&self, pod: &PodRef, ip: Ipv4Addr) -> u8 {
+        if holders::is_recovered(pod) && self.settings.recovered_imds.contains(&ip) {
+            ENDPOINT_F_IMDS
+        } else {
+            self.settings.imds.flags(pod.namespace.as_deref())
+        }
+    }
+
     pub async fn hold_routed(&self) {
         match crate::host::pods::scan(&self.netlink, &BTreeMap::new()).await {
             Ok(routed) => {

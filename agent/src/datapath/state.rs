@@ -104,13 +104,14 @@ pub fn diff<K: Ord + Clone, V: PartialEq + Clone>(
 }
 
 impl DatapathMaps {
-    /// The pod addresses in the `endpoints` map and the ifindex each is steered out of:
-    /// what the datapath knows of running pods, whatever the checkpoint says.
-    pub fn pod_endpoints(&self) -> Result<BTreeMap<Ipv4Addr, u32>, DatapathError> {
+    /// The pod addresses in the `endpoints` map and their entries (the ifindex each is
+    /// steered out of, its flags): what the datapath knows of running pods, whatever the
+    /// checkpoint says.
+    pub fn pod_endpoints(&self) -> Result<BTreeMap<Ipv4Addr, Endpoint>, DatapathError> {
         Ok(read_all(&self.endpoints, MAP_ENDPOINTS)?
             .into_iter()
             .filter(|(_, v): &(EndpointKey, Endpoint)| v.kind == ENDPOINT_KIND_POD)
-            .map(|(k, v)| (Ipv4Addr::from(k.addr), v.ifindex))
+            .map(|(k, v)| (Ipv4Addr::from(k.addr), v))
             .collect())
     }
 

@@ -35,3 +35,13 @@ pub fn replace(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     // The rename is durable only once the directory entry is.
     File::open(dir)?.sync_all()
 }
+
+/// Renames `path` to `to` (same directory) and makes the rename durable. Blocking.
+pub fn rename_durably(path: &Path, to: &Path) -> io::Result<()> {
+    fs::rename(path, to)?;
+    let dir = to
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
+}

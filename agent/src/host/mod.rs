@@ -1,6 +1,7 @@
 //! The node's network configuration as the agent sees it: interfaces and sysctls, always
 //! in the network namespace the agent runs in; and files it replaces atomically.
 
+pub mod boot;
 pub mod file;
 pub mod link;
 pub mod netlink;

@@ -5,6 +5,8 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
+use vcnpath_common::maps::{ENDPOINT_F_IMDS, Endpoint};
+
 use crate::cni::names::HOST_VETH_PREFIX;
 use crate::ipam::HostHolder;
 
@@ -12,11 +14,12 @@ use super::netlink::{Link, Netlink};
 
 /// Every pod address the node shows: from the /32 routes through `vcn…` veths (`routes`:
 /// destination, prefix, output ifindex) and the pod entries of the `endpoints` map
-/// (address → the VNIC ifindex it leaves by), with `links` naming the interfaces.
+/// (address → the VNIC ifindex it leaves by, and whether it may reach IMDS), with `links`
+/// naming the interfaces.
 pub fn holders(
     links: &[Link],
     routes: &[(Ipv4Addr, u8, Option<u32>)],
-    endpoints: &BTreeMap<Ipv4Addr, u32>,
+    endpoints: &BTreeMap<Ipv4Addr, Endpoint>,
 ) -> Vec<HostHolder> {
     let name = |index: u32| {
         links
@@ -36,17 +39,20 @@ pub fn holders(
                     ip,
                     veth: Some(veth),
                     interface: None,
+                    imds: false,
                 },
             );
         }
     }
-    for (&ip, &ifindex) in endpoints {
+    for (&ip, endpoint) in endpoints {
         let holder = found.entry(ip).or_insert(HostHolder {
             ip,
             veth: None,
             interface: None,
+            imds: false,
         });
-        holder.interface = name(ifindex);
+        holder.interface = name(endpoint.ifindex);
+        holder.imds = endpoint.flags & ENDPOINT_F_IMDS != 0;
     }
     found.into_values().collect()
 }
@@ -54,7 +60,7 @@ pub fn holders(
 /// [`holders`] from the node's links and main routing table, read over rtnetlink.
 pub async fn scan(
     netlink: &Netlink,
-    endpoints: &BTreeMap<Ipv4Addr, u32>,
+    endpoints: &BTreeMap<Ipv4Addr, Endpoint>,
 ) -> anyhow::Result<Vec<HostHolder>> {
     let links = netlink.links().await?;
     let routes: Vec<_> = crate::cni::netlink::Netlink::current()?
@@ -90,7 +96,14 @@ mod tests {
             ("10.0.0.30".parse().unwrap(), 32, None),
         ];
         let only_mapped: Ipv4Addr = "10.0.0.21".parse().unwrap();
-        let endpoints = BTreeMap::from([(pod, 2), (only_mapped, 2)]);
+        let endpoint = |flags| Endpoint {
+            ifindex: 2,
+            kind: vcnpath_common::maps::ENDPOINT_KIND_POD,
+            flags,
+            pad: [0; 2],
+        };
+        let endpoints =
+            BTreeMap::from([(pod, endpoint(ENDPOINT_F_IMDS)), (only_mapped, endpoint(0))]);
         assert_eq!(
             holders(&links, &routes, &endpoints),
             vec![
@@ -98,11 +111,13 @@ mod tests {
                     ip: pod,
                     veth: Some("vcn0123456789ab".into()),
                     interface: Some("ens3".into()),
+                    imds: true,
                 },
                 HostHolder {
                     ip: only_mapped,
                     veth: None,
                     interface: Some("ens3".into()),
+                    imds: false,
                 },
             ]
         );

@@ -91,6 +91,8 @@ pub struct Restored {
     pub cooling: Vec<Cooling>,
     /// Pods the checkpoint listed that are forgotten because the node rebooted since.
     pub dropped_by_reboot: usize,
+    /// Whether there was a file at all.
+    pub found: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +104,7 @@ pub enum CheckpointError {
         source: io::Error,
     },
     #[error(
-        "the IPAM checkpoint {path} is corrupt ({source}); it is the only record of which running pod holds which address, so the agent does not start without it: keep the file, repair it by hand or restore it from a copy, then start the agent again"
+        "the IPAM checkpoint {path} is corrupt ({source}); it is the only record of which running pod holds which address, so the agent does not start without it: keep the file, repair it by hand, restore it from a copy or, with the agent stopped, run `vcnpath checkpoint rebuild`, which keeps it aside and has the next start hold every address the node shows in use, then start the agent again"
     )]
     Corrupt {
         path: PathBuf,
@@ -113,20 +115,24 @@ pub enum CheckpointError {
         "the IPAM checkpoint {path} has version {found}; this agent reads versions {OLDEST_READABLE} to {VERSION}: keep the file and run the agent version that wrote it"
     )]
     Version { path: PathBuf, found: u32 },
-    #[error("the IPAM checkpoint {path} lists {container_id}/{ifname} twice")]
+    #[error(
+        "the IPAM checkpoint {path} lists {container_id}/{ifname} twice: keep the file, remove one of the two by hand or, with the agent stopped, run `vcnpath checkpoint rebuild`, which keeps it aside and has the next start hold every address the node shows in use, then start the agent again"
+    )]
     Duplicate {
         path: PathBuf,
         container_id: String,
         ifname: String,
     },
     #[error(
-        "the IPAM checkpoint {path} is inconsistent: {problem}; it is the only record of which running pod holds which address, so the agent does not start from it: keep the file, correct that entry by hand (the pods, their veths and /32 routes on this node tell the truth), then start the agent again"
+        "the IPAM checkpoint {path} is inconsistent: {problem}; it is the only record of which running pod holds which address, so the agent does not start from it: keep the file, correct that entry by hand (the pods, their veths and /32 routes on this node tell the truth) or, with the agent stopped, run `vcnpath checkpoint rebuild`, which keeps it aside and has the next start hold every address the node shows in use, then start the agent again"
     )]
     Inconsistent {
         path: PathBuf,
         problem: Inconsistency,
     },
-    #[error("cannot write the IPAM checkpoint {path}: {source}")]
+    #[error(
+        "cannot write the IPAM checkpoint {path}: {source}; no new pod gets an address until the state directory (node.state_dir) takes writes again (free space, or remount it read-write); running pods keep theirs"
+    )]
     Write {
         path: PathBuf,
         #[source]
@@ -216,19 +222,11 @@ pub struct Checkpoint {
     boot_id: Option<String>,
 }
 
-/// The kernel's id of the current boot.
-fn current_boot_id() -> Option<String> {
-    fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .ok()
-        .map(|id| id.trim().to_owned())
-        .filter(|id| !id.is_empty())
-}
-
 impl Checkpoint {
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
-            boot_id: current_boot_id(),
+            boot_id: crate::host::boot::id(),
         }
     }
 
@@ -278,6 +276,7 @@ impl Checkpoint {
                 // Cooldowns protect pods that are gone with the reboot too.
                 cooling: Vec::new(),
                 dropped_by_reboot: file.allocations.len(),
+                found: true,
             });
         }
         let mut entries = BTreeMap::new();
@@ -307,7 +306,26 @@ impl Checkpoint {
             vnics: file.vnics,
             cooling,
             dropped_by_reboot: 0,
+            found: true,
         })
+    }
+
+    /// Moves a refused file aside, kept as `<name>.refused-<unix seconds>` beside it, so the
+    /// next start rebuilds the record from the node (see [`holders`](super::holders)).
+    /// Returns where it now is; `None` if there was no file. Blocking.
+    pub fn set_aside(&self) -> io::Result<Option<PathBuf>> {
+        if !self.path.exists() {
+            return Ok(None);
+        }
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let mut name = self.path.file_name().unwrap_or_default().to_owned();
+        name.push(format!(".refused-{secs}"));
+        let kept = self.path.with_file_name(name);
+        crate::host::file::rename_durably(&self.path, &kept)?;
+        Ok(Some(kept))
     }
 
     /// Replaces the file with `entries` and `vnics`. Blocking: call it from `spawn_blocking`.
@@ -629,6 +647,7 @@ mod tests {
             ip: held.allocation.ip,
             veth: Some("vcn0123456789ab".into()),
             interface: None,
+            imds: false,
         });
         held.allocation.vnic_id = String::new();
         Checkpoint::new(&path)

@@ -45,6 +45,11 @@ pub struct IpamConfig {
     /// allocation GC releases it (default 5 min): a DEL that never came must not hold an
     /// address until reboot, and an ADD still creating the veth must never lose it.
     pub allocation_gc_grace: Duration,
+    /// An agent ran on this node earlier in this boot (the state lock says so). Then a
+    /// missing checkpoint was lost, and with it the record of which addresses are cooling
+    /// down: every free address the first reconcile finds rests a whole cooldown before a
+    /// new pod gets it. After a reboot no pod from before runs, so none needs to.
+    pub earlier_agent_this_boot: bool,
 }
 
 impl IpamConfig {
@@ -64,6 +69,7 @@ impl IpamConfig {
             denied_backoff: Duration::from_mins(5),
             error_backoff_max: Duration::from_mins(1),
             allocation_gc_grace: Duration::from_mins(5),
+            earlier_agent_this_boot: false,
         }
     }
 }

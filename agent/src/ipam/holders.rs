@@ -27,6 +27,9 @@ pub struct HostHolder {
     pub veth: Option<String>,
     /// The VNIC interface the pinned `endpoints` entry steers the address out of.
     pub interface: Option<String>,
+    /// The pinned `endpoints` entry lets the pod reach IMDS: a recovered pod, whose
+    /// namespace is unknown, keeps what it had (see `NodeSettings::recovered_imds`).
+    pub imds: bool,
 }
 
 /// The pod a recovered allocation stands for: its interface is the host veth (empty when

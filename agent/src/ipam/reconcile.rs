@@ -416,7 +416,7 @@ fn apply(inner: &Inner, state: &mut State, observed: Observed, checked: &Checked
             tracing::info!(%ip, vnic = %vnic_id, "adopting a free address tagged for this node");
             let slot = Slot {
                 ocid,
-                state: SlotState::Free { since: now },
+                state: state.unrecorded(now),
             };
             state.pool.add_slot(&vnic_id, ip, slot);
         } else {

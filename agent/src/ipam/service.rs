@@ -134,7 +134,17 @@ impl Ipam {
                 "the node rebooted since the checkpoint was written: its pods are gone, their addresses return to the pool"
             );
         }
+        let lost = !restored.found && cfg.earlier_agent_this_boot;
         let mut state = restore(restored, &cfg);
+        if lost {
+            tracing::warn!(
+                checkpoint = %cfg.checkpoint_path.display(),
+                cooldown_secs = cfg.pool.cooldown.as_secs(),
+                "the checkpoint is missing although an agent ran on this node since boot (deleted or lost): the record of cooling addresses is gone, so every free address rests a whole cooldown before a new pod gets it"
+            );
+            state.unrecorded_release =
+                Some((later(Instant::now(), cfg.pool.cooldown), wall_clock()));
+        }
         let recovered = holders::hold(&mut state, host, cfg.mtu);
         if !recovered.is_empty() {
             tracing::warn!(
@@ -160,6 +170,7 @@ impl Ipam {
             gc_released: std::sync::atomic::AtomicU64::new(0),
             cni_gc_released: std::sync::atomic::AtomicU64::new(0),
             troubles: super::trouble::Troubles::default(),
+            checkpoint_failing: std::sync::Mutex::new(None),
             cfg,
         });
         let background = tokio::spawn(background(inner.clone()));
@@ -545,6 +556,12 @@ async fn allocate(inner: &Inner, pod: &PodRef) -> Result<Allocation, AllocError>
             AllocError::Exhausted {
                 capacity: inner.cfg.pool.capacity(),
             }
+        } else if inner.checkpoint_failing().is_some()
+            && let Err(error) = inner.save(&state).await
+        {
+            // The latest write failed and this one too: that, not the pool, is what the
+            // runtime must hear (the pool may well grow meanwhile).
+            error
         } else if let Some(error) = cooling_only(&state, &inner.cfg.pool) {
             error
         } else {
@@ -614,6 +631,7 @@ fn restore(restored: Restored, cfg: &IpamConfig) -> State {
         pool,
         allocations: restored.allocations,
         gone: std::collections::BTreeMap::new(),
+        unrecorded_release: None,
     }
 }
 

@@ -21,6 +21,10 @@ pub(super) struct State {
     /// VNICs detached behind the agent's back while pods were on them: still checkpointed,
     /// so the record of those pods stays readable, until the last of them is deleted.
     pub gone: BTreeMap<String, VnicInfo>,
+    /// Set when the checkpoint, the record of cooldowns, was lost: until then a free address
+    /// the reconcile finds cools down as if released at the start (it may have been, a moment
+    /// before the crash), with this wall-clock time of release.
+    pub unrecorded_release: Option<(tokio::time::Instant, SystemTime)>,
 }
 
 /// A pod whose address is on no VNIC of the pool (its VNIC was detached, or the address moved
@@ -75,6 +79,15 @@ impl State {
                 ifname: e.pod.ifname.clone(),
             })
             .collect()
+    }
+
+    /// The state of a free address of this node that no record names: cooling till the end
+    /// of [`State::unrecorded_release`], else free.
+    pub fn unrecorded(&self, now: tokio::time::Instant) -> SlotState {
+        match self.unrecorded_release {
+            Some((until, released_at)) if until > now => SlotState::Cooldown { until, released_at },
+            _ => SlotState::Free { since: now },
+        }
     }
 
     /// A private IP the grower just created joins the pool: free, unless a pod holds that
@@ -155,6 +168,11 @@ pub(super) struct Inner {
     pub cni_gc_released: std::sync::atomic::AtomicU64,
     /// The OCI calls the grower and the reconcile cannot get through now.
     pub troubles: super::trouble::Troubles,
+    /// Why the latest checkpoint write failed; none once one succeeds. While set, an ADD the
+    /// pool cannot serve at once tries a write, and if that fails too is refused with its
+    /// reason: the pool may grow, but no new pod can be given an address until the state
+    /// directory takes writes again.
+    pub checkpoint_failing: std::sync::Mutex<Option<String>>,
 }
 
 impl Inner {
@@ -170,18 +188,28 @@ impl Inner {
             checkpoint.save_with_cooling(entries.iter(), vnics.iter(), cooling.iter())
         })
         .await;
-        match result {
+        let result = match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "checkpoint write failed");
-                Err(AllocError::Checkpoint {
-                    reason: e.to_string(),
-                })
+                Err(e.to_string())
             }
-            Err(join) => Err(AllocError::Checkpoint {
-                reason: format!("the checkpoint writer failed: {join}"),
-            }),
-        }
+            Err(join) => Err(format!("the checkpoint writer failed: {join}")),
+        };
+        let mut failing = self
+            .checkpoint_failing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        failing.clone_from(&result.as_ref().err().cloned());
+        result.map_err(|reason| AllocError::Checkpoint { reason })
+    }
+
+    /// Why checkpoint writes fail now, if they do.
+    pub fn checkpoint_failing(&self) -> Option<String> {
+        self.checkpoint_failing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
