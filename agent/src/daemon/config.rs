@@ -72,6 +72,13 @@ pub struct IpamSection {
     /// The compartment `subnet_tag` searches; default the VCN's (from `GetVcn`), which is
     /// usually not the instance's.
     pub subnet_compartment_id: Option<String>,
+    /// What the pool asks OCI for: single private IPs, IP CIDR blocks, or blocks where the
+    /// subnet can give them and single IPs where it cannot.
+    pub mode: IpamMode,
+    /// The prefix length of the blocks (`/28`: 16 addresses).
+    pub block_prefix: u8,
+    /// Addresses one VNIC may hold in blocks, whatever its object limit allows.
+    pub block_addresses_per_vnic: usize,
     pub ips_per_vnic: usize,
     pub warm_ips: usize,
     pub min_ips: usize,
@@ -108,6 +115,19 @@ pub struct DatapathSection {
     pub pod_imds: PodImds,
     /// Namespaces whose pods may reach it although `pod_imds = "deny"`.
     pub pod_imds_allow_namespaces: Vec<String>,
+}
+
+/// `ipam.mode`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum IpamMode {
+    /// One private IP per address (default).
+    #[default]
+    Ip,
+    /// IP CIDR blocks of `block_prefix` only.
+    Cidr,
+    /// Blocks, and single addresses on a VNIC whose subnet has no free aligned block.
+    Auto,
 }
 
 /// `datapath.pod_imds`.
@@ -157,6 +177,9 @@ impl Default for IpamSection {
             subnets: Vec::new(),
             subnet_tag: None,
             subnet_compartment_id: None,
+            mode: IpamMode::default(),
+            block_prefix: DEFAULT_BLOCK_PREFIX,
+            block_addresses_per_vnic: pool.block_addresses_per_vnic,
             ips_per_vnic: pool.ips_per_vnic,
             warm_ips: pool.warm_ips,
             min_ips: pool.min_ips,
@@ -166,6 +189,67 @@ impl Default for IpamSection {
             cooldown_secs: pool.cooldown.as_secs(),
             allocation_gc_grace_secs: DEFAULT_ALLOCATION_GC_GRACE_SECS,
         }
+    }
+}
+
+impl IpamSection {
+    /// The `[ipam]` part of [`AgentConfig::validate`].
+    fn validate(&self) -> Result<(), ConfigError> {
+        let ipam = self;
+        within(
+            "ipam.ips_per_vnic",
+            ipam.ips_per_vnic as u64,
+            1..=MAX_IPS_PER_VNIC,
+            "OCI allows at most 64 secondary private IPs per VNIC (docs/oci.md)",
+        )?;
+        within(
+            "ipam.block_prefix",
+            u64::from(ipam.block_prefix),
+            BLOCK_PREFIXES,
+            "OCI's IP CIDR blocks on a VNIC are /18 (16,384 addresses) to /30 (docs/oci.md)",
+        )?;
+        within(
+            "ipam.block_addresses_per_vnic",
+            ipam.block_addresses_per_vnic as u64,
+            1..=MAX_BLOCK_ADDRESSES_PER_VNIC,
+            "no VNIC holds more than a /18, OCI's largest block (docs/oci.md)",
+        )?;
+        for (field, value) in [
+            ("ipam.warm_ips", ipam.warm_ips),
+            ("ipam.min_ips", ipam.min_ips),
+        ] {
+            within(
+                field,
+                value as u64,
+                0..=MAX_NODE_ADDRESSES,
+                "no node holds more addresses (VNIC limit × 64)",
+            )?;
+        }
+        within(
+            "ipam.warm_vnics",
+            ipam.warm_vnics as u64,
+            0..=MAX_VNICS,
+            "no shape attaches more VNICs",
+        )?;
+        within(
+            "ipam.release_delay_secs",
+            ipam.release_delay_secs,
+            0..=MAX_RELEASE_DELAY_SECS,
+            "longer than a week would keep excess addresses from the subnet for good",
+        )?;
+        within(
+            "ipam.cooldown_secs",
+            ipam.cooldown_secs,
+            0..=MAX_COOLDOWN_SECS,
+            "longer than a day would keep every freed address from new pods for good",
+        )?;
+        within(
+            "ipam.allocation_gc_grace_secs",
+            ipam.allocation_gc_grace_secs,
+            ALLOCATION_GC_GRACE_SECS,
+            "a shorter grace could take the address of a pod whose plugin is still creating its veth, a longer one holds a leaked address for good",
+        )?;
+        Ok(())
     }
 }
 
@@ -240,6 +324,13 @@ const MAX_IPS_PER_VNIC: u64 = 64;
 const MAX_VNICS: u64 = 256;
 /// More addresses than any node can hold.
 const MAX_NODE_ADDRESSES: u64 = MAX_VNICS * MAX_IPS_PER_VNIC;
+/// OKE's native CNI puts up to 256 pods on a secondary VNIC with blocks (docs/oci.md).
+const DEFAULT_BLOCK_PREFIX: u8 = 28;
+/// OCI's IP CIDR block sizes on a VNIC: /18 at most; the smallest is not documented (/30
+/// is the smallest block that is more than a pair, docs/oci.md).
+const BLOCK_PREFIXES: std::ops::RangeInclusive<u64> = 18..=30;
+/// A /18, OCI's largest block.
+const MAX_BLOCK_ADDRESSES_PER_VNIC: u64 = 16_384;
 const MAX_RELEASE_DELAY_SECS: u64 = 7 * 24 * 3600;
 const MAX_COOLDOWN_SECS: u64 = 24 * 3600;
 const DEFAULT_ALLOCATION_GC_GRACE_SECS: u64 = 300;
@@ -283,49 +374,8 @@ impl AgentConfig {
     /// Every value is range-checked here, with the reason in the error: a value the agent
     /// cannot use is refused at start, never found later as an overflow in a handler.
     fn validate(&self) -> Result<(), ConfigError> {
-        let ipam = &self.ipam;
+        self.ipam.validate()?;
         let dp = &self.datapath;
-        within(
-            "ipam.ips_per_vnic",
-            ipam.ips_per_vnic as u64,
-            1..=MAX_IPS_PER_VNIC,
-            "OCI allows at most 64 secondary private IPs per VNIC (docs/oci.md)",
-        )?;
-        for (field, value) in [
-            ("ipam.warm_ips", ipam.warm_ips),
-            ("ipam.min_ips", ipam.min_ips),
-        ] {
-            within(
-                field,
-                value as u64,
-                0..=MAX_NODE_ADDRESSES,
-                "no node holds more addresses (VNIC limit × 64)",
-            )?;
-        }
-        within(
-            "ipam.warm_vnics",
-            ipam.warm_vnics as u64,
-            0..=MAX_VNICS,
-            "no shape attaches more VNICs",
-        )?;
-        within(
-            "ipam.release_delay_secs",
-            ipam.release_delay_secs,
-            0..=MAX_RELEASE_DELAY_SECS,
-            "longer than a week would keep excess addresses from the subnet for good",
-        )?;
-        within(
-            "ipam.cooldown_secs",
-            ipam.cooldown_secs,
-            0..=MAX_COOLDOWN_SECS,
-            "longer than a day would keep every freed address from new pods for good",
-        )?;
-        within(
-            "ipam.allocation_gc_grace_secs",
-            ipam.allocation_gc_grace_secs,
-            ALLOCATION_GC_GRACE_SECS,
-            "a shorter grace could take the address of a pod whose plugin is still creating its veth, a longer one holds a leaked address for good",
-        )?;
         within(
             "datapath.mtu",
             u64::from(dp.mtu),
@@ -399,6 +449,9 @@ impl AgentConfig {
             min_ips: self.ipam.min_ips,
             warm_vnics: self.ipam.warm_vnics,
             ips_per_vnic: self.ipam.ips_per_vnic,
+            block_prefix: (self.ipam.mode != IpamMode::Ip).then_some(self.ipam.block_prefix),
+            single_fallback: self.ipam.mode == IpamMode::Auto,
+            block_addresses_per_vnic: self.ipam.block_addresses_per_vnic,
             max_vnics,
             use_primary_vnic: self.ipam.use_primary_vnic,
             subnets,

@@ -39,7 +39,11 @@ pub fn key(pod: &PodRef) -> Key {
 pub struct Entry {
     pub pod: PodRef,
     pub allocation: Allocation,
+    /// The private-IP object giving the address: the address's own, or its block's.
     pub ip_id: String,
+    /// The IP CIDR block the address belongs to, if it came from one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<ipnet::Ipv4Net>,
 }
 
 /// A freed address resting before reuse, and when (wall clock) it was freed.
@@ -50,6 +54,9 @@ pub struct Cooling {
     pub ip_id: String,
     /// Milliseconds since the Unix epoch when the pod released it.
     pub released_at_ms: u64,
+    /// The IP CIDR block the address belongs to, if it came from one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<ipnet::Ipv4Net>,
 }
 
 impl Cooling {
@@ -388,6 +395,7 @@ mod tests {
                 mtu: 9000,
             },
             ip_id: format!("ip-{n}"),
+            block: None,
         }
     }
 
@@ -711,6 +719,7 @@ mod tests {
             vnic_id: "vnic-1".into(),
             ip_id: format!("ip-{n}"),
             released_at_ms: 1_700_000_000_000,
+            block: None,
         };
         cp.save_with_cooling(
             [entry(10)].iter(),

@@ -23,11 +23,13 @@ pub trait Cloud: Send + Sync + 'static {
         &'a self,
         vnic_id: &'a str,
     ) -> BoxFuture<'a, Result<Vec<PrivateIp>, OciError>>;
-    /// A secondary IP on the VNIC; `ip` asks for a specific address (to restore a lost one).
+    /// A secondary IP on the VNIC, or with `block` an IP CIDR block of that prefix length;
+    /// `ip` asks for a specific address (to restore a lost one).
     fn create_private_ip<'a>(
         &'a self,
         vnic_id: &'a str,
         ip: Option<Ipv4Addr>,
+        block: Option<u8>,
         tags: &'a Tags,
         retry_token: &'a str,
     ) -> BoxFuture<'a, Result<PrivateIp, OciError>>;
@@ -107,6 +109,7 @@ impl Cloud for OciCloud {
         &'a self,
         vnic_id: &'a str,
         ip: Option<Ipv4Addr>,
+        block: Option<u8>,
         tags: &'a Tags,
         retry_token: &'a str,
     ) -> BoxFuture<'a, Result<PrivateIp, OciError>> {
@@ -114,6 +117,7 @@ impl Cloud for OciCloud {
             let details = CreatePrivateIpDetails {
                 vnic_id: vnic_id.to_owned(),
                 ip_address: ip.map(|ip| ip.to_string()),
+                cidr_prefix_length: block,
                 freeform_tags: tags.clone(),
                 ..CreatePrivateIpDetails::default()
             };

@@ -13,7 +13,7 @@ use tracing::Instrument as _;
 use crate::oci::models::AttachmentState;
 use crate::oci::{ErrorClass, OciError, new_retry_token};
 
-use super::pool::{Plan, Pool, later};
+use super::pool::{Create, Plan, Pool, later};
 use super::reconcile::vnic_info;
 use super::state::Inner;
 
@@ -32,7 +32,7 @@ pub(super) async fn run(inner: Arc<Inner>) {
 /// What one kind of call is about: the unit that backs off on its own.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Target {
-    /// `CreatePrivateIp` on a VNIC.
+    /// `CreatePrivateIp` on a VNIC (an address or a block).
     CreateIp(String),
     /// `AttachVnic` in a subnet.
     Attach(String),
@@ -255,10 +255,11 @@ async fn step(inner: &Arc<Inner>, memory: &mut Memory) -> bool {
         let plan = state.pool.plan(&inner.cfg.pool, now, &pods_on);
         // The demand is in this plan; pods still waiting ask again and renew it.
         state.pool.waiting.clear();
-        // Addresses and VNICs being deleted leave the pool first, so nobody is handed one.
-        for (vnic, ip, _) in &plan.release {
+        // Addresses (every one of a block) and VNICs being deleted leave the pool first, so
+        // nobody is handed one.
+        for (vnic, _, ocid) in &plan.release {
             if let Some(v) = state.pool.vnic_mut(vnic) {
-                v.ips.remove(ip);
+                v.ips.retain(|_, slot| slot.ocid != *ocid);
                 v.full = false;
             }
         }
@@ -270,11 +271,14 @@ async fn step(inner: &Arc<Inner>, memory: &mut Memory) -> bool {
     };
     let mut plan = plan;
     plan.create
-        .retain(|vnic| !memory.waiting(&Target::CreateIp(vnic.clone()), now));
+        .retain(|c| !memory.waiting(&Target::CreateIp(c.vnic.clone()), now));
     // A VNIC whose last create failed gets one probe, not a full batch.
     let mut probed = std::collections::HashSet::new();
-    plan.create.retain(|vnic| {
-        !memory.backoff.contains_key(&Target::CreateIp(vnic.clone())) || probed.insert(vnic.clone())
+    plan.create.retain(|c| {
+        !memory
+            .backoff
+            .contains_key(&Target::CreateIp(c.vnic.clone()))
+            || probed.insert(c.vnic.clone())
     });
     plan.attach
         .retain(|subnet| !memory.waiting(&Target::Attach(subnet.clone()), now));
@@ -315,13 +319,13 @@ async fn execute(inner: &Arc<Inner>, plan: Plan, memory: &mut Memory) -> bool {
         }
     };
     let mut calls = JoinSet::new();
-    for vnic in create {
+    for Create { vnic, block } in create {
         let (inner, limit) = (inner.clone(), limit.clone());
         let target = Target::CreateIp(vnic.clone());
         let token = memory.token(&target);
         calls.spawn(async move {
             let _permit = limit.acquire().await;
-            let outcome = create_ip(&inner, &vnic, token).await;
+            let outcome = create_ip(&inner, &vnic, block, token).await;
             (target, outcome)
         });
     }
@@ -402,22 +406,40 @@ async fn allowed_attaches(inner: &Inner, mut attach: Vec<String>) -> Result<Vec<
     Ok(attach)
 }
 
-/// Creates one address on `vnic` with `token`: a token whose earlier answer was lost returns
-/// the address that call made, so a lost answer never leaves an orphan behind.
-async fn create_ip(inner: &Inner, vnic: &str, token: String) -> Outcome {
+/// Creates one address, or with `block` one IP CIDR block, on `vnic` with `token`: a token
+/// whose earlier answer was lost returns what that call made, so a lost answer never leaves
+/// an orphan behind.
+async fn create_ip(inner: &Inner, vnic: &str, block: Option<u8>, token: String) -> Outcome {
     match inner
         .cloud
-        .create_private_ip(vnic, None, &inner.tags, &token)
+        .create_private_ip(vnic, None, block, &inner.tags, &token)
         .await
     {
         Ok(created) => {
-            let Ok(ip) = created.ip_address.parse::<Ipv4Addr>() else {
+            // What OCI made decides, whatever was asked.
+            let addresses = created.addresses();
+            if addresses.is_empty() {
                 tracing::error!(address = %created.ip_address, id = %created.id, "OCI returned a private IP that is not IPv4; leaving it to the reconcile");
                 return Outcome::Unusable;
-            };
+            }
+            let made = created.block();
             // The VNIC cannot have left the pool: detaches happen under the same ops lock.
-            inner.state.lock().await.add_created(vnic, ip, created.id);
-            tracing::debug!(%ip, vnic, "private IP created");
+            let mut state = inner.state.lock().await;
+            for ip in &addresses {
+                state.add_created(vnic, *ip, created.id.clone(), made);
+            }
+            tracing::debug!(address = %created.ip_address, block = ?made, vnic, "private IP created");
+            Outcome::Done
+        }
+        Err(e) if block.is_some() && blocks_refused(&e) => {
+            // No aligned block free in the subnet (it is fragmented), or blocks not allowed
+            // there: with `single_fallback` the VNIC grows by single addresses for a while.
+            tracing::warn!(vnic, error = %e, "OCI gives this VNIC no IP CIDR block now");
+            let until = later(Instant::now(), inner.cfg.pool.subnet_retry);
+            let mut state = inner.state.lock().await;
+            if let Some(v) = state.pool.vnic_mut(vnic) {
+                v.no_blocks_until = Some(until);
+            }
             Outcome::Done
         }
         Err(e) if e.is_limit_exceeded() => {
@@ -437,6 +459,14 @@ async fn create_ip(inner: &Inner, vnic: &str, token: String) -> Outcome {
         }
         Err(e) => Outcome::failed(e, token),
     }
+}
+
+/// Whether a block create failed because OCI cannot or will not give a block here (a
+/// fragmented subnet answers 400 `LimitExceeded` or `InvalidParameter`, the sources do not
+/// say which; a full VNIC answers `LimitExceeded` too, and the single address tried next then
+/// finds that out).
+fn blocks_refused(e: &OciError) -> bool {
+    e.is_limit_exceeded() || matches!(e.class(), ErrorClass::Request)
 }
 
 /// Attaches a VNIC in `subnet` on physical NIC `nic_index` (`None` on a VM) with `token`.

@@ -75,7 +75,12 @@ pub(super) fn hold(state: &mut State, holders: &[HostHolder], mtu: u32) -> Vec<I
                         v.info.interface.is_some() && v.info.interface == holder.interface
                     })
                 })
-                .map(|v| (v.info.clone(), v.ips.get(&ip).map(|s| s.ocid.clone())));
+                .map(|v| {
+                    (
+                        v.info.clone(),
+                        v.ips.get(&ip).map(|s| (s.ocid.clone(), s.block)),
+                    )
+                });
         let allocation = Allocation {
             ip,
             vnic_id: vnic.as_ref().map(|(v, _)| v.id.clone()).unwrap_or_default(),
@@ -88,7 +93,7 @@ pub(super) fn hold(state: &mut State, holders: &[HostHolder], mtu: u32) -> Vec<I
                 .map_or(Ipv4Addr::UNSPECIFIED, |(v, _)| v.router_ip),
             mtu,
         };
-        let ip_id = vnic
+        let (ip_id, block) = vnic
             .as_ref()
             .and_then(|(_, o)| o.clone())
             .unwrap_or_default();
@@ -105,6 +110,7 @@ pub(super) fn hold(state: &mut State, holders: &[HostHolder], mtu: u32) -> Vec<I
                 pod,
                 allocation,
                 ip_id,
+                block,
             },
         );
         held.push(ip);

@@ -21,8 +21,17 @@ pub struct PoolConfig {
     pub min_ips: usize,
     /// Attached VNICs without any pod kept ready, because attaching is slow (default 0).
     pub warm_vnics: usize,
-    /// Secondary IPs one VNIC may hold (default 31; a 400 `LimitExceeded` also marks a VNIC full).
+    /// Secondary private-IP objects one VNIC may hold, a block counting as one (default 31;
+    /// a 400 `LimitExceeded` also marks a VNIC full).
     pub ips_per_vnic: usize,
+    /// The blocks the grower creates (`ipam.mode = "cidr"` or `"auto"`): their prefix length;
+    /// `None` creates single addresses (`"ip"`).
+    pub block_prefix: Option<u8>,
+    /// Single addresses on a VNIC whose subnet gave no block (`"auto"`): never stuck because
+    /// a subnet is fragmented.
+    pub single_fallback: bool,
+    /// Addresses one VNIC may hold when the grower creates blocks (default 256).
+    pub block_addresses_per_vnic: usize,
     /// The shape's VNIC limit, primary included (IMDS `shapeConfig.maxVnicAttachments`).
     pub max_vnics: usize,
     /// Whether pods get addresses on the primary VNIC too (default false: it stays the node's).
@@ -48,6 +57,9 @@ impl Default for PoolConfig {
             min_ips: 0,
             warm_vnics: 0,
             ips_per_vnic: 31,
+            block_prefix: None,
+            single_fallback: false,
+            block_addresses_per_vnic: 256,
             max_vnics: 2,
             use_primary_vnic: false,
             subnets: Vec::new(),
@@ -62,8 +74,29 @@ impl Default for PoolConfig {
 impl PoolConfig {
     /// Addresses this node can hand out at most.
     pub fn capacity(&self) -> usize {
-        max_pods(self.max_vnics, self.ips_per_vnic, self.use_primary_vnic)
+        max_pods(
+            self.max_vnics,
+            self.addresses_per_vnic(),
+            self.use_primary_vnic,
+        )
     }
+
+    /// Addresses one VNIC may hold: one per object, or as many blocks as fit the objects and
+    /// the address budget.
+    pub fn addresses_per_vnic(&self) -> usize {
+        match self.block_prefix {
+            None => self.ips_per_vnic,
+            Some(prefix) => self
+                .ips_per_vnic
+                .saturating_mul(block_size(prefix))
+                .min(self.block_addresses_per_vnic),
+        }
+    }
+}
+
+/// Addresses in a block of prefix length `prefix`.
+pub fn block_size(prefix: u8) -> usize {
+    1usize << (32 - u32::from(prefix.min(32)))
 }
 
 /// `vcnpath max-pods`: (VNIC limit − the primary unless it serves pods) × IPs per VNIC.
@@ -106,11 +139,25 @@ pub enum SlotState {
     },
 }
 
-/// One secondary IP and its OCID.
+/// One secondary address and the OCID of the private-IP object that gives it to the VNIC:
+/// the address itself, or a block all of whose addresses share that OCID.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Slot {
     pub ocid: String,
     pub state: SlotState,
+    /// The IP CIDR block the address belongs to (`None`: a single private IP).
+    pub block: Option<Ipv4Net>,
+}
+
+impl Slot {
+    /// A single private IP's slot.
+    pub fn single(ocid: String, state: SlotState) -> Self {
+        Self {
+            ocid,
+            state,
+            block: None,
+        }
+    }
 }
 
 /// What the pool knows of a VNIC (checkpointed, so a restart knows it before OCI answers).
@@ -155,6 +202,9 @@ pub struct PoolVnic {
     /// setup finding the interface again does. Until then its free and cooling addresses
     /// serve nobody and count for nothing, so the pool grows past it.
     pub interface_lost: bool,
+    /// OCI refused a block on this VNIC (a fragmented subnet, or a block not allowed)
+    /// until then: with [`PoolConfig::single_fallback`] it grows by single addresses meanwhile.
+    pub no_blocks_until: Option<Instant>,
     pub ips: BTreeMap<Ipv4Addr, Slot>,
 }
 
@@ -167,6 +217,54 @@ impl PoolVnic {
     pub fn count(&self, f: impl Fn(&SlotState) -> bool) -> usize {
         self.ips.values().filter(|s| f(&s.state)).count()
     }
+
+    /// Private-IP objects OCI counts on this VNIC: a block once, whatever its size.
+    pub fn objects(&self) -> usize {
+        self.ips
+            .values()
+            .map(|s| s.ocid.as_str())
+            .collect::<BTreeSet<_>>()
+            .len()
+    }
+
+    /// What the grower creates next on this VNIC, if anything may be.
+    fn next_create(&self, cfg: &PoolConfig, now: Instant) -> Option<Grow> {
+        let Some(prefix) = cfg.block_prefix else {
+            return Some(Grow::Single);
+        };
+        let refused = self.no_blocks_until.is_some_and(|until| until > now);
+        match (refused, cfg.single_fallback) {
+            (false, _) => Some(Grow::Block(prefix)),
+            (true, true) => Some(Grow::Single),
+            (true, false) => None,
+        }
+    }
+    /// The objects that may be deleted, as (first address, OCID, addresses): each all of
+    /// whose addresses are here and free past the release delay. A block with an address
+    /// missing from the pool (a pod's, quarantined or elsewhere) stays.
+    fn releasable(&self, cfg: &PoolConfig, now: Instant) -> Vec<(Ipv4Addr, String, usize)> {
+        let idle = |s: &Slot| matches!(s.state, SlotState::Free { since } if elapsed(since, cfg.release_delay, now));
+        // OCID → (first address, block, addresses here, all idle).
+        let mut objects: BTreeMap<&str, (Ipv4Addr, Option<Ipv4Net>, usize, bool)> = BTreeMap::new();
+        for (ip, slot) in &self.ips {
+            let entry = objects
+                .entry(slot.ocid.as_str())
+                .or_insert((*ip, slot.block, 0, true));
+            entry.2 += 1;
+            entry.3 &= idle(slot) && entry.1 == slot.block;
+        }
+        let mut found: Vec<_> = objects
+            .into_iter()
+            .filter(|(_, (_, block, n, all_idle))| {
+                *all_idle && *n == block.map_or(1, |b| block_size(b.prefix_len()))
+            })
+            .map(|(ocid, (ip, _, n, _))| (ip, ocid.to_owned(), n))
+            .collect();
+        // Single addresses first, then blocks, each in address order.
+        found.sort_by_key(|(ip, _, n)| (*n, *ip));
+        found
+    }
+
     /// No pod holds or recently held an address here. `pods_on` (the VNICs named by the
     /// allocations) is the truth: a slot the reconcile dropped (a stripped tag, a stale list)
     /// must not make a VNIC with a pod look empty.
@@ -176,14 +274,39 @@ impl PoolVnic {
     }
 }
 
+/// What a VNIC grows by.
+#[derive(Debug, Clone, Copy)]
+enum Grow {
+    Single,
+    Block(u8),
+}
+
+impl Grow {
+    fn block(self) -> Option<u8> {
+        match self {
+            Grow::Single => None,
+            Grow::Block(prefix) => Some(prefix),
+        }
+    }
+}
+
+/// One private-IP object to create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Create {
+    pub vnic: String,
+    /// A block of this prefix length, or a single address.
+    pub block: Option<u8>,
+}
+
 /// What the service should do next.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
-    /// One entry per IP to create, naming the VNIC.
-    pub create: Vec<String>,
+    /// One entry per object to create.
+    pub create: Vec<Create>,
     /// One entry per VNIC to attach, naming the subnet.
     pub attach: Vec<String>,
-    /// (VNIC, address, OCID) of free addresses to delete.
+    /// (VNIC, address, OCID) of objects to delete: a free single address, or a block (its
+    /// first address) none of whose addresses is assigned or cooling.
     pub release: Vec<(String, Ipv4Addr, String)>,
     /// (VNIC, attachment) of empty VNICs to detach.
     pub detach: Vec<(String, String)>,
@@ -253,6 +376,7 @@ impl Pool {
                 full: false,
                 suspect: false,
                 interface_lost: false,
+                no_blocks_until: None,
                 ips: BTreeMap::new(),
             });
         }
@@ -439,10 +563,13 @@ impl Pool {
         if self.subnets.is_none() && cfg.subnets.is_empty() {
             return false; // the subnets for new VNICs are not known yet (OCI has not named them)
         }
-        let room_on_vnics = self
-            .vnics
-            .iter()
-            .any(|v| !v.full && !v.unusable() && v.ips.len() < cfg.ips_per_vnic);
+        let room_on_vnics = self.vnics.iter().any(|v| {
+            !v.full
+                && !v.unusable()
+                && v.ips.len() < cfg.addresses_per_vnic()
+                && v.objects() < cfg.ips_per_vnic
+                && v.next_create(cfg, now).is_some()
+        });
         !room_on_vnics && self.can_attach(cfg, now) == 0
     }
 
@@ -482,10 +609,21 @@ impl Pool {
             if v.full || v.unusable() {
                 continue;
             }
-            let take = cfg.ips_per_vnic.saturating_sub(v.ips.len()).min(need);
-            plan.create
-                .extend(std::iter::repeat_n(v.info.id.clone(), take));
-            need -= take;
+            let Some(block) = v.next_create(cfg, now).map(Grow::block) else {
+                continue;
+            };
+            let size = block.map_or(1, block_size);
+            let mut room = cfg.addresses_per_vnic().saturating_sub(v.ips.len());
+            let mut objects = cfg.ips_per_vnic.saturating_sub(v.objects());
+            while need > 0 && room >= size && objects > 0 {
+                plan.create.push(Create {
+                    vnic: v.info.id.clone(),
+                    block,
+                });
+                need = need.saturating_sub(size);
+                room -= size;
+                objects -= 1;
+            }
         }
         let empty = self
             .vnics
@@ -493,7 +631,7 @@ impl Pool {
             .filter(|v| !v.info.is_primary && !v.unusable() && v.is_empty_of_pods(pods_on))
             .count();
         let attach = need
-            .div_ceil(cfg.ips_per_vnic.max(1))
+            .div_ceil(cfg.addresses_per_vnic().max(1))
             .max(cfg.warm_vnics.saturating_sub(empty))
             .min(self.can_attach(cfg, now));
         if let Some(subnet) = self.usable_subnet(cfg, now) {
@@ -522,17 +660,12 @@ impl Pool {
         let settled = || self.vnics.iter().rev().filter(|v| !v.unusable());
         // Highest VNICs first: emptying them lets them be detached.
         for v in settled() {
-            for (ip, slot) in &v.ips {
-                if held <= target {
-                    break;
+            for (ip, ocid, size) in v.releasable(cfg, now) {
+                if held < target + size {
+                    continue;
                 }
-                if let SlotState::Free { since } = slot.state
-                    && elapsed(since, cfg.release_delay, now)
-                {
-                    plan.release
-                        .push((v.info.id.clone(), *ip, slot.ocid.clone()));
-                    held -= 1;
-                }
+                plan.release.push((v.info.id.clone(), ip, ocid));
+                held -= size;
             }
         }
         for v in settled() {
@@ -547,8 +680,17 @@ impl Pool {
             if !idle {
                 continue;
             }
-            let released = plan.release.iter().filter(|r| r.0 == v.info.id).count();
-            let remaining = v.ips.len() - released;
+            let released: BTreeSet<&str> = plan
+                .release
+                .iter()
+                .filter(|r| r.0 == v.info.id)
+                .map(|r| r.2.as_str())
+                .collect();
+            let remaining = v
+                .ips
+                .values()
+                .filter(|s| !released.contains(s.ocid.as_str()))
+                .count();
             // Detaching drops the VNIC's free addresses; only if the targets hold without them.
             if held - remaining >= target {
                 plan.detach

@@ -17,6 +17,7 @@ fn cfg() -> PoolConfig {
         cooldown: Duration::from_secs(10),
         subnet_retry: Duration::from_mins(10),
         physical_nics: 1,
+        ..PoolConfig::default()
     }
 }
 
@@ -68,6 +69,7 @@ fn pool_with(now: Instant, free: usize, assigned: usize) -> Pool {
             Slot {
                 ocid: format!("ip-{i}"),
                 state,
+                block: None,
             },
         );
     }
@@ -149,7 +151,14 @@ fn a_full_vnic_spills_to_a_new_vnic() {
     let now = Instant::now();
     // 6 assigned + 1 free on an 8-IP VNIC: one more fits, the other 2 warm need a new VNIC.
     let plan = pool_with(now, 1, 6).plan(&cfg(), now, &NO_PODS);
-    assert_eq!(plan.create, vec!["vnic-1".to_string()], "{plan:?}");
+    assert_eq!(
+        plan.create,
+        vec![Create {
+            vnic: "vnic-1".to_string(),
+            block: None
+        }],
+        "{plan:?}"
+    );
     assert_eq!(plan.attach.len(), 1, "{plan:?}");
 }
 
@@ -261,6 +270,7 @@ fn empty_vnic_above_warm_target_is_detached() {
             Slot {
                 ocid: format!("ip2-{i}"),
                 state: SlotState::Free { since: now },
+                block: None,
             },
         );
     }
@@ -310,6 +320,7 @@ fn vnic_whose_pods_slot_was_dropped_is_never_detached() {
             Slot {
                 ocid: format!("ip2-{i}"),
                 state: SlotState::Free { since: now },
+                block: None,
             },
         );
     }
@@ -465,4 +476,139 @@ fn a_vnic_whose_interface_was_lost_stays_out_of_the_pool_after_the_reconcile_cle
         pool.pick_free(true).is_some(),
         "found again, it serves again"
     );
+}
+
+fn cidr_cfg() -> PoolConfig {
+    PoolConfig {
+        block_prefix: Some(28),
+        block_addresses_per_vnic: 64,
+        ..cfg()
+    }
+}
+
+/// Adds the /28 at `first` to `vnic` as one object (`ocid`), every address free since `since`.
+fn add_block(pool: &mut Pool, vnic: &str, first: Ipv4Addr, ocid: &str, since: Instant) {
+    let block = Ipv4Net::new(first, 28).unwrap();
+    for ip in crate::oci::models::block_addresses(block) {
+        let slot = Slot {
+            ocid: ocid.into(),
+            state: SlotState::Free { since },
+            block: Some(block),
+        };
+        assert!(pool.add_slot(vnic, ip, slot));
+    }
+}
+
+#[test]
+fn in_cidr_mode_the_warm_target_is_met_with_blocks_and_capacity_counts_addresses() {
+    let now = Instant::now();
+    let cfg = cidr_cfg();
+    // 8 objects of /28 would be 128 addresses; the budget caps a VNIC at 64.
+    assert_eq!(cfg.addresses_per_vnic(), 64);
+    assert_eq!(cfg.capacity(), 2 * 64, "two VNICs besides the primary");
+    let mut pool = pool_with(now, 0, 0);
+    let plan = pool.plan(&cfg, now, &NO_PODS);
+    assert_eq!(
+        plan.create,
+        vec![Create {
+            vnic: "vnic-1".into(),
+            block: Some(28)
+        }],
+        "one /28 covers a warm target of 4: {plan:?}"
+    );
+    // 20 pods waiting need two blocks.
+    for n in 0..20 {
+        pool.waiting.insert((format!("c{n}"), "eth0".into()));
+    }
+    assert_eq!(pool.plan(&cfg, now, &NO_PODS).create.len(), 2);
+    // A full VNIC of 4 blocks (64 addresses) gets no fifth; the plan attaches another.
+    for n in 0..4u8 {
+        let first = Ipv4Addr::new(10, 0, 17, 16 * n);
+        add_block(&mut pool, "vnic-1", first, &format!("block-{n}"), now);
+    }
+    assert_eq!(pool.vnic("vnic-1").unwrap().objects(), 4);
+    for n in 0..70 {
+        pool.waiting.insert((format!("d{n}"), "eth0".into()));
+    }
+    let plan = pool.plan(&cfg, now, &NO_PODS);
+    assert!(
+        plan.create.is_empty() && plan.attach == ["subnet-a"],
+        "{plan:?}"
+    );
+}
+
+#[test]
+fn a_block_is_released_whole_and_only_when_none_of_its_addresses_is_in_use() {
+    let now = Instant::now();
+    let cfg = PoolConfig {
+        warm_ips: 0,
+        ..cidr_cfg()
+    };
+    let mut pool = pool_with(now, 0, 1);
+    let first = Ipv4Addr::new(10, 0, 17, 32);
+    add_block(&mut pool, "vnic-1", first, "block-a", now);
+    let inside = Ipv4Addr::new(10, 0, 17, 40);
+    pool.set_state("vnic-1", inside, SlotState::Assigned(pod(7)));
+    let later = now + Duration::from_secs(61);
+    let plan = pool.plan(&cfg, later, &NO_PODS);
+    assert!(
+        plan.release.is_empty(),
+        "a pod holds an address of the block: {plan:?}"
+    );
+    pool.set_state(
+        "vnic-1",
+        inside,
+        SlotState::Cooldown {
+            until: later + Duration::from_secs(10),
+            released_at: std::time::SystemTime::now(),
+        },
+    );
+    assert!(
+        pool.plan(&cfg, later, &NO_PODS).release.is_empty(),
+        "an address of the block cools down"
+    );
+    pool.set_state("vnic-1", inside, SlotState::Free { since: later });
+    assert!(
+        pool.plan(&cfg, later, &NO_PODS).release.is_empty(),
+        "free, but not past the release delay"
+    );
+    let plan = pool.plan(&cfg, later + Duration::from_secs(61), &NO_PODS);
+    assert_eq!(
+        plan.release,
+        vec![("vnic-1".to_string(), first, "block-a".to_string())],
+        "the block goes as one object: {plan:?}"
+    );
+    // A block with an address missing from the pool (a quarantined pod's) stays.
+    pool.vnic_mut("vnic-1").unwrap().ips.remove(&inside);
+    assert!(
+        pool.plan(&cfg, later + Duration::from_secs(61), &NO_PODS)
+            .release
+            .is_empty()
+    );
+}
+
+#[test]
+fn in_auto_mode_a_vnic_refused_a_block_grows_by_single_addresses_and_in_cidr_mode_not() {
+    let now = Instant::now();
+    let mut pool = pool_with(now, 0, 0);
+    pool.vnic_mut("vnic-1").unwrap().no_blocks_until = Some(now + Duration::from_mins(10));
+    let auto = PoolConfig {
+        single_fallback: true,
+        ..cidr_cfg()
+    };
+    let plan = pool.plan(&auto, now, &NO_PODS);
+    assert_eq!(plan.create.len(), 4, "{plan:?}");
+    assert!(plan.create.iter().all(|c| c.block.is_none()), "{plan:?}");
+    let plan = pool.plan(&cidr_cfg(), now, &NO_PODS);
+    assert!(
+        plan.create.is_empty() && plan.attach == ["subnet-a"],
+        "cidr mode grows by another VNIC instead: {plan:?}"
+    );
+    let plan = pool.plan(&auto, now + Duration::from_mins(10), &NO_PODS);
+    assert_eq!(
+        plan.create.len(),
+        1,
+        "blocks are tried again later: {plan:?}"
+    );
+    assert_eq!(plan.create[0].block, Some(28));
 }

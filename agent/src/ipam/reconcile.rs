@@ -97,7 +97,7 @@ impl Observed {
         self.vnics
             .iter()
             .flat_map(|(_, ips)| ips.iter())
-            .filter_map(|p| p.ip_address.parse().ok())
+            .flat_map(PrivateIp::addresses)
             .collect()
     }
 }
@@ -318,11 +318,17 @@ fn unlisted(state: &State, observed: &Observed) -> Vec<(Ipv4Addr, String)> {
 /// gone (404); an address whose get failed otherwise is left out and kept as it was.
 async fn recheck(inner: &Inner, unlisted: Vec<(Ipv4Addr, String)>) -> Checked {
     let mut checked = Checked::new();
+    // The addresses of one block share its OCID: one get answers for all of them.
+    let mut answers: HashMap<String, Result<PrivateIp, OciError>> = HashMap::new();
     for (ip, ocid) in unlisted {
-        match inner.cloud.get_private_ip(&ocid).await {
+        let answer = match answers.entry(ocid.clone()) {
+            hash_map::Entry::Occupied(e) => e.into_mut(),
+            hash_map::Entry::Vacant(e) => e.insert(inner.cloud.get_private_ip(&ocid).await),
+        };
+        match answer {
             Ok(p) => {
                 tracing::info!(%ip, vnic = p.vnic_id.as_deref().unwrap_or("-"), "an address the lists left out still exists");
-                checked.insert(ip, Some(p));
+                checked.insert(ip, Some(p.clone()));
             }
             Err(e) if e.is_not_found() => {
                 checked.insert(ip, None);
@@ -377,46 +383,47 @@ fn apply(inner: &Inner, state: &mut State, observed: Observed, checked: &Checked
         // OCI still has it attached: serve from it again (once host setup finds its interface).
         v.suspect = false;
         for p in ips.into_iter().filter(|p| !p.is_primary) {
-            let Ok(ip) = p.ip_address.parse::<Ipv4Addr>() else {
-                continue;
-            };
             let tagged = tagged_for(&p.freeform_tags, &cfg.instance_id);
-            let known = before.get(&ip).map(|(_, slot)| &slot.state);
-            let state_of_ip = match (held.get(&ip), known) {
-                (Some(key), _) => SlotState::Assigned(state.allocations[key].pod.clone()),
-                // Not this node's (any more): never adopted, never deleted.
-                (None, _) if !tagged => continue,
-                (None, Some(s @ (SlotState::Free { .. } | SlotState::Cooldown { .. }))) => {
-                    s.clone()
-                }
-                // It was cooling on a VNIC detached behind the agent's back.
-                (None, _) => {
-                    if let Some(cooling) = state.pool.take_cooling(ip) {
-                        cooling
-                    } else {
-                        adopt.push((vnic_id.clone(), ip, p.id));
-                        continue;
+            let block = p.block();
+            // A block gives the VNIC each of its addresses, all under the block's OCID.
+            for ip in p.addresses() {
+                let known = before.get(&ip).map(|(_, slot)| &slot.state);
+                let state_of_ip = match (held.get(&ip), known) {
+                    (Some(key), _) => SlotState::Assigned(state.allocations[key].pod.clone()),
+                    // Not this node's (any more): never adopted, never deleted.
+                    (None, _) if !tagged => continue,
+                    (None, Some(s @ (SlotState::Free { .. } | SlotState::Cooldown { .. }))) => {
+                        s.clone()
                     }
-                }
-            };
-            state.pool.add_slot(
-                &vnic_id,
-                ip,
-                Slot {
-                    ocid: p.id,
+                    // It was cooling on a VNIC detached behind the agent's back.
+                    (None, _) => {
+                        if let Some(cooling) = state.pool.take_cooling(ip) {
+                            cooling
+                        } else {
+                            adopt.push((vnic_id.clone(), ip, p.id.clone(), block));
+                            continue;
+                        }
+                    }
+                };
+                let slot = Slot {
+                    ocid: p.id.clone(),
                     state: state_of_ip,
-                },
-            );
+                    block,
+                };
+                state.pool.add_slot(&vnic_id, ip, slot);
+            }
         }
     }
     keep_unlisted(state, before, checked);
-    for (vnic_id, ip, ocid) in adopt {
+    for (vnic_id, ip, ocid, block) in adopt {
         let v = state.pool.vnic(&vnic_id).expect("observed VNIC");
-        if v.ips.len() < cfg.pool.ips_per_vnic {
-            tracing::info!(%ip, vnic = %vnic_id, "adopting a free address tagged for this node");
+        // A block is adopted whole (it is deleted whole, by the pool's shrink, or not at all).
+        if block.is_some() || v.ips.len() < cfg.pool.addresses_per_vnic() {
+            tracing::info!(%ip, vnic = %vnic_id, block = ?block, "adopting a free address tagged for this node");
             let slot = Slot {
                 ocid,
                 state: state.unrecorded(now),
+                block,
             };
             state.pool.add_slot(&vnic_id, ip, slot);
         } else {
@@ -498,6 +505,7 @@ fn follow(state: &mut State, checked: &Checked, repairs: &mut Repairs) {
         let a = &mut entry.allocation;
         if let Some((v, slot)) = pool.find(a.ip) {
             entry.ip_id.clone_from(&slot.ocid);
+            entry.block = slot.block;
             if v.info.id != a.vnic_id {
                 tracing::warn!(ip = %a.ip, from = %a.vnic_id, to = %v.info.id, container_id = %key.0, "a pod's address was moved to another VNIC; the pod follows it");
                 move_to(a, &v.info);
@@ -528,7 +536,7 @@ async fn repair(inner: &Inner, repairs: Repairs) {
         let token = new_retry_token();
         let created = inner
             .cloud
-            .create_private_ip(&vnic, Some(ip), &inner.tags, &token)
+            .create_private_ip(&vnic, Some(ip), None, &inner.tags, &token)
             .await;
         let mut state = inner.state.lock().await;
         let Some(entry) = state.allocations.get_mut(&key) else {
@@ -537,11 +545,9 @@ async fn repair(inner: &Inner, repairs: Repairs) {
         match created {
             Ok(p) => {
                 entry.ip_id.clone_from(&p.id);
+                entry.block = None;
                 let pod = entry.pod.clone();
-                let slot = Slot {
-                    ocid: p.id,
-                    state: SlotState::Assigned(pod),
-                };
+                let slot = Slot::single(p.id, SlotState::Assigned(pod));
                 state.pool.add_slot(&vnic, ip, slot);
                 tracing::warn!(%ip, %vnic, container_id = %key.0, "restored a checkpointed pod's address that OCI had lost");
             }

@@ -36,6 +36,7 @@ pub(super) async fn release_locked(
         let slot = Slot {
             ocid: entry.ip_id.clone(),
             state: cooling,
+            block: entry.block,
         };
         if !state.pool.add_slot(vnic_id, ip, slot.clone()) {
             state.pool.keep_cooling(vnic_id, ip, slot);

@@ -542,6 +542,7 @@ async fn allocate(inner: &Inner, pod: &PodRef) -> Result<Allocation, AllocError>
                     mtu: inner.cfg.mtu,
                 },
                 ip_id: vnic.ips[&ip].ocid.clone(),
+                block: vnic.ips[&ip].block,
             };
             (entry, vnic.ips[&ip].state.clone())
         });
@@ -604,6 +605,7 @@ fn restore(restored: Restored, cfg: &IpamConfig) -> State {
     for entry in restored.allocations.values() {
         let a = &entry.allocation;
         let slot = Slot {
+            block: entry.block,
             ocid: entry.ip_id.clone(),
             state: SlotState::Assigned(entry.pod.clone()),
         };
@@ -617,6 +619,7 @@ fn restore(restored: Restored, cfg: &IpamConfig) -> State {
             continue;
         }
         let slot = Slot {
+            block: c.block,
             ocid: c.ip_id.clone(),
             state: SlotState::Cooldown {
                 until: later(now, left),

@@ -90,10 +90,16 @@ impl State {
         }
     }
 
-    /// A private IP the grower just created joins the pool: free, unless a pod holds that
-    /// address already (its VNIC was detached and OCI handed the address out again), in which
-    /// case it is the pod's and the pod follows it to this VNIC.
-    pub fn add_created(&mut self, vnic_id: &str, ip: std::net::Ipv4Addr, ocid: String) {
+    /// An address of a private IP (or block, `block`) the grower just created joins the pool:
+    /// free, unless a pod holds that address already (its VNIC was detached and OCI handed the
+    /// address out again), in which case it is the pod's and the pod follows it to this VNIC.
+    pub fn add_created(
+        &mut self,
+        vnic_id: &str,
+        ip: std::net::Ipv4Addr,
+        ocid: String,
+        block: Option<ipnet::Ipv4Net>,
+    ) {
         let now = tokio::time::Instant::now();
         let holder = self
             .allocations
@@ -104,6 +110,7 @@ impl State {
                 tracing::warn!(%ip, vnic = vnic_id, container_id = %key.0, "a new private IP has the address of a quarantined pod; it stays the pod's");
                 move_to(&mut entry.allocation, &v.info);
                 entry.ip_id.clone_from(&ocid);
+                entry.block = block;
                 SlotState::Assigned(entry.pod.clone())
             }
             // An address that was cooling on a VNIC detached behind the agent's back rests
@@ -113,7 +120,7 @@ impl State {
                 .take_cooling(ip)
                 .unwrap_or(SlotState::Free { since: now }),
         };
-        self.pool.add_slot(vnic_id, ip, Slot { ocid, state });
+        self.pool.add_slot(vnic_id, ip, Slot { ocid, state, block });
     }
 
     /// The addresses cooling down (on a VNIC of the pool or not), with the wall-clock time
@@ -128,6 +135,7 @@ impl State {
             .chain(self.pool.cooling_elsewhere())
             .filter_map(|(ip, vnic_id, slot)| match slot.state {
                 SlotState::Cooldown { released_at, .. } => Some(Cooling {
+                    block: slot.block,
                     ip,
                     vnic_id: vnic_id.to_owned(),
                     ip_id: slot.ocid.clone(),

@@ -81,6 +81,30 @@ pub struct PrivateIp {
     pub freeform_tags: Tags,
 }
 
+impl PrivateIp {
+    /// The IP CIDR block this object is, if it is one (a prefix below 32).
+    pub fn block(&self) -> Option<ipnet::Ipv4Net> {
+        let prefix = self.cidr_prefix_length.filter(|p| *p < 32)?;
+        let ip: std::net::Ipv4Addr = self.ip_address.parse().ok()?;
+        ipnet::Ipv4Net::new(ip, prefix).ok().map(|n| n.trunc())
+    }
+
+    /// Every address the object gives its VNIC: one, or each of its block's (every address of
+    /// a block is the VNIC's; a block is not a subnet, so none is reserved). Empty if OCI
+    /// sent something that is not IPv4.
+    pub fn addresses(&self) -> Vec<std::net::Ipv4Addr> {
+        match self.block() {
+            Some(block) => block_addresses(block).collect(),
+            None => self.ip_address.parse().into_iter().collect(),
+        }
+    }
+}
+
+/// Every address of `block`, its first and last included.
+pub fn block_addresses(block: ipnet::Ipv4Net) -> impl Iterator<Item = std::net::Ipv4Addr> {
+    (u32::from(block.network())..=u32::from(block.broadcast())).map(std::net::Ipv4Addr::from)
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Subnet {
