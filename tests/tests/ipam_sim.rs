@@ -121,11 +121,50 @@ fn node_ips(sim: &Simulator) -> BTreeMap<Ipv4Addr, String> {
         {
             continue;
         }
-        let ip: Ipv4Addr = p["ipAddress"].as_str().unwrap().parse().unwrap();
+        let first: Ipv4Addr = p["ipAddress"].as_str().unwrap().parse().unwrap();
+        let prefix = p["cidrPrefixLength"].as_u64().map_or(32, |n| n as u8);
         let vnic = p["vnicId"].as_str().unwrap().to_owned();
-        assert!(ips.insert(ip, vnic).is_none(), "{ip} exists twice in OCI");
+        // A block gives its VNIC every address in it.
+        let block = ipnet::Ipv4Net::new(first, prefix).unwrap();
+        for ip in vcnpath::oci::models::block_addresses(block) {
+            assert!(
+                ips.insert(ip, vnic.clone()).is_none(),
+                "{ip} exists twice in OCI"
+            );
+        }
     }
     ips
+}
+
+/// The node's secondary private-IP objects in OCI: (first address, prefix length).
+fn node_objects(sim: &Simulator) -> Vec<(Ipv4Addr, u8)> {
+    let instance = sim.config().instance_id;
+    sim.snapshot()["privateIps"]
+        .as_array()
+        .expect("privateIps")
+        .iter()
+        .filter(|p| {
+            p["isPrimary"] != true
+                && p["freeformTags"][NODE_TAG].as_str() == Some(instance.as_str())
+        })
+        .map(|p| {
+            (
+                p["ipAddress"].as_str().unwrap().parse().unwrap(),
+                p["cidrPrefixLength"].as_u64().map_or(32, |n| n as u8),
+            )
+        })
+        .collect()
+}
+
+/// The pool of [`pool`] growing by /28 blocks (`ipam.mode = "cidr"`, or `"auto"` with
+/// `single_fallback`).
+fn block_pool(sim: &Simulator, warm_ips: usize, single_fallback: bool) -> PoolConfig {
+    PoolConfig {
+        block_prefix: Some(28),
+        single_fallback,
+        block_addresses_per_vnic: 64,
+        ..pool(sim, warm_ips)
+    }
 }
 
 fn attached_vnics(sim: &Simulator) -> usize {
@@ -1789,4 +1828,184 @@ async fn an_address_the_node_routes_while_free_is_held_from_then_on() {
     }
     assert_eq!(ipam.status().await.recovered, 1);
     assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}
+
+/// Issue 14: in CIDR mode the pool grows by /28 blocks, one `CreatePrivateIp` for sixteen
+/// addresses; every address of a block serves one pod, and pool, checkpoint and OCI agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cidr_mode_serves_pods_from_blocks_with_one_call_per_sixteen_addresses() {
+    let sim = sim(31, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ipam = start(&sim, config(&sim, dir.path(), block_pool(&sim, 8, false))).await;
+    let mut seen = BTreeSet::new();
+    for n in 0..40 {
+        let a = allocate(&ipam, &pod(n), Duration::from_secs(20)).await;
+        assert!(seen.insert(a.ip), "{} handed out twice", a.ip);
+    }
+    wait_for("the warm target", Duration::from_secs(10), async || {
+        ipam.status()
+            .await
+            .vnics
+            .iter()
+            .map(|v| v.free)
+            .sum::<usize>()
+            >= 8
+    })
+    .await;
+    let objects = node_objects(&sim);
+    assert!(
+        objects.iter().all(|(_, prefix)| *prefix == 28),
+        "only blocks: {objects:?}"
+    );
+    // 40 pods + 8 warm = 48 addresses: three /28s.
+    assert_eq!(objects.len(), 3, "{objects:?}");
+    let creates = sim.calls().get("CreatePrivateIp").copied().unwrap_or(0);
+    assert!(
+        creates <= 4,
+        "{creates} CreatePrivateIp calls for 48 addresses"
+    );
+    assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}
+
+/// Issue 14: a restart with blocks restores every pod's address from the checkpoint, the
+/// reconcile rebuilds the blocks from OCI, and no address inside a block goes to two pods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_blocks_keeps_every_pods_address_once() {
+    let sim = sim(31, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&sim, dir.path(), block_pool(&sim, 4, false));
+    let ipam = start(&sim, cfg.clone()).await;
+    let mut before = BTreeMap::new();
+    for n in 0..20 {
+        before.insert(
+            n,
+            allocate(&ipam, &pod(n), Duration::from_secs(20)).await.ip,
+        );
+    }
+    for n in 0..5 {
+        ipam.release(&pod(n)).await.expect("release");
+        before.remove(&n);
+    }
+    let saved = Checkpoint::new(dir.path().join("ipam.json"))
+        .load()
+        .unwrap();
+    assert!(
+        saved.allocations.values().all(|e| e.block.is_some()),
+        "the checkpoint records each pod's block"
+    );
+    drop(ipam);
+
+    let ipam = start(&sim, cfg).await;
+    for (n, ip) in &before {
+        assert_eq!(
+            ipam.lookup(&pod(*n)).await.map(|a| a.ip),
+            Some(*ip),
+            "pod {n} keeps its address"
+        );
+    }
+    let mut held: BTreeSet<Ipv4Addr> = before.values().copied().collect();
+    for n in 100..130 {
+        let a = allocate(&ipam, &pod(n), Duration::from_secs(20)).await;
+        assert!(
+            held.insert(a.ip),
+            "{} handed to a second pod after the restart",
+            a.ip
+        );
+    }
+    assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}
+
+/// Issue 14: a block goes back to OCI only whole, once none of its addresses is assigned or
+/// cooling down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_are_deleted_whole_once_no_address_of_them_is_in_use() {
+    let sim = sim(31, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let pool = PoolConfig {
+        release_delay: Duration::from_millis(300),
+        ..block_pool(&sim, 0, false)
+    };
+    let ipam = start(&sim, config(&sim, dir.path(), pool)).await;
+    for n in 0..20 {
+        allocate(&ipam, &pod(n), Duration::from_secs(20)).await;
+    }
+    assert_eq!(node_objects(&sim).len(), 2, "20 pods in two /28s");
+    // One pod left in each block keeps both.
+    let keep: BTreeSet<usize> = [0, 19].into();
+    for n in (0..20).filter(|n| !keep.contains(n)) {
+        ipam.release(&pod(n)).await.expect("release");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let objects = node_objects(&sim);
+    let held: Vec<Ipv4Addr> = held_ips(&ipam).await;
+    for ip in &held {
+        assert!(
+            objects
+                .iter()
+                .any(|(first, p)| ipnet::Ipv4Net::new(*first, *p).unwrap().contains(ip)),
+            "{ip} is held but its block is gone: {objects:?}"
+        );
+    }
+    for n in keep {
+        ipam.release(&pod(n)).await.expect("release");
+    }
+    wait_for("every block deleted", Duration::from_secs(10), async || {
+        node_objects(&sim).is_empty()
+    })
+    .await;
+    assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+}
+
+/// The addresses the pods hold.
+async fn held_ips(ipam: &Ipam) -> Vec<Ipv4Addr> {
+    ipam.allocations()
+        .await
+        .into_iter()
+        .map(|(_, a)| a.ip)
+        .collect()
+}
+
+/// Issue 14: a subnet with free addresses but no free aligned block (fragmented; a /27 holds
+/// no /28 without a reserved address) never leaves `auto` stuck: it grows by single
+/// addresses. `cidr` mode does not, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fragmented_subnet_gets_single_addresses_in_auto_mode_and_an_answer_in_cidr_mode() {
+    for auto in [true, false] {
+        let mut sim_config = SimConfig {
+            ips_per_vnic: 31,
+            max_vnic_attachments: 3,
+            attach_delay_ms: 100,
+            ..SimConfig::default()
+        };
+        let pods = sim_config
+            .subnets
+            .iter_mut()
+            .find(|s| s.id == PODS_SUBNET)
+            .expect("the pods subnet");
+        pods.cidr_block = "10.0.16.0/27".into();
+        let sim = Simulator::start(sim_config, "127.0.0.1:0").await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ipam = start(&sim, config(&sim, dir.path(), block_pool(&sim, 4, auto))).await;
+        if auto {
+            for n in 0..10 {
+                allocate(&ipam, &pod(n), Duration::from_secs(20)).await;
+            }
+            let objects = node_objects(&sim);
+            assert!(
+                objects.iter().all(|(_, p)| *p == 32),
+                "single addresses: {objects:?}"
+            );
+            assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
+        } else {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let told = ipam.allocate(&pod(0)).await.expect_err("no block anywhere");
+            let status = ipam.status().await;
+            let trouble = format!("{:?}", status.oci);
+            assert!(
+                trouble.contains("LimitExceeded") && trouble.contains("aligned"),
+                "status says OCI gives no block: {trouble} (the pod was told {told})"
+            );
+            assert_eq!(attached_vnics(&sim), 2, "no VNIC attached to chase blocks");
+        }
+    }
 }

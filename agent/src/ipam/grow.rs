@@ -433,14 +433,24 @@ async fn create_ip(inner: &Inner, vnic: &str, block: Option<u8>, token: String) 
         }
         Err(e) if block.is_some() && blocks_refused(&e) => {
             // No aligned block free in the subnet (it is fragmented), or blocks not allowed
-            // there: with `single_fallback` the VNIC grows by single addresses for a while.
-            tracing::warn!(vnic, error = %e, "OCI gives this VNIC no IP CIDR block now");
-            let until = later(Instant::now(), inner.cfg.pool.subnet_retry);
+            // there. With `single_fallback` the VNIC grows by single addresses for a while;
+            // without, new VNICs go to the next subnet, and status shows why.
+            let cfg = &inner.cfg.pool;
+            let until = later(Instant::now(), cfg.subnet_retry);
             let mut state = inner.state.lock().await;
-            if let Some(v) = state.pool.vnic_mut(vnic) {
+            let subnet = state.pool.vnic_mut(vnic).map(|v| {
                 v.no_blocks_until = Some(until);
+                v.info.subnet_id.clone()
+            });
+            if cfg.single_fallback {
+                tracing::info!(vnic, error = %e, "OCI gives this VNIC no IP CIDR block now; single addresses meanwhile");
+                return Outcome::Done;
             }
-            Outcome::Done
+            tracing::warn!(vnic, error = %e, "OCI gives this VNIC no IP CIDR block now (ipam.mode = \"auto\" would use single addresses)");
+            if let Some(subnet) = subnet {
+                state.pool.mark_subnet_exhausted(&subnet, until);
+            }
+            Outcome::failed(e, token)
         }
         Err(e) if e.is_limit_exceeded() => {
             // Limits are not retried: the VNIC holds as many addresses as it may (or its

@@ -44,6 +44,7 @@ fn entries() -> Vec<Entry> {
                 mtu: 9000,
             },
             ip_id: format!("ocid1.privateip.oc1.iad.bench{i}"),
+            block: None,
         })
         .collect()
 }
