@@ -608,6 +608,16 @@ mod tests {
             toml::from_str("[ipam]\nips_per_vnic = 8\nuse_primary_vnic = true")
                 .expect("valid config");
         assert_eq!(config.max_pods(3), 24, "the primary VNIC serves pods too");
+        let config: AgentConfig = toml::from_str("[ipam]\nmode = \"cidr\"").expect("valid config");
+        assert_eq!(
+            config.max_pods(3),
+            2 * 256,
+            "two secondary VNICs of 31 /28 blocks, each capped at 256 addresses"
+        );
+        let config: AgentConfig =
+            toml::from_str("[ipam]\nmode = \"auto\"\nblock_prefix = 30\nips_per_vnic = 8")
+                .expect("valid config");
+        assert_eq!(config.max_pods(3), 2 * 8 * 4, "eight /30s per VNIC");
         assert_eq!(
             config.max_pods(3),
             config.pool(3, Vec::new()).capacity(),
@@ -639,6 +649,12 @@ mod tests {
                 "ipam.ips_per_vnic",
             ),
             ("[ipam]\nips_per_vnic = 0", "ipam.ips_per_vnic"),
+            ("[ipam]\nblock_prefix = 17", "ipam.block_prefix"),
+            ("[ipam]\nblock_prefix = 31", "ipam.block_prefix"),
+            (
+                "[ipam]\nblock_addresses_per_vnic = 0",
+                "ipam.block_addresses_per_vnic",
+            ),
             ("[ipam]\nwarm_ips = 9223372036854775807", "ipam.warm_ips"),
             ("[ipam]\nmin_ips = 9223372036854775807", "ipam.min_ips"),
             (
