@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
 use super::auth::AuthProvider;
+use super::class::ErrorClass;
 use super::error::{AuthError, OciError};
 use super::models::{
     AttachVnicDetails, AttachmentState, BulkCreatePrivateIpsDetails, BulkDeletePrivateIpsDetails,
@@ -409,6 +410,10 @@ impl CoreClient {
                 continue;
             }
             let delay = self.retry.backoff(attempts - 1);
+            if error.class() == ErrorClass::Throttled {
+                // Every call of this node waits, not only this one's retry.
+                self.limiter.hold_off(delay).await;
+            }
             let elapsed = started.elapsed();
             let within_bounds =
                 attempts < self.retry.max_attempts && elapsed + delay < self.retry.total_budget;

@@ -106,6 +106,14 @@ impl RateLimiter {
         };
         tokio::time::sleep_until(start).await;
     }
+
+    /// Holds every call back for `pause` from now: OCI throttled one (429), and the whole
+    /// node backs off, not only that call, so a tenancy at its limit sees no storm from it.
+    pub async fn hold_off(&self, pause: Duration) {
+        let mut tat = self.theoretical_arrival.lock().await;
+        let resume = Instant::now() + pause + self.tolerance;
+        *tat = (*tat).max(resume);
+    }
 }
 
 #[cfg(test)]
@@ -158,6 +166,23 @@ mod tests {
                 exp / 2
             );
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_throttled_call_holds_back_every_call_of_the_node() {
+        let limiter = RateLimiter::new(RateLimit {
+            per_second: 100.0,
+            burst: 10,
+        });
+        let start = Instant::now();
+        limiter.acquire().await;
+        limiter.hold_off(Duration::from_secs(2)).await;
+        limiter.acquire().await;
+        assert!(
+            start.elapsed() >= Duration::from_secs(2),
+            "the next call, whichever it is, waits out the 429's backoff: {:?}",
+            start.elapsed()
+        );
     }
 
     #[tokio::test(start_paused = true)]
