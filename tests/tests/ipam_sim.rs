@@ -12,7 +12,9 @@ use vcnpath::ipam::{
     PoolConfig,
 };
 use vcnpath::oci::CoreClient;
-use vcnpath_tests::ocikit::{fast_retries, instance_principal_client};
+use vcnpath_tests::ocikit::{
+    fast_retries, instance_principal_client, private_ip_range, range_addresses,
+};
 use vcnpath_tests::ocisim::{FaultRule, Faults, SimConfig, Simulator};
 
 const PODS_SUBNET: &str = "ocid1.subnet.oc1.iad.simpods";
@@ -121,9 +123,15 @@ fn node_ips(sim: &Simulator) -> BTreeMap<Ipv4Addr, String> {
         {
             continue;
         }
-        let ip: Ipv4Addr = p["ipAddress"].as_str().unwrap().parse().unwrap();
+        // Every address of an IP CIDR block is the block's VNIC's.
+        let range = private_ip_range(p).unwrap_or_else(|e| panic!("simulator snapshot: {e:#}"));
         let vnic = p["vnicId"].as_str().unwrap().to_owned();
-        assert!(ips.insert(ip, vnic).is_none(), "{ip} exists twice in OCI");
+        for ip in range_addresses(range) {
+            assert!(
+                ips.insert(ip, vnic.clone()).is_none(),
+                "{ip} exists twice in OCI"
+            );
+        }
     }
     ips
 }
