@@ -15,6 +15,7 @@ use vcnpath::ipam::Allocation;
 use crate::{
     agent::binary,
     lab::{ChildGuard, Netns, SimLab, enter_before_exec, spawn_in},
+    ocikit::{private_ip_range, range_addresses},
     privileged::PinDir,
 };
 
@@ -488,7 +489,8 @@ pub fn cni_add_in(
     }
 }
 
-/// The simulator's secondary private IPs, by address → VNIC.
+/// The simulator's secondary private IPs, by address → VNIC: every address of an IP CIDR
+/// block is its VNIC's, as a single secondary IP is.
 pub fn cloud_ips(lab: &SimLab) -> std::collections::BTreeMap<std::net::Ipv4Addr, String> {
     let snapshot = lab.sim().snapshot();
     snapshot["privateIps"]
@@ -496,11 +498,10 @@ pub fn cloud_ips(lab: &SimLab) -> std::collections::BTreeMap<std::net::Ipv4Addr,
         .expect("privateIps")
         .iter()
         .filter(|p| p["isPrimary"] != true)
-        .filter_map(|p| {
-            Some((
-                p["ipAddress"].as_str()?.parse().ok()?,
-                p["vnicId"].as_str()?.to_owned(),
-            ))
+        .flat_map(|p| {
+            let range = private_ip_range(p).unwrap_or_else(|e| panic!("simulator snapshot: {e:#}"));
+            let vnic = p["vnicId"].as_str().unwrap_or_default().to_owned();
+            range_addresses(range).map(move |ip| (ip, vnic.clone()))
         })
         .collect()
 }

@@ -1,7 +1,12 @@
 //! Helpers shared by the tests that drive the agent's OCI client and the official OCI tools
-//! against the simulator.
+//! against the simulator, and by those that read its private IPs back.
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use ipnet::{Ipv4AddrRange, Ipv4Net};
+use serde_json::Value;
 
 use rsa::RsaPrivateKey;
 use rsa::pkcs8::{EncodePrivateKey as _, EncodePublicKey as _, LineEnding};
@@ -120,6 +125,39 @@ pub fn instance_principal_client(
     )
 }
 
+/// The addresses one private-IP object (a `PrivateIp` answer or an entry of the simulator's
+/// `snapshot()["privateIps"]`) gives its VNIC: `ipAddress` alone, or, with
+/// `cidrPrefixLength` below 32, the whole aligned IP CIDR block starting there (docs/oci.md
+/// "IP CIDR blocks"). A single IP carries 32 or no prefix, as `cidr.single_ip_prefix` says.
+pub fn private_ip_range(private_ip: &Value) -> anyhow::Result<Ipv4Net> {
+    let ip: Ipv4Addr = private_ip["ipAddress"]
+        .as_str()
+        .and_then(|text| text.parse().ok())
+        .with_context(|| format!("private IP without an IPv4 ipAddress: {private_ip}"))?;
+    let prefix = match &private_ip["cidrPrefixLength"] {
+        Value::Null => 32,
+        value => value
+            .as_u64()
+            .and_then(|n| u8::try_from(n).ok())
+            .with_context(|| format!("private IP {ip}: cidrPrefixLength {value} is no prefix"))?,
+    };
+    let range = Ipv4Net::new(ip, prefix)
+        .with_context(|| format!("private IP {ip}: cidrPrefixLength {prefix} is above 32"))?;
+    if range.network() != ip {
+        bail!(
+            "private IP {ip}: block {range} must start at its ipAddress (OCI aligns blocks at {})",
+            range.network()
+        );
+    }
+    Ok(range)
+}
+
+/// Every address of `range`, its first and last included (unlike [`Ipv4Net::hosts`], which
+/// leaves out the network and broadcast addresses: inside a block they are pod addresses).
+pub fn range_addresses(range: Ipv4Net) -> Ipv4AddrRange {
+    vcnpath::oci::models::block_addresses(range)
+}
+
 /// The Python interpreter of the tools venv: `$VCNPATH_PYTHON`, else `<workspace>/target/oci-venv/bin/python`.
 pub fn python() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("VCNPATH_PYTHON") {
@@ -136,5 +174,52 @@ pub fn python() -> Result<PathBuf, String> {
             "{} not found (run the setup step, or set VCNPATH_PYTHON)",
             python.display()
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn addresses(private_ip: &Value) -> Vec<Ipv4Addr> {
+        range_addresses(private_ip_range(private_ip).expect("a valid private IP")).collect()
+    }
+
+    #[test]
+    fn a_block_gives_every_address_of_it_and_a_single_ip_itself() {
+        let block = addresses(&json!({"ipAddress": "10.0.1.32", "cidrPrefixLength": 28}));
+        let expected: Vec<Ipv4Addr> = (32..48).map(|d| Ipv4Addr::new(10, 0, 1, d)).collect();
+        assert_eq!(
+            block, expected,
+            "a /28 at 10.0.1.32 is .32 to .47, both ends included"
+        );
+        for single in [
+            json!({"ipAddress": "10.0.1.9"}),
+            json!({"ipAddress": "10.0.1.9", "cidrPrefixLength": null}),
+            json!({"ipAddress": "10.0.1.9", "cidrPrefixLength": 32}),
+        ] {
+            assert_eq!(addresses(&single), [Ipv4Addr::new(10, 0, 1, 9)], "{single}");
+        }
+        let wide = private_ip_range(&json!({"ipAddress": "10.0.64.0", "cidrPrefixLength": 18}))
+            .expect("a /18");
+        assert_eq!(
+            range_addresses(wide).count(),
+            16_384,
+            "a /18 holds 16,384 addresses"
+        );
+    }
+
+    #[test]
+    fn a_block_not_at_its_start_or_a_bad_prefix_is_refused() {
+        for bad in [
+            json!({"ipAddress": "10.0.1.33", "cidrPrefixLength": 28}),
+            json!({"ipAddress": "10.0.1.32", "cidrPrefixLength": 33}),
+            json!({"ipAddress": "10.0.1.32", "cidrPrefixLength": "28"}),
+            json!({"cidrPrefixLength": 28}),
+        ] {
+            assert!(private_ip_range(&bad).is_err(), "{bad} must be refused");
+        }
     }
 }

@@ -12,7 +12,9 @@ use vcnpath::ipam::{
     PoolConfig,
 };
 use vcnpath::oci::CoreClient;
-use vcnpath_tests::ocikit::{fast_retries, instance_principal_client};
+use vcnpath_tests::ocikit::{
+    fast_retries, instance_principal_client, private_ip_range, range_addresses,
+};
 use vcnpath_tests::ocisim::{FaultRule, Faults, SimConfig, Simulator};
 
 const PODS_SUBNET: &str = "ocid1.subnet.oc1.iad.simpods";
@@ -121,12 +123,10 @@ fn node_ips(sim: &Simulator) -> BTreeMap<Ipv4Addr, String> {
         {
             continue;
         }
-        let first: Ipv4Addr = p["ipAddress"].as_str().unwrap().parse().unwrap();
-        let prefix = p["cidrPrefixLength"].as_u64().map_or(32, |n| n as u8);
+        // Every address of an IP CIDR block is the block's VNIC's.
+        let range = private_ip_range(p).unwrap_or_else(|e| panic!("simulator snapshot: {e:#}"));
         let vnic = p["vnicId"].as_str().unwrap().to_owned();
-        // A block gives its VNIC every address in it.
-        let block = ipnet::Ipv4Net::new(first, prefix).unwrap();
-        for ip in vcnpath::oci::models::block_addresses(block) {
+        for ip in range_addresses(range) {
             assert!(
                 ips.insert(ip, vnic.clone()).is_none(),
                 "{ip} exists twice in OCI"
@@ -148,10 +148,8 @@ fn node_objects(sim: &Simulator) -> Vec<(Ipv4Addr, u8)> {
                 && p["freeformTags"][NODE_TAG].as_str() == Some(instance.as_str())
         })
         .map(|p| {
-            (
-                p["ipAddress"].as_str().unwrap().parse().unwrap(),
-                p["cidrPrefixLength"].as_u64().map_or(32, |n| n as u8),
-            )
+            let range = private_ip_range(p).unwrap_or_else(|e| panic!("simulator snapshot: {e:#}"));
+            (range.network(), range.prefix_len())
         })
         .collect()
 }

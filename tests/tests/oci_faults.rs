@@ -11,7 +11,9 @@ use vcnpath::ipam::{
     AllocError, Allocation, Ipam, IpamConfig, NODE_TAG, OciCloud, PodRef, PoolConfig,
 };
 use vcnpath::oci::{CoreClient, ErrorClass};
-use vcnpath_tests::ocikit::{fast_retries, instance_principal_client};
+use vcnpath_tests::ocikit::{
+    fast_retries, instance_principal_client, private_ip_range, range_addresses,
+};
 use vcnpath_tests::ocisim::{FaultKind, FaultRule, Faults, SimConfig, Simulator};
 
 const PODS_SUBNET: &str = "ocid1.subnet.oc1.iad.simpods";
@@ -102,12 +104,15 @@ fn node_ips(sim: &Simulator) -> BTreeMap<Ipv4Addr, String> {
         {
             continue;
         }
-        let ip: Ipv4Addr = p["ipAddress"].as_str().unwrap().parse().unwrap();
-        assert!(
-            ips.insert(ip, p["vnicId"].as_str().unwrap().to_owned())
-                .is_none(),
-            "{ip} exists twice in OCI"
-        );
+        // Every address of an IP CIDR block is the block's VNIC's.
+        let range = private_ip_range(p).unwrap_or_else(|e| panic!("simulator snapshot: {e:#}"));
+        let vnic = p["vnicId"].as_str().unwrap().to_owned();
+        for ip in range_addresses(range) {
+            assert!(
+                ips.insert(ip, vnic.clone()).is_none(),
+                "{ip} exists twice in OCI"
+            );
+        }
     }
     ips
 }

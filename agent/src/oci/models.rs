@@ -101,8 +101,8 @@ impl PrivateIp {
 }
 
 /// Every address of `block`, its first and last included.
-pub fn block_addresses(block: ipnet::Ipv4Net) -> impl Iterator<Item = std::net::Ipv4Addr> {
-    (u32::from(block.network())..=u32::from(block.broadcast())).map(std::net::Ipv4Addr::from)
+pub fn block_addresses(block: ipnet::Ipv4Net) -> ipnet::Ipv4AddrRange {
+    ipnet::Ipv4AddrRange::new(block.network(), block.broadcast())
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -27,8 +27,9 @@
 //!   starts with its primary VNIC only, named `ens3` as a guest names it; each VNIC the
 //!   simulator attaches appears as the next free `ensN` (down, unaddressed, MTU 1500),
 //!   never named after its `nicIndex` (0 for every VNIC of a VM); the router's sets follow
-//!   the simulator's private IPs, and the simulator listens on the node's loopback, where
-//!   an agent spawned in the node finds it.
+//!   the simulator's private IPs (an IP CIDR block as its prefix: every address inside it
+//!   passes the check and reaches the VNIC), and the simulator listens on the node's
+//!   loopback, where an agent spawned in the node finds it.
 //! - With a `BM.*` shape [`SimLab`] builds a bare-metal node instead: two physical NICs
 //!   (`ens2f0` with the primary VNIC untagged, `ens2f1`) and no link per secondary VNIC; the
 //!   router terminates each secondary's VLAN `vlanTag` on its end of the NIC of its

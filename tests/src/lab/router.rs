@@ -1,9 +1,11 @@
 //! The VCN's virtual router: OCI's source/destination check, in nftables.
 //!
 //! OCI drops a packet leaving a VNIC unless its source is one of that VNIC's private IPs,
-//! and drops a packet towards a VNIC unless its destination is one of them. Here each VNIC
-//! has a set of addresses (`vnicN_addrs`) and two named counters (`vnicN_src_drops`,
-//! `vnicN_dst_drops`) so tests can tell which check dropped what.
+//! and drops a packet towards a VNIC unless its destination is one of them; an IP CIDR
+//! block (a private-IP object with `cidrPrefixLength`) makes every address inside it one
+//! of them. Here each VNIC has a set of prefixes (`vnicN_addrs`, an interval set: a single
+//! IP is its /32, a block its prefix, so a /18 is one element) and two named counters
+//! (`vnicN_src_drops`, `vnicN_dst_drops`) so tests can tell which check dropped what.
 //!
 //! The source check hooks prerouting, so it also covers packets addressed to the router
 //! itself; the destination check hooks postrouting, so it also covers ICMP errors the router
@@ -15,13 +17,16 @@
 //! simulator attaches later are added and removed as a unit ([`add_port`], [`remove_port`]).
 //!
 //! OCI's router also knows which VNIC owns each address without ARP; the lab mirrors that
-//! with a permanent neighbour entry and a /32 route for every address in a set, so the node
-//! never has to answer ARP for pod addresses.
+//! with a permanent neighbour entry and a /32 route for every single address in a set, and
+//! for a block one route through its first address (which has the neighbour entry), so
+//! the node never has to answer ARP for pod addresses and a block costs two entries
+//! whatever its size.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
+use ipnet::Ipv4Net;
 
 use super::netns::{Netns, cmd_in};
 use super::process::run_stdin;
@@ -94,13 +99,22 @@ fn base_ruleset() -> String {
     )
 }
 
-/// `nft -f` commands adding `port` with `addrs` in its set.
-fn add_port_commands(port: &Port, addrs: &[Ipv4Addr]) -> String {
+/// A set element as nft writes it: a single address bare, a block as its prefix.
+fn element(range: Ipv4Net) -> String {
+    if range.prefix_len() == 32 {
+        range.addr().to_string()
+    } else {
+        range.to_string()
+    }
+}
+
+/// `nft -f` commands adding `port` with `ranges` in its set.
+fn add_port_commands(port: &Port, ranges: &[Ipv4Net]) -> String {
     let i = port.index;
     let (set, ifname) = (set_name(i), &port.ifname);
-    let mut text = format!("add set ip {TABLE} {set} {{ type ipv4_addr; }}\n");
-    if !addrs.is_empty() {
-        let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    let mut text = format!("add set ip {TABLE} {set} {{ type ipv4_addr; flags interval; }}\n");
+    if !ranges.is_empty() {
+        let list: Vec<String> = ranges.iter().copied().map(element).collect();
         let _ = writeln!(
             text,
             "add element ip {TABLE} {set} {{ {} }}",
@@ -150,22 +164,22 @@ fn remove_port_commands(port: &Port) -> String {
 pub fn install(router: &Netns, vnics: &[Vnic]) -> Result<()> {
     let mut text = base_ruleset();
     for vnic in vnics {
-        text.push_str(&add_port_commands(&Port::from(vnic), &[vnic.ip]));
+        text.push_str(&add_port_commands(&Port::from(vnic), &[vnic.ip.into()]));
     }
     run_stdin(cmd_in(router, "nft").args(["-f", "-"]), &text)
         .context("installing the source/destination check in the router")?;
     for vnic in vnics {
-        set_neighbour(router, &Port::from(vnic), vnic.ip)?;
+        set_neighbour(router, &Port::from(vnic), vnic.ip.into())?;
     }
     Ok(())
 }
 
-/// Adds a VNIC to the check (as attaching it does in OCI), its set holding `addrs`. The
-/// link `port.ifname` must exist already.
-pub fn add_port(router: &Netns, port: &Port, addrs: &[Ipv4Addr]) -> Result<()> {
+/// Adds a VNIC to the check (as attaching it does in OCI), its set holding `ranges` (its
+/// single IPs as /32s and its IP CIDR blocks). The link `port.ifname` must exist already.
+pub fn add_port(router: &Netns, port: &Port, ranges: &[Ipv4Net]) -> Result<()> {
     run_stdin(
         cmd_in(router, "nft").args(["-f", "-"]),
-        &add_port_commands(port, addrs),
+        &add_port_commands(port, ranges),
     )
     .with_context(|| {
         format!(
@@ -173,8 +187,8 @@ pub fn add_port(router: &Netns, port: &Port, addrs: &[Ipv4Addr]) -> Result<()> {
             port.index, port.ifname
         )
     })?;
-    for ip in addrs {
-        set_neighbour(router, port, *ip)?;
+    for range in ranges {
+        set_neighbour(router, port, *range)?;
     }
     Ok(())
 }
@@ -195,52 +209,87 @@ pub fn remove_port(router: &Netns, port: &Port) -> Result<()> {
     Ok(())
 }
 
-/// Points the router at `ip` through its port: a permanent neighbour entry, and a /32
-/// route so an address reaches its own VNIC even when two VNICs share a subnet.
-fn set_neighbour(router: &Netns, port: &Port, ip: Ipv4Addr) -> Result<()> {
-    router.ip_batch(&[
-        &["route", "replace", &format!("{ip}/32"), "dev", &port.ifname],
+/// Points the router at `range` through its port, without ARP. A single address gets a
+/// permanent neighbour entry and a /32 route (so it reaches its own VNIC even when two
+/// VNICs share a subnet). A block gets the neighbour entry for its first address and one
+/// route for the whole prefix through that address (`onlink`: the gateway lies inside the
+/// route being added), so every address of it is sent to the VNIC's MAC.
+fn set_neighbour(router: &Netns, port: &Port, range: Ipv4Net) -> Result<()> {
+    let first = range.network().to_string();
+    let prefix = range.to_string();
+    let route: &[&str] = if range.prefix_len() == 32 {
+        &["route", "replace", &prefix, "dev", &port.ifname]
+    } else {
         &[
-            "neigh",
+            "route",
             "replace",
-            &ip.to_string(),
-            "lladdr",
-            &port.mac.to_string(),
+            &prefix,
+            "via",
+            &first,
             "dev",
             &port.ifname,
-            "nud",
-            "permanent",
-        ],
-    ])?;
+            "onlink",
+        ]
+    };
+    let neighbour: &[&str] = &[
+        "neigh",
+        "replace",
+        &first,
+        "lladdr",
+        &port.mac.to_string(),
+        "dev",
+        &port.ifname,
+        "nud",
+        "permanent",
+    ];
+    // The neighbour first: a block's route resolves through it.
+    router.ip_batch(&[neighbour, route])?;
     Ok(())
 }
 
 /// Makes `ip` one of the port's addresses (as assigning a secondary private IP does in OCI).
 pub fn add_address(router: &Netns, port: &Port, ip: Ipv4Addr) -> Result<()> {
+    add_range(router, port, ip.into())
+}
+
+/// Removes `ip` from the port's addresses.
+pub fn remove_address(router: &Netns, port: &Port, ip: Ipv4Addr) -> Result<()> {
+    remove_range(router, port, ip.into())
+}
+
+/// Makes every address of `range` the port's: a /32 is one secondary private IP, a shorter
+/// prefix an IP CIDR block assigned as one object.
+pub fn add_range(router: &Netns, port: &Port, range: Ipv4Net) -> Result<()> {
     router.nft(&[
         "add",
         "element",
         "ip",
         TABLE,
         &set_name(port.index),
-        &format!("{{ {ip} }}"),
+        &format!("{{ {} }}", element(range)),
     ])?;
-    set_neighbour(router, port, ip)
+    set_neighbour(router, port, range)
 }
 
-/// Removes `ip` from the port's addresses.
-pub fn remove_address(router: &Netns, port: &Port, ip: Ipv4Addr) -> Result<()> {
+/// Takes `range` (exactly as [`add_range`] gave it) from the port.
+pub fn remove_range(router: &Netns, port: &Port, range: Ipv4Net) -> Result<()> {
     router.nft(&[
         "delete",
         "element",
         "ip",
         TABLE,
         &set_name(port.index),
-        &format!("{{ {ip} }}"),
+        &format!("{{ {} }}", element(range)),
     ])?;
     router.ip_batch(&[
-        &["neigh", "del", &ip.to_string(), "dev", &port.ifname],
-        &["route", "del", &format!("{ip}/32"), "dev", &port.ifname],
+        &["route", "del", &range.to_string(), "dev", &port.ifname],
+        &[
+            "neigh",
+            "del",
+            &range.network().to_string(),
+            "dev",
+            &port.ifname,
+        ],
     ])?;
     Ok(())
 }
@@ -282,9 +331,16 @@ mod tests {
 
     #[test]
     fn a_port_checks_both_ways_through_its_own_chains() {
-        let text = add_port_commands(&port1(), &[Ipv4Addr::new(10, 0, 1, 10)]);
+        let text = add_port_commands(
+            &port1(),
+            &[
+                Ipv4Addr::new(10, 0, 1, 10).into(),
+                "10.0.1.32/28".parse().unwrap(),
+            ],
+        );
         for expected in [
-            "add element ip vcnlab vnic1_addrs { 10.0.1.10 }",
+            "add set ip vcnlab vnic1_addrs { type ipv4_addr; flags interval; }",
+            "add element ip vcnlab vnic1_addrs { 10.0.1.10, 10.0.1.32/28 }",
             "add rule ip vcnlab vnic1_src ip saddr != @vnic1_addrs counter name \"vnic1_src_drops\" drop",
             "add rule ip vcnlab vnic1_dst ip daddr != @vnic1_addrs counter name \"vnic1_dst_drops\" drop",
             "add element ip vcnlab source_ports { \"r1\" : jump vnic1_src }",

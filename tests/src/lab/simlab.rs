@@ -12,12 +12,13 @@
 
 use std::fs::File;
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use ipnet::Ipv4Net;
 
 use super::simsync::{self, SimSync, Slots, VnicView, Wiring, node_ifname};
 use super::topology::{BM_NICS, GUEST_PRIMARY, Mac};
@@ -409,12 +410,12 @@ fn primary_view(sim: &Simulator) -> Result<VnicView> {
         .find(|v| v.is_primary)
         .context("the simulator has no primary VNIC")?;
     let ens3 = &GUEST_PRIMARY[0];
-    let primary_ip: Option<Ipv4Addr> = primary.addrs.iter().next().copied();
-    if primary.mac != ens3.mac || primary_ip != Some(ens3.ip) || primary.addrs.len() != 1 {
+    let primary_ip: Option<Ipv4Net> = primary.ranges.iter().next().copied();
+    if primary.mac != ens3.mac || primary_ip != Some(ens3.ip.into()) || primary.ranges.len() != 1 {
         bail!(
             "the simulator's primary VNIC (MAC {}, IPs {:?}) is not the lab's ens3 (MAC {}, IP {}): start from lab_sim_config()",
             primary.mac,
-            primary.addrs,
+            primary.ranges,
             ens3.mac,
             ens3.ip
         );
@@ -437,8 +438,8 @@ mod tests {
         let ens3 = &GUEST_PRIMARY[0];
         assert_eq!(primary.mac, ens3.mac, "primary MAC");
         assert_eq!(
-            primary.addrs.iter().copied().collect::<Vec<_>>(),
-            vec![ens3.ip],
+            primary.ranges.iter().copied().collect::<Vec<_>>(),
+            vec![Ipv4Net::from(ens3.ip)],
             "primary VNIC's addresses"
         );
         assert_eq!(primary.router_ip, ens3.router_ip, "subnet A's router");

@@ -2,11 +2,13 @@
 //!
 //! The simulator's state is the truth, read with `snapshot()`: a VNIC whose attachment is
 //! ATTACHED (or still DETACHING) has a link, and its set in the router holds exactly the
-//! private IPs the simulator assigns to it. A background thread compares that with what it
-//! has applied and repairs the difference. It wakes on every simulator event (so a newly
-//! ATTACHED VNIC's interface appears at once) and at least every [`TICK`], because private IPs come
-//! and go without events. Comparing whole states rather than replaying events also means a
-//! burst that overflows the event channel cannot leave the lab out of step.
+//! private IPs the simulator assigns to it: each single IP as its /32, each IP CIDR block
+//! (`cidrPrefixLength` below 32) as its prefix, so every address inside a block passes. A
+//! background thread compares that with what it has applied and repairs the difference. It
+//! wakes on every simulator event (so a newly ATTACHED VNIC's interface appears at once) and
+//! at least every [`TICK`], because private IPs come and go without events. Comparing whole
+//! states rather than replaying events also means a burst that overflows the event channel
+//! cannot leave the lab out of step.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -22,6 +24,7 @@ use tokio::sync::watch;
 use super::LabInner;
 use super::router::{self, Port};
 use super::topology::{BM_NICS, LINK_MTU, Mac};
+use crate::ocikit::private_ip_range;
 use crate::ocisim::Simulator;
 
 /// How often the simulator's private IPs are compared with the router's sets.
@@ -35,8 +38,9 @@ pub(super) struct VnicView {
     pub mac: Mac,
     pub subnet: Ipv4Net,
     pub router_ip: Ipv4Addr,
-    /// The primary private IP and every secondary one.
-    pub addrs: BTreeSet<Ipv4Addr>,
+    /// The VNIC's private-IP objects as address ranges: the primary IP and every secondary
+    /// one as a /32, every IP CIDR block as its prefix.
+    pub ranges: BTreeSet<Ipv4Net>,
     /// The attachment's physical NIC (0 on a VM).
     pub nic_index: u32,
     /// The attachment's VLAN tag: what carries the VNIC on a bare-metal NIC (0 untagged).
@@ -106,10 +110,10 @@ pub(super) fn attached_vnics(snapshot: &Value) -> Result<Vec<VnicView>> {
             .iter()
             .find(|s| s["id"] == subnet_id)
             .with_context(|| format!("simulator snapshot: no subnet {subnet_id}"))?;
-        let addrs = list("privateIps")?
+        let ranges = list("privateIps")?
             .iter()
             .filter(|p| p["vnicId"] == vnic_id)
-            .map(|p| field(p, "ipAddress")?.parse().context("private IP"))
+            .map(|p| private_ip_range(p).context("simulator snapshot"))
             .collect::<Result<_>>()?;
         let vlan_tag = attachment["vlanTag"].as_u64().unwrap_or_default();
         let order = (
@@ -126,7 +130,7 @@ pub(super) fn attached_vnics(snapshot: &Value) -> Result<Vec<VnicView>> {
                 router_ip: field(subnet, "virtualRouterIp")?
                     .parse()
                     .context("virtual router IP")?,
-                addrs,
+                ranges,
                 nic_index: attachment["nicIndex"]
                     .as_u64()
                     .and_then(|n| u32::try_from(n).ok())
@@ -274,7 +278,7 @@ impl Applied {
                         self.vnics.insert(want.vnic_id.clone(), (slot, want));
                     })
                 }
-                Some((slot, have)) => sync_addresses(&self.lab, *slot, have, &want.addrs),
+                Some((slot, have)) => sync_ranges(&self.lab, *slot, have, &want.ranges),
             };
             if let Err(error) = result {
                 failures.push(format!("{error:#}"));
@@ -340,8 +344,8 @@ fn attach(lab: &LabInner, slot: u32, view: &VnicView) -> Result<()> {
             &["addr", "add", &gateway, "dev", &rname],
             &["link", "set", &rname, "up"],
         ])?;
-        let addrs: Vec<Ipv4Addr> = view.addrs.iter().copied().collect();
-        router::add_port(router, &port(slot, view.mac), &addrs)
+        let ranges: Vec<Ipv4Net> = view.ranges.iter().copied().collect();
+        router::add_port(router, &port(slot, view.mac), &ranges)
     })();
     if let Err(error) = configured {
         // Leave nothing half-built: the next tick starts this VNIC again from scratch.
@@ -400,8 +404,8 @@ fn attach_vlan(lab: &LabInner, slot: u32, view: &VnicView) -> Result<()> {
         let gateway = format!("{}/{}", view.router_ip, view.subnet.prefix_len());
         router.ip(&["addr", "add", &gateway, "dev", &rname])?;
         router.ip(&["link", "set", &rname, "up"])?;
-        let addrs: Vec<Ipv4Addr> = view.addrs.iter().copied().collect();
-        router::add_port(router, &port(slot, view.mac), &addrs)
+        let ranges: Vec<Ipv4Net> = view.ranges.iter().copied().collect();
+        router::add_port(router, &port(slot, view.mac), &ranges)
     })();
     if let Err(error) = configured {
         let _ = router::remove_port(router, &port(slot, view.mac));
@@ -415,23 +419,25 @@ fn attach_vlan(lab: &LabInner, slot: u32, view: &VnicView) -> Result<()> {
 /// kernel's Ethernet default; OCI's 9000 is set by the guest, as cloud-init does).
 pub(super) const FRESH_NIC_MTU: u32 = 1500;
 
-/// Makes the router's set for the VNIC in `slot` hold exactly `want`.
-fn sync_addresses(
+/// Makes the router's set for the VNIC in `slot` hold exactly `want`. Ranges leave before
+/// new ones come, so a block that replaced single addresses inside it (or the reverse)
+/// never overlaps them in the set.
+fn sync_ranges(
     lab: &LabInner,
     slot: u32,
     have: &mut VnicView,
-    want: &BTreeSet<Ipv4Addr>,
+    want: &BTreeSet<Ipv4Net>,
 ) -> Result<()> {
     let port = port(slot, have.mac);
-    for ip in want.difference(&have.addrs.clone()) {
-        router::add_address(&lab.router, &port, *ip)
-            .with_context(|| format!("giving {ip} to VNIC {} in the router", have.vnic_id))?;
-        have.addrs.insert(*ip);
+    for range in have.ranges.clone().difference(want) {
+        router::remove_range(&lab.router, &port, *range)
+            .with_context(|| format!("taking {range} from VNIC {} in the router", have.vnic_id))?;
+        have.ranges.remove(range);
     }
-    for ip in have.addrs.clone().difference(want) {
-        router::remove_address(&lab.router, &port, *ip)
-            .with_context(|| format!("taking {ip} from VNIC {} in the router", have.vnic_id))?;
-        have.addrs.remove(ip);
+    for range in want.difference(&have.ranges.clone()) {
+        router::add_range(&lab.router, &port, *range)
+            .with_context(|| format!("giving {range} to VNIC {} in the router", have.vnic_id))?;
+        have.ranges.insert(*range);
     }
     Ok(())
 }
