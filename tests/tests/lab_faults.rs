@@ -162,7 +162,11 @@ impl Suite {
     /// The round's DELs: the pods stranded by a detach (the runtime deletes what lost its
     /// network), then the oldest live pods.
     fn pick_dels(&mut self) -> Vec<String> {
-        let mut dels: Vec<String> = std::mem::take(&mut self.stranded);
+        // A stranded pod whose DEL the restart's retry already served is gone.
+        let mut dels: Vec<String> = std::mem::take(&mut self.stranded)
+            .into_iter()
+            .filter(|id| self.live.contains_key(id))
+            .collect();
         let oldest: Vec<String> = self
             .live
             .keys()
