@@ -2007,3 +2007,33 @@ async fn a_fragmented_subnet_gets_single_addresses_in_auto_mode_and_an_answer_in
         }
     }
 }
+
+/// Nodes started together spread their first calls to OCI over `start_jitter`: twelve IPAM
+/// instances started at once with a 6 s jitter reconcile more than 2 s apart (without the
+/// jitter they finish within about a second of each other, contending for two threads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_started_together_spread_their_first_reconcile_over_the_start_jitter() {
+    let sim = sim(8, 2).await;
+    let dirs: Vec<_> = (0..12).map(|_| tempfile::tempdir().unwrap()).collect();
+    let started = Instant::now();
+    let reconciles = dirs.iter().map(|dir| {
+        let mut cfg = config(&sim, dir.path(), pool(&sim, 0));
+        cfg.start_jitter = Duration::from_secs(6);
+        async {
+            let ipam = start(&sim, cfg).await;
+            drop(ipam);
+            started.elapsed()
+        }
+    });
+    let mut took: Vec<Duration> = futures::future::join_all(reconciles).await;
+    took.sort();
+    let (first, last) = (took[0], took[took.len() - 1]);
+    assert!(
+        last - first > Duration::from_secs(2),
+        "first reconciles at {took:?}: not spread"
+    );
+    assert!(
+        last < Duration::from_secs(9),
+        "the jitter is at most 6 s: {took:?}"
+    );
+}

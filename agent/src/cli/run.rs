@@ -34,7 +34,7 @@ use crate::{
     ipam::{Ipam, IpamConfig, OciCloud},
     oci::{
         AuthProvider, ConfigFileAuth, CoreClient, Endpoints, ImdsClient, InstancePrincipalAuth,
-        RateLimit, RetryPolicy, transport,
+        RetryPolicy, transport,
     },
 };
 
@@ -110,7 +110,7 @@ async fn connect(config: &AgentConfig) -> anyhow::Result<Cloud> {
         &endpoints,
         auth,
         RetryPolicy::default(),
-        RateLimit::default(),
+        config.oci.rate_limit(),
     ));
     Ok(Cloud {
         instance,
@@ -654,6 +654,7 @@ fn start_ipam(
     ipam_config.allocation_gc_grace = Duration::from_secs(config.ipam.allocation_gc_grace_secs);
     ipam_config.pool.physical_nics = u32::try_from(physical_nics).unwrap_or(1).max(1);
     ipam_config.earlier_agent_this_boot = earlier_agent_this_boot;
+    ipam_config.start_jitter = Duration::from_millis(config.oci.start_jitter_ms);
     let cloud = OciCloud::new(
         client.clone(),
         instance.compartment_id.clone(),

@@ -58,6 +58,15 @@ pub struct OciSection {
     /// PEM certificates to trust besides the public web roots built in: a private realm's
     /// CA, or the node's store (`/etc/ssl/certs/ca-certificates.crt`).
     pub ca_bundle: Option<PathBuf>,
+    /// The node's own limit on OCI calls per second. OCI's limits are per tenancy, shared by
+    /// every node; after a 429 the node halves its rate and earns it back.
+    pub requests_per_second: u32,
+    /// Calls the node may make at once after being idle, at its full rate.
+    pub burst: u32,
+    /// Before its first reconcile with OCI the agent waits a random time up to this long, so
+    /// a node pool that starts at once does not call OCI at once. Pods restored from the
+    /// checkpoint are served meanwhile.
+    pub start_jitter_ms: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -166,6 +175,49 @@ impl Default for OciSection {
             imds_url: "http://169.254.169.254/opc/v2/".into(),
             endpoint: None,
             ca_bundle: None,
+            requests_per_second: DEFAULT_REQUESTS_PER_SECOND,
+            burst: DEFAULT_BURST,
+            start_jitter_ms: DEFAULT_START_JITTER_MS,
+        }
+    }
+}
+
+/// The node's own OCI call rate: Oracle's controllers budget about 20 calls/s for a whole
+/// tenancy (docs/oci.md), so a node alone may use half of it.
+const DEFAULT_REQUESTS_PER_SECOND: u32 = 10;
+const DEFAULT_BURST: u32 = 10;
+/// Spreads a node pool's first calls over a second; a node with no pod yet waits on average
+/// half of it longer for its first address.
+const DEFAULT_START_JITTER_MS: u64 = 1000;
+
+impl OciSection {
+    /// The `[oci]` part of [`AgentConfig::validate`].
+    fn validate(&self) -> Result<(), ConfigError> {
+        within(
+            "oci.requests_per_second",
+            u64::from(self.requests_per_second),
+            1..=1000,
+            "0 would never call OCI, and more than OCI serves a tenancy only earns 429s",
+        )?;
+        within(
+            "oci.burst",
+            u64::from(self.burst),
+            1..=1000,
+            "a burst of 0 would never call OCI",
+        )?;
+        within(
+            "oci.start_jitter_ms",
+            self.start_jitter_ms,
+            0..=60_000,
+            "a start delayed by more than a minute delays every new node's first pod as long",
+        )
+    }
+
+    /// The client's rate limit.
+    pub fn rate_limit(&self) -> crate::oci::RateLimit {
+        crate::oci::RateLimit {
+            per_second: f64::from(self.requests_per_second),
+            burst: self.burst,
         }
     }
 }
@@ -374,6 +426,7 @@ impl AgentConfig {
     /// Every value is range-checked here, with the reason in the error: a value the agent
     /// cannot use is refused at start, never found later as an overflow in a handler.
     fn validate(&self) -> Result<(), ConfigError> {
+        self.oci.validate()?;
         self.ipam.validate()?;
         let dp = &self.datapath;
         within(
@@ -649,6 +702,9 @@ mod tests {
                 "ipam.ips_per_vnic",
             ),
             ("[ipam]\nips_per_vnic = 0", "ipam.ips_per_vnic"),
+            ("[oci]\nrequests_per_second = 0", "oci.requests_per_second"),
+            ("[oci]\nburst = 0", "oci.burst"),
+            ("[oci]\nstart_jitter_ms = 600000", "oci.start_jitter_ms"),
             ("[ipam]\nblock_prefix = 17", "ipam.block_prefix"),
             ("[ipam]\nblock_prefix = 31", "ipam.block_prefix"),
             (

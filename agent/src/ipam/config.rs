@@ -50,6 +50,9 @@ pub struct IpamConfig {
     /// down: every free address the first reconcile finds rests a whole cooldown before a
     /// new pod gets it. After a reboot no pod from before runs, so none needs to.
     pub earlier_agent_this_boot: bool,
+    /// The first reconcile waits a random time up to this long (default 0; the agent's
+    /// `oci.start_jitter_ms`), so nodes started together spread their first calls.
+    pub start_jitter: Duration,
 }
 
 impl IpamConfig {
@@ -70,6 +73,7 @@ impl IpamConfig {
             error_backoff_max: Duration::from_mins(1),
             allocation_gc_grace: Duration::from_mins(5),
             earlier_agent_this_boot: false,
+            start_jitter: Duration::ZERO,
         }
     }
 }

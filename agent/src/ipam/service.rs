@@ -641,6 +641,11 @@ fn restore(restored: Restored, cfg: &IpamConfig) -> State {
 /// The first reconcile, retried until OCI answers, then the grower and the periodic reconcile.
 async fn background(inner: Arc<Inner>) {
     let started = std::time::Instant::now();
+    let jitter = inner.cfg.start_jitter.mul_f64(rand::random::<f64>());
+    if !jitter.is_zero() {
+        tracing::debug!(?jitter, "the first reconcile waits its start jitter");
+        tokio::time::sleep(jitter).await;
+    }
     let mut delay = inner
         .cfg
         .retry_after

@@ -115,7 +115,7 @@ impl CoreClient {
             auth,
             retry,
             limiter: RateLimiter::new(rate),
-            metrics: Arc::default(),
+            metrics: Arc::new(super::metrics::ApiMetrics::new(rate.per_second)),
         }
     }
 
@@ -391,7 +391,10 @@ impl CoreClient {
             attempts += 1;
             let (result, generation) = self.attempt(call, started).await?;
             let error = match result {
-                Ok(answer) => return Ok(answer),
+                Ok(answer) => {
+                    self.answered().await;
+                    return Ok(answer);
+                }
                 Err(error) => error,
             };
             if let Some(server_message) = clock_skew(&error) {
@@ -411,8 +414,13 @@ impl CoreClient {
             }
             let delay = self.retry.backoff(attempts - 1);
             if error.class() == ErrorClass::Throttled {
-                // Every call of this node waits, not only this one's retry.
-                self.limiter.hold_off(delay).await;
+                // Every call of this node waits, not only this one's retry, and the node
+                // slows down to what the tenancy has room for.
+                let rate = self.limiter.throttled(delay).await;
+                self.metrics.set_rate_limit(rate);
+                tracing::info!(operation = call.operation, calls_per_second = rate, pause = ?delay, "OCI throttled the node; it slows down");
+            } else if matches!(error, OciError::Service { .. }) {
+                self.answered().await;
             }
             let elapsed = started.elapsed();
             let within_bounds =
@@ -433,6 +441,12 @@ impl CoreClient {
             tracing::debug!(operation = call.operation, attempts, ?delay, error = %error, "retrying OCI call");
             tokio::time::sleep(delay).await;
         }
+    }
+
+    /// OCI answered without throttling: the limiter earns back rate.
+    async fn answered(&self) {
+        let rate = self.limiter.answered().await;
+        self.metrics.set_rate_limit(rate);
     }
 
     /// One signed attempt. The outer error is not retryable (no credentials, bad URL).

@@ -26,16 +26,41 @@ struct Inner {
     latency: BTreeMap<&'static str, Histogram>,
     /// Per operation, whether its last answer was an IAM denial (true) or a success (false).
     denied: BTreeMap<&'static str, bool>,
+    /// The calls per second the client allows itself now (lowered after 429s).
+    rate_limit: f64,
 }
 
 impl ApiMetrics {
+    /// Metrics of a client allowed `rate_limit` calls per second.
+    pub fn new(rate_limit: f64) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                rate_limit,
+                ..Inner::default()
+            }),
+        }
+    }
+
+    /// The client's rate limit changed (throttled, or earning its rate back).
+    pub fn set_rate_limit(&self, per_second: f64) {
+        self.lock().rate_limit = per_second;
+    }
+
+    /// The calls per second the client allows itself now.
+    pub fn rate_limit(&self) -> f64 {
+        self.lock().rate_limit
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Records one attempt of `operation`: `outcome` is `ok`, the OCI error code (e.g.
     /// `TooManyRequests`), `timeout` or `transport`.
     pub fn record(&self, operation: &'static str, outcome: &str, elapsed: Duration) {
-        let mut inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut inner = self.lock();
         *inner
             .attempts
             .entry((operation, outcome.to_owned()))
@@ -64,10 +89,7 @@ impl ApiMetrics {
     /// NotAuthorizedOrNotFound` on their last attempt), minus those proven by an operation that
     /// succeeded: what the policy most likely lacks. Empty when nothing is denied.
     pub fn missing_permissions(&self) -> Vec<&'static str> {
-        let inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let inner = self.lock();
         let denied = inner.denied.iter().filter(|(_, d)| **d).map(|(op, _)| *op);
         let succeeded: Vec<&str> = inner
             .denied
@@ -91,13 +113,15 @@ impl ApiMetrics {
                 "vcnpath_oci_permission_missing{{permission=\"{permission}\"}} 1"
             );
         }
-        let inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let inner = self.lock();
         let _ = writeln!(
             out,
             "# HELP vcnpath_oci_requests_total OCI API attempts by operation and outcome (ok or the OCI error code).\n# TYPE vcnpath_oci_requests_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP vcnpath_oci_rate_limit_per_second The OCI calls per second the agent allows itself now: its configured rate, lower while OCI throttles the tenancy (429).\n# TYPE vcnpath_oci_rate_limit_per_second gauge\nvcnpath_oci_rate_limit_per_second {}",
+            inner.rate_limit
         );
         for ((operation, outcome), n) in &inner.attempts {
             let _ = writeln!(
