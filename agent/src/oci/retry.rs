@@ -289,11 +289,11 @@ mod tests {
         for _ in 0..40 {
             limiter.throttled(Duration::ZERO).await;
         }
-        tokio::time::sleep(Duration::from_secs(600)).await;
+        tokio::time::sleep(Duration::from_mins(10)).await;
         let took = time_of(&limiter, 3).await;
         let interval = Duration::from_secs_f64(1.0 / MIN_RATE_PER_SECOND);
         assert!(
-            took >= interval * 2 - Duration::from_millis(1)
+            took + Duration::from_millis(1) >= interval * 2
                 && took <= interval * 2 + Duration::from_millis(10),
             "at the floor, three calls after a long idle are two floor intervals apart: {took:?}"
         );
