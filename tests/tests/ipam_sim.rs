@@ -1862,6 +1862,19 @@ async fn cidr_mode_serves_pods_from_blocks_with_one_call_per_sixteen_addresses()
         creates <= 4,
         "{creates} CreatePrivateIp calls for 48 addresses"
     );
+    // `vcnpath status` shows the blocks OCI holds, each VNIC's as OCI counts them.
+    let status = ipam.status().await;
+    let shown: BTreeSet<String> = status
+        .vnics
+        .iter()
+        .flat_map(|v| v.blocks.iter().map(ToString::to_string))
+        .collect();
+    let held: BTreeSet<String> = objects
+        .iter()
+        .map(|(network, prefix)| format!("{network}/{prefix}"))
+        .collect();
+    assert_eq!(shown, held, "status blocks vs OCI's");
+    assert_eq!(status.vnics.iter().map(|v| v.objects).sum::<usize>(), 3);
     assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
 }
 

@@ -47,6 +47,9 @@ pub async fn status(socket: &Path, json: bool) -> anyhow::Result<()> {
                 (false, false, false) => "",
             }
         );
+        if let Some(line) = blocks_line(v) {
+            println!("{line}");
+        }
     }
     println!(
         "\npool: {} of {} addresses in use{}",
@@ -143,6 +146,29 @@ IAM: the node's policy most likely lacks: {} (docs/oci.md lists the policy)",
     out
 }
 
+/// A VNIC's IP CIDR blocks, under its row: none for a VNIC of single addresses only.
+fn blocks_line(vnic: &Value) -> Option<String> {
+    let blocks: Vec<&str> = vnic["blocks"]
+        .as_array()?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    if blocks.is_empty() {
+        return None;
+    }
+    let objects = vnic["objects"].as_u64().unwrap_or(0);
+    let singles = objects.saturating_sub(blocks.len() as u64);
+    Some(format!(
+        "    blocks: {}{}; {objects} private-IP objects at OCI",
+        blocks.join(" "),
+        if singles > 0 {
+            format!(" and {singles} single addresses")
+        } else {
+            String::new()
+        }
+    ))
+}
+
 /// The pod capacity of this shape with the agent's configuration, for kubelet's
 /// `--max-pods`, at most `cap`.
 pub async fn max_pods_for(
@@ -162,7 +188,19 @@ pub async fn max_pods_for(
 mod tests {
     use serde_json::json;
 
-    use super::oci_lines;
+    use super::{blocks_line, oci_lines};
+
+    #[test]
+    fn a_vnics_blocks_are_listed_with_the_objects_oci_counts() {
+        let vnic = json!({"blocks": ["10.0.1.16/28", "10.0.1.32/28"], "objects": 4});
+        assert_eq!(
+            blocks_line(&vnic).as_deref(),
+            Some(
+                "    blocks: 10.0.1.16/28 10.0.1.32/28 and 2 single addresses; 4 private-IP objects at OCI"
+            )
+        );
+        assert_eq!(blocks_line(&json!({"blocks": [], "objects": 3})), None);
+    }
 
     #[test]
     fn oci_trouble_reads_as_operation_answer_next_try_and_what_to_do() {

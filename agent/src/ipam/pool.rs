@@ -227,6 +227,12 @@ impl PoolVnic {
             .len()
     }
 
+    /// The IP CIDR blocks this VNIC holds, in address order.
+    pub fn blocks(&self) -> Vec<Ipv4Net> {
+        let blocks: BTreeSet<Ipv4Net> = self.ips.values().filter_map(|s| s.block).collect();
+        blocks.into_iter().collect()
+    }
+
     /// What the grower creates next on this VNIC, if anything may be.
     fn next_create(&self, cfg: &PoolConfig, now: Instant) -> Option<Grow> {
         let Some(prefix) = cfg.block_prefix else {

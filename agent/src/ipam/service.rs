@@ -44,6 +44,11 @@ pub struct VnicStatus {
     pub free: usize,
     pub assigned: usize,
     pub cooldown: usize,
+    /// The IP CIDR blocks the VNIC holds (each one private-IP object in OCI).
+    pub blocks: Vec<Ipv4Net>,
+    /// Private-IP objects OCI counts against the VNIC's limit: each block once, each single
+    /// address once.
+    pub objects: usize,
     pub full: bool,
     /// OCI answered 404 for the VNIC at the last reconcile (detached, or not visible to the
     /// node's policy), or its interface has just vanished: its pods keep their addresses,
@@ -421,6 +426,8 @@ impl Ipam {
                 free: v.count(|s| matches!(s, SlotState::Free { .. })),
                 assigned: v.count(|s| matches!(s, SlotState::Assigned(_))),
                 cooldown: v.count(|s| matches!(s, SlotState::Cooldown { .. })),
+                blocks: v.blocks(),
+                objects: v.objects(),
                 full: v.full,
                 suspect: v.suspect,
                 link: match (&v.info.interface, v.interface_lost) {
