@@ -158,6 +158,30 @@ pub fn range_addresses(range: Ipv4Net) -> Ipv4AddrRange {
     vcnpath::oci::models::block_addresses(range)
 }
 
+/// The simulator's secondary private IPs tagged for its (first) instance by the agent's
+/// IPAM, address by address: address → VNIC OCID. Every address of an IP CIDR block is the
+/// block's VNIC's. Panics when an address is held twice: OCI never holds one twice.
+pub fn node_ips(sim: &Simulator) -> std::collections::BTreeMap<Ipv4Addr, String> {
+    let instance = sim.config().instance_id;
+    let mut ips = std::collections::BTreeMap::new();
+    for p in sim.snapshot()["privateIps"].as_array().expect("privateIps") {
+        if p["isPrimary"].as_bool() == Some(true)
+            || p["freeformTags"][vcnpath::ipam::NODE_TAG].as_str() != Some(instance.as_str())
+        {
+            continue;
+        }
+        let range = private_ip_range(p).unwrap_or_else(|e| panic!("simulator snapshot: {e:#}"));
+        let vnic = p["vnicId"].as_str().expect("vnicId").to_owned();
+        for ip in range_addresses(range) {
+            assert!(
+                ips.insert(ip, vnic.clone()).is_none(),
+                "{ip} exists twice in OCI"
+            );
+        }
+    }
+    ips
+}
+
 /// The Python interpreter of the tools venv: `$VCNPATH_PYTHON`, else `<workspace>/target/oci-venv/bin/python`.
 pub fn python() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("VCNPATH_PYTHON") {

@@ -12,9 +12,7 @@ use vcnpath::ipam::{
     PoolConfig,
 };
 use vcnpath::oci::CoreClient;
-use vcnpath_tests::ocikit::{
-    fast_retries, instance_principal_client, private_ip_range, range_addresses,
-};
+use vcnpath_tests::ocikit::{fast_retries, instance_principal_client, node_ips, private_ip_range};
 use vcnpath_tests::ocisim::{FaultRule, Faults, SimConfig, Simulator};
 
 const PODS_SUBNET: &str = "ocid1.subnet.oc1.iad.simpods";
@@ -110,30 +108,6 @@ async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> 
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// The simulator's secondary IPs tagged for this node: address → VNIC.
-fn node_ips(sim: &Simulator) -> BTreeMap<Ipv4Addr, String> {
-    let instance = sim.config().instance_id;
-    let snapshot = sim.snapshot();
-    let mut ips = BTreeMap::new();
-    for p in snapshot["privateIps"].as_array().expect("privateIps") {
-        if p["isPrimary"].as_bool() == Some(true)
-            || p["freeformTags"][NODE_TAG].as_str() != Some(instance.as_str())
-        {
-            continue;
-        }
-        // Every address of an IP CIDR block is the block's VNIC's.
-        let range = private_ip_range(p).unwrap_or_else(|e| panic!("simulator snapshot: {e:#}"));
-        let vnic = p["vnicId"].as_str().unwrap().to_owned();
-        for ip in range_addresses(range) {
-            assert!(
-                ips.insert(ip, vnic.clone()).is_none(),
-                "{ip} exists twice in OCI"
-            );
-        }
-    }
-    ips
 }
 
 /// The node's secondary private-IP objects in OCI: (first address, prefix length).

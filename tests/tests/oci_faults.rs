@@ -1,7 +1,6 @@
 //! IPAM against the simulator failing as OCI does: creates whose answer is lost after they
 //! committed, IAM denying single operations, the documented policy. In process, no root.
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,9 +10,7 @@ use vcnpath::ipam::{
     AllocError, Allocation, Ipam, IpamConfig, NODE_TAG, OciCloud, PodRef, PoolConfig,
 };
 use vcnpath::oci::{CoreClient, ErrorClass};
-use vcnpath_tests::ocikit::{
-    fast_retries, instance_principal_client, private_ip_range, range_addresses,
-};
+use vcnpath_tests::ocikit::{fast_retries, instance_principal_client, node_ips};
 use vcnpath_tests::ocisim::{FaultKind, FaultRule, Faults, SimConfig, Simulator};
 
 const PODS_SUBNET: &str = "ocid1.subnet.oc1.iad.simpods";
@@ -92,29 +89,6 @@ async fn allocate(ipam: &Ipam, pod: &PodRef, within: Duration) -> Allocation {
             Err(e) => panic!("allocation for {} failed: {e}", pod.container_id),
         }
     }
-}
-
-/// The simulator's secondary IPs tagged for this node: address → VNIC.
-fn node_ips(sim: &Simulator) -> BTreeMap<Ipv4Addr, String> {
-    let instance = sim.config().instance_id;
-    let mut ips = BTreeMap::new();
-    for p in sim.snapshot()["privateIps"].as_array().expect("privateIps") {
-        if p["isPrimary"].as_bool() == Some(true)
-            || p["freeformTags"][NODE_TAG].as_str() != Some(instance.as_str())
-        {
-            continue;
-        }
-        // Every address of an IP CIDR block is the block's VNIC's.
-        let range = private_ip_range(p).unwrap_or_else(|e| panic!("simulator snapshot: {e:#}"));
-        let vnic = p["vnicId"].as_str().unwrap().to_owned();
-        for ip in range_addresses(range) {
-            assert!(
-                ips.insert(ip, vnic.clone()).is_none(),
-                "{ip} exists twice in OCI"
-            );
-        }
-    }
-    ips
 }
 
 /// Live attachments of VNICs tagged for this node.
