@@ -40,6 +40,15 @@ pub struct AgentOptions {
     pub subnet_tag: Option<String>,
     /// `ipam.allocation_gc_grace_secs` (`None`: the agent's default).
     pub allocation_gc_grace_secs: Option<u64>,
+    /// `ipam.mode`: `"ip"`, `"cidr"` or `"auto"` (`None`: the agent's default).
+    pub ipam_mode: Option<&'static str>,
+    /// `ipam.block_prefix` (`None`: the agent's default).
+    pub block_prefix: Option<u8>,
+    /// `ipam.block_addresses_per_vnic` (`None`: the agent's default).
+    pub block_addresses_per_vnic: Option<usize>,
+    /// `ipam.release_delay_secs`: how long an address beyond the warm target stays before
+    /// it is released.
+    pub release_delay_secs: u64,
 }
 
 impl Default for AgentOptions {
@@ -53,6 +62,10 @@ impl Default for AgentOptions {
             pod_imds_allow_namespaces: Vec::new(),
             subnet_tag: None,
             allocation_gc_grace_secs: None,
+            ipam_mode: None,
+            block_prefix: None,
+            block_addresses_per_vnic: None,
+            release_delay_secs: 600,
         }
     }
 }
@@ -118,15 +131,32 @@ impl NodeAgent {
             ref pod_imds_allow_namespaces,
             ref subnet_tag,
             allocation_gc_grace_secs,
+            ipam_mode,
+            block_prefix,
+            block_addresses_per_vnic,
+            release_delay_secs,
             ..
         } = self.options;
-        let gc_grace = allocation_gc_grace_secs
-            .map(|s| format!("allocation_gc_grace_secs = {s}\n"))
-            .unwrap_or_default();
-        let subnet_tag = subnet_tag
-            .as_ref()
-            .map(|tag| format!("subnet_tag = {tag:?}\n"))
-            .unwrap_or_default();
+        let optional = [
+            (
+                "subnet_tag",
+                subnet_tag.as_ref().map(|tag| format!("{tag:?}")),
+            ),
+            (
+                "allocation_gc_grace_secs",
+                allocation_gc_grace_secs.map(|s| s.to_string()),
+            ),
+            ("mode", ipam_mode.map(|m| format!("{m:?}"))),
+            ("block_prefix", block_prefix.map(|p| p.to_string())),
+            (
+                "block_addresses_per_vnic",
+                block_addresses_per_vnic.map(|n| n.to_string()),
+            ),
+        ];
+        let optional_keys: String = optional
+            .iter()
+            .filter_map(|(key, value)| Some(format!("{key} = {}\n", value.as_ref()?)))
+            .collect();
         let cni = self
             .options
             .cni_conf_dir
@@ -134,7 +164,7 @@ impl NodeAgent {
             .map(|dir| format!("[cni]\nconf_dir = {:?}\n", dir.display().to_string()))
             .unwrap_or_default();
         let config = format!(
-            "[ipam]\nips_per_vnic = {ips_per_vnic}\nwarm_ips = {warm_ips}\ncooldown_secs = {cooldown_secs}\nrelease_delay_secs = 600\n{subnet_tag}{gc_grace}\
+            "[ipam]\nips_per_vnic = {ips_per_vnic}\nwarm_ips = {warm_ips}\ncooldown_secs = {cooldown_secs}\nrelease_delay_secs = {release_delay_secs}\n{optional_keys}\
              [datapath]\npin_dir = {:?}\ngc_interval_secs = 2\npod_imds_allow_namespaces = {pod_imds_allow_namespaces:?}\n\
              [node]\nstate_dir = {:?}\nsocket = {:?}\nlisten = \"127.0.0.1:19965\"\n{nics}",
             self.pins.path.display().to_string(),
