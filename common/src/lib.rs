@@ -44,7 +44,7 @@ pub const DATAPATH_ABI: u32 = 1;
 pub const MAP_ABI: &str = "abi";
 
 /// Every map name, in the order the agent pins them.
-pub const MAP_NAMES: [&str; 7] = [
+pub const MAP_NAMES: [&str; 8] = [
     MAP_VNICS,
     MAP_ENDPOINTS,
     MAP_VCN_CIDRS,
@@ -52,6 +52,7 @@ pub const MAP_NAMES: [&str; 7] = [
     MAP_CONFIG,
     MAP_NAT,
     MAP_STATS,
+    MAP_FRAGS,
 ];
 
 /// Per managed interface (key: ifindex): its addresses and next hop.
@@ -68,3 +69,6 @@ pub const MAP_CONFIG: &str = "config";
 pub const MAP_NAT: &str = "nat";
 /// Per-CPU array of counters, indexed by [`Reason`].
 pub const MAP_STATS: &str = "stats";
+/// LRU hash of fragmented datagrams in flight: how their later fragments, which carry no
+/// L4 header, are translated as their first was.
+pub const MAP_FRAGS: &str = "frags";

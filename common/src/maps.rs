@@ -9,6 +9,8 @@ pub const VNICS_MAX: u32 = 64;
 pub const CIDRS_MAX: u32 = 256;
 /// Default capacity of the `nat` map (two entries per translated flow).
 pub const NAT_MAX: u32 = 262_144;
+/// Capacity of `frags`: datagrams in flight in fragments at once (an LRU: the oldest give way).
+pub const FRAGS_MAX: u32 = 8192;
 
 /// Value of `vnics`, keyed by the interface index (`u32`).
 #[repr(C, align(4))]
@@ -181,6 +183,49 @@ pub const fn inbound_seen(tcp_seen: u8) -> (u8, u8) {
     (tcp_seen & 0x0f, tcp_seen >> TCP_SEEN_POD_SHIFT)
 }
 
+/// Key of `frags`: one fragmented datagram as its fragments arrive, before any rewrite
+/// (RFC 791 identifies a datagram by source, destination, protocol and identification).
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    /// Source address of the fragments.
+    pub src: [u8; 4],
+    /// Destination address of the fragments.
+    pub dst: [u8; 4],
+    /// The IP identification field, as on the wire (network order).
+    pub id: [u8; 2],
+    /// IP protocol number.
+    pub proto: u8,
+    /// [`NAT_DIR_EGRESS`] (a pod's datagram) or [`NAT_DIR_INGRESS`] (a reply to the
+    /// masquerade address).
+    pub dir: u8,
+}
+
+/// Value of `frags`: what the first fragment's flow decided, for the fragments after it,
+/// which carry no L4 header to find the flow by.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragEntry {
+    /// `bpf_ktime_get_ns()` when the first fragment passed: the entry is used for
+    /// [`FRAG_TIMEOUT_NS`] after it, as long as the kernel waits for a datagram's fragments.
+    pub created_ns: u64,
+    /// Egress: the masquerade address the fragments leave with. Ingress: the pod address
+    /// they are delivered to.
+    pub addr: [u8; 4],
+    /// `FRAG_F_*` bits.
+    pub flags: u8,
+    /// Explicit padding; always zero.
+    pub pad: [u8; 3],
+}
+
+/// The datagram belongs to a flow opened from outside towards the pod (rule 4): its
+/// fragments leave untranslated through the pod's VNIC.
+pub const FRAG_F_INBOUND: u8 = 1;
+
+/// How long a first fragment's decision holds for the rest: the kernel's default
+/// `ipfrag_time` (30 s), after which a receiver gives up on the datagram anyway.
+pub const FRAG_TIMEOUT_NS: u64 = 30_000_000_000;
+
 /// `last_seen_ns` is rewritten only when it is older than this, to keep per-packet
 /// writes (and cache-line bouncing between CPUs) off the fast path.
 pub const NAT_TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
@@ -200,6 +245,8 @@ const _: () = assert!(core::mem::size_of::<Endpoint>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
 const _: () = assert!(core::mem::size_of::<NatKey>() == 16);
 const _: () = assert!(core::mem::size_of::<NatEntry>() == 24);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
+const _: () = assert!(core::mem::size_of::<FragEntry>() == 16);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -211,4 +258,6 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::NatKey {}
     unsafe impl aya::Pod for super::NatEntry {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragEntry {}
 }

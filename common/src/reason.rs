@@ -32,9 +32,11 @@ pub enum Reason {
     DropMalformed = 11,
     /// Truncated or invalid packet that is not ours to translate: passed unmodified.
     PassMalformed = 12,
-    /// Non-first fragment of a pod packet that would need translation: dropped.
+    /// Non-first fragment of a pod packet that would need translation, whose first
+    /// fragment was not seen (or is older than `FRAG_TIMEOUT_NS`): dropped.
     DropFragment = 13,
-    /// Non-first fragment arriving for the masquerade address: passed unmodified.
+    /// Non-first fragment for the masquerade address whose first fragment was not
+    /// translated (the host's own, or arrived first): passed unmodified.
     PassFragment = 14,
     /// Pod → outside with a protocol that cannot be masqueraded (not TCP, UDP, ICMP echo): dropped.
     DropProtocol = 15,
@@ -66,10 +68,18 @@ pub enum Reason {
     /// Packet from a pod to the instance metadata service, which the pod's namespace may not
     /// reach (`datapath.pod_imds`): dropped at the pod's veth.
     DropPodImds = 27,
+    /// Non-first fragment of a pod's datagram: translated as its first fragment was.
+    SnatFragment = 28,
+    /// Non-first fragment of a reply to the masquerade address: translated back to the
+    /// pod as its first fragment was.
+    ReverseNatFragment = 29,
+    /// Non-first fragment of a pod's answer on a flow opened from outside (rule 4): left
+    /// untranslated through the pod's VNIC, as its first fragment.
+    PassInboundFragment = 30,
 }
 
 /// Number of reason codes (size of the `stats` map).
-pub const REASON_COUNT: u32 = 28;
+pub const REASON_COUNT: u32 = 31;
 
 impl Reason {
     /// Every reason, in index order.
@@ -102,6 +112,9 @@ impl Reason {
         Reason::DropSpoofed,
         Reason::PassPodSource,
         Reason::DropPodImds,
+        Reason::SnatFragment,
+        Reason::ReverseNatFragment,
+        Reason::PassInboundFragment,
     ];
 
     /// The name operators see in `vcnpath` output and metrics.
@@ -135,6 +148,9 @@ impl Reason {
             Reason::DropSpoofed => "dropped-spoofed-source",
             Reason::PassPodSource => "passed-pod-own-source",
             Reason::DropPodImds => "dropped-pod-imds",
+            Reason::SnatFragment => "translated-fragment",
+            Reason::ReverseNatFragment => "reverse-translated-fragment",
+            Reason::PassInboundFragment => "passed-inbound-fragment",
         }
     }
 

@@ -48,14 +48,22 @@ pub fn set_addr(
     proto: u8,
     l4_off: usize,
 ) -> Step<()> {
-    store(ctx, addr_off, &new)?;
-    ip_csum_update(ctx, old, new)?;
+    set_ip_addr(ctx, addr_off, old, new)?;
     if proto != IPPROTO_ICMP {
         let flags = u64::from(BPF_F_PSEUDO_HDR) | l4_flags(proto) | 4;
         ctx.l4_csum_replace(l4_off + csum_field(proto), raw4(old), raw4(new), flags)
             .map_err(|_| REWRITE_FAILED)?;
     }
     Ok(())
+}
+
+/// Rewrites the outer IPv4 address at `addr_off` and fixes the IP checksum only: for a
+/// fragment after the first, which carries no L4 header (the first fragment's L4
+/// checksum, over the whole datagram, was adjusted with it).
+#[inline(always)]
+pub fn set_ip_addr(ctx: &TcContext, addr_off: usize, old: [u8; 4], new: [u8; 4]) -> Step<()> {
+    store(ctx, addr_off, &new)?;
+    ip_csum_update(ctx, old, new)
 }
 
 /// RFC 1624 incremental update of the IPv4 header checksum for a 4-byte field change,

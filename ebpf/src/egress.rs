@@ -3,12 +3,14 @@
 //! pass untouched (rule 5).
 
 use aya_ebpf::programs::TcContext;
-use vcnpath_common::{Config, ENDPOINT_KIND_POD, NAT_F_INBOUND, NatKey, Reason};
+use vcnpath_common::{
+    ENDPOINT_KIND_POD, FRAG_F_INBOUND, NAT_DIR_EGRESS, NAT_F_INBOUND, NatKey, Reason,
+};
 
 use crate::{
     csum,
     decision::{Decision, Step},
-    icmp, maps, nat,
+    frag, icmp, maps, nat,
     nat::Side,
     parse::{
         self, Header, IP_SRC_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, L4Head, Malformed,
@@ -56,6 +58,7 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
         if flags & NAT_F_INBOUND != 0 {
             // A reply of a flow opened from outside towards the pod (rule 4).
             nat::touch_inbound(entry, *seen, *opens, Side::Pod);
+            frag::note_first(ctx, &ip, NAT_DIR_EGRESS, ip.src, FRAG_F_INBOUND);
             return redirect::via_owner(ctx, owner.ifindex, ip.dst, Reason::PassInbound);
         }
         if *opens {
@@ -69,7 +72,8 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
             // The entry's own address is used (not the current config) so a flow keeps
             // the identity its ingress entry was keyed by.
             translate(ctx, &ip, addr, *sport, port)?;
-            return leave_via_masquerade(ctx, &config, ip.dst, Reason::SnatEstablished);
+            frag::note_first(ctx, &ip, NAT_DIR_EGRESS, addr, 0);
+            return redirect::via_masquerade(ctx, &config, ip.dst, Reason::SnatEstablished);
         }
         nat::forget(key);
     }
@@ -92,9 +96,9 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
         L4::Flow {
             key, sport, seen, ..
         } => (key, sport, seen),
-        // Without the L4 header the flow cannot be found; passing would leak the pod
-        // address outside the VCN.
-        L4::Fragment => return Ok(Decision::drop(Reason::DropFragment)),
+        // Without the L4 header the flow is found by the datagram's first fragment;
+        // without that, passing would leak the pod address outside the VCN.
+        L4::Fragment => return frag::egress_later(ctx, &config, &ip, owner.ifindex),
         L4::Malformed(bad) => return Ok(bad.drop()),
         L4::Unsupported => return Ok(Decision::drop(Reason::DropProtocol)),
         L4::IcmpError => return icmp::egress_error(ctx, &config, &ip, owner.ifindex),
@@ -105,7 +109,8 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
         Reason::SnatNew,
     );
     translate(ctx, &ip, addr, sport, port)?;
-    leave_via_masquerade(ctx, &config, ip.dst, reason)
+    frag::note_first(ctx, &ip, NAT_DIR_EGRESS, addr, 0);
+    redirect::via_masquerade(ctx, &config, ip.dst, reason)
 }
 
 /// What the L4 header says about a pod packet, read from the frame before the packet is
@@ -200,21 +205,4 @@ fn translate(
         ip.l4_off,
     )?;
     csum::set_addr(ctx, IP_SRC_OFF, ip.src, new_addr, ip.proto, ip.l4_off)
-}
-
-/// Masqueraded packets must leave through the interface owning the masquerade address.
-#[inline(always)]
-pub fn leave_via_masquerade(
-    ctx: &TcContext,
-    config: &Config,
-    dst: [u8; 4],
-    reason: Reason,
-) -> Step<Decision> {
-    if parse::ifindex(ctx) == config.masq_ifindex {
-        return Ok(Decision::pass(reason));
-    }
-    let Some(vnic) = maps::vnic(config.masq_ifindex) else {
-        return Ok(Decision::pass(Reason::PassNoVnic));
-    };
-    redirect::to_vnic(ctx, &vnic, dst, reason)
 }

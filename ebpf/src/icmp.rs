@@ -9,7 +9,7 @@ use vcnpath_common::{Config, NAT_F_INBOUND, Reason};
 use crate::{
     csum,
     decision::{Decision, Step},
-    egress, nat,
+    nat,
     parse::{
         self, IP_DST_OFF, IP_SRC_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ipv4Hdr, L4Head,
     },
@@ -132,7 +132,7 @@ pub fn egress_error(ctx: &TcContext, config: &Config, ip: &Ipv4, owner: u32) -> 
                 pod_port,
                 nat_port,
             )?;
-            egress::leave_via_masquerade(ctx, config, ip.dst, Reason::IcmpErrorSnat)
+            redirect::via_masquerade(ctx, config, ip.dst, Reason::IcmpErrorSnat)
         }
         // About a flow opened from outside (or unknown): answered from the pod address.
         _ => redirect::via_owner(ctx, owner, ip.dst, Reason::PassInbound),

@@ -3,12 +3,12 @@
 //! answers leave untranslated through its VNIC (rule 4).
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, programs::TcContext};
-use vcnpath_common::{Config, ENDPOINT_KIND_POD, NAT_F_INBOUND, NatEntry, Reason};
+use vcnpath_common::{Config, ENDPOINT_KIND_POD, NAT_DIR_INGRESS, NAT_F_INBOUND, NatEntry, Reason};
 
 use crate::{
     csum,
     decision::{Decision, Step},
-    icmp,
+    frag, icmp,
     maps::{self, NAT},
     nat::{self, Side},
     parse::{
@@ -37,7 +37,7 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
 #[inline(always)]
 fn reverse(ctx: &TcContext, config: &Config, ip: &Ipv4) -> Step<Decision> {
     if ip.later_fragment {
-        return Ok(Decision::pass(Reason::PassFragment));
+        return frag::ingress_later(ctx, ip);
     }
     let l4 = match parse::l4_head(ctx, ip) {
         Ok(l4) => l4,
@@ -78,6 +78,7 @@ fn reverse(ctx: &TcContext, config: &Config, ip: &Ipv4) -> Step<Decision> {
         ip.l4_off,
     )?;
     csum::set_addr(ctx, IP_DST_OFF, ip.dst, pod_addr, ip.proto, ip.l4_off)?;
+    frag::note_first(ctx, ip, NAT_DIR_INGRESS, pod_addr, 0);
     Ok(Decision::pass(Reason::ReverseNat))
 }
 

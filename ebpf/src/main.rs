@@ -23,6 +23,8 @@ mod decision;
 #[cfg(target_arch = "bpf")]
 mod egress;
 #[cfg(target_arch = "bpf")]
+mod frag;
+#[cfg(target_arch = "bpf")]
 mod hostsock;
 #[cfg(target_arch = "bpf")]
 mod icmp;

@@ -5,8 +5,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use vcnpath_common::{
-    CIDRS_MAX, CONFIG_F_ENABLED, CidrValue, Config, ENDPOINTS_MAX, Endpoint, EndpointKey, NAT_MAX,
-    NatEntry, NatKey, REASON_COUNT, Reason, VNICS_MAX, Vnic,
+    CIDRS_MAX, CONFIG_F_ENABLED, CidrValue, Config, ENDPOINTS_MAX, Endpoint, EndpointKey,
+    FRAGS_MAX, FragEntry, FragKey, NAT_MAX, NatEntry, NatKey, REASON_COUNT, Reason, VNICS_MAX,
+    Vnic,
 };
 
 #[btf_map(name = "vnics")]
@@ -26,6 +27,9 @@ static CONFIG: Array<Config, 1> = Array::new();
 
 #[btf_map(name = "nat")]
 pub static NAT: LruHashMap<NatKey, NatEntry, { NAT_MAX as usize }> = LruHashMap::new();
+
+#[btf_map(name = "frags")]
+pub static FRAGS: LruHashMap<FragKey, FragEntry, { FRAGS_MAX as usize }> = LruHashMap::new();
 
 #[btf_map(name = "stats")]
 static STATS: PerCpuArray<u64, { REASON_COUNT as usize }> = PerCpuArray::new();

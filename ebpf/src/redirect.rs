@@ -6,7 +6,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use vcnpath_common::{Reason, VNIC_F_ROUTER_MAC, Vnic};
+use vcnpath_common::{Config, Reason, VNIC_F_ROUTER_MAC, Vnic};
 
 use crate::{
     csum,
@@ -30,6 +30,23 @@ pub fn via_owner(ctx: &TcContext, owner: u32, dst: [u8; 4], reason: Reason) -> S
         return Ok(Decision::pass(Reason::PassNoVnic));
     };
     to_vnic(ctx, &vnic, dst, Reason::RedirectOwner)
+}
+
+/// Masqueraded packets must leave through the interface owning the masquerade address.
+#[inline(always)]
+pub fn via_masquerade(
+    ctx: &TcContext,
+    config: &Config,
+    dst: [u8; 4],
+    reason: Reason,
+) -> Step<Decision> {
+    if parse::ifindex(ctx) == config.masq_ifindex {
+        return Ok(Decision::pass(reason));
+    }
+    let Some(vnic) = maps::vnic(config.masq_ifindex) else {
+        return Ok(Decision::pass(Reason::PassNoVnic));
+    };
+    to_vnic(ctx, &vnic, dst, reason)
 }
 
 /// Redirects to `vnic` with correct L2 addresses: next hop is the destination itself

@@ -330,3 +330,86 @@ pub fn assert_checksums(ip: &[u8]) {
         other => panic!("unexpected protocol {other}"),
     }
 }
+
+/// Rewrites the IPv4 header checksum of `ip` after a header field changed.
+fn fix_ip_checksum(ip: &mut [u8]) {
+    let ihl = usize::from(ip[0] & 0xf) * 4;
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let c = !ones_sum(&ip[..ihl], 0);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Cuts an IPv4 packet into fragments of at most `per_fragment` payload bytes (rounded
+/// down to a multiple of 8), as a sender's stack does, with identification `id`.
+pub fn fragment(ip: &[u8], per_fragment: usize, id: u16) -> Vec<Vec<u8>> {
+    let ihl = usize::from(ip[0] & 0xf) * 4;
+    let payload = &ip[ihl..usize::from(u16::from_be_bytes([ip[2], ip[3]]))];
+    let step = per_fragment / 8 * 8;
+    assert!(step > 0, "a fragment carries at least 8 bytes");
+    payload
+        .chunks(step)
+        .enumerate()
+        .map(|(n, chunk)| {
+            let mut f = ip[..ihl].to_vec();
+            let more = (n + 1) * step < payload.len();
+            let field =
+                u16::try_from(n * step / 8).expect("offset fits") | if more { 0x2000 } else { 0 };
+            f[2..4].copy_from_slice(
+                &u16::try_from(ihl + chunk.len())
+                    .expect("fits")
+                    .to_be_bytes(),
+            );
+            f[4..6].copy_from_slice(&id.to_be_bytes());
+            f[6..8].copy_from_slice(&field.to_be_bytes());
+            fix_ip_checksum(&mut f);
+            f.extend_from_slice(chunk);
+            f
+        })
+        .collect()
+}
+
+/// Reassembles fragments (IPv4 packets, in any order) of one datagram as a receiver does.
+/// Panics when they do not belong together or leave a hole.
+pub fn reassemble(fragments: &[Vec<u8>]) -> Vec<u8> {
+    let mut parts: Vec<(usize, bool, &[u8], &[u8])> = fragments
+        .iter()
+        .map(|f| {
+            let ihl = usize::from(f[0] & 0xf) * 4;
+            let field = u16::from_be_bytes([f[6], f[7]]);
+            let total = usize::from(u16::from_be_bytes([f[2], f[3]]));
+            (
+                usize::from(field & 0x1fff) * 8,
+                field & 0x2000 != 0,
+                &f[..ihl],
+                &f[ihl..total],
+            )
+        })
+        .collect();
+    parts.sort_by_key(|p| p.0);
+    let identity = |h: &[u8]| (h[4..6].to_vec(), h[9], h[12..20].to_vec());
+    let mut payload = Vec::new();
+    for (offset, _, header, data) in &parts {
+        assert_eq!(
+            identity(header),
+            identity(parts[0].2),
+            "fragments of other datagrams"
+        );
+        assert_eq!(
+            *offset,
+            payload.len(),
+            "a hole or overlap at offset {offset}"
+        );
+        payload.extend_from_slice(data);
+    }
+    assert!(
+        !parts.last().expect("fragments").1,
+        "the last fragment is missing"
+    );
+    let mut ip = parts[0].2.to_vec();
+    let total = u16::try_from(ip.len() + payload.len()).expect("fits");
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[6..8].copy_from_slice(&[0, 0]);
+    fix_ip_checksum(&mut ip);
+    ip.extend_from_slice(&payload);
+    ip
+}

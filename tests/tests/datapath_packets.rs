@@ -458,35 +458,152 @@ fn ip_options_are_honoured() {
     assert_checksums(ip(&out));
 }
 
+/// A UDP datagram of `len` payload bytes from `src` to `dst`, cut into MTU-1500
+/// fragments with identification `id`.
+fn fragmented_udp(
+    (src, sport): (Ipv4Addr, u16),
+    (dst, dport): (Ipv4Addr, u16),
+    len: usize,
+    id: u16,
+) -> Vec<Vec<u8>> {
+    let mut spec = Spec::udp(src, sport, dst, dport);
+    spec.l4 = L4::Udp {
+        sport,
+        dport,
+        payload: (0..len).map(|n| (n % 251) as u8).collect(),
+        zero_csum: false,
+    };
+    packet::fragment(&packet::ipv4_bytes(&spec), 1480, id)
+}
+
+/// Runs each fragment through `program`, expecting `verdict` for each; the IP packets out.
+fn through(
+    program: impl Fn(&[u8]) -> (u32, Vec<u8>),
+    fragments: &[Vec<u8>],
+    verdict: u32,
+) -> Vec<Vec<u8>> {
+    fragments
+        .iter()
+        .enumerate()
+        .map(|(n, f)| {
+            let (got, out) = program(&packet::frame(f));
+            assert_eq!(got, verdict, "fragment {n}: verdict");
+            let ip = ip(&out).to_vec();
+            let ihl = usize::from(ip[0] & 0xf) * 4;
+            assert_eq!(
+                packet::ones_sum(&ip[..ihl], 0),
+                0xffff,
+                "fragment {n}: IP checksum"
+            );
+            ip
+        })
+        .collect()
+}
+
+/// Issue 11 (6): a datagram larger than the MTU leaves a pod in fragments (large DNS and
+/// EDNS answers, `WireGuard` or `IPsec` over UDP). Every fragment must leave with the
+/// masquerade address and the reassembled datagram carry the translated port and a valid
+/// UDP checksum; the fragmented reply must reach the pod whole. Before, every fragment
+/// after the first was dropped on the way out and passed untranslated on the way in.
 #[test]
-fn non_first_fragments_are_never_mistranslated() {
+fn fragmented_udp_leaves_masqueraded_whole_and_its_fragmented_reply_reaches_the_pod() {
     root_or_skip!("fragments");
     let fx = Fixture::new("frag", 1024, 65535);
-    let mut spec = Spec::udp(POD0, 5000, REMOTE, 53);
-    spec.frag_off = 185; // offset 1480 bytes, no L4 header in this fragment
-    let input = build(&spec);
-    let (verdict, out) = fx.egress(&input);
+    let out = fragmented_udp((POD0, 5000), (REMOTE, 53), 3000, 0x4242);
+    assert_eq!(out.len(), 3, "three fragments at MTU 1500");
+    let sent = through(|f| fx.egress(f), &out, TC_ACT_OK);
+    for (n, f) in sent.iter().enumerate() {
+        assert_eq!(
+            &f[12..16],
+            &MASQ.octets(),
+            "fragment {n} leaves with the masquerade address"
+        );
+    }
+    let datagram = packet::reassemble(&sent);
+    let v = view(&packet::frame(&datagram));
     assert_eq!(
-        verdict, TC_ACT_SHOT,
-        "leaving the VCN untranslated would leak the pod address"
+        (v.src, v.dst, v.dport),
+        (MASQ, REMOTE, 53),
+        "the far end sees the node"
     );
-    assert_eq!(out, input);
-    assert_eq!(fx.count(Reason::DropFragment), 1);
+    assert_checksums(&datagram);
+    assert_eq!(fx.count(Reason::SnatNew), 1);
+    assert_eq!(fx.count(Reason::SnatFragment), 2);
+    assert_eq!(fx.count(Reason::DropFragment), 0);
 
-    let mut spec = Spec::udp(REMOTE, 53, MASQ, 5000);
-    spec.frag_off = 185;
-    let input = build(&spec);
+    let back = fragmented_udp((REMOTE, 53), (MASQ, v.sport), 4000, 0x5151);
+    let received = through(|f| fx.ingress(f), &back, TC_ACT_OK);
+    for (n, f) in received.iter().enumerate() {
+        assert_eq!(
+            &f[16..20],
+            &POD0.octets(),
+            "reply fragment {n} goes to the pod"
+        );
+    }
+    let reply = packet::reassemble(&received);
+    let v = view(&packet::frame(&reply));
+    assert_eq!(
+        (v.src, v.dst, v.dport),
+        (REMOTE, POD0, 5000),
+        "the pod gets its reply"
+    );
+    assert_checksums(&reply);
+    assert_eq!(fx.count(Reason::ReverseNatFragment), 2);
+
+    // A later fragment whose first fragment was never seen cannot be told apart from
+    // another datagram: dropped on the way out (it would leak the pod address), the
+    // host's on the way in; neither is rewritten.
+    let orphan = &fragmented_udp((POD0, 5000), (REMOTE, 53), 3000, 0x4343)[1];
+    let input = packet::frame(orphan);
+    assert_eq!(
+        fx.egress(&input),
+        (TC_ACT_SHOT, input.clone()),
+        "orphan dropped, untouched"
+    );
+    assert_eq!(fx.count(Reason::DropFragment), 1);
+    let orphan = &fragmented_udp((REMOTE, 53), (MASQ, 5000), 3000, 0x5252)[1];
+    let input = packet::frame(orphan);
     assert_eq!(
         fx.ingress(&input),
         (TC_ACT_OK, input.clone()),
         "passed, unmodified"
     );
+    assert_eq!(fx.count(Reason::PassFragment), 1);
+
     // Inside the VCN fragments need no L4: they are handled by address alone.
-    let mut spec = Spec::udp(POD1, 5000, PEER, 53);
-    spec.frag_off = 185;
-    let (verdict, out) = fx.egress(&build(&spec));
-    assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!(view(&out).src, POD1);
+    let inside = fragmented_udp((POD1, 5000), (PEER, 53), 3000, 0x4444);
+    for f in through(|f| fx.egress(f), &inside[1..], TC_ACT_REDIRECT) {
+        assert_eq!(
+            &f[12..16],
+            &POD1.octets(),
+            "VCN traffic keeps the pod address"
+        );
+    }
+}
+
+/// The pod's fragmented answer on a flow opened from outside (rule 4) leaves
+/// untranslated, every fragment through the pod's own VNIC.
+#[test]
+fn a_fragmented_answer_on_an_inbound_flow_leaves_untranslated_through_the_pods_vnic() {
+    root_or_skip!("fragments_inbound");
+    let fx = Fixture::new("fragin", 1024, 65535);
+    let (verdict, _) = fx.ingress(&build(&Spec::udp(REMOTE, 40000, POD1, 53)));
+    assert_eq!(verdict, TC_ACT_OK);
+    let answer = fragmented_udp((POD1, 53), (REMOTE, 40000), 3000, 0x6161);
+    let sent = through(|f| fx.egress(f), &answer, TC_ACT_REDIRECT);
+    let datagram = packet::reassemble(&sent);
+    let v = view(&packet::frame(&datagram));
+    assert_eq!(
+        (v.src, v.sport),
+        (POD1, 53),
+        "the answer is not masqueraded"
+    );
+    assert_checksums(&datagram);
+    assert_eq!(
+        fx.count(Reason::SnatNew) + fx.count(Reason::SnatFragment),
+        0
+    );
+    assert_eq!(fx.count(Reason::DropFragment), 0);
 }
 
 #[test]

@@ -210,6 +210,51 @@ fn lab_two_pods_with_the_same_source_port_to_the_same_destination_both_work() {
     );
 }
 
+/// Sets the MTU of `ifname` in `ns`.
+fn set_mtu(ns: &vcnpath_tests::lab::Netns, ifname: &str, mtu: u32) {
+    let status = vcnpath_tests::lab::cmd_in(ns, "ip")
+        .args(["link", "set", ifname, "mtu", &mtu.to_string()])
+        .status()
+        .expect("ip link set mtu");
+    assert!(status.success(), "setting the MTU of {ifname} to {mtu}");
+}
+
+/// Issue 11 (6): a 3000-byte UDP datagram (a large DNS or EDNS answer, a `WireGuard`
+/// handshake with cookies) crosses a 1500-byte path in fragments. The pod and the internet
+/// host both use MTU 1500, so the request leaves the pod in fragments and the echoed
+/// answer arrives at the node in fragments: each must be translated as its first
+/// fragment was. Before, the later fragments were dropped on the way out.
+#[test]
+fn lab_a_3000_byte_udp_datagram_reaches_the_internet_in_fragments_and_its_answer_comes_back() {
+    if !have_root("lab_fragments") {
+        return;
+    }
+    let s = setup("frag", LabOptions::default());
+    set_mtu(s.pod(POD_B).ns(), "eth0", 1500);
+    set_mtu(s.lab.inet(), "eth0", 1500);
+    let echo =
+        UdpEchoServer::start(s.lab.inet(), SocketAddr::from((s.lab.inet_ip(), 5353))).unwrap();
+    let request: Vec<u8> = (0..3000_u32).map(|n| (n % 251) as u8).collect();
+    let reply = udp_request(s.pod(POD_B).ns(), None, echo.addr(), &request, T)
+        .unwrap_or_else(|e| panic!("3000-byte UDP to the internet: {e:#}\n{}", s.counters()));
+    assert_eq!(
+        reply.payload, request,
+        "the whole answer came back to the pod"
+    );
+    assert_eq!(
+        reply.peer_seen.ip(),
+        std::net::IpAddr::V4(MASQ),
+        "the internet host saw the masquerade address"
+    );
+    let c = s.counters();
+    assert!(
+        c.get(Reason::SnatFragment) > 0 && c.get(Reason::ReverseNatFragment) > 0,
+        "both ways went in fragments: {c}"
+    );
+    assert_eq!(c.get(Reason::DropFragment), 0, "{c}");
+    s.assert_no_router_drops();
+}
+
 #[test]
 fn lab_pmtu_discovery_works_through_the_translation() {
     if !have_root("lab_pmtu") {

@@ -116,8 +116,9 @@ pub fn compare(expected: &MapSpec, pinned: &MapSpec, ignored: &[Field]) -> Optio
 /// Who can fill a map again, which decides what an incompatible pin costs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Contents {
-    /// Written by the agent from its desired state (or counters): a fresh map is filled
-    /// again by the next sync, so an incompatible pin is replaced.
+    /// Written by the agent from its desired state (or counters), or held for a moment
+    /// only (fragments in flight): a fresh map is filled again by the next sync or the next
+    /// packets, so an incompatible pin is replaced.
     Rebuilt,
     /// Flow state that only the programs hold: dropping it resets every established
     /// connection, so an incompatible pin is refused unless its entries can be converted.

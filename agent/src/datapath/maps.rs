@@ -1,11 +1,12 @@
-//! Typed handles on the seven maps, opened from a fresh load or from their pins.
+//! Typed handles on the eight maps, opened from a fresh load or from their pins.
 
 use std::path::Path;
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use vcnpath_common::{
-    CidrValue, Config, DATAPATH_ABI, Endpoint, EndpointKey, MAP_CONFIG, MAP_ENDPOINTS, MAP_NAT,
-    MAP_NONMASQ_CIDRS, MAP_STATS, MAP_VCN_CIDRS, MAP_VNICS, NatEntry, NatKey, Vnic,
+    CidrValue, Config, DATAPATH_ABI, Endpoint, EndpointKey, FragEntry, FragKey, MAP_CONFIG,
+    MAP_ENDPOINTS, MAP_FRAGS, MAP_NAT, MAP_NONMASQ_CIDRS, MAP_STATS, MAP_VCN_CIDRS, MAP_VNICS,
+    NatEntry, NatKey, Vnic,
 };
 
 use super::DatapathError;
@@ -19,6 +20,8 @@ pub struct DatapathMaps {
     pub config: Array<MapData, Config>,
     pub nat: HashMap<MapData, NatKey, NatEntry>,
     pub stats: PerCpuArray<MapData, u64>,
+    /// Only the programs write it; the agent holds it to put its pin back.
+    pub frags: HashMap<MapData, FragKey, FragEntry>,
 }
 
 impl DatapathMaps {
@@ -66,6 +69,7 @@ impl DatapathMaps {
             config: typed!(MAP_CONFIG),
             nat: typed!(MAP_NAT),
             stats: typed!(MAP_STATS),
+            frags: typed!(MAP_FRAGS),
         })
     }
 }

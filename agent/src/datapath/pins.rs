@@ -245,7 +245,9 @@ pub fn copy_entries(name: &'static str, from: &Path, to: &mut Map) -> Result<(),
         MAP_VCN_CIDRS | MAP_NONMASQ_CIDRS => copy_trie(&old, to),
         MAP_CONFIG => copy_array::<Config>(&old, to),
         MAP_STATS => copy_per_cpu(&old, to),
-        // The NAT table is never replaced (see `compat::plan`).
+        // The NAT table is never replaced (see `compat::plan`); the fragments in flight
+        // (`frags`) are not worth carrying over: a datagram cut in two by the upgrade is
+        // lost as one lost packet is.
         _ => Ok(()),
     };
     match result {
