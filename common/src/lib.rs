@@ -44,7 +44,7 @@ pub const DATAPATH_ABI: u32 = 1;
 pub const MAP_ABI: &str = "abi";
 
 /// Every map name, in the order the agent pins them.
-pub const MAP_NAMES: [&str; 8] = [
+pub const MAP_NAMES: [&str; 9] = [
     MAP_VNICS,
     MAP_ENDPOINTS,
     MAP_VCN_CIDRS,
@@ -53,6 +53,7 @@ pub const MAP_NAMES: [&str; 8] = [
     MAP_NAT,
     MAP_STATS,
     MAP_FRAGS,
+    MAP_INBOUND,
 ];
 
 /// Per managed interface (key: ifindex): its addresses and next hop.
@@ -67,6 +68,10 @@ pub const MAP_NONMASQ_CIDRS: &str = "nonmasq_cidrs";
 pub const MAP_CONFIG: &str = "config";
 /// LRU hash of NAT entries, both directions of every translated flow.
 pub const MAP_NAT: &str = "nat";
+/// LRU hash of flows opened from outside the VCN towards a pod address (rule 4), keyed
+/// like the pod's answers (`NatKey` of direction egress), apart from `nat` so they never
+/// take a translated flow's place.
+pub const MAP_INBOUND: &str = "inbound";
 /// Per-CPU array of counters, indexed by [`Reason`].
 pub const MAP_STATS: &str = "stats";
 /// LRU hash of fragmented datagrams in flight: how their later fragments, which carry no

@@ -9,6 +9,9 @@ pub const VNICS_MAX: u32 = 64;
 pub const CIDRS_MAX: u32 = 256;
 /// Default capacity of the `nat` map (two entries per translated flow).
 pub const NAT_MAX: u32 = 262_144;
+/// Capacity of `inbound`: flows opened from outside towards pod addresses at once (an
+/// LRU of its own, so a flood of them never evicts a translated flow from `nat`).
+pub const INBOUND_MAX: u32 = 65_536;
 /// Capacity of `frags`: datagrams in flight in fragments at once (an LRU: the oldest give way).
 pub const FRAGS_MAX: u32 = 8192;
 
@@ -149,8 +152,13 @@ pub struct NatEntry {
 }
 
 /// Egress entry that records a flow opened from outside the VCN towards a pod address:
-/// its packets leave untranslated through the owning VNIC (rule 4).
+/// its packets leave untranslated through the owning VNIC (rule 4). Every entry of
+/// `inbound` has it; entries of `nat` with it were written by releases before `inbound`
+/// existed and are honoured until they expire.
 pub const NAT_F_INBOUND: u8 = 1;
+/// Inbound record the pod has answered on: until then it lives by the short
+/// `inbound_unanswered` timeout, so records a spoofed flood creates go quickly.
+pub const NAT_F_ANSWERED: u8 = 2;
 
 /// A SYN was seen in this direction.
 pub const TCP_SEEN_SYN: u8 = 1;

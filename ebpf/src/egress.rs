@@ -38,7 +38,8 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
 
     // Fast path: a packet of a flow already in the NAT table skips the CIDR lookups.
     // Egress entries only exist for destinations classified as outside the VCN (the
-    // agent purges them when the CIDRs change) or for flows opened from outside.
+    // agent purges them when the CIDRs change) or, written by earlier releases, for flows
+    // opened from outside.
     if let L4::Flow {
         key,
         sport,
@@ -56,10 +57,8 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
         // SAFETY: pointer from a lookup in this run.
         let (flags, addr, port) = unsafe { ((*entry).flags, (*entry).addr, (*entry).port) };
         if flags & NAT_F_INBOUND != 0 {
-            // A reply of a flow opened from outside towards the pod (rule 4).
-            nat::touch_inbound(entry, *seen, *opens, Side::Pod);
-            frag::note_first(ctx, &ip, NAT_DIR_EGRESS, ip.src, FRAG_F_INBOUND);
-            return redirect::via_owner(ctx, owner.ifindex, ip.dst, Reason::PassInbound);
+            // A record an earlier release kept in `nat`: honoured until it expires.
+            return answer_inbound(ctx, &ip, entry, (*seen, *opens), owner.ifindex);
         }
         if *opens {
             // A new connection on the tuple of a closed one starts with a clean state.
@@ -92,10 +91,14 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
         return Ok(Decision::drop(Reason::DropBadLength));
     };
     sound(&ip, &l4)?;
-    let (key, sport, seen) = match l4 {
+    let (key, sport, seen, opens) = match l4 {
         L4::Flow {
-            key, sport, seen, ..
-        } => (key, sport, seen),
+            key,
+            sport,
+            seen,
+            opens,
+            ..
+        } => (key, sport, seen, opens),
         // Without the L4 header the flow is found by the datagram's first fragment;
         // without that, passing would leak the pod address outside the VCN.
         L4::Fragment => return frag::egress_later(ctx, &config, &ip, owner.ifindex),
@@ -103,6 +106,11 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
         L4::Unsupported => return Ok(Decision::drop(Reason::DropProtocol)),
         L4::IcmpError => return icmp::egress_error(ctx, &config, &ip, owner.ifindex),
     };
+    // Looked up only for a flow not in `nat`: records exist only for sources outside the
+    // VCN, so traffic that stays inside it never pays for this lookup.
+    if let Some(record) = nat::inbound(&key) {
+        return answer_inbound(ctx, &ip, record, (seen, opens), owner.ifindex);
+    }
     let (addr, port, reason) = (
         config.masq_ip,
         nat::create(ctx, &config, &key, seen)?,
@@ -111,6 +119,21 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
     translate(ctx, &ip, addr, sport, port)?;
     frag::note_first(ctx, &ip, NAT_DIR_EGRESS, addr, 0);
     redirect::via_masquerade(ctx, &config, ip.dst, reason)
+}
+
+/// A pod's packet on a flow opened from outside towards it (rule 4): it leaves
+/// untranslated through the pod's VNIC, as do the fragments after it.
+#[inline(always)]
+fn answer_inbound(
+    ctx: &TcContext,
+    ip: &Ipv4,
+    record: *mut vcnpath_common::NatEntry,
+    (seen, opens): (u8, bool),
+    owner: u32,
+) -> Step<Decision> {
+    nat::touch_inbound(record, seen, opens, Side::Pod);
+    frag::note_first(ctx, ip, NAT_DIR_EGRESS, ip.src, FRAG_F_INBOUND);
+    redirect::via_owner(ctx, owner, ip.dst, Reason::PassInbound)
 }
 
 /// What the L4 header says about a pod packet, read from the frame before the packet is

@@ -9,7 +9,7 @@ use crate::{
     csum,
     decision::{Decision, Step},
     frag, icmp,
-    maps::{self, NAT},
+    maps::{self, INBOUND},
     nat::{self, Side},
     parse::{
         self, Header, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_DST_OFF, IPPROTO_ICMP, IPPROTO_TCP,
@@ -123,14 +123,20 @@ fn inbound(ctx: &TcContext, hdr: &Header) -> Decision {
         _ => return Decision::pass(Reason::PassInbound),
     };
     let key = nat::egress_key(ip.proto, ip.dst, ip.src, pod_port, remote_port);
-    if let Some(entry) = nat::lookup(&key) {
+    if let Some(record) = nat::inbound(&key) {
+        nat::touch_inbound(record, seen, opens, Side::Outside);
+    } else if let Some(entry) = nat::lookup(&key) {
         // SAFETY: pointer from a lookup in this run.
         if unsafe { (*entry).flags } & NAT_F_INBOUND != 0 {
+            // A record an earlier release kept in `nat`: honoured until it expires.
             nat::touch_inbound(entry, seen, opens, Side::Outside);
         } else {
             nat::touch(entry, seen);
         }
-    } else {
+    } else if ip.proto != IPPROTO_TCP || opens {
+        // Only what opens a flow records one: a TCP segment without SYN (a spoofed ACK
+        // flood, a stray packet of a flow long gone) passes to the pod, which answers a
+        // connection it does not know with a RST, but takes no place in the table.
         // SAFETY: plain helper call.
         let now = unsafe { bpf_ktime_get_ns() };
         let entry = NatEntry {
@@ -142,7 +148,7 @@ fn inbound(ctx: &TcContext, hdr: &Header) -> Decision {
             created_ns: now,
         };
         // A failure here only means another CPU recorded it first.
-        let _ = NAT.insert(key, entry, u64::from(BPF_NOEXIST));
+        let _ = INBOUND.insert(key, entry, u64::from(BPF_NOEXIST));
     }
     Decision::pass(Reason::PassInbound)
 }

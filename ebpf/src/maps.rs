@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use vcnpath_common::{
     CIDRS_MAX, CONFIG_F_ENABLED, CidrValue, Config, ENDPOINTS_MAX, Endpoint, EndpointKey,
-    FRAGS_MAX, FragEntry, FragKey, NAT_MAX, NatEntry, NatKey, REASON_COUNT, Reason, VNICS_MAX,
-    Vnic,
+    FRAGS_MAX, FragEntry, FragKey, INBOUND_MAX, NAT_MAX, NatEntry, NatKey, REASON_COUNT, Reason,
+    VNICS_MAX, Vnic,
 };
 
 #[btf_map(name = "vnics")]
@@ -27,6 +27,9 @@ static CONFIG: Array<Config, 1> = Array::new();
 
 #[btf_map(name = "nat")]
 pub static NAT: LruHashMap<NatKey, NatEntry, { NAT_MAX as usize }> = LruHashMap::new();
+
+#[btf_map(name = "inbound")]
+pub static INBOUND: LruHashMap<NatKey, NatEntry, { INBOUND_MAX as usize }> = LruHashMap::new();
 
 #[btf_map(name = "frags")]
 pub static FRAGS: LruHashMap<FragKey, FragEntry, { FRAGS_MAX as usize }> = LruHashMap::new();

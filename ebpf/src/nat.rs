@@ -11,9 +11,9 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
 };
 use vcnpath_common::{
-    Config, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_PORT_TRIES, NAT_TOUCH_INTERVAL_NS, NatEntry,
-    NatKey, Reason, TCP_SEEN_ACK, TCP_SEEN_FIN, TCP_SEEN_POD_SHIFT, TCP_SEEN_RST, TCP_SEEN_SYN,
-    inbound_seen, tcp_closing,
+    Config, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_ANSWERED, NAT_PORT_TRIES, NAT_TOUCH_INTERVAL_NS,
+    NatEntry, NatKey, Reason, TCP_SEEN_ACK, TCP_SEEN_FIN, TCP_SEEN_POD_SHIFT, TCP_SEEN_RST,
+    TCP_SEEN_SYN, inbound_seen, tcp_closing,
 };
 
 use aya_ebpf::programs::TcContext;
@@ -21,7 +21,7 @@ use aya_ebpf::programs::TcContext;
 use crate::{
     decision::{Decision, Step},
     hostsock,
-    maps::NAT,
+    maps::{INBOUND, NAT},
     parse::IPPROTO_ICMP,
 };
 
@@ -92,11 +92,26 @@ pub enum Side {
     Pod,
 }
 
+/// The inbound record (rule 4) of a pod's packet, keyed as the pod's answers are.
+#[inline(always)]
+pub fn inbound(key: &NatKey) -> Option<*mut NatEntry> {
+    INBOUND.get_ptr_mut(key)
+}
+
 /// Records activity on an inbound record, each end's TCP flags apart (see
-/// `TCP_SEEN_POD_SHIFT`) so a half-close is not taken for a close. A SYN from outside on
-/// a closing record starts the flow over, as on a translated flow.
+/// `TCP_SEEN_POD_SHIFT`) so a half-close is not taken for a close, and whether the pod
+/// answered (`NAT_F_ANSWERED`). A SYN from outside on a closing record starts the flow
+/// over, as on a translated flow.
 #[inline(always)]
 pub fn touch_inbound(entry: *mut NatEntry, seen: u8, opens: bool, side: Side) {
+    if side == Side::Pod {
+        // SAFETY: `entry` comes from a map lookup in this program run.
+        unsafe {
+            if (*entry).flags & NAT_F_ANSWERED == 0 {
+                (*entry).flags |= NAT_F_ANSWERED;
+            }
+        }
+    }
     if opens && side == Side::Outside {
         // SAFETY: `entry` comes from a map lookup in this program run.
         let (outside, pod) = inbound_seen(unsafe { (*entry).tcp_seen });

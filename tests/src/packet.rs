@@ -84,6 +84,14 @@ impl Spec {
             },
         }
     }
+    /// The same packet with other TCP flags (`0x02` SYN, `0x12` SYN-ACK, …).
+    #[must_use]
+    pub fn with_tcp_flags(mut self, new: u8) -> Self {
+        if let L4::Tcp { flags, .. } = &mut self.l4 {
+            *flags = new;
+        }
+        self
+    }
     pub fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Self {
         Self {
             src,

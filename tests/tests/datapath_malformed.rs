@@ -63,7 +63,8 @@ fn tcp_flow(port: u16) -> Flow {
     Flow {
         out: Spec::tcp(POD0, port, REMOTE, 443),
         back: Spec::tcp(REMOTE, 443, MASQ, port),
-        inbound: Spec::tcp(REMOTE, 443, POD0, port),
+        // A SYN: only what opens a flow would record one.
+        inbound: Spec::tcp(REMOTE, 443, POD0, port).with_tcp_flags(0x02),
     }
 }
 
@@ -291,7 +292,8 @@ fn malformed_packets_from_outside_to_a_pod_pass_untouched_and_record_nothing() {
         let inbound = class.inbound();
         let (verdict, out) = fx.ingress(&inbound);
         let c = fx.counters();
-        let recorded = fx.datapath.maps.nat.keys().next().is_some();
+        let maps = &fx.datapath.maps;
+        let recorded = maps.nat.keys().chain(maps.inbound.keys()).next().is_some();
         if (verdict, &out) != (TC_ACT_OK, &inbound) || c.get(class.pass) != 1 || recorded {
             wrong.push(format!(
                 "{}: verdict {verdict}, rewritten {}, recorded {recorded}, {} {}, {} {}",

@@ -34,6 +34,7 @@ fn timeouts() -> NatTimeouts {
         tcp_closing: units(4),
         udp: units(8),
         icmp: units(6),
+        inbound_unanswered: units(3),
     }
 }
 

@@ -395,7 +395,8 @@ fn icmp_time_exceeded_for_udp_and_echo_flows() {
 fn rule4_flows_from_outside_to_a_pod_are_answered_from_the_pod_address() {
     root_or_skip!("rule4");
     let fx = Fixture::new("r4", 1024, 65535);
-    let (verdict, out) = fx.ingress(&build(&Spec::tcp(REMOTE, 50000, POD1, 8080)));
+    let syn = Spec::tcp(REMOTE, 50000, POD1, 8080).with_tcp_flags(0x02);
+    let (verdict, out) = fx.ingress(&build(&syn));
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(view(&out).dst, POD1, "inbound packets are never translated");
     let (verdict, reply) = fx.egress(&build(&Spec::tcp(POD1, 8080, REMOTE, 50000)));
@@ -411,6 +412,78 @@ fn rule4_flows_from_outside_to_a_pod_are_answered_from_the_pod_address() {
     );
     assert_eq!(v.src_mac, ETH1_MAC);
     assert_eq!(fx.count(Reason::SnatNew), 0);
+}
+
+/// Issue 11 (3): flows opened from outside are recorded in their own table, and only by
+/// what opens one. A flood of 20,000 spoofed SYNs from as many sources, against a NAT
+/// table of 4,096 entries holding 200 established masqueraded flows, must leave each of
+/// those flows working both ways. Before, the records shared the NAT table's LRU and
+/// evicted them.
+#[test]
+fn an_inbound_syn_flood_leaves_established_masqueraded_flows_working() {
+    root_or_skip!("inbound_flood");
+    let fx = Fixture::with_nat_capacity("flood", 1024, 65535, 4096);
+    let flows: Vec<(u16, u16)> = (0..200)
+        .map(|n| {
+            let port = 20000 + n;
+            let (_, out) = fx.egress(&build(&Spec::tcp(POD0, port, REMOTE, 443)));
+            let translated = view(&out).sport;
+            fx.ingress(&build(&Spec::tcp(REMOTE, 443, MASQ, translated)));
+            (port, translated)
+        })
+        .collect();
+    assert_eq!(fx.count(Reason::SnatNew), 200);
+    for n in 0..20_000_u32 {
+        let [_, _, hi, lo] = n.to_be_bytes();
+        let spoofed = Ipv4Addr::new(198, 18, hi, lo);
+        let syn = Spec::tcp(spoofed, 40000, POD1, 8080).with_tcp_flags(0x02);
+        fx.ingress(&build(&syn));
+    }
+    assert_eq!(fx.count(Reason::PassInbound), 20_000);
+    let mut broken = Vec::new();
+    for (port, translated) in &flows {
+        // The remote speaks first (a download): its segment must find the flow.
+        let (_, back) = fx.ingress(&build(&Spec::tcp(REMOTE, 443, MASQ, *translated)));
+        let (_, out) = fx.egress(&build(&Spec::tcp(POD0, *port, REMOTE, 443)));
+        let (out, back) = (view(&out), view(&back));
+        if (out.src, out.sport, back.dst, back.dport) != (MASQ, *translated, POD0, *port) {
+            broken.push(format!(
+                "{port}: out {}:{}, back {}:{}",
+                out.src, out.sport, back.dst, back.dport
+            ));
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "{} of 200 established flows broken by the flood: {broken:?}",
+        broken.len()
+    );
+    assert_eq!(fx.count(Reason::SnatNew), 200, "no flow had to start over");
+}
+
+/// A TCP segment from outside without SYN (a spoofed ACK flood, a stray segment of a
+/// flow long gone) reaches the pod untouched but records no flow.
+#[test]
+fn an_outside_segment_without_syn_records_no_flow() {
+    root_or_skip!("inbound_ack");
+    let fx = Fixture::new("inack", 1024, 65535);
+    let input = build(&Spec::tcp(REMOTE, 50001, POD1, 8080));
+    assert_eq!(
+        fx.ingress(&input),
+        (TC_ACT_OK, input.clone()),
+        "passed untouched"
+    );
+    let maps = &fx.datapath.maps;
+    assert_eq!(
+        maps.inbound.keys().chain(maps.nat.keys()).count(),
+        0,
+        "an ACK opens no flow"
+    );
+    fx.ingress(&build(
+        &Spec::tcp(REMOTE, 50001, POD1, 8080).with_tcp_flags(0x02),
+    ));
+    assert_eq!(maps.inbound.keys().count(), 1, "a SYN does");
+    assert_eq!(maps.nat.keys().count(), 0, "in its own table");
 }
 
 #[test]

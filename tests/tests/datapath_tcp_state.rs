@@ -40,12 +40,13 @@ fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u
     build(&spec)
 }
 
+/// Both flow tables: translated flows (`nat`) and flows opened from outside (`inbound`).
 fn table(fx: &Fixture) -> HashMap<NatKey, NatEntry> {
-    fx.datapath
-        .maps
-        .nat
+    let maps = &fx.datapath.maps;
+    maps.nat
         .iter()
-        .map(|r| r.expect("reading the NAT table"))
+        .chain(maps.inbound.iter())
+        .map(|r| r.expect("reading the flow tables"))
         .collect()
 }
 

@@ -1,4 +1,4 @@
-//! Read-only views of a running datapath from its pins: counters and the NAT table.
+//! Read-only views of a running datapath from its pins: counters and the NAT tables.
 
 use std::{net::Ipv4Addr, path::Path};
 
@@ -13,11 +13,11 @@ pub fn counters(pin_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints the NAT table, one flow direction per line.
+/// Prints the NAT table and the inbound records, one flow direction per line.
 pub fn nat(pin_dir: &Path) -> anyhow::Result<()> {
     let maps = DatapathMaps::from_pins(pin_dir)?;
     let now = monotonic_now_ns();
-    for item in &maps.nat {
+    for item in maps.nat.iter().chain(maps.inbound.iter()) {
         let (key, entry) = item?;
         let kind = match (key.dir == NAT_DIR_EGRESS, entry.flags & NAT_F_INBOUND != 0) {
             (true, true) => "inbound",

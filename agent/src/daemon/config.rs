@@ -468,6 +468,10 @@ impl AgentConfig {
             ("datapath.nat_timeouts.tcp_closing", t.tcp_closing),
             ("datapath.nat_timeouts.udp", t.udp),
             ("datapath.nat_timeouts.icmp", t.icmp),
+            (
+                "datapath.nat_timeouts.inbound_unanswered",
+                t.inbound_unanswered,
+            ),
         ] {
             within(
                 field,

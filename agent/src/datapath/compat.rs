@@ -11,7 +11,7 @@
 use std::fmt;
 
 use aya::maps::MapType;
-use vcnpath_common::MAP_NAT;
+use vcnpath_common::{MAP_INBOUND, MAP_NAT};
 
 /// What the kernel knows of a map, and all its users' memory safety depends on.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -127,7 +127,7 @@ pub enum Contents {
 
 /// The [`Contents`] of the map called `name`.
 pub fn contents(name: &str) -> Contents {
-    if name == MAP_NAT {
+    if name == MAP_NAT || name == MAP_INBOUND {
         Contents::Kept
     } else {
         Contents::Rebuilt

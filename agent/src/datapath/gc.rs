@@ -12,8 +12,8 @@ use std::{
 
 use aya::maps::MapError;
 use vcnpath_common::{
-    MAP_NAT, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_INBOUND, NatEntry, NatKey, TCP_SEEN_ACK,
-    inbound_seen, tcp_closing,
+    MAP_INBOUND, MAP_NAT, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_ANSWERED, NAT_F_INBOUND, NatEntry,
+    NatKey, TCP_SEEN_ACK, inbound_seen, tcp_closing,
 };
 
 use super::{DatapathError, DatapathMaps, batch::BatchMap};
@@ -40,6 +40,11 @@ pub struct NatTimeouts {
     /// ICMP echo.
     #[serde(with = "secs")]
     pub icmp: Duration,
+    /// A flow opened from outside towards a pod that the pod has not answered yet (a
+    /// spoofed flood's records, a probe of a closed port): gone after this, so such
+    /// records make way quickly.
+    #[serde(with = "secs")]
+    pub inbound_unanswered: Duration,
 }
 
 impl Default for NatTimeouts {
@@ -50,6 +55,7 @@ impl Default for NatTimeouts {
             tcp_closing: Duration::from_secs(10),
             udp: Duration::from_mins(1),
             icmp: Duration::from_secs(30),
+            inbound_unanswered: Duration::from_secs(10),
         }
     }
 }
@@ -115,8 +121,18 @@ impl NatTimeouts {
     /// The idle timeout of a flow opened from outside, whose one record holds each end's
     /// TCP flags apart ([`inbound_seen`]): closing as any flow is, established once either
     /// end sent a packet without SYN (records from before the split hold both ends in the
-    /// outside's bits, and keep the timeouts they had).
-    pub fn for_inbound(&self, proto: u8, tcp_seen: u8) -> Duration {
+    /// outside's bits, and keep the timeouts they had). A record of `inbound` the pod has
+    /// not answered yet lives no longer than `inbound_unanswered`.
+    pub fn for_inbound(&self, proto: u8, tcp_seen: u8, unanswered: bool) -> Duration {
+        let t = self.for_answered_inbound(proto, tcp_seen);
+        if unanswered {
+            t.min(self.inbound_unanswered)
+        } else {
+            t
+        }
+    }
+
+    fn for_answered_inbound(&self, proto: u8, tcp_seen: u8) -> Duration {
         let (outside, pod) = inbound_seen(tcp_seen);
         if proto != IPPROTO_TCP || tcp_closing(outside, pod) {
             return self.for_flow(proto, outside, pod);
@@ -142,6 +158,22 @@ pub fn expired<S: std::hash::BuildHasher>(
     }
     let Ok(doomed) = collector.finish(|key| Ok::<_, Infallible>(entries.get(key).copied()));
     doomed
+}
+
+/// Decides which records of the `inbound` table to delete: each record is its flow, so
+/// no pairing is needed. Pure, as [`expired`]; [`DatapathMaps::collect_nat`] applies it to
+/// the live map.
+pub fn expired_inbound<'a>(
+    records: impl IntoIterator<Item = (&'a NatKey, &'a NatEntry)>,
+    now_ns: u64,
+    timeouts: &NatTimeouts,
+) -> Vec<NatKey> {
+    let rules = Rules { now_ns, timeouts };
+    records
+        .into_iter()
+        .filter(|(key, entry)| rules.inbound_expired(key, entry, true))
+        .map(|(key, _)| *key)
+        .collect()
 }
 
 /// What the expiry rules read of one entry of a translated flow. Both halves of a flow
@@ -220,9 +252,14 @@ impl Rules<'_> {
         Duration::from_nanos(self.now_ns.saturating_sub(last_seen_ns))
     }
 
-    /// A flow opened from outside: one egress entry records both directions.
-    fn inbound_expired(&self, key: &NatKey, entry: &NatEntry) -> bool {
-        let t = self.timeouts.for_inbound(key.proto, entry.tcp_seen);
+    /// A flow opened from outside: one egress entry records both directions. `fresh`:
+    /// a record of `inbound`, which says whether the pod answered (`NAT_F_ANSWERED`);
+    /// records earlier releases kept in `nat` never said.
+    fn inbound_expired(&self, key: &NatKey, entry: &NatEntry, fresh: bool) -> bool {
+        let unanswered = fresh && entry.flags & NAT_F_ANSWERED == 0;
+        let t = self
+            .timeouts
+            .for_inbound(key.proto, entry.tcp_seen, unanswered);
         self.idle(entry.last_seen_ns) > t
     }
 
@@ -291,7 +328,7 @@ impl<'t> Collector<'t> {
 
     /// A flow opened from outside has no second half to wait for.
     fn add_inbound(&mut self, key: NatKey, entry: NatEntry) {
-        if self.rules.inbound_expired(&key, &entry) {
+        if self.rules.inbound_expired(&key, &entry, false) {
             self.doomed.push(key);
         }
     }
@@ -450,6 +487,30 @@ impl DatapathMaps {
             // Keys gone already (evicted, a program raced us, doomed twice) are skipped.
             removed += map.delete(chunk).map_err(DatapathError::map(MAP_NAT))?;
         }
+        let inbound = self.collect_inbound(timeouts)?;
+        Ok(GcReport {
+            scanned: scanned + inbound.scanned,
+            removed: removed + inbound.removed,
+        })
+    }
+
+    /// Removes expired records of flows opened from outside (`inbound`).
+    fn collect_inbound(&mut self, timeouts: &NatTimeouts) -> Result<GcReport, DatapathError> {
+        let map = BatchMap::new(&self.inbound).map_err(DatapathError::map(MAP_INBOUND))?;
+        let now = monotonic_now_ns();
+        let (mut scanned, mut doomed) = (0, Vec::new());
+        let mut reader = map.reader(BATCH_CHUNK);
+        while let Some((keys, records)) = reader
+            .next_chunk()
+            .map_err(DatapathError::map(MAP_INBOUND))?
+        {
+            scanned += keys.len();
+            doomed.extend(expired_inbound(keys.iter().zip(records), now, timeouts));
+        }
+        let mut removed = 0;
+        for chunk in doomed.chunks(BATCH_CHUNK) {
+            removed += map.delete(chunk).map_err(DatapathError::map(MAP_INBOUND))?;
+        }
         Ok(GcReport { scanned, removed })
     }
 
@@ -582,6 +643,67 @@ mod tests {
         assert_eq!(expired(&inbound(rst), 11 * S, &t).len(), 1);
     }
 
+    /// Issue 11 (3): a record the pod never answered (a spoofed SYN, a probe of a closed
+    /// port) goes after `inbound_unanswered`; once the pod answered it lives by its
+    /// protocol's timeout. Records earlier releases kept in `nat` never said whether the
+    /// pod answered, and keep the timeouts they had.
+    #[test]
+    fn an_unanswered_inbound_record_goes_after_the_short_timeout_and_an_answered_one_stays() {
+        let t = NatTimeouts::default();
+        let record = |proto, tcp_seen, flags| {
+            let key = NatKey {
+                src: [10, 0, 1, 20],
+                dst: [198, 51, 100, 7],
+                sport: 53,
+                dport: 40000,
+                proto,
+                dir: NAT_DIR_EGRESS,
+                pad: [0; 2],
+            };
+            let entry = NatEntry {
+                addr: key.src,
+                port: key.sport,
+                flags,
+                tcp_seen,
+                ..Default::default()
+            };
+            (key, entry)
+        };
+        let pod = |bits: u8| bits << vcnpath_common::TCP_SEEN_POD_SHIFT;
+        let unanswered = [
+            record(IPPROTO_TCP, TCP_SEEN_SYN, NAT_F_INBOUND),
+            record(17, 0, NAT_F_INBOUND),
+        ];
+        let answered = [
+            record(
+                IPPROTO_TCP,
+                TCP_SEEN_SYN | pod(TCP_SEEN_SYN | TCP_SEEN_ACK),
+                NAT_F_INBOUND | NAT_F_ANSWERED,
+            ),
+            record(17, 0, NAT_F_INBOUND | NAT_F_ANSWERED),
+        ];
+        let at = |secs: u64, records: &[(NatKey, NatEntry)]| {
+            expired_inbound(records.iter().map(|(k, e)| (k, e)), secs * S, &t).len()
+        };
+        assert_eq!(at(9, &unanswered), 0, "within the short timeout");
+        assert_eq!(at(11, &unanswered), 2, "unanswered records go after 10 s");
+        assert_eq!(
+            at(11, &answered),
+            0,
+            "answered records live by their protocol"
+        );
+        assert_eq!(
+            at(61, &answered),
+            1,
+            "UDP after its minute, TCP opening after its"
+        );
+        let legacy: HashMap<_, _> = unanswered.into_iter().collect();
+        assert!(
+            expired(&legacy, 11 * S, &t).is_empty(),
+            "a record in `nat` from an earlier release keeps its timeout"
+        );
+    }
+
     #[test]
     fn udp_lives_by_its_own_timeout_and_recent_replies_keep_it() {
         let t = NatTimeouts::default();
@@ -643,7 +765,7 @@ mod tests {
         let mut paired = std::collections::HashSet::new();
         for (key, entry) in entries.iter().filter(|(k, _)| k.dir == NAT_DIR_EGRESS) {
             if entry.flags & NAT_F_INBOUND != 0 {
-                let t = timeouts.for_inbound(key.proto, entry.tcp_seen);
+                let t = timeouts.for_inbound(key.proto, entry.tcp_seen, false);
                 if idle(entry.last_seen_ns) > t {
                     doomed.insert(*key);
                 }
@@ -741,6 +863,7 @@ mod tests {
             tcp_closing: Duration::from_secs(10),
             udp: Duration::from_secs(30),
             icmp: Duration::from_secs(20),
+            inbound_unanswered: Duration::from_secs(5),
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         for round in 0..200 {

@@ -1,12 +1,12 @@
-//! Typed handles on the eight maps, opened from a fresh load or from their pins.
+//! Typed handles on the nine maps, opened from a fresh load or from their pins.
 
 use std::path::Path;
 
 use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
 use vcnpath_common::{
     CidrValue, Config, DATAPATH_ABI, Endpoint, EndpointKey, FragEntry, FragKey, MAP_CONFIG,
-    MAP_ENDPOINTS, MAP_FRAGS, MAP_NAT, MAP_NONMASQ_CIDRS, MAP_STATS, MAP_VCN_CIDRS, MAP_VNICS,
-    NatEntry, NatKey, Vnic,
+    MAP_ENDPOINTS, MAP_FRAGS, MAP_INBOUND, MAP_NAT, MAP_NONMASQ_CIDRS, MAP_STATS, MAP_VCN_CIDRS,
+    MAP_VNICS, NatEntry, NatKey, Vnic,
 };
 
 use super::DatapathError;
@@ -19,6 +19,9 @@ pub struct DatapathMaps {
     pub nonmasq_cidrs: LpmTrie<MapData, [u8; 4], CidrValue>,
     pub config: Array<MapData, Config>,
     pub nat: HashMap<MapData, NatKey, NatEntry>,
+    /// Records of flows opened from outside (rule 4): the programs write them, the
+    /// collector expires them.
+    pub inbound: HashMap<MapData, NatKey, NatEntry>,
     pub stats: PerCpuArray<MapData, u64>,
     /// Only the programs write it; the agent holds it to put its pin back.
     pub frags: HashMap<MapData, FragKey, FragEntry>,
@@ -68,6 +71,7 @@ impl DatapathMaps {
             nonmasq_cidrs: typed!(MAP_NONMASQ_CIDRS),
             config: typed!(MAP_CONFIG),
             nat: typed!(MAP_NAT),
+            inbound: typed!(MAP_INBOUND),
             stats: typed!(MAP_STATS),
             frags: typed!(MAP_FRAGS),
         })

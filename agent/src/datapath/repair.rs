@@ -12,8 +12,8 @@ use std::io;
 use aya::maps::{IterableMap as _, MapData};
 use tracing::warn;
 use vcnpath_common::{
-    MAP_CONFIG, MAP_ENDPOINTS, MAP_FRAGS, MAP_NAT, MAP_NONMASQ_CIDRS, MAP_STATS, MAP_VCN_CIDRS,
-    MAP_VNICS, PROG_EGRESS, PROG_INGRESS, PROG_POD,
+    MAP_CONFIG, MAP_ENDPOINTS, MAP_FRAGS, MAP_INBOUND, MAP_NAT, MAP_NONMASQ_CIDRS, MAP_STATS,
+    MAP_VCN_CIDRS, MAP_VNICS, PROG_EGRESS, PROG_INGRESS, PROG_POD,
 };
 
 use super::{Datapath, DatapathError, pins};
@@ -141,7 +141,7 @@ impl Datapath {
             source: io::Error::other(error),
         };
         let mut repinned = Vec::new();
-        let maps: [(&'static str, &MapData); 8] = [
+        let maps: [(&'static str, &MapData); 9] = [
             (MAP_VNICS, self.maps.vnics.map()),
             (MAP_ENDPOINTS, self.maps.endpoints.map()),
             (MAP_VCN_CIDRS, self.maps.vcn_cidrs.map()),
@@ -150,6 +150,7 @@ impl Datapath {
             (MAP_NAT, self.maps.nat.map()),
             (MAP_STATS, self.maps.stats.map()),
             (MAP_FRAGS, self.maps.frags.map()),
+            (MAP_INBOUND, self.maps.inbound.map()),
         ];
         for (name, data) in maps {
             if missing(name) {
