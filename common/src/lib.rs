@@ -24,6 +24,14 @@ pub const PROG_POD: &str = "vcnpath_pod";
 /// branch the kernel cannot take, so one object loads on 5.10 and is cheaper on newer kernels.
 pub const GLOBAL_COARSE_CLOCK: &str = "VCNPATH_COARSE_CLOCK";
 
+/// Bit of the packet mark (`skb->mark`) set on a packet vcnpath redirects from one VNIC's
+/// egress to another's, whose egress program then sees it a second time: that pass
+/// takes the bit off again and does not count the packet, which was counted where it was
+/// redirected. It lives only between the two programs (the TC egress hook runs before the
+/// qdisc); a bit set by someone else costs one uncounted packet, nothing more, since the
+/// second pass still judges the packet in full.
+pub const MARK_REDIRECTED: u32 = 0x0000_0200;
+
 /// Default bpffs directory holding every pinned map and program.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/vcnpath";
 

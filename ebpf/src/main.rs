@@ -49,7 +49,14 @@ use aya_ebpf::{macros::classifier, programs::TcContext};
     reason = "the signature #[classifier] requires"
 )]
 pub fn vcnpath_egress(ctx: TcContext) -> i32 {
-    finish(egress::run(&ctx))
+    // A packet redirected here from another VNIC's egress was counted there; it is still
+    // judged (idempotently: it is already in its final form), only not counted again.
+    let again = redirect::take_redirect_mark(&ctx);
+    let decision = decide(egress::run(&ctx));
+    if !again {
+        maps::count(decision.reason);
+    }
+    decision.action
 }
 
 #[cfg(target_arch = "bpf")]
@@ -78,11 +85,18 @@ pub fn vcnpath_pod(ctx: TcContext) -> i32 {
 #[cfg(target_arch = "bpf")]
 #[inline(always)]
 fn finish(result: decision::Step<decision::Decision>) -> i32 {
-    let decision = match result {
-        Ok(decision) | Err(decision) => decision,
-    };
+    let decision = decide(result);
     maps::count(decision.reason);
     decision.action
+}
+
+/// The decision of a program, reached normally or by an early return.
+#[cfg(target_arch = "bpf")]
+#[inline(always)]
+fn decide(result: decision::Step<decision::Decision>) -> decision::Decision {
+    match result {
+        Ok(decision) | Err(decision) => decision,
+    }
 }
 
 #[cfg(target_arch = "bpf")]

@@ -6,7 +6,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use vcnpath_common::{Config, Reason, VNIC_F_ROUTER_MAC, Vnic};
+use vcnpath_common::{Config, MARK_REDIRECTED, Reason, VNIC_F_ROUTER_MAC, Vnic};
 
 use crate::{
     csum,
@@ -54,6 +54,8 @@ pub fn via_masquerade(
 #[inline(always)]
 pub fn to_vnic(ctx: &TcContext, vnic: &Vnic, dst: [u8; 4], reason: Reason) -> Step<Decision> {
     let on_link = in_subnet(dst, vnic.subnet_ip, vnic.subnet_prefix_len);
+    // The target's egress program sees the packet again; it must not count it again.
+    ctx.set_mark(mark(ctx) | MARK_REDIRECTED);
     if !on_link && vnic.flags & VNIC_F_ROUTER_MAC != 0 {
         // Fast path: the router's MAC is known, so rewrite L2 here and skip the
         // neighbour table.
@@ -73,6 +75,24 @@ pub fn to_vnic(ctx: &TcContext, vnic: &Vnic, dst: [u8; 4], reason: Reason) -> St
     // SAFETY: params lives on the stack for the duration of the call.
     let ret = unsafe { bpf_redirect_neigh(vnic.ifindex, &raw mut params, SIZE_OF_REDIR_NEIGH, 0) };
     Ok(verdict(ret, reason))
+}
+
+/// Whether the packet was redirected here by [`to_vnic`] (counted where it was), taking the
+/// mark bit off so nothing after this program sees it.
+#[inline(always)]
+pub fn take_redirect_mark(ctx: &TcContext) -> bool {
+    let mark = mark(ctx);
+    if mark & MARK_REDIRECTED == 0 {
+        return false;
+    }
+    ctx.set_mark(mark & !MARK_REDIRECTED);
+    true
+}
+
+#[inline(always)]
+fn mark(ctx: &TcContext) -> u32 {
+    // SAFETY: the context's skb pointer is valid for the whole program run.
+    unsafe { (*ctx.skb.skb).mark }
 }
 
 #[inline(always)]

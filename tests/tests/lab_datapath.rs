@@ -162,6 +162,53 @@ fn lab_pods_on_both_vnics_reach_the_internet_as_the_masquerade_address() {
     );
 }
 
+/// The counters that moved while `traffic` ran, by reason name.
+fn counted_during(
+    s: &Setup,
+    traffic: impl FnOnce(),
+) -> std::collections::BTreeMap<&'static str, u64> {
+    let before = s.counters();
+    traffic();
+    let after = s.counters();
+    Reason::ALL
+        .into_iter()
+        .map(|r| (r.name(), after.get(r) - before.get(r)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
+
+/// Issue 11 (10): every packet is counted once. A redirected packet meets vcnpath's egress
+/// program twice: where the kernel routed it and on the VNIC it was redirected to. A pod
+/// on a secondary VNIC pings the VCN peer; the kernel routes the requests out of eth0 and
+/// vcnpath redirects them to the pod's own VNIC: each request must be counted once
+/// (`redirected-to-owner`) and each reply once at ingress (`passed-vcn`), the request's
+/// second pass not at all (before, it was counted as `passed-vcn` too).
+#[test]
+fn lab_a_redirected_packet_is_counted_once() {
+    if !have_root("lab_count_once") {
+        return;
+    }
+    let s = setup("once", LabOptions::default());
+    let vcn = counted_during(&s, || {
+        assert!(
+            ping(s.pod(POD_B).ns(), s.lab.peer_ip(), 20, T).unwrap(),
+            "pings to the peer"
+        );
+    });
+    let get = |r: Reason| vcn.get(r.name()).copied().unwrap_or(0);
+    // ping may send a request more than the replies it waits for.
+    let (sent, redirected, replies) = (
+        get(Reason::PassPodSource),
+        get(Reason::RedirectOwner),
+        get(Reason::PassVcn),
+    );
+    assert!(
+        sent >= 20 && redirected == sent && (20..=sent).contains(&replies),
+        "{sent} requests left the pod: each counted once redirected, each reply once in \
+         (a second pass would count requests as passed-vcn too): {vcn:?}"
+    );
+}
+
 #[test]
 fn lab_two_pods_with_the_same_source_port_to_the_same_destination_both_work() {
     if !have_root("lab_same_port") {
