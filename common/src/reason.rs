@@ -24,7 +24,8 @@ pub enum Reason {
     IcmpErrorReverse = 7,
     /// ICMP error from a pod quoting a translated flow: translated to the masquerade address.
     IcmpErrorSnat = 8,
-    /// Packet of a flow opened from outside towards a pod address: left untranslated (rule 4).
+    /// A pod's packet on a flow opened from outside towards it (rule 4), or an ICMP error
+    /// it sends about one: left untranslated through its VNIC.
     PassInbound = 9,
     /// No free NAT port (or ICMP identifier) for a new flow: dropped.
     DropNoPort = 10,
@@ -76,10 +77,25 @@ pub enum Reason {
     /// Non-first fragment of a pod's answer on a flow opened from outside (rule 4): left
     /// untranslated through the pod's VNIC, as its first fragment.
     PassInboundFragment = 30,
+    /// A packet from outside the VCN that opens a flow towards a pod address (a SYN, a UDP
+    /// datagram, an ICMP echo request), recorded in `inbound` (or starting a closed
+    /// record over): passed to the pod.
+    InboundNew = 31,
+    /// A packet from outside the VCN on a recorded flow towards a pod address: passed.
+    PassInboundToPod = 32,
+    /// A packet from outside the VCN towards a pod address that records no flow (a TCP
+    /// segment without SYN and no record, another protocol): passed to the pod.
+    PassInboundUnrecorded = 33,
+    /// Pod → outside: a SYN on the tuple of a closing flow started it over, translated with
+    /// its mapping.
+    SnatReopened = 34,
+    /// Pod → outside: translated with an existing mapping whose reply entry the LRU had
+    /// evicted and which was put back.
+    SnatRepaired = 35,
 }
 
 /// Number of reason codes (size of the `stats` map).
-pub const REASON_COUNT: u32 = 31;
+pub const REASON_COUNT: u32 = 36;
 
 impl Reason {
     /// Every reason, in index order.
@@ -115,6 +131,11 @@ impl Reason {
         Reason::SnatFragment,
         Reason::ReverseNatFragment,
         Reason::PassInboundFragment,
+        Reason::InboundNew,
+        Reason::PassInboundToPod,
+        Reason::PassInboundUnrecorded,
+        Reason::SnatReopened,
+        Reason::SnatRepaired,
     ];
 
     /// The name operators see in `vcnpath` output and metrics.
@@ -151,6 +172,11 @@ impl Reason {
             Reason::SnatFragment => "translated-fragment",
             Reason::ReverseNatFragment => "reverse-translated-fragment",
             Reason::PassInboundFragment => "passed-inbound-fragment",
+            Reason::InboundNew => "recorded-inbound-flow",
+            Reason::PassInboundToPod => "passed-inbound-to-pod",
+            Reason::PassInboundUnrecorded => "passed-inbound-unrecorded",
+            Reason::SnatReopened => "translated-reopened-flow",
+            Reason::SnatRepaired => "translated-reply-repaired",
         }
     }
 

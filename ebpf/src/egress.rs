@@ -11,7 +11,7 @@ use crate::{
     csum,
     decision::{Decision, Step},
     frag, icmp, maps, nat,
-    nat::Side,
+    nat::{Reply, Side},
     parse::{
         self, Header, IP_SRC_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, L4Head, Malformed,
     },
@@ -60,19 +60,23 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
             // A record an earlier release kept in `nat`: honoured until it expires.
             return answer_inbound(ctx, &ip, entry, (*seen, *opens), owner.ifindex);
         }
-        if *opens {
-            // A new connection on the tuple of a closed one starts with a clean state.
-            nat::reopen_if_closing(key, entry, addr, port);
-        }
+        // A new connection on the tuple of a closed one starts with a clean state.
+        let reopened = *opens && nat::reopen_if_closing(key, entry, addr, port);
         let due = nat::touch(entry, *seen);
         // About once a second, not per packet: the flow's reply entry must still be its
         // own (a full table's LRU may have evicted it and another flow taken the port).
-        if due.is_none_or(|now| nat::reply_is_ours(key, addr, port, now)) {
+        let reply = due.map_or(Reply::Ours, |now| nat::reply_of(key, addr, port, now));
+        if reply != Reply::Taken {
+            let reason = match (reopened, reply) {
+                (true, _) => Reason::SnatReopened,
+                (false, Reply::Repaired) => Reason::SnatRepaired,
+                (false, _) => Reason::SnatEstablished,
+            };
             // The entry's own address is used (not the current config) so a flow keeps
             // the identity its ingress entry was keyed by.
             translate(ctx, &ip, addr, *sport, port)?;
             frag::note_first(ctx, &ip, NAT_DIR_EGRESS, addr, 0);
-            return redirect::via_masquerade(ctx, &config, ip.dst, Reason::SnatEstablished);
+            return redirect::via_masquerade(ctx, &config, ip.dst, reason);
         }
         nat::forget(key);
     }
@@ -131,7 +135,7 @@ fn answer_inbound(
     (seen, opens): (u8, bool),
     owner: u32,
 ) -> Step<Decision> {
-    nat::touch_inbound(record, seen, opens, Side::Pod);
+    let _ = nat::touch_inbound(record, seen, opens, Side::Pod);
     frag::note_first(ctx, ip, NAT_DIR_EGRESS, ip.src, FRAG_F_INBOUND);
     redirect::via_owner(ctx, owner, ip.dst, Reason::PassInbound)
 }

@@ -120,18 +120,26 @@ fn inbound(ctx: &TcContext, hdr: &Header) -> Decision {
         IPPROTO_ICMP if l4.icmp_type() == ICMP_ECHO_REQUEST => {
             (port(l4.port_or_id(ip.proto)), 0, 0, false)
         }
-        _ => return Decision::pass(Reason::PassInbound),
+        _ => return Decision::pass(Reason::PassInboundUnrecorded),
     };
     let key = nat::egress_key(ip.proto, ip.dst, ip.src, pod_port, remote_port);
-    if let Some(record) = nat::inbound(&key) {
-        nat::touch_inbound(record, seen, opens, Side::Outside);
+    let on_record = |record| {
+        if nat::touch_inbound(record, seen, opens, Side::Outside) {
+            Reason::InboundNew
+        } else {
+            Reason::PassInboundToPod
+        }
+    };
+    let reason = if let Some(record) = nat::inbound(&key) {
+        on_record(record)
     } else if let Some(entry) = nat::lookup(&key) {
         // SAFETY: pointer from a lookup in this run.
         if unsafe { (*entry).flags } & NAT_F_INBOUND != 0 {
             // A record an earlier release kept in `nat`: honoured until it expires.
-            nat::touch_inbound(entry, seen, opens, Side::Outside);
+            on_record(entry)
         } else {
             nat::touch(entry, seen);
+            Reason::PassInboundToPod
         }
     } else if ip.proto != IPPROTO_TCP || opens {
         // Only what opens a flow records one: a TCP segment without SYN (a spoofed ACK
@@ -149,8 +157,11 @@ fn inbound(ctx: &TcContext, hdr: &Header) -> Decision {
         };
         // A failure here only means another CPU recorded it first.
         let _ = INBOUND.insert(key, entry, u64::from(BPF_NOEXIST));
-    }
-    Decision::pass(Reason::PassInbound)
+        Reason::InboundNew
+    } else {
+        Reason::PassInboundUnrecorded
+    };
+    Decision::pass(reason)
 }
 
 #[inline(always)]

@@ -101,9 +101,9 @@ pub fn inbound(key: &NatKey) -> Option<*mut NatEntry> {
 /// Records activity on an inbound record, each end's TCP flags apart (see
 /// `TCP_SEEN_POD_SHIFT`) so a half-close is not taken for a close, and whether the pod
 /// answered (`NAT_F_ANSWERED`). A SYN from outside on a closing record starts the flow
-/// over, as on a translated flow.
+/// over, as on a translated flow; returns whether it did.
 #[inline(always)]
-pub fn touch_inbound(entry: *mut NatEntry, seen: u8, opens: bool, side: Side) {
+pub fn touch_inbound(entry: *mut NatEntry, seen: u8, opens: bool, side: Side) -> bool {
     if side == Side::Pod {
         // SAFETY: `entry` comes from a map lookup in this program run.
         unsafe {
@@ -112,11 +112,13 @@ pub fn touch_inbound(entry: *mut NatEntry, seen: u8, opens: bool, side: Side) {
             }
         }
     }
+    let mut restarted = false;
     if opens && side == Side::Outside {
         // SAFETY: `entry` comes from a map lookup in this program run.
         let (outside, pod) = inbound_seen(unsafe { (*entry).tcp_seen });
         if tcp_closing(outside, pod) {
             restart(entry);
+            restarted = true;
         }
     }
     let bits = match side {
@@ -124,28 +126,30 @@ pub fn touch_inbound(entry: *mut NatEntry, seen: u8, opens: bool, side: Side) {
         Side::Pod => seen << TCP_SEEN_POD_SHIFT,
     };
     touch(entry, bits);
+    restarted
 }
 
 /// A SYN on the tuple of a translated flow that is closing (a RST seen, or a FIN both
 /// ways) opens a new connection: both halves forget the old one's flags, so the flow
 /// lives by the opening and established timeouts again instead of being collected as
 /// closing (Cilium's `ct_reset_closing`). The SYN's own flag is merged by the `touch`
-/// that follows.
+/// that follows. Returns whether the flow was closing.
 #[inline(always)]
-pub fn reopen_if_closing(fwd: &NatKey, entry: *mut NatEntry, addr: [u8; 4], port: u16) {
+pub fn reopen_if_closing(fwd: &NatKey, entry: *mut NatEntry, addr: [u8; 4], port: u16) -> bool {
     let key = ingress_key(fwd.proto, fwd.dst, addr, reply_sport(fwd), port);
     let back = lookup(&key).filter(|back| points_back(*back, fwd));
     // SAFETY: pointers from lookups in this program run.
     unsafe {
         let back_seen = back.map_or(0, |b| (*b).tcp_seen);
         if !tcp_closing((*entry).tcp_seen, back_seen) {
-            return;
+            return false;
         }
         restart(entry);
         if let Some(back) = back {
             (*back).tcp_seen = 0;
         }
     }
+    true
 }
 
 /// Clears an entry's TCP flags for a connection that starts over on its tuple.
@@ -201,20 +205,41 @@ pub fn touch(entry: *mut NatEntry, seen: u8) -> Option<u64> {
     }
 }
 
-/// Whether the reply entry of the translated flow `fwd` (masqueraded to `addr:port`)
-/// still translates back to it. When the LRU evicted it, it is created again; when
-/// another flow has claimed that port since, the answer is no and `fwd` must start over
-/// with a port of its own (its replies would reach the other flow).
+/// What became of a translated flow's reply entry.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// It still translates back to the flow.
+    Ours,
+    /// The LRU had evicted it; it was created again.
+    Repaired,
+    /// Another flow has claimed the port since: the flow must start over with a port of
+    /// its own (its replies would reach the other flow).
+    Taken,
+}
+
+/// Checks the reply entry of the translated flow `fwd` (masqueraded to `addr:port`),
+/// putting it back when the LRU evicted it.
 #[inline(always)]
-pub fn reply_is_ours(fwd: &NatKey, addr: [u8; 4], port: u16, now: u64) -> bool {
+pub fn reply_of(fwd: &NatKey, addr: [u8; 4], port: u16, now: u64) -> Reply {
     let key = ingress_key(fwd.proto, fwd.dst, addr, reply_sport(fwd), port);
+    let ours = |back| {
+        if points_back(back, fwd) {
+            Reply::Ours
+        } else {
+            Reply::Taken
+        }
+    };
     if let Some(back) = lookup(&key) {
-        return points_back(back, fwd);
+        return ours(back);
     }
-    // Another CPU may have created it meanwhile: then it decides.
-    NAT.insert(key, reply_entry(fwd, now), u64::from(BPF_NOEXIST))
+    if NAT
+        .insert(key, reply_entry(fwd, now), u64::from(BPF_NOEXIST))
         .is_ok()
-        || lookup(&key).is_some_and(|back| points_back(back, fwd))
+    {
+        return Reply::Repaired;
+    }
+    // Another CPU created it meanwhile: then it decides.
+    lookup(&key).map_or(Reply::Taken, ours)
 }
 
 /// The reply entry of the flow `fwd`: it translates back to the pod's address and port.

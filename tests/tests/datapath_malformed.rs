@@ -301,8 +301,8 @@ fn malformed_packets_from_outside_to_a_pod_pass_untouched_and_record_nothing() {
                 out != inbound,
                 class.pass.name(),
                 c.get(class.pass),
-                Reason::PassInbound.name(),
-                c.get(Reason::PassInbound),
+                Reason::InboundNew.name(),
+                c.get(Reason::InboundNew),
             ));
         }
     }

@@ -225,7 +225,11 @@ fn a_flow_whose_reply_entry_was_evicted_gets_it_back() {
     let (verdict, out) = fx.egress(&build(&Spec::tcp(POD0, 41000, REMOTE, 443)));
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!((view(&out).src, view(&out).sport), (MASQ, 41000));
-    assert_eq!(fx.count(Reason::SnatEstablished), 1, "still the same flow");
+    assert_eq!(
+        (fx.count(Reason::SnatRepaired), fx.count(Reason::SnatNew)),
+        (1, 0),
+        "still the same flow, its reply entry put back and counted"
+    );
     let (_, reply) = fx.ingress(&build(&Spec::tcp(REMOTE, 443, MASQ, 41000)));
     assert_eq!(
         (view(&reply).dst, view(&reply).dport),
@@ -439,7 +443,11 @@ fn an_inbound_syn_flood_leaves_established_masqueraded_flows_working() {
         let syn = Spec::tcp(spoofed, 40000, POD1, 8080).with_tcp_flags(0x02);
         fx.ingress(&build(&syn));
     }
-    assert_eq!(fx.count(Reason::PassInbound), 20_000);
+    assert_eq!(
+        fx.count(Reason::InboundNew),
+        20_000,
+        "each SYN recorded its flow"
+    );
     let mut broken = Vec::new();
     for (port, translated) in &flows {
         // The remote speaks first (a download): its segment must find the flow.
@@ -473,6 +481,7 @@ fn an_outside_segment_without_syn_records_no_flow() {
         (TC_ACT_OK, input.clone()),
         "passed untouched"
     );
+    assert_eq!(fx.count(Reason::PassInboundUnrecorded), 1);
     let maps = &fx.datapath.maps;
     assert_eq!(
         maps.inbound.keys().chain(maps.nat.keys()).count(),
@@ -483,6 +492,13 @@ fn an_outside_segment_without_syn_records_no_flow() {
         &Spec::tcp(REMOTE, 50001, POD1, 8080).with_tcp_flags(0x02),
     ));
     assert_eq!(maps.inbound.keys().count(), 1, "a SYN does");
+    assert_eq!(fx.count(Reason::InboundNew), 1);
+    fx.ingress(&build(&Spec::tcp(REMOTE, 50001, POD1, 8080)));
+    assert_eq!(
+        fx.count(Reason::PassInboundToPod),
+        1,
+        "the next segment is on the flow"
+    );
     assert_eq!(maps.nat.keys().count(), 0, "in its own table");
 }
 

@@ -84,12 +84,18 @@ fn handshake(fx: &Fixture) {
 }
 
 fn assert_reopened(fx: &Fixture, what: &str) {
+    let reopened = fx.count(Reason::SnatReopened);
     let (verdict, out) = fx.egress(&tcp(POD0, 40000, REMOTE, 443, SYN));
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(
         (view(&out).src, view(&out).sport),
         (MASQ, 40000),
         "the new connection on the tuple keeps the flow's mapping ({what})"
+    );
+    assert_eq!(
+        fx.count(Reason::SnatReopened),
+        reopened + 1,
+        "counted as reopened ({what})"
     );
     let doomed = doomed_after(fx, CLOSING_PLUS);
     assert!(

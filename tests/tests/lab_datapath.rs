@@ -351,7 +351,11 @@ fn lab_connections_from_the_internet_to_a_pod_are_answered_from_the_pod_address(
     );
     s.assert_no_router_drops();
     let c = s.counters();
-    assert!(c.get(Reason::PassInbound) > 0, "{c}");
+    assert!(
+        c.get(Reason::InboundNew) == 1
+            && c.get(Reason::PassInbound) + c.get(Reason::RedirectOwner) > 0,
+        "the client's SYN recorded the flow and the pod's answers rode it (redirected to its VNIC): {c}"
+    );
     assert_eq!(c.get(Reason::SnatNew), 0, "nothing was masqueraded:\n{c}");
 }
 
