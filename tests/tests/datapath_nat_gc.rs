@@ -5,7 +5,7 @@
 use std::{collections::HashMap, net::Ipv4Addr, time::Duration};
 
 use aya::maps::MapError;
-use vcnpath::datapath::{NatTimeouts, gc::monotonic_now_ns};
+use vcnpath::datapath::{NatTimeouts, monotonic_now_ns};
 use vcnpath_common::{
     NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_INBOUND, NAT_MAX, NatEntry, NatKey, TCP_SEEN_ACK,
     TCP_SEEN_RST, TCP_SEEN_SYN,

@@ -4,7 +4,7 @@ use std::{net::Ipv4Addr, path::Path};
 
 use vcnpath_common::{NAT_DIR_EGRESS, NAT_F_INBOUND};
 
-use crate::datapath::{Counters, DatapathMaps, gc::monotonic_now_ns};
+use crate::datapath::{Counters, DatapathMaps, monotonic_now_ns};
 
 /// Prints every counter by reason name.
 pub fn counters(pin_dir: &Path) -> anyhow::Result<()> {

@@ -343,7 +343,6 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         router_ip,
     )
     .await
-    .map_err(anyhow::Error::msg)
     .context("setting up the primary VNIC")?;
     let report = first_sync(&node).await?;
     info!(adopted, ?report, "datapath ready");

@@ -29,6 +29,15 @@ use crate::{
     ipam::{AllocError, Allocation, Allocator, BoxFuture, Ipam, PodRef, holders},
 };
 
+/// Why a VNIC's interface could not be set up (the periodic setup retries it).
+#[derive(Debug, thiserror::Error)]
+pub enum VnicSetupError {
+    #[error(transparent)]
+    Host(#[from] crate::host::netlink::HostError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+}
+
 /// A VNIC whose interface is up and managed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ManagedVnic {
@@ -257,12 +266,8 @@ impl Node {
         ip: Ipv4Addr,
         subnet: Ipv4Net,
         router_ip: Ipv4Addr,
-    ) -> Result<(), String> {
-        let link = self
-            .netlink
-            .link_by_mac(mac)
-            .await
-            .map_err(|e| e.to_string())?;
+    ) -> Result<(), VnicSetupError> {
+        let link = self.netlink.link_by_mac(mac).await?;
         self.manage(vnic_id, link, ip, subnet, router_ip, false)
             .await
     }
@@ -498,21 +503,17 @@ impl Node {
         subnet: Ipv4Net,
         router_ip: Ipv4Addr,
         configure: bool,
-    ) -> Result<(), String> {
+    ) -> Result<(), VnicSetupError> {
         let span = info_span!("vnic_setup", vnic = vnic_id, interface = %link.name);
         async {
             if configure {
                 // Secondary VNICs are not configured by the OS image.
                 self.netlink
                     .configure_vnic(&link, self.settings.mtu, ip, subnet.prefix_len())
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    .await?;
             }
             self.ensure_interface_sysctls(&link).await;
-            self.datapath
-                .attach(&link.name)
-                .await
-                .map_err(|e| e.to_string())?;
+            self.datapath.attach(&link.name).await?;
             self.ipam
                 .set_interface(&crate::host::netlink::format_mac(&link.mac), &link.name)
                 .await;

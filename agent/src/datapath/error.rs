@@ -39,6 +39,11 @@ pub enum DatapathError {
         interface: String,
         source: io::Error,
     },
+    #[error("TC on interface {interface}: {source} (does it exist in this network namespace?)")]
+    Tc {
+        interface: String,
+        source: aya::programs::tc::TcError,
+    },
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,

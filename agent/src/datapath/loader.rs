@@ -369,9 +369,9 @@ fn add_clsact(interface: &str) -> Result<(), DatapathError> {
         Ok(()) => Ok(()),
         // EEXIST is the normal case after a restart.
         Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-        Err(error) => Err(DatapathError::Interface {
+        Err(source) => Err(DatapathError::Tc {
             interface: interface.to_owned(),
-            source: io::Error::other(error.to_string()),
+            source,
         }),
     }
 }
@@ -430,10 +430,10 @@ pub fn detach_interface(interface: &str) -> Result<(), DatapathError> {
         match tc::qdisc_detach_program(interface, attach_type, name) {
             Ok(()) => {}
             Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(DatapathError::Interface {
+            Err(source) => {
+                return Err(DatapathError::Tc {
                     interface: interface.to_owned(),
-                    source: io::Error::other(e.to_string()),
+                    source,
                 });
             }
         }

@@ -3,6 +3,7 @@
 //! every map write ([`task`]); everyone else sends it intents.
 
 mod batch;
+mod collect;
 pub mod compat;
 mod counters;
 mod error;
@@ -16,6 +17,7 @@ pub mod repair;
 mod state;
 pub mod task;
 
+pub use collect::monotonic_now_ns;
 pub use counters::Counters;
 pub use error::DatapathError;
 pub use gc::{GcReport, NatTimeouts};

@@ -21,11 +21,7 @@ use vcnpath_common::{
     NatKey, VNIC_F_ROUTER_MAC, Vnic,
 };
 
-use super::{
-    DatapathError, DatapathMaps,
-    batch::BatchMap,
-    gc::{BATCH_CHUNK, reply_key},
-};
+use super::{DatapathError, DatapathMaps, batch::BatchMap, collect::BATCH_CHUNK, gc::reply_key};
 
 /// What the maps should hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
