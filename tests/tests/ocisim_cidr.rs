@@ -6,16 +6,23 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
+use std::sync::Arc;
 use vcnpath::oci::models::{
     AttachVnicDetails, BulkCreatePrivateIpItem, BulkCreatePrivateIpsDetails,
     BulkDeletePrivateIpItem, BulkDeletePrivateIpsDetails, CreatePrivateIpDetails,
     CreateVnicDetails, PrivateIp, PrivateIpFilter,
 };
-use vcnpath::oci::{CoreClient, ImdsClient, OciError, RetryPolicy, new_retry_token};
+
+use vcnpath::oci::{
+    CoreClient, Endpoints, ImdsClient, InstancePrincipalAuth, OciError, RetryPolicy,
+    new_retry_token,
+};
 use vcnpath_tests::ocikit::{api_key, config_file_client, fast_retries, register};
 use vcnpath_tests::ocisim::{
     BulkConfig, CidrConfig, ErrorAnswer, LimitCount, RateLimit, SimConfig, Simulator, SubnetConfig,
 };
+use x509_cert::Certificate;
+use x509_cert::der::DecodePem as _;
 
 async fn start(config: SimConfig) -> (Simulator, CoreClient, tempfile::TempDir) {
     let sim = Simulator::start(config, "127.0.0.1:0")
@@ -650,4 +657,55 @@ async fn two_hundred_instances_share_one_simulator_each_with_its_own_imds() {
     assert_eq!(primaries.len(), 4, "no two instances share a primary VNIC");
     let past = ImdsClient::new(&sim.imds_url_of(200), http).expect("IMDS URL");
     assert!(past.instance().await.is_err(), "there is no instance 200");
+}
+
+#[tokio::test]
+async fn every_instance_signs_in_as_itself_through_its_own_imds() {
+    let config = SimConfig {
+        instance_count: 3,
+        ..SimConfig::default()
+    };
+    let sim = Simulator::start(config, "127.0.0.1:0")
+        .await
+        .expect("simulator starts");
+    let instances = sim.instance_ids();
+    let http = reqwest::Client::new();
+    let endpoints = Endpoints::single(&sim.base_url()).expect("endpoints");
+    let mut certificates = std::collections::BTreeSet::new();
+    for n in [0_u32, 2] {
+        let imds = ImdsClient::new(&sim.imds_url_of(n), http.clone()).expect("IMDS URL");
+        let identity = imds
+            .identity()
+            .await
+            .unwrap_or_else(|e| panic!("IMDS of instance {n} serves an instance certificate: {e}"));
+        let cert = Certificate::from_pem(identity.cert_pem.as_bytes()).expect("PEM certificate");
+        let subject = cert.tbs_certificate.subject.to_string();
+        assert!(
+            subject.contains(&format!("opc-instance:{}", instances[n as usize])),
+            "instance {n}'s certificate names it: {subject}"
+        );
+        certificates.insert(identity.cert_pem.clone());
+        let auth = Arc::new(InstancePrincipalAuth::new(
+            imds,
+            &endpoints.auth,
+            http.clone(),
+        ));
+        let client = CoreClient::new(
+            http.clone(),
+            &endpoints,
+            auth,
+            one_attempt(),
+            vcnpath_tests::ocikit::unlimited(),
+        );
+        let attachments = client
+            .list_vnic_attachments(&sim.config().compartment_id, Some(&instances[n as usize]))
+            .await
+            .unwrap_or_else(|e| panic!("instance {n} signed in as itself calls OCI: {e}"));
+        assert_eq!(attachments.len(), 1, "instance {n}: its primary VNIC");
+    }
+    assert_eq!(
+        certificates.len(),
+        2,
+        "each instance has its own certificate"
+    );
 }

@@ -42,12 +42,15 @@ enum Task {
     Demo,
     /// Print benchmark figures and write them to target/bench/*.json:
     /// `datapath` (per packet), `compare` (vcnpath vs iptables + ip rules), `nat`,
-    /// `control` (agent and CNI plugin against the simulator), `all`.
+    /// `control` (agent and CNI plugin against the simulator), `fleet` (200 nodes' IPAM
+    /// against one simulator and a tenancy-wide rate limit, `--nodes N --pods N`), `all`
+    /// (all but fleet).
     Bench {
         /// What to measure.
         #[arg(default_value = "datapath")]
         what: String,
-        /// Passed on to the benchmark (e.g. `--rounds 5 --secs 2 --pods 1,512`).
+        /// Passed on to the benchmark (e.g. `--rounds 5 --secs 2 --pods 1,512`, or for fleet
+        /// `--nodes 500 --pods 30 --modes ip,cidr --deadline-secs 480`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

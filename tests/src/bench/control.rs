@@ -2,11 +2,13 @@
 //! OCI's latencies (every Core API call [`API_MS`], `CreatePrivateIp` [`CREATE_IP_MS`] more,
 //! a VNIC attachment [`ATTACH_MS`] until it is attached).
 //!
-//! One agent lives through the whole run, in this order: start (idle memory), 0 → 110 pods
-//! [`RAMP_PARALLEL`] at a time from an empty pool (the kubelet's retry on "try again
-//! later" counts in an ADD's time), memory with 110 pods, SIGKILL and restart with the
-//! simulator's latency off (start-up restoring 110 pods), delete them, ADDs one at a time
-//! from the warm pool, churn, memory after churn. Map sync is timed apart in [`map_sync`].
+//! First 0 → 110 pods [`RAMP_PARALLEL`] at a time from an empty pool (the kubelet's retry on
+//! "try again later" counts in an ADD's time) with `ipam.mode = "cidr"`, on a lab and
+//! simulator of its own, for [`Ramp`]'s comparison with the single-IP pool. Then one ip-mode
+//! agent lives through the rest, in this order: start (idle memory), the same 0 → 110,
+//! memory with 110 pods, SIGKILL and restart with the simulator's latency off (start-up
+//! restoring 110 pods), delete them, ADDs one at a time from the warm pool, churn, memory
+//! after churn. Map sync is timed apart in [`map_sync`].
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -70,6 +72,23 @@ impl Latency {
     }
 }
 
+/// 0 → [`PODS`] from an empty pool on a fresh agent in one `ipam.mode`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Ramp {
+    /// `ip` (one `CreatePrivateIp` per address) or `cidr` (one per IP CIDR block).
+    pub mode: &'static str,
+    /// The very first ADD (no secondary VNIC yet), retries included.
+    pub first_add_ms: f64,
+    /// Every ADD of the ramp, retries included.
+    pub add: Latency,
+    /// From the first ADD to the last pod's address.
+    pub secs: f64,
+    /// OCI calls from the agent's start to the 110th pod, by operation (its `/metrics`,
+    /// every attempt counted).
+    pub oci_calls: Vec<(String, u64)>,
+    pub oci_calls_total: u64,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Churn {
     pub pods: usize,
@@ -91,11 +110,11 @@ pub struct Control {
     /// `true` spawned into the node namespace the way the plugin is: the process-spawn
     /// floor inside every ADD above.
     pub spawn_floor: Latency,
-    /// The very first ADD, on an agent whose pool is empty (no secondary VNIC yet).
-    pub first_add_ms: f64,
-    /// Every ADD of the 0 → 110 ramp, retries included.
-    pub add_ramp: Latency,
-    pub ramp_secs: f64,
+    /// 0 → 110 with single private IPs (the agent the rest of the figures come from).
+    pub ramp: Ramp,
+    /// 0 → 110 with IP CIDR blocks of [`Control::block_prefix`], same latencies.
+    pub ramp_cidr: Ramp,
+    pub block_prefix: u8,
     pub ramp_parallel: usize,
     pub churn: Churn,
     pub startup_110_ms: f64,
@@ -210,48 +229,98 @@ fn scrape(lab: &SimLab) -> Result<String> {
     process::run(cmd_in(lab.lab().node(), "curl").args(["-sf", "http://127.0.0.1:19965/metrics"]))
 }
 
-pub fn run(churn_pods: usize) -> Result<Control> {
+fn lab() -> Result<SimLab> {
     let config = SimConfig {
         ips_per_vnic: IPS_PER_VNIC,
         attach_delay_ms: ATTACH_MS,
         faults: realistic(),
         ..lab_sim_config()
     };
-    let lab = SimLab::new(LabOptions::default(), config).context("simulator lab")?;
-    let options = AgentOptions {
+    SimLab::new(LabOptions::default(), config).context("simulator lab")
+}
+
+fn options(ipam_mode: &'static str) -> AgentOptions {
+    AgentOptions {
         ips_per_vnic: IPS_PER_VNIC,
         warm_ips: 10,
         cooldown_secs: COOLDOWN_SECS,
         state_on_tmpfs: true,
+        ipam_mode: Some(ipam_mode),
+        block_prefix: Some(BLOCK_PREFIX),
         ..AgentOptions::default()
-    };
-    let mut agent = NodeAgent::start_with(&lab, "benchcp", options)?;
-    std::thread::sleep(Duration::from_secs(1));
-    let rss_idle_kib = rss_kib(agent.pid())?;
+    }
+}
 
-    // 0 → 110 from an empty pool.
-    let pods: Vec<Pod> = (0..PODS)
+/// The agent's default block (`ipam.block_prefix`): 16 addresses.
+const BLOCK_PREFIX: u8 = 28;
+
+fn pods(lab: &SimLab, prefix: &str) -> Result<Vec<Pod>> {
+    (0..PODS)
         .map(|i| {
-            let id = format!("cp{i:03}");
+            let id = format!("{prefix}{i:03}");
             Ok(Pod {
                 ns: lab.lab().add_pod_netns(&id)?,
                 id,
             })
         })
-        .collect::<Result<_>>()?;
-    let ramp_started = Instant::now();
-    let first = add(&lab, &agent, &pods[0].id, &pods[0].ns)?.0;
-    let mut ramp = vec![first];
-    ramp.extend(
+        .collect()
+}
+
+/// 0 → [`PODS`] on `agent`, started on an empty pool a moment ago.
+fn ramp(lab: &SimLab, agent: &NodeAgent, pods: &[Pod], mode: &'static str) -> Result<Ramp> {
+    let started = Instant::now();
+    let first = add(lab, agent, &pods[0].id, &pods[0].ns)?.0;
+    let mut adds = vec![first];
+    adds.extend(
         parallel(PODS - 1, RAMP_PARALLEL, |i| {
-            add(&lab, &agent, &pods[i + 1].id, &pods[i + 1].ns)
+            add(lab, agent, &pods[i + 1].id, &pods[i + 1].ns)
         })?
         .into_iter()
         .map(|(d, _)| d),
     );
-    let ramp_secs = ramp_started.elapsed().as_secs_f64();
+    let secs = started.elapsed().as_secs_f64();
+    let oci_calls = metrics::difference(
+        &std::collections::BTreeMap::default(),
+        &metrics::oci_requests(&scrape(lab)?),
+    );
+    eprintln!(
+        "control: ipam.mode = {mode:?}: {PODS} pods in {secs:.1} s, {} OCI calls",
+        oci_calls.iter().map(|(_, n)| n).sum::<u64>()
+    );
+    Ok(Ramp {
+        mode,
+        first_add_ms: first.as_secs_f64() * 1e3,
+        add: Latency::of(&adds),
+        secs,
+        oci_calls_total: oci_calls.iter().map(|(_, n)| n).sum(),
+        oci_calls,
+    })
+}
+
+/// [`ramp`] with IP CIDR blocks, on a lab, simulator and agent of its own, torn down after.
+fn ramp_cidr() -> Result<Ramp> {
+    let lab = lab()?;
+    let agent = NodeAgent::start_with(&lab, "benchcb", options("cidr"))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let pods = pods(&lab, "cb")?;
+    let ramp = ramp(&lab, &agent, &pods, "cidr")?;
+    parallel(PODS, RAMP_PARALLEL, |i| {
+        del(&lab, &agent, &pods[i].id, &pods[i].ns)
+    })?;
+    Ok(ramp)
+}
+
+pub fn run(churn_pods: usize) -> Result<Control> {
+    let ramp_cidr = ramp_cidr()?;
+    let lab = lab()?;
+    let mut agent = NodeAgent::start_with(&lab, "benchcp", options("ip"))?;
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_idle_kib = rss_kib(agent.pid())?;
+
+    // 0 → 110 from an empty pool.
+    let pods = pods(&lab, "cp")?;
+    let ramp = ramp(&lab, &agent, &pods, "ip")?;
     let rss_110_kib = rss_kib(agent.pid())?;
-    eprintln!("control: 110 pods in {ramp_secs:.1} s");
 
     // Start-up restoring 110 pods, the simulator's latency excluded.
     lab.sim().set_faults(Faults::default());
@@ -286,9 +355,9 @@ pub fn run(churn_pods: usize) -> Result<Control> {
         attach_ms: ATTACH_MS,
         add_warm: Latency::of(&warm),
         spawn_floor: Latency::of(&spawn_floor),
-        first_add_ms: first.as_secs_f64() * 1e3,
-        add_ramp: Latency::of(&ramp),
-        ramp_secs,
+        ramp,
+        ramp_cidr,
+        block_prefix: BLOCK_PREFIX,
         ramp_parallel: RAMP_PARALLEL,
         churn,
         startup_110_ms: startup.as_secs_f64() * 1e3,

@@ -6,10 +6,13 @@
 //! - [`load`] is the load generators (UDP blaster/sink, TCP ping-pong, bulk TCP).
 //! - [`compare`] runs them interleaved on both setups; [`nat`] and [`per_packet`] time the
 //!   programs themselves with `BPF_PROG_TEST_RUN`; [`report`] prints and writes JSON.
+//! - [`control`] is one node's agent and CNI plugin against the OCI simulator, [`fleet`]
+//!   hundreds of nodes' pools against one simulator and one tenancy-wide request budget.
 
 pub mod baseline;
 pub mod compare;
 pub mod control;
+pub mod fleet;
 pub mod load;
 pub mod nat;
 pub mod node;

@@ -3,23 +3,27 @@
 //! - `compare`: vcnpath against the iptables + `ip rule` baseline in the namespace lab;
 //! - `nat`: established-flow cost, memory and garbage collection with a full NAT table;
 //! - `control`: the agent and CNI plugin against the OCI simulator with OCI's latencies;
-//! - `all`: the four.
+//! - `fleet`: 200 nodes' IPAM scaling at once against one simulator and one tenancy-wide
+//!   request budget, in both `ipam.mode`s (not in `all`: it takes about ten minutes);
+//! - `all`: datapath, nat, control and compare.
 //!
 //! Each prints a table and writes the same figures to `target/bench/<what>.json`.
 //! `compare` takes `--rounds R`, `--secs S` and `--pods 1,64,…` for quicker runs;
-//! `control` takes `--churn N` (pods created and deleted, 1000 by default).
+//! `control` takes `--churn N` (pods created and deleted, 1000 by default); `fleet` takes
+//! `--nodes N`, `--pods N` (per node, 30 by default), `--modes ip,cidr` and
+//! `--deadline-secs S` (per mode, 480 by default).
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use vcnpath_tests::bench::{
-    Machine, compare, control,
+    Machine, compare, control, fleet,
     load::Timing,
     nat, per_packet,
     report::{self, write_json},
 };
 
-const USAGE: &str = "usage: vcnpath-bench datapath|compare|nat|control|all [--rounds R] [--secs S] [--pods N,N,…] [--churn N]";
+const USAGE: &str = "usage: vcnpath-bench datapath|compare|nat|control|fleet|all [--rounds R] [--secs S] [--pods N,N,…] [--churn N] (fleet: [--nodes N] [--pods N] [--modes ip,cidr] [--deadline-secs S])";
 
 /// `--churn N` out of `args`, the rest for [`compare_options`].
 fn churn_option(args: &[String]) -> Result<(usize, Vec<String>)> {
@@ -52,6 +56,62 @@ fn control(machine: &Machine, churn: usize) -> Result<()> {
         }),
     )?;
     println!("figures written to {}\n", path.display());
+    Ok(())
+}
+
+fn fleet_options(args: &[String]) -> Result<fleet::Options> {
+    let mut options = fleet::Options::realistic();
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it
+            .next()
+            .with_context(|| format!("{flag} needs a value; {USAGE}"))?;
+        match flag.as_str() {
+            "--nodes" => options.nodes = value.parse().context("--nodes")?,
+            "--pods" => options.pods = value.parse().context("--pods")?,
+            "--deadline-secs" => {
+                options.deadline = Duration::from_secs(value.parse().context("--deadline-secs")?);
+            }
+            "--modes" => {
+                options.modes = value
+                    .split(',')
+                    .map(|m| match m {
+                        "ip" => Ok("ip"),
+                        "cidr" => Ok("cidr"),
+                        "auto" => Ok("auto"),
+                        _ => bail!("--modes: {m:?} is no ipam.mode (ip, cidr, auto)"),
+                    })
+                    .collect::<Result<_>>()?;
+            }
+            _ => bail!("unknown option {flag}; {USAGE}"),
+        }
+    }
+    if options.nodes == 0 || options.pods == 0 {
+        bail!("--nodes and --pods must be at least 1");
+    }
+    Ok(options)
+}
+
+fn fleet(machine: &Machine, options: &fleet::Options) -> Result<()> {
+    let started = std::time::Instant::now();
+    let figures = fleet::run(options)?;
+    print!("{}", fleet::report::table(&figures));
+    println!("run time {:.0} s", started.elapsed().as_secs_f64());
+    let path = write_json(
+        &format!("fleet-{}", options.nodes),
+        &serde_json::json!({
+            "machine": machine,
+            "fleet": figures,
+            "goals": fleet::report::goals(&figures),
+            "run_secs": started.elapsed().as_secs_f64(),
+        }),
+    )?;
+    std::fs::copy(&path, path.with_file_name("fleet.json"))
+        .context("copying the figures to fleet.json")?;
+    println!(
+        "figures written to {} and fleet.json beside it\n",
+        path.display()
+    );
     Ok(())
 }
 
@@ -133,7 +193,8 @@ fn main() -> Result<()> {
     let (what, rest) = args
         .split_first()
         .map_or(("datapath", &[][..]), |(w, r)| (w.as_str(), r));
-    if !vcnpath_tests::privileged::have_root("vcnpath-bench") {
+    // The fleet is in-process against the simulator; the others need the namespace lab or BPF.
+    if what != "fleet" && !vcnpath_tests::privileged::have_root("vcnpath-bench") {
         std::process::exit(1);
     }
     vcnpath_tests::interrupt::install();
@@ -146,6 +207,7 @@ fn main() -> Result<()> {
         "compare" => compare(&machine, &compare_options(rest)?),
         "nat" => nat(&machine),
         "control" => control(&machine, churn),
+        "fleet" => fleet(&machine, &fleet_options(rest)?),
         "all" => {
             datapath(&machine)?;
             nat(&machine)?;

@@ -87,7 +87,10 @@ pub(super) async fn x509(
     };
     let (instance, lifetime) = {
         let cloud = lock(&s.cloud);
-        (cloud.cfg.instance_id.clone(), cloud.cfg.token_lifetime_s)
+        (
+            instance_of(&leaf).unwrap_or_else(|| cloud.cfg.instance_id.clone()),
+            cloud.cfg.token_lifetime_s,
+        )
     };
     let now = now_secs();
     let mut count = lock(&s.federations);
@@ -101,4 +104,15 @@ pub(super) async fn x509(
         spki: spki.to_owned(),
     };
     axum::Json(json!({"token": s.pki.issue_token(&claims)})).into_response()
+}
+
+/// The instance a certificate names in its `OU=opc-instance:` attribute: the session's
+/// principal, as OCI takes it from the certificate.
+fn instance_of(leaf: &Certificate) -> Option<String> {
+    leaf.tbs_certificate
+        .subject
+        .to_string()
+        .split(',')
+        .find_map(|rdn| rdn.strip_prefix("OU=opc-instance:"))
+        .map(str::to_owned)
 }

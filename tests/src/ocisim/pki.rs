@@ -40,6 +40,9 @@ pub struct Pki {
     leaf_subject: String,
     /// The instance certificate and its key, as IMDS serves them now; OCI rotates them.
     leaf: std::sync::Mutex<Leaf>,
+    /// The other instances' certificates (`instance_count` > 1), each made the first time
+    /// its IMDS is asked: RSA key generation for hundreds of instances would slow every start.
+    others: std::sync::Mutex<std::collections::BTreeMap<u32, Leaf>>,
     token_key: SigningKey<Sha256>,
 }
 
@@ -139,6 +142,7 @@ impl Pki {
             inter_key,
             leaf_subject,
             leaf: std::sync::Mutex::new(leaf),
+            others: std::sync::Mutex::default(),
             token_key: SigningKey::new(RsaPrivateKey::new(&mut rng, 2048)?),
         })
     }
@@ -163,13 +167,43 @@ impl Pki {
         Ok(new)
     }
 
-    /// Whether `der` is the certificate IMDS serves now (not one rotated away).
+    /// The certificate and key of instance `n` ≥ 1 (`instance`, in `compartment`), made on
+    /// the first call. Slow then (RSA key generation).
+    pub fn leaf_of(
+        &self,
+        n: u32,
+        tenancy: &str,
+        instance: &str,
+        compartment: &str,
+    ) -> Result<Leaf, PkiError> {
+        if let Some(leaf) = self.lock_others().get(&n) {
+            return Ok(leaf.clone());
+        }
+        let subject = format!(
+            "CN={instance},OU=opc-certtype:instance,OU=opc-compartment:{compartment},OU=opc-instance:{instance},OU=opc-tenant:{tenancy}"
+        );
+        // Serials 3, 4, … are the first instance's rotations; the others count from 2^20.
+        let made = leaf(&subject, (1 << 20) + n, &self.inter_key)?;
+        // Two first calls at once: the first one stored wins, so IMDS serves one certificate.
+        Ok(self.lock_others().entry(n).or_insert(made).clone())
+    }
+
+    fn lock_others(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u32, Leaf>> {
+        self.others
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether `der` is a certificate IMDS serves now (not one rotated away).
     pub fn is_current_leaf(&self, der: &[u8]) -> bool {
         use x509_cert::der::DecodePem as _;
-        Certificate::from_pem(self.leaf().cert_pem.as_bytes())
-            .ok()
-            .and_then(|c| c.to_der().ok())
-            .is_some_and(|current| current == der)
+        let is = |pem: &str| {
+            Certificate::from_pem(pem.as_bytes())
+                .ok()
+                .and_then(|c| c.to_der().ok())
+                .is_some_and(|current| current == der)
+        };
+        is(&self.leaf().cert_pem) || self.lock_others().values().any(|l| is(&l.cert_pem))
     }
 
     /// Checks that `intermediate` was issued by the root and `leaf` by `intermediate`.

@@ -809,12 +809,12 @@ fn vnics_document(s: &Shared, headers: &HeaderMap, n: usize) -> Response {
     axum::Json(vnics).into_response()
 }
 
-/// Only the first instance has an identity (one leaf certificate): the others' identity
-/// paths answer 404, so a fleet of instances signs with API keys (docs/oci.md).
+/// Every instance has its own identity: a leaf certificate naming it (`opc-instance:`),
+/// from the one intermediate, made the first time its IMDS is asked for it.
 async fn imds_identity_of(
     State(s): State<Arc<Shared>>,
     headers: HeaderMap,
-    axum::extract::Path((n, file)): axum::extract::Path<(usize, String)>,
+    axum::extract::Path((n, file)): axum::extract::Path<(u32, String)>,
 ) -> Response {
     if n == 0 {
         return imds_identity(State(s), headers, axum::extract::Path(file)).await;
@@ -822,11 +822,40 @@ async fn imds_identity_of(
     if let Err(r) = imds_guard(&headers) {
         return *r;
     }
-    (
-        StatusCode::NOT_FOUND,
-        "the simulator gives instance principals to its first instance only",
-    )
-        .into_response()
+    let (tenancy, compartment, instance) = {
+        let cloud = lock(&s.cloud);
+        let cfg = &cloud.cfg;
+        (
+            cfg.tenancy_id.clone(),
+            cfg.compartment_id.clone(),
+            cfg.instance_ids().get(n as usize).cloned(),
+        )
+    };
+    let Some(instance) = instance else {
+        return (StatusCode::NOT_FOUND, format!("no instance {n}")).into_response();
+    };
+    let shared = s.clone();
+    let leaf = tokio::task::spawn_blocking(move || {
+        shared.pki.leaf_of(n, &tenancy, &instance, &compartment)
+    })
+    .await
+    .expect("certificate generation does not panic");
+    let leaf = match leaf {
+        Ok(leaf) => leaf,
+        Err(e) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("instance {n}'s certificate: {e}"),
+            )
+                .into_response();
+        }
+    };
+    match file.as_str() {
+        "cert.pem" => leaf.cert_pem.into_response(),
+        "key.pem" => leaf.key_pem.into_response(),
+        "intermediate.pem" => s.pki.intermediate_pem.clone().into_response(),
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 async fn imds_identity(

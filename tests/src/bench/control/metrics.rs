@@ -5,6 +5,15 @@ use std::collections::BTreeMap;
 /// `vcnpath_oci_requests_total` summed over outcomes, by operation.
 pub fn oci_requests(text: &str) -> BTreeMap<String, u64> {
     let mut calls = BTreeMap::new();
+    for ((operation, _), n) in oci_outcomes(text) {
+        *calls.entry(operation).or_insert(0) += n;
+    }
+    calls
+}
+
+/// `vcnpath_oci_requests_total` by (operation, outcome): `ok` or the OCI error code.
+pub fn oci_outcomes(text: &str) -> BTreeMap<(String, String), u64> {
+    let mut calls = BTreeMap::new();
     for line in text.lines() {
         let Some(rest) = line.strip_prefix("vcnpath_oci_requests_total{") else {
             continue;
@@ -12,13 +21,18 @@ pub fn oci_requests(text: &str) -> BTreeMap<String, u64> {
         let Some((labels, value)) = rest.split_once('}') else {
             continue;
         };
-        let operation = labels
-            .split(',')
-            .find_map(|l| l.strip_prefix("operation=\""))
-            .map_or("?", |v| v.trim_end_matches('"'));
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix("=\""))
+                .map_or("?", |v| v.trim_end_matches('"'))
+                .to_owned()
+        };
         // The agent prints its counters as integers.
         let value: u64 = value.trim().parse().unwrap_or(0);
-        *calls.entry(operation.to_owned()).or_insert(0) += value;
+        *calls
+            .entry((label("operation"), label("outcome")))
+            .or_insert(0) += value;
     }
     calls
 }
@@ -47,6 +61,11 @@ mod tests {
             vcnpath_oci_requests_total{operation=\"ListVnicAttachments\",outcome=\"ok\"} 3\n";
         let calls = oci_requests(text);
         assert_eq!(calls["CreatePrivateIp"], 14);
+        let outcomes = oci_outcomes(text);
+        assert_eq!(
+            outcomes[&("CreatePrivateIp".to_owned(), "throttled".to_owned())],
+            2
+        );
         let before = BTreeMap::from([("CreatePrivateIp".to_owned(), 10)]);
         assert_eq!(
             difference(&before, &calls),
