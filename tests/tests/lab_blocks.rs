@@ -552,6 +552,29 @@ fn lab_forty_pods_from_blocks_on_two_vnics_reach_the_vcn_with_their_own_addresse
         objects.len()
     );
 
+    // `vcnpath status` shows each VNIC's blocks as OCI lists them.
+    let status = agent.status().expect("vcnpath status");
+    for (vnic, ips) in listed.iter().filter(|(_, ips)| !ips.is_empty()) {
+        let at_oci: Vec<String> = ips
+            .iter()
+            .filter_map(PrivateIp::block)
+            .map(|b| b.to_string())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let row = status["vnics"]
+            .as_array()
+            .expect("vnics")
+            .iter()
+            .find(|v| v["vnic_id"] == vnic.as_str())
+            .unwrap_or_else(|| panic!("vcnpath status lists VNIC {vnic}: {}", status["vnics"]));
+        assert_eq!(
+            (&row["blocks"], &row["objects"]),
+            (&serde_json::json!(at_oci), &serde_json::json!(ips.len())),
+            "vcnpath status must show VNIC {vnic}'s blocks and private-IP objects as OCI lists them: {row}"
+        );
+    }
+
     let seen = reach_peer_and_internet(&lab, &pods, T);
     assert_own_addresses_and_masquerade(&pods, &seen);
     for vnic in listed.keys() {
