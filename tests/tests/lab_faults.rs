@@ -33,13 +33,14 @@ use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use serde_json::Value;
 use vcnpath_tests::{
     lab::{LabOptions, Netns, SimLab, lab_sim_config},
-    node_agent::{AgentOptions, IPS_PER_VNIC, NodeAgent, cloud_ips, cni, cni_add},
+    node_agent::{AgentOptions, IPS_PER_VNIC, NodeAgent, cloud_ips, cni, cni_add, cni_gc},
     ocikit::private_ip_range,
     ocisim::{FaultRule, Faults},
     privileged::have_root,
 };
 
-/// Rounds per case: each one kill -9 at a random point of a burst.
+/// Rounds per case (but [`Trouble::CidrBlocks`], [`BLOCK_ROUNDS`]): each one kill -9 at a
+/// random point of a burst.
 const ROUNDS: usize = 20;
 /// New pods and DELs of live pods per burst.
 const ADDS: usize = 3;
@@ -54,10 +55,20 @@ const BLOCK_SIZE: usize = 1 << (32 - BLOCK_PREFIX);
 const BLOCK_ADDRESSES_PER_VNIC: usize = 16;
 const BLOCK_WARM: usize = 2;
 const BLOCK_RELEASE_DELAY_SECS: u64 = 2;
-/// Rounds of growth (four ADDs, one DEL) then as many of shrinking (one ADD, four DELs):
-/// live pods go 0 → 15 → 0 twice in 20 rounds, past one VNIC's 16 addresses with the warm
-/// target.
-const BLOCK_PHASE: usize = 5;
+/// The cooldown in CIDR mode: a block goes back to OCI only once its last address has
+/// cooled and then stayed free for the release delay, all within one agent's life.
+const BLOCK_COOLDOWN: Duration = Duration::from_secs(1);
+/// How long `CreatePrivateIp` takes in [`Trouble::CidrBlocks`] (OCI takes ~500 ms).
+const CREATE_LATENCY: Duration = Duration::from_millis(300);
+/// Rounds of growth (six ADDs, one DEL) then as many of shrinking (one ADD, six DELs):
+/// live pods go from 0 to 16 and back to 1, twice in 12 rounds, past one VNIC's 16 addresses
+/// with the warm target, so growing attaches a second VNIC and shrinking empties it.
+const BLOCK_PHASE: usize = 3;
+const BLOCK_BURST: usize = 6;
+const BLOCK_ROUNDS: usize = 4 * BLOCK_PHASE;
+/// The blocks the live pods need at their peak: the case must see at least as many.
+const BLOCK_PEAK: usize =
+    (BLOCK_BURST + (BLOCK_PHASE - 1) * (BLOCK_BURST - 1)).div_ceil(BLOCK_SIZE);
 /// The agent's cooldown in the lab (`AgentOptions::default`).
 const COOLDOWN: Duration = Duration::from_secs(3);
 const T: Duration = Duration::from_mins(1);
@@ -125,12 +136,16 @@ struct Suite {
     adds: usize,
     dels: usize,
     seed: u64,
-    /// When the latest agent process started.
-    started: Instant,
+    /// When the latest agent process was first seen reconciled with OCI.
+    reconciled: Instant,
     /// CIDR mode: the OCIDs of the blocks seen at OCI after some round, and of those gone
     /// again by a later one (the case must create and delete blocks to test anything).
     blocks_seen: BTreeSet<String>,
     blocks_gone: BTreeSet<String>,
+    /// Kills that landed while a `CreatePrivateIp` (a `DeletePrivateIp`) was under way: one
+    /// had reached OCI within [`CREATE_LATENCY`] before.
+    kills_in_create: usize,
+    kills_in_delete: usize,
     violations: Vec<String>,
 }
 
@@ -154,6 +169,7 @@ impl Suite {
                 block_addresses_per_vnic: Some(BLOCK_ADDRESSES_PER_VNIC),
                 warm_ips: u32::try_from(BLOCK_WARM).expect("small"),
                 release_delay_secs: BLOCK_RELEASE_DELAY_SECS,
+                cooldown_secs: BLOCK_COOLDOWN.as_secs(),
                 ..options
             };
         }
@@ -177,9 +193,11 @@ impl Suite {
             adds: 0,
             dels: 0,
             seed,
-            started: Instant::now(),
+            reconciled: Instant::now(),
             blocks_seen: BTreeSet::new(),
             blocks_gone: BTreeSet::new(),
+            kills_in_create: 0,
+            kills_in_delete: 0,
             violations: Vec::new(),
         }
     }
@@ -192,13 +210,31 @@ impl Suite {
         self.violations.push(line);
     }
 
+    /// The agent's cooldown in this case.
+    fn cooldown(&self) -> Duration {
+        if self.trouble == Trouble::CidrBlocks {
+            BLOCK_COOLDOWN
+        } else {
+            COOLDOWN
+        }
+    }
+
+    /// How many rounds the case runs.
+    fn rounds(&self) -> usize {
+        if self.trouble == Trouble::CidrBlocks {
+            BLOCK_ROUNDS
+        } else {
+            ROUNDS
+        }
+    }
+
     /// The round's number of new pods and of DELs of live pods.
     fn burst(&self, round: usize) -> (usize, usize) {
         if self.trouble == Trouble::CidrBlocks {
             return if (round / BLOCK_PHASE).is_multiple_of(2) {
-                (4, 1)
+                (BLOCK_BURST, 1)
             } else {
-                (1, 4)
+                (1, BLOCK_BURST)
             };
         }
         let adds = if self.live.len() + ADDS <= MAX_LIVE {
@@ -215,7 +251,7 @@ impl Suite {
     /// holds where the checkpoint, the cooldowns' record, was deleted too.
     fn check_reuse(&mut self, round: usize, id: &str, ip: Ipv4Addr, answered: Instant) {
         if let Some(sent) = self.freed.remove(&ip)
-            && answered.saturating_duration_since(sent) < COOLDOWN
+            && answered.saturating_duration_since(sent) < self.cooldown()
         {
             let ms = answered.saturating_duration_since(sent).as_millis();
             self.violation(
@@ -274,7 +310,7 @@ impl Suite {
                 ..FaultRule::default()
             };
             self.lab.sim().set_faults(Faults {
-                create_private_ip_ms: 300,
+                create_private_ip_ms: u64::try_from(CREATE_LATENCY.as_millis()).expect("small"),
                 rules: vec![lost("CreatePrivateIp", 0.3), lost("DeletePrivateIp", 0.2)],
                 ..Faults::default()
             });
@@ -291,23 +327,21 @@ impl Suite {
         let socket = self.agent.socket();
         let (add_count, del_count) = self.burst(round);
         if self.trouble == Trouble::CidrBlocks && del_count > add_count {
-            // A restarted agent counts an address's release delay from its start: a
-            // shrinking round's burst waits for it, so the kill meets blocks being deleted.
-            let delay = Duration::from_secs(BLOCK_RELEASE_DELAY_SECS) + Duration::from_millis(200);
-            std::thread::sleep(delay.saturating_sub(self.started.elapsed()));
+            // A restarted agent counts an address's release delay from its first reconcile,
+            // or from the end of its cooldown: a shrinking round's burst waits a random time
+            // past the delay, so blocks are deleted before the burst or the kill meets them
+            // being deleted.
+            let delay = Duration::from_secs(BLOCK_RELEASE_DELAY_SECS);
+            let extra = BLOCK_COOLDOWN + Duration::from_millis(1500);
+            let wait = delay + extra.mul_f64(self.rng.gen_range(0.0..1.0));
+            std::thread::sleep(wait.saturating_sub(self.reconciled.elapsed()));
         }
         let adds: Vec<(String, Netns)> = (0..add_count).map(|_| self.new_pod()).collect();
         let dels = self.pick_dels(del_count);
         // Two more ADDs of the first new container, at once with its own.
         let same = self.trouble == Trouble::SameContainerAdds && !adds.is_empty();
         self.cloud_trouble();
-        // Past a 300 ms block creation in CIDR mode, so the kill also lands after one.
-        let kill_window = if self.trouble == Trouble::CidrBlocks {
-            700
-        } else {
-            400
-        };
-        let kill_at = Duration::from_millis(self.rng.gen_range(0..kill_window));
+        let kill_at = Duration::from_millis(self.rng.gen_range(0..400));
         self.kill_points_ms.push(kill_at.as_millis() as u64);
         let (lab, agent, live) = (&self.lab, &mut self.agent, &self.live);
         let node = lab.lab().node();
@@ -315,6 +349,7 @@ impl Suite {
         let unwritable = (self.trouble == Trouble::StateDirUnwritable)
             .then(|| StateDirTrouble::for_round(agent.state_dir(), round));
         let sent = Instant::now();
+        let mut kills_under_way = (false, false);
         let (added, deleted, second) = std::thread::scope(|scope| {
             let add_threads: Vec<_> = adds
                 .iter()
@@ -345,12 +380,33 @@ impl Suite {
             let second = second_agent.then(|| agent.run_second(lab, Duration::from_secs(20)));
             // The state directory's trouble starts halfway to the kill point.
             let halfway = kill_at / 2;
-            std::thread::sleep(halfway);
-            if let Some(trouble) = &unwritable {
-                trouble.start();
+            // The block operations that reached OCI within one create's latency of the
+            // kill were under way when it landed: the calls are counted at that moment.
+            let in_flight_from = kill_at.saturating_sub(CREATE_LATENCY);
+            let mut calls_before = None;
+            let mut at = Duration::ZERO;
+            let mut steps = [(in_flight_from, false), (halfway, true)];
+            steps.sort();
+            for (when, trouble_starts) in steps {
+                std::thread::sleep(when.saturating_sub(at));
+                at = at.max(when);
+                if trouble_starts {
+                    if let Some(trouble) = &unwritable {
+                        trouble.start();
+                    }
+                } else {
+                    calls_before = Some(lab.sim().calls());
+                }
             }
-            std::thread::sleep(kill_at.saturating_sub(halfway));
+            std::thread::sleep(kill_at.saturating_sub(at));
+            let calls_before = calls_before.unwrap_or_default();
+            let calls_at_kill = lab.sim().calls();
             agent.kill9().expect("kill -9");
+            let under_way = |op: &str| {
+                calls_at_kill.get(op).copied().unwrap_or(0)
+                    > calls_before.get(op).copied().unwrap_or(0)
+            };
+            kills_under_way = (under_way("CreatePrivateIp"), under_way("DeletePrivateIp"));
             let added: Vec<_> = add_threads
                 .into_iter()
                 .map(|h| h.join().expect("ADD"))
@@ -364,6 +420,8 @@ impl Suite {
                 .collect();
             (added, deleted, second)
         });
+        self.kills_in_create += usize::from(kills_under_way.0);
+        self.kills_in_delete += usize::from(kills_under_way.1);
         if let Some(second) = second {
             self.second_agent_exited(round, second);
         }
@@ -395,8 +453,25 @@ impl Suite {
         }
 
         self.retry(round, dels, pending_adds);
+        if self.trouble == Trouble::CidrBlocks {
+            self.runtime_gc(round);
+        }
         self.lab.sim().set_faults(Faults::default());
         self.check(round);
+    }
+
+    /// The runtime's CNI GC (containerd runs it on its own schedule) listing the live pods:
+    /// the addresses of pods whose DEL the plugin completed while the agent was down go now
+    /// rather than after the GC grace, so their blocks empty within the rounds.
+    fn runtime_gc(&mut self, round: usize) {
+        let valid: Vec<&str> = self.live.keys().map(String::as_str).collect();
+        match cni_gc(self.lab.lab().node(), &self.agent.socket(), &valid) {
+            Ok(out) if out.ok => {}
+            other => self.violation(
+                round,
+                &format!("CNI GC listing the live pods failed: {other:?}"),
+            ),
+        }
     }
 
     /// The second agent must have exited, and failed, while the first one served.
@@ -580,7 +655,6 @@ impl Suite {
         if let Err(e) = self.agent.restart(&self.lab) {
             panic!("round {round}: the agent must start again: {e:#}");
         }
-        self.started = Instant::now();
     }
 
     /// The invariants, from outside, allowing addresses still held for pods that are gone
@@ -595,17 +669,22 @@ impl Suite {
         while Instant::now() < deadline && self.pending() > 0 {
             std::thread::sleep(Duration::from_secs(1));
         }
-        self.check_holders(ROUNDS, true);
+        let last = self.rounds();
+        self.check_holders(last, true);
         if self.trouble == Trouble::CidrBlocks {
             let within = Duration::from_secs(BLOCK_RELEASE_DELAY_SECS) + Duration::from_secs(20);
-            self.check_converged_blocks(ROUNDS, within);
-            if self.blocks_gone.is_empty() || self.blocks_seen.len() < 2 * ROUNDS / BLOCK_PHASE {
+            self.check_converged_blocks(last, within);
+            if self.blocks_gone.is_empty()
+                || self.blocks_seen.len() < BLOCK_PEAK
+                || self.kills_in_create == 0
+            {
                 let what = format!(
-                    "the grow and shrink rounds must create and delete blocks: {} seen at OCI, {} of them deleted",
+                    "the grow and shrink rounds must create and delete blocks, a kill landing during a create: {} seen at OCI (the peak needs {BLOCK_PEAK}), {} of them deleted, {} kills during a create",
                     self.blocks_seen.len(),
-                    self.blocks_gone.len()
+                    self.blocks_gone.len(),
+                    self.kills_in_create
                 );
-                self.violation(ROUNDS, &what);
+                self.violation(last, &what);
             }
         }
     }
@@ -630,6 +709,7 @@ impl Suite {
         let status = loop {
             let status = self.agent.status().expect("status");
             if status["pool"]["reconciled"] == true || Instant::now() > deadline {
+                self.reconciled = Instant::now();
                 break status;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -870,7 +950,7 @@ impl Suite {
             "fault suite {:?} (seed {}): {} rounds, {} kill -9 points ({}..{} ms into the burst), {} ADDs and {} DELs served, {} pods live at the end, at most {} addresses held within the GC grace for pods gone, violations: {}; rounds {:.1} s, convergence {:.1} s",
             self.trouble,
             self.seed,
-            ROUNDS,
+            self.rounds(),
             kills.len(),
             kills.iter().min().unwrap_or(&0),
             kills.iter().max().unwrap_or(&0),
@@ -884,9 +964,11 @@ impl Suite {
         );
         let line = if self.trouble == Trouble::CidrBlocks {
             format!(
-                "{line}; {} blocks seen at OCI after the rounds, {} of them deleted by a later one",
+                "{line}; {} blocks seen at OCI after the rounds, {} of them deleted by a later one; {} kills landed while a CreatePrivateIp was under way, {} while a DeletePrivateIp was",
                 self.blocks_seen.len(),
-                self.blocks_gone.len()
+                self.blocks_gone.len(),
+                self.kills_in_create,
+                self.kills_in_delete
             )
         } else {
             line
@@ -1254,7 +1336,7 @@ fn run(trouble: Trouble, tag: &str, test: &str) {
     }
     let mut suite = Suite::new(trouble, tag);
     let start = Instant::now();
-    for round in 0..ROUNDS {
+    for round in 0..suite.rounds() {
         suite.round(round);
     }
     let rounds = start.elapsed();
