@@ -60,6 +60,8 @@ const BLOCK_RELEASE_DELAY_SECS: u64 = 2;
 const BLOCK_COOLDOWN: Duration = Duration::from_secs(1);
 /// How long `CreatePrivateIp` takes in [`Trouble::CidrBlocks`] (OCI takes ~500 ms).
 const CREATE_LATENCY: Duration = Duration::from_millis(300);
+/// How long a growing round's burst waits for a block create to aim its kill at.
+const AIM_WINDOW: Duration = Duration::from_millis(600);
 /// Rounds of growth (six ADDs, one DEL) then as many of shrinking (one ADD, six DELs):
 /// live pods go from 0 to 16 and back to 1, twice in 12 rounds, past one VNIC's 16 addresses
 /// with the warm target, so growing attaches a second VNIC and shrinking empties it.
@@ -342,7 +344,10 @@ impl Suite {
         let same = self.trouble == Trouble::SameContainerAdds && !adds.is_empty();
         self.cloud_trouble();
         let kill_at = Duration::from_millis(self.rng.gen_range(0..400));
-        self.kill_points_ms.push(kill_at.as_millis() as u64);
+        // A growing round in CIDR mode aims the kill at the first block create of the burst:
+        // a random moment while it is under way (or [`AIM_WINDOW`] in, if none comes by then).
+        let aim_at_create = (self.trouble == Trouble::CidrBlocks && add_count > del_count)
+            .then(|| CREATE_LATENCY.mul_f64(self.rng.gen_range(0.0..0.9)));
         let (lab, agent, live) = (&self.lab, &mut self.agent, &self.live);
         let node = lab.lab().node();
         let second_agent = self.trouble == Trouble::SecondAgent;
@@ -350,6 +355,7 @@ impl Suite {
             .then(|| StateDirTrouble::for_round(agent.state_dir(), round));
         let sent = Instant::now();
         let mut kills_under_way = (false, false);
+        let mut killed_at = kill_at;
         let (added, deleted, second) = std::thread::scope(|scope| {
             let add_threads: Vec<_> = adds
                 .iter()
@@ -379,34 +385,55 @@ impl Suite {
                 .collect();
             let second = second_agent.then(|| agent.run_second(lab, Duration::from_secs(20)));
             // The state directory's trouble starts halfway to the kill point.
-            let halfway = kill_at / 2;
-            // The block operations that reached OCI within one create's latency of the
-            // kill were under way when it landed: the calls are counted at that moment.
-            let in_flight_from = kill_at.saturating_sub(CREATE_LATENCY);
-            let mut calls_before = None;
-            let mut at = Duration::ZERO;
-            let mut steps = [(in_flight_from, false), (halfway, true)];
-            steps.sort();
-            for (when, trouble_starts) in steps {
-                std::thread::sleep(when.saturating_sub(at));
-                at = at.max(when);
-                if trouble_starts {
-                    if let Some(trouble) = &unwritable {
-                        trouble.start();
+            if let Some(into_create) = aim_at_create {
+                let creates = || {
+                    lab.sim()
+                        .calls()
+                        .get("CreatePrivateIp")
+                        .copied()
+                        .unwrap_or(0)
+                };
+                let (before, burst) = (creates(), Instant::now());
+                while burst.elapsed() < AIM_WINDOW {
+                    if creates() > before {
+                        std::thread::sleep(into_create);
+                        kills_under_way.0 = true;
+                        break;
                     }
-                } else {
-                    calls_before = Some(lab.sim().calls());
+                    std::thread::sleep(Duration::from_millis(2));
                 }
+                killed_at = burst.elapsed();
+                agent.kill9().expect("kill -9");
+            } else {
+                let halfway = kill_at / 2;
+                // The block operations that reached OCI within one create's latency of the
+                // kill were under way when it landed: the calls are counted at that moment.
+                let in_flight_from = kill_at.saturating_sub(CREATE_LATENCY);
+                let mut calls_before = None;
+                let mut at = Duration::ZERO;
+                let mut steps = [(in_flight_from, false), (halfway, true)];
+                steps.sort();
+                for (when, trouble_starts) in steps {
+                    std::thread::sleep(when.saturating_sub(at));
+                    at = at.max(when);
+                    if trouble_starts {
+                        if let Some(trouble) = &unwritable {
+                            trouble.start();
+                        }
+                    } else {
+                        calls_before = Some(lab.sim().calls());
+                    }
+                }
+                std::thread::sleep(kill_at.saturating_sub(at));
+                let calls_before = calls_before.unwrap_or_default();
+                let calls_at_kill = lab.sim().calls();
+                agent.kill9().expect("kill -9");
+                let under_way = |op: &str| {
+                    calls_at_kill.get(op).copied().unwrap_or(0)
+                        > calls_before.get(op).copied().unwrap_or(0)
+                };
+                kills_under_way = (under_way("CreatePrivateIp"), under_way("DeletePrivateIp"));
             }
-            std::thread::sleep(kill_at.saturating_sub(at));
-            let calls_before = calls_before.unwrap_or_default();
-            let calls_at_kill = lab.sim().calls();
-            agent.kill9().expect("kill -9");
-            let under_way = |op: &str| {
-                calls_at_kill.get(op).copied().unwrap_or(0)
-                    > calls_before.get(op).copied().unwrap_or(0)
-            };
-            kills_under_way = (under_way("CreatePrivateIp"), under_way("DeletePrivateIp"));
             let added: Vec<_> = add_threads
                 .into_iter()
                 .map(|h| h.join().expect("ADD"))
@@ -420,6 +447,8 @@ impl Suite {
                 .collect();
             (added, deleted, second)
         });
+        self.kill_points_ms
+            .push(u64::try_from(killed_at.as_millis()).unwrap_or(u64::MAX));
         self.kills_in_create += usize::from(kills_under_way.0);
         self.kills_in_delete += usize::from(kills_under_way.1);
         if let Some(second) = second {
