@@ -4,6 +4,7 @@ pub mod agent;
 pub mod bench;
 pub mod containerd;
 pub mod datapath_fixture;
+pub mod e2e;
 pub mod interrupt;
 pub mod lab;
 pub mod node_agent;

@@ -235,6 +235,18 @@ impl NodeAgent {
         std::fs::read_to_string(self.log(self.starts)).unwrap_or_default()
     }
 
+    /// Every agent process's log, oldest first, each headed by its start number.
+    pub fn all_logs(&self) -> String {
+        (1..=self.starts)
+            .map(|n| {
+                format!(
+                    "==== agent start {n} ====\n{}",
+                    std::fs::read_to_string(self.log(n)).unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
     fn spawn(&mut self, lab: &SimLab) -> Result<()> {
         self.starts += 1;
         let config = self.dir.path().join("config.toml");

@@ -9,6 +9,10 @@ use std::{
 };
 
 use vcnpath_tests::{
+    e2e::{
+        MASQ, assert_consistent, assert_own_addresses_and_masquerade, delete_then_reuse,
+        reach_peer_and_internet,
+    },
     lab::{
         LabOptions, Netns, SimLab, lab_sim_config,
         traffic::{TcpConn, TcpServer, tcp_connect},
@@ -21,7 +25,6 @@ use vcnpath_tests::{
     privileged::have_root,
 };
 
-const MASQ: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
 const T: Duration = Duration::from_mins(1);
 
 fn simlab() -> SimLab {
@@ -31,28 +34,6 @@ fn simlab() -> SimLab {
         ..lab_sim_config()
     };
     SimLab::new(LabOptions::default(), config).expect("simulator-driven lab")
-}
-
-/// Every checkpointed pod address exists in OCI on the VNIC the checkpoint says, and no
-/// address is held twice.
-fn assert_consistent(lab: &SimLab, agent: &NodeAgent) {
-    let held = checkpointed(&agent.checkpoint()).expect("checkpoint");
-    let unique: BTreeSet<Ipv4Addr> = held.iter().map(|a| a.ip).collect();
-    assert_eq!(
-        unique.len(),
-        held.len(),
-        "an address is held by two pods: {held:?}"
-    );
-    let cloud = cloud_ips(lab);
-    for a in &held {
-        assert_eq!(
-            cloud.get(&a.ip),
-            Some(&a.vnic_id),
-            "checkpointed {} must exist in OCI on {}",
-            a.ip,
-            a.vnic_id
-        );
-    }
 }
 
 /// What an operator scrapes: pool per VNIC, allocations, OCI calls, datapath counters.
@@ -112,46 +93,8 @@ fn lab_forty_pods_across_two_vnics_reach_the_vcn_and_the_internet_and_addresses_
         "40 pods at {IPS_PER_VNIC} per VNIC need two VNICs, got {vnics:?}"
     );
 
-    let peer = TcpServer::start(
-        lab.lab().peer(),
-        SocketAddr::from((lab.lab().peer_ip(), 8080)),
-    )
-    .unwrap();
-    let inet = TcpServer::start(
-        lab.lab().inet(),
-        SocketAddr::from((lab.lab().inet_ip(), 8080)),
-    )
-    .unwrap();
-    for pod in &pods {
-        let mut c = TcpConn::connect(&pod.ns, None, peer.addr(), T).unwrap_or_else(|e| {
-            panic!(
-                "pod {} ({} on {}) → VCN peer: {e:#}",
-                pod.id, pod.ip, pod.interface
-            )
-        });
-        c.roundtrip(b"vcn", T).expect("peer echo");
-        let mut c = TcpConn::connect(&pod.ns, None, inet.addr(), T)
-            .unwrap_or_else(|e| panic!("pod {} ({}) → internet: {e:#}", pod.id, pod.ip));
-        c.roundtrip(b"inet", T).expect("internet echo");
-    }
-    let seen_by_peer: BTreeSet<IpAddr> = peer
-        .wait_connections(40, T)
-        .unwrap()
-        .iter()
-        .map(|r| r.peer.ip())
-        .collect();
-    assert_eq!(
-        seen_by_peer,
-        pods.iter().map(|p| IpAddr::V4(p.ip)).collect(),
-        "the VCN peer sees each pod's own address"
-    );
-    assert!(
-        inet.wait_connections(40, T)
-            .unwrap()
-            .iter()
-            .all(|r| r.peer.ip() == IpAddr::V4(MASQ)),
-        "the internet sees the masquerade address"
-    );
+    let seen = reach_peer_and_internet(&lab, &pods, T);
+    assert_own_addresses_and_masquerade(&pods, &seen);
     for nic in 0..3 {
         assert_eq!(
             lab.router_drops(nic).unwrap_or(0),
@@ -166,28 +109,15 @@ fn lab_forty_pods_across_two_vnics_reach_the_vcn_and_the_internet_and_addresses_
     assert!(status.ok, "CNI STATUS of a ready agent: {}", status.json);
 
     // Deleting pods frees their addresses; after the cooldown new pods reuse them.
-    let freed: BTreeSet<Ipv4Addr> = pods[..10].iter().map(|p| p.ip).collect();
-    for pod in &pods[..10] {
-        let out = cni(
-            lab.lab().node(),
-            &agent.socket(),
-            "DEL",
-            &pod.id,
-            Some(pod.ns.path()),
-        )
-        .unwrap();
-        assert!(out.ok, "DEL {}: {}", pod.id, out.json);
-    }
-    std::thread::sleep(Duration::from_secs(4));
-    let again = add_pods(&lab, &agent, "new", 10, T);
-    let reused = again.iter().filter(|p| freed.contains(&p.ip)).count();
-    assert!(
-        reused > 0,
-        "freed addresses are reused after the cooldown (none of {freed:?} came back)"
-    );
+    let again = delete_then_reuse(&lab, &agent, &pods[..10], "new", Duration::from_secs(4), T);
     assert_consistent(&lab, &agent);
 
     let listed: Vec<&CniPod> = pods[10..].iter().chain(&again[5..]).collect();
+    let inet = TcpServer::start(
+        lab.lab().inet(),
+        SocketAddr::from((lab.lab().inet_ip(), 8080)),
+    )
+    .unwrap();
     assert_gc_keeps_recent_adds(&lab, &agent, &listed, &again[..5], inet.addr());
     assert_consistent(&lab, &agent);
 }

@@ -3,24 +3,32 @@
 //! check passes every address inside it, each way, exactly as for a secondary IP, and the
 //! VCN router delivers traffic for any of them to the VNIC without ARP; an address beside
 //! the block is still dropped and counted. Needs root; each test builds its own lab.
+//! The last test runs the real agent in CIDR mode: forty pods served from blocks.
 //!
 //! The node is set up as the agent leaves it for pods: the VNIC's primary IP on its
 //! interface, the block's addresses elsewhere (on `lo` here, behind veths for pods) and
 //! `arp_ignore` on the VNIC, so the node never answers ARP for them and only a router that
 //! knows where the block lives reaches them.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use vcnpath::oci::models::{
-    AttachVnicDetails, CreatePrivateIpDetails, CreateVnicDetails, PrivateIp,
+    AttachVnicDetails, CreatePrivateIpDetails, CreateVnicDetails, PrivateIp, PrivateIpFilter,
 };
 use vcnpath::oci::{CoreClient, new_retry_token};
+use vcnpath_tests::e2e::{
+    assert_consistent, assert_own_addresses_and_masquerade, delete_then_reuse,
+    reach_peer_and_internet,
+};
 use vcnpath_tests::lab::traffic::{TcpServer, UdpEchoServer, tcp_bulk, udp_request};
 use vcnpath_tests::lab::{LabOptions, PEER_IP, RouterDrops, SimLab, lab_sim_config};
-use vcnpath_tests::node_agent::cloud_ips;
+use vcnpath_tests::node_agent::{
+    AgentOptions, CniPod, IPS_PER_VNIC, NodeAgent, add_pods, cloud_ips,
+};
 use vcnpath_tests::ocikit::{fast_retries, instance_principal_client};
 use vcnpath_tests::ocisim::SimConfig;
 use vcnpath_tests::privileged::have_root;
@@ -405,4 +413,200 @@ fn lab_a_deleted_block_is_dropped_again_and_a_new_one_passes() {
         "block {range} is assigned again: {inside} should reach the peer again"
     );
     lab.assert_no_sync_errors();
+}
+
+/// The agent's blocks in the forty-pod test: /28s, at most two on a VNIC, so forty pods and
+/// the warm target (46 addresses, three blocks) need both secondary VNICs the lab's shape
+/// allows, and the pool holds at most four blocks (64 addresses) whatever it does.
+const POD_BLOCK: u8 = 28;
+const POD_BLOCK_ADDRESSES_PER_VNIC: usize = 32;
+const PODS: usize = 40;
+const T: Duration = Duration::from_mins(1);
+
+/// The node's secondary private-IP objects as OCI lists them, by VNIC: `ListVnicAttachments`
+/// of the instance, then `ListPrivateIps` of each attached VNIC.
+fn listed_private_ips(lab: &SimLab) -> BTreeMap<String, Vec<PrivateIp>> {
+    let client = instance_principal_client(lab.sim(), fast_retries()).0;
+    let cfg = lab.sim().config();
+    lab.block_on(async move {
+        let attachments = client
+            .list_vnic_attachments(&cfg.compartment_id, Some(&cfg.instance_id))
+            .await
+            .expect("ListVnicAttachments");
+        let mut by_vnic = BTreeMap::new();
+        for vnic in attachments.into_iter().filter_map(|a| a.vnic_id) {
+            let ips = client
+                .list_private_ips(&PrivateIpFilter::Vnic(vnic.clone()))
+                .await
+                .expect("ListPrivateIps");
+            by_vnic.insert(vnic, ips.into_iter().filter(|p| !p.is_primary).collect());
+        }
+        by_vnic
+    })
+}
+
+/// Each pod whose address lies in no `/POD_BLOCK` block that OCI lists on the VNIC behind the
+/// interface the agent put the pod on, as a sentence, followed by what OCI lists on each VNIC
+/// (nothing when every pod is inside its VNIC's blocks).
+fn pods_outside_their_vnics_blocks(lab: &SimLab, pods: &[CniPod]) -> Vec<String> {
+    let listed = listed_private_ips(lab);
+    let vnic_of_interface: BTreeMap<String, &String> = listed
+        .keys()
+        .map(|vnic| {
+            let link = lab
+                .wait_for_vnic(vnic, MARGIN)
+                .unwrap_or_else(|e| panic!("VNIC {vnic}'s interface in the node: {e:#}"));
+            (link.ifname, vnic)
+        })
+        .collect();
+    let mut found: Vec<String> = pods
+        .iter()
+        .filter_map(|pod| {
+            let Some(vnic) = vnic_of_interface.get(&pod.interface) else {
+                return Some(format!(
+                    "{} ({}) is on {}, the interface of no VNIC OCI has attached ({vnic_of_interface:?})",
+                    pod.id, pod.ip, pod.interface
+                ));
+            };
+            let inside = listed[*vnic]
+                .iter()
+                .filter_map(PrivateIp::block)
+                .any(|b| b.prefix_len() == POD_BLOCK && b.contains(&pod.ip));
+            (!inside).then(|| {
+                format!(
+                    "{} has {}, in no /{POD_BLOCK} block OCI lists on {vnic} ({})",
+                    pod.id, pod.ip, pod.interface
+                )
+            })
+        })
+        .collect();
+    if !found.is_empty() {
+        for (vnic, ips) in &listed {
+            let objects: Vec<String> = ips
+                .iter()
+                .map(|p| match p.cidr_prefix_length {
+                    Some(prefix) => format!("{}/{prefix}", p.ip_address),
+                    None => p.ip_address.clone(),
+                })
+                .collect();
+            found.push(format!("OCI lists on {vnic}: {}", objects.join(" ")));
+        }
+    }
+    found
+}
+
+#[test]
+fn lab_forty_pods_from_blocks_on_two_vnics_reach_the_vcn_with_their_own_addresses_and_the_internet_masqueraded()
+ {
+    if !have_root("lab_blocks_forty_pods") {
+        return;
+    }
+    let lab = SimLab::new(
+        LabOptions::default(),
+        SimConfig {
+            ips_per_vnic: IPS_PER_VNIC,
+            ..config()
+        },
+    )
+    .expect("building the simulator lab");
+    let agent = NodeAgent::start_with(
+        &lab,
+        "blocks40",
+        AgentOptions {
+            ipam_mode: Some("cidr"),
+            block_prefix: Some(POD_BLOCK),
+            block_addresses_per_vnic: Some(POD_BLOCK_ADDRESSES_PER_VNIC),
+            ..AgentOptions::default()
+        },
+    )
+    .expect("vcnpath run in CIDR mode");
+    let pods = add_pods(&lab, &agent, "blk", PODS, T);
+    let addresses: BTreeSet<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
+    assert_eq!(addresses.len(), PODS, "{PODS} distinct addresses");
+
+    let outside = pods_outside_their_vnics_blocks(&lab, &pods);
+    assert!(
+        outside.is_empty(),
+        "every pod's address must lie in a block OCI lists on the pod's VNIC:\n{}\nagent log:\n{}",
+        outside.join("\n"),
+        agent.latest_log()
+    );
+    let interfaces: BTreeSet<&str> = pods.iter().map(|p| p.interface.as_str()).collect();
+    assert_eq!(
+        interfaces.len(),
+        2,
+        "{PODS} pods at {POD_BLOCK_ADDRESSES_PER_VNIC} addresses per VNIC are spread over two VNICs, got {interfaces:?}"
+    );
+    let listed = listed_private_ips(&lab);
+    let objects: Vec<(&str, &str, Option<u8>)> = listed
+        .iter()
+        .flat_map(|(vnic, ips)| {
+            ips.iter()
+                .map(move |p| (vnic.as_str(), p.ip_address.as_str(), p.cidr_prefix_length))
+        })
+        .collect();
+    let most = 2 * POD_BLOCK_ADDRESSES_PER_VNIC / (1 << (32 - POD_BLOCK));
+    assert!(
+        objects.len() <= most && objects.iter().all(|(_, _, p)| *p == Some(POD_BLOCK)),
+        "{PODS} pods from blocks need at most {most} private-IP objects at OCI, each a /{POD_BLOCK} block; OCI lists {}: {objects:?}",
+        objects.len()
+    );
+
+    // `vcnpath status` shows each VNIC's blocks as OCI lists them.
+    let status = agent.status().expect("vcnpath status");
+    for (vnic, ips) in listed.iter().filter(|(_, ips)| !ips.is_empty()) {
+        let at_oci: Vec<String> = ips
+            .iter()
+            .filter_map(PrivateIp::block)
+            .map(|b| b.to_string())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let row = status["vnics"]
+            .as_array()
+            .expect("vnics")
+            .iter()
+            .find(|v| v["vnic_id"] == vnic.as_str())
+            .unwrap_or_else(|| panic!("vcnpath status lists VNIC {vnic}: {}", status["vnics"]));
+        assert_eq!(
+            (&row["blocks"], &row["objects"]),
+            (&serde_json::json!(at_oci), &serde_json::json!(ips.len())),
+            "vcnpath status must show VNIC {vnic}'s blocks and private-IP objects as OCI lists them: {row}"
+        );
+    }
+
+    let seen = reach_peer_and_internet(&lab, &pods, T);
+    assert_own_addresses_and_masquerade(&pods, &seen);
+    for vnic in listed.keys() {
+        assert_eq!(
+            lab.router_drop_counts_of(vnic)
+                .expect("the VNIC's drop counters")
+                .total(),
+            0,
+            "the VCN router's source/destination check dropped packets of VNIC {vnic}"
+        );
+    }
+    assert_consistent(&lab, &agent);
+
+    // Deleted pods' addresses come back to new pods after the cooldown, from the same blocks.
+    let again = delete_then_reuse(
+        &lab,
+        &agent,
+        &pods[..10],
+        "blknew",
+        Duration::from_secs(4),
+        T,
+    );
+    let outside = pods_outside_their_vnics_blocks(&lab, &again);
+    assert!(
+        outside.is_empty(),
+        "pods added after DELs must get addresses of their VNIC's blocks:\n{}",
+        outside.join("\n")
+    );
+    assert_consistent(&lab, &agent);
+    let errors = lab.sync_errors();
+    assert!(
+        errors.is_empty(),
+        "the lab's sync with the simulator failed: {errors:?}"
+    );
 }

@@ -3,7 +3,8 @@
 //! after round, with one kind of trouble per case: faults after commit on `CreatePrivateIp`
 //! and `AttachVnic`, stale list reads, the node tag stripped from pods' private IPs, the
 //! checkpoint deleted, truncated or made inconsistent between restarts, a second agent
-//! started, concurrent ADDs of one container, the state directory full or read-only.
+//! started, concurrent ADDs of one container, the state directory full or read-only, and
+//! IP CIDR blocks created and deleted (CIDR mode) while their answers are lost.
 //! After each round the invariants are checked from outside, against every source:
 //!
 //! - every live pod holds exactly one address, the one its ADD returned, and no address has
@@ -13,10 +14,15 @@
 //! - OCI has every held address on the VNIC the agent says (no VNIC with a live pod was
 //!   detached, no held address deleted);
 //! - nothing is held for a pod that is gone (no leak);
-//! - no address freed by a DEL is handed out again before its cooldown.
+//! - no address freed by a DEL is handed out again before its cooldown;
+//! - in CIDR mode, every held address lies in a block OCI has on the pod's VNIC, no two live
+//!   pods share an address, and once the node has converged OCI holds the blocks the agent
+//!   lists, no more than the live pods and the warm target need (see `check_blocks`).
 //!
-//! Each case prints its figures (rounds, kill points, pods, violations) and fails on any
-//! violation. `VCNPATH_FAULT_SEED` replays a run's kill points.
+//! Each case prints its figures (seed, rounds, kill points, pods, violations) and fails on
+//! any violation, printing each one in full as it is found and again at the end (the agent's
+//! logs go to `target/fault-suite-logs/<case>-agent.log`). `VCNPATH_FAULT_SEED` replays a run's
+//! kill points.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
@@ -27,18 +33,44 @@ use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use serde_json::Value;
 use vcnpath_tests::{
     lab::{LabOptions, Netns, SimLab, lab_sim_config},
-    node_agent::{AgentOptions, IPS_PER_VNIC, NodeAgent, cloud_ips, cni, cni_add},
+    node_agent::{AgentOptions, IPS_PER_VNIC, NodeAgent, cloud_ips, cni, cni_add, cni_gc},
+    ocikit::private_ip_range,
     ocisim::{FaultRule, Faults},
     privileged::have_root,
 };
 
-/// Rounds per case: each one kill -9 at a random point of a burst.
+/// Rounds per case (but [`Trouble::CidrBlocks`], [`BLOCK_ROUNDS`]): each one kill -9 at a
+/// random point of a burst.
 const ROUNDS: usize = 20;
 /// New pods and DELs of live pods per burst.
 const ADDS: usize = 3;
 const DELS: usize = 2;
 /// Live pods kept at most (the lab's two secondary VNICs hold 48 addresses).
 const MAX_LIVE: usize = 18;
+/// CIDR mode's pool in [`Trouble::CidrBlocks`]: /30 blocks (4 addresses), four on a VNIC (16
+/// addresses), two warm addresses, and excess blocks released 2 s after they empty, so the
+/// grow and shrink rounds create and delete blocks and attach a second VNIC.
+const BLOCK_PREFIX: u8 = 30;
+const BLOCK_SIZE: usize = 1 << (32 - BLOCK_PREFIX);
+const BLOCK_ADDRESSES_PER_VNIC: usize = 16;
+const BLOCK_WARM: usize = 2;
+const BLOCK_RELEASE_DELAY_SECS: u64 = 2;
+/// The cooldown in CIDR mode: a block goes back to OCI only once its last address has
+/// cooled and then stayed free for the release delay, all within one agent's life.
+const BLOCK_COOLDOWN: Duration = Duration::from_secs(1);
+/// How long `CreatePrivateIp` takes in [`Trouble::CidrBlocks`] (OCI takes ~500 ms).
+const CREATE_LATENCY: Duration = Duration::from_millis(300);
+/// How long a growing round's burst waits for a block create to aim its kill at.
+const AIM_WINDOW: Duration = Duration::from_millis(600);
+/// Rounds of growth (six ADDs, one DEL) then as many of shrinking (one ADD, six DELs):
+/// live pods go from 0 to 16 and back to 1, twice in 12 rounds, past one VNIC's 16 addresses
+/// with the warm target, so growing attaches a second VNIC and shrinking empties it.
+const BLOCK_PHASE: usize = 3;
+const BLOCK_BURST: usize = 6;
+const BLOCK_ROUNDS: usize = 4 * BLOCK_PHASE;
+/// The blocks the live pods need at their peak: the case must see at least as many.
+const BLOCK_PEAK: usize =
+    (BLOCK_BURST + (BLOCK_PHASE - 1) * (BLOCK_BURST - 1)).div_ceil(BLOCK_SIZE);
 /// The agent's cooldown in the lab (`AgentOptions::default`).
 const COOLDOWN: Duration = Duration::from_secs(3);
 const T: Duration = Duration::from_mins(1);
@@ -75,6 +107,11 @@ enum Trouble {
     /// agent must serve, say it is not ready and why, refuse new pods with that reason, and
     /// lose nothing once the directory takes writes again.
     StateDirUnwritable,
+    /// CIDR mode with small blocks: live pods grow and shrink so blocks are created and
+    /// released round after round, `CreatePrivateIp` takes 300 ms and loses its answer after
+    /// the block exists (and `DeletePrivateIp` after it is gone), so the kill lands while a
+    /// block is being created.
+    CidrBlocks,
 }
 
 struct Pod {
@@ -100,6 +137,17 @@ struct Suite {
     pending_seen: usize,
     adds: usize,
     dels: usize,
+    seed: u64,
+    /// When the latest agent process was first seen reconciled with OCI.
+    reconciled: Instant,
+    /// CIDR mode: the OCIDs of the blocks seen at OCI after some round, and of those gone
+    /// again by a later one (the case must create and delete blocks to test anything).
+    blocks_seen: BTreeSet<String>,
+    blocks_gone: BTreeSet<String>,
+    /// Kills that landed while a `CreatePrivateIp` (a `DeletePrivateIp`) was under way: one
+    /// had reached OCI within [`CREATE_LATENCY`] before.
+    kills_in_create: usize,
+    kills_in_delete: usize,
     violations: Vec<String>,
 }
 
@@ -111,11 +159,22 @@ impl Suite {
             ..lab_sim_config()
         };
         let lab = SimLab::new(LabOptions::default(), config).expect("simulator-driven lab");
-        let options = AgentOptions {
+        let mut options = AgentOptions {
             allocation_gc_grace_secs: Some(GC_GRACE.as_secs()),
             state_on_tmpfs: trouble == Trouble::StateDirUnwritable,
             ..AgentOptions::default()
         };
+        if trouble == Trouble::CidrBlocks {
+            options = AgentOptions {
+                ipam_mode: Some("cidr"),
+                block_prefix: Some(BLOCK_PREFIX),
+                block_addresses_per_vnic: Some(BLOCK_ADDRESSES_PER_VNIC),
+                warm_ips: u32::try_from(BLOCK_WARM).expect("small"),
+                release_delay_secs: BLOCK_RELEASE_DELAY_SECS,
+                cooldown_secs: BLOCK_COOLDOWN.as_secs(),
+                ..options
+            };
+        }
         let agent = NodeAgent::start_with(&lab, tag, options).expect("vcnpath run");
         let seed = std::env::var("VCNPATH_FAULT_SEED")
             .ok()
@@ -135,12 +194,57 @@ impl Suite {
             stranded: Vec::new(),
             adds: 0,
             dels: 0,
+            seed,
+            reconciled: Instant::now(),
+            blocks_seen: BTreeSet::new(),
+            blocks_gone: BTreeSet::new(),
+            kills_in_create: 0,
+            kills_in_delete: 0,
             violations: Vec::new(),
         }
     }
 
+    /// Records a violation and prints it at once, in full: a run that dies later (a panic,
+    /// a timeout) still shows every violation found so far.
     fn violation(&mut self, round: usize, what: &str) {
-        self.violations.push(format!("round {round}: {what}"));
+        let line = format!("round {round}: {what}");
+        eprintln!("{:?} (seed {}) VIOLATION {line}", self.trouble, self.seed);
+        self.violations.push(line);
+    }
+
+    /// The agent's cooldown in this case.
+    fn cooldown(&self) -> Duration {
+        if self.trouble == Trouble::CidrBlocks {
+            BLOCK_COOLDOWN
+        } else {
+            COOLDOWN
+        }
+    }
+
+    /// How many rounds the case runs.
+    fn rounds(&self) -> usize {
+        if self.trouble == Trouble::CidrBlocks {
+            BLOCK_ROUNDS
+        } else {
+            ROUNDS
+        }
+    }
+
+    /// The round's number of new pods and of DELs of live pods.
+    fn burst(&self, round: usize) -> (usize, usize) {
+        if self.trouble == Trouble::CidrBlocks {
+            return if (round / BLOCK_PHASE).is_multiple_of(2) {
+                (BLOCK_BURST, 1)
+            } else {
+                (1, BLOCK_BURST)
+            };
+        }
+        let adds = if self.live.len() + ADDS <= MAX_LIVE {
+            ADDS
+        } else {
+            0
+        };
+        (adds, DELS)
     }
 
     /// An ADD answered `ip` at `answered`: a violation if a DEL sent less than the cooldown
@@ -149,7 +253,7 @@ impl Suite {
     /// holds where the checkpoint, the cooldowns' record, was deleted too.
     fn check_reuse(&mut self, round: usize, id: &str, ip: Ipv4Addr, answered: Instant) {
         if let Some(sent) = self.freed.remove(&ip)
-            && answered.saturating_duration_since(sent) < COOLDOWN
+            && answered.saturating_duration_since(sent) < self.cooldown()
         {
             let ms = answered.saturating_duration_since(sent).as_millis();
             self.violation(
@@ -161,7 +265,7 @@ impl Suite {
 
     /// The round's DELs: the pods stranded by a detach (the runtime deletes what lost its
     /// network), then the oldest live pods.
-    fn pick_dels(&mut self) -> Vec<String> {
+    fn pick_dels(&mut self, n: usize) -> Vec<String> {
         // A stranded pod whose DEL the restart's retry already served is gone.
         let mut dels: Vec<String> = std::mem::take(&mut self.stranded)
             .into_iter()
@@ -171,7 +275,7 @@ impl Suite {
             .live
             .keys()
             .filter(|id| !dels.contains(id))
-            .take(DELS)
+            .take(n)
             .cloned()
             .collect();
         dels.extend(oldest);
@@ -198,6 +302,21 @@ impl Suite {
                 ..Faults::default()
             });
         }
+        if self.trouble == Trouble::CidrBlocks {
+            let lost = |op: &str, rate| FaultRule {
+                op: op.into(),
+                status: 503,
+                code: "ServiceUnavailable".into(),
+                rate,
+                after_commit: true,
+                ..FaultRule::default()
+            };
+            self.lab.sim().set_faults(Faults {
+                create_private_ip_ms: u64::try_from(CREATE_LATENCY.as_millis()).expect("small"),
+                rules: vec![lost("CreatePrivateIp", 0.3), lost("DeletePrivateIp", 0.2)],
+                ..Faults::default()
+            });
+        }
         if self.trouble == Trouble::StaleLists {
             self.lab.sim().set_faults(Faults {
                 stale_read_ms: 1500,
@@ -208,23 +327,35 @@ impl Suite {
 
     fn round(&mut self, round: usize) {
         let socket = self.agent.socket();
-        let adds = if self.live.len() + ADDS <= MAX_LIVE {
-            (0..ADDS).map(|_| self.new_pod()).collect()
-        } else {
-            Vec::new()
-        };
-        let dels = self.pick_dels();
+        let (add_count, del_count) = self.burst(round);
+        if self.trouble == Trouble::CidrBlocks && del_count > add_count {
+            // A restarted agent counts an address's release delay from its first reconcile,
+            // or from the end of its cooldown: a shrinking round's burst waits a random time
+            // past the delay, so blocks are deleted before the burst or the kill meets them
+            // being deleted.
+            let delay = Duration::from_secs(BLOCK_RELEASE_DELAY_SECS);
+            let extra = BLOCK_COOLDOWN + Duration::from_millis(1500);
+            let wait = delay + extra.mul_f64(self.rng.gen_range(0.0..1.0));
+            std::thread::sleep(wait.saturating_sub(self.reconciled.elapsed()));
+        }
+        let adds: Vec<(String, Netns)> = (0..add_count).map(|_| self.new_pod()).collect();
+        let dels = self.pick_dels(del_count);
         // Two more ADDs of the first new container, at once with its own.
         let same = self.trouble == Trouble::SameContainerAdds && !adds.is_empty();
         self.cloud_trouble();
         let kill_at = Duration::from_millis(self.rng.gen_range(0..400));
-        self.kill_points_ms.push(kill_at.as_millis() as u64);
+        // A growing round in CIDR mode aims the kill at the first block create of the burst:
+        // a random moment while it is under way (or [`AIM_WINDOW`] in, if none comes by then).
+        let aim_at_create = (self.trouble == Trouble::CidrBlocks && add_count > del_count)
+            .then(|| CREATE_LATENCY.mul_f64(self.rng.gen_range(0.0..0.9)));
         let (lab, agent, live) = (&self.lab, &mut self.agent, &self.live);
         let node = lab.lab().node();
         let second_agent = self.trouble == Trouble::SecondAgent;
         let unwritable = (self.trouble == Trouble::StateDirUnwritable)
             .then(|| StateDirTrouble::for_round(agent.state_dir(), round));
         let sent = Instant::now();
+        let mut kills_under_way = (false, false);
+        let mut killed_at = kill_at;
         let (added, deleted, second) = std::thread::scope(|scope| {
             let add_threads: Vec<_> = adds
                 .iter()
@@ -254,13 +385,55 @@ impl Suite {
                 .collect();
             let second = second_agent.then(|| agent.run_second(lab, Duration::from_secs(20)));
             // The state directory's trouble starts halfway to the kill point.
-            let halfway = kill_at / 2;
-            std::thread::sleep(halfway);
-            if let Some(trouble) = &unwritable {
-                trouble.start();
+            if let Some(into_create) = aim_at_create {
+                let creates = || {
+                    lab.sim()
+                        .calls()
+                        .get("CreatePrivateIp")
+                        .copied()
+                        .unwrap_or(0)
+                };
+                let (before, burst) = (creates(), Instant::now());
+                while burst.elapsed() < AIM_WINDOW {
+                    if creates() > before {
+                        std::thread::sleep(into_create);
+                        kills_under_way.0 = true;
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                killed_at = burst.elapsed();
+                agent.kill9().expect("kill -9");
+            } else {
+                let halfway = kill_at / 2;
+                // The block operations that reached OCI within one create's latency of the
+                // kill were under way when it landed: the calls are counted at that moment.
+                let in_flight_from = kill_at.saturating_sub(CREATE_LATENCY);
+                let mut calls_before = None;
+                let mut at = Duration::ZERO;
+                let mut steps = [(in_flight_from, false), (halfway, true)];
+                steps.sort();
+                for (when, trouble_starts) in steps {
+                    std::thread::sleep(when.saturating_sub(at));
+                    at = at.max(when);
+                    if trouble_starts {
+                        if let Some(trouble) = &unwritable {
+                            trouble.start();
+                        }
+                    } else {
+                        calls_before = Some(lab.sim().calls());
+                    }
+                }
+                std::thread::sleep(kill_at.saturating_sub(at));
+                let calls_before = calls_before.unwrap_or_default();
+                let calls_at_kill = lab.sim().calls();
+                agent.kill9().expect("kill -9");
+                let under_way = |op: &str| {
+                    calls_at_kill.get(op).copied().unwrap_or(0)
+                        > calls_before.get(op).copied().unwrap_or(0)
+                };
+                kills_under_way = (under_way("CreatePrivateIp"), under_way("DeletePrivateIp"));
             }
-            std::thread::sleep(kill_at.saturating_sub(halfway));
-            agent.kill9().expect("kill -9");
             let added: Vec<_> = add_threads
                 .into_iter()
                 .map(|h| h.join().expect("ADD"))
@@ -274,6 +447,10 @@ impl Suite {
                 .collect();
             (added, deleted, second)
         });
+        self.kill_points_ms
+            .push(u64::try_from(killed_at.as_millis()).unwrap_or(u64::MAX));
+        self.kills_in_create += usize::from(kills_under_way.0);
+        self.kills_in_delete += usize::from(kills_under_way.1);
         if let Some(second) = second {
             self.second_agent_exited(round, second);
         }
@@ -305,8 +482,25 @@ impl Suite {
         }
 
         self.retry(round, dels, pending_adds);
+        if self.trouble == Trouble::CidrBlocks {
+            self.runtime_gc(round);
+        }
         self.lab.sim().set_faults(Faults::default());
         self.check(round);
+    }
+
+    /// The runtime's CNI GC (containerd runs it on its own schedule) listing the live pods:
+    /// the addresses of pods whose DEL the plugin completed while the agent was down go now
+    /// rather than after the GC grace, so their blocks empty within the rounds.
+    fn runtime_gc(&mut self, round: usize) {
+        let valid: Vec<&str> = self.live.keys().map(String::as_str).collect();
+        match cni_gc(self.lab.lab().node(), &self.agent.socket(), &valid) {
+            Ok(out) if out.ok => {}
+            other => self.violation(
+                round,
+                &format!("CNI GC listing the live pods failed: {other:?}"),
+            ),
+        }
     }
 
     /// The second agent must have exited, and failed, while the first one served.
@@ -504,7 +698,24 @@ impl Suite {
         while Instant::now() < deadline && self.pending() > 0 {
             std::thread::sleep(Duration::from_secs(1));
         }
-        self.check_holders(ROUNDS, true);
+        let last = self.rounds();
+        self.check_holders(last, true);
+        if self.trouble == Trouble::CidrBlocks {
+            let within = Duration::from_secs(BLOCK_RELEASE_DELAY_SECS) + Duration::from_secs(20);
+            self.check_converged_blocks(last, within);
+            if self.blocks_gone.is_empty()
+                || self.blocks_seen.len() < BLOCK_PEAK
+                || self.kills_in_create == 0
+            {
+                let what = format!(
+                    "the grow and shrink rounds must create and delete blocks, a kill landing during a create: {} seen at OCI (the peak needs {BLOCK_PEAK}), {} of them deleted, {} kills during a create",
+                    self.blocks_seen.len(),
+                    self.blocks_gone.len(),
+                    self.kills_in_create
+                );
+                self.violation(last, &what);
+            }
+        }
     }
 
     /// Addresses held for no live pod: what the GC must release within its grace.
@@ -527,6 +738,7 @@ impl Suite {
         let status = loop {
             let status = self.agent.status().expect("status");
             if status["pool"]["reconciled"] == true || Instant::now() > deadline {
+                self.reconciled = Instant::now();
                 break status;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -623,17 +835,151 @@ impl Suite {
                 ));
             }
         }
+        if self.trouble == Trouble::CidrBlocks {
+            found.extend(self.pods_outside_blocks(&holders, &vnic_of, &quarantined));
+            let now: BTreeSet<String> = node_objects(&self.lab).into_iter().map(|o| o.id).collect();
+            self.blocks_gone
+                .extend(self.blocks_seen.difference(&now).cloned());
+            self.blocks_seen.extend(now);
+        }
         for what in found {
             self.violation(round, &what);
         }
     }
 
-    fn report(&self) {
+    /// CIDR mode: each held address (`vnic_of`, from `vcnpath status`, holders by address)
+    /// must lie in a /[`BLOCK_PREFIX`] block OCI has on the VNIC the agent says, and no two
+    /// live pods may have been given one address.
+    fn pods_outside_blocks(
+        &self,
+        holders: &BTreeMap<Ipv4Addr, Vec<String>>,
+        vnic_of: &BTreeMap<Ipv4Addr, String>,
+        quarantined: &BTreeSet<Ipv4Addr>,
+    ) -> Vec<String> {
+        let objects = node_objects(&self.lab);
+        let mut found = Vec::new();
+        for (ip, vnic) in vnic_of.iter().filter(|(ip, _)| !quarantined.contains(ip)) {
+            let who = &holders[ip];
+            match objects.iter().find(|o| o.range.contains(ip)) {
+                None => found.push(format!(
+                    "{ip}, held for {who:?} on {vnic}, is in no private IP OCI has tagged for the node"
+                )),
+                Some(o) if o.range.prefix_len() != BLOCK_PREFIX => found.push(format!(
+                    "{ip}, held for {who:?} on {vnic}, is {} at OCI ({} on {}), not inside a /{BLOCK_PREFIX} block",
+                    o.range, o.id, o.vnic
+                )),
+                Some(o) if o.vnic != *vnic => found.push(format!(
+                    "{ip}, held for {who:?} on {vnic}, lies in block {} ({}) of {} at OCI",
+                    o.range, o.id, o.vnic
+                )),
+                Some(_) => {}
+            }
+        }
+        let mut by_ip: BTreeMap<Ipv4Addr, Vec<&str>> = BTreeMap::new();
+        for (id, pod) in &self.live {
+            by_ip.entry(pod.ip).or_default().push(id);
+        }
+        for (ip, ids) in by_ip.iter().filter(|(_, ids)| ids.len() > 1) {
+            let block = objects.iter().find(|o| o.range.contains(ip)).map_or_else(
+                || "no block".to_owned(),
+                |o| format!("block {} of {}", o.range, o.vnic),
+            );
+            found.push(format!("live pods {ids:?} were each given {ip} ({block})"));
+        }
+        found
+    }
+
+    /// CIDR mode, once the node has converged (no pod gone still held, cooldowns and the
+    /// release delay over): OCI holds exactly the blocks the agent lists, VNIC by VNIC (none
+    /// leaked by a create whose answer the kill cut off), and no more of them than
+    /// [`block_bound`] allows. Waits up to `within` for both, then books what still differs.
+    fn check_converged_blocks(&mut self, round: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let found = self.block_excess();
+            if found.is_empty() {
+                return;
+            }
+            if Instant::now() > deadline {
+                for what in found {
+                    self.violation(round, &format!("after converging for {within:?}: {what}"));
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// What [`Self::check_converged_blocks`] finds wrong now.
+    fn block_excess(&self) -> Vec<String> {
+        let status = self.agent.status().expect("status");
+        let objects = node_objects(&self.lab);
+        let mut found = Vec::new();
+        let mut at_oci: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+        for o in &objects {
+            at_oci
+                .entry(&o.vnic)
+                .or_default()
+                .insert(o.range.to_string());
+        }
+        let mut listed: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+        for v in status["vnics"].as_array().expect("vnics") {
+            let blocks = v["blocks"]
+                .as_array()
+                .expect("blocks")
+                .iter()
+                .filter_map(|b| b.as_str().map(str::to_owned));
+            listed
+                .entry(v["vnic_id"].as_str().expect("vnic_id"))
+                .or_default()
+                .extend(blocks);
+        }
+        let vnics: BTreeSet<&str> = at_oci.keys().chain(listed.keys()).copied().collect();
+        for vnic in vnics {
+            let (oci, agent) = (
+                at_oci.get(vnic).cloned().unwrap_or_default(),
+                listed.get(vnic).cloned().unwrap_or_default(),
+            );
+            let leaked: Vec<&String> = oci.difference(&agent).collect();
+            let missing: Vec<&String> = agent.difference(&oci).collect();
+            if !leaked.is_empty() || !missing.is_empty() {
+                found.push(format!(
+                    "on {vnic} OCI has blocks {oci:?}, the agent lists {agent:?}: at OCI only (leaked) {leaked:?}, listed only {missing:?}"
+                ));
+            }
+        }
+        let live: Vec<Ipv4Addr> = self.live.values().map(|p| p.ip).collect();
+        let occupancy: Vec<(String, usize)> = objects
+            .iter()
+            .map(|o| {
+                (
+                    format!("{} on {}", o.range, o.vnic),
+                    live.iter().filter(|ip| o.range.contains(*ip)).count(),
+                )
+            })
+            .collect();
+        let with_pods = occupancy.iter().filter(|(_, n)| *n > 0).count();
+        let bound = block_bound(live.len(), with_pods);
+        if objects.len() > bound {
+            found.push(format!(
+                "OCI holds {} blocks for {} live pods and a warm target of {BLOCK_WARM} at {BLOCK_SIZE} addresses a block: at most {bound} (the {with_pods} blocks holding a live pod, or {} for pods and warm target together, whichever is more); blocks with their live pods: {occupancy:?}",
+                objects.len(),
+                live.len(),
+                (live.len() + BLOCK_WARM).div_ceil(BLOCK_SIZE)
+            ));
+        }
+        found
+    }
+
+    /// Prints the case's figures (the rounds took `rounds`, the final convergence and checks
+    /// `converging`) and fails with every violation.
+    fn report(&self, rounds: Duration, converging: Duration) {
         let kills = &self.kill_points_ms;
         let line = format!(
-            "fault suite {:?}: {} rounds, {} kill -9 points ({}..{} ms into the burst), {} ADDs and {} DELs served, {} pods live at the end, at most {} addresses held within the GC grace for pods gone, violations: {}",
+            "fault suite {:?} (seed {}): {} rounds, {} kill -9 points ({}..{} ms into the burst), {} ADDs and {} DELs served, {} pods live at the end, at most {} addresses held within the GC grace for pods gone, violations: {}; rounds {:.1} s, convergence {:.1} s",
             self.trouble,
-            ROUNDS,
+            self.seed,
+            self.rounds(),
             kills.len(),
             kills.iter().min().unwrap_or(&0),
             kills.iter().max().unwrap_or(&0),
@@ -641,25 +987,54 @@ impl Suite {
             self.dels,
             self.live.len(),
             self.pending_seen,
-            self.violations.len()
+            self.violations.len(),
+            rounds.as_secs_f64(),
+            converging.as_secs_f64()
         );
+        let line = if self.trouble == Trouble::CidrBlocks {
+            format!(
+                "{line}; {} blocks seen at OCI after the rounds, {} of them deleted by a later one; {} kills landed while a CreatePrivateIp was under way, {} while a DeletePrivateIp was",
+                self.blocks_seen.len(),
+                self.blocks_gone.len(),
+                self.kills_in_create,
+                self.kills_in_delete
+            )
+        } else {
+            line
+        };
         eprintln!("{line}");
+        for v in &self.violations {
+            eprintln!("{:?} (seed {}) violation {v}", self.trouble, self.seed);
+        }
         // `cargo xtask test` prints these after the lab tier (a passing test's output is
-        // captured).
+        // captured); the agent's logs of every start stay beside them.
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/fault-suite");
+        // (not among the figures, which xtask prints whole).
+        let logs = dir.with_file_name("fault-suite-logs");
+        let log = logs.join(format!("{:?}-agent.log", self.trouble));
         let _ = std::fs::create_dir_all(&dir).and_then(|()| {
             std::fs::write(
                 dir.join(format!("{:?}.txt", self.trouble)),
                 format!("{line}\n"),
             )
         });
-        assert!(
-            self.violations.is_empty(),
-            "{:?}: {} violations:\n{}\nagent log:\n{}",
+        let _ = std::fs::create_dir_all(&logs)
+            .and_then(|()| std::fs::write(&log, self.agent.all_logs()));
+        if self.violations.is_empty() {
+            return;
+        }
+        let latest = self.agent.latest_log();
+        let tail: Vec<&str> = latest.lines().rev().take(60).collect();
+        panic!(
+            "{:?} (seed {}, VCNPATH_FAULT_SEED={} replays it): {} violations:\n{}\n\nthe latest agent's last {} log lines (every start's log: {}):\n{}",
             self.trouble,
+            self.seed,
+            self.seed,
             self.violations.len(),
             self.violations.join("\n"),
-            self.agent.latest_log()
+            tail.len(),
+            log.display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         );
     }
 }
@@ -915,6 +1290,44 @@ fn admin(lab: &SimLab, method: reqwest::Method, path: &str, body: Value) {
     );
 }
 
+/// The most blocks a converged CIDR-mode node may hold for `live` pods whose addresses lie in
+/// `with_pods` blocks. A block goes back to OCI only whole, once every address in it has been
+/// free for the release delay, and only while the node keeps `live` + [`BLOCK_WARM`]
+/// addresses without it; pods are never moved, so each block holding a live pod stays. If
+/// any block holds no pod, no more could be released: all blocks minus one hold fewer
+/// addresses than pods plus warm target, so there are at most ⌈(live + warm) / size⌉. If
+/// every block holds a pod, there are `with_pods`.
+fn block_bound(live: usize, with_pods: usize) -> usize {
+    with_pods.max((live + BLOCK_WARM).div_ceil(BLOCK_SIZE))
+}
+
+/// One private-IP object tagged for the lab's instance, as the simulator holds it.
+struct CloudObject {
+    id: String,
+    vnic: String,
+    /// Its addresses: a /32 for a single private IP.
+    range: ipnet::Ipv4Net,
+}
+
+/// The secondary private-IP objects tagged for the node (the agent's), from the simulator.
+fn node_objects(lab: &SimLab) -> Vec<CloudObject> {
+    let instance = lab.sim().config().instance_id;
+    lab.sim().snapshot()["privateIps"]
+        .as_array()
+        .expect("privateIps")
+        .iter()
+        .filter(|p| {
+            p["isPrimary"] != true
+                && p["freeformTags"][vcnpath::ipam::NODE_TAG].as_str() == Some(instance.as_str())
+        })
+        .map(|p| CloudObject {
+            id: p["id"].as_str().unwrap_or_default().to_owned(),
+            vnic: p["vnicId"].as_str().unwrap_or_default().to_owned(),
+            range: private_ip_range(p).unwrap_or_else(|e| panic!("simulator snapshot: {e:#}")),
+        })
+        .collect()
+}
+
 /// Whether a Core API operation changes OCI.
 fn mutates(op: &str) -> bool {
     ["Create", "Delete", "Attach", "Detach", "Update", "Bulk"]
@@ -951,11 +1364,13 @@ fn run(trouble: Trouble, tag: &str, test: &str) {
         return;
     }
     let mut suite = Suite::new(trouble, tag);
-    for round in 0..ROUNDS {
+    let start = Instant::now();
+    for round in 0..suite.rounds() {
         suite.round(round);
     }
+    let rounds = start.elapsed();
     suite.final_check();
-    suite.report();
+    suite.report(rounds, start.elapsed().saturating_sub(rounds));
 }
 
 #[test]
@@ -1036,5 +1451,14 @@ fn faults_lab_a_full_or_read_only_state_dir_and_kill_9_lose_and_duplicate_nothin
         Trouble::StateDirUnwritable,
         "flt-state",
         "faults_lab_a_full_or_read_only_state_dir_and_kill_9_lose_and_duplicate_nothing",
+    );
+}
+
+#[test]
+fn faults_lab_cidr_blocks_created_and_deleted_under_kill_9_lose_and_duplicate_nothing() {
+    run(
+        Trouble::CidrBlocks,
+        "flt-cidr",
+        "faults_lab_cidr_blocks_created_and_deleted_under_kill_9_lose_and_duplicate_nothing",
     );
 }

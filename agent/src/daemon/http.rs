@@ -124,6 +124,7 @@ pub async fn status_json(state: &Introspection) -> Value {
                 "primary_ip": v.primary_ip, "subnet": v.subnet,
                 "router_mac_resolved": managed.is_some_and(|m| m.router_mac.is_some()),
                 "free": v.free, "assigned": v.assigned, "cooldown": v.cooldown, "full": v.full,
+                "blocks": v.blocks, "objects": v.objects,
                 "suspect": v.suspect, "link": v.link,
             })
         }).collect::<Vec<_>>(),
