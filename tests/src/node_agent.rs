@@ -1,6 +1,7 @@
 //! The real node agent (`vcnpath run`) and CNI plugin (`vcnpath-cni`) against the OCI
 //! simulator in a [`SimLab`]: what the end-to-end tests and the demo drive.
 
+use std::fmt::Write as _;
 use std::{
     io::Write as _,
     path::{Path, PathBuf},
@@ -237,14 +238,13 @@ impl NodeAgent {
 
     /// Every agent process's log, oldest first, each headed by its start number.
     pub fn all_logs(&self) -> String {
-        (1..=self.starts)
-            .map(|n| {
-                format!(
-                    "==== agent start {n} ====\n{}",
-                    std::fs::read_to_string(self.log(n)).unwrap_or_default()
-                )
-            })
-            .collect()
+        let mut all = String::new();
+        for n in 1..=self.starts {
+            let log = std::fs::read_to_string(self.log(n)).unwrap_or_default();
+            // Writing into a String cannot fail.
+            let _ = write!(all, "==== agent start {n} ====\n{log}");
+        }
+        all
     }
 
     fn spawn(&mut self, lab: &SimLab) -> Result<()> {

@@ -495,6 +495,48 @@ fn pods_outside_their_vnics_blocks(lab: &SimLab, pods: &[CniPod]) -> Vec<String>
     found
 }
 
+/// Blocks keep OCI's private-IP objects far fewer than the pods: each one a /`POD_BLOCK` block.
+fn assert_few_block_objects(listed: &BTreeMap<String, Vec<PrivateIp>>) {
+    let objects: Vec<(&str, &str, Option<u8>)> = listed
+        .iter()
+        .flat_map(|(vnic, ips)| {
+            ips.iter()
+                .map(move |p| (vnic.as_str(), p.ip_address.as_str(), p.cidr_prefix_length))
+        })
+        .collect();
+    let most = 2 * POD_BLOCK_ADDRESSES_PER_VNIC / (1 << (32 - POD_BLOCK));
+    assert!(
+        objects.len() <= most && objects.iter().all(|(_, _, p)| *p == Some(POD_BLOCK)),
+        "{PODS} pods from blocks need at most {most} private-IP objects at OCI, each a /{POD_BLOCK} block; OCI lists {}: {objects:?}",
+        objects.len()
+    );
+}
+
+/// `vcnpath status` shows each VNIC's blocks and private-IP objects as OCI lists them.
+fn assert_status_shows_blocks(agent: &NodeAgent, listed: &BTreeMap<String, Vec<PrivateIp>>) {
+    let status = agent.status().expect("vcnpath status");
+    for (vnic, ips) in listed.iter().filter(|(_, ips)| !ips.is_empty()) {
+        let at_oci: Vec<String> = ips
+            .iter()
+            .filter_map(PrivateIp::block)
+            .map(|b| b.to_string())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let row = status["vnics"]
+            .as_array()
+            .expect("vnics")
+            .iter()
+            .find(|v| v["vnic_id"] == vnic.as_str())
+            .unwrap_or_else(|| panic!("vcnpath status lists VNIC {vnic}: {}", status["vnics"]));
+        assert_eq!(
+            (&row["blocks"], &row["objects"]),
+            (&serde_json::json!(at_oci), &serde_json::json!(ips.len())),
+            "vcnpath status must show VNIC {vnic}'s blocks and private-IP objects as OCI lists them: {row}"
+        );
+    }
+}
+
 #[test]
 fn lab_forty_pods_from_blocks_on_two_vnics_reach_the_vcn_with_their_own_addresses_and_the_internet_masqueraded()
  {
@@ -538,42 +580,8 @@ fn lab_forty_pods_from_blocks_on_two_vnics_reach_the_vcn_with_their_own_addresse
         "{PODS} pods at {POD_BLOCK_ADDRESSES_PER_VNIC} addresses per VNIC are spread over two VNICs, got {interfaces:?}"
     );
     let listed = listed_private_ips(&lab);
-    let objects: Vec<(&str, &str, Option<u8>)> = listed
-        .iter()
-        .flat_map(|(vnic, ips)| {
-            ips.iter()
-                .map(move |p| (vnic.as_str(), p.ip_address.as_str(), p.cidr_prefix_length))
-        })
-        .collect();
-    let most = 2 * POD_BLOCK_ADDRESSES_PER_VNIC / (1 << (32 - POD_BLOCK));
-    assert!(
-        objects.len() <= most && objects.iter().all(|(_, _, p)| *p == Some(POD_BLOCK)),
-        "{PODS} pods from blocks need at most {most} private-IP objects at OCI, each a /{POD_BLOCK} block; OCI lists {}: {objects:?}",
-        objects.len()
-    );
-
-    // `vcnpath status` shows each VNIC's blocks as OCI lists them.
-    let status = agent.status().expect("vcnpath status");
-    for (vnic, ips) in listed.iter().filter(|(_, ips)| !ips.is_empty()) {
-        let at_oci: Vec<String> = ips
-            .iter()
-            .filter_map(PrivateIp::block)
-            .map(|b| b.to_string())
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let row = status["vnics"]
-            .as_array()
-            .expect("vnics")
-            .iter()
-            .find(|v| v["vnic_id"] == vnic.as_str())
-            .unwrap_or_else(|| panic!("vcnpath status lists VNIC {vnic}: {}", status["vnics"]));
-        assert_eq!(
-            (&row["blocks"], &row["objects"]),
-            (&serde_json::json!(at_oci), &serde_json::json!(ips.len())),
-            "vcnpath status must show VNIC {vnic}'s blocks and private-IP objects as OCI lists them: {row}"
-        );
-    }
+    assert_few_block_objects(&listed);
+    assert_status_shows_blocks(&agent, &listed);
 
     let seen = reach_peer_and_internet(&lab, &pods, T);
     assert_own_addresses_and_masquerade(&pods, &seen);

@@ -33,7 +33,9 @@ use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use serde_json::Value;
 use vcnpath_tests::{
     lab::{LabOptions, Netns, SimLab, lab_sim_config},
-    node_agent::{AgentOptions, IPS_PER_VNIC, NodeAgent, cloud_ips, cni, cni_add, cni_gc},
+    node_agent::{
+        AgentOptions, CniOutput, IPS_PER_VNIC, NodeAgent, cloud_ips, cni, cni_add, cni_gc,
+    },
     ocikit::private_ip_range,
     ocisim::{FaultRule, Faults},
     privileged::have_root,
@@ -329,14 +331,7 @@ impl Suite {
         let socket = self.agent.socket();
         let (add_count, del_count) = self.burst(round);
         if self.trouble == Trouble::CidrBlocks && del_count > add_count {
-            // A restarted agent counts an address's release delay from its first reconcile,
-            // or from the end of its cooldown: a shrinking round's burst waits a random time
-            // past the delay, so blocks are deleted before the burst or the kill meets them
-            // being deleted.
-            let delay = Duration::from_secs(BLOCK_RELEASE_DELAY_SECS);
-            let extra = BLOCK_COOLDOWN + Duration::from_millis(1500);
-            let wait = delay + extra.mul_f64(self.rng.gen_range(0.0..1.0));
-            std::thread::sleep(wait.saturating_sub(self.reconciled.elapsed()));
+            self.wait_past_release_delay();
         }
         let adds: Vec<(String, Netns)> = (0..add_count).map(|_| self.new_pod()).collect();
         let dels = self.pick_dels(del_count);
@@ -384,55 +379,12 @@ impl Suite {
                 })
                 .collect();
             let second = second_agent.then(|| agent.run_second(lab, Duration::from_secs(20)));
-            // The state directory's trouble starts halfway to the kill point.
-            if let Some(into_create) = aim_at_create {
-                let creates = || {
-                    lab.sim()
-                        .calls()
-                        .get("CreatePrivateIp")
-                        .copied()
-                        .unwrap_or(0)
-                };
-                let (before, burst) = (creates(), Instant::now());
-                while burst.elapsed() < AIM_WINDOW {
-                    if creates() > before {
-                        std::thread::sleep(into_create);
-                        kills_under_way.0 = true;
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
+            match aim_at_create {
+                Some(into_create) => {
+                    let (at, in_create) = kill_in_first_create(lab, agent, into_create);
+                    (killed_at, kills_under_way) = (at, (in_create, false));
                 }
-                killed_at = burst.elapsed();
-                agent.kill9().expect("kill -9");
-            } else {
-                let halfway = kill_at / 2;
-                // The block operations that reached OCI within one create's latency of the
-                // kill were under way when it landed: the calls are counted at that moment.
-                let in_flight_from = kill_at.saturating_sub(CREATE_LATENCY);
-                let mut calls_before = None;
-                let mut at = Duration::ZERO;
-                let mut steps = [(in_flight_from, false), (halfway, true)];
-                steps.sort();
-                for (when, trouble_starts) in steps {
-                    std::thread::sleep(when.saturating_sub(at));
-                    at = at.max(when);
-                    if trouble_starts {
-                        if let Some(trouble) = &unwritable {
-                            trouble.start();
-                        }
-                    } else {
-                        calls_before = Some(lab.sim().calls());
-                    }
-                }
-                std::thread::sleep(kill_at.saturating_sub(at));
-                let calls_before = calls_before.unwrap_or_default();
-                let calls_at_kill = lab.sim().calls();
-                agent.kill9().expect("kill -9");
-                let under_way = |op: &str| {
-                    calls_at_kill.get(op).copied().unwrap_or(0)
-                        > calls_before.get(op).copied().unwrap_or(0)
-                };
-                kills_under_way = (under_way("CreatePrivateIp"), under_way("DeletePrivateIp"));
+                None => kills_under_way = kill_after(lab, agent, kill_at, unwritable.as_ref()),
             }
             let added: Vec<_> = add_threads
                 .into_iter()
@@ -454,7 +406,45 @@ impl Suite {
         if let Some(second) = second {
             self.second_agent_exited(round, second);
         }
-        for (id, out) in &deleted {
+        let pending_adds = self.record_burst(round, sent, adds, added, &deleted);
+
+        self.perturb_and_restart(round);
+        if let Some(trouble) = unwritable {
+            self.while_unwritable(round, &trouble);
+            trouble.end();
+            self.wait_writable(round);
+        }
+
+        self.retry(round, dels, pending_adds);
+        if self.trouble == Trouble::CidrBlocks {
+            self.runtime_gc(round);
+        }
+        self.lab.sim().set_faults(Faults::default());
+        self.check(round);
+    }
+
+    /// A shrinking round's burst in CIDR mode waits a random time past the release delay, so
+    /// blocks are deleted before the burst or the kill meets them being deleted. A restarted
+    /// agent counts an address's release delay from its first reconcile, or from the end of
+    /// its cooldown.
+    fn wait_past_release_delay(&mut self) {
+        let delay = Duration::from_secs(BLOCK_RELEASE_DELAY_SECS);
+        let extra = BLOCK_COOLDOWN + Duration::from_millis(1500);
+        let wait = delay + extra.mul_f64(self.rng.gen_range(0.0..1.0));
+        std::thread::sleep(wait.saturating_sub(self.reconciled.elapsed()));
+    }
+
+    /// Books the burst's answers: a DEL answered ok frees its pod's address, an ADD answered
+    /// with an address makes a live pod; the ADDs that got none are returned for retrying.
+    fn record_burst(
+        &mut self,
+        round: usize,
+        sent: Instant,
+        adds: Vec<(String, Netns)>,
+        added: Vec<(String, anyhow::Result<CniOutput>, Instant)>,
+        deleted: &[(String, anyhow::Result<CniOutput>)],
+    ) -> Vec<(String, Netns)> {
+        for (id, out) in deleted {
             if out.as_ref().is_ok_and(|o| o.ok)
                 && let Some(pod) = self.live.remove(id)
             {
@@ -473,20 +463,7 @@ impl Suite {
                 None => pending_adds.push((id, ns)),
             }
         }
-
-        self.perturb_and_restart(round);
-        if let Some(trouble) = unwritable {
-            self.while_unwritable(round, &trouble);
-            trouble.end();
-            self.wait_writable(round);
-        }
-
-        self.retry(round, dels, pending_adds);
-        if self.trouble == Trouble::CidrBlocks {
-            self.runtime_gc(round);
-        }
-        self.lab.sim().set_faults(Faults::default());
-        self.check(round);
+        pending_adds
     }
 
     /// The runtime's CNI GC (containerd runs it on its own schedule) listing the live pods:
@@ -731,33 +708,24 @@ impl Suite {
             .count()
     }
 
-    fn check_holders(&mut self, round: usize, after_grace: bool) {
-        // The invariants are the agent's view once it has reconciled with OCI since its
-        // restart (before that it cannot know of a VNIC detached while it was down).
+    /// `vcnpath status` once the agent has reconciled with OCI since its restart (or after
+    /// [`T`]): the invariants are the agent's view from then on; before, it cannot know of a
+    /// VNIC detached while it was down.
+    fn reconciled_status(&mut self) -> Value {
         let deadline = Instant::now() + T;
-        let status = loop {
+        loop {
             let status = self.agent.status().expect("status");
             if status["pool"]["reconciled"] == true || Instant::now() > deadline {
                 self.reconciled = Instant::now();
                 break status;
             }
             std::thread::sleep(Duration::from_millis(100));
-        };
-        let mut holders: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
-        let mut vnic_of: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
-        for p in status["pods"].as_array().expect("pods") {
-            let ip: Ipv4Addr = p["ip"].as_str().and_then(|s| s.parse().ok()).expect("ip");
-            holders.entry(ip).or_default().push(format!(
-                "{}{}",
-                p["container_id"].as_str().unwrap_or_default(),
-                p["ifname"]
-                    .as_str()
-                    .filter(|i| !i.is_empty() && *i != "eth0")
-                    .map(|i| format!(" via {i}"))
-                    .unwrap_or_default()
-            ));
-            vnic_of.insert(ip, p["vnic"].as_str().unwrap_or_default().to_owned());
         }
+    }
+
+    fn check_holders(&mut self, round: usize, after_grace: bool) {
+        let status = self.reconciled_status();
+        let (holders, vnic_of) = holders_of(&status);
         let mut found = Vec::new();
         for (ip, who) in &holders {
             if who.len() > 1 {
@@ -1299,6 +1267,91 @@ fn admin(lab: &SimLab, method: reqwest::Method, path: &str, body: Value) {
 /// every block holds a pod, there are `with_pods`.
 fn block_bound(live: usize, with_pods: usize) -> usize {
     with_pods.max((live + BLOCK_WARM).div_ceil(BLOCK_SIZE))
+}
+/// Kills the agent a moment `into_create` after the burst's first block create reached OCI
+/// (or [`AIM_WINDOW`] into the burst if none comes by then): when the kill landed, counted from
+/// the burst, and whether a create was under way.
+fn kill_in_first_create(
+    lab: &SimLab,
+    agent: &mut NodeAgent,
+    into_create: Duration,
+) -> (Duration, bool) {
+    let creates = || {
+        lab.sim()
+            .calls()
+            .get("CreatePrivateIp")
+            .copied()
+            .unwrap_or(0)
+    };
+    let (before, burst) = (creates(), Instant::now());
+    let mut in_create = false;
+    while burst.elapsed() < AIM_WINDOW {
+        if creates() > before {
+            std::thread::sleep(into_create);
+            in_create = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let killed_at = burst.elapsed();
+    agent.kill9().expect("kill -9");
+    (killed_at, in_create)
+}
+
+/// Kills the agent `kill_at` into the burst; the state directory's trouble starts halfway
+/// there. Whether a block create and a block delete were under way when the kill landed: the
+/// operations that reached OCI within one create's latency of it.
+fn kill_after(
+    lab: &SimLab,
+    agent: &mut NodeAgent,
+    kill_at: Duration,
+    unwritable: Option<&StateDirTrouble>,
+) -> (bool, bool) {
+    let halfway = kill_at / 2;
+    let in_flight_from = kill_at.saturating_sub(CREATE_LATENCY);
+    let mut calls_before = None;
+    let mut at = Duration::ZERO;
+    let mut steps = [(in_flight_from, false), (halfway, true)];
+    steps.sort();
+    for (when, trouble_starts) in steps {
+        std::thread::sleep(when.saturating_sub(at));
+        at = at.max(when);
+        if trouble_starts {
+            if let Some(trouble) = unwritable {
+                trouble.start();
+            }
+        } else {
+            calls_before = Some(lab.sim().calls());
+        }
+    }
+    std::thread::sleep(kill_at.saturating_sub(at));
+    let calls_before = calls_before.unwrap_or_default();
+    let calls_at_kill = lab.sim().calls();
+    agent.kill9().expect("kill -9");
+    let under_way = |op: &str| {
+        calls_at_kill.get(op).copied().unwrap_or(0) > calls_before.get(op).copied().unwrap_or(0)
+    };
+    (under_way("CreatePrivateIp"), under_way("DeletePrivateIp"))
+}
+/// The pods `vcnpath status` lists, by address: who holds each (container id, and the
+/// interface when it is not eth0) and on which VNIC.
+fn holders_of(status: &Value) -> (BTreeMap<Ipv4Addr, Vec<String>>, BTreeMap<Ipv4Addr, String>) {
+    let mut holders: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
+    let mut vnic_of: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    for p in status["pods"].as_array().expect("pods") {
+        let ip: Ipv4Addr = p["ip"].as_str().and_then(|s| s.parse().ok()).expect("ip");
+        holders.entry(ip).or_default().push(format!(
+            "{}{}",
+            p["container_id"].as_str().unwrap_or_default(),
+            p["ifname"]
+                .as_str()
+                .filter(|i| !i.is_empty() && *i != "eth0")
+                .map(|i| format!(" via {i}"))
+                .unwrap_or_default()
+        ));
+        vnic_of.insert(ip, p["vnic"].as_str().unwrap_or_default().to_owned());
+    }
+    (holders, vnic_of)
 }
 
 /// One private-IP object tagged for the lab's instance, as the simulator holds it.
