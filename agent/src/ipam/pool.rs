@@ -600,9 +600,12 @@ impl Pool {
     /// `pods_on` names the VNICs that hold an allocation: those are never detached.
     pub fn plan(&self, cfg: &PoolConfig, now: Instant, pods_on: &BTreeSet<String>) -> Plan {
         let c = self.counts();
+        // The pods waiting for an address are about to be assigned: the warm addresses are
+        // what must still be free after them, so a burst of pod starts is met in one step.
         let target = c
             .assigned
-            .saturating_add(cfg.warm_ips.max(self.waiting.len()))
+            .saturating_add(self.waiting.len())
+            .saturating_add(cfg.warm_ips)
             .max(cfg.min_ips)
             .min(cfg.capacity());
         // Addresses in cooldown cannot serve a pod now, so they do not count towards the target.

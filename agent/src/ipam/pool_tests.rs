@@ -395,6 +395,26 @@ fn refused_allocations_grow_a_pool_without_warm_target() {
 }
 
 #[test]
+fn waiting_pods_come_on_top_of_the_warm_target() {
+    let now = Instant::now();
+    let mut pool = pool_with(now, 0, 0);
+    let blocks = cidr_cfg();
+    for n in 0..14 {
+        pool.waiting.insert((format!("c{n}"), "eth0".into()));
+    }
+    // 14 pods waiting and a warm target of 4 are 18 addresses: two /28 blocks in one step,
+    // not one block now and another once the first 14 pods hold theirs.
+    assert_eq!(blocks.warm_ips, 4);
+    assert_eq!(pool.plan(&blocks, now, &NO_PODS).create.len(), 2);
+    let plan = pool.plan(&cfg(), now, &NO_PODS);
+    assert_eq!(
+        (plan.create.len(), plan.attach.len()),
+        (8, 1),
+        "single addresses: 18 wanted, 8 on the one VNIC and the shape's last VNIC to attach: {plan:?}"
+    );
+}
+
+#[test]
 fn cooldown_is_not_exhaustion() {
     let now = Instant::now();
     let cfg = PoolConfig {

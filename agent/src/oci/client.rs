@@ -95,6 +95,14 @@ struct Call<'a> {
     retry_token: Option<&'a str>,
 }
 
+/// One attempt's answer, the credentials' generation it was signed with, and when the rate
+/// limiter let it go.
+struct Attempted {
+    result: Result<Answer, OciError>,
+    generation: u64,
+    sent: Instant,
+}
+
 struct Answer {
     text: String,
     request_id: Option<String>,
@@ -389,7 +397,11 @@ impl CoreClient {
         let mut reauthenticated = false;
         loop {
             attempts += 1;
-            let (result, generation) = self.attempt(call, started).await?;
+            let Attempted {
+                result,
+                generation,
+                sent,
+            } = self.attempt(call, started).await?;
             let error = match result {
                 Ok(answer) => {
                     self.answered().await;
@@ -416,7 +428,7 @@ impl CoreClient {
             if error.class() == ErrorClass::Throttled {
                 // Every call of this node waits, not only this one's retry, and the node
                 // slows down to what the tenancy has room for.
-                let rate = self.limiter.throttled(delay).await;
+                let rate = self.limiter.throttled(sent, delay).await;
                 self.metrics.set_rate_limit(rate);
                 tracing::info!(operation = call.operation, calls_per_second = rate, pause = ?delay, "OCI throttled the node; it slows down");
             } else if matches!(error, OciError::Service { .. }) {
@@ -450,13 +462,9 @@ impl CoreClient {
     }
 
     /// One signed attempt. The outer error is not retryable (no credentials, bad URL).
-    async fn attempt(
-        &self,
-        call: &Call<'_>,
-        started: Instant,
-    ) -> Result<(Result<Answer, OciError>, u64), OciError> {
+    async fn attempt(&self, call: &Call<'_>, started: Instant) -> Result<Attempted, OciError> {
         let operation = call.operation;
-        self.limiter.acquire().await;
+        let sent = self.limiter.acquire().await;
         let attempt_started = Instant::now();
         // A refresh that hangs (IMDS, `/v1/x509`) must not hold the call past its budget.
         let remaining = self.retry.total_budget.saturating_sub(started.elapsed());
@@ -536,7 +544,11 @@ impl CoreClient {
         };
         self.metrics
             .record(operation, &outcome, attempt_started.elapsed());
-        Ok((result, credentials.generation))
+        Ok(Attempted {
+            result,
+            generation: credentials.generation,
+            sent,
+        })
     }
 }
 
