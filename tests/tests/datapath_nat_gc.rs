@@ -227,7 +227,7 @@ fn collection_removes_exactly_the_expired_flows_of_a_table_larger_than_a_batch()
     }
     let now_ns = monotonic_now_ns();
     let mut fx = Fixture::with_nat_capacity("natgc", 1024, 65535, NAT_MAX);
-    let nat = &mut fx.datapath.maps.nat;
+    let nat = fx.datapath.maps.flow_tables().nat;
 
     // 10,500 entries: more than two of the collector's 4,096-entry batches, both
     // directions of every flow scattered over the hash buckets.
@@ -264,7 +264,7 @@ fn collection_removes_exactly_the_expired_flows_of_a_table_larger_than_a_batch()
         "expected to read all {total} entries and remove the {} expired ones",
         expired.len()
     );
-    let nat = &fx.datapath.maps.nat;
+    let nat = fx.datapath.maps.flow_tables().nat;
     for (key, entry) in &live {
         match nat.get(key, 0) {
             Ok(got) => assert_eq!(got, *entry, "live entry {key:?} changed"),
@@ -330,7 +330,7 @@ fn removing_a_pod_keeps_the_reply_entry_another_pods_flow_reused() {
         dir: NAT_DIR_INGRESS,
         pad: [0; 2],
     };
-    let nat = &mut fx.datapath.maps.nat;
+    let nat = fx.datapath.maps.flow_tables().nat;
     nat.insert(live_out, entry(MASQ, 40000), 0).unwrap();
     nat.insert(reply, entry(POD1, 40000), 0).unwrap();
     nat.insert(stale_out, entry(MASQ, 40000), 0).unwrap();
@@ -339,7 +339,7 @@ fn removing_a_pod_keeps_the_reply_entry_another_pods_flow_reused() {
     assert!(st.endpoints.remove(&POD1B).is_some());
     let report = fx.datapath.maps.sync(&st).unwrap();
     assert_eq!(report.nat_purged, 1, "only the stale egress entry goes");
-    let nat = &fx.datapath.maps.nat;
+    let nat = fx.datapath.maps.flow_tables().nat;
     assert!(matches!(nat.get(&stale_out, 0), Err(MapError::KeyNotFound)));
     assert!(
         nat.get(&live_out, 0).is_ok(),

@@ -213,7 +213,12 @@ fn plant_egress(fx: &mut Fixture, pod: Ipv4Addr, port: u16, masq_port: u16) {
         port: masq_port,
         ..NatEntry::default()
     };
-    fx.datapath.maps.nat.insert(key, entry, 0).expect("insert");
+    fx.datapath
+        .maps
+        .flow_tables()
+        .nat
+        .insert(key, entry, 0)
+        .expect("insert");
 }
 
 #[test]
@@ -474,7 +479,7 @@ fn an_inbound_syn_flood_leaves_established_masqueraded_flows_working() {
 #[test]
 fn an_outside_segment_without_syn_records_no_flow() {
     root_or_skip!("inbound_ack");
-    let fx = Fixture::new("inack", 1024, 65535);
+    let mut fx = Fixture::new("inack", 1024, 65535);
     let input = build(&Spec::tcp(REMOTE, 50001, POD1, 8080));
     assert_eq!(
         fx.ingress(&input),
@@ -482,16 +487,12 @@ fn an_outside_segment_without_syn_records_no_flow() {
         "passed untouched"
     );
     assert_eq!(fx.count(Reason::PassInboundUnrecorded), 1);
-    let maps = &fx.datapath.maps;
-    assert_eq!(
-        maps.inbound.keys().chain(maps.nat.keys()).count(),
-        0,
-        "an ACK opens no flow"
-    );
+    assert_eq!(fx.datapath.maps.flows().count(), 0, "an ACK opens no flow");
     fx.ingress(&build(
         &Spec::tcp(REMOTE, 50001, POD1, 8080).with_tcp_flags(0x02),
     ));
-    assert_eq!(maps.inbound.keys().count(), 1, "a SYN does");
+    let tables = fx.datapath.maps.flow_tables();
+    assert_eq!(tables.inbound.keys().count(), 1, "a SYN does");
     assert_eq!(fx.count(Reason::InboundNew), 1);
     fx.ingress(&build(&Spec::tcp(REMOTE, 50001, POD1, 8080)));
     assert_eq!(
@@ -499,7 +500,11 @@ fn an_outside_segment_without_syn_records_no_flow() {
         1,
         "the next segment is on the flow"
     );
-    assert_eq!(maps.nat.keys().count(), 0, "in its own table");
+    assert_eq!(
+        fx.datapath.maps.flow_tables().nat.keys().count(),
+        0,
+        "in its own table"
+    );
 }
 
 #[test]

@@ -42,10 +42,9 @@ fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> Vec<u
 
 /// Both flow tables: translated flows (`nat`) and flows opened from outside (`inbound`).
 fn table(fx: &Fixture) -> HashMap<NatKey, NatEntry> {
-    let maps = &fx.datapath.maps;
-    maps.nat
-        .iter()
-        .chain(maps.inbound.iter())
+    fx.datapath
+        .maps
+        .flows()
         .map(|r| r.expect("reading the flow tables"))
         .collect()
 }

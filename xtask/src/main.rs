@@ -50,7 +50,7 @@ enum Task {
         #[arg(default_value = "datapath")]
         what: String,
         /// Passed on to the benchmark (e.g. `--rounds 5 --secs 2 --pods 1,512`, or for fleet
-        /// `--nodes 500 --pods 30 --modes ip,cidr --deadline-secs 480`).
+        /// `--nodes 500 --pods 30 --modes ip,cidr --deadline-secs 900`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

@@ -17,7 +17,7 @@ pub fn counters(pin_dir: &Path) -> anyhow::Result<()> {
 pub fn nat(pin_dir: &Path) -> anyhow::Result<()> {
     let maps = DatapathMaps::from_pins(pin_dir)?;
     let now = monotonic_now_ns();
-    for item in maps.nat.iter().chain(maps.inbound.iter()) {
+    for item in maps.flows() {
         let (key, entry) = item?;
         let kind = match (key.dir == NAT_DIR_EGRESS, entry.flags & NAT_F_INBOUND != 0) {
             (true, true) => "inbound",

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use vcnpath_common::{
     CidrValue, Config, DATAPATH_ABI, Endpoint, EndpointKey, FragEntry, FragKey, MAP_CONFIG,
     MAP_ENDPOINTS, MAP_FRAGS, MAP_INBOUND, MAP_NAT, MAP_NONMASQ_CIDRS, MAP_STATS, MAP_VCN_CIDRS,
@@ -13,21 +13,44 @@ use super::DatapathError;
 
 /// The datapath's maps. Only the datapath task writes them.
 pub struct DatapathMaps {
-    pub vnics: HashMap<MapData, u32, Vnic>,
-    pub endpoints: HashMap<MapData, EndpointKey, Endpoint>,
-    pub vcn_cidrs: LpmTrie<MapData, [u8; 4], CidrValue>,
-    pub nonmasq_cidrs: LpmTrie<MapData, [u8; 4], CidrValue>,
-    pub config: Array<MapData, Config>,
-    pub nat: HashMap<MapData, NatKey, NatEntry>,
+    pub(super) vnics: HashMap<MapData, u32, Vnic>,
+    pub(super) endpoints: HashMap<MapData, EndpointKey, Endpoint>,
+    pub(super) vcn_cidrs: LpmTrie<MapData, [u8; 4], CidrValue>,
+    pub(super) nonmasq_cidrs: LpmTrie<MapData, [u8; 4], CidrValue>,
+    pub(super) config: Array<MapData, Config>,
+    pub(super) nat: HashMap<MapData, NatKey, NatEntry>,
     /// Records of flows opened from outside (rule 4): the programs write them, the
     /// collector expires them.
-    pub inbound: HashMap<MapData, NatKey, NatEntry>,
-    pub stats: PerCpuArray<MapData, u64>,
+    pub(super) inbound: HashMap<MapData, NatKey, NatEntry>,
+    pub(super) stats: PerCpuArray<MapData, u64>,
     /// Only the programs write it; the agent holds it to put its pin back.
-    pub frags: HashMap<MapData, FragKey, FragEntry>,
+    pub(super) frags: HashMap<MapData, FragKey, FragEntry>,
+}
+
+/// The two flow tables, which in production only the programs write and the collector
+/// expires: for tests and benchmarks that plant flows or look at what the programs recorded
+/// ([`DatapathMaps::flow_tables`]).
+pub struct FlowTables<'a> {
+    pub nat: &'a mut HashMap<MapData, NatKey, NatEntry>,
+    pub inbound: &'a mut HashMap<MapData, NatKey, NatEntry>,
 }
 
 impl DatapathMaps {
+    /// Every flow record, the NAT table's then the inbound table's, as the programs wrote
+    /// them (`vcnpath nat`).
+    pub fn flows(&self) -> impl Iterator<Item = Result<(NatKey, NatEntry), MapError>> + '_ {
+        self.nat.iter().chain(self.inbound.iter())
+    }
+
+    /// The flow tables themselves, to plant or inspect records directly: a test handle, the
+    /// agent goes through [`Self::sync`] and the collector.
+    pub fn flow_tables(&mut self) -> FlowTables<'_> {
+        FlowTables {
+            nat: &mut self.nat,
+            inbound: &mut self.inbound,
+        }
+    }
+
     /// Takes the maps out of a freshly loaded object.
     pub(crate) fn take(ebpf: &mut aya::Ebpf) -> Result<Self, DatapathError> {
         Self::build(|name| {

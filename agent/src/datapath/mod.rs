@@ -25,6 +25,6 @@ pub use loader::{
     Datapath, LoadOptions, TC_HANDLE_RAW, TC_PRIORITY, attach_pinned_pod, detach_interface,
     remove_pins,
 };
-pub use maps::DatapathMaps;
+pub use maps::{DatapathMaps, FlowTables};
 pub use repair::{Observed, RepairReport, Role};
 pub use state::{DatapathState, SyncReport, vnic_entry};

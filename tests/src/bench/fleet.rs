@@ -75,7 +75,7 @@ impl Options {
             attach_ms: super::control::ATTACH_MS,
             tenancy_per_second: TENANCY_PER_SECOND,
             tenancy_burst: TENANCY_BURST,
-            deadline: Duration::from_mins(8),
+            deadline: Duration::from_mins(15),
             progress: true,
         }
     }

@@ -165,10 +165,12 @@ fn fill(maps: &mut DatapathMaps, entries: usize, proto: u8, last_seen_ns: u64) -
             last_seen_ns,
             ..entry(addr, port)
         };
-        maps.nat
+        maps.flow_tables()
+            .nat
             .insert(out, stamp(MASQ), 0)
             .context("filling the NAT table")?;
-        maps.nat
+        maps.flow_tables()
+            .nat
             .insert(back, stamp(pod), 0)
             .context("filling the NAT table")?;
     }

@@ -154,7 +154,11 @@ pub fn translating_pair(
         } else {
             key(dir, REMOTE, 443, ip, port)
         };
-        fx.datapath.maps.nat.insert(k, entry(to_ip, to_port), 0)?;
+        fx.datapath
+            .maps
+            .flow_tables()
+            .nat
+            .insert(k, entry(to_ip, to_port), 0)?;
     }
     Ok(())
 }

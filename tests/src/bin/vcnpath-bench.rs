@@ -11,7 +11,7 @@
 //! `compare` takes `--rounds R`, `--secs S` and `--pods 1,64,…` for quicker runs;
 //! `control` takes `--churn N` (pods created and deleted, 1000 by default); `fleet` takes
 //! `--nodes N`, `--pods N` (per node, 30 by default), `--modes ip,cidr` and
-//! `--deadline-secs S` (per mode, 480 by default).
+//! `--deadline-secs S` (per mode, 900 by default).
 
 use std::time::Duration;
 
