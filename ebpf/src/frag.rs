@@ -8,7 +8,7 @@
 //! stack sends a datagram's fragments in order; the internet may not, which loses such a
 //! datagram as any stateless translator does.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::programs::TcContext;
 use vcnpath_common::{
     Config, FRAG_F_INBOUND, FRAG_TIMEOUT_NS, FragEntry, FragKey, NAT_DIR_EGRESS, NAT_DIR_INGRESS,
     Reason,
@@ -17,6 +17,7 @@ use vcnpath_common::{
 use crate::{
     csum,
     decision::{Decision, Step},
+    helpers,
     maps::FRAGS,
     parse::{self, ETH_HLEN, IP_DST_OFF, IP_SRC_OFF, Ipv4},
     redirect,
@@ -40,8 +41,7 @@ pub fn note_first(ctx: &TcContext, ip: &Ipv4, dir: u8, addr: [u8; 4], flags: u8)
     }
     let key = key(ip, [id0, id1], dir);
     let entry = FragEntry {
-        // SAFETY: plain helper call.
-        created_ns: unsafe { bpf_ktime_get_ns() },
+        created_ns: helpers::now_ns(),
         addr,
         flags,
         pad: [0; 3],
@@ -80,10 +80,8 @@ pub fn ingress_later(ctx: &TcContext, ip: &Ipv4) -> Step<Decision> {
 #[inline(always)]
 fn first_of(ctx: &TcContext, ip: &Ipv4, dir: u8) -> Option<FragEntry> {
     let id = parse::load::<[u8; 2]>(ctx, IP_ID_OFF)?;
-    // SAFETY: plain-old-data value copied out immediately.
-    let first = unsafe { FRAGS.get(key(ip, id, dir)).copied() }?;
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let first = helpers::lru_copied(&FRAGS, &key(ip, id, dir))?;
+    let now = helpers::now_ns();
     (now.saturating_sub(first.created_ns) < FRAG_TIMEOUT_NS).then_some(first)
 }
 

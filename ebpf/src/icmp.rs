@@ -4,7 +4,7 @@
 //! port, and every checksum — so PMTU discovery and error reporting work for pods.
 
 use aya_ebpf::programs::TcContext;
-use vcnpath_common::{Config, NAT_F_INBOUND, Reason};
+use vcnpath_common::{Config, Reason};
 
 use crate::{
     csum,
@@ -86,8 +86,7 @@ pub fn ingress_error(ctx: &TcContext, config: &Config, ip: &Ipv4) -> Step<Decisi
     let Some(entry) = nat::lookup(&key) else {
         return Ok(Decision::pass(Reason::PassHost));
     };
-    // SAFETY: pointer from a lookup in this run.
-    let (pod_addr, pod_port) = unsafe { ((*entry).addr, (*entry).port) };
+    let (pod_addr, pod_port) = (entry.addr(), entry.port());
     rewrite(
         ctx,
         ip,
@@ -116,11 +115,9 @@ pub fn egress_error(ctx: &TcContext, config: &Config, ip: &Ipv4, owner: u32) -> 
         (q.dport, q.sport)
     };
     let key = nat::egress_key(q.proto, q.dst, q.src, pod_port, remote_port);
-    let entry = nat::lookup(&key);
-    // SAFETY: pointer from a lookup in this run.
-    let translated = entry.map(|e| unsafe { ((*e).flags, (*e).port) });
+    let translated = nat::lookup(&key).map(|e| (e.is_inbound(), e.port()));
     match translated {
-        Some((flags, nat_port)) if flags & NAT_F_INBOUND == 0 => {
+        Some((false, nat_port)) => {
             rewrite(
                 ctx,
                 ip,

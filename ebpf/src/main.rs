@@ -25,6 +25,8 @@ mod egress;
 #[cfg(target_arch = "bpf")]
 mod frag;
 #[cfg(target_arch = "bpf")]
+mod helpers;
+#[cfg(target_arch = "bpf")]
 mod hostsock;
 #[cfg(target_arch = "bpf")]
 mod icmp;

@@ -3,7 +3,6 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, bpf_redir_neigh},
-    helpers::{bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use vcnpath_common::{Config, MARK_REDIRECTED, Reason, VNIC_F_ROUTER_MAC, Vnic};
@@ -11,13 +10,11 @@ use vcnpath_common::{Config, MARK_REDIRECTED, Reason, VNIC_F_ROUTER_MAC, Vnic};
 use crate::{
     csum,
     decision::{Decision, Step},
-    maps,
+    helpers, maps,
     parse::{self, in_subnet},
 };
 
 const AF_INET: u32 = 2;
-#[expect(clippy::cast_possible_wrap, reason = "a 20-byte struct")]
-const SIZE_OF_REDIR_NEIGH: i32 = core::mem::size_of::<bpf_redir_neigh>() as i32;
 
 /// Leaves through `owner` if the kernel routed the packet elsewhere; otherwise passes it
 /// counted as `reason`.
@@ -61,8 +58,7 @@ pub fn to_vnic(ctx: &TcContext, vnic: &Vnic, dst: [u8; 4], reason: Reason) -> St
         // neighbour table.
         csum::store(ctx, 0, &vnic.router_mac)?;
         csum::store(ctx, 6, &vnic.mac)?;
-        // SAFETY: plain helper call.
-        let ret = unsafe { bpf_redirect(vnic.ifindex, 0) };
+        let ret = helpers::redirect(vnic.ifindex);
         return Ok(verdict(ret, reason));
     }
     let next_hop = if on_link { dst } else { vnic.router_ip };
@@ -72,8 +68,7 @@ pub fn to_vnic(ctx: &TcContext, vnic: &Vnic, dst: [u8; 4], reason: Reason) -> St
             ipv4_nh: u32::from_ne_bytes(next_hop),
         },
     };
-    // SAFETY: params lives on the stack for the duration of the call.
-    let ret = unsafe { bpf_redirect_neigh(vnic.ifindex, &raw mut params, SIZE_OF_REDIR_NEIGH, 0) };
+    let ret = helpers::redirect_neigh(vnic.ifindex, &mut params);
     Ok(verdict(ret, reason))
 }
 
@@ -91,8 +86,7 @@ pub fn take_redirect_mark(ctx: &TcContext) -> bool {
 
 #[inline(always)]
 fn mark(ctx: &TcContext) -> u32 {
-    // SAFETY: the context's skb pointer is valid for the whole program run.
-    unsafe { (*ctx.skb.skb).mark }
+    helpers::skb_mark(ctx)
 }
 
 #[inline(always)]
