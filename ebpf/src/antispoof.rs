@@ -16,7 +16,7 @@ use vcnpath_common::{ENDPOINT_F_IMDS, IMDS_ADDR, IMDS_PORT, Reason};
 
 use crate::{
     decision::{Decision, Step},
-    helpers, maps, parse,
+    helpers, maps, packet, parse,
 };
 
 const AF_INET: u8 = 2;
@@ -25,7 +25,7 @@ const AF_INET: u8 = 2;
 pub fn run(ctx: &TcContext) -> Step<Decision> {
     // Not IPv4 (ARP to the gateway, IPv6) passes: vcnpath routes and translates IPv4 only.
     let ip = parse::ipv4(ctx)?;
-    let ifindex = parse::ifindex(ctx);
+    let ifindex = packet::ifindex(ctx);
     if route_leaves_via(ctx, ip.src) != Some(ifindex) {
         return Ok(Decision::drop(Reason::DropSpoofed));
     }
@@ -59,7 +59,7 @@ fn may_reach_imds(ctx: &TcContext, header: &parse::Header, src: [u8; 4]) -> bool
 fn route_leaves_via(ctx: &TcContext, addr: [u8; 4]) -> Option<u32> {
     let mut params = helpers::fib_params();
     params.family = AF_INET;
-    params.ifindex = parse::ifindex(ctx);
+    params.ifindex = packet::ifindex(ctx);
     params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(addr);
     let rc = helpers::fib_lookup(ctx, &mut params);
     // The route is resolved (and `ifindex` set to its device) before the neighbour and

@@ -10,6 +10,7 @@ use crate::{
     decision::{Decision, Step},
     frag, icmp, maps, nat,
     nat::{NatSlot, Reply, Side},
+    packet,
     parse::{
         self, Header, IP_SRC_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, L4Head, Malformed,
     },
@@ -162,7 +163,7 @@ enum L4 {
 
 #[inline(always)]
 fn classify(ctx: &TcContext, hdr: &Header) -> L4 {
-    let Some(l4) = parse::load::<L4Head>(ctx, hdr.l4_off) else {
+    let Some(l4) = packet::load::<L4Head>(ctx, hdr.l4_off) else {
         return L4::Malformed(Malformed::Truncated);
     };
     let (seen, opens, tcp_doff) = match hdr.proto {

@@ -19,7 +19,8 @@ use crate::{
     decision::{Decision, Step},
     helpers,
     maps::FRAGS,
-    parse::{self, ETH_HLEN, IP_DST_OFF, IP_SRC_OFF, Ipv4},
+    packet,
+    parse::{ETH_HLEN, IP_DST_OFF, IP_SRC_OFF, Ipv4},
     redirect,
 };
 
@@ -33,7 +34,7 @@ const IP_MF: u8 = 0x20;
 /// the fragments that follow. A packet that is not fragmented is not recorded.
 #[inline(always)]
 pub fn note_first(ctx: &TcContext, ip: &Ipv4, dir: u8, addr: [u8; 4], flags: u8) {
-    let Some([id0, id1, frag_hi, _]) = parse::load::<[u8; 4]>(ctx, IP_ID_OFF) else {
+    let Some([id0, id1, frag_hi, _]) = packet::load::<[u8; 4]>(ctx, IP_ID_OFF) else {
         return;
     };
     if frag_hi & IP_MF == 0 {
@@ -79,7 +80,7 @@ pub fn ingress_later(ctx: &TcContext, ip: &Ipv4) -> Step<Decision> {
 /// What the first fragment of the datagram `ip` belongs to decided, while it holds.
 #[inline(always)]
 fn first_of(ctx: &TcContext, ip: &Ipv4, dir: u8) -> Option<FragEntry> {
-    let id = parse::load::<[u8; 2]>(ctx, IP_ID_OFF)?;
+    let id = packet::load::<[u8; 2]>(ctx, IP_ID_OFF)?;
     let first = helpers::lru_copied(&FRAGS, &key(ip, id, dir))?;
     let now = helpers::now_ns();
     (now.saturating_sub(first.created_ns) < FRAG_TIMEOUT_NS).then_some(first)

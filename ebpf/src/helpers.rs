@@ -1,6 +1,6 @@
 //! Safe wrappers for the kernel helpers and map-value pointers the programs use: the one
-//! place, besides the packet accesses (`parse`, `csum`) and the socket lookups
-//! (`hostsock`), where `unsafe` is written. Each wrapper is inlined, so the verifier sees
+//! place, besides the packet accesses (`packet`) and the socket lookups (`hostsock`),
+//! where `unsafe` is written. Each wrapper is inlined, so the verifier sees
 //! the same calls as before.
 
 use aya_ebpf::{
@@ -148,11 +148,4 @@ pub fn fib_params() -> bpf_fib_lookup {
 pub fn fib_lookup(ctx: &TcContext, params: &mut bpf_fib_lookup) -> i64 {
     // SAFETY: the helper reads and writes only `params`, sized by the third argument.
     unsafe { fib_lookup_helper(ctx.as_ptr(), params, FIB_PARAMS_LEN, 0) }
-}
-
-/// The skb's mark.
-#[inline(always)]
-pub fn skb_mark(ctx: &TcContext) -> u32 {
-    // SAFETY: the context's skb pointer is valid for the whole program run.
-    unsafe { (*ctx.skb.skb).mark }
 }

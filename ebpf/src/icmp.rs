@@ -9,7 +9,7 @@ use vcnpath_common::{Config, Reason};
 use crate::{
     csum,
     decision::{Decision, Step},
-    nat,
+    nat, packet,
     parse::{
         self, IP_DST_OFF, IP_SRC_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ipv4Hdr, L4Head,
     },
@@ -35,7 +35,7 @@ fn quoted(ctx: &TcContext, outer: &Ipv4) -> Option<Quoted> {
     if ip_off + core::mem::size_of::<Ipv4Hdr>() > outer.end {
         return None;
     }
-    let hdr = parse::load::<Ipv4Hdr>(ctx, ip_off)?;
+    let hdr = packet::load::<Ipv4Hdr>(ctx, ip_off)?;
     let ihl = (hdr.version_ihl & 0x0f) as usize;
     if ihl < 5 {
         return None;
@@ -45,7 +45,7 @@ fn quoted(ctx: &TcContext, outer: &Ipv4) -> Option<Quoted> {
         return None;
     }
     // RFC 792 guarantees 8 bytes of the quoted L4 header: enough for ports and ids.
-    let head = parse::load::<L4Head>(ctx, l4_off)?;
+    let head = packet::load::<L4Head>(ctx, l4_off)?;
     let (sport, dport) = match hdr.proto {
         IPPROTO_TCP | IPPROTO_UDP => (
             u16::from_be_bytes(head.port_or_id(hdr.proto)),
@@ -175,19 +175,19 @@ fn rewrite(
     // Quoted address and quoted IP checksum change together, so their sum — and with it
     // the ICMP checksum — is unchanged.
     let inner_addr_off = q.ip_off + if side == Side::Source { 12 } else { 16 };
-    csum::store(ctx, inner_addr_off, &new_addr)?;
+    packet::store(ctx, inner_addr_off, &new_addr)?;
     csum::fix4(ctx, q.ip_off + 10, old_addr, new_addr)?;
 
     // Quoted L4 checksum, when the quote is long enough to contain it (TCP's may not be).
     let inner_csum = q.l4_off + parse::csum_field(q.proto);
-    if let Some(old_csum) = parse::load::<[u8; 2]>(ctx, inner_csum)
+    if let Some(old_csum) = packet::load::<[u8; 2]>(ctx, inner_csum)
         && !(q.proto == IPPROTO_UDP && old_csum == [0, 0])
     {
         if q.proto != IPPROTO_ICMP {
             csum::fix4(ctx, inner_csum, old_addr, new_addr)?;
         }
         csum::fix2(ctx, inner_csum, old_port, new_port)?;
-        let Some(new_csum) = parse::load::<[u8; 2]>(ctx, inner_csum) else {
+        let Some(new_csum) = packet::load::<[u8; 2]>(ctx, inner_csum) else {
             return Err(Decision::drop(Reason::DropRewrite));
         };
         csum::fix2(ctx, icmp_csum, old_csum, new_csum)?;
@@ -195,6 +195,6 @@ fn rewrite(
 
     // Quoted port (or echo identifier).
     let inner_port_off = q.l4_off + parse::port_field(q.proto, side == Side::Source);
-    csum::store(ctx, inner_port_off, &new_port)?;
+    packet::store(ctx, inner_port_off, &new_port)?;
     csum::fix2(ctx, icmp_csum, old_port, new_port)
 }

@@ -1,9 +1,13 @@
-//! Bounds-checked packet access and the IPv4 header fields the programs use.
+//! The Ethernet, IPv4 and L4 header fields the programs use, and what makes a packet
+//! sound enough to act on. The bytes are read through `packet`.
 
 use aya_ebpf::programs::TcContext;
 use vcnpath_common::Reason;
 
-use crate::decision::{Decision, Step};
+use crate::{
+    decision::{Decision, Step},
+    packet::{self, load},
+};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -79,7 +83,7 @@ impl Header {
     #[inline(always)]
     pub fn bounded(self, ctx: &TcContext) -> Option<Ipv4> {
         let tot_len = load::<[u8; 2]>(ctx, IP_TOT_LEN_OFF)?;
-        let frame_ip_len = (ctx.len() as usize).saturating_sub(ETH_HLEN);
+        let frame_ip_len = packet::len(ctx).saturating_sub(ETH_HLEN);
         let mut tot_len = usize::from(u16::from_be_bytes(tot_len));
         if tot_len == 0 && frame_ip_len > usize::from(u16::MAX) {
             // BIG TCP: a GSO packet over 64 KiB carries total length 0 and the skb's
@@ -142,36 +146,6 @@ impl Malformed {
     }
 }
 
-/// Copies a `T` out of the packet at `off`, pulling non-linear data into the linear
-/// area first when the skb is long enough but its headers are paged.
-#[inline(always)]
-pub fn load<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
-    if let Some(value) = read::<T>(ctx, off) {
-        return Some(value);
-    }
-    let want = off + core::mem::size_of::<T>();
-    if (ctx.len() as usize) < want || ctx.pull_data(want as u32).is_err() {
-        return None;
-    }
-    // verifier: pull_data invalidated every packet pointer; read() re-derives them.
-    read::<T>(ctx, off)
-}
-
-#[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + off + core::mem::size_of::<T>() > end {
-        return None;
-    }
-    // SAFETY: bounds checked against data_end just above. The read is typed (not
-    // `read_unaligned`) so the compiler emits word loads instead of byte loads; packet
-    // data is only 2-byte aligned, which BPF on x86 (and every architecture with
-    // efficient unaligned access) permits: the verifier enforces strict alignment only
-    // where the hardware needs it.
-    Some(unsafe { core::ptr::read((start + off) as *const T) })
-}
-
 /// Parses Ethernet + IPv4. Non-IPv4 frames and truncated or invalid IPv4 headers end
 /// the program with a pass: they are not ours to judge and are never rewritten. The total
 /// length is judged later, by [`Header::bounded`], and only for packets that need it.
@@ -182,7 +156,7 @@ fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
 /// here too, a pod's packet would be redirected back to that interface, in a loop.
 #[inline(always)]
 pub fn ipv4(ctx: &TcContext) -> Step<Header> {
-    if vlan_tagged(ctx) {
+    if packet::vlan_tagged(ctx) {
         return Err(Decision::pass(Reason::PassNotIpv4));
     }
     let Some(ethertype) = load::<[u8; 2]>(ctx, 12) else {
@@ -340,20 +314,6 @@ pub const fn is_icmp_error(icmp_type: u8) -> bool {
 #[inline(always)]
 pub const fn is_icmp_echo(icmp_type: u8) -> bool {
     matches!(icmp_type, ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY)
-}
-
-/// Whether the skb carries an offloaded VLAN tag (`skb->vlan_present`).
-#[inline(always)]
-fn vlan_tagged(ctx: &TcContext) -> bool {
-    // SAFETY: the context pointer is valid for the whole program run.
-    unsafe { (*ctx.skb.skb).vlan_present != 0 }
-}
-
-/// Ingress interface index of the skb (for egress programs: the device it leaves).
-#[inline(always)]
-pub fn ifindex(ctx: &TcContext) -> u32 {
-    // SAFETY: the context pointer is valid for the whole program run.
-    unsafe { (*ctx.skb.skb).ifindex }
 }
 
 /// `true` when `addr` is inside `net/prefix_len`.

@@ -8,10 +8,9 @@ use aya_ebpf::{
 use vcnpath_common::{Config, MARK_REDIRECTED, Reason, VNIC_F_ROUTER_MAC, Vnic};
 
 use crate::{
-    csum,
     decision::{Decision, Step},
-    helpers, maps,
-    parse::{self, in_subnet},
+    helpers, maps, packet,
+    parse::in_subnet,
 };
 
 const AF_INET: u32 = 2;
@@ -20,7 +19,7 @@ const AF_INET: u32 = 2;
 /// counted as `reason`.
 #[inline(always)]
 pub fn via_owner(ctx: &TcContext, owner: u32, dst: [u8; 4], reason: Reason) -> Step<Decision> {
-    if parse::ifindex(ctx) == owner {
+    if packet::ifindex(ctx) == owner {
         return Ok(Decision::pass(reason));
     }
     let Some(vnic) = maps::vnic(owner) else {
@@ -37,7 +36,7 @@ pub fn via_masquerade(
     dst: [u8; 4],
     reason: Reason,
 ) -> Step<Decision> {
-    if parse::ifindex(ctx) == config.masq_ifindex {
+    if packet::ifindex(ctx) == config.masq_ifindex {
         return Ok(Decision::pass(reason));
     }
     let Some(vnic) = maps::vnic(config.masq_ifindex) else {
@@ -52,12 +51,11 @@ pub fn via_masquerade(
 pub fn to_vnic(ctx: &TcContext, vnic: &Vnic, dst: [u8; 4], reason: Reason) -> Step<Decision> {
     let on_link = in_subnet(dst, vnic.subnet_ip, vnic.subnet_prefix_len);
     // The target's egress program sees the packet again; it must not count it again.
-    ctx.set_mark(mark(ctx) | MARK_REDIRECTED);
+    packet::set_mark(ctx, packet::mark(ctx) | MARK_REDIRECTED);
     if !on_link && vnic.flags & VNIC_F_ROUTER_MAC != 0 {
         // Fast path: the router's MAC is known, so rewrite L2 here and skip the
         // neighbour table.
-        csum::store(ctx, 0, &vnic.router_mac)?;
-        csum::store(ctx, 6, &vnic.mac)?;
+        packet::store_macs(ctx, &vnic.router_mac, &vnic.mac)?;
         let ret = helpers::redirect(vnic.ifindex);
         return Ok(verdict(ret, reason));
     }
@@ -76,17 +74,12 @@ pub fn to_vnic(ctx: &TcContext, vnic: &Vnic, dst: [u8; 4], reason: Reason) -> St
 /// mark bit off so nothing after this program sees it.
 #[inline(always)]
 pub fn take_redirect_mark(ctx: &TcContext) -> bool {
-    let mark = mark(ctx);
+    let mark = packet::mark(ctx);
     if mark & MARK_REDIRECTED == 0 {
         return false;
     }
-    ctx.set_mark(mark & !MARK_REDIRECTED);
+    packet::set_mark(ctx, mark & !MARK_REDIRECTED);
     true
-}
-
-#[inline(always)]
-fn mark(ctx: &TcContext) -> u32 {
-    helpers::skb_mark(ctx)
 }
 
 #[inline(always)]
