@@ -15,6 +15,12 @@ use crate::{
     parse::{IP_CSUM_OFF, IPPROTO_ICMP, IPPROTO_UDP, csum_field},
 };
 
+/// The size of a rewritten field, in the low bits of the checksum helpers' flags
+/// (`BPF_F_HDR_FIELD_MASK`) and as their `size` argument.
+const ADDR_FIELD: u64 = 4;
+/// See [`ADDR_FIELD`].
+const PORT_FIELD: u64 = 2;
+
 #[inline(always)]
 fn raw4(addr: [u8; 4]) -> u64 {
     u64::from(u32::from_ne_bytes(addr))
@@ -48,7 +54,7 @@ pub fn set_addr(
 ) -> Step<()> {
     set_ip_addr(ctx, addr_off, old, new)?;
     if proto != IPPROTO_ICMP {
-        let flags = u64::from(BPF_F_PSEUDO_HDR) | l4_flags(proto) | 4;
+        let flags = u64::from(BPF_F_PSEUDO_HDR) | l4_flags(proto) | ADDR_FIELD;
         ctx.l4_csum_replace(l4_off + csum_field(proto), raw4(old), raw4(new), flags)
             .map_err(|_| REWRITE_FAILED)?;
     }
@@ -99,7 +105,7 @@ pub fn set_port(
         l4_off + csum_field(proto),
         raw2(old),
         raw2(new),
-        l4_flags(proto) | 2,
+        l4_flags(proto) | PORT_FIELD,
     )
     .map_err(|_| REWRITE_FAILED)
 }
@@ -108,13 +114,13 @@ pub fn set_port(
 /// change (no skb checksum-state handling: for checksums inside a payload).
 #[inline(always)]
 pub fn fix4(ctx: &TcContext, csum_off: usize, old: [u8; 4], new: [u8; 4]) -> Step<()> {
-    ctx.l3_csum_replace(csum_off, raw4(old), raw4(new), 4)
+    ctx.l3_csum_replace(csum_off, raw4(old), raw4(new), ADDR_FIELD)
         .map_err(|_| REWRITE_FAILED)
 }
 
 /// Same as [`fix4`] for a 2-byte field.
 #[inline(always)]
 pub fn fix2(ctx: &TcContext, csum_off: usize, old: [u8; 2], new: [u8; 2]) -> Step<()> {
-    ctx.l3_csum_replace(csum_off, raw2(old), raw2(new), 2)
+    ctx.l3_csum_replace(csum_off, raw2(old), raw2(new), PORT_FIELD)
         .map_err(|_| REWRITE_FAILED)
 }

@@ -11,7 +11,7 @@
 use aya_ebpf::programs::TcContext;
 use vcnpath_common::{
     Config, FRAG_F_INBOUND, FRAG_TIMEOUT_NS, FragEntry, FragKey, NAT_DIR_EGRESS, NAT_DIR_INGRESS,
-    Reason,
+    Reason, wire::IPV4_MF,
 };
 
 use crate::{
@@ -20,14 +20,9 @@ use crate::{
     helpers,
     maps::FRAGS,
     packet,
-    parse::{ETH_HLEN, IP_DST_OFF, IP_SRC_OFF, Ipv4},
+    parse::{IP_DST_OFF, IP_ID_OFF, IP_SRC_OFF, Ipv4},
     redirect,
 };
-
-/// Offset of the IPv4 identification, followed by the flags and fragment offset.
-const IP_ID_OFF: usize = ETH_HLEN + 4;
-/// "More fragments", in the first byte of the flags and fragment offset.
-const IP_MF: u8 = 0x20;
 
 /// After the first fragment of a datagram was handled (translated to or for `addr`, or
 /// passed as part of an inbound flow when `flags` has [`FRAG_F_INBOUND`]), keeps that for
@@ -37,7 +32,7 @@ pub fn note_first(ctx: &TcContext, ip: &Ipv4, dir: u8, addr: [u8; 4], flags: u8)
     let Some([id0, id1, frag_hi, _]) = packet::load::<[u8; 4]>(ctx, IP_ID_OFF) else {
         return;
     };
-    if frag_hi & IP_MF == 0 {
+    if frag_hi & IPV4_MF == 0 {
         return;
     }
     let key = key(ip, [id0, id1], dir);

@@ -4,7 +4,10 @@
 //! port, and every checksum — so PMTU discovery and error reporting work for pods.
 
 use aya_ebpf::programs::TcContext;
-use vcnpath_common::{Config, Reason};
+use vcnpath_common::{
+    Config, Reason,
+    wire::{ICMP_CSUM, ICMP_HLEN, IPV4_CSUM, IPV4_DST, IPV4_SRC},
+};
 
 use crate::{
     csum,
@@ -16,7 +19,7 @@ use crate::{
     redirect,
 };
 
-/// The packet quoted after the 8-byte ICMP header.
+/// The packet quoted after the ICMP header.
 struct Quoted {
     ip_off: usize,
     l4_off: usize,
@@ -31,16 +34,15 @@ struct Quoted {
 
 #[inline(always)]
 fn quoted(ctx: &TcContext, outer: &Ipv4) -> Option<Quoted> {
-    let ip_off = outer.l4_off + 8;
+    let ip_off = outer.l4_off + ICMP_HLEN;
     if ip_off + core::mem::size_of::<Ipv4Hdr>() > outer.end {
         return None;
     }
     let hdr = packet::load::<Ipv4Hdr>(ctx, ip_off)?;
-    let ihl = (hdr.version_ihl & 0x0f) as usize;
-    if ihl < 5 {
+    if !hdr.ihl_valid() {
         return None;
     }
-    let l4_off = ip_off + ihl * 4;
+    let l4_off = ip_off + hdr.len();
     if l4_off + core::mem::size_of::<L4Head>() > outer.end {
         return None;
     }
@@ -159,7 +161,7 @@ fn rewrite(
     old_port: u16,
     new_port: u16,
 ) -> Step<()> {
-    let icmp_csum = ip.l4_off + 2;
+    let icmp_csum = ip.l4_off + ICMP_CSUM;
     let (old_port, new_port) = (old_port.to_be_bytes(), new_port.to_be_bytes());
 
     // Outer address: only the IP checksum covers it (ICMP has no pseudo-header).
@@ -174,9 +176,14 @@ fn rewrite(
 
     // Quoted address and quoted IP checksum change together, so their sum — and with it
     // the ICMP checksum — is unchanged.
-    let inner_addr_off = q.ip_off + if side == Side::Source { 12 } else { 16 };
+    let inner_addr_off = q.ip_off
+        + if side == Side::Source {
+            IPV4_SRC
+        } else {
+            IPV4_DST
+        };
     packet::store(ctx, inner_addr_off, &new_addr)?;
-    csum::fix4(ctx, q.ip_off + 10, old_addr, new_addr)?;
+    csum::fix4(ctx, q.ip_off + IPV4_CSUM, old_addr, new_addr)?;
 
     // Quoted L4 checksum, when the quote is long enough to contain it (TCP's may not be).
     let inner_csum = q.l4_off + parse::csum_field(q.proto);

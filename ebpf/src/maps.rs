@@ -66,9 +66,12 @@ pub fn vnic(ifindex: u32) -> Option<Vnic> {
     helpers::hash_copied(&VNICS, ifindex)
 }
 
+/// The prefix length of a single address: a trie lookup finds the longest prefix holding it.
+const HOST_PREFIX_LEN: u32 = 32;
+
 /// Whether traffic to `addr` stays untranslated: inside the VCN or excluded by the user.
 #[inline(always)]
 pub fn is_nonmasq(addr: [u8; 4]) -> bool {
-    let key = Key::new(32, addr);
+    let key = Key::new(HOST_PREFIX_LEN, addr);
     VCN_CIDRS.get(&key).is_some() || NONMASQ_CIDRS.get(&key).is_some()
 }

@@ -11,6 +11,7 @@ use vcnpath_common::{
     Config, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_ANSWERED, NAT_F_INBOUND, NAT_PORT_TRIES,
     NAT_TOUCH_INTERVAL_NS, NatEntry, NatKey, Reason, TCP_SEEN_ACK, TCP_SEEN_FIN,
     TCP_SEEN_POD_SHIFT, TCP_SEEN_RST, TCP_SEEN_SYN, inbound_seen, tcp_closing,
+    wire::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 use aya_ebpf::programs::TcContext;
@@ -145,15 +146,15 @@ pub fn lookup(key: &NatKey) -> Option<NatSlot> {
 #[inline(always)]
 pub fn tcp_seen(tcp_flags: u8) -> u8 {
     let mut seen = 0;
-    if tcp_flags & 0x02 != 0 {
+    if tcp_flags & TCP_SYN != 0 {
         seen |= TCP_SEEN_SYN;
     } else {
         seen |= TCP_SEEN_ACK;
     }
-    if tcp_flags & 0x01 != 0 {
+    if tcp_flags & TCP_FIN != 0 {
         seen |= TCP_SEEN_FIN;
     }
-    if tcp_flags & 0x04 != 0 {
+    if tcp_flags & TCP_RST != 0 {
         seen |= TCP_SEEN_RST;
     }
     seen
@@ -162,7 +163,7 @@ pub fn tcp_seen(tcp_flags: u8) -> u8 {
 /// Whether a TCP flags byte opens a connection: SYN without ACK (nor FIN or RST).
 #[inline(always)]
 pub fn opens(tcp_flags: u8) -> bool {
-    tcp_flags & 0x17 == 0x02
+    tcp_flags & (TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST) == TCP_SYN
 }
 
 /// Which end of an inbound record (rule 4) a packet comes from.

@@ -4,7 +4,10 @@
 //! checksums right when they change is `csum`'s.
 
 use aya_ebpf::programs::TcContext;
-use vcnpath_common::Reason;
+use vcnpath_common::{
+    Reason,
+    wire::{ETH_DST, ETH_SRC},
+};
 
 use crate::decision::{Decision, Step};
 
@@ -65,8 +68,8 @@ pub fn store<T: Copy>(ctx: &TcContext, off: usize, value: &T) -> Step<()> {
 /// Rewrites the Ethernet destination and source addresses.
 #[inline(always)]
 pub fn store_macs(ctx: &TcContext, dst: &[u8; 6], src: &[u8; 6]) -> Step<()> {
-    store(ctx, 0, dst)?;
-    store(ctx, 6, src)
+    store(ctx, ETH_DST, dst)?;
+    store(ctx, ETH_SRC, src)
 }
 
 /// Whether the skb carries an offloaded VLAN tag (`skb->vlan_present`).
