@@ -59,7 +59,7 @@ pub fn lru_copied<K, V: Copy, const M: usize, const F: usize>(
 #[inline(always)]
 pub fn hash_copied<K, V: Copy, const M: usize, const F: usize>(
     map: &HashMap<K, V, M, F>,
-    key: K,
+    key: &K,
 ) -> Option<V> {
     // SAFETY: plain-old-data value copied out immediately.
     unsafe { map.get(key).copied() }

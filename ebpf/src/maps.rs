@@ -57,13 +57,13 @@ pub fn config() -> Option<Config> {
 /// The owner of an address on this node, if it is one of ours.
 #[inline(always)]
 pub fn endpoint(addr: [u8; 4]) -> Option<Endpoint> {
-    helpers::hash_copied(&ENDPOINTS, EndpointKey { addr })
+    helpers::hash_copied(&ENDPOINTS, &EndpointKey { addr })
 }
 
 /// The managed interface with this index.
 #[inline(always)]
 pub fn vnic(ifindex: u32) -> Option<Vnic> {
-    helpers::hash_copied(&VNICS, ifindex)
+    helpers::hash_copied(&VNICS, &ifindex)
 }
 
 /// The prefix length of a single address: a trie lookup finds the longest prefix holding it.
