@@ -51,8 +51,7 @@ pub fn lru_copied<K, V: Copy, const M: usize, const F: usize>(
     map: &LruHashMap<K, V, M, F>,
     key: &K,
 ) -> Option<V> {
-    // SAFETY: plain-old-data value copied out immediately.
-    unsafe { map.get(key).copied() }
+    lru_value(map, key).map(|value| *value.get())
 }
 
 /// A copy of the value under `key` in a hash map.
