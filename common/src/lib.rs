@@ -8,6 +8,7 @@
 
 pub mod maps;
 pub mod reason;
+pub mod wire;
 
 pub use maps::*;
 pub use reason::{REASON_COUNT, Reason};

@@ -9,35 +9,23 @@
 //! [`ENDPOINT_F_IMDS`]: IMDS serves the node's instance-principal credentials to whoever asks.
 
 use aya_ebpf::{
-    EbpfContext as _,
-    bindings::{
-        BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        bpf_fib_lookup,
-    },
-    helpers::bpf_fib_lookup as fib_lookup,
+    bindings::{BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
     programs::TcContext,
 };
 use vcnpath_common::{ENDPOINT_F_IMDS, IMDS_ADDR, IMDS_PORT, Reason};
 
 use crate::{
     decision::{Decision, Step},
-    maps, parse,
+    helpers, maps, packet, parse,
 };
 
 const AF_INET: u8 = 2;
-/// The size the helper is told `params` has.
-#[expect(
-    clippy::cast_possible_wrap,
-    clippy::cast_possible_truncation,
-    reason = "the struct is 64 bytes"
-)]
-const PARAMS_LEN: i32 = core::mem::size_of::<bpf_fib_lookup>() as i32;
 
 #[inline(always)]
 pub fn run(ctx: &TcContext) -> Step<Decision> {
     // Not IPv4 (ARP to the gateway, IPv6) passes: vcnpath routes and translates IPv4 only.
     let ip = parse::ipv4(ctx)?;
-    let ifindex = parse::ifindex(ctx);
+    let ifindex = packet::ifindex(ctx);
     if route_leaves_via(ctx, ip.src) != Some(ifindex) {
         return Ok(Decision::drop(Reason::DropSpoofed));
     }
@@ -69,13 +57,11 @@ fn may_reach_imds(ctx: &TcContext, header: &parse::Header, src: [u8; 4]) -> bool
 /// The interface the node's route to `addr` leaves through, if it has a unicast route.
 #[inline(always)]
 fn route_leaves_via(ctx: &TcContext, addr: [u8; 4]) -> Option<u32> {
-    // SAFETY: an all-zero bpf_fib_lookup is valid (plain integers and unions of them).
-    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    let mut params = helpers::fib_params();
     params.family = AF_INET;
-    params.ifindex = parse::ifindex(ctx);
+    params.ifindex = packet::ifindex(ctx);
     params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(addr);
-    // SAFETY: the helper reads and writes only `params`, sized by the third argument.
-    let rc = unsafe { fib_lookup(ctx.as_ptr(), &raw mut params, PARAMS_LEN, 0) };
+    let rc = helpers::fib_lookup(ctx, &mut params);
     // The route is resolved (and `ifindex` set to its device) before the neighbour and
     // MTU checks; a missing neighbour or a large packet says nothing about the source.
     let found = u32::try_from(rc).is_ok_and(|rc| {

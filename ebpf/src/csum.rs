@@ -8,14 +8,18 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use vcnpath_common::Reason;
 
 use crate::{
-    decision::{Decision, Step},
+    decision::Step,
+    packet::{self, REWRITE_FAILED, store},
     parse::{IP_CSUM_OFF, IPPROTO_ICMP, IPPROTO_UDP, csum_field},
 };
 
-const REWRITE_FAILED: Decision = Decision::drop(Reason::DropRewrite);
+/// The size of a rewritten field, in the low bits of the checksum helpers' flags
+/// (`BPF_F_HDR_FIELD_MASK`) and as their `size` argument.
+const ADDR_FIELD: u64 = 4;
+/// See [`ADDR_FIELD`].
+const PORT_FIELD: u64 = 2;
 
 #[inline(always)]
 fn raw4(addr: [u8; 4]) -> u64 {
@@ -50,7 +54,7 @@ pub fn set_addr(
 ) -> Step<()> {
     set_ip_addr(ctx, addr_off, old, new)?;
     if proto != IPPROTO_ICMP {
-        let flags = u64::from(BPF_F_PSEUDO_HDR) | l4_flags(proto) | 4;
+        let flags = u64::from(BPF_F_PSEUDO_HDR) | l4_flags(proto) | ADDR_FIELD;
         ctx.l4_csum_replace(l4_off + csum_field(proto), raw4(old), raw4(new), flags)
             .map_err(|_| REWRITE_FAILED)?;
     }
@@ -71,7 +75,7 @@ pub fn set_ip_addr(ctx: &TcContext, addr_off: usize, old: [u8; 4], new: [u8; 4])
 /// helper (and its call) is needed.
 #[inline(always)]
 fn ip_csum_update(ctx: &TcContext, old: [u8; 4], new: [u8; 4]) -> Step<()> {
-    let Some(current) = crate::parse::load::<[u8; 2]>(ctx, IP_CSUM_OFF) else {
+    let Some(current) = packet::load::<[u8; 2]>(ctx, IP_CSUM_OFF) else {
         return Err(REWRITE_FAILED);
     };
     let word = |b: [u8; 4], i: usize| u32::from(u16::from_be_bytes([b[i], b[i + 1]]));
@@ -101,7 +105,7 @@ pub fn set_port(
         l4_off + csum_field(proto),
         raw2(old),
         raw2(new),
-        l4_flags(proto) | 2,
+        l4_flags(proto) | PORT_FIELD,
     )
     .map_err(|_| REWRITE_FAILED)
 }
@@ -110,27 +114,13 @@ pub fn set_port(
 /// change (no skb checksum-state handling: for checksums inside a payload).
 #[inline(always)]
 pub fn fix4(ctx: &TcContext, csum_off: usize, old: [u8; 4], new: [u8; 4]) -> Step<()> {
-    ctx.l3_csum_replace(csum_off, raw4(old), raw4(new), 4)
+    ctx.l3_csum_replace(csum_off, raw4(old), raw4(new), ADDR_FIELD)
         .map_err(|_| REWRITE_FAILED)
 }
 
 /// Same as [`fix4`] for a 2-byte field.
 #[inline(always)]
 pub fn fix2(ctx: &TcContext, csum_off: usize, old: [u8; 2], new: [u8; 2]) -> Step<()> {
-    ctx.l3_csum_replace(csum_off, raw2(old), raw2(new), 2)
+    ctx.l3_csum_replace(csum_off, raw2(old), raw2(new), PORT_FIELD)
         .map_err(|_| REWRITE_FAILED)
-}
-
-/// Writes `value` into the packet with direct packet access (no helper call: the
-/// verifier's TC prologue already made the head writable). Pointers are re-derived on
-/// every call because the checksum helpers invalidate them.
-#[inline(always)]
-pub fn store<T: Copy>(ctx: &TcContext, off: usize, value: &T) -> Step<()> {
-    let start = ctx.data();
-    if start + off + core::mem::size_of::<T>() > ctx.data_end() {
-        return Err(REWRITE_FAILED);
-    }
-    // SAFETY: bounds checked against data_end just above.
-    unsafe { core::ptr::write_unaligned((start + off) as *mut T, *value) };
-    Ok(())
 }

@@ -3,15 +3,14 @@
 //! pass untouched (rule 5).
 
 use aya_ebpf::programs::TcContext;
-use vcnpath_common::{
-    ENDPOINT_KIND_POD, FRAG_F_INBOUND, NAT_DIR_EGRESS, NAT_F_INBOUND, NatKey, Reason,
-};
+use vcnpath_common::{ENDPOINT_KIND_POD, FRAG_F_INBOUND, NAT_DIR_EGRESS, NatKey, Reason};
 
 use crate::{
     csum,
     decision::{Decision, Step},
     frag, icmp, maps, nat,
-    nat::{Reply, Side},
+    nat::{NatSlot, Reply, Side},
+    packet,
     parse::{
         self, Header, IP_SRC_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, L4Head, Malformed,
     },
@@ -47,22 +46,21 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
         opens,
         ..
     } = &l4
-        && let Some(entry) = nat::lookup(key)
+        && let Some(mut entry) = nat::lookup(key)
     {
         // A malformed packet neither rides nor changes the flow its ports name.
         let Some(ip) = hdr.bounded(ctx) else {
             return Ok(Decision::drop(Reason::DropBadLength));
         };
         sound(&ip, &l4)?;
-        // SAFETY: pointer from a lookup in this run.
-        let (flags, addr, port) = unsafe { ((*entry).flags, (*entry).addr, (*entry).port) };
-        if flags & NAT_F_INBOUND != 0 {
+        let (addr, port) = (entry.addr(), entry.port());
+        if entry.is_inbound() {
             // A record an earlier release kept in `nat`: honoured until it expires.
-            return answer_inbound(ctx, &ip, entry, (*seen, *opens), owner.ifindex);
+            return answer_inbound(ctx, &ip, &mut entry, (*seen, *opens), owner.ifindex);
         }
         // A new connection on the tuple of a closed one starts with a clean state.
-        let reopened = *opens && nat::reopen_if_closing(key, entry, addr, port);
-        let due = nat::touch(entry, *seen);
+        let reopened = *opens && nat::reopen_if_closing(key, &mut entry, addr, port);
+        let due = entry.touch(*seen);
         // About once a second, not per packet: the flow's reply entry must still be its
         // own (a full table's LRU may have evicted it and another flow taken the port).
         let reply = due.map_or(Reply::Ours, |now| nat::reply_of(key, addr, port, now));
@@ -112,8 +110,8 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
     };
     // Looked up only for a flow not in `nat`: records exist only for sources outside the
     // VCN, so traffic that stays inside it never pays for this lookup.
-    if let Some(record) = nat::inbound(&key) {
-        return answer_inbound(ctx, &ip, record, (seen, opens), owner.ifindex);
+    if let Some(mut record) = nat::inbound(&key) {
+        return answer_inbound(ctx, &ip, &mut record, (seen, opens), owner.ifindex);
     }
     let (addr, port, reason) = (
         config.masq_ip,
@@ -131,7 +129,7 @@ pub fn run(ctx: &TcContext) -> Step<Decision> {
 fn answer_inbound(
     ctx: &TcContext,
     ip: &Ipv4,
-    record: *mut vcnpath_common::NatEntry,
+    record: &mut NatSlot,
     (seen, opens): (u8, bool),
     owner: u32,
 ) -> Step<Decision> {
@@ -165,7 +163,7 @@ enum L4 {
 
 #[inline(always)]
 fn classify(ctx: &TcContext, hdr: &Header) -> L4 {
-    let Some(l4) = parse::load::<L4Head>(ctx, hdr.l4_off) else {
+    let Some(l4) = packet::load::<L4Head>(ctx, hdr.l4_off) else {
         return L4::Malformed(Malformed::Truncated);
     };
     let (seen, opens, tcp_doff) = match hdr.proto {

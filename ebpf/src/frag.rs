@@ -8,40 +8,36 @@
 //! stack sends a datagram's fragments in order; the internet may not, which loses such a
 //! datagram as any stateless translator does.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::programs::TcContext;
 use vcnpath_common::{
     Config, FRAG_F_INBOUND, FRAG_TIMEOUT_NS, FragEntry, FragKey, NAT_DIR_EGRESS, NAT_DIR_INGRESS,
-    Reason,
+    Reason, wire::IPV4_MF,
 };
 
 use crate::{
     csum,
     decision::{Decision, Step},
+    helpers,
     maps::FRAGS,
-    parse::{self, ETH_HLEN, IP_DST_OFF, IP_SRC_OFF, Ipv4},
+    packet,
+    parse::{IP_DST_OFF, IP_ID_OFF, IP_SRC_OFF, Ipv4},
     redirect,
 };
-
-/// Offset of the IPv4 identification, followed by the flags and fragment offset.
-const IP_ID_OFF: usize = ETH_HLEN + 4;
-/// "More fragments", in the first byte of the flags and fragment offset.
-const IP_MF: u8 = 0x20;
 
 /// After the first fragment of a datagram was handled (translated to or for `addr`, or
 /// passed as part of an inbound flow when `flags` has [`FRAG_F_INBOUND`]), keeps that for
 /// the fragments that follow. A packet that is not fragmented is not recorded.
 #[inline(always)]
 pub fn note_first(ctx: &TcContext, ip: &Ipv4, dir: u8, addr: [u8; 4], flags: u8) {
-    let Some([id0, id1, frag_hi, _]) = parse::load::<[u8; 4]>(ctx, IP_ID_OFF) else {
+    let Some([id0, id1, frag_hi, _]) = packet::load::<[u8; 4]>(ctx, IP_ID_OFF) else {
         return;
     };
-    if frag_hi & IP_MF == 0 {
+    if frag_hi & IPV4_MF == 0 {
         return;
     }
     let key = key(ip, [id0, id1], dir);
     let entry = FragEntry {
-        // SAFETY: plain helper call.
-        created_ns: unsafe { bpf_ktime_get_ns() },
+        created_ns: helpers::now_ns(),
         addr,
         flags,
         pad: [0; 3],
@@ -79,11 +75,9 @@ pub fn ingress_later(ctx: &TcContext, ip: &Ipv4) -> Step<Decision> {
 /// What the first fragment of the datagram `ip` belongs to decided, while it holds.
 #[inline(always)]
 fn first_of(ctx: &TcContext, ip: &Ipv4, dir: u8) -> Option<FragEntry> {
-    let id = parse::load::<[u8; 2]>(ctx, IP_ID_OFF)?;
-    // SAFETY: plain-old-data value copied out immediately.
-    let first = unsafe { FRAGS.get(key(ip, id, dir)).copied() }?;
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let id = packet::load::<[u8; 2]>(ctx, IP_ID_OFF)?;
+    let first = helpers::lru_copied(&FRAGS, &key(ip, id, dir))?;
+    let now = helpers::now_ns();
     (now.saturating_sub(first.created_ns) < FRAG_TIMEOUT_NS).then_some(first)
 }
 

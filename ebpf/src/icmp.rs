@@ -4,19 +4,22 @@
 //! port, and every checksum — so PMTU discovery and error reporting work for pods.
 
 use aya_ebpf::programs::TcContext;
-use vcnpath_common::{Config, NAT_F_INBOUND, Reason};
+use vcnpath_common::{
+    Config, Reason,
+    wire::{ICMP_CSUM, ICMP_HLEN, IPV4_CSUM, IPV4_DST, IPV4_SRC},
+};
 
 use crate::{
     csum,
     decision::{Decision, Step},
-    nat,
+    nat, packet,
     parse::{
         self, IP_DST_OFF, IP_SRC_OFF, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4, Ipv4Hdr, L4Head,
     },
     redirect,
 };
 
-/// The packet quoted after the 8-byte ICMP header.
+/// The packet quoted after the ICMP header.
 struct Quoted {
     ip_off: usize,
     l4_off: usize,
@@ -31,21 +34,20 @@ struct Quoted {
 
 #[inline(always)]
 fn quoted(ctx: &TcContext, outer: &Ipv4) -> Option<Quoted> {
-    let ip_off = outer.l4_off + 8;
+    let ip_off = outer.l4_off + ICMP_HLEN;
     if ip_off + core::mem::size_of::<Ipv4Hdr>() > outer.end {
         return None;
     }
-    let hdr = parse::load::<Ipv4Hdr>(ctx, ip_off)?;
-    let ihl = (hdr.version_ihl & 0x0f) as usize;
-    if ihl < 5 {
+    let hdr = packet::load::<Ipv4Hdr>(ctx, ip_off)?;
+    if !hdr.ihl_valid() {
         return None;
     }
-    let l4_off = ip_off + ihl * 4;
+    let l4_off = ip_off + hdr.len();
     if l4_off + core::mem::size_of::<L4Head>() > outer.end {
         return None;
     }
     // RFC 792 guarantees 8 bytes of the quoted L4 header: enough for ports and ids.
-    let head = parse::load::<L4Head>(ctx, l4_off)?;
+    let head = packet::load::<L4Head>(ctx, l4_off)?;
     let (sport, dport) = match hdr.proto {
         IPPROTO_TCP | IPPROTO_UDP => (
             u16::from_be_bytes(head.port_or_id(hdr.proto)),
@@ -86,8 +88,7 @@ pub fn ingress_error(ctx: &TcContext, config: &Config, ip: &Ipv4) -> Step<Decisi
     let Some(entry) = nat::lookup(&key) else {
         return Ok(Decision::pass(Reason::PassHost));
     };
-    // SAFETY: pointer from a lookup in this run.
-    let (pod_addr, pod_port) = unsafe { ((*entry).addr, (*entry).port) };
+    let (pod_addr, pod_port) = (entry.addr(), entry.port());
     rewrite(
         ctx,
         ip,
@@ -116,11 +117,9 @@ pub fn egress_error(ctx: &TcContext, config: &Config, ip: &Ipv4, owner: u32) -> 
         (q.dport, q.sport)
     };
     let key = nat::egress_key(q.proto, q.dst, q.src, pod_port, remote_port);
-    let entry = nat::lookup(&key);
-    // SAFETY: pointer from a lookup in this run.
-    let translated = entry.map(|e| unsafe { ((*e).flags, (*e).port) });
+    let translated = nat::lookup(&key).map(|e| (e.is_inbound(), e.port()));
     match translated {
-        Some((flags, nat_port)) if flags & NAT_F_INBOUND == 0 => {
+        Some((false, nat_port)) => {
             rewrite(
                 ctx,
                 ip,
@@ -162,7 +161,7 @@ fn rewrite(
     old_port: u16,
     new_port: u16,
 ) -> Step<()> {
-    let icmp_csum = ip.l4_off + 2;
+    let icmp_csum = ip.l4_off + ICMP_CSUM;
     let (old_port, new_port) = (old_port.to_be_bytes(), new_port.to_be_bytes());
 
     // Outer address: only the IP checksum covers it (ICMP has no pseudo-header).
@@ -177,20 +176,25 @@ fn rewrite(
 
     // Quoted address and quoted IP checksum change together, so their sum — and with it
     // the ICMP checksum — is unchanged.
-    let inner_addr_off = q.ip_off + if side == Side::Source { 12 } else { 16 };
-    csum::store(ctx, inner_addr_off, &new_addr)?;
-    csum::fix4(ctx, q.ip_off + 10, old_addr, new_addr)?;
+    let inner_addr_off = q.ip_off
+        + if side == Side::Source {
+            IPV4_SRC
+        } else {
+            IPV4_DST
+        };
+    packet::store(ctx, inner_addr_off, &new_addr)?;
+    csum::fix4(ctx, q.ip_off + IPV4_CSUM, old_addr, new_addr)?;
 
     // Quoted L4 checksum, when the quote is long enough to contain it (TCP's may not be).
     let inner_csum = q.l4_off + parse::csum_field(q.proto);
-    if let Some(old_csum) = parse::load::<[u8; 2]>(ctx, inner_csum)
+    if let Some(old_csum) = packet::load::<[u8; 2]>(ctx, inner_csum)
         && !(q.proto == IPPROTO_UDP && old_csum == [0, 0])
     {
         if q.proto != IPPROTO_ICMP {
             csum::fix4(ctx, inner_csum, old_addr, new_addr)?;
         }
         csum::fix2(ctx, inner_csum, old_port, new_port)?;
-        let Some(new_csum) = parse::load::<[u8; 2]>(ctx, inner_csum) else {
+        let Some(new_csum) = packet::load::<[u8; 2]>(ctx, inner_csum) else {
             return Err(Decision::drop(Reason::DropRewrite));
         };
         csum::fix2(ctx, icmp_csum, old_csum, new_csum)?;
@@ -198,6 +202,6 @@ fn rewrite(
 
     // Quoted port (or echo identifier).
     let inner_port_off = q.l4_off + parse::port_field(q.proto, side == Side::Source);
-    csum::store(ctx, inner_port_off, &new_port)?;
+    packet::store(ctx, inner_port_off, &new_port)?;
     csum::fix2(ctx, icmp_csum, old_port, new_port)
 }

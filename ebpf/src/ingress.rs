@@ -2,15 +2,15 @@
 //! flows opened from outside the VCN towards a pod address are recorded so the pod's
 //! answers leave untranslated through its VNIC (rule 4).
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::{bindings::BPF_NOEXIST, programs::TcContext};
 use vcnpath_common::{Config, ENDPOINT_KIND_POD, NAT_DIR_INGRESS, NAT_F_INBOUND, NatEntry, Reason};
 
 use crate::{
     csum,
     decision::{Decision, Step},
-    frag, icmp,
+    frag, helpers, icmp,
     maps::{self, INBOUND},
-    nat::{self, Side},
+    nat::{self, NatSlot, Side},
     parse::{
         self, Header, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IP_DST_OFF, IPPROTO_ICMP, IPPROTO_TCP,
         IPPROTO_UDP, Ipv4,
@@ -63,12 +63,11 @@ fn reverse(ctx: &TcContext, config: &Config, ip: &Ipv4) -> Step<Decision> {
         _ => return Ok(Decision::pass(Reason::PassHost)),
     };
     let key = nat::ingress_key(ip.proto, ip.src, ip.dst, sport, dport);
-    let Some(entry) = nat::lookup(&key) else {
+    let Some(mut entry) = nat::lookup(&key) else {
         return Ok(Decision::pass(Reason::PassHost));
     };
-    nat::touch(entry, seen);
-    // SAFETY: pointer from a lookup in this run.
-    let (pod_addr, pod_port) = unsafe { ((*entry).addr, (*entry).port) };
+    entry.touch(seen);
+    let (pod_addr, pod_port) = (entry.addr(), entry.port());
     csum::set_port(
         ctx,
         ip.l4_off + parse::port_field(ip.proto, false),
@@ -123,30 +122,28 @@ fn inbound(ctx: &TcContext, hdr: &Header) -> Decision {
         _ => return Decision::pass(Reason::PassInboundUnrecorded),
     };
     let key = nat::egress_key(ip.proto, ip.dst, ip.src, pod_port, remote_port);
-    let on_record = |record| {
+    let on_record = |record: &mut NatSlot| {
         if nat::touch_inbound(record, seen, opens, Side::Outside) {
             Reason::InboundNew
         } else {
             Reason::PassInboundToPod
         }
     };
-    let reason = if let Some(record) = nat::inbound(&key) {
-        on_record(record)
-    } else if let Some(entry) = nat::lookup(&key) {
-        // SAFETY: pointer from a lookup in this run.
-        if unsafe { (*entry).flags } & NAT_F_INBOUND != 0 {
+    let reason = if let Some(mut record) = nat::inbound(&key) {
+        on_record(&mut record)
+    } else if let Some(mut entry) = nat::lookup(&key) {
+        if entry.is_inbound() {
             // A record an earlier release kept in `nat`: honoured until it expires.
-            on_record(entry)
+            on_record(&mut entry)
         } else {
-            nat::touch(entry, seen);
+            entry.touch(seen);
             Reason::PassInboundToPod
         }
     } else if ip.proto != IPPROTO_TCP || opens {
         // Only what opens a flow records one: a TCP segment without SYN (a spoofed ACK
         // flood, a stray packet of a flow long gone) passes to the pod, which answers a
         // connection it does not know with a RST, but takes no place in the table.
-        // SAFETY: plain helper call.
-        let now = unsafe { bpf_ktime_get_ns() };
+        let now = helpers::now_ns();
         let entry = NatEntry {
             last_seen_ns: now,
             addr: ip.dst,

@@ -25,6 +25,8 @@ mod egress;
 #[cfg(target_arch = "bpf")]
 mod frag;
 #[cfg(target_arch = "bpf")]
+mod helpers;
+#[cfg(target_arch = "bpf")]
 mod hostsock;
 #[cfg(target_arch = "bpf")]
 mod icmp;
@@ -34,6 +36,8 @@ mod ingress;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod nat;
+#[cfg(target_arch = "bpf")]
+mod packet;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]

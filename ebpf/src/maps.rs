@@ -10,6 +10,8 @@ use vcnpath_common::{
     VNICS_MAX, Vnic,
 };
 
+use crate::helpers;
+
 #[btf_map(name = "vnics")]
 static VNICS: HashMap<u32, Vnic, { VNICS_MAX as usize }> = HashMap::new();
 
@@ -40,9 +42,8 @@ static STATS: PerCpuArray<u64, { REASON_COUNT as usize }> = PerCpuArray::new();
 /// Adds one to the counter of `reason` (per CPU, so no atomics).
 #[inline(always)]
 pub fn count(reason: Reason) {
-    if let Some(counter) = STATS.get_ptr_mut(reason as u32) {
-        // SAFETY: per-CPU slot, only this program on this CPU writes it right now.
-        unsafe { *counter += 1 };
+    if let Some(mut counter) = helpers::per_cpu_value(&STATS, reason as u32) {
+        *counter.get_mut() += 1;
     }
 }
 
@@ -56,20 +57,21 @@ pub fn config() -> Option<Config> {
 /// The owner of an address on this node, if it is one of ours.
 #[inline(always)]
 pub fn endpoint(addr: [u8; 4]) -> Option<Endpoint> {
-    // SAFETY: plain-old-data value copied out immediately.
-    unsafe { ENDPOINTS.get(EndpointKey { addr }).copied() }
+    helpers::hash_copied(&ENDPOINTS, &EndpointKey { addr })
 }
 
 /// The managed interface with this index.
 #[inline(always)]
 pub fn vnic(ifindex: u32) -> Option<Vnic> {
-    // SAFETY: plain-old-data value copied out immediately.
-    unsafe { VNICS.get(ifindex).copied() }
+    helpers::hash_copied(&VNICS, &ifindex)
 }
+
+/// The prefix length of a single address: a trie lookup finds the longest prefix holding it.
+const HOST_PREFIX_LEN: u32 = 32;
 
 /// Whether traffic to `addr` stays untranslated: inside the VCN or excluded by the user.
 #[inline(always)]
 pub fn is_nonmasq(addr: [u8; 4]) -> bool {
-    let key = Key::new(32, addr);
+    let key = Key::new(HOST_PREFIX_LEN, addr);
     VCN_CIDRS.get(&key).is_some() || NONMASQ_CIDRS.get(&key).is_some()
 }

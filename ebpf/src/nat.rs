@@ -6,20 +6,19 @@
 //! The ingress entry is claimed first with `BPF_NOEXIST`, so two flows can never share
 //! one translated 5-tuple, even when two CPUs race.
 
-use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
-};
+use aya_ebpf::bindings::BPF_NOEXIST;
 use vcnpath_common::{
-    Config, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_ANSWERED, NAT_PORT_TRIES, NAT_TOUCH_INTERVAL_NS,
-    NatEntry, NatKey, Reason, TCP_SEEN_ACK, TCP_SEEN_FIN, TCP_SEEN_POD_SHIFT, TCP_SEEN_RST,
-    TCP_SEEN_SYN, inbound_seen, tcp_closing,
+    Config, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_ANSWERED, NAT_F_INBOUND, NAT_PORT_TRIES,
+    NAT_TOUCH_INTERVAL_NS, NatEntry, NatKey, Reason, TCP_SEEN_ACK, TCP_SEEN_FIN,
+    TCP_SEEN_POD_SHIFT, TCP_SEEN_RST, TCP_SEEN_SYN, inbound_seen, tcp_closing,
+    wire::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 use aya_ebpf::programs::TcContext;
 
 use crate::{
     decision::{Decision, Step},
+    helpers::{self, MapValue, coarse_now_ns},
     hostsock,
     maps::{INBOUND, NAT},
     parse::IPPROTO_ICMP,
@@ -53,25 +52,109 @@ pub fn ingress_key(proto: u8, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16
     }
 }
 
-/// A live pointer into the map; valid for this program run.
+/// An entry of `nat` or `inbound`, found by a lookup in this program run: what the
+/// programs read of it and the updates they make, without touching the pointer.
+pub struct NatSlot(MapValue<NatEntry>);
+
+impl NatSlot {
+    /// `NAT_F_*` bits.
+    #[inline(always)]
+    pub fn flags(&self) -> u8 {
+        self.0.get().flags
+    }
+
+    /// Whether it is a record of a flow opened from outside (`NAT_F_INBOUND`).
+    #[inline(always)]
+    pub fn is_inbound(&self) -> bool {
+        self.flags() & NAT_F_INBOUND != 0
+    }
+
+    /// The address translated to (masquerade address, or the pod's for a reply entry).
+    #[inline(always)]
+    pub fn addr(&self) -> [u8; 4] {
+        self.0.get().addr
+    }
+
+    /// The port translated to (host order).
+    #[inline(always)]
+    pub fn port(&self) -> u16 {
+        self.0.get().port
+    }
+
+    /// The `TCP_SEEN_*` bits recorded.
+    #[inline(always)]
+    fn tcp_seen(&self) -> u8 {
+        self.0.get().tcp_seen
+    }
+
+    /// Marks the record as answered by the pod, writing only when it was not yet.
+    #[inline(always)]
+    fn mark_answered(&mut self) {
+        if self.flags() & NAT_F_ANSWERED == 0 {
+            self.0.get_mut().flags |= NAT_F_ANSWERED;
+        }
+    }
+
+    /// Forgets the TCP flags seen (the other half of a flow that starts over).
+    #[inline(always)]
+    fn clear_tcp_seen(&mut self) {
+        self.0.get_mut().tcp_seen = 0;
+    }
+
+    /// Clears the TCP flags for a connection that starts over on the tuple.
+    #[inline(always)]
+    fn restart(&mut self) {
+        let now = coarse_now_ns();
+        let entry = self.0.get_mut();
+        entry.tcp_seen = 0;
+        entry.created_ns = now;
+        entry.last_seen_ns = now;
+    }
+
+    /// Records activity, writing only when something changed or the timestamp is older
+    /// than `NAT_TOUCH_INTERVAL_NS`. Returns the time when that interval had passed
+    /// (about once a second per active flow), for the checks that need not run per packet.
+    #[inline(always)]
+    pub fn touch(&mut self, seen: u8) -> Option<u64> {
+        let now = coarse_now_ns();
+        let entry = self.0.get_mut();
+        let due = now.wrapping_sub(entry.last_seen_ns) > NAT_TOUCH_INTERVAL_NS;
+        let merged = entry.tcp_seen | seen;
+        if merged != entry.tcp_seen {
+            entry.tcp_seen = merged;
+            entry.last_seen_ns = now;
+        } else if due {
+            entry.last_seen_ns = now;
+        }
+        due.then_some(now)
+    }
+
+    /// Whether this reply entry translates back to the flow `fwd`.
+    #[inline(always)]
+    fn points_back(&self, fwd: &NatKey) -> bool {
+        self.addr() == fwd.src && self.port() == fwd.sport
+    }
+}
+
+/// The entry of `key` in `nat`.
 #[inline(always)]
-pub fn lookup(key: &NatKey) -> Option<*mut NatEntry> {
-    NAT.get_ptr_mut(key)
+pub fn lookup(key: &NatKey) -> Option<NatSlot> {
+    helpers::lru_value(&NAT, key).map(NatSlot)
 }
 
 /// The `TCP_SEEN_*` bits for a TCP flags byte (0 for other protocols).
 #[inline(always)]
 pub fn tcp_seen(tcp_flags: u8) -> u8 {
     let mut seen = 0;
-    if tcp_flags & 0x02 != 0 {
+    if tcp_flags & TCP_SYN != 0 {
         seen |= TCP_SEEN_SYN;
     } else {
         seen |= TCP_SEEN_ACK;
     }
-    if tcp_flags & 0x01 != 0 {
+    if tcp_flags & TCP_FIN != 0 {
         seen |= TCP_SEEN_FIN;
     }
-    if tcp_flags & 0x04 != 0 {
+    if tcp_flags & TCP_RST != 0 {
         seen |= TCP_SEEN_RST;
     }
     seen
@@ -80,7 +163,7 @@ pub fn tcp_seen(tcp_flags: u8) -> u8 {
 /// Whether a TCP flags byte opens a connection: SYN without ACK (nor FIN or RST).
 #[inline(always)]
 pub fn opens(tcp_flags: u8) -> bool {
-    tcp_flags & 0x17 == 0x02
+    tcp_flags & (TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST) == TCP_SYN
 }
 
 /// Which end of an inbound record (rule 4) a packet comes from.
@@ -94,8 +177,8 @@ pub enum Side {
 
 /// The inbound record (rule 4) of a pod's packet, keyed as the pod's answers are.
 #[inline(always)]
-pub fn inbound(key: &NatKey) -> Option<*mut NatEntry> {
-    INBOUND.get_ptr_mut(key)
+pub fn inbound(key: &NatKey) -> Option<NatSlot> {
+    helpers::lru_value(&INBOUND, key).map(NatSlot)
 }
 
 /// Records activity on an inbound record, each end's TCP flags apart (see
@@ -103,21 +186,15 @@ pub fn inbound(key: &NatKey) -> Option<*mut NatEntry> {
 /// answered (`NAT_F_ANSWERED`). A SYN from outside on a closing record starts the flow
 /// over, as on a translated flow; returns whether it did.
 #[inline(always)]
-pub fn touch_inbound(entry: *mut NatEntry, seen: u8, opens: bool, side: Side) -> bool {
+pub fn touch_inbound(entry: &mut NatSlot, seen: u8, opens: bool, side: Side) -> bool {
     if side == Side::Pod {
-        // SAFETY: `entry` comes from a map lookup in this program run.
-        unsafe {
-            if (*entry).flags & NAT_F_ANSWERED == 0 {
-                (*entry).flags |= NAT_F_ANSWERED;
-            }
-        }
+        entry.mark_answered();
     }
     let mut restarted = false;
     if opens && side == Side::Outside {
-        // SAFETY: `entry` comes from a map lookup in this program run.
-        let (outside, pod) = inbound_seen(unsafe { (*entry).tcp_seen });
+        let (outside, pod) = inbound_seen(entry.tcp_seen());
         if tcp_closing(outside, pod) {
-            restart(entry);
+            entry.restart();
             restarted = true;
         }
     }
@@ -125,7 +202,7 @@ pub fn touch_inbound(entry: *mut NatEntry, seen: u8, opens: bool, side: Side) ->
         Side::Outside => seen,
         Side::Pod => seen << TCP_SEEN_POD_SHIFT,
     };
-    touch(entry, bits);
+    entry.touch(bits);
     restarted
 }
 
@@ -135,74 +212,18 @@ pub fn touch_inbound(entry: *mut NatEntry, seen: u8, opens: bool, side: Side) ->
 /// closing (Cilium's `ct_reset_closing`). The SYN's own flag is merged by the `touch`
 /// that follows. Returns whether the flow was closing.
 #[inline(always)]
-pub fn reopen_if_closing(fwd: &NatKey, entry: *mut NatEntry, addr: [u8; 4], port: u16) -> bool {
+pub fn reopen_if_closing(fwd: &NatKey, entry: &mut NatSlot, addr: [u8; 4], port: u16) -> bool {
     let key = ingress_key(fwd.proto, fwd.dst, addr, reply_sport(fwd), port);
-    let back = lookup(&key).filter(|back| points_back(*back, fwd));
-    // SAFETY: pointers from lookups in this program run.
-    unsafe {
-        let back_seen = back.map_or(0, |b| (*b).tcp_seen);
-        if !tcp_closing((*entry).tcp_seen, back_seen) {
-            return false;
-        }
-        restart(entry);
-        if let Some(back) = back {
-            (*back).tcp_seen = 0;
-        }
+    let mut back = lookup(&key).filter(|back| back.points_back(fwd));
+    let back_seen = back.as_ref().map_or(0, NatSlot::tcp_seen);
+    if !tcp_closing(entry.tcp_seen(), back_seen) {
+        return false;
+    }
+    entry.restart();
+    if let Some(back) = &mut back {
+        back.clear_tcp_seen();
     }
     true
-}
-
-/// Clears an entry's TCP flags for a connection that starts over on its tuple.
-#[inline(always)]
-fn restart(entry: *mut NatEntry) {
-    let now = coarse_now_ns();
-    // SAFETY: `entry` comes from a map lookup in this program run.
-    unsafe {
-        (*entry).tcp_seen = 0;
-        (*entry).created_ns = now;
-        (*entry).last_seen_ns = now;
-    }
-}
-
-/// 1 when the kernel has `bpf_ktime_get_coarse_ns` (set by the agent, see
-/// `vcnpath_common::GLOBAL_COARSE_CLOCK`); 0 falls back to the precise clock.
-#[unsafe(no_mangle)]
-static VCNPATH_COARSE_CLOCK: u8 = 0;
-
-/// Now, for expiry: the coarse clock (jiffies) is plenty for second-granularity expiry and
-/// cheaper; both clocks read `CLOCK_MONOTONIC`, so entries stamped by either compare.
-#[inline(always)]
-fn coarse_now_ns() -> u64 {
-    // verifier: a frozen read-only global; on a kernel without the coarse helper the
-    // verifier sees the constant 0 and never checks the call it guards.
-    // SAFETY: a plain read of a static; the helpers have no preconditions.
-    unsafe {
-        if core::ptr::read_volatile(&raw const VCNPATH_COARSE_CLOCK) != 0 {
-            bpf_ktime_get_coarse_ns()
-        } else {
-            bpf_ktime_get_ns()
-        }
-    }
-}
-
-/// Records activity on an entry, writing only when something changed or the timestamp
-/// is older than `NAT_TOUCH_INTERVAL_NS`. Returns the time when that interval had passed
-/// (about once a second per active flow), for the checks that need not run per packet.
-#[inline(always)]
-pub fn touch(entry: *mut NatEntry, seen: u8) -> Option<u64> {
-    // SAFETY: `entry` comes from a map lookup in this program run.
-    unsafe {
-        let now = coarse_now_ns();
-        let due = now.wrapping_sub((*entry).last_seen_ns) > NAT_TOUCH_INTERVAL_NS;
-        let merged = (*entry).tcp_seen | seen;
-        if merged != (*entry).tcp_seen {
-            (*entry).tcp_seen = merged;
-            (*entry).last_seen_ns = now;
-        } else if due {
-            (*entry).last_seen_ns = now;
-        }
-        due.then_some(now)
-    }
 }
 
 /// What became of a translated flow's reply entry.
@@ -222,8 +243,8 @@ pub enum Reply {
 #[inline(always)]
 pub fn reply_of(fwd: &NatKey, addr: [u8; 4], port: u16, now: u64) -> Reply {
     let key = ingress_key(fwd.proto, fwd.dst, addr, reply_sport(fwd), port);
-    let ours = |back| {
-        if points_back(back, fwd) {
+    let ours = |back: NatSlot| {
+        if back.points_back(fwd) {
             Reply::Ours
         } else {
             Reply::Taken
@@ -255,13 +276,6 @@ fn reply_entry(fwd: &NatKey, now: u64) -> NatEntry {
     }
 }
 
-/// Whether the reply entry `back` translates back to the flow `fwd`.
-#[inline(always)]
-fn points_back(back: *mut NatEntry, fwd: &NatKey) -> bool {
-    // SAFETY: `back` comes from a map lookup in this program run.
-    unsafe { (*back).addr == fwd.src && (*back).port == fwd.sport }
-}
-
 /// Removes the egress entry of a flow that must start over.
 #[inline(always)]
 pub fn forget(fwd: &NatKey) {
@@ -285,8 +299,7 @@ fn reply_sport(fwd: &NatKey) -> u16 {
 /// ports of the configured range are tried from a random start.
 #[inline(always)]
 pub fn create(ctx: &TcContext, config: &Config, fwd: &NatKey, seen: u8) -> Step<u16> {
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = helpers::now_ns();
     let reply = reply_entry(fwd, now);
     // The reply swaps the addresses and ports; ICMP echo replies carry the id as dport.
     let reply_sport = reply_sport(fwd);
@@ -302,7 +315,7 @@ pub fn create(ctx: &TcContext, config: &Config, fwd: &NatKey, seen: u8) -> Step<
     // flow is a leftover of it (its egress half was evicted): take it over.
     let adopt = |port: u16| {
         let key = ingress_key(fwd.proto, fwd.dst, config.masq_ip, reply_sport, port);
-        lookup(&key).is_some_and(|e| points_back(e, fwd))
+        lookup(&key).is_some_and(|e| e.points_back(fwd))
     };
 
     let (port, claimed) = if claim(fwd.sport) {
@@ -326,9 +339,7 @@ pub fn create(ctx: &TcContext, config: &Config, fwd: &NatKey, seen: u8) -> Step<
         // flow keeps one identity, and give back our claim unless it is theirs too — the
         // winner may have adopted the reply entry we claimed for the original port, and
         // removing it would leave the flow without its replies.
-        let existing = lookup(fwd);
-        // SAFETY: pointer from a lookup in this run.
-        let theirs = existing.map(|e| unsafe { ((*e).addr, (*e).port) });
+        let theirs = lookup(fwd).map(|e| (e.addr(), e.port()));
         if claimed && theirs != Some((config.masq_ip, port)) {
             let key = ingress_key(fwd.proto, fwd.dst, config.masq_ip, reply_sport, port);
             let _ = NAT.remove(key);
@@ -347,8 +358,7 @@ fn choose_port(config: &Config, claim: impl Fn(u16) -> bool) -> Step<u16> {
         return Err(Decision::drop(Reason::DropNoPort));
     }
     let span = u32::from(config.port_max - config.port_min) + 1;
-    // SAFETY: plain helper call.
-    let start = unsafe { bpf_get_prandom_u32() } % span;
+    let start = helpers::prandom_u32() % span;
     let mut i = 0;
     // verifier: a bounded loop; span may be small, so candidates wrap around.
     while i < NAT_PORT_TRIES {

@@ -1,24 +1,41 @@
-//! Bounds-checked packet access and the IPv4 header fields the programs use.
+//! The Ethernet, IPv4 and L4 header fields the programs use, and what makes a packet
+//! sound enough to act on. The bytes are read through `packet`.
 
 use aya_ebpf::programs::TcContext;
-use vcnpath_common::Reason;
+use vcnpath_common::{
+    Reason,
+    wire::{
+        ETH_P_IP, ETH_TYPE, ICMP_CSUM, ICMP_ID, ICMP_TYPE, IPV4_CSUM, IPV4_DST, IPV4_ID,
+        IPV4_IHL_MASK, IPV4_MIN_IHL, IPV4_OFFSET_MASK, IPV4_SRC, IPV4_TOT_LEN, IPV4_VERSION,
+        L4_DPORT, L4_SPORT, TCP_CSUM, TCP_DOFF, TCP_HLEN, UDP_CSUM,
+    },
+};
 
-use crate::decision::{Decision, Step};
+use crate::{
+    decision::{Decision, Step},
+    packet::{self, load},
+};
 
-pub const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-/// Offset of the IPv4 header checksum.
-pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
-/// Offset of the IPv4 total length.
-const IP_TOT_LEN_OFF: usize = ETH_HLEN + 2;
-/// Offset of the IPv4 source address.
-pub const IP_SRC_OFF: usize = ETH_HLEN + 12;
-/// Offset of the IPv4 destination address.
-pub const IP_DST_OFF: usize = ETH_HLEN + 16;
+pub use vcnpath_common::wire::{
+    ETH_HLEN, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMP_TIME_EXCEEDED,
+    IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP,
+};
 
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
+/// Offset in the frame of the IPv4 header checksum.
+pub const IP_CSUM_OFF: usize = ETH_HLEN + IPV4_CSUM;
+/// Offset in the frame of the IPv4 total length.
+const IP_TOT_LEN_OFF: usize = ETH_HLEN + IPV4_TOT_LEN;
+/// Offset in the frame of the IPv4 identification, flags and fragment offset.
+pub const IP_ID_OFF: usize = ETH_HLEN + IPV4_ID;
+/// Offset in the frame of the IPv4 source address.
+pub const IP_SRC_OFF: usize = ETH_HLEN + IPV4_SRC;
+/// Offset in the frame of the IPv4 destination address.
+pub const IP_DST_OFF: usize = ETH_HLEN + IPV4_DST;
+/// Offset in the frame of the ethertype.
+const ETH_TYPE_OFF: usize = ETH_TYPE;
+
+/// Bytes in the 32-bit words the IPv4 header length and the TCP data offset count in.
+const WORD: usize = 4;
 
 /// The IPv4 header without options. `align(4)` makes the compiler read addresses as
 /// words (see `read`).
@@ -35,6 +52,41 @@ pub struct Ipv4Hdr {
     pub csum: [u8; 2],
     pub src: [u8; 4],
     pub dst: [u8; 4],
+}
+
+// The struct and the named offsets describe one layout.
+const _: () = {
+    assert!(core::mem::offset_of!(Ipv4Hdr, tot_len) == IPV4_TOT_LEN);
+    assert!(core::mem::offset_of!(Ipv4Hdr, id) == IPV4_ID);
+    assert!(core::mem::offset_of!(Ipv4Hdr, csum) == IPV4_CSUM);
+    assert!(core::mem::offset_of!(Ipv4Hdr, src) == IPV4_SRC);
+    assert!(core::mem::offset_of!(Ipv4Hdr, dst) == IPV4_DST);
+};
+
+impl Ipv4Hdr {
+    /// The IP version (the high nibble of the first byte).
+    #[inline(always)]
+    pub const fn version(&self) -> u8 {
+        self.version_ihl >> 4
+    }
+
+    /// The header length in 32-bit words (IHL), options included.
+    #[inline(always)]
+    pub const fn ihl(&self) -> usize {
+        (self.version_ihl & IPV4_IHL_MASK) as usize
+    }
+
+    /// Whether the IHL covers at least the fixed header.
+    #[inline(always)]
+    pub const fn ihl_valid(&self) -> bool {
+        self.ihl() >= IPV4_MIN_IHL
+    }
+
+    /// The header length in bytes, options included.
+    #[inline(always)]
+    pub const fn len(&self) -> usize {
+        self.ihl() * WORD
+    }
 }
 
 /// The fixed IPv4 header as found: enough to decide whether a packet is vcnpath's to act
@@ -79,7 +131,7 @@ impl Header {
     #[inline(always)]
     pub fn bounded(self, ctx: &TcContext) -> Option<Ipv4> {
         let tot_len = load::<[u8; 2]>(ctx, IP_TOT_LEN_OFF)?;
-        let frame_ip_len = (ctx.len() as usize).saturating_sub(ETH_HLEN);
+        let frame_ip_len = packet::len(ctx).saturating_sub(ETH_HLEN);
         let mut tot_len = usize::from(u16::from_be_bytes(tot_len));
         if tot_len == 0 && frame_ip_len > usize::from(u16::MAX) {
             // BIG TCP: a GSO packet over 64 KiB carries total length 0 and the skb's
@@ -142,36 +194,6 @@ impl Malformed {
     }
 }
 
-/// Copies a `T` out of the packet at `off`, pulling non-linear data into the linear
-/// area first when the skb is long enough but its headers are paged.
-#[inline(always)]
-pub fn load<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
-    if let Some(value) = read::<T>(ctx, off) {
-        return Some(value);
-    }
-    let want = off + core::mem::size_of::<T>();
-    if (ctx.len() as usize) < want || ctx.pull_data(want as u32).is_err() {
-        return None;
-    }
-    // verifier: pull_data invalidated every packet pointer; read() re-derives them.
-    read::<T>(ctx, off)
-}
-
-#[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + off + core::mem::size_of::<T>() > end {
-        return None;
-    }
-    // SAFETY: bounds checked against data_end just above. The read is typed (not
-    // `read_unaligned`) so the compiler emits word loads instead of byte loads; packet
-    // data is only 2-byte aligned, which BPF on x86 (and every architecture with
-    // efficient unaligned access) permits: the verifier enforces strict alignment only
-    // where the hardware needs it.
-    Some(unsafe { core::ptr::read((start + off) as *const T) })
-}
-
 /// Parses Ethernet + IPv4. Non-IPv4 frames and truncated or invalid IPv4 headers end
 /// the program with a pass: they are not ours to judge and are never rewritten. The total
 /// length is judged later, by [`Header::bounded`], and only for packets that need it.
@@ -182,10 +204,10 @@ fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
 /// here too, a pod's packet would be redirected back to that interface, in a loop.
 #[inline(always)]
 pub fn ipv4(ctx: &TcContext) -> Step<Header> {
-    if vlan_tagged(ctx) {
+    if packet::vlan_tagged(ctx) {
         return Err(Decision::pass(Reason::PassNotIpv4));
     }
-    let Some(ethertype) = load::<[u8; 2]>(ctx, 12) else {
+    let Some(ethertype) = load::<[u8; 2]>(ctx, ETH_TYPE_OFF) else {
         return Err(Decision::pass(Reason::PassMalformed));
     };
     if u16::from_be_bytes(ethertype) != ETH_P_IP {
@@ -194,16 +216,15 @@ pub fn ipv4(ctx: &TcContext) -> Step<Header> {
     let Some(ip) = load::<Ipv4Hdr>(ctx, ETH_HLEN) else {
         return Err(Decision::pass(Reason::PassMalformed));
     };
-    let ihl = (ip.version_ihl & 0x0f) as usize;
-    if ip.version_ihl >> 4 != 4 || ihl < 5 {
+    if ip.version() != IPV4_VERSION || !ip.ihl_valid() {
         return Err(Decision::pass(Reason::PassMalformed));
     }
-    let frag_off = u16::from_be_bytes(ip.frag_off) & 0x1fff;
+    let frag_off = u16::from_be_bytes(ip.frag_off) & IPV4_OFFSET_MASK;
     Ok(Header {
         src: ip.src,
         dst: ip.dst,
         proto: ip.proto,
-        l4_off: ETH_HLEN + ihl * 4,
+        l4_off: ETH_HLEN + ip.len(),
         later_fragment: frag_off != 0,
     })
 }
@@ -223,11 +244,6 @@ pub fn head_within(ip: &Ipv4) -> Result<(), Malformed> {
     }
     Ok(())
 }
-
-/// Size of the TCP header without options.
-const TCP_HLEN: usize = 20;
-/// Offset in the TCP header of the data offset (high nibble) and flags bytes.
-const TCP_OFF_DOFF: usize = 12;
 
 /// The TCP flags byte of the header at `ip.l4_off`, when the 20-byte TCP header is all
 /// there and its data offset is sane (at least 5 words, within the total length):
@@ -253,10 +269,10 @@ pub struct TcpHead {
 pub fn tcp_head(ctx: &TcContext, l4_off: usize) -> Option<TcpHead> {
     // verifier: reading 8 bytes also avoids a 1-byte read, which compiles to
     // `pkt + 0 < pkt_end`, a comparison the verifier derives no range from.
-    let tail = load::<[u8; 8]>(ctx, l4_off + TCP_OFF_DOFF)?;
+    let [doff, flags, ..] = load::<[u8; 8]>(ctx, l4_off + TCP_DOFF)?;
     Some(TcpHead {
-        doff: usize::from(tail[0] >> 4) * 4,
-        flags: tail[1],
+        doff: usize::from(doff >> 4) * WORD,
+        flags,
     })
 }
 
@@ -286,22 +302,28 @@ impl L4Head {
     #[inline(always)]
     pub fn port_or_id(self, proto: u8) -> [u8; 2] {
         if proto == IPPROTO_ICMP {
-            [self.bytes[4], self.bytes[5]]
+            self.field(ICMP_ID)
         } else {
-            [self.bytes[0], self.bytes[1]]
+            self.field(L4_SPORT)
         }
     }
 
     /// TCP/UDP destination port (raw network order).
     #[inline(always)]
     pub fn dport(self) -> [u8; 2] {
-        [self.bytes[2], self.bytes[3]]
+        self.field(L4_DPORT)
+    }
+
+    /// The 2-byte field at `off` (raw network order).
+    #[inline(always)]
+    fn field(self, off: usize) -> [u8; 2] {
+        [self.bytes[off], self.bytes[off + 1]]
     }
 
     /// ICMP type.
     #[inline(always)]
     pub fn icmp_type(self) -> u8 {
-        self.bytes[0]
+        self.bytes[ICMP_TYPE]
     }
 }
 
@@ -309,9 +331,9 @@ impl L4Head {
 #[inline(always)]
 pub const fn port_field(proto: u8, source: bool) -> usize {
     match (proto, source) {
-        (IPPROTO_ICMP, _) => 4,
-        (_, true) => 0,
-        (_, false) => 2,
+        (IPPROTO_ICMP, _) => ICMP_ID,
+        (_, true) => L4_SPORT,
+        (_, false) => L4_DPORT,
     }
 }
 
@@ -319,16 +341,11 @@ pub const fn port_field(proto: u8, source: bool) -> usize {
 #[inline(always)]
 pub const fn csum_field(proto: u8) -> usize {
     match proto {
-        IPPROTO_TCP => 16,
-        IPPROTO_UDP => 6,
-        _ => 2,
+        IPPROTO_TCP => TCP_CSUM,
+        IPPROTO_UDP => UDP_CSUM,
+        _ => ICMP_CSUM,
     }
 }
-
-pub const ICMP_ECHO_REPLY: u8 = 0;
-pub const ICMP_DEST_UNREACH: u8 = 3;
-pub const ICMP_ECHO_REQUEST: u8 = 8;
-pub const ICMP_TIME_EXCEEDED: u8 = 11;
 
 /// Whether this ICMP type quotes the packet that caused it.
 #[inline(always)]
@@ -340,20 +357,6 @@ pub const fn is_icmp_error(icmp_type: u8) -> bool {
 #[inline(always)]
 pub const fn is_icmp_echo(icmp_type: u8) -> bool {
     matches!(icmp_type, ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY)
-}
-
-/// Whether the skb carries an offloaded VLAN tag (`skb->vlan_present`).
-#[inline(always)]
-fn vlan_tagged(ctx: &TcContext) -> bool {
-    // SAFETY: the context pointer is valid for the whole program run.
-    unsafe { (*ctx.skb.skb).vlan_present != 0 }
-}
-
-/// Ingress interface index of the skb (for egress programs: the device it leaves).
-#[inline(always)]
-pub fn ifindex(ctx: &TcContext) -> u32 {
-    // SAFETY: the context pointer is valid for the whole program run.
-    unsafe { (*ctx.skb.skb).ifindex }
 }
 
 /// `true` when `addr` is inside `net/prefix_len`.

@@ -3,27 +3,23 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, bpf_redir_neigh},
-    helpers::{bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use vcnpath_common::{Config, MARK_REDIRECTED, Reason, VNIC_F_ROUTER_MAC, Vnic};
 
 use crate::{
-    csum,
     decision::{Decision, Step},
-    maps,
-    parse::{self, in_subnet},
+    helpers, maps, packet,
+    parse::in_subnet,
 };
 
 const AF_INET: u32 = 2;
-#[expect(clippy::cast_possible_wrap, reason = "a 20-byte struct")]
-const SIZE_OF_REDIR_NEIGH: i32 = core::mem::size_of::<bpf_redir_neigh>() as i32;
 
 /// Leaves through `owner` if the kernel routed the packet elsewhere; otherwise passes it
 /// counted as `reason`.
 #[inline(always)]
 pub fn via_owner(ctx: &TcContext, owner: u32, dst: [u8; 4], reason: Reason) -> Step<Decision> {
-    if parse::ifindex(ctx) == owner {
+    if packet::ifindex(ctx) == owner {
         return Ok(Decision::pass(reason));
     }
     let Some(vnic) = maps::vnic(owner) else {
@@ -40,7 +36,7 @@ pub fn via_masquerade(
     dst: [u8; 4],
     reason: Reason,
 ) -> Step<Decision> {
-    if parse::ifindex(ctx) == config.masq_ifindex {
+    if packet::ifindex(ctx) == config.masq_ifindex {
         return Ok(Decision::pass(reason));
     }
     let Some(vnic) = maps::vnic(config.masq_ifindex) else {
@@ -55,14 +51,12 @@ pub fn via_masquerade(
 pub fn to_vnic(ctx: &TcContext, vnic: &Vnic, dst: [u8; 4], reason: Reason) -> Step<Decision> {
     let on_link = in_subnet(dst, vnic.subnet_ip, vnic.subnet_prefix_len);
     // The target's egress program sees the packet again; it must not count it again.
-    ctx.set_mark(mark(ctx) | MARK_REDIRECTED);
+    packet::set_mark(ctx, packet::mark(ctx) | MARK_REDIRECTED);
     if !on_link && vnic.flags & VNIC_F_ROUTER_MAC != 0 {
         // Fast path: the router's MAC is known, so rewrite L2 here and skip the
         // neighbour table.
-        csum::store(ctx, 0, &vnic.router_mac)?;
-        csum::store(ctx, 6, &vnic.mac)?;
-        // SAFETY: plain helper call.
-        let ret = unsafe { bpf_redirect(vnic.ifindex, 0) };
+        packet::store_macs(ctx, &vnic.router_mac, &vnic.mac)?;
+        let ret = helpers::redirect(vnic.ifindex);
         return Ok(verdict(ret, reason));
     }
     let next_hop = if on_link { dst } else { vnic.router_ip };
@@ -72,8 +66,7 @@ pub fn to_vnic(ctx: &TcContext, vnic: &Vnic, dst: [u8; 4], reason: Reason) -> St
             ipv4_nh: u32::from_ne_bytes(next_hop),
         },
     };
-    // SAFETY: params lives on the stack for the duration of the call.
-    let ret = unsafe { bpf_redirect_neigh(vnic.ifindex, &raw mut params, SIZE_OF_REDIR_NEIGH, 0) };
+    let ret = helpers::redirect_neigh(vnic.ifindex, &mut params);
     Ok(verdict(ret, reason))
 }
 
@@ -81,18 +74,12 @@ pub fn to_vnic(ctx: &TcContext, vnic: &Vnic, dst: [u8; 4], reason: Reason) -> St
 /// mark bit off so nothing after this program sees it.
 #[inline(always)]
 pub fn take_redirect_mark(ctx: &TcContext) -> bool {
-    let mark = mark(ctx);
+    let mark = packet::mark(ctx);
     if mark & MARK_REDIRECTED == 0 {
         return false;
     }
-    ctx.set_mark(mark & !MARK_REDIRECTED);
+    packet::set_mark(ctx, mark & !MARK_REDIRECTED);
     true
-}
-
-#[inline(always)]
-fn mark(ctx: &TcContext) -> u32 {
-    // SAFETY: the context's skb pointer is valid for the whole program run.
-    unsafe { (*ctx.skb.skb).mark }
 }
 
 #[inline(always)]

@@ -4,10 +4,7 @@
 
 use std::net::Ipv4Addr;
 
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-pub const ETH_HLEN: usize = 14;
+pub use vcnpath_common::wire::{ETH_HLEN, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 /// One's-complement sum folded to 16 bits (RFC 1071), over `data` plus `initial`.
 pub fn ones_sum(data: &[u8], initial: u32) -> u16 {

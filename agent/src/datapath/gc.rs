@@ -13,10 +13,8 @@ use std::{
 use vcnpath_common::{
     NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_ANSWERED, NAT_F_INBOUND, NatEntry, NatKey, TCP_SEEN_ACK,
     inbound_seen, tcp_closing,
+    wire::{IPPROTO_ICMP, IPPROTO_TCP},
 };
-
-const IPPROTO_ICMP: u8 = 1;
-const IPPROTO_TCP: u8 = 6;
 
 /// How long an idle flow lives, by protocol and TCP state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
