@@ -59,14 +59,21 @@ fn control(machine: &Machine, churn: usize) -> Result<()> {
     Ok(())
 }
 
+/// The `--flag value` pairs of `args`, in order.
+fn flag_values(args: &[String]) -> Result<Vec<(&str, &str)>> {
+    args.chunks(2)
+        .map(|pair| match pair {
+            [flag, value] => Ok((flag.as_str(), value.as_str())),
+            [flag, ..] => bail!("{flag} needs a value; {USAGE}"),
+            [] => unreachable!("chunks are never empty"),
+        })
+        .collect()
+}
+
 fn fleet_options(args: &[String]) -> Result<fleet::Options> {
     let mut options = fleet::Options::realistic();
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let value = it
-            .next()
-            .with_context(|| format!("{flag} needs a value; {USAGE}"))?;
-        match flag.as_str() {
+    for (flag, value) in flag_values(args)? {
+        match flag {
             "--nodes" => options.nodes = value.parse().context("--nodes")?,
             "--pods" => options.pods = value.parse().context("--pods")?,
             "--deadline-secs" => {
@@ -124,12 +131,8 @@ fn compare_options(args: &[String]) -> Result<compare::Options> {
             measure: Duration::from_secs(1),
         },
     };
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let value = it
-            .next()
-            .with_context(|| format!("{flag} needs a value; {USAGE}"))?;
-        match flag.as_str() {
+    for (flag, value) in flag_values(args)? {
+        match flag {
             "--rounds" => options.rounds = value.parse().context("--rounds")?,
             "--secs" => {
                 options.timing.measure = Duration::from_secs_f64(value.parse().context("--secs")?);
