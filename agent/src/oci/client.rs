@@ -95,14 +95,6 @@ struct Call<'a> {
     retry_token: Option<&'a str>,
 }
 
-/// One attempt's answer, the credentials' generation it was signed with, and when the rate
-/// limiter let it go.
-struct Attempted {
-    result: Result<Answer, OciError>,
-    generation: u64,
-    sent: Instant,
-}
-
 struct Answer {
     text: String,
     request_id: Option<String>,
@@ -397,11 +389,7 @@ impl CoreClient {
         let mut reauthenticated = false;
         loop {
             attempts += 1;
-            let Attempted {
-                result,
-                generation,
-                sent,
-            } = self.attempt(call, started).await?;
+            let (result, generation) = self.attempt(call, started).await?;
             let error = match result {
                 Ok(answer) => {
                     self.answered().await;
@@ -428,7 +416,7 @@ impl CoreClient {
             if error.class() == ErrorClass::Throttled {
                 // Every call of this node waits, not only this one's retry, and the node
                 // slows down to what the tenancy has room for.
-                let rate = self.limiter.throttled(sent, delay).await;
+                let rate = self.limiter.throttled(delay).await;
                 self.metrics.set_rate_limit(rate);
                 tracing::info!(operation = call.operation, calls_per_second = rate, pause = ?delay, "OCI throttled the node; it slows down");
             } else if matches!(error, OciError::Service { .. }) {
@@ -462,9 +450,13 @@ impl CoreClient {
     }
 
     /// One signed attempt. The outer error is not retryable (no credentials, bad URL).
-    async fn attempt(&self, call: &Call<'_>, started: Instant) -> Result<Attempted, OciError> {
+    async fn attempt(
+        &self,
+        call: &Call<'_>,
+        started: Instant,
+    ) -> Result<(Result<Answer, OciError>, u64), OciError> {
         let operation = call.operation;
-        let sent = self.limiter.acquire().await;
+        self.limiter.acquire().await;
         let attempt_started = Instant::now();
         // A refresh that hangs (IMDS, `/v1/x509`) must not hold the call past its budget.
         let remaining = self.retry.total_budget.saturating_sub(started.elapsed());
@@ -544,11 +536,7 @@ impl CoreClient {
         };
         self.metrics
             .record(operation, &outcome, attempt_started.elapsed());
-        Ok(Attempted {
-            result,
-            generation: credentials.generation,
-            sent,
-        })
+        Ok((result, credentials.generation))
     }
 }
 

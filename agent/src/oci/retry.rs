@@ -80,7 +80,7 @@ impl Default for RateLimit {
 /// The lowest rate a throttled node slows down to: one call every 10 s, the retry policy's
 /// longest backoff, so slowing down never makes a node wait longer than retrying would.
 pub const MIN_RATE_PER_SECOND: f64 = 0.1;
-/// A throttled node's rate after a 429: this fraction of what it was.
+/// A throttled node's rate after each 429: this fraction of what it was.
 const DECREASE: f64 = 0.5;
 /// Each call OCI answers without throttling raises a throttled node's rate by this fraction,
 /// up to its configured rate: a node halved by one stray 429 is back after 8 answers.
@@ -88,15 +88,10 @@ const INCREASE: f64 = 0.1;
 
 /// A generic cell rate algorithm limiter (one timestamp, no background task) whose rate
 /// adapts to throttling: multiplicative decrease on a 429, multiplicative increase on an
-/// answer, as TCP congestion control and the AWS SDKs' "adaptive" retry mode do. OCI's limits are per
-/// tenancy, shared by every node of a cluster: a node told 429 slows down and earns its rate
-/// back, so a fleet settles near its share of the budget instead of every node retrying at
-/// its own full rate (`a_fleet_that_slows_down_on_429_earns_fewer_of_them`).
-///
-/// Like TCP, the rate is cut once per round trip: the 429s of calls that were already on their
-/// way when the rate was cut say nothing about the new rate, and counting them would cut a
-/// node with ten calls in flight to a thousandth of its rate at one stroke
-/// (`the_429s_of_calls_in_flight_cut_the_rate_once`).
+/// answer, as TCP congestion control and the AWS SDKs' "adaptive" retry mode do. OCI's limits
+/// are per tenancy, shared by every node of a cluster: a node told 429 slows down and earns
+/// its rate back, so a fleet settles near its share of the budget instead of every node
+/// retrying at its own full rate (`a_fleet_that_slows_down_on_429_earns_fewer_of_them`).
 #[derive(Debug)]
 pub struct RateLimiter {
     limit: RateLimit,
@@ -108,8 +103,6 @@ struct LimiterState {
     /// The calls per second allowed now, between [`MIN_RATE_PER_SECOND`] and the limit's.
     per_second: f64,
     theoretical_arrival: Instant,
-    /// When the rate was last cut: a 429 for a call sent before then does not cut it again.
-    cut_at: Option<Instant>,
 }
 
 impl LimiterState {
@@ -124,20 +117,17 @@ impl RateLimiter {
             per_second: limit.per_second.max(MIN_RATE_PER_SECOND),
             burst: limit.burst.max(1),
         };
-        let now = Instant::now();
         Self {
             limit,
             state: Mutex::new(LimiterState {
                 per_second: limit.per_second,
-                theoretical_arrival: now,
-                cut_at: None,
+                theoretical_arrival: Instant::now(),
             }),
         }
     }
 
-    /// Waits until a call is allowed; returns the moment it was, to hand to [`Self::throttled`]
-    /// if OCI answers 429.
-    pub async fn acquire(&self) -> Instant {
+    /// Waits until a call is allowed.
+    pub async fn acquire(&self) {
         let start = {
             let mut state = self.state.lock().await;
             let interval = state.interval();
@@ -154,21 +144,15 @@ impl RateLimiter {
             allowed
         };
         tokio::time::sleep_until(start).await;
-        start
     }
 
-    /// OCI throttled (429) the call [`Self::acquire`] let go at `sent`. Unless that call was
-    /// on its way before the last cut, the node's rate is halved and every call of the node is
-    /// held back for `pause` (that call's retry backoff) from now, not only that call's retry.
-    /// A call that was on its way only waits its own retry. Returns the rate now allowed.
-    pub async fn throttled(&self, sent: Instant, pause: Duration) -> f64 {
+    /// OCI throttled a call (429): the node's rate is halved, and every call of the node is
+    /// held back for `pause` from now, not only that call's retry. Returns the rate now
+    /// allowed.
+    pub async fn throttled(&self, pause: Duration) -> f64 {
         let mut state = self.state.lock().await;
-        if state.cut_at.is_some_and(|cut| sent <= cut) {
-            return state.per_second;
-        }
         let now = Instant::now();
         state.per_second = (state.per_second * DECREASE).max(MIN_RATE_PER_SECOND);
-        state.cut_at = Some(now);
         // The next call, the retry included, comes no sooner than the new rate allows, at a
         // random point of that interval: nodes throttled together must not return together.
         let spread = state
@@ -250,9 +234,7 @@ mod tests {
         });
         let start = Instant::now();
         limiter.acquire().await;
-        limiter
-            .throttled(Instant::now(), Duration::from_secs(2))
-            .await;
+        limiter.throttled(Duration::from_secs(2)).await;
         limiter.acquire().await;
         assert!(
             start.elapsed() >= Duration::from_secs(2),
@@ -277,7 +259,7 @@ mod tests {
             burst: 1,
         });
         limiter.acquire().await;
-        let rate = limiter.throttled(Instant::now(), Duration::ZERO).await;
+        let rate = limiter.throttled(Duration::ZERO).await;
         assert!((rate - 5.0).abs() < 1e-9, "{rate}");
         // The retry waits 0.5 to 1.5 intervals at the new rate (100–300 ms), then calls are
         // spaced at 5/s.
@@ -286,7 +268,7 @@ mod tests {
             took >= Duration::from_millis(2099) && took <= Duration::from_millis(2301),
             "ten intervals at 5 calls/s after the spread retry, not at 10/s: {took:?}"
         );
-        let rate = limiter.throttled(Instant::now(), Duration::ZERO).await;
+        let rate = limiter.throttled(Duration::ZERO).await;
         assert!((rate - 2.5).abs() < 1e-9, "{rate}");
         let mut last = 0.0;
         for _ in 0..15 {
@@ -299,40 +281,13 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_429s_of_calls_in_flight_cut_the_rate_once() {
-        let limiter = RateLimiter::new(RateLimit {
-            per_second: 10.0,
-            burst: 10,
-        });
-        let mut sent = Vec::new();
-        for _ in 0..10 {
-            sent.push(limiter.acquire().await);
-        }
-        let mut rate = 0.0;
-        for at in sent {
-            rate = limiter.throttled(at, Duration::ZERO).await;
-        }
-        assert!(
-            (rate - 5.0).abs() < 1e-9,
-            "ten calls sent together and all answered 429 halve the rate once: {rate}"
-        );
-        let after = limiter.acquire().await;
-        let rate = limiter.throttled(after, Duration::ZERO).await;
-        assert!(
-            (rate - 2.5).abs() < 1e-9,
-            "a call sent at the new rate and throttled halves it again: {rate}"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
     async fn a_throttled_node_never_stops_calling_and_spends_no_burst() {
         let limiter = RateLimiter::new(RateLimit {
             per_second: 10.0,
             burst: 10,
         });
         for _ in 0..40 {
-            let sent = limiter.acquire().await;
-            limiter.throttled(sent, Duration::ZERO).await;
+            limiter.throttled(Duration::ZERO).await;
         }
         tokio::time::sleep(Duration::from_mins(10)).await;
         let took = time_of(&limiter, 3).await;
@@ -366,7 +321,7 @@ mod tests {
                 let mut done = 0;
                 let mut attempt = 0;
                 while done < calls {
-                    let sent = limiter.acquire().await;
+                    limiter.acquire().await;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     let granted = {
                         let mut b = bucket.lock().unwrap();
@@ -390,7 +345,7 @@ mod tests {
                         let delay = policy.backoff(attempt);
                         attempt += 1;
                         if adaptive {
-                            limiter.throttled(sent, delay).await;
+                            limiter.throttled(delay).await;
                         }
                         tokio::time::sleep(delay).await;
                     }
