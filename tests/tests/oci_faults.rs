@@ -385,6 +385,17 @@ async fn a_tenancy_limit_is_reported_and_attaches_no_vnic_to_chase_it() {
     let dir = tempfile::tempdir().unwrap();
     let (ipam, _client) = start(&sim, config(&sim, dir.path(), 4));
     ipam.reconciled().await;
+    // The four warm addresses fit on the first secondary VNIC; the pod asks only once its
+    // creates have met the limit, so one more address than that VNIC holds is wanted then.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sim.calls().contains_key("CreatePrivateIp") {
+        assert!(
+            Instant::now() < deadline,
+            "no CreatePrivateIp was tried: {:?}",
+            sim.calls()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let window = Duration::from_secs(6);
     let until = Instant::now() + window;
     let mut last = None;

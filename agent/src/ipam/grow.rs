@@ -67,6 +67,9 @@ fn needs_operator(class: ErrorClass) -> bool {
 struct Backoff {
     failures: u32,
     until: Instant,
+    /// The last failure holds for every VNIC alike: a tenancy limit or quota, IAM, credentials
+    /// (not a request OCI found wrong, which may be about this VNIC or its subnet).
+    tenancy_wide: bool,
 }
 
 /// What the grower keeps between steps: per-target backoff, and the retry tokens of creates
@@ -83,6 +86,16 @@ struct Memory {
 impl Memory {
     fn waiting(&self, target: &Target, now: Instant) -> bool {
         self.backoff.get(target).is_some_and(|b| b.until > now)
+    }
+
+    /// Whether the last create on some VNIC met something only an operator can change (a
+    /// tenancy's `private-ip-count` limit, a quota, IAM): a new VNIC's creates would meet it
+    /// too, and its own primary address counts against the same limit. Until a create
+    /// succeeds again (the probe after the backoff), no VNIC is attached for addresses.
+    fn creates_refused_tenancy_wide(&self) -> bool {
+        self.backoff
+            .iter()
+            .any(|(t, b)| matches!(t, Target::CreateIp(_)) && b.tenancy_wide)
     }
 
     /// The token for the next create of `target`: one whose answer was lost, else a new one.
@@ -175,10 +188,24 @@ impl Memory {
             Outcome::Unusable => cfg.denied_backoff,
         };
         let until = Instant::now() + wait;
+        let tenancy_wide = matches!(
+            outcome,
+            Outcome::Failed { token: None, error } if matches!(
+                error.class(),
+                ErrorClass::ServiceLimit | ErrorClass::Permission | ErrorClass::Authentication
+            )
+        );
         if let Outcome::Failed { error, .. } = outcome {
             inner.troubles.failed(work, about, error, failures, until);
         }
-        self.backoff.insert(target, Backoff { failures, until });
+        self.backoff.insert(
+            target,
+            Backoff {
+                failures,
+                until,
+                tenancy_wide,
+            },
+        );
     }
 }
 
@@ -282,7 +309,9 @@ async fn step(inner: &Arc<Inner>, memory: &mut Memory) -> bool {
     });
     plan.attach
         .retain(|subnet| !memory.waiting(&Target::Attach(subnet.clone()), now));
-    if !plan.attach.is_empty() && memory.waiting(&Target::CountAttachments, now) {
+    if !plan.attach.is_empty()
+        && (memory.waiting(&Target::CountAttachments, now) || memory.creates_refused_tenancy_wide())
+    {
         plan.attach.clear();
     }
     if plan.is_empty() {
