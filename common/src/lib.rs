@@ -11,7 +11,7 @@ pub mod reason;
 pub mod wire;
 
 pub use maps::*;
-pub use reason::{REASON_COUNT, Reason};
+pub use reason::{DIRECTION_COUNT, Direction, REASON_COUNT, Reason, STATS_ENTRIES, stats_index};
 
 /// Name of the TC egress classifier, as it appears in `bpftool prog` and `bpftool net`.
 pub const PROG_EGRESS: &str = "vcnpath_egress";
@@ -44,7 +44,11 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/vcnpath";
 /// pinned [`MAP_ABI`] map and, on a mismatch, rebuilds the maps it can fill again and
 /// refuses to adopt the NAT table unless a conversion from the pinned version exists.
 /// Pins without the record come from releases before it existed, whose layout is version 1.
-pub const DATAPATH_ABI: u32 = 1;
+///
+/// - 1: the first recorded version.
+/// - 2: `stats` counts per direction and reason ([`stats_index`]); `nat` and `inbound` are
+///   as in version 1, so their pins are adopted as they are.
+pub const DATAPATH_ABI: u32 = 2;
 
 /// Single-entry array (key `u32` 0, value `u32`) created by the agent, not the programs:
 /// the [`DATAPATH_ABI`] the pins beside it were created with. A pinned map has the same

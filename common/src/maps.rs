@@ -159,6 +159,12 @@ pub const NAT_F_INBOUND: u8 = 1;
 /// Inbound record the pod has answered on: until then it lives by the short
 /// `inbound_unanswered` timeout, so records a spoofed flood creates go quickly.
 pub const NAT_F_ANSWERED: u8 = 2;
+/// Ingress-keyed record of a flow the host itself opened from the masquerade address on a
+/// port of the NAT range (a socket bound there, or `nf_nat`'s MASQUERADE choosing it): its
+/// replies pass to the host untranslated, and no pod flow may take its tuple. The host's
+/// `TCP_SEEN_*` bits are stored shifted by `TCP_SEEN_POD_SHIFT`, the remote's as they are,
+/// as in an inbound record.
+pub const NAT_F_HOST: u8 = 4;
 
 /// A SYN was seen in this direction.
 pub const TCP_SEEN_SYN: u8 = 1;
@@ -237,6 +243,14 @@ pub const FRAG_TIMEOUT_NS: u64 = 30_000_000_000;
 /// `last_seen_ns` is rewritten only when it is older than this, to keep per-packet
 /// writes (and cache-line bouncing between CPUs) off the fast path.
 pub const NAT_TOUCH_INTERVAL_NS: u64 = 1_000_000_000;
+
+/// The default NAT port range: above the kernel's default `ip_local_port_range`
+/// (32768–60999), so host sockets never pick its ports, and clear of the ports hosts
+/// serve on (NodePorts 30000–32767, VXLAN, Geneve, the kubelet's). 4536 ports, so as many
+/// flows at once per masquerade address and remote address and port.
+pub const DEFAULT_NAT_PORT_MIN: u16 = 61000;
+/// See [`DEFAULT_NAT_PORT_MIN`].
+pub const DEFAULT_NAT_PORT_MAX: u16 = 65535;
 
 /// Bounded number of ports tried for a new flow before it is dropped as exhausted.
 pub const NAT_PORT_TRIES: u32 = 64;

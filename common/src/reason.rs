@@ -92,10 +92,62 @@ pub enum Reason {
     /// Pod → outside: translated with an existing mapping whose reply entry the LRU had
     /// evicted and which was put back.
     SnatRepaired = 35,
+    /// The host's own packet from the masquerade address on a port of the NAT range, or a
+    /// reply to one: recorded in `nat` (`NAT_F_HOST`) so no pod flow takes its tuple, and
+    /// passed untouched.
+    PassHostFlow = 36,
+    /// The host opened a flow on the translated tuple of a pod's flow (`nf_nat` or a socket
+    /// bound in the NAT range): the host keeps the tuple, the pod's flow starts over on
+    /// another port with its next packet.
+    HostFlowCollision = 37,
+    /// From outside the VCN to the masquerade address on a port of the NAT range, matching
+    /// no flow (a reply to a flow long gone): dropped rather than answered by the host with
+    /// a RST or a port unreachable. A TCP SYN is not dropped: a host listener may take it.
+    DropNoFlow = 38,
 }
 
-/// Number of reason codes (size of the `stats` map).
-pub const REASON_COUNT: u32 = 36;
+/// Number of reason codes.
+pub const REASON_COUNT: u32 = 39;
+
+/// Which program counted a packet: the `stats` map holds one counter per direction and
+/// reason, so a reason both programs count (`passed-malformed`, `passed-host-flow`, …)
+/// says which way the packets went.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    /// TC egress of a VNIC: packets leaving the node.
+    Egress = 0,
+    /// TC ingress of a VNIC: packets arriving at the node.
+    Ingress = 1,
+    /// TC ingress of a pod's host-side veth: packets a pod sends.
+    Pod = 2,
+}
+
+/// Number of directions.
+pub const DIRECTION_COUNT: u32 = 3;
+
+/// Size of the `stats` map.
+pub const STATS_ENTRIES: u32 = REASON_COUNT * DIRECTION_COUNT;
+
+impl Direction {
+    /// Every direction, in index order.
+    pub const ALL: [Direction; DIRECTION_COUNT as usize] =
+        [Direction::Egress, Direction::Ingress, Direction::Pod];
+
+    /// The name operators see in `vcnpath counters` and the metrics' `direction` label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Direction::Egress => "egress",
+            Direction::Ingress => "ingress",
+            Direction::Pod => "pod",
+        }
+    }
+}
+
+/// The index in `stats` of the counter of `reason` in `direction`.
+pub const fn stats_index(direction: Direction, reason: Reason) -> u32 {
+    direction as u32 * REASON_COUNT + reason as u32
+}
 
 impl Reason {
     /// Every reason, in index order.
@@ -136,6 +188,9 @@ impl Reason {
         Reason::PassInboundUnrecorded,
         Reason::SnatReopened,
         Reason::SnatRepaired,
+        Reason::PassHostFlow,
+        Reason::HostFlowCollision,
+        Reason::DropNoFlow,
     ];
 
     /// The name operators see in `vcnpath` output and metrics.
@@ -177,6 +232,9 @@ impl Reason {
             Reason::PassInboundUnrecorded => "passed-inbound-unrecorded",
             Reason::SnatReopened => "translated-reopened-flow",
             Reason::SnatRepaired => "translated-reply-repaired",
+            Reason::PassHostFlow => "passed-host-flow",
+            Reason::HostFlowCollision => "host-flow-took-pod-tuple",
+            Reason::DropNoFlow => "dropped-no-flow",
         }
     }
 
@@ -194,6 +252,7 @@ impl Reason {
                 | Reason::DropBadTcpOffset
                 | Reason::DropSpoofed
                 | Reason::DropPodImds
+                | Reason::DropNoFlow
         )
     }
 }

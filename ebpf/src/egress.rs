@@ -8,7 +8,7 @@ use vcnpath_common::{ENDPOINT_KIND_POD, FRAG_F_INBOUND, NAT_DIR_EGRESS, NatKey, 
 use crate::{
     csum,
     decision::{Decision, Step},
-    frag, icmp, maps, nat,
+    frag, hostflow, icmp, maps, nat,
     nat::{NatSlot, Reply, Side},
     packet,
     parse::{
@@ -17,13 +17,19 @@ use crate::{
     redirect,
 };
 
+/// `again`: the packet was redirected here by this program on another VNIC, so it is a
+/// pod's packet in its final form (translated ones carry the masquerade address, and
+/// must not be taken for the host's own).
 #[inline(always)]
-pub fn run(ctx: &TcContext) -> Step<Decision> {
+pub fn run(ctx: &TcContext, again: bool) -> Step<Decision> {
     let Some(config) = maps::config() else {
         return Ok(Decision::pass(Reason::PassUnconfigured));
     };
     let hdr = parse::ipv4(ctx)?;
     let Some(owner) = maps::endpoint(hdr.src).filter(|o| o.kind == ENDPOINT_KIND_POD) else {
+        if hdr.src == config.masq_ip && !again {
+            return Ok(hostflow::egress(ctx, &config, &hdr));
+        }
         return Ok(parse::pass_untouched(ctx, &hdr, Reason::PassNotEndpoint));
     };
     // The L4 fields are read from the frame here and judged against the total length

@@ -85,7 +85,7 @@ pub fn ingress_error(ctx: &TcContext, config: &Config, ip: &Ipv4) -> Step<Decisi
     } else {
         nat::ingress_key(q.proto, q.dst, q.src, q.dport, q.sport)
     };
-    let Some(entry) = nat::lookup(&key) else {
+    let Some(entry) = nat::lookup(&key).filter(|e| !e.is_host()) else {
         return Ok(Decision::pass(Reason::PassHost));
     };
     let (pod_addr, pod_port) = (entry.addr(), entry.port());

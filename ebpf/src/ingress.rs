@@ -8,7 +8,7 @@ use vcnpath_common::{Config, ENDPOINT_KIND_POD, NAT_DIR_INGRESS, NAT_F_INBOUND, 
 use crate::{
     csum,
     decision::{Decision, Step},
-    frag, helpers, icmp,
+    frag, helpers, hostflow, icmp,
     maps::{self, INBOUND},
     nat::{self, NatSlot, Side},
     parse::{
@@ -43,7 +43,9 @@ fn reverse(ctx: &TcContext, config: &Config, ip: &Ipv4) -> Step<Decision> {
         Ok(l4) => l4,
         Err(bad) => return Ok(bad.pass()),
     };
-    let (sport, dport, seen) = match ip.proto {
+    // `droppable`: a packet that cannot open a flow (UDP, TCP without a lone SYN), so
+    // without an entry it is a reply to a flow that is gone.
+    let (sport, dport, seen, droppable) = match ip.proto {
         IPPROTO_TCP => {
             let flags = match parse::tcp_flags(ctx, ip) {
                 Ok(flags) => flags,
@@ -53,10 +55,13 @@ fn reverse(ctx: &TcContext, config: &Config, ip: &Ipv4) -> Step<Decision> {
                 port(l4.port_or_id(ip.proto)),
                 port(l4.dport()),
                 nat::tcp_seen(flags),
+                !nat::opens(flags),
             )
         }
-        IPPROTO_UDP => (port(l4.port_or_id(ip.proto)), port(l4.dport()), 0),
-        IPPROTO_ICMP if l4.icmp_type() == ICMP_ECHO_REPLY => (0, port(l4.port_or_id(ip.proto)), 0),
+        IPPROTO_UDP => (port(l4.port_or_id(ip.proto)), port(l4.dport()), 0, true),
+        IPPROTO_ICMP if l4.icmp_type() == ICMP_ECHO_REPLY => {
+            (0, port(l4.port_or_id(ip.proto)), 0, false)
+        }
         IPPROTO_ICMP if parse::is_icmp_error(l4.icmp_type()) => {
             return icmp::ingress_error(ctx, config, ip);
         }
@@ -64,9 +69,18 @@ fn reverse(ctx: &TcContext, config: &Config, ip: &Ipv4) -> Step<Decision> {
     };
     let key = nat::ingress_key(ip.proto, ip.src, ip.dst, sport, dport);
     let Some(mut entry) = nat::lookup(&key) else {
+        // The NAT range is the table's: nothing of the host's lives there unrecorded, so
+        // the host would only answer such a packet from outside with a RST or a port
+        // unreachable, which the remote may take for the end of a flow it still knows.
+        if droppable && hostflow::in_range(config, dport) && !maps::is_nonmasq(ip.src) {
+            return Ok(Decision::drop(Reason::DropNoFlow));
+        }
         return Ok(Decision::pass(Reason::PassHost));
     };
     entry.touch(seen);
+    if entry.is_host() {
+        return Ok(Decision::pass(Reason::PassHostFlow));
+    }
     let (pod_addr, pod_port) = (entry.addr(), entry.port());
     csum::set_port(
         ctx,

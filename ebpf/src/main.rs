@@ -27,6 +27,8 @@ mod frag;
 #[cfg(target_arch = "bpf")]
 mod helpers;
 #[cfg(target_arch = "bpf")]
+mod hostflow;
+#[cfg(target_arch = "bpf")]
 mod hostsock;
 #[cfg(target_arch = "bpf")]
 mod icmp;
@@ -45,6 +47,8 @@ mod redirect;
 
 #[cfg(target_arch = "bpf")]
 use aya_ebpf::{macros::classifier, programs::TcContext};
+#[cfg(target_arch = "bpf")]
+use vcnpath_common::Direction;
 
 #[cfg(target_arch = "bpf")]
 #[classifier]
@@ -56,9 +60,9 @@ pub fn vcnpath_egress(ctx: TcContext) -> i32 {
     // A packet redirected here from another VNIC's egress was counted there; it is still
     // judged (idempotently: it is already in its final form), only not counted again.
     let again = redirect::take_redirect_mark(&ctx);
-    let decision = decide(egress::run(&ctx));
+    let decision = decide(egress::run(&ctx, again));
     if !again {
-        maps::count(decision.reason);
+        maps::count(Direction::Egress, decision.reason);
     }
     decision.action
 }
@@ -70,7 +74,7 @@ pub fn vcnpath_egress(ctx: TcContext) -> i32 {
     reason = "the signature #[classifier] requires"
 )]
 pub fn vcnpath_ingress(ctx: TcContext) -> i32 {
-    finish(ingress::run(&ctx))
+    finish(Direction::Ingress, ingress::run(&ctx))
 }
 
 /// TC ingress of a pod's host-side veth: drops what the pod sends with an address not its own.
@@ -81,16 +85,16 @@ pub fn vcnpath_ingress(ctx: TcContext) -> i32 {
     reason = "the signature #[classifier] requires"
 )]
 pub fn vcnpath_pod(ctx: TcContext) -> i32 {
-    finish(antispoof::run(&ctx))
+    finish(Direction::Pod, antispoof::run(&ctx))
 }
 
 /// Counts the reason of a program's decision (reached normally or by an early return) and
 /// returns its TC action.
 #[cfg(target_arch = "bpf")]
 #[inline(always)]
-fn finish(result: decision::Step<decision::Decision>) -> i32 {
+fn finish(direction: Direction, result: decision::Step<decision::Decision>) -> i32 {
     let decision = decide(result);
-    maps::count(decision.reason);
+    maps::count(direction, decision.reason);
     decision.action
 }
 

@@ -5,9 +5,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use vcnpath_common::{
-    CIDRS_MAX, CONFIG_F_ENABLED, CidrValue, Config, ENDPOINTS_MAX, Endpoint, EndpointKey,
-    FRAGS_MAX, FragEntry, FragKey, INBOUND_MAX, NAT_MAX, NatEntry, NatKey, REASON_COUNT, Reason,
-    VNICS_MAX, Vnic,
+    CIDRS_MAX, CONFIG_F_ENABLED, CidrValue, Config, Direction, ENDPOINTS_MAX, Endpoint,
+    EndpointKey, FRAGS_MAX, FragEntry, FragKey, INBOUND_MAX, NAT_MAX, NatEntry, NatKey, Reason,
+    STATS_ENTRIES, VNICS_MAX, Vnic, stats_index,
 };
 
 use crate::helpers;
@@ -37,12 +37,12 @@ pub static INBOUND: LruHashMap<NatKey, NatEntry, { INBOUND_MAX as usize }> = Lru
 pub static FRAGS: LruHashMap<FragKey, FragEntry, { FRAGS_MAX as usize }> = LruHashMap::new();
 
 #[btf_map(name = "stats")]
-static STATS: PerCpuArray<u64, { REASON_COUNT as usize }> = PerCpuArray::new();
+static STATS: PerCpuArray<u64, { STATS_ENTRIES as usize }> = PerCpuArray::new();
 
-/// Adds one to the counter of `reason` (per CPU, so no atomics).
+/// Adds one to the counter of `reason` in `direction` (per CPU, so no atomics).
 #[inline(always)]
-pub fn count(reason: Reason) {
-    if let Some(mut counter) = helpers::per_cpu_value(&STATS, reason as u32) {
+pub fn count(direction: Direction, reason: Reason) {
+    if let Some(mut counter) = helpers::per_cpu_value(&STATS, stats_index(direction, reason)) {
         *counter.get_mut() += 1;
     }
 }

@@ -6,10 +6,10 @@
 //! The ingress entry is claimed first with `BPF_NOEXIST`, so two flows can never share
 //! one translated 5-tuple, even when two CPUs race.
 
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST};
 use vcnpath_common::{
-    Config, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_ANSWERED, NAT_F_INBOUND, NAT_PORT_TRIES,
-    NAT_TOUCH_INTERVAL_NS, NatEntry, NatKey, Reason, TCP_SEEN_ACK, TCP_SEEN_FIN,
+    Config, NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_ANSWERED, NAT_F_HOST, NAT_F_INBOUND,
+    NAT_PORT_TRIES, NAT_TOUCH_INTERVAL_NS, NatEntry, NatKey, Reason, TCP_SEEN_ACK, TCP_SEEN_FIN,
     TCP_SEEN_POD_SHIFT, TCP_SEEN_RST, TCP_SEEN_SYN, inbound_seen, tcp_closing,
     wire::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
@@ -19,7 +19,7 @@ use aya_ebpf::programs::TcContext;
 use crate::{
     decision::{Decision, Step},
     helpers::{self, MapValue, coarse_now_ns},
-    hostsock,
+    hostflow, hostsock,
     maps::{INBOUND, NAT},
     parse::IPPROTO_ICMP,
 };
@@ -67,6 +67,12 @@ impl NatSlot {
     #[inline(always)]
     pub fn is_inbound(&self) -> bool {
         self.flags() & NAT_F_INBOUND != 0
+    }
+
+    /// Whether it is a record of the host's own flow (`NAT_F_HOST`): not translated.
+    #[inline(always)]
+    pub fn is_host(&self) -> bool {
+        self.flags() & NAT_F_HOST != 0
     }
 
     /// The address translated to (masquerade address, or the pod's for a reply entry).
@@ -276,6 +282,50 @@ fn reply_entry(fwd: &NatKey, now: u64) -> NatEntry {
     }
 }
 
+/// Records the host's packet whose reply key is `reply` (see `hostflow`), with the TCP
+/// flags it carries. A pod flow holding the tuple gives it up: the host's socket cannot
+/// be moved, the pod's flow can (its egress entry goes, so its next packet starts it over
+/// on a port of its own). Returns the reason to count.
+#[inline(always)]
+pub fn claim_for_host(reply: &NatKey, seen: u8) -> Reason {
+    let host_seen = seen << TCP_SEEN_POD_SHIFT;
+    if let Some(mut entry) = lookup(reply) {
+        if entry.is_host() {
+            entry.touch(host_seen);
+            return Reason::PassHostFlow;
+        }
+        if !entry.is_inbound() {
+            // The reply entry of a pod's flow: its egress key names the pod and the remote.
+            forget(&egress_key(
+                reply.proto,
+                entry.addr(),
+                reply.src,
+                entry.port(),
+                reply.sport,
+            ));
+        }
+        let _ = NAT.insert(reply, host_entry(reply, host_seen), u64::from(BPF_ANY));
+        return Reason::HostFlowCollision;
+    }
+    // A failure only means another CPU recorded it (or a pod flow claimed it) first.
+    let _ = NAT.insert(reply, host_entry(reply, host_seen), u64::from(BPF_NOEXIST));
+    Reason::PassHostFlow
+}
+
+/// The record of the host's flow with the reply key `reply`: "translated" to itself.
+#[inline(always)]
+fn host_entry(reply: &NatKey, tcp_seen: u8) -> NatEntry {
+    let now = coarse_now_ns();
+    NatEntry {
+        last_seen_ns: now,
+        addr: reply.dst,
+        port: reply.dport,
+        flags: NAT_F_HOST,
+        tcp_seen,
+        created_ns: now,
+    }
+}
+
 /// Removes the egress entry of a flow that must start over.
 #[inline(always)]
 pub fn forget(fwd: &NatKey) {
@@ -294,9 +344,10 @@ fn reply_sport(fwd: &NatKey) -> u16 {
 }
 
 /// Creates the mapping for a new flow `fwd` and returns the translated port (host
-/// order). The original port is kept when the translated 5-tuple is free (of NAT entries
-/// and of host sockets); otherwise
-/// ports of the configured range are tried from a random start.
+/// order). The original port is kept when it lies in the NAT range and the translated
+/// 5-tuple is free (of NAT entries, host flows and host sockets); otherwise ports of the
+/// range are tried from a random start. A port outside the range is never kept: the host
+/// owns those (its ephemeral ports among them), and could take the tuple after us.
 #[inline(always)]
 pub fn create(ctx: &TcContext, config: &Config, fwd: &NatKey, seen: u8) -> Step<u16> {
     let now = helpers::now_ns();
@@ -318,9 +369,10 @@ pub fn create(ctx: &TcContext, config: &Config, fwd: &NatKey, seen: u8) -> Step<
         lookup(&key).is_some_and(|e| e.points_back(fwd))
     };
 
-    let (port, claimed) = if claim(fwd.sport) {
+    let own = hostflow::in_range(config, fwd.sport);
+    let (port, claimed) = if own && claim(fwd.sport) {
         (fwd.sport, true)
-    } else if adopt(fwd.sport) {
+    } else if own && adopt(fwd.sport) {
         (fwd.sport, false)
     } else {
         (choose_port(config, claim)?, true)

@@ -52,6 +52,8 @@ pub struct Seen {
     pub tcp_at_peer: BTreeSet<IpAddr>,
     /// The sources of the TCP connections the internet host accepted.
     pub tcp_at_inet: BTreeSet<IpAddr>,
+    /// The source ports of those connections.
+    pub ports_at_inet: BTreeSet<u16>,
 }
 
 /// Each pod sends a UDP request to the VCN peer and echoes a message over a TCP connection to
@@ -83,16 +85,17 @@ pub fn reach_peer_and_internet(lab: &SimLab, pods: &[CniPod], timeout: Duration)
         c.roundtrip(b"inet", timeout)
             .unwrap_or_else(|e| panic!("{}: {e:#}", what("internet's TCP echo")));
     }
-    let sources = |server: &TcpServer| -> BTreeSet<IpAddr> {
-        server
-            .wait_connections(pods.len(), timeout)
-            .expect("the connections the pods made")
-            .iter()
-            .map(|r| r.peer.ip())
-            .collect()
-    };
-    seen.tcp_at_peer = sources(&peer);
-    seen.tcp_at_inet = sources(&inet);
+    seen.tcp_at_peer = peer
+        .wait_connections(pods.len(), timeout)
+        .expect("the connections the pods made")
+        .iter()
+        .map(|r| r.peer.ip())
+        .collect();
+    let at_inet = inet
+        .wait_connections(pods.len(), timeout)
+        .expect("the connections the pods made");
+    seen.tcp_at_inet = at_inet.iter().map(|r| r.peer.ip()).collect();
+    seen.ports_at_inet = at_inet.iter().map(|r| r.peer.port()).collect();
     seen
 }
 
@@ -124,6 +127,21 @@ pub fn assert_own_addresses_and_masquerade(pods: &[CniPod], seen: &Seen) {
         seen.tcp_at_inet,
         BTreeSet::from([IpAddr::V4(MASQ)]),
         "the internet sees only the masquerade address"
+    );
+    // The agent's default NAT range: pods' ephemeral ports (32768–60999) are the host's.
+    let (min, max) = (
+        vcnpath_common::DEFAULT_NAT_PORT_MIN,
+        vcnpath_common::DEFAULT_NAT_PORT_MAX,
+    );
+    let outside: Vec<u16> = seen
+        .ports_at_inet
+        .iter()
+        .copied()
+        .filter(|p| !(min..=max).contains(p))
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "the internet sees only ports of the NAT range {min}-{max}, not {outside:?}"
     );
 }
 

@@ -3,7 +3,7 @@
 
 use std::net::Ipv4Addr;
 
-use vcnpath_common::{NAT_DIR_EGRESS, NatEntry, NatKey, Reason};
+use vcnpath_common::{Direction, NAT_DIR_EGRESS, NatEntry, NatKey, Reason};
 use vcnpath_tests::{
     datapath_fixture::*,
     packet::{self, ETH_HLEN, L4, Spec, assert_checksums, build, view},
@@ -275,11 +275,11 @@ fn a_stale_flow_whose_port_another_flow_took_starts_over_with_its_own() {
 #[test]
 fn exhaustion_drops_with_a_counter_and_never_corrupts() {
     root_or_skip!("exhaustion");
-    // Two ports in the range: the first flow keeps 40000, two more fit, the fourth cannot.
+    // Two ports in the range: two flows fit (their own port 40000 lies outside the range,
+    // so neither keeps it), the third cannot.
     let fx = Fixture::new("exh", 2000, 2001);
-    let pods = [POD0, POD1, POD1B];
     let mut ports = vec![];
-    for pod in pods {
+    for pod in [POD0, POD1] {
         let (verdict, out) = fx.egress(&build(&Spec::tcp(pod, 40000, REMOTE, 443)));
         assert_eq!(verdict, TC_ACT_OK);
         ports.push(view(&out).sport);
@@ -287,50 +287,42 @@ fn exhaustion_drops_with_a_counter_and_never_corrupts() {
     ports.sort_unstable();
     assert_eq!(
         ports,
-        vec![2000, 2001, 40000],
-        "three flows, three distinct translated ports"
+        vec![2000, 2001],
+        "two flows, two distinct translated ports"
     );
-    let input = build(&Spec::tcp(Ipv4Addr::new(10, 0, 0, 20), 40001, REMOTE, 443));
-    // POD0 again with another source port: 40001 is free, so it is kept.
-    let (verdict, _) = fx.egress(&input);
-    assert_eq!(verdict, TC_ACT_OK);
-    // A fifth flow reusing 40000 from a new pod address has nowhere to go.
-    let mut state = state(2000, 2001);
-    state.endpoints.insert(
-        Ipv4Addr::new(10, 0, 0, 30),
-        vcnpath_common::Endpoint {
-            ifindex: ETH0,
-            kind: vcnpath_common::ENDPOINT_KIND_POD,
-            flags: 0,
-            pad: [0; 2],
-        },
-    );
-    let mut fx = fx;
-    fx.datapath.maps.sync(&state).unwrap();
-    let input = build(&Spec::tcp(Ipv4Addr::new(10, 0, 0, 30), 40000, REMOTE, 443));
+    let input = build(&Spec::tcp(POD1B, 40000, REMOTE, 443));
     let (verdict, out) = fx.egress(&input);
     assert_eq!(verdict, TC_ACT_SHOT, "no port left: drop");
     assert_eq!(out, input, "a dropped packet is never rewritten");
     assert_eq!(fx.count(Reason::DropNoPort), 1);
+    // The two flows are intact.
+    for (pod, port) in [(POD0, ports[0]), (POD1, ports[1])] {
+        let (_, back) = fx.ingress(&build(&Spec::tcp(REMOTE, 443, MASQ, port)));
+        let v = view(&back);
+        assert!(
+            v.dport == 40000 && (v.dst == POD0 || v.dst == POD1),
+            "{pod}: the reply on {port} still reaches a pod flow"
+        );
+    }
 }
 
 #[test]
 fn icmp_echo_identifier_is_translated_both_ways() {
     root_or_skip!("icmp_echo");
     let fx = Fixture::new("echo", 1024, 65535);
-    let (_, a) = fx.egress(&build(&Spec::echo(POD0, REMOTE, 8, 77)));
-    let (_, b) = fx.egress(&build(&Spec::echo(POD1, REMOTE, 8, 77)));
-    assert_eq!((view(&a).src, view(&a).sport), (MASQ, 77));
+    let (_, a) = fx.egress(&build(&Spec::echo(POD0, REMOTE, 8, 7077)));
+    let (_, b) = fx.egress(&build(&Spec::echo(POD1, REMOTE, 8, 7077)));
+    assert_eq!((view(&a).src, view(&a).sport), (MASQ, 7077));
     let id_b = view(&b).sport;
-    assert_ne!(id_b, 77, "a colliding echo id gets another identifier");
+    assert_ne!(id_b, 7077, "a colliding echo id gets another identifier");
     assert_checksums(ip(&a));
     assert_checksums(ip(&b));
-    let (_, ra) = fx.ingress(&build(&Spec::echo(REMOTE, MASQ, 0, 77)));
+    let (_, ra) = fx.ingress(&build(&Spec::echo(REMOTE, MASQ, 0, 7077)));
     let (_, rb) = fx.ingress(&build(&Spec::echo(REMOTE, MASQ, 0, id_b)));
-    assert_eq!((view(&ra).dst, view(&ra).sport), (POD0, 77));
+    assert_eq!((view(&ra).dst, view(&ra).sport), (POD0, 7077));
     assert_eq!(
         (view(&rb).dst, view(&rb).sport),
-        (POD1, 77),
+        (POD1, 7077),
         "the reply gets the pod's own id back"
     );
     assert_checksums(ip(&rb));
@@ -523,7 +515,12 @@ fn rule5_non_endpoint_and_host_traffic_pass_untouched() {
     // A host reply to the masquerade address without a NAT entry is the host's.
     let input = build(&Spec::tcp(REMOTE, 443, MASQ, 22));
     assert_eq!(fx.ingress(&input), (TC_ACT_OK, input));
-    assert_eq!(fx.count(Reason::PassNotEndpoint), 3);
+    assert_eq!(fx.count(Reason::PassNotEndpoint), 2);
+    assert_eq!(
+        fx.count(Reason::PassHostFlow),
+        1,
+        "the masquerade address's port 40000 lies in the NAT range: recorded as the host's"
+    );
     assert_eq!(fx.count(Reason::PassHost), 1);
 }
 
@@ -773,4 +770,135 @@ fn unconfigured_datapath_passes_everything() {
     let input = build(&Spec::tcp(POD1, 40000, REMOTE, 443));
     assert_eq!(fx.egress(&input), (TC_ACT_OK, input));
     assert_eq!(fx.count(Reason::PassUnconfigured), 1);
+}
+
+/// The NAT range of the port-space tests: disjoint from the host's ephemeral ports, as the
+/// agent's default is.
+const RANGE: (u16, u16) = (61000, 65535);
+
+/// Issue: a pod flow kept its own port although it lay outside the NAT range (among the
+/// host's ephemeral ports); a host socket connecting later from the same port to the same
+/// remote had its replies translated to the pod.
+#[test]
+fn a_host_socket_opened_after_a_pod_flow_on_its_port_keeps_its_replies() {
+    root_or_skip!("host_after_pod");
+    let fx = Fixture::new("hafter", RANGE.0, RANGE.1);
+    let (_, out) = fx.egress(&build(&Spec::tcp(POD1, 40000, REMOTE, 443)));
+    let translated = view(&out).sport;
+    assert!(
+        (RANGE.0..=RANGE.1).contains(&translated),
+        "a port outside the NAT range is the host's, never kept: got {translated}"
+    );
+    // The host's own connection from its ephemeral port 40000 to the same remote.
+    let host = build(&Spec::tcp(MASQ, 40000, REMOTE, 443).with_tcp_flags(0x02));
+    assert_eq!(fx.egress(&host), (TC_ACT_OK, host.clone()));
+    let reply = build(&Spec::tcp(REMOTE, 443, MASQ, 40000).with_tcp_flags(0x12));
+    assert_eq!(
+        fx.ingress(&reply),
+        (TC_ACT_OK, reply),
+        "the host's reply reaches the host, untranslated"
+    );
+    let (_, back) = fx.ingress(&build(&Spec::tcp(REMOTE, 443, MASQ, translated)));
+    assert_eq!(
+        (view(&back).dst, view(&back).dport),
+        (POD1, 40000),
+        "and the pod's replies still reach the pod"
+    );
+}
+
+/// `nf_nat`'s MASQUERADE (a Docker container, kube-proxy) may pick a port of the NAT range
+/// that a pod's flow holds: the host keeps its replies, and the pod's flow moves.
+#[test]
+fn an_nf_nat_host_flow_on_a_pod_flows_tuple_keeps_its_replies_and_the_pod_flow_moves() {
+    root_or_skip!("host_collision");
+    let fx = Fixture::new("hcoll", RANGE.0, RANGE.1);
+    let (_, out) = fx.egress(&build(&Spec::tcp(POD1, 61500, REMOTE, 443)));
+    assert_eq!(view(&out).sport, 61500, "a free port of the range is kept");
+    let host = build(&Spec::tcp(MASQ, 61500, REMOTE, 443).with_tcp_flags(0x02));
+    assert_eq!(fx.egress(&host), (TC_ACT_OK, host.clone()));
+    assert_eq!(
+        fx.count(Reason::HostFlowCollision),
+        1,
+        "the collision is counted"
+    );
+    let reply = build(&Spec::tcp(REMOTE, 443, MASQ, 61500).with_tcp_flags(0x12));
+    assert_eq!(
+        fx.ingress(&reply),
+        (TC_ACT_OK, reply),
+        "the host's reply reaches the host, untranslated"
+    );
+    let (_, moved) = fx.egress(&build(&Spec::tcp(POD1, 61500, REMOTE, 443)));
+    let port = view(&moved).sport;
+    assert!(
+        port != 61500 && (RANGE.0..=RANGE.1).contains(&port),
+        "the pod's flow starts over on another port of the range: got {port}"
+    );
+    assert_eq!(fx.count(Reason::SnatNew), 2);
+    let (_, back) = fx.ingress(&build(&Spec::tcp(REMOTE, 443, MASQ, port)));
+    assert_eq!((view(&back).dst, view(&back).dport), (POD1, 61500));
+    assert_eq!(
+        fx.count(Reason::PassHostFlow),
+        1,
+        "the host's reply (its SYN counted the collision)"
+    );
+}
+
+/// A host flow seen first keeps a pod's new flow (TCP, and ICMP echo ids) off its tuple,
+/// although no socket of the node holds it (`nf_nat`'s mappings are not sockets).
+#[test]
+fn a_pod_flow_after_a_host_flow_takes_another_port_and_echo_id() {
+    root_or_skip!("pod_after_host");
+    let fx = Fixture::new("pafter", RANGE.0, RANGE.1);
+    let host = build(&Spec::tcp(MASQ, 62000, REMOTE, 443).with_tcp_flags(0x02));
+    assert_eq!(fx.egress(&host), (TC_ACT_OK, host.clone()));
+    let (_, out) = fx.egress(&build(&Spec::tcp(POD1, 62000, REMOTE, 443)));
+    assert_ne!(view(&out).sport, 62000, "the host's tuple is not taken");
+    let ping = build(&Spec::echo(MASQ, REMOTE, 8, 62001));
+    assert_eq!(fx.egress(&ping), (TC_ACT_OK, ping.clone()));
+    let (_, out) = fx.egress(&build(&Spec::echo(POD1, REMOTE, 8, 62001)));
+    assert_ne!(view(&out).sport, 62001, "nor the host's echo identifier");
+    let echo_reply = build(&Spec::echo(REMOTE, MASQ, 0, 62001));
+    assert_eq!(
+        fx.ingress(&echo_reply),
+        (TC_ACT_OK, echo_reply),
+        "the host's echo reply is the host's"
+    );
+    let counters = fx.counters();
+    assert_eq!(
+        (
+            counters.get_in(Direction::Egress, Reason::PassHostFlow),
+            counters.get_in(Direction::Ingress, Reason::PassHostFlow)
+        ),
+        (2, 1),
+        "the counters say which way: the host's SYN and echo request out, the echo reply in"
+    );
+}
+
+/// From outside the VCN, a packet on a port of the NAT range that matches no flow is a
+/// reply to a flow gone: dropped and counted, not answered by the host with a RST. What
+/// may open a flow (a TCP SYN, towards a host listener), what comes from inside the VCN
+/// and what is addressed to a port outside the range still pass to the host.
+#[test]
+fn unmatched_replies_inside_the_nat_range_are_dropped() {
+    root_or_skip!("no_flow");
+    let fx = Fixture::new("noflow", RANGE.0, RANGE.1);
+    for stray in [
+        Spec::tcp(REMOTE, 443, MASQ, 61234),
+        Spec::tcp(REMOTE, 443, MASQ, 61234).with_tcp_flags(0x04),
+        Spec::udp(REMOTE, 53, MASQ, 61234),
+    ] {
+        assert_eq!(fx.ingress(&build(&stray)).0, TC_ACT_SHOT);
+    }
+    assert_eq!(fx.count(Reason::DropNoFlow), 3);
+    for host in [
+        Spec::tcp(REMOTE, 443, MASQ, 61234).with_tcp_flags(0x02),
+        Spec::tcp(PEER, 443, MASQ, 61234),
+        Spec::udp(PEER, 53, MASQ, 61234),
+        Spec::tcp(REMOTE, 443, MASQ, 22),
+        Spec::udp(REMOTE, 53, MASQ, 40000),
+    ] {
+        let input = build(&host);
+        assert_eq!(fx.ingress(&input), (TC_ACT_OK, input));
+    }
+    assert_eq!(fx.count(Reason::PassHost), 5);
 }

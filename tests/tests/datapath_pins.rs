@@ -13,8 +13,8 @@ use vcnpath::datapath::{
     compat::{Field, Refusal},
 };
 use vcnpath_common::{
-    DATAPATH_ABI, MAP_ABI, MAP_NAT, MAP_STATS, MAP_VNICS, NatEntry, NatKey, PROG_EGRESS,
-    REASON_COUNT, Reason,
+    DATAPATH_ABI, MAP_ABI, MAP_NAT, MAP_STATS, MAP_VNICS, NatEntry, NatKey, PROG_EGRESS, Reason,
+    STATS_ENTRIES,
 };
 use vcnpath_tests::{
     datapath_fixture::{Fixture, MASQ, POD0, REMOTE, TC_ACT_OK, pin_foreign_map, state},
@@ -40,6 +40,16 @@ fn pins_with(tag: &str, name: &str, map_type: bpf_map_type, sizes: (u32, u32, u3
     std::fs::create_dir_all(&pins.path).expect("create the pin directory (is bpffs mounted?)");
     pin_foreign_map(&pins.path.join(name), name, map_type, sizes);
     pins
+}
+
+/// Records `abi` as the datapath ABI of the pins in `pins`, as the release of that ABI did.
+fn record_abi(pins: &PinDir, abi: u32) {
+    let path = pins.path.join(MAP_ABI);
+    if !path.exists() {
+        pin_foreign_map(&path, MAP_ABI, bpf_map_type::BPF_MAP_TYPE_ARRAY, (4, 4, 1));
+    }
+    let mut record: Array<MapData, u32> = open(&path).try_into().unwrap();
+    record.set(0, abi, 0).unwrap();
 }
 
 fn open(path: &Path) -> Map {
@@ -177,13 +187,7 @@ fn pins_of_another_datapath_abi_are_refused_while_they_hold_a_nat_table() {
     let pins = Fixture::load_into(PinDir::new("abi"), 1024, 65535)
         .unwrap_or_else(|(e, _)| panic!("first load: {e}"))
         .into_pins();
-    let abi = pins.path.join(MAP_ABI);
-    if !abi.exists() {
-        pin_foreign_map(&abi, MAP_ABI, bpf_map_type::BPF_MAP_TYPE_ARRAY, (4, 4, 1));
-    }
-    let mut record: Array<MapData, u32> = open(&abi).try_into().unwrap();
-    record.set(0, DATAPATH_ABI + 1, 0).unwrap();
-    drop(record);
+    record_abi(&pins, DATAPATH_ABI + 1);
     let id = map_id(&pins.path.join(MAP_NAT));
     // `vcnpath counters` and `vcnpath nat` would misname what they read.
     match DatapathMaps::from_pins(&pins.path) {
@@ -217,8 +221,10 @@ fn stats_of_a_release_with_fewer_reasons_are_replaced_with_their_counts() {
         "stats",
         MAP_STATS,
         bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY,
-        (4, 8, REASON_COUNT - 1),
+        (4, 8, STATS_ENTRIES - 1),
     );
+    // A release of this ABI (with fewer reasons needs no other): its record says so.
+    record_abi(&pins, DATAPATH_ABI);
     let stats = pins.path.join(MAP_STATS);
     let mut old: PerCpuArray<MapData, u64> = open(&stats).try_into().unwrap();
     let cpus = aya::util::nr_cpus().unwrap();
@@ -231,8 +237,8 @@ fn stats_of_a_release_with_fewer_reasons_are_replaced_with_their_counts() {
     let info = MapInfo::from_pin(&stats).unwrap();
     assert_eq!(
         info.max_entries(),
-        REASON_COUNT,
-        "the pinned stats must have a counter per reason"
+        STATS_ENTRIES,
+        "the pinned stats must have a counter per direction and reason"
     );
     let before = 7 * cpus as u64;
     assert_eq!(
@@ -297,6 +303,57 @@ fn a_pinned_program_bound_to_a_replaced_map_is_not_adopted() {
         1,
         "the program in use must count into the pinned stats map"
     );
+}
+
+/// The upgrade from ABI 1, whose `stats` had one counter per reason: the flow tables are
+/// adopted as they are, so a flow translated before the upgrade carries on with its port
+/// and its replies; the counters start over in the new layout; the record says the new ABI.
+#[test]
+fn pins_of_abi_1_are_upgraded_keeping_every_flow() {
+    root_or_skip!("abi_upgrade");
+    let first = Fixture::load_into(PinDir::new("abi1"), 1024, 65535)
+        .unwrap_or_else(|(e, _)| panic!("first load: {e}"));
+    let (_, out) = first.egress(&build(&Spec::tcp(POD0, 40000, REMOTE, 443)));
+    let port = view(&out).sport;
+    let pins = first.into_pins();
+    // What ABI 1 left behind: its record, and its counters.
+    record_abi(&pins, 1);
+    let stats = pins.path.join(MAP_STATS);
+    std::fs::remove_file(&stats).unwrap();
+    pin_foreign_map(
+        &stats,
+        MAP_STATS,
+        bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY,
+        (4, 8, 36),
+    );
+    let nat = map_id(&pins.path.join(MAP_NAT));
+
+    let fx = Fixture::load_into(pins, 1024, 65535)
+        .unwrap_or_else(|(e, _)| panic!("the flow tables of ABI 1 must be adopted: {e}"));
+    assert_eq!(
+        map_id(&fx.pin_dir().join(MAP_NAT)),
+        nat,
+        "the NAT table is kept"
+    );
+    let (_, back) = fx.ingress(&build(&Spec::tcp(REMOTE, 443, MASQ, port)));
+    assert_eq!(
+        (view(&back).dst, view(&back).dport),
+        (POD0, 40000),
+        "a reply of the flow from before the upgrade reaches its pod"
+    );
+    let (_, again) = fx.egress(&build(&Spec::tcp(POD0, 40000, REMOTE, 443)));
+    assert_eq!(view(&again).sport, port, "the flow keeps its port");
+    assert_eq!(
+        (fx.count(Reason::SnatEstablished), fx.count(Reason::SnatNew)),
+        (1, 0),
+        "and rides its old mapping"
+    );
+    assert_eq!(
+        MapInfo::from_pin(&stats).unwrap().max_entries(),
+        STATS_ENTRIES
+    );
+    let record: Array<MapData, u32> = open(&fx.pin_dir().join(MAP_ABI)).try_into().unwrap();
+    assert_eq!(record.get(&0, 0).unwrap(), DATAPATH_ABI);
 }
 
 #[test]

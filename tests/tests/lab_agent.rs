@@ -48,7 +48,7 @@ fn assert_metrics_and_readiness(lab: &SimLab) {
         "vcnpath_allocations_total{result=\"ok\"} 40",
         "vcnpath_oci_requests_total{operation=\"CreatePrivateIp\",outcome=\"ok\"}",
         "vcnpath_oci_request_duration_seconds_bucket{operation=\"AttachVnic\"",
-        "vcnpath_datapath_packets_total{reason=\"redirected-to-owner\"}",
+        "vcnpath_datapath_packets_total{direction=\"egress\",reason=\"redirected-to-owner\"}",
         "vcnpath_nat_entries",
     ] {
         assert!(
@@ -95,6 +95,15 @@ fn lab_forty_pods_across_two_vnics_reach_the_vcn_and_the_internet_and_addresses_
 
     let seen = reach_peer_and_internet(&lab, &pods, T);
     assert_own_addresses_and_masquerade(&pods, &seen);
+    let reserved = lab
+        .lab()
+        .node()
+        .read_sysctl("net/ipv4/ip_local_reserved_ports")
+        .expect("read the node's reserved ports");
+    assert!(
+        reserved.split(',').any(|r| r.trim() == "61000-65535"),
+        "the agent reserves the NAT range from host sockets in its namespace: {reserved:?}"
+    );
     for nic in 0..3 {
         assert_eq!(
             lab.router_drops(nic).unwrap_or(0),

@@ -82,10 +82,10 @@ fn default_pin_dir() -> PathBuf {
     PathBuf::from(DEFAULT_PIN_DIR)
 }
 const fn default_port_min() -> u16 {
-    1024
+    vcnpath_common::DEFAULT_NAT_PORT_MIN
 }
 const fn default_port_max() -> u16 {
-    65535
+    vcnpath_common::DEFAULT_NAT_PORT_MAX
 }
 const fn default_gc_interval() -> u64 {
     10
@@ -416,7 +416,7 @@ mod tests {
     #[test]
     fn a_valid_file_parses_with_defaults() {
         let config = parse(GOOD).expect("valid config");
-        assert_eq!((config.nat_port_min, config.nat_port_max), (1024, 65535));
+        assert_eq!((config.nat_port_min, config.nat_port_max), (61000, 65535));
         assert_eq!(config.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
     }
 

@@ -305,6 +305,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let recovered_imds = running.iter().filter(|h| h.imds).map(|h| h.ip).collect();
     let (datapath, datapath_task) = datapath::task::spawn(datapath, config.datapath.nat_timeouts);
     enable_forwarding();
+    reserve_nat_ports(config.datapath.nat_port_min..=config.datapath.nat_port_max);
     let ipam = start_ipam(
         &config,
         &instance,
@@ -676,6 +677,32 @@ fn parse_cidrs(blocks: &[String]) -> anyhow::Result<BTreeSet<Ipv4Net>> {
                 .with_context(|| format!("VCN CIDR block {c:?}"))
         })
         .collect()
+}
+
+/// The kernel must not hand the NAT's ports to host sockets (see `host::ports`).
+fn reserve_nat_ports(nat: std::ops::RangeInclusive<u16>) {
+    use crate::host::ports::Reservation;
+    let (min, max) = (*nat.start(), *nat.end());
+    match crate::host::ports::reserve(nat) {
+        Ok(Reservation::Held) => {}
+        Ok(Reservation::Write { shrinks, .. }) => info!(
+            min,
+            max,
+            ephemeral_ports_lost = shrinks,
+            "NAT ports reserved in net.ipv4.ip_local_reserved_ports"
+        ),
+        Ok(Reservation::CoversEphemeral) => warn!(
+            min,
+            max,
+            "the NAT port range covers all of net.ipv4.ip_local_port_range, so it is not reserved and host sockets may take ports of pods' flows; set datapath.nat_port_min/nat_port_max outside the ephemeral range (the default is 61000-65535)"
+        ),
+        Err(error) => warn!(
+            %error,
+            min,
+            max,
+            "cannot reserve the NAT ports in net.ipv4.ip_local_reserved_ports (/proc/sys is read-only in an unprivileged container); reserve them on the node, or a host socket may take a pod flow's port"
+        ),
+    }
 }
 
 /// Pods' traffic is forwarded by the node. Managed VNICs get `forwarding` per interface over

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use ipnet::Ipv4Net;
 use serde::Deserialize;
-use vcnpath_common::DEFAULT_PIN_DIR;
+use vcnpath_common::{DEFAULT_NAT_PORT_MAX, DEFAULT_NAT_PORT_MIN, DEFAULT_PIN_DIR};
 
 use crate::{datapath::NatTimeouts, ipam::PoolConfig};
 
@@ -311,8 +311,8 @@ impl Default for DatapathSection {
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
             nonmasq_cidrs: Vec::new(),
             mtu: 9000,
-            nat_port_min: 1024,
-            nat_port_max: 65535,
+            nat_port_min: DEFAULT_NAT_PORT_MIN,
+            nat_port_max: DEFAULT_NAT_PORT_MAX,
             nat_max_entries: None,
             gc_interval_secs: 10,
             sync_interval_secs: 1,

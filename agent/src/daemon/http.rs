@@ -10,6 +10,8 @@ use super::{
     health::{Health, LOCK_TIMEOUT, Liveness},
     node::Node,
 };
+use vcnpath_common::Direction;
+
 use crate::datapath::Counters;
 
 /// What the HTTP handlers read.
@@ -140,7 +142,14 @@ pub async fn status_json(state: &Introspection) -> Value {
         "pods": pods,
         "datapath": {
             "nat_entries": nat_entries,
-            "counters": counters.0.iter().map(|(r, n)| (r.name().to_owned(), json!(n))).collect::<serde_json::Map<_, _>>(),
+            "counters": counters.totals().map(|(r, n)| (r.name().to_owned(), json!(n))).collect::<serde_json::Map<_, _>>(),
+            "counters_by_direction": Direction::ALL.iter().map(|d| {
+                let counts = counters.0.iter()
+                    .filter(|(dir, _, n)| dir == d && *n > 0)
+                    .map(|(_, r, n)| (r.name().to_owned(), json!(n)))
+                    .collect::<serde_json::Map<_, _>>();
+                (d.name().to_owned(), serde_json::Value::Object(counts))
+            }).collect::<serde_json::Map<_, _>>(),
         },
     })
 }
@@ -239,12 +248,13 @@ fn render(
     );
     let _ = writeln!(
         out,
-        "# HELP vcnpath_datapath_packets_total Packets by datapath decision.\n# TYPE vcnpath_datapath_packets_total counter"
+        "# HELP vcnpath_datapath_packets_total Packets by datapath decision and the program that took it (egress and ingress of the VNICs, pod: the pods' veths).\n# TYPE vcnpath_datapath_packets_total counter"
     );
-    for (reason, n) in &counters.0 {
+    for (direction, reason, n) in &counters.0 {
         let _ = writeln!(
             out,
-            "vcnpath_datapath_packets_total{{reason=\"{}\"}} {n}",
+            "vcnpath_datapath_packets_total{{direction=\"{}\",reason=\"{}\"}} {n}",
+            direction.name(),
             reason.name()
         );
     }

@@ -170,10 +170,13 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// Converts the NAT entries of an older ABI, where one is defined. None is yet: ABI 1 is
-/// the first. A conversion added here turns the refusal of such pins into a migration.
-const fn nat_converts_from(_pinned_abi: u32) -> bool {
-    false
+/// Whether the flow tables (`nat`, `inbound`) pinned by ABI `pinned` are this build's
+/// (ABI `abi`) as they are. ABI 2 changed only `stats` (counters per direction), so a
+/// table of ABI 1 is adopted and its flows carry on. A version whose flow entries change
+/// layout needs a conversion of its own; until one is written here, its pins are refused,
+/// and so are pins of a newer ABI than this build knows (a downgrade).
+const fn flow_tables_carry_over(pinned: u32, abi: u32) -> bool {
+    pinned == abi || matches!((pinned, abi), (1, 2))
 }
 
 /// Decides what to do with the map `name`, declared as `expected`, given what is pinned
@@ -190,7 +193,7 @@ pub fn plan(
     };
     match contents(name) {
         Contents::Kept => {
-            if pinned_abi != abi && !nat_converts_from(pinned_abi) {
+            if !flow_tables_carry_over(pinned_abi, abi) {
                 return Err(Refusal::Abi {
                     pinned: pinned_abi,
                     expected: abi,
@@ -311,12 +314,29 @@ mod tests {
 
     #[test]
     fn a_nat_table_of_another_abi_is_refused_even_with_the_same_sizes() {
+        for (pinned, expected) in [(2, 1), (3, 2), (0, 2)] {
+            assert_eq!(
+                plan(MAP_NAT, &NAT, Some(&NAT), pinned, expected),
+                Err(Refusal::Abi { pinned, expected })
+            );
+        }
+    }
+
+    /// ABI 2 changed only `stats`: the flow tables of ABI 1 are adopted as they are, so
+    /// an upgrade keeps every flow.
+    #[test]
+    fn the_flow_tables_of_abi_1_are_adopted_by_abi_2() {
+        for name in [MAP_NAT, MAP_INBOUND] {
+            assert_eq!(
+                plan(name, &NAT, Some(&NAT), 1, 2),
+                Ok(Plan::Adopt),
+                "{name}"
+            );
+        }
         assert_eq!(
-            plan(MAP_NAT, &NAT, Some(&NAT), 2, 1),
-            Err(Refusal::Abi {
-                pinned: 2,
-                expected: 1
-            })
+            plan(MAP_STATS, &STATS, Some(&STATS), 1, 2),
+            Ok(Plan::Replace { copy: false }),
+            "the counters, whose indices changed meaning, start over"
         );
     }
 

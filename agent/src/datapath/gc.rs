@@ -11,8 +11,8 @@ use std::{
 };
 
 use vcnpath_common::{
-    NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_ANSWERED, NAT_F_INBOUND, NatEntry, NatKey, TCP_SEEN_ACK,
-    inbound_seen, tcp_closing,
+    NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_ANSWERED, NAT_F_HOST, NAT_F_INBOUND, NatEntry, NatKey,
+    TCP_SEEN_ACK, inbound_seen, tcp_closing,
     wire::{IPPROTO_ICMP, IPPROTO_TCP},
 };
 
@@ -316,6 +316,7 @@ impl<'t> Collector<'t> {
         match key.dir {
             NAT_DIR_EGRESS if entry.flags & NAT_F_INBOUND != 0 => self.add_inbound(key, entry),
             NAT_DIR_EGRESS => self.add_egress(key, entry),
+            NAT_DIR_INGRESS if entry.flags & NAT_F_HOST != 0 => self.add_host(key, entry),
             NAT_DIR_INGRESS => self.add_ingress(key, entry),
             _ => {}
         }
@@ -323,6 +324,14 @@ impl<'t> Collector<'t> {
 
     /// A flow opened from outside has no second half to wait for.
     fn add_inbound(&mut self, key: NatKey, entry: NatEntry) {
+        if self.rules.inbound_expired(&key, &entry, false) {
+            self.doomed.push(key);
+        }
+    }
+
+    /// The host's own flow is one ingress-keyed record with both ends' flags, as a flow
+    /// opened from outside: nothing to pair it with.
+    fn add_host(&mut self, key: NatKey, entry: NatEntry) {
         if self.rules.inbound_expired(&key, &entry, false) {
             self.doomed.push(key);
         }
@@ -473,6 +482,46 @@ mod tests {
             ..Default::default()
         };
         HashMap::from([(out, out_e), (back, back_e)])
+    }
+
+    /// A record of the host's own flow (`NAT_F_HOST`) is ingress-keyed with no egress half:
+    /// it lives by its own TCP flags (the host's shifted, the remote's as they are), not as
+    /// an orphan reply entry, which would go after the opening timeout.
+    #[test]
+    fn a_host_flow_lives_by_its_own_flags() {
+        use vcnpath_common::{TCP_SEEN_ACK, TCP_SEEN_POD_SHIFT};
+        let t = NatTimeouts::default();
+        let key = NatKey {
+            src: [203, 0, 113, 10],
+            dst: [10, 0, 0, 10],
+            sport: 443,
+            dport: 61_500,
+            proto: IPPROTO_TCP,
+            dir: NAT_DIR_INGRESS,
+            pad: [0; 2],
+        };
+        let host = |tcp_seen: u8| NatEntry {
+            last_seen_ns: 0,
+            addr: key.dst,
+            port: key.dport,
+            flags: NAT_F_HOST,
+            tcp_seen,
+            created_ns: 0,
+        };
+        let established = TCP_SEEN_ACK | (TCP_SEEN_ACK << TCP_SEEN_POD_SHIFT);
+        let opening = TCP_SEEN_SYN << TCP_SEEN_POD_SHIFT;
+        let hour = 3600 * S;
+        let table = HashMap::from([(key, host(established))]);
+        assert!(
+            expired(&table, hour, &t).is_empty(),
+            "an established host flow idle for an hour stays"
+        );
+        let table = HashMap::from([(key, host(opening))]);
+        assert_eq!(
+            expired(&table, 2 * 60 * S, &t),
+            vec![key],
+            "an unanswered SYN goes"
+        );
     }
 
     #[test]

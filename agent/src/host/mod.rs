@@ -6,6 +6,7 @@ pub mod file;
 pub mod link;
 pub mod netlink;
 pub mod pods;
+pub mod ports;
 pub mod sysctl;
 pub mod tc;
 pub mod vlan;

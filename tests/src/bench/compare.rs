@@ -211,11 +211,11 @@ fn check(node: &BenchNode) -> Result<NodeCheck> {
             baseline::conntrack_count(node.lab().node())?
         ),
         Some(c) => {
-            let drops: u64 =
-                c.0.iter()
-                    .filter(|(r, _)| r.name().starts_with("drop"))
-                    .map(|(_, n)| n)
-                    .sum();
+            let drops: u64 = c
+                .totals()
+                .filter(|(r, _)| r.is_drop())
+                .map(|(_, n)| n)
+                .sum();
             format!(
                 "redirected {}, snat_new {}, snat_established {}, reverse_nat {}, dropped {drops}",
                 c.get(Reason::RedirectOwner),

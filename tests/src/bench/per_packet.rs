@@ -163,7 +163,7 @@ pub fn translating_pair(
     Ok(())
 }
 
-/// Every path of the `datapath` benchmark, on three datapaths loaded side by side: the
+/// Every path of the `datapath` benchmark (ten), on three datapaths loaded side by side: the
 /// packet tests' state (three pod endpoints), the same with 4096 pod endpoints, and one
 /// whose masquerade address is a pod address (for new flows).
 pub fn datapath() -> anyhow::Result<Vec<Row>> {
@@ -210,6 +210,14 @@ pub fn datapath() -> anyhow::Result<Vec<Row>> {
             &Spec::tcp(outside, 40000, REMOTE, 443),
             Reason::PassNotEndpoint,
             "non-endpoint pass-through",
+        ),
+        // The host's own packet from the masquerade address on a port of the NAT range:
+        // recorded once, then looked up and refreshed (see `hostflow`).
+        Case::egress(
+            &fx,
+            &Spec::tcp(MASQ, 61500, REMOTE, 443),
+            Reason::PassHostFlow,
+            "host flow on a NAT port",
         ),
         Case::egress(
             &fx,
