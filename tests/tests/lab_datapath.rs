@@ -7,7 +7,7 @@ use std::{net::Ipv4Addr, net::SocketAddr, time::Duration};
 
 use aya_obj::generated::bpf_map_type;
 use vcnpath::datapath::{Counters, DatapathMaps};
-use vcnpath_common::{MAP_STATS, MAP_VNICS, Reason, STATS_ENTRIES};
+use vcnpath_common::{MAP_ABI, MAP_STATS, MAP_VNICS, Reason, STATS_ENTRIES};
 use vcnpath_tests::{
     agent::{Agent, lab_config},
     datapath_fixture::pin_foreign_map,
@@ -432,28 +432,63 @@ fn lab_upgrade_that_replaces_maps_keeps_established_connections() {
     if !have_root("lab_upgrade_maps") {
         return;
     }
-    let mut s = setup("upgrade", LabOptions::default());
+    // What the older release left pinned (its programs, still attached, hold their own
+    // maps): a `Vnic` 4 bytes shorter and one reason fewer.
+    upgrade_keeps_connections("upgrade", |pins| {
+        for (name, map_type, sizes) in [
+            (MAP_VNICS, bpf_map_type::BPF_MAP_TYPE_HASH, (4, 28, 64)),
+            (
+                MAP_STATS,
+                bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY,
+                (4, 8, STATS_ENTRIES - 1),
+            ),
+        ] {
+            let path = pins.join(name);
+            std::fs::remove_file(&path).unwrap();
+            pin_foreign_map(&path, name, map_type, sizes);
+        }
+    });
+}
+
+/// The upgrade from datapath ABI 1 (counters per reason only, 36 of them) to this
+/// release's ABI 2: the agent adopts the NAT table as it is and replaces the counters, and
+/// the established masqueraded connection carries on.
+#[test]
+fn lab_upgrade_from_abi_1_keeps_established_connections() {
+    if !have_root("lab_upgrade_abi") {
+        return;
+    }
+    upgrade_keeps_connections("abi1", |pins| {
+        let stats = pins.join(MAP_STATS);
+        std::fs::remove_file(&stats).unwrap();
+        pin_foreign_map(
+            &stats,
+            MAP_STATS,
+            bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY,
+            (4, 8, 36),
+        );
+        let mut record: aya::maps::Array<aya::maps::MapData, u32> = aya::maps::Map::from_map_data(
+            aya::maps::MapData::from_pin(pins.join(MAP_ABI)).expect("the abi pin"),
+        )
+        .expect("a map")
+        .try_into()
+        .expect("the abi record");
+        record.set(0, 1, 0).expect("record ABI 1");
+    });
+}
+
+/// A pod's masqueraded connection, the agent killed, the pins changed by `older` into
+/// what an older release leaves, the agent started again: the connection carries on, the
+/// programs now attached count into the pinned maps, and new connections work.
+fn upgrade_keeps_connections(tag: &str, older: impl FnOnce(&std::path::Path)) {
+    let mut s = setup(tag, LabOptions::default());
     let server = TcpServer::start(s.lab.inet(), SocketAddr::from((s.lab.inet_ip(), 8080))).unwrap();
     // POD_B is on eth1: its traffic needs `vnics`, `endpoints` and `config` to be steered
     // out of eth0 and masqueraded.
     let mut conn = TcpConn::connect(s.pod(POD_B).ns(), None, server.addr(), T).unwrap();
     conn.roundtrip(b"before", T).unwrap();
     s.agent.kill9().unwrap();
-
-    // What the older release left pinned (its programs, still attached, hold their own
-    // maps): a `Vnic` 4 bytes shorter and one reason fewer.
-    for (name, map_type, sizes) in [
-        (MAP_VNICS, bpf_map_type::BPF_MAP_TYPE_HASH, (4, 28, 64)),
-        (
-            MAP_STATS,
-            bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY,
-            (4, 8, STATS_ENTRIES - 1),
-        ),
-    ] {
-        let path = s.pins.path.join(name);
-        std::fs::remove_file(&path).unwrap();
-        pin_foreign_map(&path, name, map_type, sizes);
-    }
+    older(&s.pins.path);
     conn.roundtrip(b"between", T)
         .expect("the attached programs keep their maps while the pins change");
 
