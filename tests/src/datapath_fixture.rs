@@ -176,6 +176,34 @@ pub fn pin_foreign_map(
         .unwrap_or_else(|e| panic!("pinning the foreign {name} map at {}: {e}", path.display()));
 }
 
+/// Turns the pins in `pin_dir` into what datapath ABI 1 leaves: its record in the `abi`
+/// map, and `stats` with one counter per reason (36 of them) instead of one per direction
+/// and reason. The flow tables are left as they are: ABI 1's have the same layout.
+pub fn leave_abi_1_pins(pin_dir: &std::path::Path) {
+    use aya::maps::{Array, Map, MapData};
+    use aya_obj::generated::bpf_map_type;
+    let abi = pin_dir.join(vcnpath_common::MAP_ABI);
+    if !abi.exists() {
+        pin_foreign_map(
+            &abi,
+            vcnpath_common::MAP_ABI,
+            bpf_map_type::BPF_MAP_TYPE_ARRAY,
+            (4, 4, 1),
+        );
+    }
+    let map = Map::from_map_data(MapData::from_pin(&abi).expect("the abi pin")).expect("a map");
+    let mut record: Array<MapData, u32> = map.try_into().expect("the abi record");
+    record.set(0, 1, 0).expect("record ABI 1");
+    let stats = pin_dir.join(vcnpath_common::MAP_STATS);
+    std::fs::remove_file(&stats).expect("remove the stats pin");
+    pin_foreign_map(
+        &stats,
+        vcnpath_common::MAP_STATS,
+        bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY,
+        (4, 8, 36),
+    );
+}
+
 /// Runs `program` once over `frame`; returns the verdict and the frame it produced.
 pub fn run(program: &SchedClassifier, frame: &[u8]) -> (u32, Vec<u8>) {
     let mut out = vec![0u8; frame.len() + 512];

@@ -17,7 +17,9 @@ use vcnpath_common::{
     STATS_ENTRIES,
 };
 use vcnpath_tests::{
-    datapath_fixture::{Fixture, MASQ, POD0, REMOTE, TC_ACT_OK, pin_foreign_map, state},
+    datapath_fixture::{
+        Fixture, MASQ, POD0, REMOTE, TC_ACT_OK, leave_abi_1_pins, pin_foreign_map, state,
+    },
     lab::{Netns, cmd_in, run_in},
     packet::{Spec, build, view},
     privileged::{PinDir, have_root},
@@ -316,16 +318,8 @@ fn pins_of_abi_1_are_upgraded_keeping_every_flow() {
     let (_, out) = first.egress(&build(&Spec::tcp(POD0, 40000, REMOTE, 443)));
     let port = view(&out).sport;
     let pins = first.into_pins();
-    // What ABI 1 left behind: its record, and its counters.
-    record_abi(&pins, 1);
+    leave_abi_1_pins(&pins.path);
     let stats = pins.path.join(MAP_STATS);
-    std::fs::remove_file(&stats).unwrap();
-    pin_foreign_map(
-        &stats,
-        MAP_STATS,
-        bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY,
-        (4, 8, 36),
-    );
     let nat = map_id(&pins.path.join(MAP_NAT));
 
     let fx = Fixture::load_into(pins, 1024, 65535)

@@ -7,10 +7,10 @@ use std::{net::Ipv4Addr, net::SocketAddr, time::Duration};
 
 use aya_obj::generated::bpf_map_type;
 use vcnpath::datapath::{Counters, DatapathMaps};
-use vcnpath_common::{MAP_ABI, MAP_STATS, MAP_VNICS, Reason, STATS_ENTRIES};
+use vcnpath_common::{MAP_STATS, MAP_VNICS, Reason, STATS_ENTRIES};
 use vcnpath_tests::{
     agent::{Agent, lab_config},
-    datapath_fixture::pin_foreign_map,
+    datapath_fixture::{leave_abi_1_pins, pin_foreign_map},
     lab::{
         Lab, LabOptions, Pod, stats,
         traffic::{TcpConn, TcpServer, UdpEchoServer, ping, tcp_bulk, udp_request},
@@ -458,23 +458,7 @@ fn lab_upgrade_from_abi_1_keeps_established_connections() {
     if !have_root("lab_upgrade_abi") {
         return;
     }
-    upgrade_keeps_connections("abi1", |pins| {
-        let stats = pins.join(MAP_STATS);
-        std::fs::remove_file(&stats).unwrap();
-        pin_foreign_map(
-            &stats,
-            MAP_STATS,
-            bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY,
-            (4, 8, 36),
-        );
-        let mut record: aya::maps::Array<aya::maps::MapData, u32> = aya::maps::Map::from_map_data(
-            aya::maps::MapData::from_pin(pins.join(MAP_ABI)).expect("the abi pin"),
-        )
-        .expect("a map")
-        .try_into()
-        .expect("the abi record");
-        record.set(0, 1, 0).expect("record ABI 1");
-    });
+    upgrade_keeps_connections("abi1", leave_abi_1_pins);
 }
 
 /// A pod's masqueraded connection, the agent killed, the pins changed by `older` into
