@@ -100,9 +100,9 @@ pub enum Reason {
     /// bound in the NAT range): the host keeps the tuple, the pod's flow starts over on
     /// another port with its next packet.
     HostFlowCollision = 37,
-    /// From outside the VCN to the masquerade address on a port of the NAT range, matching
-    /// no flow (a reply to a flow long gone): dropped rather than answered by the host with
-    /// a RST or a port unreachable. A TCP SYN is not dropped: a host listener may take it.
+    /// A TCP segment from outside the VCN to the masquerade address on a port of the NAT
+    /// range, matching no flow (of a flow long gone): dropped rather than answered by the
+    /// host with a RST. A SYN is not dropped (a host listener may take it), nor is UDP.
     DropNoFlow = 38,
 }
 

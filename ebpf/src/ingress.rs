@@ -43,8 +43,10 @@ fn reverse(ctx: &TcContext, config: &Config, ip: &Ipv4) -> Step<Decision> {
         Ok(l4) => l4,
         Err(bad) => return Ok(bad.pass()),
     };
-    // `droppable`: a packet that cannot open a flow (UDP, TCP without a lone SYN), so
-    // without an entry it is a reply to a flow that is gone.
+    // `droppable`: a TCP segment that cannot open a connection (no lone SYN), so without
+    // an entry it belongs to a flow that is gone, and the host would answer it with a RST.
+    // UDP is not: a datagram may open a flow towards a host service (a UDP NodePort, which
+    // kube-proxy serves without a socket, inside a range an operator chose wider).
     let (sport, dport, seen, droppable) = match ip.proto {
         IPPROTO_TCP => {
             let flags = match parse::tcp_flags(ctx, ip) {
@@ -58,7 +60,7 @@ fn reverse(ctx: &TcContext, config: &Config, ip: &Ipv4) -> Step<Decision> {
                 !nat::opens(flags),
             )
         }
-        IPPROTO_UDP => (port(l4.port_or_id(ip.proto)), port(l4.dport()), 0, true),
+        IPPROTO_UDP => (port(l4.port_or_id(ip.proto)), port(l4.dport()), 0, false),
         IPPROTO_ICMP if l4.icmp_type() == ICMP_ECHO_REPLY => {
             (0, port(l4.port_or_id(ip.proto)), 0, false)
         }
@@ -69,9 +71,9 @@ fn reverse(ctx: &TcContext, config: &Config, ip: &Ipv4) -> Step<Decision> {
     };
     let key = nat::ingress_key(ip.proto, ip.src, ip.dst, sport, dport);
     let Some(mut entry) = nat::lookup(&key) else {
-        // The NAT range is the table's: nothing of the host's lives there unrecorded, so
-        // the host would only answer such a packet from outside with a RST or a port
-        // unreachable, which the remote may take for the end of a flow it still knows.
+        // The NAT range is the table's: a connection of the host's there is recorded from
+        // its first packet out, so such a segment from outside belongs to no live flow, and
+        // the RST the host would answer could end a flow the remote still knows.
         if droppable && hostflow::in_range(config, dport) && !maps::is_nonmasq(ip.src) {
             return Ok(Decision::drop(Reason::DropNoFlow));
         }

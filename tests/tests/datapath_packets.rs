@@ -874,24 +874,26 @@ fn a_pod_flow_after_a_host_flow_takes_another_port_and_echo_id() {
     );
 }
 
-/// From outside the VCN, a packet on a port of the NAT range that matches no flow is a
-/// reply to a flow gone: dropped and counted, not answered by the host with a RST. What
-/// may open a flow (a TCP SYN, towards a host listener), what comes from inside the VCN
-/// and what is addressed to a port outside the range still pass to the host.
+/// From outside the VCN, a TCP segment on a port of the NAT range that matches no flow
+/// belongs to a flow gone: dropped and counted, not answered by the host with a RST. What
+/// may open a flow (a TCP SYN towards a host listener, any UDP datagram: a UDP node port has
+/// no socket to record), what comes from inside the VCN and what is addressed to a port
+/// outside the range still pass to the host.
 #[test]
-fn unmatched_replies_inside_the_nat_range_are_dropped() {
+fn unmatched_tcp_inside_the_nat_range_is_dropped() {
     root_or_skip!("no_flow");
     let fx = Fixture::new("noflow", RANGE.0, RANGE.1);
     for stray in [
         Spec::tcp(REMOTE, 443, MASQ, 61234),
         Spec::tcp(REMOTE, 443, MASQ, 61234).with_tcp_flags(0x04),
-        Spec::udp(REMOTE, 53, MASQ, 61234),
+        Spec::tcp(REMOTE, 443, MASQ, 61234).with_tcp_flags(0x12),
     ] {
         assert_eq!(fx.ingress(&build(&stray)).0, TC_ACT_SHOT);
     }
     assert_eq!(fx.count(Reason::DropNoFlow), 3);
     for host in [
         Spec::tcp(REMOTE, 443, MASQ, 61234).with_tcp_flags(0x02),
+        Spec::udp(REMOTE, 53, MASQ, 61234),
         Spec::tcp(PEER, 443, MASQ, 61234),
         Spec::udp(PEER, 53, MASQ, 61234),
         Spec::tcp(REMOTE, 443, MASQ, 22),
@@ -900,5 +902,5 @@ fn unmatched_replies_inside_the_nat_range_are_dropped() {
         let input = build(&host);
         assert_eq!(fx.ingress(&input), (TC_ACT_OK, input));
     }
-    assert_eq!(fx.count(Reason::PassHost), 5);
+    assert_eq!(fx.count(Reason::PassHost), 6);
 }
