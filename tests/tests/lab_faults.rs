@@ -415,7 +415,7 @@ impl Suite {
             self.wait_writable(round);
         }
 
-        self.retry(round, dels, pending_adds);
+        self.retry(round, sent, dels, pending_adds);
         if self.trouble == Trouble::CidrBlocks {
             self.runtime_gc(round);
         }
@@ -540,15 +540,23 @@ impl Suite {
         (id, ns)
     }
 
-    /// The runtime retries what failed: DELs of pods still live, then the ADDs.
-    fn retry(&mut self, round: usize, dels: Vec<String>, pending_adds: Vec<(String, Netns)>) {
+    /// The runtime retries what failed: DELs of pods still live, then the ADDs. A DEL
+    /// retried here was first sent with the burst at `burst_sent`, and the agent may have
+    /// released the address then (its answer lost to the kill): the cooldown is counted
+    /// from that first send, or a legitimate reuse 3 s after the release would be blamed.
+    fn retry(
+        &mut self,
+        round: usize,
+        burst_sent: Instant,
+        dels: Vec<String>,
+        pending_adds: Vec<(String, Netns)>,
+    ) {
         let again: Vec<String> = dels
             .into_iter()
             .filter(|id| self.live.contains_key(id))
             .collect();
         for id in again {
             let ns = self.live[&id].ns.path().to_owned();
-            let sent = Instant::now();
             let out = cni(
                 self.lab.lab().node(),
                 &self.agent.socket(),
@@ -559,7 +567,7 @@ impl Suite {
             match out {
                 Ok(o) if o.ok => {
                     let pod = self.live.remove(&id).expect("live");
-                    self.freed.insert(pod.ip, sent);
+                    self.freed.insert(pod.ip, burst_sent);
                     self.dels += 1;
                 }
                 other => self.violation(round, &format!("DEL {id} again failed: {other:?}")),
