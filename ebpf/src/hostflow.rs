@@ -17,12 +17,6 @@ use crate::{
     parse::{self, Header, ICMP_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP},
 };
 
-/// Whether `port` (or ICMP echo identifier) is one the NAT hands out.
-#[inline(always)]
-pub fn in_range(config: &Config, port: u16) -> bool {
-    config.port_min <= port && port <= config.port_max
-}
-
 /// A packet the host sends from the masquerade address: passed untouched (rule 5), and
 /// recorded when its port is one of the NAT range. A packet whose headers cannot be
 /// judged records nothing.
@@ -58,7 +52,7 @@ pub fn egress(ctx: &TcContext, config: &Config, hdr: &Header) -> Decision {
         }
         _ => return Decision::pass(Reason::PassNotEndpoint),
     };
-    if !in_range(config, local) {
+    if !nat::in_range(config, local) {
         return Decision::pass(Reason::PassNotEndpoint);
     }
     let reply = nat::ingress_key(ip.proto, ip.dst, ip.src, remote, local);

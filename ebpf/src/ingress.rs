@@ -8,7 +8,7 @@ use vcnpath_common::{Config, ENDPOINT_KIND_POD, NAT_DIR_INGRESS, NAT_F_INBOUND, 
 use crate::{
     csum,
     decision::{Decision, Step},
-    frag, helpers, hostflow, icmp,
+    frag, helpers, icmp,
     maps::{self, INBOUND},
     nat::{self, NatSlot, Side},
     parse::{
@@ -74,7 +74,7 @@ fn reverse(ctx: &TcContext, config: &Config, ip: &Ipv4) -> Step<Decision> {
         // The NAT range is the table's: a connection of the host's there is recorded from
         // its first packet out, so such a segment from outside belongs to no live flow, and
         // the RST the host would answer could end a flow the remote still knows.
-        if droppable && hostflow::in_range(config, dport) && !maps::is_nonmasq(ip.src) {
+        if droppable && nat::in_range(config, dport) && !maps::is_nonmasq(ip.src) {
             return Ok(Decision::drop(Reason::DropNoFlow));
         }
         return Ok(Decision::pass(Reason::PassHost));

@@ -19,7 +19,7 @@ use aya_ebpf::programs::TcContext;
 use crate::{
     decision::{Decision, Step},
     helpers::{self, MapValue, coarse_now_ns},
-    hostflow, hostsock,
+    hostsock,
     maps::{INBOUND, NAT},
     parse::IPPROTO_ICMP,
 };
@@ -369,7 +369,7 @@ pub fn create(ctx: &TcContext, config: &Config, fwd: &NatKey, seen: u8) -> Step<
         lookup(&key).is_some_and(|e| e.points_back(fwd))
     };
 
-    let own = hostflow::in_range(config, fwd.sport);
+    let own = in_range(config, fwd.sport);
     let (port, claimed) = if own && claim(fwd.sport) {
         (fwd.sport, true)
     } else if own && adopt(fwd.sport) {
@@ -402,6 +402,12 @@ pub fn create(ctx: &TcContext, config: &Config, fwd: &NatKey, seen: u8) -> Step<
         };
     }
     Ok(port)
+}
+
+/// Whether `port` (or ICMP echo identifier) is one the NAT hands out.
+#[inline(always)]
+pub fn in_range(config: &Config, port: u16) -> bool {
+    config.port_min <= port && port <= config.port_max
 }
 
 #[inline(always)]
