@@ -1,5 +1,5 @@
 //! Test support for vcnpath: packet crafting and checking, privilege guards, the
-//! network-namespace lab, the OCI simulator with its test kit, and the benchmarks.
+//! network-namespace lab, the mounts tests make, the OCI simulator with its test kit, and the benchmarks.
 pub mod agent;
 pub mod bench;
 pub mod containerd;
@@ -7,6 +7,7 @@ pub mod datapath_fixture;
 pub mod e2e;
 pub mod interrupt;
 pub mod lab;
+pub mod mounts;
 pub mod node_agent;
 pub mod ocikit;
 pub mod ocisim;

@@ -33,6 +33,7 @@ use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use serde_json::Value;
 use vcnpath_tests::{
     lab::{LabOptions, Netns, SimLab, lab_sim_config},
+    mounts,
     node_agent::{
         AgentOptions, CniOutput, IPS_PER_VNIC, NodeAgent, cloud_ips, cni, cni_add, cni_gc,
     },
@@ -1165,8 +1166,7 @@ impl StateDirTrouble {
                 while file.write_all(&[0]).is_ok() {}
             }
             Self::ReadOnly(dir) => {
-                mount(&["--bind"], &[dir, dir]);
-                mount(&["-o", "remount,bind,ro"], &[dir]);
+                mounts::bind_read_only(dir).expect("a read-only state directory");
             }
         }
     }
@@ -1177,27 +1177,10 @@ impl StateDirTrouble {
             Self::ReadOnly(dir) => {
                 // Lazily: the agent holds its lock file open through this mount (the same
                 // file, so the lock stays held).
-                let status = std::process::Command::new("umount")
-                    .arg("-l")
-                    .arg(dir)
-                    .status();
-                assert!(
-                    status.is_ok_and(|s| s.success()),
-                    "umount {}",
-                    dir.display()
-                );
+                mounts::detach(dir).expect("the state directory writable again");
             }
         }
     }
-}
-
-fn mount(args: &[&str], paths: &[&std::path::Path]) {
-    let status = std::process::Command::new("mount")
-        .args(args)
-        .args(paths)
-        .status()
-        .expect("mount");
-    assert!(status.success(), "mount {args:?} {paths:?}: {status}");
 }
 
 /// Detaches `vnic_id` behind the agent's back (the simulator's admin API, as the console

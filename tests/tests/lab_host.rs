@@ -11,6 +11,7 @@ use vcnpath::host::{
 };
 use vcnpath_tests::{
     lab::{Netns, run_in},
+    mounts,
     privileged::have_root,
 };
 
@@ -129,40 +130,13 @@ fn lab_a_new_interface_is_announced() {
 /// container that is not privileged: a private mount namespace (it ends with the thread)
 /// with a read-only bind of /proc/sys over itself.
 fn read_only_proc_sys() -> std::io::Result<()> {
-    let check = |rc: libc::c_int| {
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    };
-    let proc_sys = c"/proc/sys";
-    // SAFETY: plain system calls on NUL-terminated constants; unshare affects this thread
-    // only (CLONE_NEWNS unshares its filesystem attributes from the other threads).
-    unsafe {
-        check(libc::unshare(libc::CLONE_NEWNS))?;
-        check(libc::mount(
-            std::ptr::null(),
-            c"/".as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ))?;
-        check(libc::mount(
-            proc_sys.as_ptr(),
-            proc_sys.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        ))?;
-        check(libc::mount(
-            std::ptr::null(),
-            proc_sys.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-            std::ptr::null(),
-        ))
+    // SAFETY: unshare affects this thread only (CLONE_NEWNS unshares its filesystem
+    // attributes from the other threads).
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    mounts::make_private_recursively()?;
+    mounts::bind_read_only(std::path::Path::new("/proc/sys"))
 }
 
 /// The shipped container has /proc/sys read-only and `CAP_NET_ADMIN`: the agent still
