@@ -48,7 +48,9 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/vcnpath";
 /// - 1: the first recorded version.
 /// - 2: `stats` counts per direction and reason ([`stats_index`]); `nat` and `inbound` are
 ///   as in version 1, so their pins are adopted as they are.
-pub const DATAPATH_ABI: u32 = 2;
+/// - 3: [`NatEntry`] (in `nat` and `inbound`) lost its creation time, which nothing read:
+///   16 bytes instead of 24. The agent converts the flow tables of versions 1 and 2.
+pub const DATAPATH_ABI: u32 = 3;
 
 /// Single-entry array (key `u32` 0, value `u32`) created by the agent, not the programs:
 /// the [`DATAPATH_ABI`] the pins beside it were created with. A pinned map has the same

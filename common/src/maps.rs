@@ -147,8 +147,6 @@ pub struct NatEntry {
     pub flags: u8,
     /// TCP flags seen in this direction (`TCP_SEEN_*`), for expiry.
     pub tcp_seen: u8,
-    /// Creation time (`bpf_ktime_get_ns()`), for `vcnpath` introspection.
-    pub created_ns: u64,
 }
 
 /// Egress entry that records a flow opened from outside the VCN towards a pod address:
@@ -266,7 +264,7 @@ const _: () = assert!(core::mem::size_of::<EndpointKey>() == 4);
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
 const _: () = assert!(core::mem::size_of::<NatKey>() == 16);
-const _: () = assert!(core::mem::size_of::<NatEntry>() == 24);
+const _: () = assert!(core::mem::size_of::<NatEntry>() == 16);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 12);
 const _: () = assert!(core::mem::size_of::<FragEntry>() == 16);
 

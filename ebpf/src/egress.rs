@@ -115,8 +115,9 @@ pub fn run(ctx: &TcContext, again: bool) -> Step<Decision> {
         L4::IcmpError => return icmp::egress_error(ctx, &config, &ip, owner.ifindex),
     };
     // Looked up only for a flow not in `nat`: records exist only for sources outside the
-    // VCN, so traffic that stays inside it never pays for this lookup.
-    if let Some(mut record) = nat::inbound(&key) {
+    // VCN, so traffic that stays inside it never pays for this lookup. Nor does a TCP SYN:
+    // it opens a connection of the pod's own and cannot answer one opened from outside.
+    if !opens && let Some(mut record) = nat::inbound(&key) {
         return answer_inbound(ctx, &ip, &mut record, (seen, opens), owner.ifindex);
     }
     let (addr, port, reason) = (

@@ -166,7 +166,6 @@ fn inbound(ctx: &TcContext, hdr: &Header) -> Decision {
             port: pod_port,
             flags: NAT_F_INBOUND,
             tcp_seen: seen,
-            created_ns: now,
         };
         // A failure here only means another CPU recorded it first.
         let _ = INBOUND.insert(key, entry, u64::from(BPF_NOEXIST));

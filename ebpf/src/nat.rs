@@ -113,7 +113,6 @@ impl NatSlot {
         let now = coarse_now_ns();
         let entry = self.0.get_mut();
         entry.tcp_seen = 0;
-        entry.created_ns = now;
         entry.last_seen_ns = now;
     }
 
@@ -278,7 +277,6 @@ fn reply_entry(fwd: &NatKey, now: u64) -> NatEntry {
         port: fwd.sport,
         flags: 0,
         tcp_seen: 0,
-        created_ns: now,
     }
 }
 
@@ -322,7 +320,6 @@ fn host_entry(reply: &NatKey, tcp_seen: u8) -> NatEntry {
         port: reply.dport,
         flags: NAT_F_HOST,
         tcp_seen,
-        created_ns: now,
     }
 }
 
@@ -384,7 +381,6 @@ pub fn create(ctx: &TcContext, config: &Config, fwd: &NatKey, seen: u8) -> Step<
         port,
         flags: 0,
         tcp_seen: seen,
-        created_ns: now,
     };
     if NAT.insert(fwd, entry, u64::from(BPF_NOEXIST)).is_err() {
         // Another CPU created this flow first (or the map refused): use theirs, so the

@@ -176,24 +176,24 @@ pub fn pin_foreign_map(
         .unwrap_or_else(|e| panic!("pinning the foreign {name} map at {}: {e}", path.display()));
 }
 
-/// Turns the pins in `pin_dir` into what datapath ABI 1 leaves: its record in the `abi`
-/// map, and `stats` with one counter per reason (36 of them) instead of one per direction
-/// and reason. The flow tables are left as they are: ABI 1's have the same layout.
-pub fn leave_abi_1_pins(pin_dir: &std::path::Path) {
-    use aya::maps::{Array, Map, MapData};
-    use aya_obj::generated::bpf_map_type;
-    let abi = pin_dir.join(vcnpath_common::MAP_ABI);
-    if !abi.exists() {
-        pin_foreign_map(
-            &abi,
-            vcnpath_common::MAP_ABI,
-            bpf_map_type::BPF_MAP_TYPE_ARRAY,
-            (4, 4, 1),
-        );
+/// Turns the pins in `pin_dir` into what datapath ABI 2 leaves: its record in the `abi`
+/// map, and the flow tables (`nat`, `inbound`) with ABI 2's 24-byte entries holding the
+/// same flows. ABI 2's entry, as that release declared it: last seen (u64), address,
+/// port (u16), flags, TCP flags, then the creation time (u64), which ABI 3 dropped.
+pub fn leave_abi_2_pins(pin_dir: &std::path::Path) {
+    for name in [vcnpath_common::MAP_NAT, vcnpath_common::MAP_INBOUND] {
+        pin_timestamped_table(&pin_dir.join(name), name);
     }
-    let map = Map::from_map_data(MapData::from_pin(&abi).expect("the abi pin")).expect("a map");
-    let mut record: Array<MapData, u32> = map.try_into().expect("the abi record");
-    record.set(0, 1, 0).expect("record ABI 1");
+    record_abi(pin_dir, 2);
+}
+
+/// Turns the pins in `pin_dir` into what datapath ABI 1 leaves: ABI 2's flow tables (see
+/// [`leave_abi_2_pins`]), its record, and `stats` with one counter per reason (36 of them)
+/// instead of one per direction and reason.
+pub fn leave_abi_1_pins(pin_dir: &std::path::Path) {
+    use aya_obj::generated::bpf_map_type;
+    leave_abi_2_pins(pin_dir);
+    record_abi(pin_dir, 1);
     let stats = pin_dir.join(vcnpath_common::MAP_STATS);
     std::fs::remove_file(&stats).expect("remove the stats pin");
     pin_foreign_map(
@@ -202,6 +202,66 @@ pub fn leave_abi_1_pins(pin_dir: &std::path::Path) {
         bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY,
         (4, 8, 36),
     );
+}
+
+/// Writes `abi` into the pinned ABI record, creating it as the agent does.
+fn record_abi(pin_dir: &std::path::Path, abi: u32) {
+    use aya::maps::{Array, Map, MapData};
+    use aya_obj::generated::bpf_map_type;
+    let path = pin_dir.join(vcnpath_common::MAP_ABI);
+    if !path.exists() {
+        pin_foreign_map(
+            &path,
+            vcnpath_common::MAP_ABI,
+            bpf_map_type::BPF_MAP_TYPE_ARRAY,
+            (4, 4, 1),
+        );
+    }
+    let map = Map::from_map_data(MapData::from_pin(&path).expect("the abi pin")).expect("a map");
+    let mut record: Array<MapData, u32> = map.try_into().expect("the abi record");
+    record.set(0, abi, 0).expect("record the ABI");
+}
+
+/// Replaces the flow table pinned at `path` by one of ABI 2's layout, of the same capacity,
+/// holding the same entries (each created "now", as far as its creation time says).
+fn pin_timestamped_table(path: &std::path::Path, name: &str) {
+    use aya::maps::{HashMap, Map, MapData, MapInfo};
+    use aya_obj::generated::bpf_map_type;
+    use vcnpath_common::{NatEntry, NatKey};
+    let capacity = MapInfo::from_pin(path)
+        .expect("the flow table")
+        .max_entries();
+    let current: HashMap<MapData, NatKey, NatEntry> =
+        Map::from_map_data(MapData::from_pin(path).expect("the flow table"))
+            .and_then(TryInto::try_into)
+            .expect("a flow table of this build");
+    let flows: Vec<(NatKey, NatEntry)> = current
+        .iter()
+        .collect::<Result<_, _>>()
+        .expect("read the flows");
+    drop(current);
+    std::fs::remove_file(path).expect("remove the flow table's pin");
+    pin_foreign_map(
+        path,
+        name,
+        bpf_map_type::BPF_MAP_TYPE_LRU_HASH,
+        (16, 24, capacity),
+    );
+    let mut old: HashMap<MapData, NatKey, [u8; 24]> =
+        Map::from_map_data(MapData::from_pin(path).expect("the ABI 2 table"))
+            .and_then(TryInto::try_into)
+            .expect("a 24-byte flow table");
+    let created = vcnpath::datapath::monotonic_now_ns();
+    for (key, entry) in flows {
+        let mut value = [0u8; 24];
+        value[..8].copy_from_slice(&entry.last_seen_ns.to_ne_bytes());
+        value[8..12].copy_from_slice(&entry.addr);
+        value[12..14].copy_from_slice(&entry.port.to_ne_bytes());
+        value[14] = entry.flags;
+        value[15] = entry.tcp_seen;
+        value[16..].copy_from_slice(&created.to_ne_bytes());
+        old.insert(key, value, 0).expect("write a flow of ABI 2");
+    }
 }
 
 /// Runs `program` once over `frame`; returns the verdict and the frame it produced.

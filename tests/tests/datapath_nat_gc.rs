@@ -182,7 +182,6 @@ fn entries(n: u32, shape: Shape, now_ns: u64) -> Vec<(NatKey, NatEntry)> {
         port,
         flags: 0,
         tcp_seen: seen,
-        created_ns: now_ns - 190 * S,
     };
     match shape {
         Shape::Both {
@@ -317,7 +316,6 @@ fn removing_a_pod_keeps_the_reply_entry_another_pods_flow_reused() {
         port,
         flags: 0,
         tcp_seen: EST,
-        created_ns: now,
     };
     let live_out = key(POD1, 40000, NAT_DIR_EGRESS);
     let stale_out = key(POD1B, 50000, NAT_DIR_EGRESS);

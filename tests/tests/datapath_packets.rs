@@ -400,7 +400,9 @@ fn rule4_flows_from_outside_to_a_pod_are_answered_from_the_pod_address() {
     let (verdict, out) = fx.ingress(&build(&syn));
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(view(&out).dst, POD1, "inbound packets are never translated");
-    let (verdict, reply) = fx.egress(&build(&Spec::tcp(POD1, 8080, REMOTE, 50000)));
+    let (verdict, reply) = fx.egress(&build(
+        &Spec::tcp(POD1, 8080, REMOTE, 50000).with_tcp_flags(0x12),
+    ));
     assert_eq!(
         verdict, TC_ACT_REDIRECT,
         "the answer leaves through the pod's own VNIC"
@@ -413,6 +415,48 @@ fn rule4_flows_from_outside_to_a_pod_are_answered_from_the_pod_address() {
     );
     assert_eq!(v.src_mac, ETH1_MAC);
     assert_eq!(fx.count(Reason::SnatNew), 0);
+}
+
+/// A SYN from a pod opens a connection of its own, so it is masqueraded even on the tuple
+/// of a flow opened from outside (the egress program does not look `inbound` up for it),
+/// while the pod's SYN-ACK and data on that flow still leave with the pod's address.
+#[test]
+fn a_pods_syn_opens_its_own_flow_even_on_an_inbound_records_tuple() {
+    root_or_skip!("rule4-syn");
+    let fx = Fixture::new("r4syn", 1024, 65535);
+    let inbound = Spec::tcp(REMOTE, 50000, POD1, 8080).with_tcp_flags(0x02);
+    let (verdict, _) = fx.ingress(&build(&inbound));
+    assert_eq!(verdict, TC_ACT_OK);
+    let (_, answer) = fx.egress(&build(
+        &Spec::tcp(POD1, 8080, REMOTE, 50000).with_tcp_flags(0x12),
+    ));
+    assert_eq!(
+        view(&answer).src,
+        POD1,
+        "the SYN-ACK answers the inbound flow"
+    );
+    let (_, own) = fx.egress(&build(
+        &Spec::tcp(POD1, 8081, REMOTE, 50000).with_tcp_flags(0x02),
+    ));
+    assert_eq!(
+        view(&own).src,
+        MASQ,
+        "a SYN on another tuple is the pod's own flow"
+    );
+    let (_, reuse) = fx.egress(&build(
+        &Spec::tcp(POD1, 8080, REMOTE, 50000).with_tcp_flags(0x02),
+    ));
+    assert_eq!(
+        view(&reuse).src,
+        MASQ,
+        "a SYN on the inbound tuple opens the pod's own connection: masqueraded"
+    );
+    assert_eq!(fx.count(Reason::SnatNew), 2);
+    assert_eq!(
+        fx.count(Reason::RedirectOwner),
+        1,
+        "the answer left through the pod's VNIC"
+    );
 }
 
 /// Issue 11 (3): flows opened from outside are recorded in their own table, and only by

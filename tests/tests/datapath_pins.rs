@@ -1,7 +1,8 @@
 //! Upgrade safety of the pinned datapath: the loader meets pins another release could have
 //! left (another value size, capacity, map type or ABI) and either replaces them, when the
-//! agent can fill them again, or refuses before changing anything, when they hold flow
-//! state (the NAT table). A pinned program is adopted only while it uses the maps in use.
+//! agent can fill them again, converts them, when they hold flow state of an older layout
+//! it knows, or refuses before changing anything. A pinned program is adopted only while
+//! it uses the maps in use.
 
 use std::path::Path;
 
@@ -13,12 +14,13 @@ use vcnpath::datapath::{
     compat::{Field, Refusal},
 };
 use vcnpath_common::{
-    DATAPATH_ABI, MAP_ABI, MAP_NAT, MAP_STATS, MAP_VNICS, NatEntry, NatKey, PROG_EGRESS, Reason,
-    STATS_ENTRIES,
+    DATAPATH_ABI, MAP_ABI, MAP_INBOUND, MAP_NAT, MAP_STATS, MAP_VNICS, NatEntry, NatKey,
+    PROG_EGRESS, Reason, STATS_ENTRIES,
 };
 use vcnpath_tests::{
     datapath_fixture::{
-        Fixture, MASQ, POD0, REMOTE, TC_ACT_OK, leave_abi_1_pins, pin_foreign_map, state,
+        Fixture, MASQ, POD0, POD1, REMOTE, TC_ACT_OK, leave_abi_1_pins, leave_abi_2_pins,
+        pin_foreign_map, state,
     },
     lab::{Netns, cmd_in, run_in},
     packet::{Spec, build, view},
@@ -107,8 +109,9 @@ fn a_nat_table_with_another_value_size_is_refused_and_left_alone() {
         "natvalue",
         MAP_NAT,
         bpf_map_type::BPF_MAP_TYPE_LRU_HASH,
-        (NAT_KEY, NAT_VALUE + 8, 1 << 16),
+        (NAT_KEY, NAT_VALUE + 16, 1 << 16),
     );
+    record_abi(&pins, DATAPATH_ABI);
     let nat = pins.path.join(MAP_NAT);
     let mut flows: HashMap<MapData, NatKey, [u8; 32]> = open(&nat).try_into().unwrap();
     flows
@@ -123,7 +126,7 @@ fn a_nat_table_with_another_value_size_is_refused_and_left_alone() {
     };
     assert_eq!(mismatch.fields, [Field::ValueSize], "{message}");
     for needle in [
-        "value size 32 pinned, 24 expected",
+        "value size 32 pinned, 16 expected",
         &format!("rm {}", nat.display()),
         "resets every masqueraded connection",
     ] {
@@ -156,6 +159,7 @@ fn a_nat_table_of_another_map_type_is_refused() {
         bpf_map_type::BPF_MAP_TYPE_HASH,
         (NAT_KEY, NAT_VALUE, 1 << 16),
     );
+    record_abi(&pins, DATAPATH_ABI);
     let id = map_id(&pins.path.join(MAP_NAT));
     let (refusal, message, pins) = expect_refusal(pins, MAP_NAT);
     assert!(
@@ -175,6 +179,7 @@ fn a_nat_table_of_another_capacity_is_adopted_with_its_flows() {
         bpf_map_type::BPF_MAP_TYPE_LRU_HASH,
         (NAT_KEY, NAT_VALUE, 4096),
     );
+    record_abi(&pins, DATAPATH_ABI);
     let nat = pins.path.join(MAP_NAT);
     let id = map_id(&nat);
     let fx = Fixture::load_into(pins, 1024, 65535)
@@ -307,27 +312,57 @@ fn a_pinned_program_bound_to_a_replaced_map_is_not_adopted() {
     );
 }
 
-/// The upgrade from ABI 1, whose `stats` had one counter per reason: the flow tables are
-/// adopted as they are, so a flow translated before the upgrade carries on with its port
-/// and its replies; the counters start over in the new layout; the record says the new ABI.
+/// The upgrade from ABI 1, whose `stats` had one counter per reason and whose flow
+/// entries carried a creation time: the flow tables are converted, so a flow translated
+/// before the upgrade carries on with its port and its replies; the counters start over
+/// in the new layout; the record says the new ABI.
 #[test]
 fn pins_of_abi_1_are_upgraded_keeping_every_flow() {
+    upgrade_keeps_every_flow("abi1", leave_abi_1_pins);
+}
+
+/// The upgrade from ABI 2, whose flow entries carried a creation time: every flow, of
+/// both flow tables, is converted into the new layout and carries on.
+#[test]
+fn pins_of_abi_2_are_upgraded_keeping_every_flow() {
+    upgrade_keeps_every_flow("abi2", leave_abi_2_pins);
+}
+
+fn upgrade_keeps_every_flow(tag: &str, older: fn(&Path)) {
     root_or_skip!("abi_upgrade");
-    let first = Fixture::load_into(PinDir::new("abi1"), 1024, 65535)
+    let first = Fixture::load_into(PinDir::new(tag), 1024, 65535)
         .unwrap_or_else(|(e, _)| panic!("first load: {e}"));
     let (_, out) = first.egress(&build(&Spec::tcp(POD0, 40000, REMOTE, 443)));
     let port = view(&out).sport;
+    // A flow opened from outside, recorded in `inbound`.
+    let syn = Spec::tcp(REMOTE, 50000, POD1, 8080).with_tcp_flags(0x02);
+    assert_eq!(first.ingress(&build(&syn)).0, TC_ACT_OK);
     let pins = first.into_pins();
-    leave_abi_1_pins(&pins.path);
+    older(&pins.path);
     let stats = pins.path.join(MAP_STATS);
-    let nat = map_id(&pins.path.join(MAP_NAT));
+    let old_nat = map_id(&pins.path.join(MAP_NAT));
+    assert_eq!(
+        MapInfo::from_pin(pins.path.join(MAP_NAT))
+            .unwrap()
+            .value_size(),
+        24,
+        "the older release's layout"
+    );
 
     let fx = Fixture::load_into(pins, 1024, 65535)
-        .unwrap_or_else(|(e, _)| panic!("the flow tables of ABI 1 must be adopted: {e}"));
-    assert_eq!(
+        .unwrap_or_else(|(e, _)| panic!("the flow tables of an older ABI must be converted: {e}"));
+    for map in [MAP_NAT, MAP_INBOUND] {
+        let info = MapInfo::from_pin(fx.pin_dir().join(map)).unwrap();
+        assert_eq!(
+            info.value_size(),
+            NAT_VALUE,
+            "{map} has this build's layout"
+        );
+    }
+    assert_ne!(
         map_id(&fx.pin_dir().join(MAP_NAT)),
-        nat,
-        "the NAT table is kept"
+        old_nat,
+        "a new NAT table"
     );
     let (_, back) = fx.ingress(&build(&Spec::tcp(REMOTE, 443, MASQ, port)));
     assert_eq!(
@@ -337,6 +372,14 @@ fn pins_of_abi_1_are_upgraded_keeping_every_flow() {
     );
     let (_, again) = fx.egress(&build(&Spec::tcp(POD0, 40000, REMOTE, 443)));
     assert_eq!(view(&again).sport, port, "the flow keeps its port");
+    let (_, answer) = fx.egress(&build(
+        &Spec::tcp(POD1, 8080, REMOTE, 50000).with_tcp_flags(0x12),
+    ));
+    assert_eq!(
+        view(&answer).src,
+        POD1,
+        "the pod's answer on the inbound flow from before the upgrade keeps its address"
+    );
     assert_eq!(
         (fx.count(Reason::SnatEstablished), fx.count(Reason::SnatNew)),
         (1, 0),
@@ -348,6 +391,28 @@ fn pins_of_abi_1_are_upgraded_keeping_every_flow() {
     );
     let record: Array<MapData, u32> = open(&fx.pin_dir().join(MAP_ABI)).try_into().unwrap();
     assert_eq!(record.get(&0, 0).unwrap(), DATAPATH_ABI);
+}
+
+/// Pins recorded as ABI 2 whose NAT table has this build's layout are not what ABI 2
+/// left: nothing is read from them, and the table is left as it was.
+#[test]
+fn a_flow_table_of_abi_2_with_another_layout_is_refused() {
+    root_or_skip!("abi2_layout");
+    let pins = pins_with(
+        "abi2layout",
+        MAP_NAT,
+        bpf_map_type::BPF_MAP_TYPE_LRU_HASH,
+        (NAT_KEY, NAT_VALUE, 4096),
+    );
+    record_abi(&pins, 2);
+    let id = map_id(&pins.path.join(MAP_NAT));
+    let (refusal, message, pins) = expect_refusal(pins, MAP_NAT);
+    assert!(
+        matches!(&refusal, Refusal::Layout(m) if m.fields == [Field::ValueSize]
+            && m.pinned.value_size == NAT_VALUE && m.expected.value_size == 24),
+        "expected a value-size refusal (16 pinned, ABI 2's 24 expected): {message}"
+    );
+    assert_untouched(&pins, MAP_NAT, id);
 }
 
 #[test]

@@ -10,7 +10,7 @@ use vcnpath::datapath::{Counters, DatapathMaps};
 use vcnpath_common::{MAP_STATS, MAP_VNICS, Reason, STATS_ENTRIES};
 use vcnpath_tests::{
     agent::{Agent, lab_config},
-    datapath_fixture::{leave_abi_1_pins, pin_foreign_map},
+    datapath_fixture::{leave_abi_1_pins, leave_abi_2_pins, pin_foreign_map},
     lab::{
         Lab, LabOptions, Pod, stats,
         traffic::{TcpConn, TcpServer, UdpEchoServer, ping, tcp_bulk, udp_request},
@@ -450,9 +450,9 @@ fn lab_upgrade_that_replaces_maps_keeps_established_connections() {
     });
 }
 
-/// The upgrade from datapath ABI 1 (counters per reason only, 36 of them) to this
-/// release's ABI 2: the agent adopts the NAT table as it is and replaces the counters, and
-/// the established masqueraded connection carries on.
+/// The upgrade from datapath ABI 1 (counters per reason only, 36 of them; flow entries
+/// with a creation time) to this release: the agent converts the flow tables and replaces
+/// the counters, and the established masqueraded connections carry on.
 #[test]
 fn lab_upgrade_from_abi_1_keeps_established_connections() {
     if !have_root("lab_upgrade_abi") {
@@ -461,9 +461,38 @@ fn lab_upgrade_from_abi_1_keeps_established_connections() {
     upgrade_keeps_connections("abi1", leave_abi_1_pins);
 }
 
-/// A pod's masqueraded connection, the agent killed, the pins changed by `older` into
-/// what an older release leaves, the agent started again: the connection carries on, the
-/// programs now attached count into the pinned maps, and new connections work.
+/// The upgrade from datapath ABI 2, whose `NatEntry` had another layout (24 bytes, with a
+/// creation time): the agent converts `nat` and `inbound` into this release's layout
+/// while a transfer runs, which neither resets nor loses a segment.
+#[test]
+fn lab_upgrade_from_abi_2_converts_the_flow_tables_under_a_running_transfer() {
+    if !have_root("lab_upgrade_abi2") {
+        return;
+    }
+    upgrade_keeps_connections("abi2", leave_abi_2_pins);
+}
+
+/// Echo round trips of 16 KiB on `conn` until `stop`: how many, and the first failure.
+fn keep_transferring(
+    mut conn: TcpConn,
+    stop: &std::sync::atomic::AtomicBool,
+) -> (TcpConn, usize, Option<anyhow::Error>) {
+    let chunk = vec![0x5a; 16 * 1024];
+    let mut rounds = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        if let Err(error) = conn.roundtrip(&chunk, T) {
+            return (conn, rounds, Some(error));
+        }
+        rounds += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (conn, rounds, None)
+}
+
+/// A pod's masqueraded connections, the agent killed, the pins changed by `older` into
+/// what an older release leaves, the agent started again: an idle connection and one
+/// transferring all along carry on without a reset or a retransmission, the programs now
+/// attached count into the pinned maps, and new connections work.
 fn upgrade_keeps_connections(tag: &str, older: impl FnOnce(&std::path::Path)) {
     let mut s = setup(tag, LabOptions::default());
     let server = TcpServer::start(s.lab.inet(), SocketAddr::from((s.lab.inet_ip(), 8080))).unwrap();
@@ -471,18 +500,49 @@ fn upgrade_keeps_connections(tag: &str, older: impl FnOnce(&std::path::Path)) {
     // out of eth0 and masqueraded.
     let mut conn = TcpConn::connect(s.pod(POD_B).ns(), None, server.addr(), T).unwrap();
     conn.roundtrip(b"before", T).unwrap();
-    s.agent.kill9().unwrap();
-    older(&s.pins.path);
-    conn.roundtrip(b"between", T)
-        .expect("the attached programs keep their maps while the pins change");
-
-    s.agent.restart(&s.lab).expect("the upgraded agent starts");
-    let log = s.agent.log();
+    let busy = TcpConn::connect(s.pod(POD_B).ns(), None, server.addr(), T).unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    // Whether `older` left flow tables of another layout.
+    let mut converts = false;
+    let (busy, rounds, failure, log) = std::thread::scope(|scope| {
+        let transfer = scope.spawn(|| keep_transferring(busy, &stop));
+        s.agent.kill9().unwrap();
+        older(&s.pins.path);
+        let nat = aya::maps::MapInfo::from_pin(s.pins.path.join(vcnpath_common::MAP_NAT));
+        converts = nat.unwrap().value_size() as usize != size_of::<vcnpath_common::NatEntry>();
+        conn.roundtrip(b"between", T)
+            .expect("the attached programs keep their maps while the pins change");
+        let restarted = s.agent.restart(&s.lab);
+        // Some round trips under the new programs too.
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (busy, rounds, failure) = transfer.join().expect("the transfer thread");
+        restarted.expect("the upgraded agent starts");
+        (busy, rounds, failure, s.agent.log())
+    });
+    assert!(
+        failure.is_none(),
+        "the transfer running through the upgrade failed after {rounds} round trips: {failure:?}"
+    );
+    assert!(
+        rounds > 10,
+        "the transfer ran all along ({rounds} round trips)"
+    );
+    assert_eq!(
+        busy.retransmits().unwrap(),
+        0,
+        "no segment of the running transfer (nor a reply) was lost over the upgrade"
+    );
     assert!(
         log.contains("replacing a pinned map")
             && log.contains("attaching waits for the first sync")
             && log.contains("adopted=false"),
         "the agent must replace the incompatible maps and the programs bound to them:\n{log}"
+    );
+    assert_eq!(
+        log.contains("flow table converted") && log.contains("flow table conversion finished"),
+        converts,
+        "the agent must convert flow tables of an older layout, and only those:\n{log}"
     );
     let before = s.counters().get(Reason::SnatEstablished);
     conn.roundtrip(b"after", T)
@@ -495,16 +555,16 @@ fn upgrade_keeps_connections(tag: &str, older: impl FnOnce(&std::path::Path)) {
     fresh
         .roundtrip(b"new", T)
         .expect("a new connection after the upgrade");
-    let seen = server.wait_connections(2, T).unwrap();
+    let seen = server.wait_connections(3, T).unwrap();
     assert_eq!(
         seen.len(),
-        2,
-        "the first connection was never re-established: {seen:?}"
+        3,
+        "neither connection from before the upgrade was re-established: {seen:?}"
     );
     assert!(
         seen.iter()
             .all(|c| c.peer.ip() == std::net::IpAddr::V4(MASQ)),
-        "both connections arrive from the masquerade address: {seen:?}"
+        "every connection arrives from the masquerade address: {seen:?}"
     );
     s.assert_no_router_drops();
 }

@@ -330,7 +330,7 @@ mod tests {
 
     /// aya hands out a typed map checked against the object file even when the map it
     /// adopted from a pin has other sizes; a batch read of it would write 32-byte values
-    /// into 24-byte slots. `BatchMap` asks the kernel and refuses before any batch call.
+    /// into 16-byte slots. `BatchMap` asks the kernel and refuses before any batch call.
     #[test]
     fn a_map_whose_kernel_value_size_differs_is_refused() {
         if !root("a_map_whose_kernel_value_size_differs_is_refused") {
@@ -345,13 +345,13 @@ mod tests {
         let wider = aya_obj::Map::new_from_params(
             bpf_map_type::BPF_MAP_TYPE_LRU_HASH as u32,
             u32::try_from(size_of::<NatKey>()).unwrap(),
-            u32::try_from(size_of::<NatEntry>() + 8).unwrap(),
+            u32::try_from(size_of::<NatEntry>() + 16).unwrap(),
             1024,
             0,
         );
         let foreign = MapData::create(wider, MAP_NAT, None).expect("create a 32-byte-value map");
         foreign.pin(&path).expect("pin it");
-        // Entries a batch read would copy out, 8 bytes too many each.
+        // Entries a batch read would copy out, 16 bytes too many each.
         let mut raw: HashMap<MapData, NatKey, [u8; 32]> =
             HashMap::try_from(aya::maps::Map::from_map_data(foreign).unwrap()).unwrap();
         for port in 0..64u16 {
@@ -374,13 +374,13 @@ mod tests {
 
         match BatchMap::new(&nat) {
             Err(MapError::InvalidValueSize {
-                size: 24,
+                size: 16,
                 expected: 32,
             }) => {}
-            Err(other) => panic!("expected a value-size error (24 vs 32), got {other}"),
+            Err(other) => panic!("expected a value-size error (16 vs 32), got {other}"),
             Ok(map) => {
                 let seen = map.for_each(64, |_, _| {});
-                panic!("a batch map over 32-byte values was built for 24-byte ones (read {seen:?})")
+                panic!("a batch map over 32-byte values was built for 16-byte ones (read {seen:?})")
             }
         }
     }

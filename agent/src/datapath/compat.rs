@@ -13,6 +13,8 @@ use std::fmt;
 use aya::maps::MapType;
 use vcnpath_common::{MAP_INBOUND, MAP_NAT};
 
+use super::convert::FlowLayout;
+
 /// What the kernel knows of a map, and all its users' memory safety depends on.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MapSpec {
@@ -121,7 +123,8 @@ pub enum Contents {
     /// packets, so an incompatible pin is replaced.
     Rebuilt,
     /// Flow state that only the programs hold: dropping it resets every established
-    /// connection, so an incompatible pin is refused unless its entries can be converted.
+    /// connection, so a pin of another layout is converted ([`super::convert`]), or
+    /// refused when no conversion exists.
     Kept,
 }
 
@@ -146,6 +149,9 @@ pub enum Plan {
     /// first (same ABI, type, key and value size: only capacity or flags changed), so the
     /// new programs start with the old state rather than an empty map.
     Replace { copy: bool },
+    /// A flow table of an older ABI whose entries have another layout: create this build's
+    /// table and copy every entry into it converted, so the flows carry on.
+    Convert { from: FlowLayout },
 }
 
 /// Why a pin is not adopted and cannot be replaced.
@@ -170,15 +176,6 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// Whether the flow tables (`nat`, `inbound`) pinned by ABI `pinned` are this build's
-/// (ABI `abi`) as they are. ABI 2 changed only `stats` (counters per direction), so a
-/// table of ABI 1 is adopted and its flows carry on. A version whose flow entries change
-/// layout needs a conversion of its own; until one is written here, its pins are refused,
-/// and so are pins of a newer ABI than this build knows (a downgrade).
-const fn flow_tables_carry_over(pinned: u32, abi: u32) -> bool {
-    pinned == abi || matches!((pinned, abi), (1, 2))
-}
-
 /// Decides what to do with the map `name`, declared as `expected`, given what is pinned
 /// (`None`: nothing) and the ABI the pins were recorded with.
 pub fn plan(
@@ -193,17 +190,29 @@ pub fn plan(
     };
     match contents(name) {
         Contents::Kept => {
-            if !flow_tables_carry_over(pinned_abi, abi) {
-                return Err(Refusal::Abi {
-                    pinned: pinned_abi,
-                    expected: abi,
-                });
+            let refused = Refusal::Abi {
+                pinned: pinned_abi,
+                expected: abi,
+            };
+            // A newer ABI than this build knows (a downgrade) or one without a conversion.
+            let (Some(from), Some(to)) = (FlowLayout::of_abi(pinned_abi), FlowLayout::of_abi(abi))
+            else {
+                return Err(refused);
+            };
+            if from != to && !from.converts() {
+                return Err(refused);
             }
+            // The pin must be what that ABI's release created, or nothing can be read from it.
+            let released = MapSpec {
+                value_size: from.value_size(),
+                ..*expected
+            };
             // The configured capacity applies when the table is created; an existing one
             // keeps its own, because resizing it would mean copying live flow state.
-            match compare(expected, pinned, &[Field::MaxEntries]) {
-                None => Ok(Plan::Adopt),
+            match compare(&released, pinned, &[Field::MaxEntries]) {
                 Some(mismatch) => Err(Refusal::Layout(mismatch)),
+                None if from == to => Ok(Plan::Adopt),
+                None => Ok(Plan::Convert { from }),
             }
         }
         Contents::Rebuilt => {
@@ -233,7 +242,7 @@ mod tests {
     const NAT: MapSpec = MapSpec {
         map_type: MapType::LruHash,
         key_size: 16,
-        value_size: 24,
+        value_size: 16,
         max_entries: 262_144,
         flags: 0,
     };
@@ -270,7 +279,7 @@ mod tests {
         assert_eq!(
             mismatch.to_string(),
             "type Hash pinned, LruHash expected, key size 12 pinned, 16 expected, \
-             value size 32 pinned, 24 expected, max entries 1 pinned, 262144 expected, \
+             value size 32 pinned, 16 expected, max entries 1 pinned, 262144 expected, \
              flags 0x1 pinned, 0x0 expected"
         );
     }
@@ -286,14 +295,14 @@ mod tests {
 
     #[test]
     fn nothing_pinned_is_created() {
-        assert_eq!(plan(MAP_NAT, &NAT, None, 7, 1), Ok(Plan::Create));
+        assert_eq!(plan(MAP_NAT, &NAT, None, 7, 3), Ok(Plan::Create));
     }
 
     #[test]
     fn a_compatible_nat_table_is_adopted_whatever_its_capacity() {
-        assert_eq!(plan(MAP_NAT, &NAT, Some(&NAT), 1, 1), Ok(Plan::Adopt));
+        assert_eq!(plan(MAP_NAT, &NAT, Some(&NAT), 3, 3), Ok(Plan::Adopt));
         let resized = with(NAT, |s| s.max_entries = 4096);
-        assert_eq!(plan(MAP_NAT, &NAT, Some(&resized), 1, 1), Ok(Plan::Adopt));
+        assert_eq!(plan(MAP_NAT, &NAT, Some(&resized), 3, 3), Ok(Plan::Adopt));
     }
 
     #[test]
@@ -304,7 +313,7 @@ mod tests {
             with(NAT, |s| s.map_type = MapType::Hash),
             with(NAT, |s| s.flags = 2),
         ] {
-            let refusal = plan(MAP_NAT, &NAT, Some(&pinned), 1, 1).expect_err("refused");
+            let refusal = plan(MAP_NAT, &NAT, Some(&pinned), 3, 3).expect_err("refused");
             assert!(
                 matches!(&refusal, Refusal::Layout(m) if m.pinned == pinned && m.expected == NAT),
                 "{refusal:?}"
@@ -313,8 +322,8 @@ mod tests {
     }
 
     #[test]
-    fn a_nat_table_of_another_abi_is_refused_even_with_the_same_sizes() {
-        for (pinned, expected) in [(2, 1), (3, 2), (0, 2)] {
+    fn a_nat_table_of_an_abi_this_build_does_not_know_is_refused() {
+        for (pinned, expected) in [(4, 3), (0, 3), (3, 2)] {
             assert_eq!(
                 plan(MAP_NAT, &NAT, Some(&NAT), pinned, expected),
                 Err(Refusal::Abi { pinned, expected })
@@ -322,13 +331,13 @@ mod tests {
         }
     }
 
-    /// ABI 2 changed only `stats`: the flow tables of ABI 1 are adopted as they are, so
-    /// an upgrade keeps every flow.
+    /// ABI 2 changed only `stats`: the flow tables of ABI 1 have ABI 2's layout.
     #[test]
     fn the_flow_tables_of_abi_1_are_adopted_by_abi_2() {
+        let timestamped = with(NAT, |s| s.value_size = 24);
         for name in [MAP_NAT, MAP_INBOUND] {
             assert_eq!(
-                plan(name, &NAT, Some(&NAT), 1, 2),
+                plan(name, &timestamped, Some(&timestamped), 1, 2),
                 Ok(Plan::Adopt),
                 "{name}"
             );
@@ -338,6 +347,36 @@ mod tests {
             Ok(Plan::Replace { copy: false }),
             "the counters, whose indices changed meaning, start over"
         );
+    }
+
+    /// ABI 3 dropped the entries' creation time: the tables of ABIs 1 and 2 are
+    /// converted, whatever their capacity, and only when they have those ABIs' layout.
+    #[test]
+    fn the_flow_tables_of_abis_1_and_2_are_converted_by_abi_3() {
+        let timestamped = with(NAT, |s| s.value_size = 24);
+        let resized = with(timestamped, |s| s.max_entries = 4096);
+        for name in [MAP_NAT, MAP_INBOUND] {
+            for abi in [1, 2] {
+                for pinned in [timestamped, resized] {
+                    assert_eq!(
+                        plan(name, &NAT, Some(&pinned), abi, 3),
+                        Ok(Plan::Convert {
+                            from: FlowLayout::Timestamped
+                        }),
+                        "{name} of ABI {abi}"
+                    );
+                }
+            }
+        }
+        // Pinned as ABI 2 but with this build's layout (or any other): not what ABI 2
+        // left, so nothing is read from it.
+        for pinned in [NAT, with(timestamped, |s| s.key_size = 12)] {
+            let refusal = plan(MAP_NAT, &NAT, Some(&pinned), 2, 3).expect_err("refused");
+            assert!(
+                matches!(&refusal, Refusal::Layout(m) if m.pinned == pinned),
+                "{refusal:?}"
+            );
+        }
     }
 
     #[test]

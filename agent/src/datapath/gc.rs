@@ -506,7 +506,6 @@ mod tests {
             port: key.dport,
             flags: NAT_F_HOST,
             tcp_seen,
-            created_ns: 0,
         };
         let established = TCP_SEEN_ACK | (TCP_SEEN_ACK << TCP_SEEN_POD_SHIFT);
         let opening = TCP_SEEN_SYN << TCP_SEEN_POD_SHIFT;
@@ -789,7 +788,6 @@ mod tests {
                 port: rng.gen_range(1024..1028),
                 flags: u8::from(rng.gen_bool(0.1)) * NAT_F_INBOUND,
                 tcp_seen: rng.gen_range(0..16),
-                created_ns: 0,
             };
             table.insert(out, out_e);
             let back = reply_key(&out, &out_e);

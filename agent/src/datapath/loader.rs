@@ -24,6 +24,7 @@ use vcnpath_common::{
 use super::{
     DatapathError, DatapathMaps, DatapathState, SyncReport,
     compat::{self, Plan},
+    convert::{self, FlowLayout},
     object::OBJECT,
     pins,
     probe::{self, Features},
@@ -61,7 +62,18 @@ pub struct Datapath {
     /// the new programs would run without the state the attached ones still have. Holds the
     /// interfaces to attach once the first [`Datapath::sync`] has filled the maps.
     pub(super) held: Option<Vec<String>>,
+    /// Flow tables converted from an older layout: the old tables, which the programs
+    /// attached until the held attachments keep writing, for the catch-up after them.
+    converted: Vec<Converted>,
     pub(super) pin_dir: PathBuf,
+}
+
+/// A flow table this load converted (see [`convert`]).
+struct Converted {
+    name: &'static str,
+    from: FlowLayout,
+    /// The table as the older release pinned it.
+    old: aya::maps::Map,
 }
 
 impl Datapath {
@@ -86,7 +98,7 @@ impl Datapath {
         // Whatever the outcome, nothing is left behind in the staging directory: on success
         // it was moved into place, on failure it is dropped.
         let cleaned = pins::remove_staging(pin_dir);
-        let (mut ebpf, adopted) = loaded?;
+        let (mut ebpf, adopted, converted) = loaded?;
         cleaned?;
         // A map the agent fills that starts empty (new, or replaced without its entries)
         // would make the new programs act on missing state; whatever is attached now keeps
@@ -106,6 +118,9 @@ impl Datapath {
                 "these maps start empty: attaching waits for the first sync, the programs attached now stay until then"
             );
         }
+        // Attaching waits after a conversion too, so the catch-up runs once every new
+        // program is attached (see `Datapath::sync`).
+        let hold = !emptied.is_empty() || !converted.is_empty();
 
         let maps = DatapathMaps::take(&mut ebpf)?;
         let egress = open_pinned(PROG_EGRESS, &pin_dir.join(PROG_EGRESS))?;
@@ -118,13 +133,15 @@ impl Datapath {
             ingress,
             pod,
             adopted,
-            held: (!emptied.is_empty()).then(Vec::new),
+            held: hold.then(Vec::new),
+            converted,
             pin_dir: pin_dir.clone(),
         })
     }
 
     /// Makes the maps equal to `state` (see [`DatapathMaps::sync`]), then attaches whatever
-    /// was held back for this first sync.
+    /// was held back for this first sync, and after that copies into converted flow tables
+    /// what the programs attached until then created meanwhile.
     pub fn sync(&mut self, state: &DatapathState) -> Result<SyncReport, DatapathError> {
         let report = self.maps.sync(state)?;
         if let Some(held) = self.held.take() {
@@ -134,11 +151,31 @@ impl Datapath {
                     first_error.get_or_insert(error);
                 }
             }
+            let caught_up = self.catch_up();
             if let Some(error) = first_error {
                 return Err(error);
             }
+            caught_up?;
         }
         Ok(report)
+    }
+
+    /// Copies into each converted flow table the entries its old table has and it lacks:
+    /// flows the programs attached before opened after the first copy. Then the old tables
+    /// are let go (the kernel frees each once no program holds it).
+    fn catch_up(&mut self) -> Result<(), DatapathError> {
+        for converted in std::mem::take(&mut self.converted) {
+            let name = converted.name;
+            let mut new = pins::open(name, &self.pin_dir.join(name))?;
+            let copied = convert::catch_up(name, converted.from, &converted.old, &mut new)?;
+            info!(
+                map = name,
+                old_entries = copied.read,
+                carried_over = copied.written,
+                "flow table conversion finished: flows opened during the upgrade carried over"
+            );
+        }
+        Ok(())
     }
 
     /// Attaches both programs to `interface` (adding its clsact qdisc if needed),
@@ -225,6 +262,15 @@ fn plan_maps(options: &LoadOptions) -> Result<Vec<(&'static str, Plan)>, Datapat
                 ?expected,
                 "replacing a pinned map this build cannot use"
             ),
+            Plan::Convert { from } => info!(
+                map = name,
+                ?from,
+                pinned_abi,
+                abi = DATAPATH_ABI,
+                ?pinned,
+                ?expected,
+                "converting a pinned flow table of an older layout; its flows carry over"
+            ),
             Plan::Adopt if pinned.is_some_and(|p| p.max_entries != expected.max_entries) => {
                 warn!(
                     map = name,
@@ -241,13 +287,13 @@ fn plan_maps(options: &LoadOptions) -> Result<Vec<(&'static str, Plan)>, Datapat
 }
 
 /// Loads the object with the maps `plans` decided on and every program, then moves what was
-/// staged into place and records the ABI. Returns the object and whether every program
-/// were adopted.
+/// staged into place and records the ABI. Returns the object, whether every program was
+/// adopted, and the flow tables converted.
 fn load_staged(
     options: &LoadOptions,
     plans: &[(&'static str, Plan)],
     staging: &Path,
-) -> Result<(aya::Ebpf, bool), DatapathError> {
+) -> Result<(aya::Ebpf, bool, Vec<Converted>), DatapathError> {
     let pin_dir = &options.pin_dir;
     let staged = |name: &str| staging.join(name);
     let features = Features::detect(probe::REQUIRED)?;
@@ -259,7 +305,7 @@ fn load_staged(
             // New maps wait in staging too: until every program has loaded, no pin
             // changes, so a failed start leaves nothing a later start could mistake for
             // the previous release's state.
-            Plan::Replace { .. } | Plan::Create => staged(name),
+            Plan::Replace { .. } | Plan::Convert { .. } | Plan::Create => staged(name),
             Plan::Adopt => pin_dir.join(name),
         };
         loader.map_pin_path(name, path);
@@ -270,11 +316,25 @@ fn load_staged(
     let mut ebpf = loader
         .load(OBJECT)
         .map_err(|e| DatapathError::Load(Box::new(e)))?;
+    let mut converted = Vec::new();
     for (name, plan) in plans {
-        if *plan == (Plan::Replace { copy: true }) {
-            let map = ebpf
-                .map_mut(name)
-                .ok_or(DatapathError::MissingMap { map: name })?;
+        if !matches!(plan, Plan::Replace { copy: true } | Plan::Convert { .. }) {
+            continue;
+        }
+        let map = ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap { map: name })?;
+        if let Plan::Convert { from } = *plan {
+            let old = pins::open(name, &pin_dir.join(name))?;
+            let copied = convert::copy(name, from, &old, map)?;
+            info!(
+                map = name,
+                entries = copied.read,
+                written = copied.written,
+                "flow table converted"
+            );
+            converted.push(Converted { name, from, old });
+        } else {
             pins::copy_entries(name, &pin_dir.join(name), map)?;
         }
     }
@@ -302,7 +362,10 @@ fn load_staged(
     // programs that use them. The attached filters keep the old programs (and the maps those hold)
     // until `attach` replaces them.
     for (name, plan) in plans {
-        if matches!(plan, Plan::Replace { .. } | Plan::Create) {
+        if matches!(
+            plan,
+            Plan::Replace { .. } | Plan::Convert { .. } | Plan::Create
+        ) {
             pins::swap_in(&staged(name), &pin_dir.join(name))?;
         }
     }
@@ -311,7 +374,7 @@ fn load_staged(
         pins::swap_in(&staged(name), &pin_dir.join(name))?;
     }
     pins::write_abi(pin_dir)?;
-    Ok((ebpf, adopted))
+    Ok((ebpf, adopted, converted))
 }
 
 /// Loads `name` from the object (so the verifier has accepted it) and tells whether the

@@ -5,6 +5,7 @@
 mod batch;
 mod collect;
 pub mod compat;
+mod convert;
 mod counters;
 mod error;
 pub mod gc;

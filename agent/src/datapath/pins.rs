@@ -233,19 +233,24 @@ pub fn swap_in(from: &Path, to: &Path) -> Result<(), DatapathError> {
     std::fs::rename(from, to).map_err(|e| pin_error(to, e))
 }
 
+/// The map pinned at `path`.
+pub fn open(name: &'static str, path: &Path) -> Result<Map, DatapathError> {
+    Map::from_map_data(MapData::from_pin(path).map_err(DatapathError::map(name))?)
+        .map_err(DatapathError::map(name))
+}
+
 /// Copies the entries of the map pinned at `from` into `to`, a fresh map of the same type,
 /// key and value size (only capacity or flags differ). Entries beyond a smaller capacity
 /// are dropped; the agent's next sync restores what it owns.
 pub fn copy_entries(name: &'static str, from: &Path, to: &mut Map) -> Result<(), DatapathError> {
-    let old = Map::from_map_data(MapData::from_pin(from).map_err(DatapathError::map(name))?)
-        .map_err(DatapathError::map(name))?;
+    let old = open(name, from)?;
     let result = match name {
         MAP_VNICS => copy_hash::<u32, Vnic>(&old, to),
         MAP_ENDPOINTS => copy_hash::<EndpointKey, Endpoint>(&old, to),
         MAP_VCN_CIDRS | MAP_NONMASQ_CIDRS => copy_trie(&old, to),
         MAP_CONFIG => copy_array::<Config>(&old, to),
         MAP_STATS => copy_per_cpu(&old, to),
-        // The NAT table is never replaced (see `compat::plan`); the fragments in flight
+        // The flow tables are never replaced, only converted (see `super::convert`); the fragments in flight
         // (`frags`) are not worth carrying over: a datagram cut in two by the upgrade is
         // lost as one lost packet is.
         _ => Ok(()),

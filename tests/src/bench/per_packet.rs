@@ -163,7 +163,7 @@ pub fn translating_pair(
     Ok(())
 }
 
-/// Every path of the `datapath` benchmark (ten), on three datapaths loaded side by side: the
+/// Every path of the `datapath` benchmark (eleven), on three datapaths loaded side by side: the
 /// packet tests' state (three pod endpoints), the same with 4096 pod endpoints, and one
 /// whose masquerade address is a pod address (for new flows).
 pub fn datapath() -> anyhow::Result<Vec<Row>> {
@@ -269,6 +269,14 @@ pub fn datapath() -> anyhow::Result<Vec<Row>> {
             &Spec::tcp(POD1, 40000, REMOTE, 443),
             Reason::SnatNew,
             "new-flow SNAT (port collision, LRU full)",
+        ),
+        // How a pod's TCP connection starts: a SYN, which cannot answer a flow opened from
+        // outside, so the `inbound` table is not looked up.
+        Case::egress(
+            &fresh,
+            &Spec::tcp(POD1, 40000, REMOTE, 443).with_tcp_flags(0x02),
+            Reason::SnatNew,
+            "new-flow SNAT, SYN (collision, LRU full)",
         ),
     ];
     interleaved(&cases)

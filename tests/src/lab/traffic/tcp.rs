@@ -298,6 +298,29 @@ impl TcpConn {
         Ok(self.stream.local_addr()?)
     }
 
+    /// How many segments the kernel retransmitted on this connection (`TCP_INFO`'s
+    /// `tcpi_total_retrans`): a lost segment or a lost reply shows here.
+    pub fn retransmits(&self) -> Result<u32> {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: `tcp_info` is plain integers; all zeroes is a valid value.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `info`, which has that size.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.stream.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &raw mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("getsockopt(TCP_INFO)");
+        }
+        Ok(info.tcpi_total_retrans)
+    }
+
     /// Sends `message` and waits for the identical echo.
     pub fn roundtrip(&mut self, message: &[u8], timeout: Duration) -> Result<()> {
         let (local, to) = (self.stream.local_addr()?, self.to);
