@@ -251,17 +251,23 @@ fn pin_timestamped_table(path: &std::path::Path, name: &str) {
         Map::from_map_data(MapData::from_pin(path).expect("the ABI 2 table"))
             .and_then(TryInto::try_into)
             .expect("a 24-byte flow table");
-    let created = vcnpath::datapath::monotonic_now_ns();
     for (key, entry) in flows {
-        let mut value = [0u8; 24];
-        value[..8].copy_from_slice(&entry.last_seen_ns.to_ne_bytes());
-        value[8..12].copy_from_slice(&entry.addr);
-        value[12..14].copy_from_slice(&entry.port.to_ne_bytes());
-        value[14] = entry.flags;
-        value[15] = entry.tcp_seen;
-        value[16..].copy_from_slice(&created.to_ne_bytes());
-        old.insert(key, value, 0).expect("write a flow of ABI 2");
+        old.insert(key, abi_2_entry(&entry), 0)
+            .expect("write a flow of ABI 2");
     }
+}
+
+/// `entry` as ABI 2 stored it (see [`leave_abi_2_pins`]), created "now".
+pub fn abi_2_entry(entry: &vcnpath_common::NatEntry) -> [u8; 24] {
+    let created = vcnpath::datapath::monotonic_now_ns();
+    let mut value = [0u8; 24];
+    value[..8].copy_from_slice(&entry.last_seen_ns.to_ne_bytes());
+    value[8..12].copy_from_slice(&entry.addr);
+    value[12..14].copy_from_slice(&entry.port.to_ne_bytes());
+    value[14] = entry.flags;
+    value[15] = entry.tcp_seen;
+    value[16..].copy_from_slice(&created.to_ne_bytes());
+    value
 }
 
 /// Runs `program` once over `frame`; returns the verdict and the frame it produced.

@@ -14,13 +14,13 @@ use vcnpath::datapath::{
     compat::{Field, Refusal},
 };
 use vcnpath_common::{
-    DATAPATH_ABI, MAP_ABI, MAP_INBOUND, MAP_NAT, MAP_STATS, MAP_VNICS, NatEntry, NatKey,
-    PROG_EGRESS, Reason, STATS_ENTRIES,
+    DATAPATH_ABI, MAP_ABI, MAP_INBOUND, MAP_NAT, MAP_STATS, MAP_VNICS, NAT_DIR_EGRESS,
+    NAT_DIR_INGRESS, NatEntry, NatKey, PROG_EGRESS, Reason, STATS_ENTRIES,
 };
 use vcnpath_tests::{
     datapath_fixture::{
-        Fixture, MASQ, POD0, POD1, REMOTE, TC_ACT_OK, leave_abi_1_pins, leave_abi_2_pins,
-        pin_foreign_map, state,
+        Fixture, MASQ, POD0, POD1, REMOTE, TC_ACT_OK, abi_2_entry, leave_abi_1_pins,
+        leave_abi_2_pins, pin_foreign_map, run, state,
     },
     lab::{Netns, cmd_in, run_in},
     packet::{Spec, build, view},
@@ -391,6 +391,83 @@ fn upgrade_keeps_every_flow(tag: &str, older: fn(&Path)) {
     );
     let record: Array<MapData, u32> = open(&fx.pin_dir().join(MAP_ABI)).try_into().unwrap();
     assert_eq!(record.get(&0, 0).unwrap(), DATAPATH_ABI);
+}
+
+/// The programs attached before an upgrade keep running until the first sync attaches
+/// the new ones: a flow they open after the conversion's first copy is in the old table
+/// only. The sync copies it over, so its replies still reach the pod.
+#[test]
+fn flows_the_old_programs_open_during_the_upgrade_are_carried_over() {
+    root_or_skip!("abi_catch_up");
+    let first = Fixture::load_into(PinDir::new("catchup"), 1024, 65535)
+        .unwrap_or_else(|(e, _)| panic!("first load: {e}"));
+    let pins = first.into_pins();
+    leave_abi_2_pins(&pins.path);
+    // What the attached programs hold: the old table, whatever becomes of its pin.
+    let mut old: HashMap<MapData, NatKey, [u8; 24]> =
+        open(&pins.path.join(MAP_NAT)).try_into().unwrap();
+
+    let mut datapath = Datapath::load(&LoadOptions {
+        pin_dir: pins.path.clone(),
+        nat_max_entries: Some(1 << 16),
+    })
+    .unwrap_or_else(|e| panic!("the upgrade's load: {e}"));
+    // Meanwhile the old programs translate a new flow POD0:40001 -> MASQ:62001.
+    let fwd = nat_key(NAT_DIR_EGRESS, POD0, 40001, REMOTE, 443);
+    let back = nat_key(NAT_DIR_INGRESS, REMOTE, 443, MASQ, 62001);
+    for (key, addr, port) in [(fwd, MASQ, 62001), (back, POD0, 40001)] {
+        let entry = NatEntry {
+            last_seen_ns: vcnpath::datapath::monotonic_now_ns(),
+            addr: addr.octets(),
+            port,
+            ..NatEntry::default()
+        };
+        old.insert(key, abi_2_entry(&entry), 0).unwrap();
+    }
+    let new: HashMap<MapData, NatKey, NatEntry> =
+        open(&pins.path.join(MAP_NAT)).try_into().unwrap();
+    assert!(
+        new.get(&back, 0).is_err(),
+        "the first copy ran before the flow was opened"
+    );
+
+    datapath.sync(&state(1024, 65535)).expect("the first sync");
+    let reply = build(&Spec::tcp(REMOTE, 443, MASQ, 62001));
+    let (_, out) = run(datapath.ingress(), &reply);
+    assert_eq!(
+        (view(&out).dst, view(&out).dport),
+        (POD0, 40001),
+        "a reply of the flow opened during the upgrade reaches its pod"
+    );
+    let (_, out) = run(
+        datapath.egress(),
+        &build(&Spec::tcp(POD0, 40001, REMOTE, 443)),
+    );
+    assert_eq!(
+        (view(&out).src, view(&out).sport),
+        (MASQ, 62001),
+        "and the flow keeps its mapping"
+    );
+    drop(datapath);
+    drop(pins);
+}
+
+fn nat_key(
+    dir: u8,
+    src: std::net::Ipv4Addr,
+    sport: u16,
+    dst: std::net::Ipv4Addr,
+    dport: u16,
+) -> NatKey {
+    NatKey {
+        src: src.octets(),
+        dst: dst.octets(),
+        sport,
+        dport,
+        proto: 6,
+        dir,
+        pad: [0; 2],
+    }
 }
 
 /// Pins recorded as ABI 2 whose NAT table has this build's layout are not what ABI 2
