@@ -104,10 +104,14 @@ pub enum Reason {
     /// range, matching no flow (of a flow long gone): dropped rather than answered by the
     /// host with a RST. A SYN is not dropped (a host listener may take it), nor is UDP.
     DropNoFlow = 38,
+    /// Such a segment (no flow recorded) that a connected socket of the host's own holds:
+    /// one opened before the datapath recorded it (its first packet out since is recorded
+    /// in `nat`). Passed to it.
+    PassHostSocket = 39,
 }
 
 /// Number of reason codes.
-pub const REASON_COUNT: u32 = 39;
+pub const REASON_COUNT: u32 = 40;
 
 /// Which program counted a packet: the `stats` map holds one counter per direction and
 /// reason, so a reason both programs count (`passed-malformed`, `passed-host-flow`, …)
@@ -191,6 +195,7 @@ impl Reason {
         Reason::PassHostFlow,
         Reason::HostFlowCollision,
         Reason::DropNoFlow,
+        Reason::PassHostSocket,
     ];
 
     /// The name operators see in `vcnpath` output and metrics.
@@ -235,6 +240,7 @@ impl Reason {
             Reason::PassHostFlow => "passed-host-flow",
             Reason::HostFlowCollision => "host-flow-took-pod-tuple",
             Reason::DropNoFlow => "dropped-no-flow",
+            Reason::PassHostSocket => "passed-host-socket",
         }
     }
 

@@ -8,7 +8,7 @@ use vcnpath_common::{Config, ENDPOINT_KIND_POD, NAT_DIR_INGRESS, NAT_F_INBOUND, 
 use crate::{
     csum,
     decision::{Decision, Step},
-    frag, helpers, icmp,
+    frag, helpers, hostsock, icmp,
     maps::{self, INBOUND},
     nat::{self, NatSlot, Side},
     parse::{
@@ -75,6 +75,12 @@ fn reverse(ctx: &TcContext, config: &Config, ip: &Ipv4) -> Step<Decision> {
         // its first packet out, so such a segment from outside belongs to no live flow, and
         // the RST the host would answer could end a flow the remote still knows.
         if droppable && nat::in_range(config, dport) && !maps::is_nonmasq(ip.src) {
+            // Unless it is a connection of the host's opened before the datapath could see
+            // its packets (a restart of the node's programs, a range widened): the kernel's
+            // socket table knows it; it is recorded by its next packet out.
+            if hostsock::tcp_connected(ctx, ip.src, sport, ip.dst, dport) {
+                return Ok(Decision::pass(Reason::PassHostSocket));
+            }
             return Ok(Decision::drop(Reason::DropNoFlow));
         }
         return Ok(Decision::pass(Reason::PassHost));

@@ -918,6 +918,58 @@ fn a_pod_flow_after_a_host_flow_takes_another_port_and_echo_id() {
     );
 }
 
+/// A connection of the host's own on a port of the NAT range that the datapath has not
+/// recorded (opened before the programs were attached, so none of its packets out was
+/// seen): its segments from outside still reach it, found in the kernel's socket table. A
+/// listener alone on such a port does not make a stray segment one of its connections.
+#[test]
+fn a_host_connection_from_before_the_datapath_keeps_its_segments_inside_the_nat_range() {
+    root_or_skip!("host_socket");
+    let ns = vcnpath_tests::lab::Netns::create(&format!("hsk{}", std::process::id()))
+        .expect("a namespace for the host's sockets");
+    ns.ip(&["link", "set", "lo", "up"]).unwrap();
+    for addr in [MASQ, REMOTE] {
+        ns.ip(&["addr", "add", &format!("{addr}/32"), "dev", "lo"])
+            .unwrap();
+    }
+    vcnpath_tests::lab::run_in(&ns, || {
+        let server = std::net::TcpListener::bind((REMOTE, 443)).expect("the remote's listener");
+        let client = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("a socket");
+        client
+            .bind(&std::net::SocketAddr::from((MASQ, 61234)).into())
+            .expect("bind the host's socket in the NAT range");
+        client
+            .connect(&std::net::SocketAddr::from((REMOTE, 443)).into())
+            .expect("connect");
+        let _accepted = server.accept().expect("accept");
+        let _listener =
+            std::net::TcpListener::bind((MASQ, 61300)).expect("a host listener in the range");
+
+        let fx = Fixture::new("hsock", RANGE.0, RANGE.1);
+        let segment = build(&Spec::tcp(REMOTE, 443, MASQ, 61234));
+        assert_eq!(
+            fx.ingress(&segment),
+            (TC_ACT_OK, segment),
+            "the host's connection keeps its segments, untranslated"
+        );
+        assert_eq!(fx.count(Reason::PassHostSocket), 1);
+        for stray in [
+            Spec::tcp(REMOTE, 443, MASQ, 61235),
+            Spec::tcp(REMOTE, 443, MASQ, 61300),
+            Spec::tcp(REMOTE, 444, MASQ, 61234),
+        ] {
+            assert_eq!(
+                fx.ingress(&build(&stray)).0,
+                TC_ACT_SHOT,
+                "no connection of the host's holds {stray:?}"
+            );
+        }
+        assert_eq!(fx.count(Reason::DropNoFlow), 3);
+    })
+    .expect("run in the namespace");
+}
+
 /// From outside the VCN, a TCP segment on a port of the NAT range that matches no flow
 /// belongs to a flow gone: dropped and counted, not answered by the host with a RST. What
 /// may open a flow (a TCP SYN towards a host listener, any UDP datagram: a UDP node port has
