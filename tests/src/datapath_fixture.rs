@@ -161,6 +161,25 @@ impl Fixture {
     }
 }
 
+/// A TCP key of `nat` (or `inbound`).
+pub fn tcp_key(
+    dir: u8,
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+) -> vcnpath_common::NatKey {
+    vcnpath_common::NatKey {
+        src: src.octets(),
+        dst: dst.octets(),
+        sport,
+        dport,
+        proto: 6,
+        dir,
+        pad: [0; 2],
+    }
+}
+
 /// Pins at `path` a map `name` of the given type and `(key size, value size, max entries)`,
 /// as another release of vcnpath could have left it.
 pub fn pin_foreign_map(

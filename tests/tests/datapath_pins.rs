@@ -20,7 +20,7 @@ use vcnpath_common::{
 use vcnpath_tests::{
     datapath_fixture::{
         Fixture, MASQ, POD0, POD1, REMOTE, TC_ACT_OK, abi_2_entry, leave_abi_1_pins,
-        leave_abi_2_pins, pin_foreign_map, run, state,
+        leave_abi_2_pins, pin_foreign_map, run, state, tcp_key,
     },
     lab::{Netns, cmd_in, run_in},
     packet::{Spec, build, view},
@@ -413,8 +413,8 @@ fn flows_the_old_programs_open_during_the_upgrade_are_carried_over() {
     })
     .unwrap_or_else(|e| panic!("the upgrade's load: {e}"));
     // Meanwhile the old programs translate a new flow POD0:40001 -> MASQ:62001.
-    let fwd = nat_key(NAT_DIR_EGRESS, POD0, 40001, REMOTE, 443);
-    let back = nat_key(NAT_DIR_INGRESS, REMOTE, 443, MASQ, 62001);
+    let fwd = tcp_key(NAT_DIR_EGRESS, POD0, 40001, REMOTE, 443);
+    let back = tcp_key(NAT_DIR_INGRESS, REMOTE, 443, MASQ, 62001);
     for (key, addr, port) in [(fwd, MASQ, 62001), (back, POD0, 40001)] {
         let entry = NatEntry {
             last_seen_ns: vcnpath::datapath::monotonic_now_ns(),
@@ -450,24 +450,6 @@ fn flows_the_old_programs_open_during_the_upgrade_are_carried_over() {
     );
     drop(datapath);
     drop(pins);
-}
-
-fn nat_key(
-    dir: u8,
-    src: std::net::Ipv4Addr,
-    sport: u16,
-    dst: std::net::Ipv4Addr,
-    dport: u16,
-) -> NatKey {
-    NatKey {
-        src: src.octets(),
-        dst: dst.octets(),
-        sport,
-        dport,
-        proto: 6,
-        dir,
-        pad: [0; 2],
-    }
 }
 
 /// Pins recorded as ABI 2 whose NAT table has this build's layout are not what ABI 2

@@ -16,8 +16,9 @@ use anyhow::{Context, Result, bail, ensure};
 use vcnpath::datapath::{DatapathMaps, NatTimeouts};
 use vcnpath_common::{NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_MAX, NatEntry, NatKey, Reason};
 
-use super::per_packet::{Case, entry, interleaved, key, translating_pair};
+use super::per_packet::{Case, entry, interleaved, translating_pair};
 use super::pin_to_last_cpu;
+use crate::datapath_fixture::tcp_key as key;
 use crate::datapath_fixture::{Fixture, MASQ, POD0, POD1, REMOTE};
 use crate::lab::process;
 use crate::packet::Spec;

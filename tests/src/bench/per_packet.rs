@@ -8,10 +8,10 @@
 use std::net::Ipv4Addr;
 
 use crate::{
-    datapath_fixture::{Fixture, MASQ, PEER, POD0, POD1, REMOTE, state, time_ns},
+    datapath_fixture::{Fixture, MASQ, PEER, POD0, POD1, REMOTE, state, tcp_key as key, time_ns},
     packet::{Spec, build},
 };
-use vcnpath_common::{NAT_DIR_EGRESS, NAT_DIR_INGRESS, NatEntry, NatKey, Reason};
+use vcnpath_common::{NAT_DIR_EGRESS, NAT_DIR_INGRESS, NatEntry, Reason};
 
 pub const REPEAT: u32 = 1_000_000;
 
@@ -114,19 +114,6 @@ pub fn interleaved(cases: &[Case<'_>]) -> anyhow::Result<Vec<Row>> {
         .zip(on_path)
         .map(|((case, runs), seen)| row(case.name, case.reason, runs, seen))
         .collect())
-}
-
-/// A TCP NAT key.
-pub fn key(dir: u8, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> NatKey {
-    NatKey {
-        src: src.octets(),
-        dst: dst.octets(),
-        sport,
-        dport,
-        proto: 6,
-        dir,
-        pad: [0; 2],
-    }
 }
 
 /// A NAT entry translating to `addr:port`, last seen at boot.
