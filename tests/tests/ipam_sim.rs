@@ -1031,6 +1031,11 @@ async fn an_address_moved_to_another_vnic_follows_its_pod() {
         now.vnic_id, target,
         "the allocation follows its address to VNIC {target}"
     );
+    // The agent syncs the datapath on this, so the pod is steered through its new VNIC at
+    // once rather than at the next periodic sync.
+    tokio::time::timeout(Duration::from_secs(1), ipam.pods_moved())
+        .await
+        .expect("the move is announced for the datapath");
     let taken: BTreeSet<Ipv4Addr> = held.keys().copied().collect();
     allocate_avoiding(&ipam, 4..6, &taken).await;
     let _still = ipam.quiesce().await;

@@ -42,6 +42,10 @@ use vcnpath_tests::{
     privileged::have_root,
 };
 
+/// How long the `endpoints` map may lag what IPAM holds: the agent syncs right after an
+/// ADD, a DEL or a pod's address moving, and at the latest every second.
+const ENDPOINTS_LAG: Duration = Duration::from_secs(2);
+
 /// Rounds per case (but [`Trouble::CidrBlocks`], [`BLOCK_ROUNDS`]): each one kill -9 at a
 /// random point of a burst.
 const ROUNDS: usize = 20;
@@ -779,28 +783,15 @@ impl Suite {
                 "the node routes {routed:?} to pods; live are {live_set:?}"
             ));
         }
-        let mapped: BTreeSet<Ipv4Addr> =
-            vcnpath::datapath::DatapathMaps::from_pins(&self.agent.pins.path)
-                .and_then(|m| m.pod_endpoints())
-                .map(|e| e.into_keys().collect())
-                .unwrap_or_default();
         // A quarantined pod (its VNIC detached behind the agent's back) has no VNIC to be
         // steered out of, and its address is no longer in OCI: held, but on no VNIC.
-        let quarantined: BTreeSet<Ipv4Addr> = status["pool"]["quarantined"]
-            .as_array()
-            .expect("quarantined")
-            .iter()
-            .filter_map(|q| q["ip"].as_str()?.parse().ok())
-            .collect();
-        let held: BTreeSet<Ipv4Addr> = holders
-            .keys()
-            .filter(|ip| !quarantined.contains(ip))
-            .copied()
-            .collect();
-        let mapped: BTreeSet<Ipv4Addr> = mapped.difference(&quarantined).copied().collect();
-        if mapped != held {
+        let quarantined = quarantined_of(&status);
+        // The datapath follows IPAM asynchronously: a pod the reconcile moved to another VNIC
+        // is steered after the sync that follows it, a moment later.
+        if let Some((mapped, held)) = self.endpoints_disagree(&status) {
             found.push(format!(
-                "the endpoints map has {mapped:?}; held are {held:?}"
+                "the endpoints map has {mapped:?}; held are {held:?} (for {} s)",
+                ENDPOINTS_LAG.as_secs()
             ));
         }
         let cloud = cloud_ips(&self.lab);
@@ -821,6 +812,38 @@ impl Suite {
         }
         for what in found {
             self.violation(round, &what);
+        }
+    }
+
+    /// The pods' addresses in the `endpoints` map and those held (both without the
+    /// quarantined ones), while they still differ after [`ENDPOINTS_LAG`] of asking again.
+    fn endpoints_disagree(
+        &self,
+        first: &Value,
+    ) -> Option<(BTreeSet<Ipv4Addr>, BTreeSet<Ipv4Addr>)> {
+        let deadline = Instant::now() + ENDPOINTS_LAG;
+        let mut status = first.clone();
+        loop {
+            let mapped: BTreeSet<Ipv4Addr> =
+                vcnpath::datapath::DatapathMaps::from_pins(&self.agent.pins.path)
+                    .and_then(|m| m.pod_endpoints())
+                    .map(|e| e.into_keys().collect())
+                    .unwrap_or_default();
+            let quarantined = quarantined_of(&status);
+            let held: BTreeSet<Ipv4Addr> = holders_of(&status)
+                .0
+                .into_keys()
+                .filter(|ip| !quarantined.contains(ip))
+                .collect();
+            let mapped: BTreeSet<Ipv4Addr> = mapped.difference(&quarantined).copied().collect();
+            if mapped == held {
+                return None;
+            }
+            if Instant::now() > deadline {
+                return Some((mapped, held));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            status = self.agent.status().expect("status");
         }
     }
 
@@ -1326,6 +1349,16 @@ fn kill_after(
 }
 /// The pods `vcnpath status` lists, by address: who holds each (container id, and the
 /// interface when it is not eth0) and on which VNIC.
+/// The addresses `vcnpath status` lists as quarantined (their pods' VNIC detached).
+fn quarantined_of(status: &Value) -> BTreeSet<Ipv4Addr> {
+    status["pool"]["quarantined"]
+        .as_array()
+        .expect("quarantined")
+        .iter()
+        .filter_map(|q| q["ip"].as_str()?.parse().ok())
+        .collect()
+}
+
 fn holders_of(status: &Value) -> (BTreeMap<Ipv4Addr, Vec<String>>, BTreeMap<Ipv4Addr, String>) {
     let mut holders: BTreeMap<Ipv4Addr, Vec<String>> = BTreeMap::new();
     let mut vnic_of: BTreeMap<Ipv4Addr, String> = BTreeMap::new();

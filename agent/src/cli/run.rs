@@ -537,6 +537,12 @@ async fn supervise(
             () = node.ipam.vnic_added() => {
                 node.setup_vnics().await;
             }
+            () = node.ipam.pods_moved() => {
+                // A pod's address now lives on another VNIC: steer it there at once.
+                if let Err(error) = node.sync().await {
+                    warn!(%error, "datapath sync after a pod's address moved failed; the periodic sync retries");
+                }
+            }
             _ = host_tick.tick() => {
                 node.setup_vnics().await;
                 let synced = node.sync().await;

@@ -455,7 +455,9 @@ async fn create_ip(inner: &Inner, vnic: &str, block: Option<u8>, token: String) 
             // The VNIC cannot have left the pool: detaches happen under the same ops lock.
             let mut state = inner.state.lock().await;
             for ip in &addresses {
-                state.add_created(vnic, *ip, created.id.clone(), made);
+                if state.add_created(vnic, *ip, created.id.clone(), made) {
+                    inner.moved.notify_one();
+                }
             }
             tracing::debug!(address = %created.ip_address, block = ?made, vnic, "private IP created");
             Outcome::Done

@@ -430,7 +430,9 @@ fn apply(inner: &Inner, state: &mut State, observed: Observed, checked: &Checked
             repairs.delete.push((vnic_id, ip, ocid));
         }
     }
-    follow(state, checked, &mut repairs);
+    if follow(state, checked, &mut repairs) {
+        inner.moved.notify_one();
+    }
     state.forget_gone();
     repairs
 }
@@ -496,8 +498,10 @@ fn keep_unlisted(state: &mut State, before: BTreeMap<Ipv4Addr, (String, Slot)>, 
 }
 
 /// Each allocation follows its address to the VNIC the pool has it on; one whose address OCI
-/// lost is recreated on its VNIC; one whose VNIC is gone stays quarantined.
-fn follow(state: &mut State, checked: &Checked, repairs: &mut Repairs) {
+/// lost is recreated on its VNIC; one whose VNIC is gone stays quarantined. Returns whether
+/// an allocation moved to another VNIC.
+fn follow(state: &mut State, checked: &Checked, repairs: &mut Repairs) -> bool {
+    let mut moved = false;
     let State {
         pool, allocations, ..
     } = state;
@@ -509,6 +513,7 @@ fn follow(state: &mut State, checked: &Checked, repairs: &mut Repairs) {
             if v.info.id != a.vnic_id {
                 tracing::warn!(ip = %a.ip, from = %a.vnic_id, to = %v.info.id, container_id = %key.0, "a pod's address was moved to another VNIC; the pod follows it");
                 move_to(a, &v.info);
+                moved = true;
             }
             continue;
         }
@@ -523,6 +528,7 @@ fn follow(state: &mut State, checked: &Checked, repairs: &mut Repairs) {
             }
         }
     }
+    moved
 }
 
 async fn repair(inner: &Inner, repairs: Repairs) {

@@ -169,6 +169,7 @@ impl Ipam {
             tags,
             reconciled: watch::Sender::new(false),
             vnic_added: Notify::new(),
+            moved: Notify::new(),
             deleted: std::sync::Mutex::default(),
             adds: std::sync::Mutex::default(),
             missing: std::sync::Mutex::default(),
@@ -195,6 +196,12 @@ impl Ipam {
     /// finished, whichever comes first since the last call: its interface can be set up.
     pub async fn vnic_added(&self) {
         self.inner.vnic_added.notified().await;
+    }
+
+    /// Waits until a pod's address moved to another VNIC outside an ADD or a DEL (see
+    /// `Inner::moved`): the datapath must be synced.
+    pub async fn pods_moved(&self) {
+        self.inner.moved.notified().await;
     }
 
     /// Waits until the first reconcile with OCI has built the pool.

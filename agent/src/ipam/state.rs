@@ -93,13 +93,14 @@ impl State {
     /// An address of a private IP (or block, `block`) the grower just created joins the pool:
     /// free, unless a pod holds that address already (its VNIC was detached and OCI handed the
     /// address out again), in which case it is the pod's and the pod follows it to this VNIC.
+    /// Returns whether a pod followed it.
     pub fn add_created(
         &mut self,
         vnic_id: &str,
         ip: std::net::Ipv4Addr,
         ocid: String,
         block: Option<ipnet::Ipv4Net>,
-    ) {
+    ) -> bool {
         let now = tokio::time::Instant::now();
         let holder = self
             .allocations
@@ -120,7 +121,9 @@ impl State {
                 .take_cooling(ip)
                 .unwrap_or(SlotState::Free { since: now }),
         };
+        let followed = matches!(state, SlotState::Assigned(_));
         self.pool.add_slot(vnic_id, ip, Slot { ocid, state, block });
+        followed
     }
 
     /// The addresses cooling down (on a VNIC of the pool or not), with the wall-clock time
@@ -164,6 +167,10 @@ pub(super) struct Inner {
     pub reconciled: watch::Sender<bool>,
     /// Raised when a VNIC joins the pool, for host setup to look for its interface.
     pub vnic_added: Notify,
+    /// Raised when a pod's address moved to another VNIC outside an ADD or a DEL (the
+    /// reconcile found it there, or a new private IP got a quarantined pod's address): the
+    /// datapath must steer it through its new VNIC now, not at the next periodic sync.
+    pub moved: Notify,
     /// Containers whose DEL was just served, and when: a late ADD for one is refused.
     pub deleted: std::sync::Mutex<BTreeMap<Key, tokio::time::Instant>>,
     /// Per attachment: ADDs running now, and when the latest began (for the allocation GC).
