@@ -50,6 +50,8 @@ pub struct AgentOptions {
     /// `ipam.release_delay_secs`: how long an address beyond the warm target stays before
     /// it is released.
     pub release_delay_secs: u64,
+    /// `ipam.use_primary_vnic`: pods also get addresses on the node's primary VNIC.
+    pub use_primary_vnic: bool,
 }
 
 impl Default for AgentOptions {
@@ -67,6 +69,7 @@ impl Default for AgentOptions {
             block_prefix: None,
             block_addresses_per_vnic: None,
             release_delay_secs: 600,
+            use_primary_vnic: false,
         }
     }
 }
@@ -136,6 +139,7 @@ impl NodeAgent {
             block_prefix,
             block_addresses_per_vnic,
             release_delay_secs,
+            use_primary_vnic,
             ..
         } = self.options;
         let optional = [
@@ -152,6 +156,10 @@ impl NodeAgent {
             (
                 "block_addresses_per_vnic",
                 block_addresses_per_vnic.map(|n| n.to_string()),
+            ),
+            (
+                "use_primary_vnic",
+                use_primary_vnic.then(|| "true".to_owned()),
             ),
         ];
         let optional_keys: String = optional

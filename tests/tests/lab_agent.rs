@@ -979,3 +979,51 @@ fn lab_an_address_routed_to_a_veth_behind_the_agents_back_is_held() {
         std::thread::sleep(Duration::from_millis(300));
     }
 }
+
+/// `ipam.use_primary_vnic = true`: pods get addresses on the node's primary VNIC, with no
+/// VNIC attached for them, and reach the VCN with their own addresses and the internet
+/// masqueraded. The primary is set up at start, before the pool has it: until IPAM was told
+/// its interface once the reconcile added it, every ADD was told to try again.
+#[test]
+fn lab_pods_on_the_primary_vnic_reach_the_vcn_with_their_own_addresses() {
+    if !have_root("lab_primary_vnic") {
+        return;
+    }
+    let lab = simlab();
+    let agent = NodeAgent::start_with(
+        &lab,
+        "primvnic",
+        AgentOptions {
+            use_primary_vnic: true,
+            ..AgentOptions::default()
+        },
+    )
+    .expect("vcnpath run");
+    let pods = add_pods(&lab, &agent, "pv", 3, T);
+    let status = agent.status().expect("status");
+    let primary = status["vnics"]
+        .as_array()
+        .expect("vnics")
+        .iter()
+        .find(|v| v["is_primary"] == true)
+        .and_then(|v| v["vnic_id"].as_str())
+        .expect("the primary VNIC serves pods")
+        .to_owned();
+    let cloud = cloud_ips(&lab);
+    for pod in &pods {
+        assert_eq!(
+            cloud.get(&pod.ip),
+            Some(&primary),
+            "{} ({}) has an address of the primary VNIC",
+            pod.id,
+            pod.ip
+        );
+    }
+    assert_eq!(
+        status["vnics"].as_array().map(Vec::len),
+        Some(1),
+        "no VNIC was attached for them"
+    );
+    let seen = reach_peer_and_internet(&lab, &pods, T);
+    assert_own_addresses_and_masquerade(&pods, &seen);
+}

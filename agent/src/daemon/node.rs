@@ -281,6 +281,23 @@ impl Node {
         let mut managed_any = false;
         for vnic in &status.vnics {
             if known.contains(&vnic.vnic_id) {
+                if vnic.interface.is_none() {
+                    // Managed before the pool had it: the primary VNIC, set up at start,
+                    // joins the pool at the first reconcile when `ipam.use_primary_vnic`
+                    // makes it serve pods. IPAM hands out its addresses once it knows the
+                    // interface.
+                    let link = self
+                        .vnics
+                        .lock()
+                        .await
+                        .get(&vnic.vnic_id)
+                        .map(|v| v.link.clone());
+                    if let Some(link) = link {
+                        self.ipam
+                            .set_interface(&crate::host::netlink::format_mac(&link.mac), &link.name)
+                            .await;
+                    }
+                }
                 continue;
             }
             let Some(mac) = parse_mac(&vnic.mac) else {

@@ -77,6 +77,9 @@ impl Latency {
 pub struct Ramp {
     /// `ip` (one `CreatePrivateIp` per address) or `cidr` (one per IP CIDR block).
     pub mode: &'static str,
+    /// `ipam.use_primary_vnic`: pods got addresses on the primary VNIC too, so the first
+    /// ones wait for no attachment.
+    pub primary_vnic: bool,
     /// The very first ADD (no secondary VNIC yet), retries included.
     pub first_add_ms: f64,
     /// Every ADD of the ramp, retries included.
@@ -114,6 +117,8 @@ pub struct Control {
     pub ramp: Ramp,
     /// 0 → 110 with IP CIDR blocks of [`Control::block_prefix`], same latencies.
     pub ramp_cidr: Ramp,
+    /// Both again with `ipam.use_primary_vnic = true`: [ip, cidr].
+    pub ramps_primary: [Ramp; 2],
     pub block_prefix: u8,
     pub ramp_parallel: usize,
     pub churn: Churn,
@@ -240,7 +245,12 @@ fn lab() -> Result<SimLab> {
 }
 
 fn options(ipam_mode: &'static str) -> AgentOptions {
+    options_on(ipam_mode, false)
+}
+
+fn options_on(ipam_mode: &'static str, use_primary_vnic: bool) -> AgentOptions {
     AgentOptions {
+        use_primary_vnic,
         ips_per_vnic: IPS_PER_VNIC,
         warm_ips: 10,
         cooldown_secs: COOLDOWN_SECS,
@@ -267,7 +277,12 @@ fn pods(lab: &SimLab, prefix: &str) -> Result<Vec<Pod>> {
 }
 
 /// 0 → [`PODS`] on `agent`, started on an empty pool a moment ago.
-fn ramp(lab: &SimLab, agent: &NodeAgent, pods: &[Pod], mode: &'static str) -> Result<Ramp> {
+fn ramp(
+    lab: &SimLab,
+    agent: &NodeAgent,
+    pods: &[Pod],
+    (mode, primary_vnic): (&'static str, bool),
+) -> Result<Ramp> {
     let started = Instant::now();
     let first = add(lab, agent, &pods[0].id, &pods[0].ns)?.0;
     let mut adds = vec![first];
@@ -284,11 +299,12 @@ fn ramp(lab: &SimLab, agent: &NodeAgent, pods: &[Pod], mode: &'static str) -> Re
         &metrics::oci_requests(&scrape(lab)?),
     );
     eprintln!(
-        "control: ipam.mode = {mode:?}: {PODS} pods in {secs:.1} s, {} OCI calls",
+        "control: ipam.mode = {mode:?}, use_primary_vnic = {primary_vnic}: {PODS} pods in {secs:.1} s, {} OCI calls",
         oci_calls.iter().map(|(_, n)| n).sum::<u64>()
     );
     Ok(Ramp {
         mode,
+        primary_vnic,
         first_add_ms: first.as_secs_f64() * 1e3,
         add: Latency::of(&adds),
         secs,
@@ -297,13 +313,15 @@ fn ramp(lab: &SimLab, agent: &NodeAgent, pods: &[Pod], mode: &'static str) -> Re
     })
 }
 
-/// [`ramp`] with IP CIDR blocks, on a lab, simulator and agent of its own, torn down after.
-fn ramp_cidr() -> Result<Ramp> {
+/// [`ramp`] in `mode` (and on the primary VNIC too with `primary`), on a lab, simulator and
+/// agent of its own, torn down after.
+fn ramp_alone(mode: &'static str, primary: bool) -> Result<Ramp> {
     let lab = lab()?;
-    let agent = NodeAgent::start_with(&lab, "benchcb", options("cidr"))?;
+    let tag = format!("benchr{}{}", &mode[..1], u8::from(primary));
+    let agent = NodeAgent::start_with(&lab, &tag, options_on(mode, primary))?;
     std::thread::sleep(Duration::from_secs(1));
-    let pods = pods(&lab, "cb")?;
-    let ramp = ramp(&lab, &agent, &pods, "cidr")?;
+    let pods = pods(&lab, &format!("r{}{}", &mode[..1], u8::from(primary)))?;
+    let ramp = ramp(&lab, &agent, &pods, (mode, primary))?;
     parallel(PODS, RAMP_PARALLEL, |i| {
         del(&lab, &agent, &pods[i].id, &pods[i].ns)
     })?;
@@ -311,7 +329,8 @@ fn ramp_cidr() -> Result<Ramp> {
 }
 
 pub fn run(churn_pods: usize) -> Result<Control> {
-    let ramp_cidr = ramp_cidr()?;
+    let ramp_cidr = ramp_alone("cidr", false)?;
+    let ramps_primary = [ramp_alone("ip", true)?, ramp_alone("cidr", true)?];
     let lab = lab()?;
     let mut agent = NodeAgent::start_with(&lab, "benchcp", options("ip"))?;
     std::thread::sleep(Duration::from_secs(1));
@@ -319,7 +338,7 @@ pub fn run(churn_pods: usize) -> Result<Control> {
 
     // 0 → 110 from an empty pool.
     let pods = pods(&lab, "cp")?;
-    let ramp = ramp(&lab, &agent, &pods, "ip")?;
+    let ramp = ramp(&lab, &agent, &pods, ("ip", false))?;
     let rss_110_kib = rss_kib(agent.pid())?;
 
     // Start-up restoring 110 pods, the simulator's latency excluded.
@@ -357,6 +376,7 @@ pub fn run(churn_pods: usize) -> Result<Control> {
         spawn_floor: Latency::of(&spawn_floor),
         ramp,
         ramp_cidr,
+        ramps_primary,
         block_prefix: BLOCK_PREFIX,
         ramp_parallel: RAMP_PARALLEL,
         churn,

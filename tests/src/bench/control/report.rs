@@ -83,8 +83,13 @@ pub fn table(c: &Control) -> String {
 
 /// The 0 → 110 rows of both modes and their ratios.
 fn ramps(c: &Control, row: &mut impl FnMut(&str, String)) {
-    for r in [&c.ramp, &c.ramp_cidr] {
-        let mode = format!("ipam.mode = {:?}", r.mode);
+    let [primary_ip, primary_cidr] = &c.ramps_primary;
+    for r in [&c.ramp, &c.ramp_cidr, primary_ip, primary_cidr] {
+        let mode = if r.primary_vnic {
+            format!("ipam.mode = {:?}, primary VNIC too", r.mode)
+        } else {
+            format!("ipam.mode = {:?}", r.mode)
+        };
         row(
             &format!("{mode}: CNI ADD, empty pool, the first pod"),
             format!("{:.0} ms (retries included)", r.first_add_ms),
@@ -114,6 +119,14 @@ fn ramps(c: &Control, row: &mut impl FnMut(&str, String)) {
             c.block_prefix
         ),
         format!("{:.1}× / {:.1}×", speedup(c), call_ratio(c)),
+    );
+    row(
+        "cidr against ip with use_primary_vnic = true: 0 → 110 faster / fewer calls",
+        format!(
+            "{:.1}× / {:.1}×",
+            primary_ip.secs / primary_cidr.secs,
+            to_f64(primary_ip.oci_calls_total) / to_f64(primary_cidr.oci_calls_total.max(1))
+        ),
     );
 }
 
