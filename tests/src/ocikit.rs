@@ -95,6 +95,16 @@ pub fn unlimited() -> RateLimit {
 
 /// A client signing with an API key from a config file.
 pub fn config_file_client(sim: &Simulator, config: &Path, retry: RetryPolicy) -> CoreClient {
+    config_file_client_at(sim, config, retry, unlimited())
+}
+
+/// [`config_file_client`] calling at most at `rate`.
+pub fn config_file_client_at(
+    sim: &Simulator,
+    config: &Path,
+    retry: RetryPolicy,
+    rate: RateLimit,
+) -> CoreClient {
     let auth = ConfigFileAuth::from_file(config, "DEFAULT").expect("config profile loads");
     let endpoints = Endpoints::single(&sim.base_url()).expect("endpoints");
     CoreClient::new(
@@ -102,7 +112,7 @@ pub fn config_file_client(sim: &Simulator, config: &Path, retry: RetryPolicy) ->
         &endpoints,
         Arc::new(auth),
         retry,
-        unlimited(),
+        rate,
     )
 }
 
@@ -110,6 +120,15 @@ pub fn config_file_client(sim: &Simulator, config: &Path, retry: RetryPolicy) ->
 pub fn instance_principal_client(
     sim: &Simulator,
     retry: RetryPolicy,
+) -> (CoreClient, Arc<InstancePrincipalAuth>) {
+    instance_principal_client_at(sim, retry, unlimited())
+}
+
+/// [`instance_principal_client`] calling at most at `rate`.
+pub fn instance_principal_client_at(
+    sim: &Simulator,
+    retry: RetryPolicy,
+    rate: RateLimit,
 ) -> (CoreClient, Arc<InstancePrincipalAuth>) {
     let http = reqwest::Client::new();
     let imds = ImdsClient::new(&sim.imds_url(), http.clone()).expect("IMDS URL");
@@ -120,7 +139,7 @@ pub fn instance_principal_client(
         http.clone(),
     ));
     (
-        CoreClient::new(http, &endpoints, auth.clone(), retry, unlimited()),
+        CoreClient::new(http, &endpoints, auth.clone(), retry, rate),
         auth,
     )
 }

@@ -11,9 +11,12 @@ use vcnpath::ipam::{
     AllocError, Allocation, Cloud, HostHolder, Ipam, IpamConfig, NODE_TAG, OciCloud, PodRef,
     PoolConfig,
 };
-use vcnpath::oci::CoreClient;
-use vcnpath_tests::ocikit::{fast_retries, instance_principal_client, node_ips, private_ip_range};
-use vcnpath_tests::ocisim::{FaultRule, Faults, SimConfig, Simulator};
+use vcnpath::oci::{CoreClient, RateLimit};
+use vcnpath_tests::ocikit::{
+    fast_retries, instance_principal_client, instance_principal_client_at, node_ips,
+    private_ip_range,
+};
+use vcnpath_tests::ocisim::{FaultRule, Faults, RateLimit as TenancyBudget, SimConfig, Simulator};
 
 const PODS_SUBNET: &str = "ocid1.subnet.oc1.iad.simpods";
 
@@ -34,9 +37,13 @@ fn client(sim: &Simulator) -> Arc<CoreClient> {
 }
 
 fn cloud(sim: &Simulator) -> Arc<dyn Cloud> {
+    cloud_of(sim, client(sim))
+}
+
+fn cloud_of(sim: &Simulator, client: Arc<CoreClient>) -> Arc<dyn Cloud> {
     let cfg = sim.config();
     Arc::new(OciCloud::new(
-        client(sim),
+        client,
         cfg.compartment_id,
         cfg.instance_id,
         Duration::from_secs(10),
@@ -67,12 +74,16 @@ fn pool(sim: &Simulator, warm_ips: usize) -> PoolConfig {
 }
 
 async fn start(sim: &Simulator, cfg: IpamConfig) -> Ipam {
+    start_with(cloud(sim), cfg).await
+}
+
+async fn start_with(cloud: Arc<dyn Cloud>, cfg: IpamConfig) -> Ipam {
     // RUST_LOG=vcnpath=debug shows the grower's and reconcile's decisions.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    let ipam = Ipam::start(cloud(sim), cfg).expect("IPAM starts");
+    let ipam = Ipam::start(cloud, cfg).expect("IPAM starts");
     ipam.reconciled().await;
     ipam
 }
@@ -447,14 +458,26 @@ async fn restart_from_checkpoint_keeps_every_pods_address_once() {
     assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
 }
 
+/// Scale-up through a storm: every fifth call fails 5xx, and the tenancy's budget (a token
+/// bucket, as OCI throttles: docs/oci.md) answers 429 to whatever goes beyond it, for a node
+/// calling at the agent's own default rate, twice the budget. The throttling
+/// is the budget's and not a fixed share of every call: a node cannot tell a fixed share
+/// apart from a full tenancy, and under one above ~12% its limiter slows it to one call per
+/// 10 s by design (docs/oci.md, "Calls are rate limited").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_storm_during_scale_up_leaks_and_duplicates_nothing() {
     let sim = sim(8, 4).await;
     let dir = tempfile::tempdir().unwrap();
-    let ipam = Arc::new(start(&sim, config(&sim, dir.path(), pool(&sim, 4))).await);
+    let client = instance_principal_client_at(&sim, fast_retries(), RateLimit::default()).0;
+    let cloud = cloud_of(&sim, Arc::new(client));
+    let ipam = Arc::new(start_with(cloud, config(&sim, dir.path(), pool(&sim, 4))).await);
+    sim.set_rate_limit(Some(TenancyBudget {
+        per_second: 5.0,
+        burst: 5,
+        ..TenancyBudget::default()
+    }));
     sim.set_faults(Faults {
         latency_ms: 20,
-        rate_429: 0.2,
         rate_5xx: 0.2,
         rate_hang: 0.0,
         ..Faults::default()
@@ -475,6 +498,9 @@ async fn fault_storm_during_scale_up_leaks_and_duplicates_nothing() {
         ipam.release(&pod(n)).await.expect("release");
     }
     sim.set_faults(Faults::default());
+    let throttled: u64 = sim.throttled().values().sum();
+    assert!(throttled > 0, "the tenancy's budget throttled the node");
+    sim.set_rate_limit(None);
     // No reconcile here: it would adopt a leak; what the grower left must already be exact.
     assert_consistent(&sim, &ipam, &dir.path().join("ipam.json")).await;
     assert_eq!(ipam.allocations().await.len(), 15);

@@ -21,7 +21,7 @@ use vcnpath_tests::{
         AgentOptions, CniPod, IPS_PER_VNIC, NodeAgent, add_pods, add_pods_in, checkpointed,
         cloud_ips, cni, cni_add, cni_gc, cni_status,
     },
-    ocisim::Faults,
+    ocisim::{Faults, RateLimit as TenancyBudget},
     privileged::have_root,
 };
 
@@ -338,11 +338,16 @@ fn lab_kill_9_during_a_burst_and_a_fault_storm_loses_nothing() {
         TcpConn::connect(&first[0].ns, None, inet.addr(), T).expect("a pod connection");
     established.roundtrip(b"before", T).unwrap();
 
-    // A storm of 429s, 5xx and latency while the pool grows, and a burst of ADDs that the
-    // agent is killed in the middle of.
+    // A storm while the pool grows: 5xx, latency, and 429s from a tenancy budget of half the
+    // agent's default rate (OCI throttles with a budget, not a fixed share of every call:
+    // docs/oci.md); and a burst of ADDs that the agent is killed in the middle of.
+    lab.sim().set_rate_limit(Some(TenancyBudget {
+        per_second: 5.0,
+        burst: 5,
+        ..TenancyBudget::default()
+    }));
     lab.sim().set_faults(Faults {
         latency_ms: 30,
-        rate_429: 0.2,
         rate_5xx: 0.2,
         rate_hang: 0.0,
         ..Faults::default()
@@ -404,6 +409,9 @@ fn lab_kill_9_during_a_burst_and_a_fault_storm_loses_nothing() {
         assert!(out.ok, "ADD {id} after restart: {}", out.json);
     }
     lab.sim().set_faults(Faults::default());
+    let throttled: u64 = lab.sim().throttled().values().sum();
+    assert!(throttled > 0, "the tenancy's budget throttled the agent");
+    lab.sim().set_rate_limit(None);
     assert_consistent(&lab, &agent);
     let held = checkpointed(&agent.checkpoint()).unwrap();
     assert_eq!(

@@ -4,16 +4,27 @@ use std::time::{Duration, Instant};
 use vcnpath::oci::models::{
     AttachVnicDetails, AttachmentState, CreatePrivateIpDetails, CreateVnicDetails, PrivateIpFilter,
 };
-use vcnpath::oci::{CoreClient, ImdsClient, OciError, RetryPolicy, new_retry_token};
+use vcnpath::oci::{CoreClient, ImdsClient, OciError, RateLimit, RetryPolicy, new_retry_token};
 use vcnpath_tests::ocikit::{
-    api_key, config_file_client, fast_retries, instance_principal_client, register,
+    ApiKey, api_key, config_file_client, config_file_client_at, fast_retries,
+    instance_principal_client, register,
 };
-use vcnpath_tests::ocisim::{EventKind, Faults, SimConfig, Simulator};
+use vcnpath_tests::ocisim::{
+    EventKind, FaultRule, Faults, RateLimit as TenancyBudget, SimConfig, Simulator,
+};
 
 async fn sim(config: SimConfig) -> Simulator {
     Simulator::start(config, "127.0.0.1:0")
         .await
         .expect("simulator starts")
+}
+
+/// A simulator and a registered API key of a node user.
+async fn with_node_key(config: SimConfig) -> (Simulator, ApiKey) {
+    let sim = sim(config).await;
+    let key = api_key(&sim, "ocid1.user.oc1..node");
+    register(&sim, &key);
+    (sim, key)
 }
 
 fn small_limits() -> SimConfig {
@@ -247,9 +258,7 @@ async fn vnic_cycle(sim: &Simulator, client: &CoreClient) {
 
 #[tokio::test]
 async fn vnic_cycle_with_api_key() {
-    let sim = sim(small_limits()).await;
-    let key = api_key(&sim, "ocid1.user.oc1..node");
-    register(&sim, &key);
+    let (sim, key) = with_node_key(small_limits()).await;
     let client = config_file_client(&sim, &key.config, fast_retries());
     vnic_cycle(&sim, &client).await;
 }
@@ -349,9 +358,7 @@ async fn concurrent_callers_share_one_refresh() {
 
 #[tokio::test]
 async fn retries_ride_out_injected_429_and_5xx() {
-    let sim = sim(SimConfig::default()).await;
-    let key = api_key(&sim, "ocid1.user.oc1..node");
-    register(&sim, &key);
+    let (sim, key) = with_node_key(SimConfig::default()).await;
     let client = config_file_client(&sim, &key.config, fast_retries());
     sim.set_faults(Faults {
         rate_429: 0.2,
@@ -369,9 +376,7 @@ async fn retries_ride_out_injected_429_and_5xx() {
 
 #[tokio::test]
 async fn a_permanently_failing_call_ends_in_a_typed_error_within_the_budget() {
-    let sim = sim(SimConfig::default()).await;
-    let key = api_key(&sim, "ocid1.user.oc1..node");
-    register(&sim, &key);
+    let (sim, key) = with_node_key(SimConfig::default()).await;
     let budget = Duration::from_secs(2);
     let policy = RetryPolicy {
         total_budget: budget,
@@ -418,6 +423,131 @@ async fn a_permanently_failing_call_ends_in_a_typed_error_within_the_budget() {
         matches!(err.root(), OciError::Timeout { .. }),
         "expected a timeout, got {err:?}"
     );
+}
+
+/// A node slowed down by 429s may not be allowed another attempt before the call's budget
+/// runs out. The call then ends at once with what OCI answered, and no attempt goes out that
+/// could not be answered in time: sent at the budget's end it would get a timeout of a few
+/// milliseconds, fail as "no answer", and a create may take effect at OCI all the same.
+#[tokio::test]
+async fn a_call_the_slowed_node_cannot_retry_within_its_budget_sends_no_doomed_attempt() {
+    let (sim, key) = with_node_key(SimConfig::default()).await;
+    let budget = Duration::from_secs(2);
+    let policy = RetryPolicy {
+        total_budget: budget,
+        attempt_timeout: Duration::from_secs(1),
+        max_attempts: 10,
+        ..fast_retries()
+    };
+    // One call per second: after a 429, half that, and the retry waits 1–3 s.
+    let client = config_file_client_at(
+        &sim,
+        &key.config,
+        policy,
+        RateLimit {
+            per_second: 1.0,
+            burst: 1,
+        },
+    );
+    let vcn = sim.config().vcn.id;
+    sim.set_faults(Faults {
+        latency_ms: 50,
+        rate_429: 1.0,
+        ..Faults::default()
+    });
+    sim.reset_calls();
+    let started = Instant::now();
+    let err = client
+        .get_vcn(&vcn)
+        .await
+        .expect_err("every attempt is throttled");
+    let took = started.elapsed();
+    assert!(took < budget, "took {took:?} with a {budget:?} budget");
+    assert_eq!(
+        (err.status(), err.code()),
+        (Some(429), Some("TooManyRequests")),
+        "the call ends with what OCI answered: {err}"
+    );
+    assert_eq!(
+        sim.calls().get("GetVcn"),
+        Some(&1),
+        "the retry the slowed-down rate allows only after the budget is not sent"
+    );
+
+    // The next call, which the slowed-down rate would let out only after its own budget,
+    // is not sent either, and says so.
+    let err = client.get_vcn(&vcn).await.expect_err("held back");
+    assert!(
+        matches!(err, OciError::HeldBack { .. }),
+        "expected the call to be held back, got {err:?}"
+    );
+    assert!(!err.may_have_committed(), "{err}");
+    assert_eq!(sim.calls().get("GetVcn"), Some(&1), "nothing more was sent");
+}
+
+/// A create whose first attempt took effect although its answer was lost (503 after the
+/// commit), and whose retry was then throttled, may have taken effect: the caller keeps its
+/// retry token, and the next create with it returns the address the first attempt made
+/// instead of making a second one.
+#[tokio::test]
+async fn a_create_that_committed_before_a_throttled_retry_keeps_its_token() {
+    let (sim, key) = with_node_key(SimConfig::default()).await;
+    let policy = RetryPolicy {
+        max_attempts: 2,
+        ..fast_retries()
+    };
+    let client = config_file_client(&sim, &key.config, policy);
+    let cfg = sim.config();
+    let imds = ImdsClient::new(&sim.imds_url(), reqwest::Client::new()).expect("IMDS");
+    let vnic_id = imds.vnics().await.expect("IMDS vnics")[0].vnic_id.clone();
+    sim.set_faults(Faults {
+        rules: vec![FaultRule {
+            op: "CreatePrivateIp".into(),
+            status: 503,
+            code: "ServiceUnavailable".into(),
+            after_commit: true,
+            times: Some(1),
+            ..FaultRule::default()
+        }],
+        ..Faults::default()
+    });
+    // The tenancy's budget has room for one request: the retry is answered 429.
+    sim.set_rate_limit(Some(TenancyBudget {
+        per_second: 0.01,
+        burst: 1,
+        ..TenancyBudget::default()
+    }));
+    let details = CreatePrivateIpDetails {
+        vnic_id: vnic_id.clone(),
+        ..Default::default()
+    };
+    let token = new_retry_token();
+    let err = client
+        .create_private_ip(&details, &token)
+        .await
+        .expect_err("503 after the commit, then 429");
+    assert_eq!(err.status(), Some(429), "{err}");
+    assert!(
+        err.may_have_committed(),
+        "the first attempt may have taken effect: {err}"
+    );
+    sim.set_rate_limit(None);
+    let again = client
+        .create_private_ip(&details, &token)
+        .await
+        .expect("the same token again");
+    let on_vnic = client
+        .list_private_ips(&PrivateIpFilter::Vnic(vnic_id))
+        .await
+        .expect("ListPrivateIps");
+    let secondary: Vec<_> = on_vnic.iter().filter(|p| !p.is_primary).collect();
+    assert_eq!(
+        secondary.len(),
+        1,
+        "one address made, answered again: {secondary:?} (tenancy {})",
+        cfg.tenancy_id
+    );
+    assert_eq!(secondary[0].id, again.id);
 }
 
 /// A VM shape as OCI describes it: every VNIC is on physical NIC 0, so several secondary

@@ -99,11 +99,32 @@ impl Memory {
     }
 
     /// The token for the next create of `target`: one whose answer was lost, else a new one.
-    fn token(&mut self, target: &Target) -> String {
-        self.tokens
-            .get_mut(target)
-            .and_then(Vec::pop)
-            .unwrap_or_else(new_retry_token)
+    fn token(&mut self, target: &Target) -> Token {
+        match self.tokens.get_mut(target).and_then(Vec::pop) {
+            Some(value) => Token {
+                value,
+                inherited: true,
+            },
+            None => Token {
+                value: new_retry_token(),
+                inherited: false,
+            },
+        }
+    }
+
+    /// Keeps the token of a create whose earlier answer was lost when the try with it did not
+    /// reach OCI or was refused before it could take effect (held back, throttled): the
+    /// earlier call may still have made the resource, and only that token returns it.
+    fn keep_inherited(&mut self, target: &Target, token: Token, outcome: &Outcome) {
+        if token.inherited
+            && let Outcome::Failed { token: None, error } = outcome
+            && error.class().is_transient()
+        {
+            self.tokens
+                .entry(target.clone())
+                .or_default()
+                .push(token.value);
+        }
     }
 
     /// The NIC an attach with `token` asks for: the one its first try asked, else `fresh`.
@@ -218,6 +239,13 @@ fn jittered(base: Duration, failures: u32, cap: Duration) -> Duration {
         .min(cap);
     let half = exp / 2;
     half + half.mul_f64(rand::thread_rng().r#gen::<f64>())
+}
+
+/// An `opc-retry-token`, and whether an earlier try whose answer was lost used it.
+#[derive(Debug, Clone)]
+struct Token {
+    value: String,
+    inherited: bool,
 }
 
 /// How one call ended, for [`Memory::record`].
@@ -354,8 +382,8 @@ async fn execute(inner: &Arc<Inner>, plan: Plan, memory: &mut Memory) -> bool {
         let token = memory.token(&target);
         calls.spawn(async move {
             let _permit = limit.acquire().await;
-            let outcome = create_ip(&inner, &vnic, block, token).await;
-            (target, outcome)
+            let outcome = create_ip(&inner, &vnic, block, token.value.clone()).await;
+            (target, token, outcome)
         });
     }
     let fresh_nic = if attach.is_empty() {
@@ -367,11 +395,11 @@ async fn execute(inner: &Arc<Inner>, plan: Plan, memory: &mut Memory) -> bool {
         let (inner, limit) = (inner.clone(), limit.clone());
         let target = Target::Attach(subnet.clone());
         let token = memory.token(&target);
-        let nic_index = memory.nic(&token, fresh_nic);
+        let nic_index = memory.nic(&token.value, fresh_nic);
         calls.spawn(async move {
             let _permit = limit.acquire().await;
-            let outcome = attach_vnic(&inner, &subnet, nic_index, token).await;
-            (target, outcome)
+            let outcome = attach_vnic(&inner, &subnet, nic_index, token.value.clone()).await;
+            (target, token, outcome)
         });
     }
     for (vnic, ip, ocid) in release {
@@ -390,10 +418,11 @@ async fn execute(inner: &Arc<Inner>, plan: Plan, memory: &mut Memory) -> bool {
     }
     let mut progressed = false;
     while let Some(done) = calls.join_next().await {
-        let Ok((target, outcome)) = done else {
+        let Ok((target, token, outcome)) = done else {
             continue;
         };
         progressed |= matches!(outcome, Outcome::Done);
+        memory.keep_inherited(&target, token, &outcome);
         memory.record(inner, target, &outcome);
     }
     memory.forget_spent();
@@ -672,5 +701,52 @@ mod nic_tests {
             Some(1),
             "an unknown NIC is ignored"
         );
+    }
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use std::time::Duration;
+
+    use super::{Memory, Outcome, Target};
+    use crate::oci::OciError;
+
+    fn lost(memory: &mut Memory, target: &Target) -> String {
+        let token = memory.token(target);
+        assert!(!token.inherited, "a first try has a token of its own");
+        memory
+            .tokens
+            .entry(target.clone())
+            .or_default()
+            .push(token.value.clone());
+        token.value
+    }
+
+    /// A create whose answer was lost is tried again with its token; if that try is held back
+    /// by the node's own rate limit or throttled (nothing taken effect), the token stays for
+    /// the next try, because only it returns what the first call may have made.
+    #[test]
+    fn a_lost_answers_token_outlives_a_try_that_never_reached_oci() {
+        let mut memory = Memory::default();
+        let target = Target::CreateIp("vnic-a".into());
+        let first = lost(&mut memory, &target);
+        let token = memory.token(&target);
+        assert!(token.inherited);
+        assert_eq!(token.value, first);
+        let held = Outcome::Failed {
+            error: OciError::HeldBack {
+                operation: "CreatePrivateIp",
+                ready_in: Duration::from_secs(5),
+            },
+            token: None,
+        };
+        memory.keep_inherited(&target, token, &held);
+        assert_eq!(memory.token(&target).value, first, "asked again with it");
+
+        // A fresh token of a try that did not take effect is not kept.
+        let fresh = memory.token(&target);
+        assert!(!fresh.inherited);
+        memory.keep_inherited(&target, fresh, &held);
+        assert!(memory.tokens.get(&target).is_none_or(Vec::is_empty));
     }
 }

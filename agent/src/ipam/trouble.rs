@@ -115,6 +115,10 @@ impl Troubles {
         let first = all.first()?;
         let answer = match (first.status, &first.code) {
             (Some(status), Some(code)) => format!("answered {status} {code}"),
+            // Nothing was sent: the node slowed down after 429s (`OciError::HeldBack`).
+            _ if first.class == ErrorClass::Throttled => {
+                "was held back by the node's own rate limit after OCI's 429s".to_owned()
+            }
             _ => "got no answer".to_owned(),
         };
         let needs = if first.needs.is_empty() {

@@ -91,6 +91,7 @@ impl OciError {
                 ErrorClass::Unavailable
             }
             OciError::Url { .. } => ErrorClass::Request,
+            OciError::HeldBack { .. } => ErrorClass::Throttled,
             OciError::ClockSkew { .. } => ErrorClass::Authentication,
             OciError::Auth { source, .. } => auth_class(source),
             // `root()` has looked through these already; the last attempt decides.
@@ -205,9 +206,16 @@ mod tests {
             operation: "CreatePrivateIp",
             attempts: 3,
             elapsed: Duration::from_secs(1),
+            committed: false,
             last: Box::new(service(429, "TooManyRequests", "m")),
         };
         assert_eq!(retried.class(), ErrorClass::Throttled);
+        let held = OciError::HeldBack {
+            operation: "CreatePrivateIp",
+            ready_in: Duration::from_secs(9),
+        };
+        assert_eq!(held.class(), ErrorClass::Throttled);
+        assert!(!held.may_have_committed(), "nothing was sent");
         let waiting = OciError::Auth {
             operation: "GetVnic",
             source: AuthError::Timeout { budget_ms: 100 },

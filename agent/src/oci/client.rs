@@ -61,6 +61,9 @@ impl Endpoints {
 }
 
 /// Attachment polling starts at this interval and doubles up to [`ATTACH_POLL_MAX`].
+/// The least of a call's budget an attempt must have left to be sent: OCI answers within
+/// a second (the slowest call modelled, `CreatePrivateIp`, takes about 500 ms).
+const LEAST_ANSWER_TIME: Duration = Duration::from_secs(1);
 const ATTACH_POLL_FIRST: Duration = Duration::from_secs(1);
 const ATTACH_POLL_MAX: Duration = Duration::from_secs(5);
 
@@ -93,6 +96,14 @@ struct Call<'a> {
     query: Vec<(&'static str, String)>,
     body: Option<Vec<u8>>,
     retry_token: Option<&'a str>,
+}
+
+/// One attempt's answer, the credentials' generation it was signed with, and when the rate
+/// limiter let it go.
+struct Attempted {
+    result: Result<Answer, OciError>,
+    generation: u64,
+    sent: Instant,
 }
 
 struct Answer {
@@ -387,9 +398,25 @@ impl CoreClient {
         let started = Instant::now();
         let mut attempts = 0;
         let mut reauthenticated = false;
+        // What the attempts so far came to: a create is repeated with its retry token if
+        // any of them may have taken effect, not only the last.
+        let mut committed = false;
+        let mut last: Option<OciError> = None;
         loop {
+            let Attempted {
+                result,
+                generation,
+                sent,
+            } = match self.attempt(call, started).await {
+                Ok(sent) => sent,
+                Err(OciError::HeldBack { ready_in, .. }) if last.is_some() => {
+                    let error = last.take().expect("checked");
+                    tracing::warn!(operation = call.operation, attempts, ?ready_in, error = %error, "OCI call failed; the node's slowed-down rate allows no retry within the call's budget");
+                    return Err(gave_up(call, attempts, started, committed, error));
+                }
+                Err(error) => return Err(error),
+            };
             attempts += 1;
-            let (result, generation) = self.attempt(call, started).await?;
             let error = match result {
                 Ok(answer) => {
                     self.answered().await;
@@ -397,6 +424,7 @@ impl CoreClient {
                 }
                 Err(error) => error,
             };
+            committed |= error.may_have_committed();
             if let Some(server_message) = clock_skew(&error) {
                 // A new token would be refused the same way: say what to fix, once per call.
                 tracing::error!(operation = call.operation, %server_message, "OCI refuses the node's clock; fix its time sync (chrony/NTP)");
@@ -410,36 +438,28 @@ impl CoreClient {
                 && self.auth.unauthorized(generation).await
             {
                 reauthenticated = true;
+                last = Some(error);
                 continue;
             }
             let delay = self.retry.backoff(attempts - 1);
             if error.class() == ErrorClass::Throttled {
                 // Every call of this node waits, not only this one's retry, and the node
                 // slows down to what the tenancy has room for.
-                let rate = self.limiter.throttled(delay).await;
+                let rate = self.limiter.throttled(sent, delay).await;
                 self.metrics.set_rate_limit(rate);
                 tracing::info!(operation = call.operation, calls_per_second = rate, pause = ?delay, "OCI throttled the node; it slows down");
             } else if matches!(error, OciError::Service { .. }) {
                 self.answered().await;
             }
-            let elapsed = started.elapsed();
-            let within_bounds =
-                attempts < self.retry.max_attempts && elapsed + delay < self.retry.total_budget;
+            let within_bounds = attempts < self.retry.max_attempts
+                && started.elapsed() + delay < self.retry.total_budget;
             if !RetryPolicy::is_retryable(&error) || !within_bounds {
                 tracing::warn!(operation = call.operation, attempts, error = %error, "OCI call failed");
-                return Err(if attempts > 1 {
-                    OciError::RetriesExhausted {
-                        operation: call.operation,
-                        attempts,
-                        elapsed,
-                        last: Box::new(error),
-                    }
-                } else {
-                    error
-                });
+                return Err(gave_up(call, attempts, started, committed, error));
             }
             tracing::debug!(operation = call.operation, attempts, ?delay, error = %error, "retrying OCI call");
             tokio::time::sleep(delay).await;
+            last = Some(error);
         }
     }
 
@@ -450,13 +470,25 @@ impl CoreClient {
     }
 
     /// One signed attempt. The outer error is not retryable (no credentials, bad URL).
-    async fn attempt(
-        &self,
-        call: &Call<'_>,
-        started: Instant,
-    ) -> Result<(Result<Answer, OciError>, u64), OciError> {
+    async fn attempt(&self, call: &Call<'_>, started: Instant) -> Result<Attempted, OciError> {
         let operation = call.operation;
-        self.limiter.acquire().await;
+        // An attempt goes out only while it can still be answered within the call's budget:
+        // one sent at the budget's end would time out at once, and a create may take effect
+        // at OCI all the same.
+        let answer_time = self
+            .retry
+            .attempt_timeout
+            .min(LEAST_ANSWER_TIME)
+            .min(self.retry.total_budget / 2);
+        let latest = started + self.retry.total_budget.saturating_sub(answer_time);
+        let sent =
+            self.limiter
+                .acquire_by(latest)
+                .await
+                .map_err(|ready_in| OciError::HeldBack {
+                    operation,
+                    ready_in,
+                })?;
         let attempt_started = Instant::now();
         // A refresh that hangs (IMDS, `/v1/x509`) must not hold the call past its budget.
         let remaining = self.retry.total_budget.saturating_sub(started.elapsed());
@@ -536,7 +568,32 @@ impl CoreClient {
         };
         self.metrics
             .record(operation, &outcome, attempt_started.elapsed());
-        Ok((result, credentials.generation))
+        Ok(Attempted {
+            result,
+            generation: credentials.generation,
+            sent,
+        })
+    }
+}
+
+/// How the call ended after `attempts` attempts: the one error, or the last with the count.
+fn gave_up(
+    call: &Call<'_>,
+    attempts: u32,
+    started: Instant,
+    committed: bool,
+    error: OciError,
+) -> OciError {
+    if attempts > 1 {
+        OciError::RetriesExhausted {
+            operation: call.operation,
+            attempts,
+            elapsed: started.elapsed(),
+            committed,
+            last: Box::new(error),
+        }
+    } else {
+        error
     }
 }
 

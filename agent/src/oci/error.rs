@@ -119,8 +119,19 @@ pub enum OciError {
         operation: &'static str,
         attempts: u32,
         elapsed: Duration,
+        /// Whether any attempt, not only the last, may have taken effect at OCI.
+        committed: bool,
         #[source]
         last: Box<OciError>,
+    },
+    /// The node's own rate limit, slowed down by earlier 429s, would let the call out only
+    /// after its budget had run out, so nothing was sent.
+    #[error(
+        "{operation}: not sent: this node slowed its OCI calls down after 429s and may make the next one in {ready_in:?}, after the call's time budget; it is tried again later"
+    )]
+    HeldBack {
+        operation: &'static str,
+        ready_in: Duration,
     },
     /// OCI refused the request's date: the node's clock is more than 5 minutes off.
     #[error(
@@ -191,6 +202,7 @@ impl OciError {
             | OciError::Decode { operation, .. }
             | OciError::Url { operation, .. }
             | OciError::RetriesExhausted { operation, .. }
+            | OciError::HeldBack { operation, .. }
             | OciError::ClockSkew { operation, .. }
             | OciError::Auth { operation, .. } => operation,
         }
@@ -198,8 +210,15 @@ impl OciError {
 
     /// Whether a create may have taken effect although its answer never arrived whole: the
     /// connection failed or timed out, the service erred (5xx may come after the commit), or
-    /// the body was cut. Such a create is repeated with the same `opc-retry-token`.
+    /// the body was cut, in any of the call's attempts. Such a create is repeated with the
+    /// same `opc-retry-token`.
     pub fn may_have_committed(&self) -> bool {
+        if let OciError::RetriesExhausted {
+            committed: true, ..
+        } = self
+        {
+            return true;
+        }
         match self.root() {
             OciError::Service { status, .. } => *status >= 500,
             OciError::Transport { .. } | OciError::Timeout { .. } | OciError::Decode { .. } => true,

@@ -80,7 +80,7 @@ impl Default for RateLimit {
 /// The lowest rate a throttled node slows down to: one call every 10 s, the retry policy's
 /// longest backoff, so slowing down never makes a node wait longer than retrying would.
 pub const MIN_RATE_PER_SECOND: f64 = 0.1;
-/// A throttled node's rate after each 429: this fraction of what it was.
+/// A throttled node's rate after a 429: this fraction of what it was.
 const DECREASE: f64 = 0.5;
 /// Each call OCI answers without throttling raises a throttled node's rate by this fraction,
 /// up to its configured rate: a node halved by one stray 429 is back after 8 answers.
@@ -92,6 +92,11 @@ const INCREASE: f64 = 0.1;
 /// are per tenancy, shared by every node of a cluster: a node told 429 slows down and earns
 /// its rate back, so a fleet settles near its share of the budget instead of every node
 /// retrying at its own full rate (`a_fleet_that_slows_down_on_429_earns_fewer_of_them`).
+///
+/// Like TCP, the rate is cut once per round trip: the 429s of calls that were already on their
+/// way when the rate was cut say nothing about the new rate, and counting them would cut a
+/// node with ten calls in flight to a thousandth of its rate at one stroke
+/// (`the_429s_of_calls_in_flight_cut_the_rate_once`).
 #[derive(Debug)]
 pub struct RateLimiter {
     limit: RateLimit,
@@ -103,6 +108,8 @@ struct LimiterState {
     /// The calls per second allowed now, between [`MIN_RATE_PER_SECOND`] and the limit's.
     per_second: f64,
     theoretical_arrival: Instant,
+    /// When the rate was last cut: a 429 for a call sent before then does not cut it again.
+    cut_at: Option<Instant>,
 }
 
 impl LimiterState {
@@ -122,12 +129,23 @@ impl RateLimiter {
             state: Mutex::new(LimiterState {
                 per_second: limit.per_second,
                 theoretical_arrival: Instant::now(),
+                cut_at: None,
             }),
         }
     }
 
-    /// Waits until a call is allowed.
-    pub async fn acquire(&self) {
+    /// Waits until a call is allowed; returns the moment it was, to hand to [`Self::throttled`]
+    /// if OCI answers 429.
+    pub async fn acquire(&self) -> Instant {
+        let far = Instant::now() + Duration::from_hours(24 * 365);
+        // Nothing is held back until a year from now.
+        self.acquire_by(far).await.unwrap_or(far)
+    }
+
+    /// Waits until a call is allowed, if that is no later than `latest`, and returns the
+    /// moment it was; otherwise takes no slot, waits not at all and returns how long the wait
+    /// would have been.
+    pub async fn acquire_by(&self, latest: Instant) -> Result<Instant, Duration> {
         let start = {
             let mut state = self.state.lock().await;
             let interval = state.interval();
@@ -140,19 +158,28 @@ impl RateLimiter {
             let now = Instant::now();
             let tat = state.theoretical_arrival;
             let allowed = tat.checked_sub(tolerance).map_or(now, |t| t.max(now));
+            if allowed > latest {
+                return Err(allowed - now);
+            }
             state.theoretical_arrival = tat.max(allowed) + interval;
             allowed
         };
         tokio::time::sleep_until(start).await;
+        Ok(start)
     }
 
-    /// OCI throttled a call (429): the node's rate is halved, and every call of the node is
-    /// held back for `pause` from now, not only that call's retry. Returns the rate now
-    /// allowed.
-    pub async fn throttled(&self, pause: Duration) -> f64 {
+    /// OCI throttled (429) the call [`Self::acquire`] let go at `sent`. Unless that call was
+    /// on its way before the last cut, the node's rate is halved and every call of the node is
+    /// held back for `pause` (that call's retry backoff) from now, not only that call's retry.
+    /// A call that was on its way only waits its own retry. Returns the rate now allowed.
+    pub async fn throttled(&self, sent: Instant, pause: Duration) -> f64 {
         let mut state = self.state.lock().await;
+        if state.cut_at.is_some_and(|cut| sent <= cut) {
+            return state.per_second;
+        }
         let now = Instant::now();
         state.per_second = (state.per_second * DECREASE).max(MIN_RATE_PER_SECOND);
+        state.cut_at = Some(now);
         // The next call, the retry included, comes no sooner than the new rate allows, at a
         // random point of that interval: nodes throttled together must not return together.
         let spread = state
@@ -234,12 +261,42 @@ mod tests {
         });
         let start = Instant::now();
         limiter.acquire().await;
-        limiter.throttled(Duration::from_secs(2)).await;
+        limiter
+            .throttled(Instant::now(), Duration::from_secs(2))
+            .await;
         limiter.acquire().await;
         assert!(
             start.elapsed() >= Duration::from_secs(2),
             "the next call, whichever it is, waits out the 429's backoff: {:?}",
             start.elapsed()
+        );
+    }
+
+    /// A call that could go out only after `latest` takes no slot: the calls behind it are
+    /// not delayed by a call that was never made.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_held_back_past_its_latest_start_takes_no_slot() {
+        let limiter = RateLimiter::new(RateLimit {
+            per_second: 1.0,
+            burst: 1,
+        });
+        let start = Instant::now();
+        limiter.acquire().await;
+        let wait = limiter
+            .acquire_by(start + Duration::from_millis(500))
+            .await
+            .expect_err("the next slot is 1 s away");
+        assert_eq!(wait, Duration::from_secs(1));
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "a held-back call does not wait"
+        );
+        limiter.acquire().await;
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(1),
+            "the next call gets the slot the held-back one did not take"
         );
     }
 
@@ -259,7 +316,7 @@ mod tests {
             burst: 1,
         });
         limiter.acquire().await;
-        let rate = limiter.throttled(Duration::ZERO).await;
+        let rate = limiter.throttled(Instant::now(), Duration::ZERO).await;
         assert!((rate - 5.0).abs() < 1e-9, "{rate}");
         // The retry waits 0.5 to 1.5 intervals at the new rate (100–300 ms), then calls are
         // spaced at 5/s.
@@ -268,7 +325,7 @@ mod tests {
             took >= Duration::from_millis(2099) && took <= Duration::from_millis(2301),
             "ten intervals at 5 calls/s after the spread retry, not at 10/s: {took:?}"
         );
-        let rate = limiter.throttled(Duration::ZERO).await;
+        let rate = limiter.throttled(Instant::now(), Duration::ZERO).await;
         assert!((rate - 2.5).abs() < 1e-9, "{rate}");
         let mut last = 0.0;
         for _ in 0..15 {
@@ -281,13 +338,40 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn the_429s_of_calls_in_flight_cut_the_rate_once() {
+        let limiter = RateLimiter::new(RateLimit {
+            per_second: 10.0,
+            burst: 10,
+        });
+        let mut sent = Vec::new();
+        for _ in 0..10 {
+            sent.push(limiter.acquire().await);
+        }
+        let mut rate = 0.0;
+        for at in sent {
+            rate = limiter.throttled(at, Duration::ZERO).await;
+        }
+        assert!(
+            (rate - 5.0).abs() < 1e-9,
+            "ten calls sent together and all answered 429 halve the rate once: {rate}"
+        );
+        let after = limiter.acquire().await;
+        let rate = limiter.throttled(after, Duration::ZERO).await;
+        assert!(
+            (rate - 2.5).abs() < 1e-9,
+            "a call sent at the new rate and throttled halves it again: {rate}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_throttled_node_never_stops_calling_and_spends_no_burst() {
         let limiter = RateLimiter::new(RateLimit {
             per_second: 10.0,
             burst: 10,
         });
         for _ in 0..40 {
-            limiter.throttled(Duration::ZERO).await;
+            let sent = limiter.acquire().await;
+            limiter.throttled(sent, Duration::ZERO).await;
         }
         tokio::time::sleep(Duration::from_mins(10)).await;
         let took = time_of(&limiter, 3).await;
@@ -321,7 +405,7 @@ mod tests {
                 let mut done = 0;
                 let mut attempt = 0;
                 while done < calls {
-                    limiter.acquire().await;
+                    let sent = limiter.acquire().await;
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     let granted = {
                         let mut b = bucket.lock().unwrap();
@@ -345,7 +429,7 @@ mod tests {
                         let delay = policy.backoff(attempt);
                         attempt += 1;
                         if adaptive {
-                            limiter.throttled(delay).await;
+                            limiter.throttled(sent, delay).await;
                         }
                         tokio::time::sleep(delay).await;
                     }
