@@ -60,10 +60,10 @@ impl Endpoints {
     }
 }
 
-/// Attachment polling starts at this interval and doubles up to [`ATTACH_POLL_MAX`].
 /// The least of a call's budget an attempt must have left to be sent: OCI answers within
 /// a second (the slowest call modelled, `CreatePrivateIp`, takes about 500 ms).
 const LEAST_ANSWER_TIME: Duration = Duration::from_secs(1);
+/// Attachment polling starts at this interval and doubles up to [`ATTACH_POLL_MAX`].
 const ATTACH_POLL_FIRST: Duration = Duration::from_secs(1);
 const ATTACH_POLL_MAX: Duration = Duration::from_secs(5);
 
