@@ -693,6 +693,8 @@ impl Suite {
         if self.trouble == Trouble::CidrBlocks {
             let within = Duration::from_secs(BLOCK_RELEASE_DELAY_SECS) + Duration::from_secs(20);
             self.check_converged_blocks(last, within);
+            // The blocks the last shrinking rounds emptied go while the node converges.
+            self.note_blocks();
             if self.blocks_gone.is_empty()
                 || self.blocks_seen.len() < BLOCK_PEAK
                 || self.kills_in_create == 0
@@ -805,14 +807,19 @@ impl Suite {
         }
         if self.trouble == Trouble::CidrBlocks {
             found.extend(self.pods_outside_blocks(&holders, &vnic_of, &quarantined));
-            let now: BTreeSet<String> = node_objects(&self.lab).into_iter().map(|o| o.id).collect();
-            self.blocks_gone
-                .extend(self.blocks_seen.difference(&now).cloned());
-            self.blocks_seen.extend(now);
+            self.note_blocks();
         }
         for what in found {
             self.violation(round, &what);
         }
+    }
+
+    /// Books the node's blocks at OCI now: those seen before and gone since were deleted.
+    fn note_blocks(&mut self) {
+        let now: BTreeSet<String> = node_objects(&self.lab).into_iter().map(|o| o.id).collect();
+        self.blocks_gone
+            .extend(self.blocks_seen.difference(&now).cloned());
+        self.blocks_seen.extend(now);
     }
 
     /// The pods' addresses in the `endpoints` map and those held (both without the
