@@ -59,8 +59,9 @@ pub struct Endpoint {
     pub ifindex: u32,
     /// [`ENDPOINT_KIND_PRIMARY`] or [`ENDPOINT_KIND_POD`].
     pub kind: u8,
-    /// [`ENDPOINT_F_IMDS`]. Was padding (always zero) before it existed, and zero keeps its
-    /// meaning (no flag set), so pins from earlier releases need no conversion.
+    /// [`ENDPOINT_F_IMDS`] (the agent's) and [`ENDPOINT_F_INBOUND`] (the programs'). Was
+    /// padding (always zero) before they existed, and zero keeps its meaning (no flag set),
+    /// so pins from earlier releases need no conversion.
     pub flags: u8,
     /// Explicit padding; always zero.
     pub pad: [u8; 2],
@@ -70,6 +71,16 @@ pub struct Endpoint {
 /// it the pod's veth drops such packets (`dropped-pod-imds`), since IMDS hands out the node's
 /// instance-principal credentials.
 pub const ENDPOINT_F_IMDS: u8 = 1;
+
+/// A host outside the VCN has opened a flow to this pod (an `inbound` record names it).
+/// The ingress program sets it when it records or meets such a flow, and nothing clears it
+/// while the pod lives; only a pod with it set has its new flows looked up in `inbound`
+/// before they are masqueraded (a pod that only opens flows of its own skips that lookup).
+/// The agent never writes it away: its sync compares entries without it and sets it on an
+/// entry it rewrites, since the programs may have set it between the agent's read and its
+/// write; at start it sets it for every pod an `inbound` record names, for records an
+/// earlier release wrote without it.
+pub const ENDPOINT_F_INBOUND: u8 = 2;
 
 /// OCI's instance metadata service (`http://169.254.169.254/opc/v2/`). The same address
 /// also answers DNS (the VCN resolver) and NTP, which pods keep reaching: only TCP to

@@ -3,7 +3,9 @@
 //! pass untouched (rule 5).
 
 use aya_ebpf::programs::TcContext;
-use vcnpath_common::{ENDPOINT_KIND_POD, FRAG_F_INBOUND, NAT_DIR_EGRESS, NatKey, Reason};
+use vcnpath_common::{
+    ENDPOINT_F_INBOUND, ENDPOINT_KIND_POD, FRAG_F_INBOUND, NAT_DIR_EGRESS, NatKey, Reason,
+};
 
 use crate::{
     csum,
@@ -117,7 +119,12 @@ pub fn run(ctx: &TcContext, again: bool) -> Step<Decision> {
     // Looked up only for a flow not in `nat`: records exist only for sources outside the
     // VCN, so traffic that stays inside it never pays for this lookup. Nor does a TCP SYN:
     // it opens a connection of the pod's own and cannot answer one opened from outside.
-    if !opens && let Some(mut record) = nat::inbound(&key) {
+    // Nor does a pod no host outside the VCN has reached: ingress marks a pod before the
+    // first packet of such a flow reaches it (`ENDPOINT_F_INBOUND`).
+    if !opens
+        && owner.flags & ENDPOINT_F_INBOUND != 0
+        && let Some(mut record) = nat::inbound(&key)
+    {
         return answer_inbound(ctx, &ip, &mut record, (seen, opens), owner.ifindex);
     }
     let (addr, port, reason) = (

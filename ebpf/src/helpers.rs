@@ -54,6 +54,15 @@ pub fn lru_copied<K, V: Copy, const M: usize, const F: usize>(
     lru_value(map, key).map(|value| *value.get())
 }
 
+/// The value under `key` in a hash map, to read and update in place.
+#[inline(always)]
+pub fn hash_value<K, V, const M: usize, const F: usize>(
+    map: &HashMap<K, V, M, F>,
+    key: &K,
+) -> Option<MapValue<V>> {
+    map.get_ptr_mut(key).map(MapValue)
+}
+
 /// A copy of the value under `key` in a hash map.
 #[inline(always)]
 pub fn hash_copied<K, V: Copy, const M: usize, const F: usize>(

@@ -106,9 +106,10 @@ fn reverse(ctx: &TcContext, config: &Config, ip: &Ipv4) -> Step<Decision> {
 /// Records a flow that a host outside the VCN opened towards a pod address.
 #[inline(always)]
 fn inbound(ctx: &TcContext, hdr: &Header) -> Decision {
-    if maps::endpoint(hdr.dst).is_none_or(|owner| owner.kind != ENDPOINT_KIND_POD) {
+    let Some(mut pod) = maps::endpoint_value(hdr.dst).filter(|o| o.get().kind == ENDPOINT_KIND_POD)
+    else {
         return parse::pass_untouched(ctx, hdr, Reason::PassNotEndpoint);
-    }
+    };
     if maps::is_nonmasq(hdr.src) {
         return parse::pass_untouched(ctx, hdr, Reason::PassVcn);
     }
@@ -151,7 +152,10 @@ fn inbound(ctx: &TcContext, hdr: &Header) -> Decision {
             Reason::PassInboundToPod
         }
     };
+    // The pod's answers must find a record of `inbound`: its egress looks there only for
+    // pods marked so, which each record's packets mark before reaching the pod.
     let reason = if let Some(mut record) = nat::inbound(&key) {
+        maps::note_inbound(&mut pod);
         on_record(&mut record)
     } else if let Some(mut entry) = nat::lookup(&key) {
         if entry.is_inbound() {
@@ -175,6 +179,7 @@ fn inbound(ctx: &TcContext, hdr: &Header) -> Decision {
         };
         // A failure here only means another CPU recorded it first.
         let _ = INBOUND.insert(key, entry, u64::from(BPF_NOEXIST));
+        maps::note_inbound(&mut pod);
         Reason::InboundNew
     } else {
         Reason::PassInboundUnrecorded

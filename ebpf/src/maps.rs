@@ -5,9 +5,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use vcnpath_common::{
-    CIDRS_MAX, CONFIG_F_ENABLED, CidrValue, Config, Direction, ENDPOINTS_MAX, Endpoint,
-    EndpointKey, FRAGS_MAX, FragEntry, FragKey, INBOUND_MAX, NAT_MAX, NatEntry, NatKey, Reason,
-    STATS_ENTRIES, VNICS_MAX, Vnic, stats_index,
+    CIDRS_MAX, CONFIG_F_ENABLED, CidrValue, Config, Direction, ENDPOINT_F_INBOUND, ENDPOINTS_MAX,
+    Endpoint, EndpointKey, FRAGS_MAX, FragEntry, FragKey, INBOUND_MAX, NAT_MAX, NatEntry, NatKey,
+    Reason, STATS_ENTRIES, VNICS_MAX, Vnic, stats_index,
 };
 
 use crate::helpers;
@@ -58,6 +58,21 @@ pub fn config() -> Option<Config> {
 #[inline(always)]
 pub fn endpoint(addr: [u8; 4]) -> Option<Endpoint> {
     helpers::hash_copied(&ENDPOINTS, &EndpointKey { addr })
+}
+
+/// The owner of an address on this node, in place: for [`note_inbound`].
+#[inline(always)]
+pub fn endpoint_value(addr: [u8; 4]) -> Option<helpers::MapValue<Endpoint>> {
+    helpers::hash_value(&ENDPOINTS, &EndpointKey { addr })
+}
+
+/// Marks a pod as reached from outside the VCN ([`ENDPOINT_F_INBOUND`]), once: the entry is
+/// written only while the flag is missing.
+#[inline(always)]
+pub fn note_inbound(pod: &mut helpers::MapValue<Endpoint>) {
+    if pod.get().flags & ENDPOINT_F_INBOUND == 0 {
+        pod.get_mut().flags |= ENDPOINT_F_INBOUND;
+    }
 }
 
 /// The managed interface with this index.

@@ -204,6 +204,27 @@ pub fn leave_abi_2_pins(pin_dir: &std::path::Path) {
         pin_timestamped_table(&pin_dir.join(name), name);
     }
     record_abi(pin_dir, 2);
+    clear_inbound_marks(pin_dir);
+}
+
+/// Clears [`vcnpath_common::ENDPOINT_F_INBOUND`] from every pinned `endpoints` entry: what a
+/// release before that flag leaves, its `inbound` records naming pods it never marked.
+pub fn clear_inbound_marks(pin_dir: &std::path::Path) {
+    use aya::maps::{HashMap, Map, MapData};
+    use vcnpath_common::{ENDPOINT_F_INBOUND, Endpoint, EndpointKey};
+    let path = pin_dir.join(vcnpath_common::MAP_ENDPOINTS);
+    let mut endpoints: HashMap<MapData, EndpointKey, Endpoint> =
+        Map::from_map_data(MapData::from_pin(&path).expect("the endpoints pin"))
+            .and_then(TryInto::try_into)
+            .expect("the endpoints map");
+    let all: Vec<(EndpointKey, Endpoint)> = endpoints
+        .iter()
+        .collect::<Result<_, _>>()
+        .expect("read the endpoints");
+    for (key, mut value) in all {
+        value.flags &= !ENDPOINT_F_INBOUND;
+        endpoints.insert(key, value, 0).expect("write an endpoint");
+    }
 }
 
 /// Turns the pins in `pin_dir` into what datapath ABI 1 leaves: ABI 2's flow tables (see

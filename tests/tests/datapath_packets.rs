@@ -3,7 +3,10 @@
 
 use std::net::Ipv4Addr;
 
-use vcnpath_common::{Direction, NAT_DIR_EGRESS, NatEntry, NatKey, Reason};
+use vcnpath_common::{
+    Direction, ENDPOINT_F_IMDS, ENDPOINT_F_INBOUND, NAT_DIR_EGRESS, NAT_F_INBOUND, NatEntry,
+    NatKey, Reason,
+};
 use vcnpath_tests::{
     datapath_fixture::*,
     packet::{self, ETH_HLEN, L4, Spec, assert_checksums, build, view},
@@ -456,6 +459,73 @@ fn a_pods_syn_opens_its_own_flow_even_on_an_inbound_records_tuple() {
         fx.count(Reason::RedirectOwner),
         1,
         "the answer left through the pod's VNIC"
+    );
+}
+
+/// Only a pod that a host outside the VCN reached looks `inbound` up for its new flows:
+/// the record's first packet marks the pod (`ENDPOINT_F_INBOUND`) before reaching it, and
+/// the agent's syncs keep the mark, also when they rewrite the pod's entry. A pod never
+/// reached is masqueraded without the lookup, even on the tuple of a record (planted
+/// here: no program writes one without marking its pod).
+#[test]
+fn only_pods_reached_from_outside_look_their_answers_up_in_inbound() {
+    root_or_skip!("inbound-mark");
+    let mut fx = Fixture::new("r4mark", 1024, 65535);
+    let marked = |fx: &Fixture, pod| {
+        fx.datapath.maps.pod_endpoints().expect("endpoints")[&pod].flags & ENDPOINT_F_INBOUND != 0
+    };
+    assert!(
+        !marked(&fx, POD1),
+        "no host outside has reached the pod yet"
+    );
+    let syn = Spec::tcp(REMOTE, 50000, POD1, 8080).with_tcp_flags(0x02);
+    assert_eq!(fx.ingress(&build(&syn)).0, TC_ACT_OK);
+    assert!(marked(&fx, POD1), "the record's SYN marks its pod");
+
+    let mut st = state(1024, 65535);
+    let report = fx.datapath.maps.sync(&st).expect("sync");
+    assert!(
+        report.unchanged(),
+        "the mark is not a difference: {report:?}"
+    );
+    st.endpoints.get_mut(&POD1).expect("POD1").flags ^= ENDPOINT_F_IMDS;
+    let report = fx.datapath.maps.sync(&st).expect("sync");
+    assert_eq!(report.written, 1, "the pod's entry is rewritten");
+    assert!(marked(&fx, POD1), "a rewrite keeps the mark");
+    let (_, answer) = fx.egress(&build(&Spec::tcp(POD1, 8080, REMOTE, 50000)));
+    assert_eq!(
+        view(&answer).src,
+        POD1,
+        "the pod's answer on the inbound flow keeps its address"
+    );
+
+    let planted = NatEntry {
+        last_seen_ns: vcnpath::datapath::monotonic_now_ns(),
+        addr: POD0.octets(),
+        port: 8080,
+        flags: NAT_F_INBOUND,
+        ..NatEntry::default()
+    };
+    fx.datapath
+        .maps
+        .flow_tables()
+        .inbound
+        .insert(
+            tcp_key(NAT_DIR_EGRESS, POD0, 8080, REMOTE, 50000),
+            planted,
+            0,
+        )
+        .expect("plant a record");
+    let (_, own) = fx.egress(&build(&Spec::tcp(POD0, 8080, REMOTE, 50000)));
+    assert_eq!(
+        view(&own).src,
+        MASQ,
+        "a pod no host outside reached does not look `inbound` up"
+    );
+    assert_eq!(
+        (fx.count(Reason::RedirectOwner), fx.count(Reason::SnatNew)),
+        (1, 1),
+        "the answer left through its pod's VNIC, the other pod's packet masqueraded"
     );
 }
 

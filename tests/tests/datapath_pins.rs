@@ -15,12 +15,12 @@ use vcnpath::datapath::{
 };
 use vcnpath_common::{
     DATAPATH_ABI, MAP_ABI, MAP_INBOUND, MAP_NAT, MAP_STATS, MAP_VNICS, NAT_DIR_EGRESS,
-    NAT_DIR_INGRESS, NatEntry, NatKey, PROG_EGRESS, Reason, STATS_ENTRIES,
+    NAT_DIR_INGRESS, NAT_F_INBOUND, NatEntry, NatKey, PROG_EGRESS, Reason, STATS_ENTRIES,
 };
 use vcnpath_tests::{
     datapath_fixture::{
-        Fixture, MASQ, POD0, POD1, REMOTE, TC_ACT_OK, abi_2_entry, leave_abi_1_pins,
-        leave_abi_2_pins, pin_foreign_map, run, state, tcp_key,
+        Fixture, MASQ, POD0, POD1, REMOTE, TC_ACT_OK, abi_2_entry, clear_inbound_marks,
+        leave_abi_1_pins, leave_abi_2_pins, pin_foreign_map, run, state, tcp_key,
     },
     lab::{Netns, cmd_in, run_in},
     packet::{Spec, build, view},
@@ -447,6 +447,66 @@ fn flows_the_old_programs_open_during_the_upgrade_are_carried_over() {
         (view(&out).src, view(&out).sport),
         (MASQ, 62001),
         "and the flow keeps its mapping"
+    );
+    drop(datapath);
+    drop(pins);
+}
+
+/// A release before the pods' inbound mark (the same ABI: the flag was padding) leaves
+/// `inbound` records naming pods it never marked, and its programs, attached until the
+/// first sync, go on writing such records. The load marks the pods of the first before
+/// anything is attached, the first sync those of the others: each pod's answers on those
+/// flows keep its address.
+#[test]
+fn records_of_a_release_before_the_inbound_mark_keep_their_answers_untranslated() {
+    root_or_skip!("inbound_mark");
+    let first = Fixture::load_into(PinDir::new("inmark"), 1024, 65535)
+        .unwrap_or_else(|(e, _)| panic!("first load: {e}"));
+    let syn = Spec::tcp(REMOTE, 50000, POD1, 8080).with_tcp_flags(0x02);
+    assert_eq!(first.ingress(&build(&syn)).0, TC_ACT_OK);
+    let pins = first.into_pins();
+    clear_inbound_marks(&pins.path);
+
+    let mut datapath = Datapath::load(&LoadOptions {
+        pin_dir: pins.path.clone(),
+        nat_max_entries: Some(1 << 16),
+    })
+    .unwrap_or_else(|e| panic!("the upgrade's load: {e}"));
+    let answer = |datapath: &Datapath, pod, remote_port| {
+        let (_, out) = run(
+            datapath.egress(),
+            &build(&Spec::tcp(pod, 8080, REMOTE, remote_port)),
+        );
+        view(&out).src
+    };
+    assert_eq!(
+        answer(&datapath, POD1, 50000),
+        POD1,
+        "the pod of a record from before the upgrade is marked before anything is attached"
+    );
+    // Meanwhile the programs attached before record a flow to POD0, without marking it.
+    let record = NatEntry {
+        last_seen_ns: vcnpath::datapath::monotonic_now_ns(),
+        addr: POD0.octets(),
+        port: 8080,
+        flags: NAT_F_INBOUND,
+        ..NatEntry::default()
+    };
+    datapath
+        .maps
+        .flow_tables()
+        .inbound
+        .insert(
+            tcp_key(NAT_DIR_EGRESS, POD0, 8080, REMOTE, 50001),
+            record,
+            0,
+        )
+        .expect("a record of the old programs");
+    datapath.sync(&state(1024, 65535)).expect("the first sync");
+    assert_eq!(
+        answer(&datapath, POD0, 50001),
+        POD0,
+        "the pod of a record the old programs wrote during the upgrade is marked by the first sync"
     );
     drop(datapath);
     drop(pins);

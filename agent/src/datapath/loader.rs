@@ -65,6 +65,9 @@ pub struct Datapath {
     /// Flow tables converted from an older layout: the old tables, which the programs
     /// attached until the held attachments keep writing, for the catch-up after them.
     converted: Vec<Converted>,
+    /// Until the first [`Datapath::sync`] has attached everything: the pods `inbound` names
+    /// are marked again then (see [`DatapathMaps::mark_inbound_pods`]).
+    mark_after_attach: bool,
     pub(super) pin_dir: PathBuf,
 }
 
@@ -122,7 +125,9 @@ impl Datapath {
         // program is attached (see `Datapath::sync`).
         let hold = !emptied.is_empty() || !converted.is_empty();
 
-        let maps = DatapathMaps::take(&mut ebpf)?;
+        let mut maps = DatapathMaps::take(&mut ebpf)?;
+        // Before the new programs are attached: they look `inbound` up only for marked pods.
+        mark_inbound_pods(&mut maps)?;
         let egress = open_pinned(PROG_EGRESS, &pin_dir.join(PROG_EGRESS))?;
         let ingress = open_pinned(PROG_INGRESS, &pin_dir.join(PROG_INGRESS))?;
         let pod = open_pinned(PROG_POD, &pin_dir.join(PROG_POD))?;
@@ -135,6 +140,7 @@ impl Datapath {
             adopted,
             held: hold.then(Vec::new),
             converted,
+            mark_after_attach: true,
             pin_dir: pin_dir.clone(),
         })
     }
@@ -145,6 +151,8 @@ impl Datapath {
     pub fn sync(&mut self, state: &DatapathState) -> Result<SyncReport, DatapathError> {
         let report = self.maps.sync(state)?;
         if let Some(held) = self.held.take() {
+            // The entries this sync wrote, before the held programs run.
+            mark_inbound_pods(&mut self.maps)?;
             let mut first_error = None;
             for interface in held {
                 if let Err(error) = self.attach(&interface) {
@@ -156,6 +164,10 @@ impl Datapath {
                 return Err(error);
             }
             caught_up?;
+        }
+        if std::mem::take(&mut self.mark_after_attach) {
+            // The records the programs attached before wrote until they were replaced.
+            mark_inbound_pods(&mut self.maps)?;
         }
         Ok(report)
     }
@@ -232,6 +244,18 @@ impl Datapath {
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }
+}
+
+/// [`DatapathMaps::mark_inbound_pods`], saying when it found pods to mark.
+fn mark_inbound_pods(maps: &mut DatapathMaps) -> Result<(), DatapathError> {
+    let marked = maps.mark_inbound_pods()?;
+    if marked > 0 {
+        info!(
+            pods = marked,
+            "pods with flows opened from outside marked for their answers' lookup"
+        );
+    }
+    Ok(())
 }
 
 /// Compares every pinned map with the map this build declares and decides what to do

@@ -16,9 +16,9 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use vcnpath_common::{
-    CidrValue, Config, ENDPOINT_KIND_POD, Endpoint, EndpointKey, MAP_CONFIG, MAP_ENDPOINTS,
-    MAP_NAT, MAP_NONMASQ_CIDRS, MAP_VCN_CIDRS, MAP_VNICS, NAT_DIR_EGRESS, NAT_F_INBOUND, NatEntry,
-    NatKey, VNIC_F_ROUTER_MAC, Vnic,
+    CidrValue, Config, ENDPOINT_F_INBOUND, ENDPOINT_KIND_POD, Endpoint, EndpointKey, MAP_CONFIG,
+    MAP_ENDPOINTS, MAP_INBOUND, MAP_NAT, MAP_NONMASQ_CIDRS, MAP_VCN_CIDRS, MAP_VNICS,
+    NAT_DIR_EGRESS, NAT_F_INBOUND, NatEntry, NatKey, VNIC_F_ROUTER_MAC, Vnic,
 };
 
 use super::{DatapathError, DatapathMaps, batch::BatchMap, collect::BATCH_CHUNK, gc::reply_key};
@@ -133,15 +133,27 @@ impl DatapathMaps {
         report.written += write.len();
         report.removed += remove.len();
 
+        // The programs' flag is not the agent's to compare or to drop (see
+        // `ENDPOINT_F_INBOUND`): an entry rewritten keeps it set, since the programs may set
+        // it between this read and the write, which replaces the entry whole.
         let actual: BTreeMap<Ipv4Addr, Endpoint> = read_all(&self.endpoints, MAP_ENDPOINTS)?
             .into_iter()
-            .map(|(k, v): (EndpointKey, Endpoint)| (Ipv4Addr::from(k.addr), v))
+            .map(|(k, v): (EndpointKey, Endpoint)| (Ipv4Addr::from(k.addr), without_inbound(v)))
             .collect();
-        let (write, remove) = diff(&desired.endpoints, &actual);
+        let desired_endpoints: BTreeMap<Ipv4Addr, Endpoint> = desired
+            .endpoints
+            .iter()
+            .map(|(addr, v)| (*addr, without_inbound(*v)))
+            .collect();
+        let (write, remove) = diff(&desired_endpoints, &actual);
         for (addr, v) in &write {
             let key = EndpointKey {
                 addr: addr.octets(),
             };
+            let mut v = *v;
+            if actual.contains_key(addr) && v.kind == ENDPOINT_KIND_POD {
+                v.flags |= ENDPOINT_F_INBOUND;
+            }
             self.endpoints
                 .insert(key, v, 0)
                 .map_err(DatapathError::map(MAP_ENDPOINTS))?;
@@ -214,6 +226,41 @@ impl DatapathMaps {
         Ok(report)
     }
 
+    /// Marks every pod an `inbound` record names ([`ENDPOINT_F_INBOUND`]), so its answers
+    /// find the record: for records an earlier release wrote, which never set the flag, or
+    /// that the programs attached before this agent's wrote meanwhile. The loader runs it
+    /// before attaching and again once the first sync has attached everything. Returns how
+    /// many pods it marked.
+    pub fn mark_inbound_pods(&mut self) -> Result<usize, DatapathError> {
+        let mut named = BTreeSet::new();
+        BatchMap::new(&self.inbound)
+            .and_then(|map| {
+                map.for_each(BATCH_CHUNK, |key, _| {
+                    named.insert(key.src);
+                })
+            })
+            .map_err(DatapathError::map(MAP_INBOUND))?;
+        let mut marked = 0;
+        for addr in named {
+            let key = EndpointKey { addr };
+            let mut pod = match self.endpoints.get(&key, 0) {
+                Ok(pod) => pod,
+                // A record of a pod gone: the collector expires it.
+                Err(aya::maps::MapError::KeyNotFound) => continue,
+                Err(e) => return Err(DatapathError::map(MAP_ENDPOINTS)(e)),
+            };
+            if pod.kind != ENDPOINT_KIND_POD || pod.flags & ENDPOINT_F_INBOUND != 0 {
+                continue;
+            }
+            pod.flags |= ENDPOINT_F_INBOUND;
+            self.endpoints
+                .insert(key, pod, 0)
+                .map_err(DatapathError::map(MAP_ENDPOINTS))?;
+            marked += 1;
+        }
+        Ok(marked)
+    }
+
     /// Deletes the NAT entries matching `doomed`, and the reply entry of every egress
     /// entry deleted when it translates back to that entry, so no half of a flow is left
     /// behind and no other flow's reply entry is taken.
@@ -253,6 +300,12 @@ impl DatapathMaps {
         }
         Ok(removed)
     }
+}
+
+/// An entry as the agent writes it: without the programs' flag.
+fn without_inbound(mut endpoint: Endpoint) -> Endpoint {
+    endpoint.flags &= !ENDPOINT_F_INBOUND;
+    endpoint
 }
 
 /// Every entry of a hash map, read in batches (two syscalls per entry otherwise: a no-op

@@ -11,7 +11,7 @@ use crate::{
     datapath_fixture::{Fixture, MASQ, PEER, POD0, POD1, REMOTE, state, tcp_key as key, time_ns},
     packet::{Spec, build},
 };
-use vcnpath_common::{NAT_DIR_EGRESS, NAT_DIR_INGRESS, NatEntry, Reason};
+use vcnpath_common::{NAT_DIR_EGRESS, NAT_DIR_INGRESS, NAT_F_INBOUND, NatEntry, Reason};
 
 pub const REPEAT: u32 = 1_000_000;
 
@@ -150,9 +150,45 @@ pub fn translating_pair(
     Ok(())
 }
 
-/// Every path of the `datapath` benchmark (eleven), on three datapaths loaded side by side: the
-/// packet tests' state (three pod endpoints), the same with 4096 pod endpoints, and one
-/// whose masquerade address is a pod address (for new flows).
+/// The datapaths of the new-flow rows: the masquerade address is itself a pod address, so
+/// each translated packet is the next repeat's new flow. Its original port is always taken
+/// (by the previous repeat), so this is the slower "collision, pick another port" creation,
+/// with a small NAT table that LRU-evicts: a conservative figure. The second is the same
+/// for pods a host outside the VCN has reached, whose new flows look the `inbound` table
+/// up first: each has a record there (not on the measured flows' tuples), and the mark a
+/// record sets (the ingress program's, here the agent's as at start: the masquerade
+/// address is never recorded as a pod).
+fn new_flow_fixtures() -> anyhow::Result<(Fixture, Fixture)> {
+    let mut st = state(1024, 65535);
+    if let Some(config) = st.config.as_mut() {
+        config.masq_ip = POD0.octets();
+    }
+    let mut fresh = Fixture::with_nat_capacity("bench-new", 1024, 65535, 4096);
+    fresh.datapath.maps.sync(&st)?;
+    let mut reached = Fixture::with_nat_capacity("bench-reached", 1024, 65535, 4096);
+    reached.datapath.maps.sync(&st)?;
+    let maps = &mut reached.datapath.maps;
+    for pod in [POD0, POD1] {
+        let record = NatEntry {
+            flags: NAT_F_INBOUND,
+            ..entry(pod, 8080)
+        };
+        maps.flow_tables().inbound.insert(
+            key(NAT_DIR_EGRESS, pod, 8080, REMOTE, 50000),
+            record,
+            0,
+        )?;
+    }
+    anyhow::ensure!(
+        maps.mark_inbound_pods()? == 2,
+        "both pods of the reached datapath must be marked"
+    );
+    Ok((fresh, reached))
+}
+
+/// Every path of the `datapath` benchmark, on four datapaths loaded side by side: the
+/// packet tests' state (three pod endpoints), the same with 4096 pod endpoints, and the two
+/// of the new-flow rows ([`new_flow_fixtures`]).
 pub fn datapath() -> anyhow::Result<Vec<Row>> {
     let mut fx = Fixture::new("bench", 1024, 65535);
     // Established SNAT: two mappings that translate into each other (POD0:1000 <->
@@ -179,16 +215,7 @@ pub fn datapath() -> anyhow::Result<Vec<Row>> {
     many.datapath.maps.sync(&st)?;
     translating_pair(&mut many, NAT_DIR_EGRESS, (POD0, 1000), (POD1, 2000))?;
 
-    // New-flow SNAT: the masquerade address is itself a pod address, so each translated
-    // packet is the next repeat's new flow. Its original port is always taken (by the
-    // previous repeat), so this is the slower "collision, pick another port" creation,
-    // with a small NAT table that LRU-evicts: a conservative figure.
-    let mut fresh = Fixture::with_nat_capacity("bench-new", 1024, 65535, 4096);
-    let mut st = state(1024, 65535);
-    if let Some(config) = st.config.as_mut() {
-        config.masq_ip = POD0.octets();
-    }
-    fresh.datapath.maps.sync(&st)?;
+    let (fresh, reached) = new_flow_fixtures()?;
 
     let outside = Ipv4Addr::new(172, 16, 0, 5);
     let cases = [
@@ -264,6 +291,12 @@ pub fn datapath() -> anyhow::Result<Vec<Row>> {
             &Spec::tcp(POD1, 40000, REMOTE, 443).with_tcp_flags(0x02),
             Reason::SnatNew,
             "new-flow SNAT, SYN (collision, LRU full)",
+        ),
+        Case::egress(
+            &reached,
+            &Spec::tcp(POD1, 40000, REMOTE, 443),
+            Reason::SnatNew,
+            "new-flow SNAT, pod reached from outside",
         ),
     ];
     interleaved(&cases)
