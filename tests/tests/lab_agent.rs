@@ -279,6 +279,7 @@ fn lab_a_vm_node_grows_to_three_vnics_and_the_pods_on_each_reach_the_vcn() {
         interfaces.iter().map(String::as_str).collect(),
         "pods live on both secondary VNICs"
     );
+    assert_routers_resolved(&agent);
 
     let peer = TcpServer::start(
         lab.lab().peer(),
@@ -319,6 +320,29 @@ fn lab_a_vm_node_grows_to_three_vnics_and_the_pods_on_each_reach_the_vcn() {
         );
     }
     assert_consistent(&lab, &agent);
+}
+
+/// Every managed VNIC's router MAC is known within a few setup passes, before anything
+/// has left through the VNIC: the agent asks the kernel to resolve it, so no redirect to
+/// the VNIC depends on the neighbour table (see `lab_datapath`'s first-datagram test).
+fn assert_routers_resolved(agent: &NodeAgent) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = agent.status().expect("status");
+        let vnics = status["vnics"].as_array().expect("vnics");
+        let unresolved: Vec<&serde_json::Value> = vnics
+            .iter()
+            .filter(|v| !v["interface"].is_null() && v["router_mac_resolved"] != true)
+            .collect();
+        if unresolved.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the routers of these VNICs are still unresolved: {unresolved:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]

@@ -12,7 +12,7 @@ use vcnpath_tests::{
     agent::{Agent, lab_config},
     datapath_fixture::{leave_abi_1_pins, leave_abi_2_pins, pin_foreign_map},
     lab::{
-        Lab, LabOptions, Pod, stats,
+        Lab, LabOptions, Pod, run_in, stats,
         traffic::{TcpConn, TcpServer, UdpEchoServer, ping, tcp_bulk, udp_request},
     },
     privileged::{PinDir, have_root},
@@ -330,6 +330,29 @@ fn lab_pmtu_discovery_works_through_the_translation() {
     );
 }
 
+/// The first packet a pod sends out of another VNIC than its own arrives: the datapath
+/// redirects it with its VNIC's MACs. Before, the agent left the Ethernet header to
+/// `bpf_redirect_neigh`, and while the VNIC's router was not yet resolved (nothing had left
+/// through it) the kernel held the packet for the ARP answer and then sent it with the
+/// header of its first route, the other VNIC's MACs, which the router (as OCI) ignores.
+#[test]
+fn lab_the_first_datagram_a_pod_sends_through_a_redirect_arrives() {
+    if !have_root("lab_first_redirect") {
+        return;
+    }
+    let s = setup("first", LabOptions::default());
+    // Pod B (eth1) to the VCN peer: routed out of eth0, redirected to eth1, never
+    // masqueraded. The first packet eth1 sends.
+    let pair = UdpPair::bind(&s, POD_B, (s.lab.peer(), s.lab.peer_ip()));
+    assert_eq!(
+        pair.pod_speaks(&s),
+        SocketAddr::from((POD_B, POD_UDP_PORT)),
+        "the peer sees the pod's first datagram, from the pod's address"
+    );
+    assert_eq!(s.counters().get(Reason::RedirectOwner), 1);
+    s.assert_no_router_drops();
+}
+
 #[test]
 fn lab_connections_from_the_internet_to_a_pod_are_answered_from_the_pod_address() {
     if !have_root("lab_inbound") {
@@ -493,6 +516,68 @@ fn keep_transferring(
 /// what an older release leaves, the agent started again: an idle connection and one
 /// transferring all along carry on without a reset or a retransmission, the programs now
 /// attached count into the pinned maps, and new connections work.
+/// The pod's port of a [`UdpPair`].
+const POD_UDP_PORT: u16 = 7000;
+
+/// A UDP socket in a pod and one in another namespace of the lab, each datagram sent once
+/// (no retry hides a lost one).
+struct UdpPair {
+    pod: std::net::UdpSocket,
+    remote: std::net::UdpSocket,
+}
+
+impl UdpPair {
+    fn bind(s: &Setup, pod: Ipv4Addr, remote: (&vcnpath_tests::lab::Netns, Ipv4Addr)) -> Self {
+        let bind = |ns, addr: SocketAddr| {
+            let socket = run_in(ns, move || std::net::UdpSocket::bind(addr))
+                .and_then(|bound| Ok(bound?))
+                .unwrap_or_else(|e| panic!("UDP bind {addr}: {e:#}"));
+            socket.set_read_timeout(Some(T)).expect("read timeout");
+            socket
+        };
+        Self {
+            pod: bind(s.pod(pod).ns(), SocketAddr::from((pod, POD_UDP_PORT))),
+            remote: bind(remote.0, SocketAddr::from((remote.1, 0))),
+        }
+    }
+
+    /// A flow the remote end opens to the pod (from outside the VCN: recorded in
+    /// `inbound`, the pod marked).
+    fn opened_by_remote(s: &Setup, pod: Ipv4Addr) -> Self {
+        let pair = Self::bind(s, pod, (s.lab.inet(), s.lab.inet_ip()));
+        let to = pair.pod.local_addr().expect("the pod's address");
+        pair.remote.send_to(b"open", to).expect("send to the pod");
+        let (_, from) = pair
+            .pod
+            .recv_from(&mut [0; 64])
+            .expect("the remote's datagram reaches the pod");
+        assert_eq!(
+            from,
+            pair.remote.local_addr().expect("the remote's address")
+        );
+        pair
+    }
+
+    /// The pod sends one datagram: the source the remote end saw.
+    fn pod_speaks(&self, s: &Setup) -> SocketAddr {
+        let to = self.remote.local_addr().expect("the remote's address");
+        self.pod
+            .send_to(b"from the pod", to)
+            .expect("send from the pod");
+        match self.remote.recv_from(&mut [0; 64]) {
+            Ok((_, from)) => from,
+            Err(e) => panic!(
+                "the pod's datagram did not reach {to} ({e}); router drops {:?}:\n{}\nagent log:\n{}",
+                (0..2)
+                    .map(|v| s.lab.router_drops(v).ok())
+                    .collect::<Vec<_>>(),
+                s.counters(),
+                s.agent.log()
+            ),
+        }
+    }
+}
+
 fn upgrade_keeps_connections(tag: &str, older: impl FnOnce(&std::path::Path)) {
     let mut s = setup(tag, LabOptions::default());
     let server = TcpServer::start(s.lab.inet(), SocketAddr::from((s.lab.inet_ip(), 8080))).unwrap();
@@ -500,6 +585,11 @@ fn upgrade_keeps_connections(tag: &str, older: impl FnOnce(&std::path::Path)) {
     // out of eth0 and masqueraded.
     let mut conn = TcpConn::connect(s.pod(POD_B).ns(), None, server.addr(), T).unwrap();
     conn.roundtrip(b"before", T).unwrap();
+    let inbound = UdpPair::opened_by_remote(&s, POD_B);
+    assert_eq!(
+        inbound.pod_speaks(&s),
+        SocketAddr::from((POD_B, POD_UDP_PORT))
+    );
     let busy = TcpConn::connect(s.pod(POD_B).ns(), None, server.addr(), T).unwrap();
     let stop = std::sync::atomic::AtomicBool::new(false);
     // Whether `older` left flow tables of another layout.
@@ -550,6 +640,11 @@ fn upgrade_keeps_connections(tag: &str, older: impl FnOnce(&std::path::Path)) {
     assert!(
         s.counters().get(Reason::SnatEstablished) > before,
         "the programs now attached must count into the stats map that is pinned"
+    );
+    assert_eq!(
+        inbound.pod_speaks(&s),
+        SocketAddr::from((POD_B, POD_UDP_PORT)),
+        "the pod speaking first on the flow the internet host opened before the upgrade keeps its address"
     );
     let mut fresh = TcpConn::connect(s.pod(POD_B).ns(), None, server.addr(), T).unwrap();
     fresh

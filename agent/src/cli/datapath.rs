@@ -181,7 +181,12 @@ impl StaticConfig {
     }
 
     /// The desired map contents, resolving interfaces in the current network namespace.
-    pub fn desired_state(&self) -> Result<DatapathState, ConfigError> {
+    /// A router MAC the file does not give is taken from `learned` (by interface), what
+    /// [`learn_router_macs`] found in the neighbour table.
+    pub fn desired_state(
+        &self,
+        learned: &BTreeMap<String, [u8; 6]>,
+    ) -> Result<DatapathState, ConfigError> {
         let mut state = DatapathState {
             vcn_cidrs: self.vcn_cidrs.iter().map(Ipv4Net::trunc).collect(),
             nonmasq_cidrs: self
@@ -198,7 +203,7 @@ impl StaticConfig {
             };
             let ifindex = host::link::index(&vnic.interface).map_err(interface_error)?;
             let mac = host::link::mac(&vnic.interface).map_err(interface_error)?;
-            let router_mac = parse_mac(vnic)?;
+            let router_mac = parse_mac(vnic)?.or_else(|| learned.get(&vnic.interface).copied());
             state.vnics.insert(
                 ifindex,
                 vnic_entry(
@@ -269,11 +274,13 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     }
     let adopted = datapath.adopted;
     let (handle, task) = datapath::task::spawn(datapath, config.nat_timeouts);
-    let report = handle.sync(config.desired_state()?).await?;
+    let netlink = host::netlink::Netlink::connect()?;
+    let mut learned = BTreeMap::new();
+    learn_router_macs(&netlink, &config, &mut learned).await;
+    let report = handle.sync(config.desired_state(&learned)?).await?;
     ensure_rp_filter(&config).await;
     // The VNICs by ifindex, which a rename does not change.
     let mut vnics = vnic_indices(&config)?;
-    let netlink = host::netlink::Netlink::connect()?;
     let repairs = RepairCounters::default();
     // Pod veths made before this start are covered before "ready".
     if let Err(error) = repair::pass(&handle, &netlink, &vnics, &repairs).await {
@@ -294,7 +301,7 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                match reload(config_path, &handle).await {
+                match reload(config_path, &handle, &learned).await {
                     Ok(new) => {
                         config = new;
                         vnics = vnic_indices(&config)?;
@@ -305,6 +312,16 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
             _ = repair_tick.tick() => {
                 if let Err(error) = repair::pass(&handle, &netlink, &vnics, &repairs).await {
                     warn!(%error, "datapath repair failed");
+                }
+                if learn_router_macs(&netlink, &config, &mut learned).await {
+                    match config.desired_state(&learned) {
+                        Ok(state) => {
+                            if let Err(error) = handle.sync(state).await {
+                                warn!(%error, "datapath sync after router MAC resolution failed");
+                            }
+                        }
+                        Err(error) => warn!(%error, "the configuration no longer applies"),
+                    }
                 }
             }
             _ = tick.tick() => {
@@ -337,15 +354,62 @@ fn vnic_indices(config: &StaticConfig) -> Result<Vec<u32>, ConfigError> {
         .collect()
 }
 
+/// Reads from the neighbour table the router MACs the configuration does not give and
+/// `learned` lacks, asking the kernel to resolve those it has not (see
+/// `daemon::node`'s `refresh_router_macs`, which does the same for the node agent).
+/// Returns whether it learned one.
+async fn learn_router_macs(
+    netlink: &host::netlink::Netlink,
+    config: &StaticConfig,
+    learned: &mut BTreeMap<String, [u8; 6]>,
+) -> bool {
+    let missing: Vec<&VnicConfig> = config
+        .vnics
+        .iter()
+        .filter(|v| v.router_mac.is_none() && !learned.contains_key(&v.interface))
+        .collect();
+    if missing.is_empty() {
+        return false;
+    }
+    let links = match netlink.links().await {
+        Ok(links) => links,
+        Err(error) => {
+            warn!(%error, "cannot read the interfaces to resolve their routers");
+            return false;
+        }
+    };
+    let mut changed = false;
+    for vnic in missing {
+        let Some(link) = links.iter().find(|l| l.name == vnic.interface) else {
+            continue;
+        };
+        match netlink
+            .resolved_neighbour(link, vnic.router_ip, host::netlink::ROUTER_ARP_WAIT)
+            .await
+        {
+            Ok(Some(mac)) => {
+                learned.insert(vnic.interface.clone(), mac);
+                changed = true;
+            }
+            Ok(None) => {}
+            Err(error) => {
+                warn!(interface = %vnic.interface, router = %vnic.router_ip, %error, "cannot resolve the subnet's router; redirects to this interface leave it to the kernel meanwhile");
+            }
+        }
+    }
+    changed
+}
+
 async fn reload(
     path: &Path,
     handle: &datapath::task::DatapathHandle,
+    learned: &BTreeMap<String, [u8; 6]>,
 ) -> anyhow::Result<StaticConfig> {
     let config = StaticConfig::load(path)?;
     for vnic in &config.vnics {
         handle.attach(&vnic.interface).await?;
     }
-    let report = handle.sync(config.desired_state()?).await?;
+    let report = handle.sync(config.desired_state(learned)?).await?;
     info!(?report, "configuration reloaded");
     Ok(config)
 }

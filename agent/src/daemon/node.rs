@@ -22,7 +22,7 @@ use super::repair::{self, RepairCounters, RepairError};
 use crate::{
     datapath::{DatapathError, DatapathState, SyncReport, task::DatapathHandle, vnic_entry},
     host::{
-        netlink::{Link, Netlink, parse_mac},
+        netlink::{Link, Netlink, ROUTER_ARP_WAIT, parse_mac},
         sysctl,
         vlan::VlanVnic,
     },
@@ -590,16 +590,31 @@ impl Node {
         Ok(())
     }
 
-    /// Fills in routers' MACs once the kernel has resolved them (faster redirects).
+    /// Fills in routers' MACs once the kernel has resolved them, and asks it to resolve
+    /// those it has not. With the MAC, a packet redirected to a VNIC gets its Ethernet
+    /// header from the datapath; without, `bpf_redirect_neigh` resolves it, and a packet
+    /// that has to wait for the ARP answer is then sent with the header of the route it
+    /// was first given (the other VNIC's MACs), which OCI drops: the first packets a VNIC
+    /// redirects would be lost.
     async fn refresh_router_macs(&self) {
         let vnics = self.vnics.lock().await.clone();
         let mut changed = false;
         for vnic in vnics.values().filter(|v| v.router_mac.is_none()) {
-            if let Ok(Some(mac)) = self.netlink.neighbour(&vnic.link, vnic.router_ip).await
-                && let Some(v) = self.vnics.lock().await.get_mut(&vnic.vnic_id)
+            match self
+                .netlink
+                .resolved_neighbour(&vnic.link, vnic.router_ip, ROUTER_ARP_WAIT)
+                .await
             {
-                v.router_mac = Some(mac);
-                changed = true;
+                Ok(Some(mac)) => {
+                    if let Some(v) = self.vnics.lock().await.get_mut(&vnic.vnic_id) {
+                        v.router_mac = Some(mac);
+                        changed = true;
+                    }
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    warn!(vnic = %vnic.vnic_id, router = %vnic.router_ip, %error, "cannot resolve the subnet's router; redirects to this VNIC leave it to the kernel meanwhile");
+                }
             }
         }
         if changed && let Err(error) = self.sync().await {

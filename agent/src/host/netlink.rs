@@ -8,12 +8,16 @@ use rtnetlink::{
     Handle, LinkUnspec,
     packet_route::{
         link::{AfSpecInet, AfSpecUnspec, InetDevConf, LinkAttribute, LinkFlags, LinkMessage},
-        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState},
         tc::{TcAttribute, TcFilterBpfOption, TcMessage, TcOption},
     },
 };
 
 /// What failed, on which interface.
+/// How long [`Netlink::resolved_neighbour`] callers wait for the ARP answer they asked for
+/// before reading the neighbour table again (a later answer is read at their next pass).
+pub const ROUTER_ARP_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     #[error("cannot open a netlink socket: {0}")]
@@ -290,6 +294,39 @@ impl Netlink {
             }
         }
         Ok(None)
+    }
+
+    /// The MAC of `ip` on `link`; when the kernel has not resolved it, asks it to
+    /// ([`Self::resolve_neighbour`]) and looks again after `wait`. `None` while unresolved.
+    pub async fn resolved_neighbour(
+        &self,
+        link: &Link,
+        ip: Ipv4Addr,
+        wait: std::time::Duration,
+    ) -> Result<Option<[u8; 6]>, HostError> {
+        if let Some(mac) = self.neighbour(link, ip).await? {
+            return Ok(Some(mac));
+        }
+        self.resolve_neighbour(link, ip).await?;
+        tokio::time::sleep(wait).await;
+        self.neighbour(link, ip).await
+    }
+
+    /// Asks the kernel to resolve `ip` on `link` now (ARP), as a packet sent there would
+    /// (`NTF_USE`); an entry that is already resolved is left as it is. The answer lands in
+    /// the neighbour table, where [`Self::neighbour`] reads it.
+    pub async fn resolve_neighbour(&self, link: &Link, ip: Ipv4Addr) -> Result<(), HostError> {
+        self.handle
+            .neighbours()
+            .add(link.index, IpAddr::V4(ip))
+            // With `NTF_USE` the state only decides whether a new entry is exempt from the
+            // neighbour GC: a learned entry is not.
+            .state(NeighbourState::None)
+            .flags(NeighbourFlags::Use)
+            .replace()
+            .execute()
+            .await
+            .map_err(Self::error("neighbour resolve", &link.name))
     }
 
     /// The id of the BPF program the TC filter at `priority`/`handle` on the clsact
