@@ -353,6 +353,111 @@ fn lab_the_first_datagram_a_pod_sends_through_a_redirect_arrives() {
     s.assert_no_router_drops();
 }
 
+/// The ports `nf_nat` maps the container's connection to in
+/// [`lab_an_nf_nat_connection_from_before_the_agent_hears_the_remote_first`]: inside the
+/// NAT range (61000-65535), as MASQUERADE may pick them.
+const CONTAINER_NAT_PORTS: (u16, u16) = (61000, 61010);
+
+/// Issue 11 (2): a node where a container's traffic was masqueraded by `nf_nat` (Docker,
+/// kube-proxy) before vcnpath was installed. A TCP connection the container opened then,
+/// mapped onto a port of the NAT range, gets the remote's data when the remote speaks
+/// first after the agent started: the agent reads the flow from the connection tracking
+/// table and records it as the host's. Before, a segment in the NAT range with no record
+/// (and no socket of the node's) was dropped, again and again, until the container sent.
+#[test]
+fn lab_an_nf_nat_connection_from_before_the_agent_hears_the_remote_first() {
+    use std::io::{Read as _, Write as _};
+    if !have_root("lab_nf_nat_before") {
+        return;
+    }
+    let mut s = setup("nfnat", LabOptions::default());
+    // A node vcnpath never ran on: no programs attached, no pins.
+    s.agent.kill9().expect("kill -9");
+    for interface in ["eth0", "eth1"] {
+        run_in(s.lab.node(), || {
+            vcnpath::datapath::detach_interface(interface)
+        })
+        .expect("enter the node")
+        .expect("detach the programs");
+    }
+    vcnpath::datapath::remove_pins(&s.pins.path).expect("remove the pins");
+    let container = docker_like_container(&s);
+
+    let listener = run_in(s.lab.inet(), || {
+        std::net::TcpListener::bind((s.lab.inet_ip(), 0))
+    })
+    .expect("enter the internet host")
+    .expect("listen");
+    let to = listener.local_addr().expect("the server's address");
+    let mut inside = run_in(&container, move || {
+        std::net::TcpStream::connect_timeout(&to, T)
+    })
+    .expect("enter the container")
+    .expect("the container connects through MASQUERADE");
+    inside
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let (mut server_end, translated) = listener.accept().expect("accept");
+    assert_eq!(translated.ip(), std::net::IpAddr::V4(MASQ));
+    assert!(
+        (CONTAINER_NAT_PORTS.0..=CONTAINER_NAT_PORTS.1).contains(&translated.port()),
+        "nf_nat mapped it into the NAT range: {translated}"
+    );
+
+    s.agent.restart(&s.lab).expect("the agent starts");
+    server_end
+        .write_all(b"first")
+        .expect("the remote speaks first");
+    let mut got = [0u8; 5];
+    let read = inside.read_exact(&mut got);
+    let log = s.agent.log();
+    assert!(
+        read.is_ok(),
+        "the remote's first data after the start did not reach the container ({read:?}):\n{}\nagent log:\n{log}",
+        s.counters()
+    );
+    assert_eq!(&got, b"first");
+    assert!(
+        log.contains("host flows nf_nat opened in the NAT range before the datapath recorded"),
+        "the agent recorded the flow at start:\n{log}"
+    );
+    drop(inside);
+    drop(container);
+}
+
+/// A namespace behind a bridge-like veth (`dock0`, 172.17.0.1/24 on the node) whose TCP
+/// traffic out of eth0 the node masquerades onto [`CONTAINER_NAT_PORTS`], as Docker does.
+/// Dropping it removes the veth; the node's rule goes with the lab.
+fn docker_like_container(s: &Setup) -> vcnpath_tests::lab::Netns {
+    let node = s.lab.node();
+    let container = vcnpath_tests::lab::Netns::create(&format!("vcnnf{}", std::process::id()))
+        .expect("the container's namespace");
+    node.add_veth_into("dock0", "02:42:ac:11:00:01", 1500, "eth0", &container)
+        .expect("the container's veth");
+    node.ip_batch(&[
+        &["addr", "add", "172.17.0.1/24", "dev", "dock0"],
+        &["link", "set", "dock0", "up"],
+    ])
+    .expect("the bridge end");
+    container
+        .ip_batch(&[
+            &["addr", "add", "172.17.0.2/24", "dev", "eth0"],
+            &["link", "set", "eth0", "up"],
+            &["route", "add", "default", "via", "172.17.0.1"],
+        ])
+        .expect("the container's address");
+    let (min, max) = CONTAINER_NAT_PORTS;
+    let rules = format!(
+        "table ip vcnnf {{\n chain post {{\n  type nat hook postrouting priority 100;\n  ip saddr 172.17.0.0/24 oifname \"eth0\" meta l4proto tcp masquerade to :{min}-{max}\n }}\n}}\n"
+    );
+    vcnpath_tests::lab::process::run_stdin(
+        vcnpath_tests::lab::cmd_in(node, "nft").args(["-f", "-"]),
+        &rules,
+    )
+    .expect("the MASQUERADE rule");
+    container
+}
+
 #[test]
 fn lab_connections_from_the_internet_to_a_pod_are_answered_from_the_pod_address() {
     if !have_root("lab_inbound") {
@@ -526,18 +631,20 @@ struct UdpPair {
     remote: std::net::UdpSocket,
 }
 
+/// A UDP socket bound to `addr` inside `ns`, waiting at most [`T`] for a datagram.
+fn bind_udp(ns: &vcnpath_tests::lab::Netns, addr: SocketAddr) -> std::net::UdpSocket {
+    let socket = run_in(ns, move || std::net::UdpSocket::bind(addr))
+        .and_then(|bound| Ok(bound?))
+        .unwrap_or_else(|e| panic!("UDP bind {addr}: {e:#}"));
+    socket.set_read_timeout(Some(T)).expect("read timeout");
+    socket
+}
+
 impl UdpPair {
     fn bind(s: &Setup, pod: Ipv4Addr, remote: (&vcnpath_tests::lab::Netns, Ipv4Addr)) -> Self {
-        let bind = |ns, addr: SocketAddr| {
-            let socket = run_in(ns, move || std::net::UdpSocket::bind(addr))
-                .and_then(|bound| Ok(bound?))
-                .unwrap_or_else(|e| panic!("UDP bind {addr}: {e:#}"));
-            socket.set_read_timeout(Some(T)).expect("read timeout");
-            socket
-        };
         Self {
-            pod: bind(s.pod(pod).ns(), SocketAddr::from((pod, POD_UDP_PORT))),
-            remote: bind(remote.0, SocketAddr::from((remote.1, 0))),
+            pod: bind_udp(s.pod(pod).ns(), SocketAddr::from((pod, POD_UDP_PORT))),
+            remote: bind_udp(remote.0, SocketAddr::from((remote.1, 0))),
         }
     }
 

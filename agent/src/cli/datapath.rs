@@ -278,6 +278,18 @@ pub async fn run(config_path: &Path) -> anyhow::Result<()> {
     let mut learned = BTreeMap::new();
     learn_router_macs(&netlink, &config, &mut learned).await;
     let report = handle.sync(config.desired_state(&learned)?).await?;
+    if let Some(masq) = config
+        .vnics
+        .iter()
+        .find(|v| v.interface == config.masquerade_interface)
+    {
+        super::record_nf_nat_flows(
+            &handle,
+            masq.primary_ip,
+            config.nat_port_min..=config.nat_port_max,
+        )
+        .await;
+    }
     ensure_rp_filter(&config).await;
     // The VNICs by ifindex, which a rename does not change.
     let mut vnics = vnic_indices(&config)?;

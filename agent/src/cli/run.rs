@@ -345,7 +345,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     )
     .await
     .context("setting up the primary VNIC")?;
-    let report = first_sync(&node).await?;
+    let nat = config.datapath.nat_port_min..=config.datapath.nat_port_max;
+    let report = first_sync(&node, primary_ip, nat).await?;
     info!(adopted, ?report, "datapath ready");
 
     let introspection = Arc::new(Introspection {
@@ -425,12 +426,18 @@ fn bare_metal(
     Some(bare_metal)
 }
 
-/// Sets up the visible VNICs and fills the maps; then pod veths made before this agent
+/// Sets up the visible VNICs and fills the maps, and records the host's `nf_nat` flows
+/// from before the datapath (`masq`, ports in `nat`); then pod veths made before this agent
 /// (an upgrade that introduced or replaced the anti-spoofing program) are covered, all
 /// before serving.
-async fn first_sync(node: &Node) -> anyhow::Result<datapath::SyncReport> {
+async fn first_sync(
+    node: &Node,
+    masq: Ipv4Addr,
+    nat: std::ops::RangeInclusive<u16>,
+) -> anyhow::Result<datapath::SyncReport> {
     node.setup_vnics().await;
     let report = node.sync().await?;
+    super::record_nf_nat_flows(&node.datapath, masq, nat).await;
     if let Err(error) = node.repair().await {
         warn!(%error, "the first repair pass failed; the periodic pass retries");
     }

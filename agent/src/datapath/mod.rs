@@ -9,6 +9,7 @@ mod convert;
 mod counters;
 mod error;
 pub mod gc;
+mod hostflows;
 mod loader;
 mod maps;
 mod object;
@@ -22,6 +23,7 @@ pub use collect::monotonic_now_ns;
 pub use counters::Counters;
 pub use error::DatapathError;
 pub use gc::{GcReport, NatTimeouts};
+pub use hostflows::HostFlow;
 pub use loader::{
     Datapath, LoadOptions, TC_HANDLE_RAW, TC_PRIORITY, attach_pinned_pod, detach_interface,
     remove_pins,

@@ -5,7 +5,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info_span};
 
 use super::{
-    Counters, Datapath, DatapathError, DatapathState, GcReport, NatTimeouts, Observed,
+    Counters, Datapath, DatapathError, DatapathState, GcReport, HostFlow, NatTimeouts, Observed,
     RepairReport, SyncReport,
 };
 
@@ -22,6 +22,11 @@ enum Intent {
     CollectNat(oneshot::Sender<Result<GcReport, DatapathError>>),
     Counters(oneshot::Sender<Result<Counters, DatapathError>>),
     NatEntries(oneshot::Sender<usize>),
+    ClaimHostFlows(
+        std::net::Ipv4Addr,
+        Vec<HostFlow>,
+        oneshot::Sender<Result<usize, DatapathError>>,
+    ),
 }
 
 /// Sends intents to the datapath task.
@@ -62,6 +67,9 @@ pub fn spawn(
                 }
                 Intent::NatEntries(reply) => {
                     let _ = reply.send(datapath.maps.nat_len());
+                }
+                Intent::ClaimHostFlows(masq, flows, reply) => {
+                    let _ = reply.send(datapath.maps.claim_host_flows(masq, &flows));
                 }
             }
         }
@@ -106,6 +114,16 @@ impl DatapathHandle {
     /// Reads the per-reason counters.
     pub async fn counters(&self) -> Result<Counters, DatapathError> {
         self.ask(Intent::Counters).await?
+    }
+
+    /// Records the host's flows from before the datapath (see
+    /// [`super::DatapathMaps::claim_host_flows`]).
+    pub async fn claim_host_flows(
+        &self,
+        masq: std::net::Ipv4Addr,
+        flows: Vec<HostFlow>,
+    ) -> Result<usize, DatapathError> {
+        self.ask(|r| Intent::ClaimHostFlows(masq, flows, r)).await?
     }
 
     /// Number of NAT entries in use.

@@ -2,6 +2,7 @@
 //! in the network namespace the agent runs in; and files it replaces atomically.
 
 pub mod boot;
+pub mod conntrack;
 pub mod file;
 pub mod link;
 pub mod netlink;
