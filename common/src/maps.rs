@@ -59,12 +59,20 @@ pub struct Endpoint {
     pub ifindex: u32,
     /// [`ENDPOINT_KIND_PRIMARY`] or [`ENDPOINT_KIND_POD`].
     pub kind: u8,
-    /// [`ENDPOINT_F_IMDS`] (the agent's) and [`ENDPOINT_F_INBOUND`] (the programs'). Was
-    /// padding (always zero) before they existed, and zero keeps its meaning (no flag set),
-    /// so pins from earlier releases need no conversion.
+    /// [`ENDPOINT_F_IMDS`]. Was padding (always zero) before it existed, and zero keeps its
+    /// meaning (no flag set), so pins from earlier releases need no conversion.
     pub flags: u8,
-    /// Explicit padding; always zero.
-    pub pad: [u8; 2],
+    /// The classes of the pod's ports ([`inbound_port_bit`]) on which a host outside the
+    /// VCN has opened a flow to the pod (an `inbound` record names it). The ingress
+    /// program sets a port's bit when it records or meets such a flow, before the packet
+    /// reaches the pod, and nothing clears it while the pod lives; a new flow of the pod
+    /// looks `inbound` up only when its source port's bit is set, so a pod that only opens
+    /// flows of its own, or serves a port or two, rarely pays for that lookup. The agent
+    /// never writes a bit away: its sync compares entries without them and sets them all
+    /// on an entry it rewrites (the programs may set one between its read and its write);
+    /// at start it sets the bits of the records an earlier release wrote. Was padding
+    /// (always zero) before.
+    pub inbound_ports: u16,
 }
 
 /// The pod may reach the instance metadata service ([`IMDS_ADDR`] TCP [`IMDS_PORT`]); without
@@ -72,15 +80,13 @@ pub struct Endpoint {
 /// instance-principal credentials.
 pub const ENDPOINT_F_IMDS: u8 = 1;
 
-/// A host outside the VCN has opened a flow to this pod (an `inbound` record names it).
-/// The ingress program sets it when it records or meets such a flow, and nothing clears it
-/// while the pod lives; only a pod with it set has its new flows looked up in `inbound`
-/// before they are masqueraded (a pod that only opens flows of its own skips that lookup).
-/// The agent never writes it away: its sync compares entries without it and sets it on an
-/// entry it rewrites, since the programs may have set it between the agent's read and its
-/// write; at start it sets it for every pod an `inbound` record names, for records an
-/// earlier release wrote without it.
-pub const ENDPOINT_F_INBOUND: u8 = 2;
+/// The bit of `port`'s class in [`Endpoint::inbound_ports`]: its four nibbles folded
+/// together, so neighbouring ports and ports a multiple of 16 apart land in different
+/// classes.
+#[must_use]
+pub const fn inbound_port_bit(port: u16) -> u16 {
+    1 << ((port ^ (port >> 4) ^ (port >> 8) ^ (port >> 12)) & 0xf)
+}
 
 /// OCI's instance metadata service (`http://169.254.169.254/opc/v2/`). The same address
 /// also answers DNS (the VCN resolver) and NTP, which pods keep reaching: only TCP to

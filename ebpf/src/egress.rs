@@ -4,7 +4,7 @@
 
 use aya_ebpf::programs::TcContext;
 use vcnpath_common::{
-    ENDPOINT_F_INBOUND, ENDPOINT_KIND_POD, FRAG_F_INBOUND, NAT_DIR_EGRESS, NatKey, Reason,
+    ENDPOINT_KIND_POD, FRAG_F_INBOUND, NAT_DIR_EGRESS, NatKey, Reason, inbound_port_bit,
 };
 
 use crate::{
@@ -119,10 +119,11 @@ pub fn run(ctx: &TcContext, again: bool) -> Step<Decision> {
     // Looked up only for a flow not in `nat`: records exist only for sources outside the
     // VCN, so traffic that stays inside it never pays for this lookup. Nor does a TCP SYN:
     // it opens a connection of the pod's own and cannot answer one opened from outside.
-    // Nor does a pod no host outside the VCN has reached: ingress marks a pod before the
-    // first packet of such a flow reaches it (`ENDPOINT_F_INBOUND`).
+    // Nor does a flow from a port whose class no host outside the VCN has reached on the
+    // pod: ingress marks the class before the first packet of such a flow reaches the pod
+    // (`Endpoint::inbound_ports`).
     if !opens
-        && owner.flags & ENDPOINT_F_INBOUND != 0
+        && owner.inbound_ports & inbound_port_bit(key.sport) != 0
         && let Some(mut record) = nat::inbound(&key)
     {
         return answer_inbound(ctx, &ip, &mut record, (seen, opens), owner.ifindex);

@@ -153,9 +153,10 @@ fn inbound(ctx: &TcContext, hdr: &Header) -> Decision {
         }
     };
     // The pod's answers must find a record of `inbound`: its egress looks there only for
-    // pods marked so, which each record's packets mark before reaching the pod.
+    // the classes of ports marked so, which each record's packets mark before reaching
+    // the pod.
     let reason = if let Some(mut record) = nat::inbound(&key) {
-        maps::note_inbound(&mut pod);
+        maps::note_inbound(&mut pod, pod_port);
         on_record(&mut record)
     } else if let Some(mut entry) = nat::lookup(&key) {
         if entry.is_inbound() {
@@ -179,7 +180,7 @@ fn inbound(ctx: &TcContext, hdr: &Header) -> Decision {
         };
         // A failure here only means another CPU recorded it first.
         let _ = INBOUND.insert(key, entry, u64::from(BPF_NOEXIST));
-        maps::note_inbound(&mut pod);
+        maps::note_inbound(&mut pod, pod_port);
         Reason::InboundNew
     } else {
         Reason::PassInboundUnrecorded

@@ -5,9 +5,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use vcnpath_common::{
-    CIDRS_MAX, CONFIG_F_ENABLED, CidrValue, Config, Direction, ENDPOINT_F_INBOUND, ENDPOINTS_MAX,
-    Endpoint, EndpointKey, FRAGS_MAX, FragEntry, FragKey, INBOUND_MAX, NAT_MAX, NatEntry, NatKey,
-    Reason, STATS_ENTRIES, VNICS_MAX, Vnic, stats_index,
+    CIDRS_MAX, CONFIG_F_ENABLED, CidrValue, Config, Direction, ENDPOINTS_MAX, Endpoint,
+    EndpointKey, FRAGS_MAX, FragEntry, FragKey, INBOUND_MAX, NAT_MAX, NatEntry, NatKey, Reason,
+    STATS_ENTRIES, VNICS_MAX, Vnic, inbound_port_bit, stats_index,
 };
 
 use crate::helpers;
@@ -66,12 +66,13 @@ pub fn endpoint_value(addr: [u8; 4]) -> Option<helpers::MapValue<Endpoint>> {
     helpers::hash_value(&ENDPOINTS, &EndpointKey { addr })
 }
 
-/// Marks a pod as reached from outside the VCN ([`ENDPOINT_F_INBOUND`]), once: the entry is
-/// written only while the flag is missing.
+/// Marks the class of `port` as reached from outside the VCN on a pod
+/// ([`Endpoint::inbound_ports`]), once: the entry is written only while the bit is missing.
 #[inline(always)]
-pub fn note_inbound(pod: &mut helpers::MapValue<Endpoint>) {
-    if pod.get().flags & ENDPOINT_F_INBOUND == 0 {
-        pod.get_mut().flags |= ENDPOINT_F_INBOUND;
+pub fn note_inbound(pod: &mut helpers::MapValue<Endpoint>, port: u16) {
+    let bit = inbound_port_bit(port);
+    if pod.get().inbound_ports & bit == 0 {
+        pod.get_mut().inbound_ports |= bit;
     }
 }
 

@@ -61,7 +61,7 @@ pub fn state(port_min: u16, port_max: u16) -> DatapathState {
         ifindex,
         kind,
         flags: 0,
-        pad: [0; 2],
+        inbound_ports: 0,
     };
     DatapathState {
         vnics: [
@@ -207,11 +207,11 @@ pub fn leave_abi_2_pins(pin_dir: &std::path::Path) {
     clear_inbound_marks(pin_dir);
 }
 
-/// Clears [`vcnpath_common::ENDPOINT_F_INBOUND`] from every pinned `endpoints` entry: what a
+/// Clears [`vcnpath_common::Endpoint::inbound_ports`] in every pinned `endpoints` entry: what a
 /// release before that flag leaves, its `inbound` records naming pods it never marked.
 pub fn clear_inbound_marks(pin_dir: &std::path::Path) {
     use aya::maps::{HashMap, Map, MapData};
-    use vcnpath_common::{ENDPOINT_F_INBOUND, Endpoint, EndpointKey};
+    use vcnpath_common::{Endpoint, EndpointKey};
     let path = pin_dir.join(vcnpath_common::MAP_ENDPOINTS);
     let mut endpoints: HashMap<MapData, EndpointKey, Endpoint> =
         Map::from_map_data(MapData::from_pin(&path).expect("the endpoints pin"))
@@ -222,7 +222,7 @@ pub fn clear_inbound_marks(pin_dir: &std::path::Path) {
         .collect::<Result<_, _>>()
         .expect("read the endpoints");
     for (key, mut value) in all {
-        value.flags &= !ENDPOINT_F_INBOUND;
+        value.inbound_ports = 0;
         endpoints.insert(key, value, 0).expect("write an endpoint");
     }
 }

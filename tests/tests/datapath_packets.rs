@@ -4,8 +4,8 @@
 use std::net::Ipv4Addr;
 
 use vcnpath_common::{
-    Direction, ENDPOINT_F_IMDS, ENDPOINT_F_INBOUND, NAT_DIR_EGRESS, NAT_F_INBOUND, NatEntry,
-    NatKey, Reason,
+    Direction, ENDPOINT_F_IMDS, NAT_DIR_EGRESS, NAT_F_INBOUND, NatEntry, NatKey, Reason,
+    inbound_port_bit,
 };
 use vcnpath_tests::{
     datapath_fixture::*,
@@ -462,71 +462,90 @@ fn a_pods_syn_opens_its_own_flow_even_on_an_inbound_records_tuple() {
     );
 }
 
-/// Only a pod that a host outside the VCN reached looks `inbound` up for its new flows:
-/// the record's first packet marks the pod (`ENDPOINT_F_INBOUND`) before reaching it, and
-/// the agent's syncs keep the mark, also when they rewrite the pod's entry. A pod never
-/// reached is masqueraded without the lookup, even on the tuple of a record (planted
-/// here: no program writes one without marking its pod).
+/// A pod's new flow looks `inbound` up only when a host outside the VCN has reached the
+/// pod on a port of the same class as the flow's source port: the record's first packet
+/// marks the class (`Endpoint::inbound_ports`) before reaching the pod, and the agent's
+/// syncs keep the marks, also when they rewrite the pod's entry. A flow from a port of
+/// another class, or of a pod never reached, is masqueraded without the lookup, even on
+/// the tuple of a record (planted here: no program writes one without marking it).
 #[test]
-fn only_pods_reached_from_outside_look_their_answers_up_in_inbound() {
+fn only_ports_reached_from_outside_look_their_answers_up_in_inbound() {
     root_or_skip!("inbound-mark");
     let mut fx = Fixture::new("r4mark", 1024, 65535);
-    let marked = |fx: &Fixture, pod| {
-        fx.datapath.maps.pod_endpoints().expect("endpoints")[&pod].flags & ENDPOINT_F_INBOUND != 0
+    let marks = |fx: &Fixture, pod| {
+        fx.datapath.maps.pod_endpoints().expect("endpoints")[&pod].inbound_ports
     };
-    assert!(
-        !marked(&fx, POD1),
+    assert_eq!(
+        marks(&fx, POD1),
+        0,
         "no host outside has reached the pod yet"
     );
     let syn = Spec::tcp(REMOTE, 50000, POD1, 8080).with_tcp_flags(0x02);
     assert_eq!(fx.ingress(&build(&syn)).0, TC_ACT_OK);
-    assert!(marked(&fx, POD1), "the record's SYN marks its pod");
+    assert_eq!(
+        marks(&fx, POD1),
+        inbound_port_bit(8080),
+        "the record's SYN marks its port's class"
+    );
+    let answer = |fx: &Fixture| {
+        let (_, out) = fx.egress(&build(&Spec::tcp(POD1, 8080, REMOTE, 50000)));
+        view(&out).src
+    };
+    assert_eq!(
+        answer(&fx),
+        POD1,
+        "the pod's answer on the inbound flow keeps its address"
+    );
+
+    // Records on tuples whose ports no packet from outside marked.
+    let other = (8081..9000)
+        .find(|p| inbound_port_bit(*p) != inbound_port_bit(8080))
+        .expect("a port");
+    let mut plant = |pod: Ipv4Addr, port| {
+        let record = NatEntry {
+            last_seen_ns: vcnpath::datapath::monotonic_now_ns(),
+            addr: pod.octets(),
+            port,
+            flags: NAT_F_INBOUND,
+            ..NatEntry::default()
+        };
+        fx.datapath
+            .maps
+            .flow_tables()
+            .inbound
+            .insert(tcp_key(NAT_DIR_EGRESS, pod, port, REMOTE, 50001), record, 0)
+            .expect("plant a record");
+    };
+    plant(POD0, 8080);
+    plant(POD1, other);
+    for (pod, port, why) in [
+        (POD0, 8080, "a pod no host outside reached"),
+        (POD1, other, "a port of a class no host outside reached"),
+    ] {
+        let (_, own) = fx.egress(&build(&Spec::tcp(pod, port, REMOTE, 50001)));
+        assert_eq!(view(&own).src, MASQ, "{why} does not look `inbound` up");
+    }
+    assert_eq!(
+        (fx.count(Reason::RedirectOwner), fx.count(Reason::SnatNew)),
+        (1, 2),
+        "the answer left through its pod's VNIC, the other flows masqueraded"
+    );
 
     let mut st = state(1024, 65535);
     let report = fx.datapath.maps.sync(&st).expect("sync");
     assert!(
         report.unchanged(),
-        "the mark is not a difference: {report:?}"
+        "the marks are not a difference: {report:?}"
     );
     st.endpoints.get_mut(&POD1).expect("POD1").flags ^= ENDPOINT_F_IMDS;
     let report = fx.datapath.maps.sync(&st).expect("sync");
     assert_eq!(report.written, 1, "the pod's entry is rewritten");
-    assert!(marked(&fx, POD1), "a rewrite keeps the mark");
-    let (_, answer) = fx.egress(&build(&Spec::tcp(POD1, 8080, REMOTE, 50000)));
     assert_eq!(
-        view(&answer).src,
-        POD1,
-        "the pod's answer on the inbound flow keeps its address"
+        marks(&fx, POD1),
+        u16::MAX,
+        "a rewrite marks every class (a mark set meanwhile is not lost)"
     );
-
-    let planted = NatEntry {
-        last_seen_ns: vcnpath::datapath::monotonic_now_ns(),
-        addr: POD0.octets(),
-        port: 8080,
-        flags: NAT_F_INBOUND,
-        ..NatEntry::default()
-    };
-    fx.datapath
-        .maps
-        .flow_tables()
-        .inbound
-        .insert(
-            tcp_key(NAT_DIR_EGRESS, POD0, 8080, REMOTE, 50000),
-            planted,
-            0,
-        )
-        .expect("plant a record");
-    let (_, own) = fx.egress(&build(&Spec::tcp(POD0, 8080, REMOTE, 50000)));
-    assert_eq!(
-        view(&own).src,
-        MASQ,
-        "a pod no host outside reached does not look `inbound` up"
-    );
-    assert_eq!(
-        (fx.count(Reason::RedirectOwner), fx.count(Reason::SnatNew)),
-        (1, 1),
-        "the answer left through its pod's VNIC, the other pod's packet masqueraded"
-    );
+    assert_eq!(answer(&fx), POD1, "and the answer still keeps its address");
 }
 
 /// Issue 11 (3): flows opened from outside are recorded in their own table, and only by

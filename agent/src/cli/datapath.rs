@@ -219,7 +219,7 @@ impl StaticConfig {
                 ifindex,
                 kind,
                 flags: 0,
-                pad: [0; 2],
+                inbound_ports: 0,
             };
             state
                 .endpoints

@@ -210,7 +210,7 @@ impl Node {
                     ifindex,
                     kind: ENDPOINT_KIND_PRIMARY,
                     flags: 0,
-                    pad: [0; 2],
+                    inbound_ports: 0,
                 },
             );
             if vnic.vnic_id == self.settings.masq_vnic_id {
@@ -238,7 +238,7 @@ impl Node {
                             ifindex,
                             kind: ENDPOINT_KIND_POD,
                             flags: self.imds_flags(&pod, allocation.ip),
-                            pad: [0; 2],
+                            inbound_ports: 0,
                         },
                     );
                 }

@@ -16,9 +16,9 @@ use aya::{
 };
 use ipnet::Ipv4Net;
 use vcnpath_common::{
-    CidrValue, Config, ENDPOINT_F_INBOUND, ENDPOINT_KIND_POD, Endpoint, EndpointKey, MAP_CONFIG,
-    MAP_ENDPOINTS, MAP_INBOUND, MAP_NAT, MAP_NONMASQ_CIDRS, MAP_VCN_CIDRS, MAP_VNICS,
-    NAT_DIR_EGRESS, NAT_F_INBOUND, NatEntry, NatKey, VNIC_F_ROUTER_MAC, Vnic,
+    CidrValue, Config, ENDPOINT_KIND_POD, Endpoint, EndpointKey, MAP_CONFIG, MAP_ENDPOINTS,
+    MAP_INBOUND, MAP_NAT, MAP_NONMASQ_CIDRS, MAP_VCN_CIDRS, MAP_VNICS, NAT_DIR_EGRESS,
+    NAT_F_INBOUND, NatEntry, NatKey, VNIC_F_ROUTER_MAC, Vnic, inbound_port_bit,
 };
 
 use super::{DatapathError, DatapathMaps, batch::BatchMap, collect::BATCH_CHUNK, gc::reply_key};
@@ -133,9 +133,9 @@ impl DatapathMaps {
         report.written += write.len();
         report.removed += remove.len();
 
-        // The programs' flag is not the agent's to compare or to drop (see
-        // `ENDPOINT_F_INBOUND`): an entry rewritten keeps it set, since the programs may set
-        // it between this read and the write, which replaces the entry whole.
+        // The programs' marks are not the agent's to compare or to drop (see
+        // `Endpoint::inbound_ports`): an entry rewritten gets them all, since the programs
+        // may set one between this read and the write, which replaces the entry whole.
         let actual: BTreeMap<Ipv4Addr, Endpoint> = read_all(&self.endpoints, MAP_ENDPOINTS)?
             .into_iter()
             .map(|(k, v): (EndpointKey, Endpoint)| (Ipv4Addr::from(k.addr), without_inbound(v)))
@@ -152,7 +152,7 @@ impl DatapathMaps {
             };
             let mut v = *v;
             if actual.contains_key(addr) && v.kind == ENDPOINT_KIND_POD {
-                v.flags |= ENDPOINT_F_INBOUND;
+                v.inbound_ports = u16::MAX;
             }
             self.endpoints
                 .insert(key, v, 0)
@@ -226,22 +226,22 @@ impl DatapathMaps {
         Ok(report)
     }
 
-    /// Marks every pod an `inbound` record names ([`ENDPOINT_F_INBOUND`]), so its answers
-    /// find the record: for records an earlier release wrote, which never set the flag, or
-    /// that the programs attached before this agent's wrote meanwhile. The loader runs it
-    /// before attaching and again once the first sync has attached everything. Returns how
-    /// many pods it marked.
+    /// Marks on each pod the classes of the ports that `inbound` records name
+    /// ([`Endpoint::inbound_ports`]), so its answers find the records: for records an
+    /// earlier release wrote, which never marked them, or that the programs attached before
+    /// this agent's wrote meanwhile. The loader runs it before attaching and again once the
+    /// first sync has attached everything. Returns how many pods it marked.
     pub fn mark_inbound_pods(&mut self) -> Result<usize, DatapathError> {
-        let mut named = BTreeSet::new();
+        let mut named: BTreeMap<[u8; 4], u16> = BTreeMap::new();
         BatchMap::new(&self.inbound)
             .and_then(|map| {
                 map.for_each(BATCH_CHUNK, |key, _| {
-                    named.insert(key.src);
+                    *named.entry(key.src).or_default() |= inbound_port_bit(key.sport);
                 })
             })
             .map_err(DatapathError::map(MAP_INBOUND))?;
         let mut marked = 0;
-        for addr in named {
+        for (addr, bits) in named {
             let key = EndpointKey { addr };
             let mut pod = match self.endpoints.get(&key, 0) {
                 Ok(pod) => pod,
@@ -249,10 +249,10 @@ impl DatapathMaps {
                 Err(aya::maps::MapError::KeyNotFound) => continue,
                 Err(e) => return Err(DatapathError::map(MAP_ENDPOINTS)(e)),
             };
-            if pod.kind != ENDPOINT_KIND_POD || pod.flags & ENDPOINT_F_INBOUND != 0 {
+            if pod.kind != ENDPOINT_KIND_POD || pod.inbound_ports & bits == bits {
                 continue;
             }
-            pod.flags |= ENDPOINT_F_INBOUND;
+            pod.inbound_ports |= bits;
             self.endpoints
                 .insert(key, pod, 0)
                 .map_err(DatapathError::map(MAP_ENDPOINTS))?;
@@ -302,9 +302,9 @@ impl DatapathMaps {
     }
 }
 
-/// An entry as the agent writes it: without the programs' flag.
+/// An entry as the agent writes it: without the programs' marks.
 fn without_inbound(mut endpoint: Endpoint) -> Endpoint {
-    endpoint.flags &= !ENDPOINT_F_INBOUND;
+    endpoint.inbound_ports = 0;
     endpoint
 }
 

@@ -100,7 +100,7 @@ mod tests {
             ifindex: 2,
             kind: vcnpath_common::maps::ENDPOINT_KIND_POD,
             flags,
-            pad: [0; 2],
+            inbound_ports: 0,
         };
         let endpoints =
             BTreeMap::from([(pod, endpoint(ENDPOINT_F_IMDS)), (only_mapped, endpoint(0))]);

@@ -153,42 +153,52 @@ pub fn translating_pair(
 /// The datapaths of the new-flow rows: the masquerade address is itself a pod address, so
 /// each translated packet is the next repeat's new flow. Its original port is always taken
 /// (by the previous repeat), so this is the slower "collision, pick another port" creation,
-/// with a small NAT table that LRU-evicts: a conservative figure. The second is the same
-/// for pods a host outside the VCN has reached, whose new flows look the `inbound` table
-/// up first: each has a record there (not on the measured flows' tuples), and the mark a
-/// record sets (the ingress program's, here the agent's as at start: the masquerade
-/// address is never recorded as a pod).
-fn new_flow_fixtures() -> anyhow::Result<(Fixture, Fixture)> {
+/// with a small NAT table that LRU-evicts: a conservative figure. The others are the same
+/// for pods a host outside the VCN has reached, with a record in `inbound` (not on the
+/// measured flows' tuples) and the marks records set (the ingress program's; here the
+/// agent's as at start, since the masquerade address is never recorded as a pod): on one
+/// port, so a new flow looks `inbound` up when its port falls in that port's class (one in
+/// 16), and on a port of every class, so every new flow does.
+fn new_flow_fixtures() -> anyhow::Result<[Fixture; 3]> {
     let mut st = state(1024, 65535);
     if let Some(config) = st.config.as_mut() {
         config.masq_ip = POD0.octets();
     }
-    let mut fresh = Fixture::with_nat_capacity("bench-new", 1024, 65535, 4096);
-    fresh.datapath.maps.sync(&st)?;
-    let mut reached = Fixture::with_nat_capacity("bench-reached", 1024, 65535, 4096);
-    reached.datapath.maps.sync(&st)?;
-    let maps = &mut reached.datapath.maps;
-    for pod in [POD0, POD1] {
-        let record = NatEntry {
-            flags: NAT_F_INBOUND,
-            ..entry(pod, 8080)
-        };
-        maps.flow_tables().inbound.insert(
-            key(NAT_DIR_EGRESS, pod, 8080, REMOTE, 50000),
-            record,
-            0,
-        )?;
-    }
-    anyhow::ensure!(
-        maps.mark_inbound_pods()? == 2,
-        "both pods of the reached datapath must be marked"
-    );
-    Ok((fresh, reached))
+    let reached_on = |tag, ports: &[u16]| -> anyhow::Result<Fixture> {
+        let mut fx = Fixture::with_nat_capacity(tag, 1024, 65535, 4096);
+        fx.datapath.maps.sync(&st)?;
+        let maps = &mut fx.datapath.maps;
+        for pod in [POD0, POD1] {
+            for &port in ports {
+                let record = NatEntry {
+                    flags: NAT_F_INBOUND,
+                    ..entry(pod, port)
+                };
+                maps.flow_tables().inbound.insert(
+                    key(NAT_DIR_EGRESS, pod, port, REMOTE, 50000),
+                    record,
+                    0,
+                )?;
+            }
+        }
+        let marked = maps.mark_inbound_pods()?;
+        anyhow::ensure!(
+            ports.is_empty() || marked == 2,
+            "both pods of {tag} must be marked"
+        );
+        Ok(fx)
+    };
+    let every_class: Vec<u16> = (8080..8096).collect();
+    Ok([
+        reached_on("bench-new", &[])?,
+        reached_on("bench-reached", &[8080])?,
+        reached_on("bench-reached-all", &every_class)?,
+    ])
 }
 
-/// Every path of the `datapath` benchmark, on four datapaths loaded side by side: the
-/// packet tests' state (three pod endpoints), the same with 4096 pod endpoints, and the two
-/// of the new-flow rows ([`new_flow_fixtures`]).
+/// Every path of the `datapath` benchmark, on five datapaths loaded side by side: the
+/// packet tests' state (three pod endpoints), the same with 4096 pod endpoints, and the
+/// three of the new-flow rows ([`new_flow_fixtures`]).
 pub fn datapath() -> anyhow::Result<Vec<Row>> {
     let mut fx = Fixture::new("bench", 1024, 65535);
     // Established SNAT: two mappings that translate into each other (POD0:1000 <->
@@ -215,7 +225,7 @@ pub fn datapath() -> anyhow::Result<Vec<Row>> {
     many.datapath.maps.sync(&st)?;
     translating_pair(&mut many, NAT_DIR_EGRESS, (POD0, 1000), (POD1, 2000))?;
 
-    let (fresh, reached) = new_flow_fixtures()?;
+    let [fresh, reached, reached_all] = new_flow_fixtures()?;
 
     let outside = Ipv4Addr::new(172, 16, 0, 5);
     let cases = [
@@ -297,6 +307,12 @@ pub fn datapath() -> anyhow::Result<Vec<Row>> {
             &Spec::tcp(POD1, 40000, REMOTE, 443),
             Reason::SnatNew,
             "new-flow SNAT, pod reached from outside",
+        ),
+        Case::egress(
+            &reached_all,
+            &Spec::tcp(POD1, 40000, REMOTE, 443),
+            Reason::SnatNew,
+            "new-flow SNAT, reached on every port class",
         ),
     ];
     interleaved(&cases)

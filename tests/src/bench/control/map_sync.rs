@@ -33,7 +33,7 @@ fn pod(i: u32) -> (Ipv4Addr, Endpoint) {
             ifindex: ETH1,
             kind: ENDPOINT_KIND_POD,
             flags: 0,
-            pad: [0; 2],
+            inbound_ports: 0,
         },
     )
 }
