@@ -69,8 +69,7 @@ pub fn hash_copied<K, V: Copy, const M: usize, const F: usize>(
     map: &HashMap<K, V, M, F>,
     key: &K,
 ) -> Option<V> {
-    // SAFETY: plain-old-data value copied out immediately.
-    unsafe { map.get(key).copied() }
+    hash_value(map, key).map(|value| *value.get())
 }
 
 /// This CPU's slot `index` of a per-CPU array, to update in place: only this program on

@@ -16,7 +16,7 @@ pub(crate) async fn record_nf_nat_flows(
     masq: std::net::Ipv4Addr,
     nat: std::ops::RangeInclusive<u16>,
 ) {
-    use crate::host::conntrack::{self, TCP_CLOSE, TCP_ESTABLISHED};
+    use crate::host::conntrack;
     let read = tokio::task::spawn_blocking(move || conntrack::flows_to(masq, nat)).await;
     let tracked = match read {
         Ok(Ok(tracked)) => tracked,
@@ -36,9 +36,7 @@ pub(crate) async fn record_nf_nat_flows(
             remote: t.remote,
             remote_port: t.remote_port,
             local_port: t.local_port,
-            established: t
-                .tcp_state
-                .is_some_and(|s| (TCP_ESTABLISHED..=TCP_CLOSE).contains(&s)),
+            established: t.handshake_done(),
         })
         .collect();
     match handle.claim_host_flows(masq, flows).await {

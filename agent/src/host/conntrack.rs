@@ -26,10 +26,18 @@ pub struct TrackedFlow {
 }
 
 /// `TCP_CONNTRACK_ESTABLISHED`: the handshake is done.
-pub const TCP_ESTABLISHED: u8 = 3;
+const TCP_ESTABLISHED: u8 = 3;
 /// `TCP_CONNTRACK_CLOSE`: the last of the states after the handshake (`FIN_WAIT`,
 /// `CLOSE_WAIT`, `LAST_ACK`, `TIME_WAIT` lie between).
-pub const TCP_CLOSE: u8 = 8;
+const TCP_CLOSE: u8 = 8;
+
+impl TrackedFlow {
+    /// A TCP flow past its handshake (established or closing).
+    pub fn handshake_done(&self) -> bool {
+        self.tcp_state
+            .is_some_and(|s| (TCP_ESTABLISHED..=TCP_CLOSE).contains(&s))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConntrackError {
@@ -93,7 +101,7 @@ pub fn flows_to(
             return Err(ConntrackError::Truncated);
         }
         if read_messages(&buffer, &mut |flow| {
-            if flow.remote_addr_to == addr && ports.contains(&flow.flow.local_port) {
+            if flow.to == addr && ports.contains(&flow.flow.local_port) {
                 flows.push(flow.flow);
             }
         })? {
@@ -115,9 +123,9 @@ fn dump_request() -> Vec<u8> {
     message
 }
 
-/// A reply tuple as read, with the address it goes to.
+/// A reply tuple as read, with the (local) address it goes to.
 struct Reply {
-    remote_addr_to: Ipv4Addr,
+    to: Ipv4Addr,
     flow: TrackedFlow,
 }
 
@@ -183,7 +191,7 @@ fn entry(attributes: &[u8]) -> Option<Reply> {
         _ => return None,
     };
     Some(Reply {
-        remote_addr_to: to,
+        to,
         flow: TrackedFlow {
             proto,
             remote,
@@ -306,8 +314,7 @@ mod tests {
         .concat();
         let buffer = [message(CT_GET, &body), message(NLMSG_DONE, &[0; 4])].concat();
         let mut seen = Vec::new();
-        let done =
-            read_messages(&buffer, &mut |r| seen.push((r.remote_addr_to, r.flow))).expect("parses");
+        let done = read_messages(&buffer, &mut |r| seen.push((r.to, r.flow))).expect("parses");
         assert!(done, "the dump's end is seen");
         assert_eq!(
             seen,
