@@ -17,15 +17,28 @@ pub(crate) async fn record_nf_nat_flows(
     nat: std::ops::RangeInclusive<u16>,
 ) {
     use crate::host::conntrack;
-    let read = tokio::task::spawn_blocking(move || conntrack::flows_to(masq, nat)).await;
+    // The kernel answers a dump at once; a start never waits on it longer than this.
+    const DUMP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+    let read = tokio::time::timeout(
+        DUMP_TIMEOUT,
+        tokio::task::spawn_blocking(move || conntrack::flows_to(masq, nat)),
+    )
+    .await;
     let tracked = match read {
-        Ok(Ok(tracked)) => tracked,
-        Ok(Err(error)) => {
+        Ok(Ok(Ok(tracked))) => tracked,
+        Ok(Ok(Err(error))) => {
             tracing::warn!(%error, "cannot read the connection tracking table: a connection nf_nat translated into the NAT range before the datapath started stalls until the host sends on it");
             return;
         }
-        Err(error) => {
+        Ok(Err(error)) => {
             tracing::warn!(%error, "reading the connection tracking table failed");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(
+                timeout_secs = DUMP_TIMEOUT.as_secs(),
+                "the connection tracking table did not answer; starting without its nf_nat flows"
+            );
             return;
         }
     };
